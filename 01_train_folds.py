@@ -1,0 +1,51 @@
+"""Stage 01: k-fold training of a timm backbone on the train ROIs (phase 1).
+
+Reads:  output/<exp>/00_prepare/ rois.csv, crops/, taxonomy.json
+Writes: output/<exp>/01_train/fold_<k>/ best.pt last.pt oof.npz history.csv curves.png record.json;
+        01_train/record.json with the out-of-fold CV score once every fold is done
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+
+from lib.config import Config
+from lib.prepare import load_rois
+from lib.stages import Stage, check, log, run_cli, stage_parser, upstream_digest
+from lib.taxonomy import load_taxonomy_json
+
+NAME = "01_train"
+SECTIONS = ["seed", "model", "train"]
+
+
+def make_stage(cfg: Config) -> Stage:
+    prep = cfg.out_dir / "00_prepare"
+    return Stage.create(NAME, cfg.out_dir / NAME, cfg, SECTIONS, __file__, {"00_prepare": upstream_digest(prep, "00_prepare_data.py")})
+
+
+def main_(args: argparse.Namespace, cfg: Config) -> int:
+    stage = make_stage(cfg)
+    if not args.fold and not check(stage, args.force, args.dry_run):
+        return 0
+    started = time.time()
+    from lib.train import run_folds  # heavy (torch, timm): only once there is work to do
+
+    prep = cfg.out_dir / "00_prepare"
+    rois, taxonomy = load_rois(prep), load_taxonomy_json(prep / "taxonomy.json")
+    cv = run_folds(cfg, stage, rois, taxonomy, cfg.train.epochs, args.fold, args.force, args.dry_run)
+    if cv is None:
+        if not args.dry_run:
+            log.info("%s: some folds are not done yet; the stage record is written once all are", NAME)
+        return 0
+    stage.finish(cv, started)
+    log.info("%s: CV distance %.4f, top1 %.3f over %d folds", NAME, cv["cv_distance"], cv["cv_top1"], cv["folds"])
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    return run_cli(main_, stage_parser(__doc__.splitlines()[0], folds=True), argv)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

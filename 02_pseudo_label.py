@@ -1,0 +1,68 @@
+"""Stage 02: the phase-1 fold ensemble on the test ROIs -> confident pseudo-labels.
+
+Reads:  output/<exp>/00_prepare/ (rois.csv, crops, taxonomy.json), 01_train/fold_<k>/best.pt
+Writes: output/<exp>/02_pseudo/ test_probs.npz, pseudo_labels.csv, record.json
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+
+from lib.config import Config
+from lib.stages import Stage, check, log, run_cli, save_resolved_config, setup_logging, stage_parser, upstream_digest
+
+NAME = "02_pseudo"
+
+
+def make_stage(cfg: Config) -> Stage:
+    inputs = {
+        "00_prepare": upstream_digest(cfg.out_dir / "00_prepare", "00_prepare_data.py"),
+        "01_train": upstream_digest(cfg.out_dir / "01_train", "01_train_folds.py"),
+    }
+    return Stage.create(NAME, cfg.out_dir / NAME, cfg, ["seed", "model", "pseudo"], __file__, inputs)
+
+
+def main_(args: argparse.Namespace, cfg: Config) -> int:
+    stage = make_stage(cfg)
+    if not check(stage, args.force, args.dry_run):
+        return 0
+    started = time.time()
+    import numpy as np
+
+    from lib.models import pick_device
+    from lib.predict import predict_folds
+    from lib.prepare import load_rois
+    from lib.pseudo import select_confident
+    from lib.stages import atomic_path
+    from lib.taxonomy import load_taxonomy_json
+
+    stage.invalidate()
+    setup_logging(stage.dir)
+    save_resolved_config(cfg, stage.dir)
+    prep = cfg.out_dir / "00_prepare"
+    rois, tax = load_rois(prep), load_taxonomy_json(prep / "taxonomy.json")
+    test = rois[(rois["split"] == "test") & (rois["ok"] == 1)]
+    fold_dirs = sorted((cfg.out_dir / "01_train").glob("fold_*"))
+    probs = predict_folds(fold_dirs, test["crop_path"].tolist(), cfg.model.backbone, tax.n_classes, cfg.model.img_size,
+                          cfg.train.eval_batch_size, cfg.train.num_workers, pick_device(cfg.train.device))
+    mean = probs.mean(0)
+    with atomic_path(stage.dir / "test_probs.npz") as tmp:
+        np.savez(tmp, annotation_id=test["annotation_id"].to_numpy(), probs=probs, mean=mean)
+    pseudo = select_confident(test["annotation_id"].to_numpy(), mean, cfg.pseudo.threshold)
+    pseudo.insert(2, "concept_name", [tax.names[i] for i in pseudo["label"]])
+    with atomic_path(stage.dir / "pseudo_labels.csv") as tmp:
+        pseudo.to_csv(tmp, index=False)
+    result = {"test_rois": len(test), "models": len(fold_dirs), "pseudo_labels": len(pseudo),
+              "mean_weight": float(pseudo["weight"].mean()) if len(pseudo) else None}
+    stage.finish(result, started)
+    log.info("%s: %d of %d test ROIs pseudo-labelled (threshold %.2f)", NAME, len(pseudo), len(test), cfg.pseudo.threshold)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    return run_cli(main_, stage_parser(__doc__.splitlines()[0]), argv)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

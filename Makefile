@@ -1,0 +1,39 @@
+# Two commands: `make demo` (the whole pipeline on generated data) and `make test`.
+PYTHON ?= python3
+VENV   := .venv
+PY     := $(VENV)/bin/python
+CONFIG ?= configs/demo.yaml
+ARGS   ?=
+export NO_ALBUMENTATIONS_UPDATE := 1
+export PYTHONUNBUFFERED := 1
+
+.PHONY: venv demo test stages clean-demo
+
+# The venv is (re)built only when requirements.txt changes; the stamp makes it idempotent.
+$(VENV)/.installed: requirements.txt
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -r requirements.txt
+	@touch $@
+
+venv: $(VENV)/.installed
+
+demo: venv
+	@$(PY) -m lib.demo_data --config $(CONFIG) $(ARGS)
+	@$(MAKE) --no-print-directory stages CONFIG=$(CONFIG) ARGS="$(ARGS)"
+
+# The stages alone, on any config (e.g. make stages CONFIG=configs/fathomnet2025.yaml).
+stages: venv
+	@$(PY) 00_prepare_data.py --config $(CONFIG) $(ARGS)
+	@$(PY) 01_train_folds.py  --config $(CONFIG) $(ARGS)
+	@$(PY) 02_pseudo_label.py --config $(CONFIG) $(ARGS)
+	@$(PY) 03_retrain.py      --config $(CONFIG) $(ARGS)
+	@$(PY) 04_infer_submit.py --config $(CONFIG) $(ARGS)
+	@$(PY) knn_baseline.py    --config $(CONFIG) $(ARGS)
+	@$(PY) -m lib.report      --config $(CONFIG) $(ARGS)
+
+test: venv
+	$(PY) -m pytest -q
+
+clean-demo:
+	rm -rf output/demo input/demo

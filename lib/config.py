@@ -1,0 +1,339 @@
+"""Typed configuration: dataclass defaults, YAML files, dotted CLI overrides, validation.
+
+Every stage reads one `Config`. Sections are dataclasses so a typo or a wrong type is caught
+before any work, with one sentence that names the key and the nearest valid one. The resolved
+config is saved beside each stage's outputs (see `lib.stages`).
+"""
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A user-facing configuration problem; its message is one sentence naming the fix."""
+
+
+@dataclass
+class DataCfg:
+    """Where the competition files live (paths relative to the project root or absolute)."""
+
+    root: str = "input/demo"
+    train_json: str = "dataset_train.json"
+    test_json: str = "dataset_test.json"
+    train_images: str = "train/images"
+    test_images: str = "test/images"
+    taxonomy_csv: str = "configs/taxonomy/fathomnet2025.csv"
+
+
+@dataclass
+class DemoCfg:
+    """The synthetic FathomNet-format dataset written by `lib.demo_data`."""
+
+    per_class: int = 12
+    test_per_class: int = 3
+    long_tail: bool = False
+    imbalance_factor: float = 100.0
+    frame_width: int = 320
+    frame_height: int = 240
+    min_objects: int = 1
+    max_objects: int = 4
+
+
+@dataclass
+class PrepareCfg:
+    """ROI crops and folds (00_prepare_data)."""
+
+    pad: float = 0.1
+    square: bool = True
+    crop_size: int = 96
+    n_folds: int = 5
+    workers: int = 2
+
+
+@dataclass
+class ModelCfg:
+    """Backbone and head. `pretrained`: none | hub | file | pypi_lite0 (offline tf_efficientnet_lite0)."""
+
+    backbone: str = "tf_efficientnet_lite0"
+    pretrained: Literal["none", "hub", "file", "pypi_lite0"] = "pypi_lite0"
+    pretrained_file: str = ""
+    img_size: int = 64
+    drop_path_rate: float = 0.0
+    head: Literal["linear"] = "linear"
+
+
+@dataclass
+class TrainCfg:
+    """Optimisation of one fold (shared by 01 and 03)."""
+
+    epochs: int = 3
+    batch_size: int = 32
+    lr: float = 1e-3
+    weight_decay: float = 1e-4
+    warmup_epochs: float = 0.0
+    loss: Literal["ce"] = "ce"
+    label_smoothing: float = 0.0
+    num_workers: int = 0
+    folds: list[int] = field(default_factory=list)  # empty = all folds
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    eval_batch_size: int = 128
+
+
+@dataclass
+class PseudoCfg:
+    """Pseudo-label selection (02)."""
+
+    threshold: float = 0.96
+    weight_power: float = 1.0
+
+
+@dataclass
+class RetrainCfg:
+    """Phase 2 (03). `epochs: 0` reuses train.epochs."""
+
+    epochs: int = 0
+
+
+@dataclass
+class SubmitCfg:
+    """Blend and decoding (04)."""
+
+    decode: Literal["argmax", "min_risk"] = "argmax"
+    models: list[str] = field(default_factory=lambda: ["phase1", "phase2"])
+
+
+@dataclass
+class KnnCfg:
+    """FAISS kNN baseline."""
+
+    backbone: str = "tf_efficientnet_lite0"
+    pretrained: Literal["none", "hub", "file", "pypi_lite0"] = "pypi_lite0"
+    pretrained_file: str = ""
+    img_size: int = 64
+    k: int = 10
+    vote: Literal["flat"] = "flat"
+    batch_size: int = 128
+
+
+@dataclass
+class Config:
+    """The whole experiment. `output_root/exp` holds every stage's folder."""
+
+    exp: str = "demo"
+    seed: int = 42
+    output_root: str = "output"
+    data: DataCfg = field(default_factory=DataCfg)
+    demo: DemoCfg = field(default_factory=DemoCfg)
+    prepare: PrepareCfg = field(default_factory=PrepareCfg)
+    model: ModelCfg = field(default_factory=ModelCfg)
+    train: TrainCfg = field(default_factory=TrainCfg)
+    pseudo: PseudoCfg = field(default_factory=PseudoCfg)
+    retrain: RetrainCfg = field(default_factory=RetrainCfg)
+    submit: SubmitCfg = field(default_factory=SubmitCfg)
+    knn: KnnCfg = field(default_factory=KnnCfg)
+
+    @property
+    def out_dir(self) -> Path:
+        return Path(self.output_root) / self.exp
+
+    def section(self, name: str) -> Any:
+        """A value or section by dotted name (`seed`, `train`, `pseudo.weight_power`)."""
+        obj: Any = self
+        for part in name.split("."):
+            obj = getattr(obj, part)
+        return obj
+
+
+# ----------------------------------------------------------------------------- building
+
+
+def _type_name(tp: Any) -> str:
+    origin = typing.get_origin(tp)
+    if origin is Literal:
+        return " | ".join(repr(a) for a in typing.get_args(tp))
+    if origin is list:
+        return f"list of {_type_name(typing.get_args(tp)[0])}"
+    return getattr(tp, "__name__", str(tp))
+
+
+def _coerce(value: Any, tp: Any, key: str) -> Any:
+    """Check `value` against the annotation `tp`; int -> float is the only silent widening."""
+    origin = typing.get_origin(tp)
+    bad = ConfigError(
+        f"Config key '{key}' must be {_type_name(tp)}, got {value!r} ({type(value).__name__}); "
+        f"fix it in the YAML file or the command line."
+    )
+    if origin is Literal:
+        if value not in typing.get_args(tp):
+            choices = [str(a) for a in typing.get_args(tp)]
+            near = difflib.get_close_matches(str(value), choices, n=1)
+            hint = f" (did you mean '{near[0]}'?)" if near else ""
+            raise ConfigError(
+                f"Config key '{key}' has unknown value {value!r}{hint}; choose one of {', '.join(choices)}."
+            )
+        return value
+    if origin is list:
+        if not isinstance(value, (list, tuple)):
+            raise bad
+        (item_tp,) = typing.get_args(tp)
+        return [_coerce(v, item_tp, f"{key}[{i}]") for i, v in enumerate(value)]
+    if origin in (typing.Union, types.UnionType):
+        for arg in typing.get_args(tp):
+            if arg is type(None) and value is None:
+                return None
+            try:
+                return _coerce(value, arg, key)
+            except ConfigError:
+                continue
+        raise bad
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        raise bad
+    if tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        raise bad
+    if tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):  # YAML 1.1 reads 1e-4 (no dot) as a string
+            try:
+                return float(value)
+            except ValueError:
+                pass
+        raise bad
+    if tp is str:
+        if isinstance(value, str):
+            return value
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return str(value)  # exp: 2025 is a name, not a number
+        raise bad
+    raise bad
+
+
+def _build(cls: type, raw: dict, prefix: str) -> Any:
+    """Instantiate dataclass `cls` from a nested dict, rejecting unknown keys with a suggestion."""
+    if not isinstance(raw, dict):
+        raise ConfigError(f"Config key '{prefix.rstrip('.')}' must be a mapping of settings, got {raw!r}.")
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    kwargs = {}
+    for key, value in raw.items():
+        full = f"{prefix}{key}"
+        if key not in fields:
+            valid = [f"{prefix}{k}" for k in fields]
+            near = difflib.get_close_matches(full, valid, n=1, cutoff=0.5)
+            hint = f"did you mean '{near[0]}'?" if near else f"valid keys: {', '.join(valid)}."
+            raise ConfigError(f"Unknown config key '{full}'; {hint}")
+        tp = hints[key]
+        if dataclasses.is_dataclass(tp):
+            kwargs[key] = _build(tp, value or {}, f"{full}.")
+        else:
+            kwargs[key] = _coerce(value, tp, full)
+    return cls(**kwargs)
+
+
+def _merge(base: dict, extra: dict) -> dict:
+    out = dict(base)
+    for k, v in extra.items():
+        if isinstance(v, dict) and isinstance(out.get(k), dict):
+            out[k] = _merge(out[k], v)
+        else:
+            out[k] = v
+    return out
+
+
+def parse_override(text: str) -> dict:
+    """`train.epochs=4` -> {'train': {'epochs': 4}}; the value is parsed as YAML."""
+    if "=" not in text:
+        raise ConfigError(f"Override '{text}' is not of the form key=value (for example train.epochs=4).")
+    key, _, raw = text.partition("=")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError:
+        value = raw
+    out: dict = {}
+    node = out
+    parts = key.strip().split(".")
+    for p in parts[:-1]:
+        node = node.setdefault(p, {})
+    node[parts[-1]] = value
+    return out
+
+
+def load_config(path: str | Path | None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
+    """Defaults <- YAML file <- overrides, then validated."""
+    raw: dict = {}
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"Config file '{p}' does not exist; pass an existing YAML file with --config.")
+        try:
+            raw = yaml.safe_load(p.read_text()) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError(f"Config file '{p}' is not valid YAML ({e.__class__.__name__}); fix its syntax.")
+    for o in overrides:
+        raw = _merge(raw, parse_override(o))
+    cfg = _build(Config, raw, "")
+    validate(cfg)
+    return cfg
+
+
+def validate(cfg: Config) -> None:
+    """Value checks that types cannot express; each failure is one sentence."""
+    checks = [
+        (cfg.train.lr > 0, "train.lr must be positive"),
+        (cfg.train.epochs >= 1, "train.epochs must be at least 1"),
+        (cfg.train.batch_size >= 1, "train.batch_size must be at least 1"),
+        (cfg.retrain.epochs >= 0, "retrain.epochs must be 0 (reuse train.epochs) or more"),
+        (cfg.model.img_size >= 16, "model.img_size must be at least 16"),
+        (cfg.knn.img_size >= 16, "knn.img_size must be at least 16"),
+        (cfg.prepare.crop_size >= 16, "prepare.crop_size must be at least 16"),
+        (cfg.prepare.n_folds >= 2, "prepare.n_folds must be at least 2"),
+        (cfg.prepare.pad >= 0, "prepare.pad must be 0 or more"),
+        (cfg.prepare.workers >= 1, "prepare.workers must be at least 1"),
+        (0.0 <= cfg.pseudo.threshold <= 1.0, "pseudo.threshold must lie in [0, 1]"),
+        (0.0 <= cfg.train.label_smoothing < 1.0, "train.label_smoothing must lie in [0, 1)"),
+        (cfg.knn.k >= 1, "knn.k must be at least 1"),
+        (cfg.demo.per_class >= 1 and cfg.demo.test_per_class >= 1, "demo.per_class and demo.test_per_class must be at least 1"),
+        (1 <= cfg.demo.min_objects <= cfg.demo.max_objects, "demo.min_objects must be at least 1 and at most demo.max_objects"),
+        (cfg.demo.imbalance_factor >= 1, "demo.imbalance_factor must be at least 1"),
+        (all(0 <= f < cfg.prepare.n_folds for f in cfg.train.folds), "train.folds must list fold numbers below prepare.n_folds"),
+        (all(m in ("phase1", "phase2") for m in cfg.submit.models), "submit.models may only name phase1 and phase2"),
+    ]
+    for ok, msg in checks:
+        if not ok:
+            raise ConfigError(f"{msg}; fix it in the config or on the command line.")
+    for key, value in (("model.pretrained_file", cfg.model.pretrained_file), ("knn.pretrained_file", cfg.knn.pretrained_file)):
+        section = key.split(".")[0]
+        if getattr(cfg, section).pretrained == "file" and not (value and Path(value).is_file()):
+            raise ConfigError(f"{key} '{value}' is not a file; set it to a local weights file or change {section}.pretrained.")
+
+
+def to_dict(obj: Any) -> Any:
+    """Plain nested dict of a config (for YAML dumps and fingerprints)."""
+    return dataclasses.asdict(obj) if dataclasses.is_dataclass(obj) else obj
+
+
+def flatten(value: Any, prefix: str) -> dict[str, Any]:
+    """{'train': {'epochs': 3}} -> {'train.epochs': 3}, so changes can be named key by key."""
+    value = to_dict(value)
+    if isinstance(value, dict):
+        out: dict[str, Any] = {}
+        for k, v in value.items():
+            out.update(flatten(v, f"{prefix}.{k}" if prefix else k))
+        return out
+    return {prefix: value}
+
+
+def dump_yaml(cfg: Config) -> str:
+    return yaml.safe_dump(to_dict(cfg), sort_keys=False)

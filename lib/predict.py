@@ -1,0 +1,79 @@
+"""Inference: class probabilities and pooled embeddings of crops, batched, on CPU or CUDA."""
+from __future__ import annotations
+
+import contextlib
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import torch
+from torch import nn
+from torch.utils.data import DataLoader
+from tqdm import tqdm
+
+from lib.augment import build_transforms
+from lib.data import CropDataset
+from lib.models import build_model, mean_std
+from lib.stages import StageError
+
+
+def autocast(device: torch.device):
+    """bf16 autocast on CUDA; a no-op on CPU, where fp32 is both faster and exact."""
+    if device.type == "cuda":
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def make_loader(paths: Sequence[str], img_size: int, mean, std, batch_size: int, num_workers: int, device: torch.device) -> DataLoader:
+    ds = CropDataset(paths, transform=build_transforms(img_size, train=False, mean=mean, std=std))
+    return DataLoader(ds, batch_size=batch_size, shuffle=False, num_workers=num_workers, pin_memory=device.type == "cuda")
+
+
+@torch.no_grad()
+def predict(model: nn.Module, loader: DataLoader, device: torch.device, features: bool = False, desc: str = "predict") -> np.ndarray:
+    """Softmax probabilities (or pooled features when `features`) for every item of `loader`."""
+    model.eval()
+    out = []
+    for x, _, _ in tqdm(loader, desc=desc, leave=False, unit="batch"):
+        x = x.to(device, non_blocking=True)
+        if device.type == "cuda":
+            x = x.contiguous(memory_format=torch.channels_last)
+        with autocast(device):
+            y = model.forward_head(model.forward_features(x), pre_logits=True) if features else model(x)
+        out.append(y.float().cpu() if features else torch.softmax(y.float(), dim=1).cpu())
+    if not out:
+        return np.zeros((0, 0), dtype=np.float32)
+    return torch.cat(out).numpy().astype(np.float32)
+
+
+def load_checkpoint(path: Path) -> dict:
+    """A checkpoint saved by lib.train; loaded with weights_only=True (no pickle)."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise StageError(f"Checkpoint '{path}' is missing; rerun the training stage.")
+    except Exception as e:
+        raise StageError(f"Checkpoint '{path}' cannot be loaded safely ({type(e).__name__}); delete it and rerun the training stage.")
+
+
+def load_fold_model(fold_dir: Path, backbone: str, n_classes: int, device: torch.device) -> nn.Module:
+    """The best model of one fold, ready for inference."""
+    ckpt = load_checkpoint(fold_dir / "best.pt")
+    model = build_model(backbone, n_classes, pretrained="none")
+    model.load_state_dict(ckpt["model"])
+    model.to(device)
+    if device.type == "cuda":
+        model = model.to(memory_format=torch.channels_last)
+    return model.eval()
+
+
+def predict_folds(fold_dirs: Sequence[Path], paths: Sequence[str], backbone: str, n_classes: int, img_size: int,
+                  batch_size: int, num_workers: int, device: torch.device) -> np.ndarray:
+    """Per-fold probabilities, shape (folds, items, classes)."""
+    out = []
+    for d in fold_dirs:
+        model = load_fold_model(d, backbone, n_classes, device)
+        mean, std = mean_std(model)
+        loader = make_loader(paths, img_size, mean, std, batch_size, num_workers, device)
+        out.append(predict(model, loader, device, desc=f"predict {d.name}"))
+    return np.stack(out) if out else np.zeros((0, len(paths), n_classes), dtype=np.float32)

@@ -1,0 +1,204 @@
+"""Fit one fold, and the fold loop shared by 01 (phase 1) and 03 (phase 2).
+
+Readable top to bottom: build model, loss and optimiser; for each epoch train, validate in the
+competition metric, checkpoint. `last.pt` (model, optimiser, epoch, best score, history, RNG)
+is written atomically every epoch so a killed run resumes where it stopped; `best.pt` and
+`oof.npz` follow the best validation distance. A fold ends by writing its `record.json`.
+"""
+from __future__ import annotations
+
+import logging
+import math
+import random
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+from torch.utils.data import DataLoader
+from tqdm import tqdm
+
+from lib.augment import build_transforms
+from lib.config import Config
+from lib.data import CropDataset
+from lib.losses import build_loss
+from lib.metric import score_labels
+from lib.models import build_model, mean_std, pick_device
+from lib.predict import autocast, load_checkpoint, make_loader, predict
+from lib.stages import Stage, atomic_path, check, save_resolved_config, setup_logging
+from lib.taxonomy import Taxonomy
+
+log = logging.getLogger("pipeline")
+
+
+@dataclass
+class FoldSplit:
+    """Training rows (with per-sample weights) and validation rows of one fold."""
+
+    fold: int
+    train: pd.DataFrame  # crop_path, label, weight
+    val: pd.DataFrame  # annotation_id, crop_path, label
+
+
+def lr_at(step: int, total: int, warmup: int, base: float) -> float:
+    """Linear warmup then cosine decay to 1% of the base rate."""
+    if step < warmup:
+        return base * (step + 1) / warmup
+    t = (step - warmup) / max(1, total - warmup)
+    return base * (0.01 + 0.99 * 0.5 * (1 + math.cos(math.pi * min(1.0, t))))
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % (2**32))
+    torch.manual_seed(seed)
+
+
+def evaluate(probs: np.ndarray, labels: np.ndarray, dist: np.ndarray) -> dict[str, float]:
+    pred = probs.argmax(1)
+    return {"val_distance": score_labels(labels, pred, dist), "val_top1": float((pred == labels).mean())}
+
+
+def fit_fold(cfg: Config, split: FoldSplit, taxonomy: Taxonomy, stage: Stage, epochs: int) -> dict:
+    """Train one fold to `epochs`, resuming from `last.pt` when it belongs to this same run."""
+    out = stage.dir
+    out.mkdir(parents=True, exist_ok=True)
+    device = pick_device(cfg.train.device)
+    seed = cfg.seed * 100 + split.fold
+    seed_everything(seed)
+    dist = taxonomy.distance_matrix()
+    model = build_model(cfg.model.backbone, taxonomy.n_classes, cfg.model.pretrained, cfg.model.pretrained_file, cfg.model.drop_path_rate).to(device)
+    if device.type == "cuda":
+        model = model.to(memory_format=torch.channels_last)
+    mean, std = mean_std(model)
+    counts = np.bincount(split.train["label"].to_numpy(), minlength=taxonomy.n_classes)
+    criterion = build_loss(cfg.train, counts, dist)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
+    train_tf = build_transforms(cfg.model.img_size, train=True, mean=mean, std=std)
+    ds = CropDataset(split.train["crop_path"], split.train["label"], split.train["weight"], transform=train_tf)
+    val_loader = make_loader(split.val["crop_path"].tolist(), cfg.model.img_size, mean, std, cfg.train.eval_batch_size, cfg.train.num_workers, device)
+    labels_val = split.val["label"].to_numpy()
+    steps_per_epoch = max(1, math.ceil(len(ds) / cfg.train.batch_size))
+    total, warmup = steps_per_epoch * epochs, int(cfg.train.warmup_epochs * steps_per_epoch)
+
+    start_epoch, best, history = 0, {"val_distance": float("inf"), "epoch": -1}, []
+    last = out / "last.pt"
+    if last.is_file():
+        ckpt = _try_resume(last, stage.digest)
+        if ckpt is not None:
+            model.load_state_dict(ckpt["model"])
+            optimizer.load_state_dict(ckpt["optimizer"])
+            start_epoch, best, history = int(ckpt["epoch"]) + 1, dict(ckpt["best"]), list(ckpt["history"])
+            log.info("%s: resuming at epoch %d/%d", stage.name, start_epoch + 1, epochs)
+
+    for epoch in range(start_epoch, epochs):
+        t0 = time.time()
+        gen = torch.Generator().manual_seed(seed * 1000 + epoch)
+        train_tf.set_random_seed(seed * 1000 + epoch)
+        loader = DataLoader(ds, batch_size=cfg.train.batch_size, shuffle=True, generator=gen, drop_last=len(ds) > cfg.train.batch_size,
+                            num_workers=cfg.train.num_workers, pin_memory=device.type == "cuda")
+        model.train()
+        losses = []
+        bar = tqdm(loader, desc=f"{stage.name} epoch {epoch + 1}/{epochs}", leave=False, unit="batch")
+        for i, (x, y, w) in enumerate(bar):
+            step = epoch * steps_per_epoch + i
+            for g in optimizer.param_groups:
+                g["lr"] = lr_at(step, total, warmup, cfg.train.lr)
+            x, y, w = x.to(device, non_blocking=True), y.to(device), w.to(device)
+            if device.type == "cuda":
+                x = x.contiguous(memory_format=torch.channels_last)
+            with autocast(device):
+                logits = model(x)
+            loss = criterion(logits, y, w)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            losses.append(loss.item())
+            bar.set_postfix(loss=f"{np.mean(losses[-20:]):.3f}")
+        probs = predict(model, val_loader, device, desc="validate")
+        metrics = evaluate(probs, labels_val, dist)
+        row = {"epoch": epoch + 1, "train_loss": float(np.mean(losses)) if losses else float("nan"), **metrics,
+               "lr": optimizer.param_groups[0]["lr"], "seconds": round(time.time() - t0, 2)}
+        history.append(row)
+        if metrics["val_distance"] < best["val_distance"]:
+            best = {"val_distance": metrics["val_distance"], "val_top1": metrics["val_top1"], "epoch": epoch + 1}
+            with atomic_path(out / "best.pt") as tmp:
+                torch.save({"model": model.state_dict(), "epoch": epoch + 1, "val_distance": metrics["val_distance"]}, tmp)
+            with atomic_path(out / "oof.npz") as tmp:
+                np.savez(tmp, annotation_id=split.val["annotation_id"].to_numpy(), label=labels_val, probs=probs)
+        with atomic_path(last) as tmp:
+            torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict(), "epoch": epoch, "best": best,
+                        "history": history, "digest": stage.digest}, tmp)
+        log.info("%s epoch %d/%d: loss %.3f, val distance %.3f, top1 %.3f (%.1fs)", stage.name, epoch + 1, epochs,
+                 row["train_loss"], metrics["val_distance"], metrics["val_top1"], row["seconds"])
+    with atomic_path(out / "history.csv") as tmp:
+        pd.DataFrame(history).to_csv(tmp, index=False)
+    from lib.plots import plot_history
+
+    plot_history(pd.DataFrame(history), out / "curves.png", title=stage.name)
+    return {"best_epoch": best["epoch"], "val_distance": best["val_distance"], "val_top1": best.get("val_top1"),
+            "n_train": len(ds), "n_val": len(split.val)}
+
+
+def _try_resume(path: Path, digest: str) -> dict | None:
+    """last.pt if it belongs to this run (same fingerprint) and loads; else None, with a warning."""
+    try:
+        ckpt = load_checkpoint(path)
+    except Exception as e:
+        log.warning("ignoring unreadable checkpoint %s (%s); starting the fold afresh", path, e)
+        return None
+    if ckpt.get("digest") != digest:
+        log.info("%s belongs to another configuration; starting the fold afresh", path)
+        return None
+    return ckpt
+
+
+def fold_splits(rois: pd.DataFrame, folds: list[int], extra: pd.DataFrame | None = None) -> list[FoldSplit]:
+    """Per fold: train on the other folds (+ `extra` rows, e.g. pseudo-labels, never validated on)."""
+    train = rois[(rois["split"] == "train") & (rois["ok"] == 1)].assign(weight=1.0)
+    out = []
+    for k in folds:
+        tr = train[train["fold"] != k][["crop_path", "label", "weight"]]
+        if extra is not None and len(extra):
+            tr = pd.concat([tr, extra[["crop_path", "label", "weight"]]], ignore_index=True)
+        val = train[train["fold"] == k][["annotation_id", "crop_path", "label"]].reset_index(drop=True)
+        out.append(FoldSplit(fold=k, train=tr.reset_index(drop=True), val=val))
+    return out
+
+
+def run_folds(cfg: Config, stage: Stage, rois: pd.DataFrame, taxonomy: Taxonomy, epochs: int, only: list[int] | None,
+              force: bool, dry_run: bool, extra: pd.DataFrame | None = None) -> dict | None:
+    """Train every fold that is not up to date; returns the CV summary once all folds are done."""
+    n_folds = int(rois.loc[rois["split"] == "train", "fold"].max()) + 1
+    wanted = only or cfg.train.folds or list(range(n_folds))
+    for split in fold_splits(rois, wanted, extra):
+        fold_stage = stage.child(f"{stage.name}/fold_{split.fold}", stage.dir / f"fold_{split.fold}", {"fold": split.fold})
+        if not check(fold_stage, force, dry_run):
+            continue
+        started = time.time()
+        fold_stage.invalidate()
+        setup_logging(stage.dir)
+        save_resolved_config(cfg, stage.dir)
+        result = fit_fold(cfg, split, taxonomy, fold_stage, epochs)
+        fold_stage.finish(result, started)
+        log.info("%s: val distance %.3f, top1 %.3f at epoch %d (%.0fs)", fold_stage.name, result["val_distance"],
+                 result["val_top1"] or 0, result["best_epoch"], time.time() - started)
+    if dry_run:
+        return None
+    return cv_summary(stage, n_folds, taxonomy)
+
+
+def cv_summary(stage: Stage, n_folds: int, taxonomy: Taxonomy) -> dict | None:
+    """Out-of-fold score over all folds, or None while some fold is missing or stale."""
+    oofs = []
+    for k in range(n_folds):
+        fold_stage = stage.child(f"{stage.name}/fold_{k}", stage.dir / f"fold_{k}", {"fold": k})
+        if fold_stage.reasons() or not (fold_stage.dir / "oof.npz").is_file():
+            return None
+        oofs.append(np.load(fold_stage.dir / "oof.npz"))
+    labels = np.concatenate([o["label"] for o in oofs])
+    probs = np.concatenate([o["probs"] for o in oofs])
+    m = evaluate(probs, labels, taxonomy.distance_matrix())
+    return {"cv_distance": m["val_distance"], "cv_top1": m["val_top1"], "folds": n_folds, "oof_rows": int(len(labels))}

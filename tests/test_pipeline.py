@@ -1,0 +1,154 @@
+"""A smoke run of every stage on a tiny demo, then the rerun decisions a user relies on."""
+import importlib.util
+import logging
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from lib import demo_data
+
+ROOT = Path(__file__).resolve().parent.parent
+SCRIPTS = ["00_prepare_data.py", "01_train_folds.py", "02_pseudo_label.py", "03_retrain.py", "04_infer_submit.py", "knn_baseline.py"]
+
+
+def load(script: str):
+    spec = importlib.util.spec_from_file_location(script[:-3].replace(".", "_"), ROOT / script)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    """Generate a tiny dataset and run every stage once; yields the overrides and the output folder."""
+    tmp = tmp_path_factory.mktemp("tiny")
+    overrides = [
+        f"data.root={tmp / 'data'}", f"output_root={tmp / 'out'}", "exp=tiny",
+        "demo.per_class=3", "demo.test_per_class=1", "demo.frame_width=160", "demo.frame_height=120",
+        "prepare.n_folds=2", "prepare.crop_size=32", "prepare.workers=1",
+        "model.img_size=32", "knn.img_size=32", "train.epochs=1", "train.batch_size=64", "pseudo.threshold=0.0",
+    ]
+    assert demo_data.main(["--config", "configs/demo.yaml", *overrides]) == 0
+    for s in SCRIPTS:
+        assert load(s).main(["--config", "configs/demo.yaml", *overrides]) == 0, s
+    return overrides, tmp / "out" / "tiny", tmp / "data"
+
+
+def test_prepare_artifacts(tiny):
+    _, out, _ = tiny
+    rois = pd.read_csv(out / "00_prepare" / "rois.csv")
+    train = rois[rois["split"] == "train"]
+    assert len(train) == 79 * 3 and set(train["fold"]) == {0, 1}
+    # No frame is split across folds.
+    assert train.groupby("image_id")["fold"].nunique().max() == 1
+    assert (rois[rois["split"] == "test"]["fold"] == -1).all()
+    assert all((out / "00_prepare" / p).is_file() for p in rois["crop_path"])
+    assert (out / "00_prepare" / "taxonomy.json").is_file() and (out / "00_prepare" / "rejects.csv").is_file()
+
+
+def test_training_artifacts(tiny):
+    _, out, _ = tiny
+    for phase in ("01_train", "03_retrain"):
+        for k in (0, 1):
+            d = out / phase / f"fold_{k}"
+            for f in ("best.pt", "last.pt", "oof.npz", "history.csv", "curves.png", "record.json"):
+                assert (d / f).is_file(), d / f
+            oof = np.load(d / "oof.npz")
+            assert oof["probs"].shape == (len(oof["label"]), 79)
+            assert np.allclose(oof["probs"].sum(1), 1, atol=1e-4)
+    import json
+
+    rec = json.loads((out / "01_train" / "record.json").read_text())
+    assert 0 <= rec["result"]["cv_distance"] <= 12 and rec["result"]["oof_rows"] == 79 * 3
+
+
+def test_pseudo_labels_and_retrain_use_them(tiny):
+    _, out, _ = tiny
+    pseudo = pd.read_csv(out / "02_pseudo" / "pseudo_labels.csv")
+    assert len(pseudo) == 79  # threshold 0: every test ROI
+    assert set(pseudo.columns) >= {"annotation_id", "label", "concept_name", "weight", "source"}
+    import json
+
+    rec = json.loads((out / "03_retrain" / "record.json").read_text())
+    assert rec["result"]["pseudo_rows"] == 79
+    # Pseudo rows join training folds only: the phase-2 OOF covers exactly the train ROIs.
+    assert rec["result"]["oof_rows"] == 79 * 3
+
+
+def test_submissions_have_one_row_per_test_annotation(tiny):
+    _, out, data = tiny
+    import json
+
+    test_ids = sorted(a["id"] for a in json.loads((data / "dataset_test.json").read_text())["annotations"])
+    names = set(pd.read_csv(ROOT / "configs/taxonomy/fathomnet2025.csv")["concept_name"])
+    for sub_path in (out / "04_submit" / "submission.csv", out / "knn" / "submission.csv"):
+        sub = pd.read_csv(sub_path)
+        assert list(sub.columns) == ["annotation_id", "concept_name"]
+        assert sorted(sub["annotation_id"]) == test_ids
+        assert set(sub["concept_name"]) <= names
+    assert (out / "04_submit" / "probs" / "phase1.npz").is_file() and (out / "04_submit" / "report.md").is_file()
+
+
+def test_rerun_is_up_to_date(tiny, caplog):
+    overrides, _, _ = tiny
+    caplog.set_level(logging.INFO)
+    for s in SCRIPTS:
+        assert load(s).main(["--config", "configs/demo.yaml", *overrides]) == 0
+    ups = [r.getMessage() for r in caplog.records if "up to date" in r.getMessage()]
+    assert len(ups) == len(SCRIPTS), caplog.text
+    assert "running" not in caplog.text
+
+
+def test_dry_run_names_the_changed_key_and_only_downstream(tiny, caplog):
+    overrides, _, _ = tiny
+    caplog.set_level(logging.INFO)
+    load("00_prepare_data.py").main(["--config", "configs/demo.yaml", "--dry-run", *overrides, "train.epochs=2"])
+    load("01_train_folds.py").main(["--config", "configs/demo.yaml", "--dry-run", *overrides, "train.epochs=2"])
+    load("knn_baseline.py").main(["--config", "configs/demo.yaml", "--dry-run", *overrides, "train.epochs=2"])
+    text = caplog.text
+    assert "00_prepare: up to date" in text and "knn: up to date" in text
+    assert "01_train: would run (changed: train.epochs 1 -> 2)" in text
+
+
+def test_blend_only_change_reuses_cached_probs(tiny, caplog):
+    overrides, out, _ = tiny
+    caplog.set_level(logging.INFO)
+    assert load("04_infer_submit.py").main(["--config", "configs/demo.yaml", *overrides, "submit.decode=argmax"]) == 0
+    assert "phase1 test probabilities from cache" in caplog.text
+    assert "phase2 test probabilities from cache" in caplog.text
+
+
+def test_resume_continues_a_killed_fold(tiny, tmp_path, caplog):
+    """A fold stopped after epoch 1 of 2 resumes at epoch 2 from last.pt, keeping epoch 1's history."""
+    overrides, out, _ = tiny
+    from lib.config import load_config
+    from lib.prepare import load_rois
+    from lib.stages import Stage
+    from lib.taxonomy import load_taxonomy_json
+    from lib.train import fit_fold, fold_splits
+
+    cfg = load_config("configs/demo.yaml", overrides)
+    prep = out / "00_prepare"
+    rois, tax = load_rois(prep), load_taxonomy_json(prep / "taxonomy.json")
+    split = fold_splits(rois, [0])[0]
+    stage = Stage.create("t/fold_0", tmp_path / "fold_0", cfg, ["train"], ROOT / "01_train_folds.py", {})
+    first = fit_fold(cfg, split, tax, stage, epochs=1)  # as if killed after epoch 1 of 2
+    h1 = pd.read_csv(tmp_path / "fold_0" / "history.csv")
+    caplog.set_level(logging.INFO)
+    fit_fold(cfg, split, tax, stage, epochs=2)
+    assert "resuming at epoch 2/2" in caplog.text
+    h2 = pd.read_csv(tmp_path / "fold_0" / "history.csv")
+    assert list(h2["epoch"]) == [1, 2]
+    assert h2.iloc[0]["val_distance"] == pytest.approx(h1.iloc[0]["val_distance"])
+    assert first["n_train"] == len(split.train)
+
+
+def test_user_errors_are_one_line(tiny, capsys):
+    overrides, _, _ = tiny
+    assert load("01_train_folds.py").main(["--config", "configs/demo.yaml", *overrides, "train.epoch=2"]) == 2
+    err = capsys.readouterr().err
+    assert err.strip() == "error: Unknown config key 'train.epoch'; did you mean 'train.epochs'?"
+    assert load("02_pseudo_label.py").main(["--config", "configs/demo.yaml", *overrides, "exp=never_run"]) == 2
+    assert "00_prepare/record.json is missing; run 00_prepare_data.py first." in capsys.readouterr().err.replace("\\", "/")
