@@ -1,0 +1,211 @@
+"""The synthetic FathomNet-format demo data: schema, boxes, counts, shift, determinism, CLI, looks."""
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from lib import demo_data as dd
+from lib.config import DemoCfg
+
+ROOT = Path(__file__).resolve().parents[1]
+TAXONOMY = ROOT / "configs" / "taxonomy" / "fathomnet2025.csv"
+TINY = DemoCfg(per_class=2, test_per_class=1, frame_width=160, frame_height=120)
+SEED = 7
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict]:
+    """One tiny dataset shared by the read-only tests (generation is the slow part)."""
+    out = tmp_path_factory.mktemp("demo")
+    return out, dd.generate(out, TINY, TAXONOMY, SEED)
+
+
+def _load(out: Path, name: str) -> dict:
+    return json.loads((out / name).read_text())
+
+
+def _taxonomy_names() -> dict[int, str]:
+    with open(TAXONOMY, newline="") as f:
+        return {int(r["category_id"]): r["concept_name"] for r in csv.DictReader(f)}
+
+
+def test_coco_schema(tiny: tuple[Path, dict]) -> None:
+    out, summary = tiny
+    names = _taxonomy_names()
+    for fname, test in ((dd.TRAIN_JSON, False), (dd.TEST_JSON, True)):
+        js = _load(out, fname)
+        assert list(js) == ["info", "images", "licenses", "annotations", "categories"]
+        assert js["licenses"] == [{"id": 0, "name": "synthetic", "url": ""}]
+        assert "synthetic" in js["info"]["description"].lower()
+        assert [c["id"] for c in js["categories"]] == list(range(1, 80))
+        assert all(c["name"] == names[c["id"]] and c["supercategory"] == "" for c in js["categories"])
+        assert [im["id"] for im in js["images"]] == list(range(1, len(js["images"]) + 1))
+        for im in js["images"]:
+            assert set(im) == {"id", "width", "height", "file_name", "license", "flickr_url", "coco_url", "date_captured"}
+            assert (im["width"], im["height"]) == (TINY.frame_width, TINY.frame_height)
+            assert im["file_name"].endswith(".png") and im["coco_url"].endswith(im["file_name"])
+        assert len({im["file_name"] for im in js["images"]}) == len(js["images"])
+        assert [a["id"] for a in js["annotations"]] == list(range(1, len(js["annotations"]) + 1))
+        image_ids = {im["id"] for im in js["images"]}
+        for a in js["annotations"]:
+            assert set(a) == {"id", "image_id", "category_id", "segmentation", "area", "bbox", "iscrowd"}
+            assert a["image_id"] in image_ids and a["segmentation"] == [] and a["iscrowd"] == 0
+            assert all(isinstance(v, float) for v in a["bbox"]) and isinstance(a["area"], float)
+            assert a["area"] == a["bbox"][2] * a["bbox"][3]
+            if test:
+                assert a["category_id"] is None
+            else:
+                assert isinstance(a["category_id"], int) and 1 <= a["category_id"] <= 79
+        key = "test" if test else "train"
+        assert summary[f"{key}_images"] == len(js["images"]) and summary[f"{key}_boxes"] == len(js["annotations"])
+
+
+def test_boxes_inside_frames_and_frames_per_image(tiny: tuple[Path, dict]) -> None:
+    out, _ = tiny
+    for fname in (dd.TRAIN_JSON, dd.TEST_JSON):
+        js = _load(out, fname)
+        for a in js["annotations"]:
+            x, y, w, h = a["bbox"]
+            assert x >= 0 and y >= 0 and w >= 4 and h >= 4
+            assert x + w <= TINY.frame_width and y + h <= TINY.frame_height
+        per_image = np.bincount([a["image_id"] for a in js["annotations"]])[1:]
+        assert per_image.min() >= 1 and per_image.max() <= TINY.max_objects
+
+
+def test_train_counts_and_test_balance(tiny: tuple[Path, dict]) -> None:
+    out, _ = tiny
+    train = _load(out, dd.TRAIN_JSON)
+    counts = np.bincount([a["category_id"] for a in train["annotations"]], minlength=80)[1:]
+    assert counts.tolist() == [TINY.per_class] * 79
+    rows = list(csv.reader(open(out / dd.SOLUTION_CSV, newline="")))
+    assert rows[0] == ["annotation_id", "concept_name"]
+    test = _load(out, dd.TEST_JSON)
+    assert [int(r[0]) for r in rows[1:]] == [a["id"] for a in test["annotations"]]
+    names = list(_taxonomy_names().values())
+    assert sorted(r[1] for r in rows[1:]) == sorted(names * TINY.test_per_class)
+
+
+def test_test_boxes_smaller_and_frames_written(tiny: tuple[Path, dict]) -> None:
+    out, _ = tiny
+    size = {}
+    for split, fname in (("train", dd.TRAIN_JSON), ("test", dd.TEST_JSON)):
+        js = _load(out, fname)
+        size[split] = np.mean([max(a["bbox"][2], a["bbox"][3]) for a in js["annotations"]])
+        files = sorted((out / split / "images").iterdir())
+        assert len(files) == len(js["images"])
+        for im in js["images"][:5]:
+            with Image.open(out / split / "images" / f"{im['id']}.png") as img:
+                assert img.size == (TINY.frame_width, TINY.frame_height) and img.mode == "RGB"
+    assert size["test"] < 0.7 * size["train"]
+
+
+def test_deterministic(tiny: tuple[Path, dict], tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    out, _ = tiny
+    monkeypatch.setattr(dd, "_workers", lambda n_jobs: 1)  # one process must give what the pool gave
+    dd.generate(tmp_path, TINY, TAXONOMY, SEED)
+    for name in (dd.TRAIN_JSON, dd.TEST_JSON, dd.SOLUTION_CSV):
+        assert (tmp_path / name).read_bytes() == (out / name).read_bytes()
+    other = tmp_path / "other_seed"
+    dd.generate(other, DemoCfg(per_class=1, test_per_class=1, frame_width=64, frame_height=48), TAXONOMY, SEED + 1)
+    assert (other / dd.TRAIN_JSON).read_bytes() != (out / dd.TRAIN_JSON).read_bytes()
+
+
+def test_class_counts_long_tail() -> None:
+    assert dd.class_counts(79, DemoCfg(per_class=5)) == [5] * 79
+    counts = dd.class_counts(79, DemoCfg(per_class=200, long_tail=True, imbalance_factor=10.0))
+    assert counts[0] == 200 and counts[-1] == 20
+    assert all(a >= b for a, b in zip(counts, counts[1:]))
+    assert counts[0] / counts[-1] == pytest.approx(10.0, rel=0.05)
+    small = dd.class_counts(79, DemoCfg(per_class=12, long_tail=True, imbalance_factor=100.0))
+    assert small[0] == 12 and min(small) >= 1 and small[-1] == 1
+    assert dd.class_counts(1, DemoCfg(per_class=3, long_tail=True)) == [3]
+
+
+def _tiny_taxonomy(tmp_path: Path) -> Path:
+    """Five categories from three phyla so the CLI tests run in well under a second."""
+    lines = TAXONOMY.read_text().splitlines()
+    keep = [lines[0]] + [lines[i] for i in (7, 41, 51, 52, 55)]
+    p = tmp_path / "tax.csv"
+    p.write_text("\n".join(keep) + "\n")
+    return p
+
+
+def test_cli_up_to_date_and_regenerates(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    root = tmp_path / "data"
+    args = [f"data.root={root}", f"data.taxonomy_csv={_tiny_taxonomy(tmp_path)}", "demo.per_class=2",
+            "demo.test_per_class=1", "demo.frame_width=96", "demo.frame_height=72"]
+    assert dd.main(args) == 0
+    first = capsys.readouterr().out
+    assert "train frames" in first and "up to date" not in first
+    record = json.loads((root / dd.RECORD).read_text())
+    assert record["demo"]["per_class"] == 2 and record["summary"]["train_boxes"] == 10
+    stamps = {p: p.stat().st_mtime_ns for p in root.rglob("*") if p.is_file()}
+
+    assert dd.main(args) == 0
+    assert "up to date" in capsys.readouterr().out
+    assert {p: p.stat().st_mtime_ns for p in root.rglob("*") if p.is_file()} == stamps
+
+    tax = Path(args[1].split("=", 1)[1])
+    tax.write_text(tax.read_text().replace("Merluccius productus", "Merluccius sp"))  # taxonomy edits count too
+    assert dd.main(args) == 0
+    assert "up to date" not in capsys.readouterr().out
+    assert "Merluccius sp" in (root / dd.TRAIN_JSON).read_text()
+
+    (root / "keep.txt").write_text("not ours")
+    assert dd.main(args + ["demo.per_class=3"]) == 0
+    assert "up to date" not in capsys.readouterr().out
+    assert json.loads((root / dd.RECORD).read_text())["summary"]["train_boxes"] == 15
+    assert (root / "keep.txt").exists()
+
+    assert dd.main([args[0], "--force", *args[1:], "demo.per_class=3"]) == 0  # options may sit between overrides
+    assert "up to date" not in capsys.readouterr().out
+
+
+def test_cli_errors(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    assert dd.main([f"data.root={tmp_path}", "demo.per_clas=3"]) == 2
+    assert "demo.per_class" in capsys.readouterr().err
+    tax = _tiny_taxonomy(tmp_path)
+    assert dd.main([f"data.root={tmp_path / 'small'}", f"data.taxonomy_csv={tax}", "demo.frame_height=8"]) == 2
+    assert "frame_height" in capsys.readouterr().err
+    (tmp_path / dd.TRAIN_JSON).write_text('{"info": {"description": "real FathomNet data"}}')
+    assert dd.main([f"data.root={tmp_path}", f"data.taxonomy_csv={tax}"]) == 2
+    assert "did not write" in capsys.readouterr().err and (tmp_path / dd.TRAIN_JSON).exists()
+
+
+def _mean_colour(look: dd.Look, n: int = 8) -> np.ndarray:
+    """Alpha-weighted mean RGB of n rendered instances."""
+    cols = []
+    for k in range(n):
+        sp = np.asarray(dd.render_sprite(look, np.random.default_rng(k), 64), dtype=np.float64)
+        a = sp[..., 3:4] / 255.0
+        cols.append((sp[..., :3] * a).sum((0, 1)) / a.sum())
+    return np.mean(cols, axis=0)
+
+
+def test_relatives_look_alike() -> None:
+    taxa = {t.name: t for t in dd.read_taxonomy(TAXONOMY)}
+    same_genus = [("Pandalus amplus", "Pandalus platyceros"), ("Scotoplanes", "Scotoplanes globosa"),
+                  ("Sebastes", "Sebastes diploproa"), ("Paragorgia", "Paragorgia arborea"),
+                  ("Asbestopluma", "Asbestopluma monticola")]
+    names = sorted({n for pair in same_genus for n in pair})
+    looks = {n: dd.look_for(taxa[n]) for n in names}
+    colour = {n: _mean_colour(looks[n]) for n in names}
+    for a, b in same_genus:
+        assert looks[a].plan == looks[b].plan
+    near = [np.linalg.norm(colour[a] - colour[b]) for a, b in same_genus]
+    far = [np.linalg.norm(colour[a] - colour[b]) for i, a in enumerate(names) for b in names[i + 1:]
+           if taxa[a].lineage[0] != taxa[b].lineage[0]]
+    assert max(near) < min(far)
+
+
+def test_lineage_fills_unranked_concepts() -> None:
+    taxa = {t.name: t for t in dd.read_taxonomy(TAXONOMY)}
+    assert taxa["Tunicata"].lineage[:2] == ("Chordata", "Tunicata")
+    assert taxa["Caridea"].lineage[3] == "Caridea"
+    assert dd.look_for(taxa["Tunicata"]) != dd.look_for(taxa["Actinopterygii"])
+    assert len({dd.look_for(t) for t in taxa.values()}) == len(taxa)
