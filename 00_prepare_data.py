@@ -9,31 +9,28 @@ import argparse
 import sys
 import time
 
+from lib import pipeline
 from lib.config import Config
-from lib.prepare import data_paths, prepare
-from lib.stages import (Stage, atomic_path, atomic_write_json, check, dir_digest, file_digest,
-                        log, run_cli, save_resolved_config, setup_logging, stage_parser)
+from lib.stages import (
+    atomic_path,
+    atomic_write_json,
+    log,
+    run_cli,
+    save_resolved_config,
+    setup_logging,
+    stage_parser,
+)
 
 NAME = "00_prepare"
 
 
-def make_stage(cfg: Config) -> Stage:
-    p = data_paths(cfg)
-    inputs = {
-        "train_json": file_digest(p["train_json"]) if p["train_json"].is_file() else "missing",
-        "test_json": file_digest(p["test_json"]) if p["test_json"].is_file() else "missing",
-        "train_images": dir_digest(p["train_images"]),
-        "test_images": dir_digest(p["test_images"]),
-        "taxonomy_csv": file_digest(p["taxonomy_csv"]) if p["taxonomy_csv"].is_file() else "missing",
-    }
-    return Stage.create(NAME, cfg.out_dir / NAME, cfg, ["seed", "data", "prepare"], __file__, inputs)
-
-
 def main_(args: argparse.Namespace, cfg: Config) -> int:
-    stage = make_stage(cfg)
-    if not check(stage, args.force, args.dry_run):
+    stage = pipeline.stage(cfg, NAME)
+    if not pipeline.decide(cfg, stage, args.force, args.dry_run):
         return 0
     started = time.time()
+    from lib.prepare import prepare
+
     stage.invalidate()
     setup_logging(stage.dir)
     save_resolved_config(cfg, stage.dir)

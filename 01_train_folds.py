@@ -10,26 +10,23 @@ import argparse
 import sys
 import time
 
+from lib import pipeline
 from lib.config import Config
-from lib.prepare import load_rois
-from lib.stages import Stage, check, log, run_cli, stage_parser, upstream_digest
-from lib.taxonomy import load_taxonomy_json
+from lib.stages import log, run_cli, stage_parser
 
 NAME = "01_train"
-SECTIONS = ["seed", "model", "train"]
-
-
-def make_stage(cfg: Config) -> Stage:
-    prep = cfg.out_dir / "00_prepare"
-    return Stage.create(NAME, cfg.out_dir / NAME, cfg, SECTIONS, __file__, {"00_prepare": upstream_digest(prep, "00_prepare_data.py")})
 
 
 def main_(args: argparse.Namespace, cfg: Config) -> int:
-    stage = make_stage(cfg)
-    if not args.fold and not check(stage, args.force, args.dry_run):
+    stage = pipeline.stage(cfg, NAME)
+    if not pipeline.decide(cfg, stage, args.force, args.dry_run, folds_only=bool(args.fold)):
         return 0
     started = time.time()
-    from lib.train import run_folds  # heavy (torch, timm): only once there is work to do
+    from lib.prepare import (
+        load_rois,  # heavy imports (torch, timm) only once there is work to do
+    )
+    from lib.taxonomy import load_taxonomy_json
+    from lib.train import run_folds
 
     prep = cfg.out_dir / "00_prepare"
     rois, taxonomy = load_rois(prep), load_taxonomy_json(prep / "taxonomy.json")

@@ -10,23 +10,16 @@ import argparse
 import sys
 import time
 
+from lib import pipeline
 from lib.config import Config
-from lib.stages import Stage, check, log, read_record, run_cli, stage_parser, upstream_digest
+from lib.stages import log, read_record, run_cli, stage_parser
 
 NAME = "03_retrain"
 
 
-def make_stage(cfg: Config) -> Stage:
-    inputs = {
-        "00_prepare": upstream_digest(cfg.out_dir / "00_prepare", "00_prepare_data.py"),
-        "02_pseudo": upstream_digest(cfg.out_dir / "02_pseudo", "02_pseudo_label.py"),
-    }
-    return Stage.create(NAME, cfg.out_dir / NAME, cfg, ["seed", "model", "train", "retrain", "pseudo.weight_power"], __file__, inputs)
-
-
 def main_(args: argparse.Namespace, cfg: Config) -> int:
-    stage = make_stage(cfg)
-    if not args.fold and not check(stage, args.force, args.dry_run):
+    stage = pipeline.stage(cfg, NAME)
+    if not pipeline.decide(cfg, stage, args.force, args.dry_run, folds_only=bool(args.fold)):
         return 0
     started = time.time()
     import pandas as pd

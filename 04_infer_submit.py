@@ -10,24 +10,16 @@ import sys
 import time
 from pathlib import Path
 
+from lib import pipeline
 from lib.config import Config
-from lib.stages import Stage, check, log, run_cli, stage_parser, upstream_digest
+from lib.stages import log, run_cli, stage_parser
 
 NAME = "04_submit"
-PHASES = {"phase1": ("01_train", "01_train_folds.py"), "phase2": ("03_retrain", "03_retrain.py")}
-
-
-def make_stage(cfg: Config) -> Stage:
-    inputs = {"00_prepare": upstream_digest(cfg.out_dir / "00_prepare", "00_prepare_data.py")}
-    for m in cfg.submit.models:
-        folder, script = PHASES[m]
-        inputs[folder] = upstream_digest(cfg.out_dir / folder, script)
-    return Stage.create(NAME, cfg.out_dir / NAME, cfg, ["seed", "model", "submit"], __file__, inputs)
 
 
 def main_(args: argparse.Namespace, cfg: Config) -> int:
-    stage = make_stage(cfg)
-    if not check(stage, args.force, args.dry_run):
+    stage = pipeline.stage(cfg, NAME)
+    if not pipeline.decide(cfg, stage, args.force, args.dry_run):
         return 0
     started = time.time()
     import numpy as np
@@ -37,7 +29,14 @@ def main_(args: argparse.Namespace, cfg: Config) -> int:
     from lib.ensemble import blend, decode, prior_answer
     from lib.prepare import data_paths, load_rois
     from lib.report import submit_report
-    from lib.stages import atomic_path, atomic_write_text, cached_npz, read_record, save_resolved_config, setup_logging
+    from lib.stages import (
+        atomic_path,
+        atomic_write_text,
+        cached_npz,
+        read_record,
+        save_resolved_config,
+        setup_logging,
+    )
     from lib.submission import assemble, write_submission
     from lib.taxonomy import load_taxonomy_json
 
@@ -51,8 +50,8 @@ def main_(args: argparse.Namespace, cfg: Config) -> int:
 
     models = {}
     for m in cfg.submit.models:
-        folder = cfg.out_dir / PHASES[m][0]
-        key = f"{stage.fingerprint['inputs'][PHASES[m][0]]}|{cfg.model.backbone}|{cfg.model.img_size}|{len(ids)}"
+        folder = cfg.out_dir / pipeline.PHASE_STAGES[m]
+        key = f"{stage.fingerprint['inputs'][pipeline.PHASE_STAGES[m]]}|{cfg.model.backbone}|{cfg.model.img_size}|{len(ids)}"
 
         def compute(folder: Path = folder) -> dict:
             from lib.models import pick_device
@@ -77,7 +76,7 @@ def main_(args: argparse.Namespace, cfg: Config) -> int:
     write_submission(sub, stage.dir / "submission.csv", test_ids, tax.names)
     with atomic_path(stage.dir / "fallbacks.csv") as tmp:
         pd.DataFrame({"annotation_id": fell_back, "concept_name": tax.names[fallback]}).to_csv(tmp, index=False)
-    cv = {m: (read_record(cfg.out_dir / PHASES[m][0] / "record.json") or {}).get("result", {}) for m in models}
+    cv = {m: (read_record(cfg.out_dir / pipeline.PHASE_STAGES[m] / "record.json") or {}).get("result", {}) for m in models}
     atomic_write_text(stage.dir / "report.md", submit_report(cfg, cv, sub, fell_back))
     result = {"rows": len(sub), "fallbacks": len(fell_back), "models": list(models), "decode": cfg.submit.decode,
               "submission": str(stage.dir / "submission.csv")}

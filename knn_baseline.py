@@ -9,20 +9,16 @@ import argparse
 import sys
 import time
 
+from lib import pipeline
 from lib.config import Config
-from lib.stages import Stage, check, log, run_cli, stage_parser, upstream_digest
+from lib.stages import log, run_cli, stage_parser
 
 NAME = "knn"
 
 
-def make_stage(cfg: Config) -> Stage:
-    inputs = {"00_prepare": upstream_digest(cfg.out_dir / "00_prepare", "00_prepare_data.py")}
-    return Stage.create(NAME, cfg.out_dir / NAME, cfg, ["seed", "knn", "submit.decode"], __file__, inputs)
-
-
 def main_(args: argparse.Namespace, cfg: Config) -> int:
-    stage = make_stage(cfg)
-    if not check(stage, args.force, args.dry_run):
+    stage = pipeline.stage(cfg, NAME)
+    if not pipeline.decide(cfg, stage, args.force, args.dry_run):
         return 0
     started = time.time()
     import numpy as np

@@ -71,6 +71,8 @@ def summary(cfg: Config) -> list[str]:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m lib.report", description="Print the run's scores.")
     ap.add_argument("--config", default="configs/demo.yaml")
+    ap.add_argument("--force", action="store_true", help="accepted (and ignored) so `make stages ARGS=...` passes through")
+    ap.add_argument("--dry-run", action="store_true", help="accepted (and ignored), as --force")
     ap.add_argument("overrides", nargs="*")
     args = ap.parse_args(argv)
     try:

@@ -21,7 +21,7 @@ import platform
 import sys
 import tempfile
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence
 
@@ -305,6 +305,7 @@ def setup_logging(stage_dir: Path | None = None) -> None:
     console.setFormatter(logging.Formatter("%(message)s"))
     console._pipeline = True  # type: ignore[attr-defined]
     root.addHandler(console)
+    logging.getLogger("faiss.loader").setLevel(logging.WARNING)  # its AVX probing is noise
     if stage_dir is not None:
         stage_dir.mkdir(parents=True, exist_ok=True)
         fh = logging.FileHandler(stage_dir / "log.txt")

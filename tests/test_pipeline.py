@@ -152,3 +152,7 @@ def test_user_errors_are_one_line(tiny, capsys):
     assert err.strip() == "error: Unknown config key 'train.epoch'; did you mean 'train.epochs'?"
     assert load("02_pseudo_label.py").main(["--config", "configs/demo.yaml", *overrides, "exp=never_run"]) == 2
     assert "00_prepare/record.json is missing; run 00_prepare_data.py first." in capsys.readouterr().err.replace("\\", "/")
+    # A downstream stage refuses to run on an upstream that is stale under the current config.
+    assert load("02_pseudo_label.py").main(["--config", "configs/demo.yaml", *overrides, "train.epochs=2"]) == 2
+    err = capsys.readouterr().err
+    assert "01_train is out of date (changed: train.epochs 1 -> 2); run 01_train_folds.py first" in err

@@ -1,0 +1,116 @@
+"""The stage graph: each stage's folder, script, config sections and upstream stages, in one place.
+
+Scripts ask this module for their `Stage` so that a stage can also judge its upstream: a stage
+whose upstream is out of date under the current config refuses to run on stale inputs (and
+`--dry-run` reports it as "would run" too), so `--dry-run` on the whole chain tells the truth.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from lib.config import Config
+from lib.stages import (
+    ROOT,
+    Stage,
+    StageError,
+    dir_digest,
+    file_digest,
+    log,
+    upstream_digest,
+)
+
+
+@dataclass(frozen=True)
+class Spec:
+    name: str
+    script: str
+    sections: tuple[str, ...]
+    upstream: tuple[str, ...]
+
+
+SPECS: dict[str, Spec] = {
+    s.name: s
+    for s in (
+        Spec("00_prepare", "00_prepare_data.py", ("seed", "data", "prepare"), ()),
+        Spec("01_train", "01_train_folds.py", ("seed", "model", "train"), ("00_prepare",)),
+        Spec("02_pseudo", "02_pseudo_label.py", ("seed", "model", "pseudo"), ("00_prepare", "01_train")),
+        Spec("03_retrain", "03_retrain.py", ("seed", "model", "train", "retrain", "pseudo.weight_power"), ("00_prepare", "02_pseudo")),
+        Spec("04_submit", "04_infer_submit.py", ("seed", "model", "submit"), ("00_prepare",)),
+        Spec("knn", "knn_baseline.py", ("seed", "knn", "submit.decode"), ("00_prepare",)),
+    )
+}
+PHASE_STAGES = {"phase1": "01_train", "phase2": "03_retrain"}
+
+
+def upstream_of(cfg: Config, name: str) -> tuple[str, ...]:
+    """Direct upstream stages; 04 depends on whichever phases `submit.models` blends."""
+    if name == "04_submit":
+        return SPECS[name].upstream + tuple(PHASE_STAGES[m] for m in cfg.submit.models)
+    return SPECS[name].upstream
+
+
+def _prepare_inputs(cfg: Config) -> dict[str, str]:
+    from lib.prepare import data_paths
+
+    p = data_paths(cfg)
+    out = {}
+    for key in ("train_json", "test_json", "taxonomy_csv"):
+        out[key] = file_digest(p[key]) if p[key].is_file() else "missing"
+    for key in ("train_images", "test_images"):
+        out[key] = dir_digest(p[key])
+    return out
+
+
+def stage(cfg: Config, name: str) -> Stage:
+    """The Stage of `name` under `cfg`; upstream records must exist (else: which script to run)."""
+    spec = SPECS[name]
+    if name == "00_prepare":
+        inputs = _prepare_inputs(cfg)
+    else:
+        inputs = {u: upstream_digest(cfg.out_dir / u, SPECS[u].script) for u in upstream_of(cfg, name)}
+    return Stage.create(name, cfg.out_dir / name, cfg, spec.sections, ROOT / spec.script, inputs)
+
+
+def stale_upstream(cfg: Config, name: str) -> list[tuple[str, list[str]]]:
+    """Upstream stages (transitively) that would run under `cfg`, with their reasons."""
+    out, seen = [], set()
+
+    def visit(n: str) -> None:
+        for u in upstream_of(cfg, n):
+            if u in seen:
+                continue
+            seen.add(u)
+            visit(u)
+            try:
+                reasons = stage(cfg, u).reasons()
+            except StageError as e:
+                reasons = [str(e)]
+            if reasons:
+                out.append((u, reasons))
+
+    visit(name)
+    return out
+
+
+def decide(cfg: Config, st: Stage, force: bool, dry_run: bool, folds_only: bool = False) -> bool:
+    """True when `st` must run now. Prints the decision; refuses to run on stale upstream.
+
+    `folds_only` (a `--fold K` run) checks the upstream only: the folds decide for themselves.
+    """
+    stale = stale_upstream(cfg, st.name)
+    if stale:
+        first, reasons = stale[0]
+        if dry_run:
+            log.info("%s: would run (upstream %s would run)", st.name, ", ".join(u for u, _ in stale))
+            return False
+        raise StageError(f"{first} is out of date ({'; '.join(reasons)}); run {SPECS[first].script} first (or make stages).")
+    if folds_only:
+        return True
+    reasons = st.reasons()
+    if not reasons and not force:
+        log.info("%s: up to date (%s)", st.name, st.dir)
+        return False
+    why = "forced" if force and not reasons else "; ".join(reasons)
+    log.info("%s: %s (%s)", st.name, "would run" if dry_run else "running", why)
+    return not dry_run
+
