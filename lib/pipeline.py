@@ -13,6 +13,7 @@ from lib.stages import (
     ROOT,
     Stage,
     StageError,
+    check,
     dir_digest,
     file_digest,
     log,
@@ -104,13 +105,5 @@ def decide(cfg: Config, st: Stage, force: bool, dry_run: bool, folds_only: bool 
             log.info("%s: would run (upstream %s would run)", st.name, ", ".join(u for u, _ in stale))
             return False
         raise StageError(f"{first} is out of date ({'; '.join(reasons)}); run {SPECS[first].script} first (or make stages).")
-    if folds_only:
-        return True
-    reasons = st.reasons()
-    if not reasons and not force:
-        log.info("%s: up to date (%s)", st.name, st.dir)
-        return False
-    why = "forced" if force and not reasons else "; ".join(reasons)
-    log.info("%s: %s (%s)", st.name, "would run" if dry_run else "running", why)
-    return not dry_run
+    return True if folds_only else check(st, force, dry_run)
 

@@ -22,7 +22,7 @@ def test_new_stage_runs_then_is_up_to_date(tmp_path):
 
 
 def test_changed_key_is_named_with_old_and_new_value(tmp_path):
-    make(tmp_path).finish({}, started=0)
+    make(tmp_path, ["train.epochs=3"]).finish({}, started=0)
     assert make(tmp_path, ["train.epochs=4"]).reasons() == ["changed: train.epochs 3 -> 4"]
 
 
