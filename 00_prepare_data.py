@@ -25,6 +25,10 @@ NAME = "00_prepare"
 
 
 def main_(args: argparse.Namespace, cfg: Config) -> int:
+    if args.download and not args.dry_run:
+        from lib.prepare import fetch_frames
+
+        fetch_frames(cfg, download=True)  # before the fingerprint: downloads change the inputs
     stage = pipeline.stage(cfg, NAME)
     if not pipeline.decide(cfg, stage, args.force, args.dry_run):
         return 0
@@ -40,6 +44,7 @@ def main_(args: argparse.Namespace, cfg: Config) -> int:
     with atomic_path(stage.dir / "rejects.csv") as tmp:
         prep.rejects.to_csv(tmp, index=False)
     atomic_write_json(stage.dir / "taxonomy.json", prep.taxonomy.to_json())
+    atomic_write_json(stage.dir / "summary.json", prep.summary)
     counts = prep.rois.groupby("split")["ok"].agg(["size", "sum"]).to_dict("index")
     result = {
         "train_rois": int(counts.get("train", {}).get("sum", 0)),
@@ -49,12 +54,20 @@ def main_(args: argparse.Namespace, cfg: Config) -> int:
         "classes": prep.taxonomy.n_classes,
     }
     stage.finish(result, started)
-    log.info("%s: done in %.1fs: %s", NAME, time.time() - started, result)
+    s = prep.summary
+    log.info("%s: %s", NAME, ", ".join(f"{k} {v['usable']}/{v['rows']} usable" for k, v in s["rois"].items()))
+    log.info("%s: %d classes, %d..%d train boxes per class; box side quantiles %s: train %s, test %s", NAME, s["classes"],
+             *s["per_class_min_max"], s["box_side_quantiles"]["q"], s["box_side_quantiles"]["train"], s["box_side_quantiles"]["test"])
+    for reason, n in s["rejects"].items():
+        log.info("%s: rejected %d x %s", NAME, n, reason)
+    log.info("%s: done in %.1fs", NAME, time.time() - started)
     return 0
 
 
 def main(argv: list[str] | None = None) -> int:
-    return run_cli(main_, stage_parser(__doc__.splitlines()[0]), argv)
+    parser = stage_parser(__doc__.splitlines()[0])
+    parser.add_argument("--download", action="store_true", help="fetch missing frames from each image's coco_url first")
+    return run_cli(main_, parser, argv)
 
 
 if __name__ == "__main__":

@@ -49,13 +49,26 @@ class DemoCfg:
 
 @dataclass
 class PrepareCfg:
-    """ROI crops and folds (00_prepare_data)."""
+    """ROI and context crops, folds (00_prepare_data).
+
+    `context_scales`: squares of s x the box's longer side around each box (e.g. [3, 5]);
+    `context_full`: the whole frame too; `fill`: RGB outside the frame. `test_like`: also cut
+    each train ROI downscaled to the test set's box sizes, for a test-like validation view.
+    """
 
     pad: float = 0.1
     square: bool = True
     crop_size: int = 96
+    context_scales: list[float] = field(default_factory=lambda: [3.0, 5.0])
+    context_full: bool = True
+    fill: list[int] = field(default_factory=lambda: [0, 0, 0])
+    test_like: bool = True
     n_folds: int = 5
     workers: int = 2
+    max_reject_fraction: float = 0.05
+    download_workers: int = 8
+    download_retries: int = 3
+    download_timeout: float = 30.0
 
 
 @dataclass
@@ -301,6 +314,11 @@ def validate(cfg: Config) -> None:
         (cfg.prepare.n_folds >= 2, "prepare.n_folds must be at least 2"),
         (cfg.prepare.pad >= 0, "prepare.pad must be 0 or more"),
         (cfg.prepare.workers >= 1, "prepare.workers must be at least 1"),
+        (all(s > 0 for s in cfg.prepare.context_scales), "prepare.context_scales must all be positive"),
+        (len(cfg.prepare.fill) == 3 and all(0 <= v <= 255 for v in cfg.prepare.fill), "prepare.fill must be three values in 0..255 (RGB)"),
+        (0.0 <= cfg.prepare.max_reject_fraction <= 1.0, "prepare.max_reject_fraction must lie in [0, 1]"),
+        (cfg.prepare.download_workers >= 1 and cfg.prepare.download_retries >= 0 and cfg.prepare.download_timeout > 0,
+         "prepare.download_workers must be at least 1, download_retries 0 or more and download_timeout positive"),
         (0.0 <= cfg.pseudo.threshold <= 1.0, "pseudo.threshold must lie in [0, 1]"),
         (0.0 <= cfg.train.label_smoothing < 1.0, "train.label_smoothing must lie in [0, 1)"),
         (cfg.knn.k >= 1, "knn.k must be at least 1"),

@@ -1,8 +1,12 @@
-"""ROI crops from frames: each frame decoded once for all its boxes, frames spread over processes.
+"""ROI and context crops from frames: each frame decoded once for all its boxes, frames spread over processes.
 
-A crop is the box grown by `pad` (a fraction of the box side), optionally made square around the
-box centre, clipped to the frame, and resized to the cache size. Crops are cached as PNG so the
-training loader never touches the (large) frames.
+Per box, cached as PNG at the cache size so the loader never touches the (large) frames:
+- `roi`: the box grown by `pad` (a fraction of the box side), optionally square, clipped to the frame;
+- `ctx<s>`: a square of s times the box's longer side centred on the box, the part outside the
+  frame filled with `fill` (the 1st place read the ROI with 3x, 5x and full-frame context);
+- `full`: the whole frame, letterboxed with `fill` (one file per frame, shared by its boxes);
+- `testlike`: the ROI downscaled by a per-box factor then upscaled back, so validation can be
+  scored on boxes as small as the test set's.
 """
 from __future__ import annotations
 
@@ -10,23 +14,52 @@ import math
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Sequence
 
 import cv2
 import numpy as np
 from tqdm import tqdm
 
+Box = tuple[float, float, float, float]
+
+
+@dataclass(frozen=True)
+class CropSpec:
+    """How every crop is cut; shared by all jobs of a run."""
+
+    pad: float = 0.1
+    square: bool = True
+    size: int = 96
+    context_scales: tuple[float, ...] = ()
+    context_full: bool = False
+    fill: tuple[int, int, int] = (0, 0, 0)  # RGB
+
+    def kinds(self) -> list[str]:
+        return ["roi", *[context_name(s) for s in self.context_scales], *(["full"] if self.context_full else [])]
+
+
+def context_name(scale: float) -> str:
+    return f"ctx{scale:g}"
+
+
+@dataclass
+class BoxJob:
+    """One box: where each kind of crop goes; `testlike` is the downscale factor (None: no such crop)."""
+
+    bbox: Box
+    outputs: dict[str, Path]
+    testlike: float | None = None
+
 
 @dataclass
 class FrameJob:
-    """One frame and the boxes to cut from it; `out_paths[i]` receives box i."""
+    """One frame and the boxes to cut from it."""
 
     frame: Path
-    boxes: list[tuple[float, float, float, float]]
-    out_paths: list[Path]
-    keys: list[int] = field(default_factory=list)
+    boxes: list[BoxJob] = field(default_factory=list)
 
 
-def roi_window(bbox: tuple[float, float, float, float], width: int, height: int, pad: float, square: bool) -> tuple[int, int, int, int] | None:
+def roi_window(bbox: Box, width: int, height: int, pad: float, square: bool) -> tuple[int, int, int, int] | None:
     """Integer window (x0, y0, x1, y1) of the padded box clipped to the frame, or None if empty."""
     x, y, w, h = bbox
     cx, cy = x + w / 2, y + h / 2
@@ -40,56 +73,132 @@ def roi_window(bbox: tuple[float, float, float, float], width: int, height: int,
     return x0, y0, x1, y1
 
 
-def crop_box(frame: np.ndarray, bbox: tuple[float, float, float, float], pad: float, square: bool, size: int) -> np.ndarray | None:
-    """The cached crop of one box (RGB or BGR as the frame), `size` x `size`."""
+def _resize(patch: np.ndarray, w: int, h: int) -> np.ndarray:
+    interp = cv2.INTER_AREA if patch.shape[1] > w or patch.shape[0] > h else cv2.INTER_LINEAR
+    return cv2.resize(patch, (w, h), interpolation=interp)
+
+
+def crop_roi(frame: np.ndarray, bbox: Box, pad: float, square: bool, size: int) -> np.ndarray | None:
+    """The ROI crop, `size` x `size`, or None when the box lies wholly outside the frame."""
     h, w = frame.shape[:2]
     win = roi_window(bbox, w, h, pad, square)
     if win is None:
         return None
     x0, y0, x1, y1 = win
-    patch = frame[y0:y1, x0:x1]
-    interp = cv2.INTER_AREA if max(patch.shape[:2]) > size else cv2.INTER_LINEAR
-    return cv2.resize(patch, (size, size), interpolation=interp)
+    return _resize(frame[y0:y1, x0:x1], size, size)
 
 
-def _process_frame(args: tuple[FrameJob, float, bool, int]) -> list[tuple[int, str]]:
-    """Worker: decode one frame, write its crops; returns (box index, error or '') per box."""
-    job, pad, square, size = args
+def crop_context(frame: np.ndarray, bbox: Box, scale: float, size: int, fill: Sequence[int]) -> np.ndarray:
+    """A square of `scale` x the box's longer side centred on the box; outside the frame is `fill`.
+
+    Only the part inside the frame is resized (straight into its place on a `size` canvas), so a
+    5x context of a large box costs no full-resolution canvas.
+    """
+    h, w = frame.shape[:2]
+    x, y, bw, bh = bbox
+    side = max(1, int(round(scale * max(bw, bh))))
+    x0, y0 = int(round(x + bw / 2 - side / 2)), int(round(y + bh / 2 - side / 2))
+    canvas = np.empty((size, size, 3), dtype=frame.dtype)
+    canvas[:] = fill
+    sx0, sy0, sx1, sy1 = max(0, x0), max(0, y0), min(w, x0 + side), min(h, y0 + side)
+    if sx1 > sx0 and sy1 > sy0:
+        k = size / side
+        dx0, dy0 = round((sx0 - x0) * k), round((sy0 - y0) * k)
+        dx1, dy1 = max(dx0 + 1, round((sx1 - x0) * k)), max(dy0 + 1, round((sy1 - y0) * k))
+        canvas[dy0:dy1, dx0:dx1] = _resize(frame[sy0:sy1, sx0:sx1], dx1 - dx0, dy1 - dy0)
+    return canvas
+
+
+def crop_full(frame: np.ndarray, size: int, fill: Sequence[int]) -> np.ndarray:
+    """The whole frame, letterboxed into `size` x `size` (aspect kept)."""
+    h, w = frame.shape[:2]
+    s = size / max(h, w)
+    nw, nh = max(1, round(w * s)), max(1, round(h * s))
+    canvas = np.empty((size, size, 3), dtype=frame.dtype)
+    canvas[:] = fill
+    ox, oy = (size - nw) // 2, (size - nh) // 2
+    canvas[oy:oy + nh, ox:ox + nw] = _resize(frame, nw, nh)
+    return canvas
+
+
+def down_up(img: np.ndarray, factor: float) -> np.ndarray:
+    """Downscale by `factor` (<= 1) and back: the detail a box that small would have had."""
+    if factor >= 1:
+        return img
+    h, w = img.shape[:2]
+    small = cv2.resize(img, (max(1, round(w * factor)), max(1, round(h * factor))), interpolation=cv2.INTER_AREA)
+    return cv2.resize(small, (w, h), interpolation=cv2.INTER_LINEAR)
+
+
+def write_png(path: Path, img_bgr: np.ndarray) -> bool:
+    """Write via a temp name then rename, so a killed run never leaves half a crop."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.stem}.tmp.png")
+    if not cv2.imwrite(str(tmp), img_bgr, [cv2.IMWRITE_PNG_COMPRESSION, 1]):
+        return False
+    tmp.replace(path)
+    return True
+
+
+def placeholder(size: int, fill: Sequence[int]) -> np.ndarray:
+    """A flat crop for a test box that could not be cut: later stages still see a file."""
+    img = np.empty((size, size, 3), dtype=np.uint8)
+    img[:] = fill[::-1]  # BGR
+    return img
+
+
+def crop_one_frame(frame: np.ndarray, jobs: Sequence[BoxJob], spec: CropSpec) -> list[str]:
+    """Cut every crop of every box of a decoded (BGR) frame; returns an error or '' per box."""
+    fill_bgr = tuple(int(v) for v in spec.fill[::-1])
+    full = crop_full(frame, spec.size, fill_bgr) if spec.context_full else None
+    written: set[Path] = set()  # the full-frame crop is one file per frame, shared by its boxes
+    errors = []
+    for job in jobs:
+        roi = crop_roi(frame, job.bbox, spec.pad, spec.square, spec.size)
+        if roi is None:
+            errors.append("box lies wholly outside its frame")
+            continue
+        crops = {"roi": roi}
+        for s in spec.context_scales:
+            crops[context_name(s)] = crop_context(frame, job.bbox, s, spec.size, fill_bgr)
+        if full is not None:
+            crops["full"] = full
+        if job.testlike is not None:
+            crops["testlike"] = down_up(roi, job.testlike)
+        bad = []
+        for k, img in crops.items():
+            dst = job.outputs.get(k)
+            if dst is None or dst in written:
+                continue
+            if not write_png(dst, img):
+                bad.append(k)
+            written.add(dst)
+        errors.append(f"could not write {job.outputs[bad[0]]}" if bad else "")
+    return errors
+
+
+def _process_frame(args: tuple[FrameJob, CropSpec]) -> list[str]:
+    """Worker: decode one frame once, cut all its boxes."""
+    job, spec = args
     frame = cv2.imread(str(job.frame), cv2.IMREAD_COLOR)
     if frame is None:
-        return [(i, f"frame {job.frame.name} could not be decoded") for i in range(len(job.boxes))]
-    out = []
-    for i, (bbox, dst) in enumerate(zip(job.boxes, job.out_paths)):
-        crop = crop_box(frame, bbox, pad, square, size)
-        if crop is None:
-            out.append((i, "box lies outside its frame"))
-            continue
-        dst.parent.mkdir(parents=True, exist_ok=True)
-        tmp = dst.with_name(f".{dst.stem}.tmp.png")
-        if not cv2.imwrite(str(tmp), crop, [cv2.IMWRITE_PNG_COMPRESSION, 1]):
-            out.append((i, f"could not write {dst}"))
-            continue
-        tmp.replace(dst)
-        out.append((i, ""))
-    return out
+        return [f"frame {job.frame.name} could not be decoded (missing, corrupt or truncated)"] * len(job.boxes)
+    return crop_one_frame(frame, job.boxes, spec)
 
 
-def crop_frames(jobs: list[FrameJob], pad: float, square: bool, size: int, workers: int) -> list[list[str]]:
+def crop_frames(jobs: list[FrameJob], spec: CropSpec, workers: int, desc: str = "crop frames") -> list[list[str]]:
     """Crop every job's boxes; returns, per job, an error string per box ('' when written)."""
-    results: list[list[str]] = [[""] * len(j.boxes) for j in jobs]
-    args = [(j, pad, square, size) for j in jobs]
-    bar = tqdm(total=len(jobs), desc="crop frames", unit="frame", leave=False)
-    if workers <= 1:
-        mapped = map(_process_frame, args)
-        for k, res in enumerate(mapped):
-            for i, err in res:
-                results[k][i] = err
+    args = [(j, spec) for j in jobs]
+    bar = tqdm(total=len(jobs), desc=desc, unit="frame", leave=False)
+    results: list[list[str]] = []
+    if workers <= 1 or len(jobs) < 2:
+        for a in args:
+            results.append(_process_frame(a))
             bar.update()
     else:
         with ProcessPoolExecutor(max_workers=workers) as ex:
-            for k, res in enumerate(ex.map(_process_frame, args, chunksize=max(1, len(args) // (workers * 8) or 1))):
-                for i, err in res:
-                    results[k][i] = err
+            for res in ex.map(_process_frame, args, chunksize=max(1, len(args) // (workers * 16))):
+                results.append(res)
                 bar.update()
     bar.close()
     return results

@@ -52,7 +52,8 @@ def summary(cfg: Config) -> list[str]:
     def fmt(r: dict) -> str:
         if "cv_distance" not in r:
             return "not run"
-        return f"{r['cv_distance']:.4f} (top-1 {r['cv_top1']:.3f})"
+        tl = f"; test-like view {r['cv_distance_testlike']:.4f}" if "cv_distance_testlike" in r else ""
+        return f"{r['cv_distance']:.4f} (top-1 {r['cv_top1']:.3f}{tl})"
 
     lines = [
         f"phase 1 CV distance : {fmt(res('01_train'))}",

@@ -320,7 +320,7 @@ def save_resolved_config(cfg: Config, stage_dir: Path) -> None:
 
 def run_cli(main: Callable[[argparse.Namespace, Config], int], parser: argparse.ArgumentParser, argv: Sequence[str] | None) -> int:
     """Parse, load the config, run; user-facing errors become one line on stderr and exit code 2."""
-    args = parser.parse_args(argv)
+    args = parser.parse_intermixed_args(argv)  # flags may follow key=value overrides
     setup_logging()
     try:
         cfg = load_config(args.config, args.overrides)

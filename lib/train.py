@@ -39,7 +39,7 @@ class FoldSplit:
 
     fold: int
     train: pd.DataFrame  # crop_path, label, weight
-    val: pd.DataFrame  # annotation_id, crop_path, label
+    val: pd.DataFrame  # annotation_id, crop_path, label (+ testlike_path: the same ROIs shrunk to test box sizes)
 
 
 def lr_at(step: int, total: int, warmup: int, base: float) -> float:
@@ -79,6 +79,10 @@ def fit_fold(cfg: Config, split: FoldSplit, taxonomy: Taxonomy, stage: Stage, ep
     ds = CropDataset(split.train["crop_path"], split.train["label"], split.train["weight"], transform=train_tf)
     val_loader = make_loader(split.val["crop_path"].tolist(), cfg.model.img_size, mean, std, cfg.train.eval_batch_size, cfg.train.num_workers, device)
     labels_val = split.val["label"].to_numpy()
+    testlike_loader = None
+    if "testlike_path" in split.val and (split.val["testlike_path"] != "").all():
+        testlike_loader = make_loader(split.val["testlike_path"].tolist(), cfg.model.img_size, mean, std, cfg.train.eval_batch_size,
+                                      cfg.train.num_workers, device)
     steps_per_epoch = max(1, math.ceil(len(ds) / cfg.train.batch_size))
     total, warmup = steps_per_epoch * epochs, int(cfg.train.warmup_epochs * steps_per_epoch)
 
@@ -117,26 +121,31 @@ def fit_fold(cfg: Config, split: FoldSplit, taxonomy: Taxonomy, stage: Stage, ep
             bar.set_postfix(loss=f"{np.mean(losses[-20:]):.3f}")
         probs = predict(model, val_loader, device, desc="validate")
         metrics = evaluate(probs, labels_val, dist)
+        extra = {}
+        if testlike_loader is not None:
+            extra["probs_testlike"] = predict(model, testlike_loader, device, desc="validate test-like")
+            metrics.update({f"{k}_testlike": v for k, v in evaluate(extra["probs_testlike"], labels_val, dist).items()})
         row = {"epoch": epoch + 1, "train_loss": float(np.mean(losses)) if losses else float("nan"), **metrics,
                "lr": optimizer.param_groups[0]["lr"], "seconds": round(time.time() - t0, 2)}
         history.append(row)
         if metrics["val_distance"] < best["val_distance"]:
-            best = {"val_distance": metrics["val_distance"], "val_top1": metrics["val_top1"], "epoch": epoch + 1}
+            best = {**metrics, "epoch": epoch + 1}
             with atomic_path(out / "best.pt") as tmp:
                 torch.save({"model": model.state_dict(), "epoch": epoch + 1, "val_distance": metrics["val_distance"]}, tmp)
             with atomic_path(out / "oof.npz") as tmp:
-                np.savez(tmp, annotation_id=split.val["annotation_id"].to_numpy(), label=labels_val, probs=probs)
+                np.savez(tmp, annotation_id=split.val["annotation_id"].to_numpy(), label=labels_val, probs=probs, **extra)
         with atomic_path(last) as tmp:
             torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict(), "epoch": epoch, "best": best,
                         "history": history, "digest": stage.digest}, tmp)
-        log.info("%s epoch %d/%d: loss %.3f, val distance %.3f, top1 %.3f (%.1fs)", stage.name, epoch + 1, epochs,
-                 row["train_loss"], metrics["val_distance"], metrics["val_top1"], row["seconds"])
+        tl = f", test-like view {metrics['val_distance_testlike']:.3f}" if "val_distance_testlike" in metrics else ""
+        log.info("%s epoch %d/%d: loss %.3f, val distance %.3f, top1 %.3f%s (%.1fs)", stage.name, epoch + 1, epochs,
+                 row["train_loss"], metrics["val_distance"], metrics["val_top1"], tl, row["seconds"])
     with atomic_path(out / "history.csv") as tmp:
         pd.DataFrame(history).to_csv(tmp, index=False)
     from lib.plots import plot_history
 
     plot_history(pd.DataFrame(history), out / "curves.png", title=stage.name)
-    return {"best_epoch": best["epoch"], "val_distance": best["val_distance"], "val_top1": best.get("val_top1"),
+    return {"best_epoch": best["epoch"], **{k: v for k, v in best.items() if k.startswith("val_")},
             "n_train": len(ds), "n_val": len(split.val)}
 
 
@@ -161,7 +170,8 @@ def fold_splits(rois: pd.DataFrame, folds: list[int], extra: pd.DataFrame | None
         tr = train[train["fold"] != k][["crop_path", "label", "weight"]]
         if extra is not None and len(extra):
             tr = pd.concat([tr, extra[["crop_path", "label", "weight"]]], ignore_index=True)
-        val = train[train["fold"] == k][["annotation_id", "crop_path", "label"]].reset_index(drop=True)
+        cols = ["annotation_id", "crop_path", "label"] + (["testlike_path"] if "testlike_path" in train else [])
+        val = train[train["fold"] == k][cols].reset_index(drop=True)
         out.append(FoldSplit(fold=k, train=tr.reset_index(drop=True), val=val))
     return out
 
@@ -197,6 +207,10 @@ def cv_summary(stage: Stage, n_folds: int, taxonomy: Taxonomy) -> dict | None:
             return None
         oofs.append(np.load(fold_stage.dir / "oof.npz"))
     labels = np.concatenate([o["label"] for o in oofs])
-    probs = np.concatenate([o["probs"] for o in oofs])
-    m = evaluate(probs, labels, taxonomy.distance_matrix())
-    return {"cv_distance": m["val_distance"], "cv_top1": m["val_top1"], "folds": n_folds, "oof_rows": int(len(labels))}
+    dist = taxonomy.distance_matrix()
+    m = evaluate(np.concatenate([o["probs"] for o in oofs]), labels, dist)
+    out = {"cv_distance": m["val_distance"], "cv_top1": m["val_top1"], "folds": n_folds, "oof_rows": int(len(labels))}
+    if all("probs_testlike" in o for o in oofs):
+        t = evaluate(np.concatenate([o["probs_testlike"] for o in oofs]), labels, dist)
+        out.update({"cv_distance_testlike": t["val_distance"], "cv_top1_testlike": t["val_top1"]})
+    return out

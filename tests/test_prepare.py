@@ -1,0 +1,292 @@
+"""00_prepare_data on good and bad input: crops, context, folds, rejects, placeholders, the real test JSON."""
+import importlib.util
+import json
+import shutil
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pandas as pd
+import pytest
+
+from lib import demo_data
+from lib.config import load_config
+from lib.crops import crop_context, crop_full, crop_roi, down_up
+from lib.folds import assign_folds
+from lib.prepare import small_box_factors
+
+ROOT = Path(__file__).resolve().parent.parent
+REAL_TEST_JSON = ROOT / "tests" / "data" / "fathomnet2025_dataset_test.json"
+
+
+def stage00():
+    spec = importlib.util.spec_from_file_location("stage00", ROOT / "00_prepare_data.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+@pytest.fixture(scope="module")
+def clean_data(tmp_path_factory):
+    """A tiny generated dataset, copied fresh into each test that mutates it."""
+    out = tmp_path_factory.mktemp("clean")
+    cfg = load_config(None, ["demo.per_class=2", "demo.test_per_class=1", "demo.frame_width=160", "demo.frame_height=120",
+                                 "demo.max_objects=2"])
+    demo_data.generate(out, cfg.demo, ROOT / "configs/taxonomy/fathomnet2025.csv", seed=3)
+    return out
+
+
+def overrides(root: Path, out: Path, *extra: str) -> list[str]:
+    return ["--config", "configs/demo.yaml", f"data.root={root}", f"output_root={out}", "exp=t", "prepare.n_folds=2",
+            "prepare.crop_size=32", "prepare.workers=1", *extra]
+
+
+def error_line(err: str) -> str:
+    """The last line a user sees on stderr (progress bars end with carriage returns)."""
+    return err.strip().split("\n")[-1].split("\r")[-1]
+
+
+def run00(root: Path, out: Path, *extra: str) -> int:
+    return stage00().main(overrides(root, out, *extra))
+
+
+# ----------------------------------------------------------------------------- crops
+
+
+def test_crop_roi_clips_and_rejects_outside():
+    frame = np.zeros((100, 200, 3), np.uint8)
+    frame[40:60, 90:110] = 255
+    roi = crop_roi(frame, (90, 40, 20, 20), pad=0.0, square=True, size=20)
+    assert roi.shape == (20, 20, 3) and roi.min() == 255
+    part = crop_roi(frame, (190, 90, 30, 30), pad=0.0, square=True, size=16)  # partly outside: clipped
+    assert part is not None and part.shape == (16, 16, 3)
+    assert crop_roi(frame, (300, 300, 10, 10), pad=0.1, square=True, size=16) is None
+
+
+def test_context_crop_is_centred_and_filled_outside():
+    frame = np.full((100, 100, 3), 200, np.uint8)
+    # Box at the corner: a 3x context square reaches outside the frame, which must be the fill.
+    ctx = crop_context(frame, (0, 0, 10, 10), scale=3, size=30, fill=(7, 8, 9))
+    assert ctx.shape == (30, 30, 3)
+    assert tuple(ctx[0, 0]) == (7, 8, 9) and tuple(ctx[29, 29]) == (200, 200, 200)
+    # Scale 1 of an interior box is the box itself.
+    frame[40:50, 40:50] = 50
+    assert crop_context(frame, (40, 40, 10, 10), scale=1, size=10, fill=(0, 0, 0)).max() == 50
+
+
+def test_full_frame_is_letterboxed():
+    frame = np.full((50, 100, 3), 100, np.uint8)
+    full = crop_full(frame, size=40, fill=(1, 2, 3))
+    assert full.shape == (40, 40, 3)
+    assert tuple(full[0, 0]) == (1, 2, 3) and tuple(full[20, 20]) == (100, 100, 100)
+
+
+def test_down_up_keeps_size_and_loses_detail():
+    rng = np.random.default_rng(0)
+    img = rng.integers(0, 255, (64, 64, 3), dtype=np.uint8)
+    out = down_up(img, 0.25)
+    assert out.shape == img.shape and out.std() < img.std()
+    assert down_up(img, 1.0) is img
+
+
+def test_test_like_factors_match_test_sizes():
+    train = np.array([40.0, 60.0, 80.0, 100.0])
+    test = np.array([20.0, 30.0, 40.0, 50.0])
+    f = small_box_factors(train, test, windows=train * 1.2, size=1000)
+    assert np.all(f <= 1) and np.all(f > 0)
+    assert np.allclose(f, 0.5, atol=0.05)  # test boxes are half as large at every rank
+    # A crop cached below its box's resolution loses less.
+    assert np.all(small_box_factors(train, test, windows=train * 1.2, size=32) >= f)
+
+
+def test_folds_grouped_stratified_and_deterministic():
+    labels = np.repeat(np.arange(5), 20)
+    groups = np.arange(100) // 2
+    a = assign_folds(labels, groups, 4, seed=1)
+    assert set(a) == {0, 1, 2, 3}
+    assert pd.Series(a).groupby(groups).nunique().max() == 1
+    assert np.array_equal(a, assign_folds(labels, groups, 4, seed=1))
+    assert not np.array_equal(a, assign_folds(labels, groups, 4, seed=2))
+
+
+# ----------------------------------------------------------------------------- the stage on good input
+
+
+def test_stage_writes_roi_context_and_testlike_crops(clean_data, tmp_path):
+    assert run00(clean_data, tmp_path) == 0
+    d = tmp_path / "t" / "00_prepare"
+    rois = pd.read_csv(d / "rois.csv", keep_default_na=False)
+    for col in ("crop_path", "ctx3_path", "ctx5_path", "full_path"):
+        assert all((d / p).is_file() for p in rois[col]), col
+    train = rois[rois["split"] == "train"]
+    assert all((d / p).is_file() for p in train["testlike_path"])
+    assert (rois[rois["split"] == "test"]["testlike_path"] == "").all()
+    assert cv2.imread(str(d / rois["ctx5_path"][0])).shape == (32, 32, 3)
+    summary = json.loads((d / "summary.json").read_text())
+    assert summary["rois"]["train"]["usable"] == 79 * 2 and summary["classes"] == 79
+    q_train, q_test = summary["box_side_quantiles"]["train"], summary["box_side_quantiles"]["test"]
+    assert q_test[2] < q_train[2]  # the demo's test boxes are smaller
+
+
+# ----------------------------------------------------------------------------- bad input
+
+
+def mutate(clean: Path, tmp: Path) -> tuple[Path, dict, dict]:
+    root = tmp / "data"
+    shutil.copytree(clean, root)
+    return root, json.loads((root / "dataset_train.json").read_text()), json.loads((root / "dataset_test.json").read_text())
+
+
+def save(root: Path, train: dict, test: dict) -> None:
+    (root / "dataset_train.json").write_text(json.dumps(train))
+    (root / "dataset_test.json").write_text(json.dumps(test))
+
+
+def frame_of(images: dict, data: dict, ann: dict) -> dict:
+    return next(im for im in data["images"] if im["id"] == ann["image_id"])
+
+
+def test_every_bad_input_case(clean_data, tmp_path):
+    root, train, test = mutate(clean_data, tmp_path)
+    anns = train["annotations"]
+    by_image = {}
+    for a in anns:
+        by_image.setdefault(a["image_id"], []).append(a)
+    # Pick distinct frames holding a single box each, so each case is isolated.
+    single = [img for img, a in by_image.items() if len(a) == 1]
+    expect = {}
+    # 1. missing frame file
+    (root / "train/images" / f"{single[0]}.png").unlink()
+    expect[by_image[single[0]][0]["id"]] = "not found"
+    # 2. corrupt PNG and 3. truncated PNG
+    (root / "train/images" / f"{single[1]}.png").write_bytes(b"not a png at all")
+    p = root / "train/images" / f"{single[2]}.png"
+    p.write_bytes(p.read_bytes()[: p.stat().st_size // 2])
+    expect[by_image[single[1]][0]["id"]] = "could not be decoded"
+    expect[by_image[single[2]][0]["id"]] = "could not be decoded"
+    # 4. box partly outside (clipped, kept)
+    im = next(i for i in train["images"] if i["id"] == single[3])
+    partly = by_image[single[3]][0]
+    partly["bbox"] = [im["width"] - 10, im["height"] - 10, 30, 30]
+    # 5. wholly outside, 6. zero, negative and null sizes
+    a5 = by_image[single[4]][0]
+    a5["bbox"] = [im["width"] + 50, 5, 10, 10]
+    expect[a5["id"]] = "wholly outside"
+    for k, bbox in zip(range(5, 8), ([1, 1, 0, 5], [1, 1, 5, -3], [1, 1, None, 5])):
+        by_image[single[k]][0]["bbox"] = bbox
+        expect[by_image[single[k]][0]["id"]] = "positive width and height"
+    # 7. unknown image_id and category_id
+    by_image[single[8]][0]["image_id"] = 999999
+    expect[by_image[single[8]][0]["id"]] = "not in the images list"
+    by_image[single[9]][0]["category_id"] = 4242
+    expect[by_image[single[9]][0]["id"]] = "not a known category"
+    # 8. duplicate annotation id (the second copy is rejected)
+    dup = dict(by_image[single[10]][0])
+    dup["bbox"] = list(dup["bbox"])
+    anns.append(dup)
+    # 9. file_name with path parts, relative and absolute
+    for k, name in ((11, "../escape.png"), (12, "/etc/passwd")):
+        img = next(i for i in train["images"] if i["id"] == single[k])
+        img["file_name"] = name
+        (root / "train/images" / f"{single[k]}.png").unlink()
+        expect[by_image[single[k]][0]["id"]] = "path parts; refused"
+    cv2.imwrite(str(root / "train" / "escape.png"), np.zeros((120, 160, 3), np.uint8))  # bait outside the folder
+    # The same on the test side: never dropped.
+    t_single = [a for a in test["annotations"]]
+    (root / "test/images" / f"{t_single[0]['image_id']}.png").write_bytes(b"garbage")
+    t_single[1]["bbox"] = [5000, 5000, 10, 10]
+    save(root, train, test)
+
+    assert run00(root, tmp_path / "out", "prepare.max_reject_fraction=0.5") == 0
+    d = tmp_path / "out" / "t" / "00_prepare"
+    rois = pd.read_csv(d / "rois.csv", keep_default_na=False)
+    rejects = pd.read_csv(d / "rejects.csv")
+    train_rejects = rejects[rejects["split"] == "train"]
+    for ann_id, reason in expect.items():
+        got = train_rejects[train_rejects["annotation_id"] == ann_id]["reason"].tolist()
+        assert any(reason in g for g in got), (ann_id, reason, got)
+        if ann_id != dup["id"]:
+            assert ann_id not in set(rois[rois["split"] == "train"]["annotation_id"])
+    assert (train_rejects["reason"] == "duplicate annotation id").sum() == 1
+    kept = rois[(rois["split"] == "train") & (rois["annotation_id"] == partly["id"])]
+    assert len(kept) == 1 and kept["ok"].item() == 1 and (d / kept["crop_path"].item()).is_file()
+    # Every test annotation is still there; the broken ones flagged with a placeholder crop.
+    t = rois[rois["split"] == "test"]
+    assert sorted(t["annotation_id"]) == sorted(a["id"] for a in test["annotations"])
+    bad = t[t["ok"] == 0]
+    frame0 = [a["id"] for a in test["annotations"] if a["image_id"] == t_single[0]["image_id"]]
+    assert set(bad["annotation_id"]) == set(frame0) | {t_single[1]["id"]}
+    assert all((d / p).is_file() for p in bad["crop_path"])
+
+
+def test_too_many_rejects_is_one_sentence(clean_data, tmp_path, capsys):
+    root, train, test = mutate(clean_data, tmp_path)
+    for a in train["annotations"][:10]:
+        a["bbox"] = [0, 0, 0, 0]
+    save(root, train, test)
+    assert run00(root, tmp_path / "out", "prepare.max_reject_fraction=0.01") == 2
+    err = error_line(capsys.readouterr().err)
+    assert err.startswith("error: 10 of 158") and "prepare.max_reject_fraction=0.01" in err
+
+
+def test_missing_frames_folder_names_download(clean_data, tmp_path, capsys):
+    root, train, test = mutate(clean_data, tmp_path)
+    shutil.rmtree(root / "test" / "images")
+    assert run00(root, tmp_path / "out") == 2
+    assert "--download" in capsys.readouterr().err
+
+
+def test_many_missing_frames_say_how_many(clean_data, tmp_path, capsys):
+    root, train, test = mutate(clean_data, tmp_path)
+    frames = sorted((root / "train/images").glob("*.png"))
+    for f in frames[: len(frames) // 2]:
+        f.unlink()
+    assert run00(root, tmp_path / "out") == 2
+    err = capsys.readouterr().err
+    assert f"{len(frames) // 2} frames are missing" in err and "--download" in err
+
+
+def test_categories_missing_from_taxonomy_listed(clean_data, tmp_path, capsys):
+    root, train, test = mutate(clean_data, tmp_path)
+    train["categories"].append({"id": 80, "name": "Nessie"})
+    train["categories"].append({"id": 81, "name": "Kraken"})
+    save(root, train, test)
+    assert run00(root, tmp_path / "out") == 2
+    err = capsys.readouterr().err
+    assert "2 categories are missing from the taxonomy table (Nessie, Kraken)" in err
+
+
+def test_download_without_network_is_one_sentence(clean_data, tmp_path, capsys):
+    root, train, test = mutate(clean_data, tmp_path)
+    for f in sorted((root / "test/images").glob("*.png")):
+        f.unlink()
+    for im in test["images"]:
+        im["coco_url"] = "http://127.0.0.1:9/none.png"  # the discard port: nothing listens
+    save(root, train, test)
+    assert run00(root, tmp_path / "out", "--download", "prepare.download_retries=0") == 2
+    err = error_line(capsys.readouterr().err)
+    assert err.startswith(f"error: {len(test['images'])} frames are missing") and "--download" in err
+
+
+# ----------------------------------------------------------------------------- the real test JSON
+
+
+def test_real_test_json_runs(clean_data, tmp_path):
+    """The competition's own test file (325 frames, 788 boxes, null category_id) through the stage."""
+    root, train, _ = mutate(clean_data, tmp_path)
+    real = json.loads(REAL_TEST_JSON.read_text())
+    assert len(real["images"]) == 325 and len(real["annotations"]) == 788
+    assert all(a["category_id"] is None for a in real["annotations"])
+    shutil.rmtree(root / "test" / "images")
+    (root / "test" / "images").mkdir()
+    encoded: dict[tuple[int, int], bytes] = {}
+    for im in real["images"]:  # frames of the right sizes, flat grey (content is not the point); encoded once per size
+        size = (im["height"], im["width"])
+        if size not in encoded:
+            encoded[size] = cv2.imencode(".png", np.full((*size, 3), 90, np.uint8))[1].tobytes()
+        (root / "test/images" / f"{im['id']}.png").write_bytes(encoded[size])
+    shutil.copy(REAL_TEST_JSON, root / "dataset_test.json")
+    assert run00(root, tmp_path / "out", "prepare.context_scales=[]", "prepare.context_full=false", "prepare.workers=2") == 0
+    rois = pd.read_csv(tmp_path / "out" / "t" / "00_prepare" / "rois.csv", keep_default_na=False)
+    t = rois[rois["split"] == "test"]
+    assert len(t) == 788 and sorted(t["annotation_id"]) == list(range(1, 789))
