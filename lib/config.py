@@ -31,6 +31,7 @@ class DataCfg:
     train_images: str = "train/images"
     test_images: str = "test/images"
     taxonomy_csv: str = "configs/taxonomy/fathomnet2025.csv"
+    taxonomy_source: Literal["csv", "worms"] = "csv"  # worms: look lineages up online, cached into taxonomy_csv
 
 
 @dataclass

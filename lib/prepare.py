@@ -163,8 +163,12 @@ def _crop_split(split: str, rows: list[dict], by_frame: dict[Path, list[int]], s
 def prepare(cfg: Config, out_dir: Path) -> Prepared:
     """Read both JSON files, cut every usable box, assign folds; writes only crops."""
     paths = data_paths(cfg)
-    table = load_taxonomy_csv(paths["taxonomy_csv"])
     train, test = read_coco(paths["train_json"]), read_coco(paths["test_json"])
+    if cfg.data.taxonomy_source == "worms":
+        from lib.worms import worms_table
+
+        worms_table(list(train.categories["name"]), paths["taxonomy_csv"])
+    table = load_taxonomy_csv(paths["taxonomy_csv"])
     tax = label_space(train, table)
     spec = crop_spec(cfg)
     frames = []

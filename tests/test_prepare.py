@@ -290,3 +290,63 @@ def test_real_test_json_runs(clean_data, tmp_path):
     rois = pd.read_csv(tmp_path / "out" / "t" / "00_prepare" / "rois.csv", keep_default_na=False)
     t = rois[rois["split"] == "test"]
     assert len(t) == 788 and sorted(t["annotation_id"]) == list(range(1, 789))
+
+
+# ----------------------------------------------------------------------------- WoRMS lineages (offline: a fake lookup)
+
+
+class Node:
+    def __init__(self, name, rank, child=None):
+        self.name, self.rank, self.children = name, rank, [child] if child else []
+
+
+def fake_worms(name):
+    chains = {
+        "Sebastes diploproa": [("Animalia", "Kingdom"), ("Chordata", "Phylum"), ("Actinopteri", "Class"), ("Perciformes", "Order"),
+                               ("Sebastidae", "Family"), ("Sebastes", "Genus"), ("Sebastes diploproa", "Species")],
+        "Caridea": [("Animalia", "Kingdom"), ("Arthropoda", "Phylum"), ("Malacostraca", "Class"), ("Decapoda", "Order"),
+                    ("Caridea", "Infraorder")],
+    }
+    if name not in chains:
+        raise LookupError(name)
+    node = None
+    for n, r in reversed(chains[name]):
+        node = Node(n, r, node)
+    return node
+
+
+def test_worms_table_builds_and_caches(tmp_path):
+    from lib.taxonomy import load_taxonomy_csv
+    from lib.worms import worms_table
+
+    calls = []
+
+    def lookup(name):
+        calls.append(name)
+        return fake_worms(name)
+
+    csv_path = worms_table(["Sebastes diploproa", "Caridea"], tmp_path / "tax.csv", lookup)
+    tax = load_taxonomy_csv(csv_path)
+    assert tax.names == ("Sebastes diploproa", "Caridea")
+    assert tax.lineages[0] == ("Animalia", "Chordata", "Actinopteri", "Perciformes", "Sebastidae", "Sebastes", "Sebastes diploproa")
+    assert tax.lineages[1][:4] == ("Animalia", "Arthropoda", "Malacostraca", "Decapoda") and tax.lineages[1][4] is None
+    assert tax.exceptions == {"Caridea"}  # an infraorder is off the 7 ranks
+    worms_table(["Sebastes diploproa", "Caridea"], csv_path, lookup)
+    assert calls == ["Sebastes diploproa", "Caridea"]  # the second call is served by the cache
+
+
+def test_worms_failure_is_one_sentence(tmp_path):
+    from lib.stages import StageError
+    from lib.worms import worms_table
+
+    with pytest.raises(StageError, match=r"WoRMS lookup failed for 1 of 2 categories \(Nessie \(LookupError\)\)"):
+        worms_table(["Caridea", "Nessie"], tmp_path / "tax.csv", fake_worms)
+
+
+def test_worms_keeps_found_lineages_when_some_fail(tmp_path):
+    from lib.stages import StageError
+    from lib.worms import worms_table
+
+    with pytest.raises(StageError):
+        worms_table(["Caridea", "Nessie"], tmp_path / "tax.csv", fake_worms)
+    assert "Caridea" in (tmp_path / "tax.csv").read_text()
