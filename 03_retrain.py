@@ -43,8 +43,9 @@ def main_(args: argparse.Namespace, cfg: Config) -> int:
     cv["pseudo_rows"] = len(extra)
     stage.finish(cv, started)
     phase1 = (read_record(cfg.out_dir / "01_train" / "record.json") or {}).get("result", {})
-    log.info("%s: CV distance %.4f (phase 1: %.4f), top1 %.3f (phase 1: %.3f), with %d pseudo-labels", NAME,
-             cv["cv_distance"], phase1.get("cv_distance", float("nan")), cv["cv_top1"], phase1.get("cv_top1", float("nan")), len(extra))
+    log.info("%s: CV distance %.4f (phase 1: %.4f), top1 %.3f (phase 1: %.3f), test-like view %.4f (phase 1: %.4f), with %d pseudo-labels",
+             NAME, cv["cv_distance"], phase1.get("cv_distance", float("nan")), cv["cv_top1"], phase1.get("cv_top1", float("nan")),
+             cv.get("cv_distance_testlike", float("nan")), phase1.get("cv_distance_testlike", float("nan")), len(extra))
     return 0
 
 

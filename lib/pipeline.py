@@ -17,6 +17,8 @@ from lib.stages import (
     dir_digest,
     file_digest,
     log,
+    save_resolved_config,
+    setup_logging,
     upstream_digest,
 )
 
@@ -107,3 +109,19 @@ def decide(cfg: Config, st: Stage, force: bool, dry_run: bool, folds_only: bool 
         raise StageError(f"{first} is out of date ({'; '.join(reasons)}); run {SPECS[first].script} first (or make stages).")
     return True if folds_only else check(st, force, dry_run)
 
+
+
+def begin(cfg: Config, name: str, force: bool, dry_run: bool, folds_only: bool = False) -> Stage | None:
+    """The common prologue of a stage script: decide; if it runs, void its old record, log to its folder, save the config.
+
+    The old record goes first so that a run killed halfway is never mistaken for a finished one.
+    """
+    st = stage(cfg, name)
+    if not decide(cfg, st, force, dry_run, folds_only):
+        return None
+    if dry_run:
+        return st  # folds_only dry runs still list what each fold would do
+    st.invalidate()
+    setup_logging(st.dir)
+    save_resolved_config(cfg, st.dir)
+    return st

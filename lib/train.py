@@ -191,8 +191,9 @@ def run_folds(cfg: Config, stage: Stage, rois: pd.DataFrame, taxonomy: Taxonomy,
         save_resolved_config(cfg, stage.dir)
         result = fit_fold(cfg, split, taxonomy, fold_stage, epochs)
         fold_stage.finish(result, started)
-        log.info("%s: val distance %.3f, top1 %.3f at epoch %d (%.0fs)", fold_stage.name, result["val_distance"],
-                 result["val_top1"] or 0, result["best_epoch"], time.time() - started)
+        tl = f", test-like view {result['val_distance_testlike']:.3f}" if "val_distance_testlike" in result else ""
+        log.info("%s: val distance %.3f, top1 %.3f%s at epoch %d (%.0fs)", fold_stage.name, result["val_distance"],
+                 result["val_top1"], tl, result["best_epoch"], time.time() - started)
     if dry_run:
         return None
     return cv_summary(stage, n_folds, taxonomy)
