@@ -93,12 +93,32 @@ class TrainCfg:
     lr: float = 1e-3
     weight_decay: float = 1e-4
     warmup_epochs: float = 0.0
-    loss: Literal["ce"] = "ce"
-    label_smoothing: float = 0.0
     num_workers: int = 0
     folds: list[int] = field(default_factory=list)  # empty = all folds
     device: Literal["auto", "cpu", "cuda"] = "auto"
     eval_batch_size: int = 128
+
+
+@dataclass
+class LossCfg:
+    """The training loss (lib.losses.build_loss); parameters unused by the chosen loss are ignored."""
+
+    name: Literal["ce", "weighted_ce", "focal", "class_balanced", "balanced_softmax", "logit_adjusted", "ldam", "seql", "dwce",
+                  "taxonomy_smoothing", "ce_expected_distance"] = "ce"
+    label_smoothing: float = 0.0  # ce, weighted_ce, ce_expected_distance
+    gamma: float = 2.0  # focal; class_balanced with cb_base focal
+    beta: float = 0.9999  # effective-number class weights (class_balanced, focal_class_weights, ldam DRW)
+    focal_class_weights: bool = False  # focal with effective-number class weights
+    cb_base: Literal["softmax", "sigmoid", "focal"] = "softmax"
+    tau: float = 1.0  # logit_adjusted
+    max_m: float = 0.5  # ldam
+    s: float = 30.0  # ldam
+    drw_start_epoch: int = -1  # ldam deferred re-weighting from this epoch (0-based); -1 never
+    seql_gamma: float = 0.9  # seql: probability of suppressing a tail class's negative gradient
+    seql_lambda: float = 0.00177  # seql: frequency threshold of tail classes (fraction of samples)
+    alpha: float = 0.1  # taxonomy_smoothing: mass spread over the other classes
+    ts_beta: float = 1.0  # taxonomy_smoothing: exp(-ts_beta * distance)
+    ed_lambda: float = 0.1  # ce_expected_distance
 
 
 @dataclass
@@ -149,6 +169,7 @@ class Config:
     prepare: PrepareCfg = field(default_factory=PrepareCfg)
     model: ModelCfg = field(default_factory=ModelCfg)
     train: TrainCfg = field(default_factory=TrainCfg)
+    loss: LossCfg = field(default_factory=LossCfg)
     pseudo: PseudoCfg = field(default_factory=PseudoCfg)
     retrain: RetrainCfg = field(default_factory=RetrainCfg)
     submit: SubmitCfg = field(default_factory=SubmitCfg)
@@ -321,7 +342,16 @@ def validate(cfg: Config) -> None:
         (cfg.prepare.download_workers >= 1 and cfg.prepare.download_retries >= 0 and cfg.prepare.download_timeout > 0,
          "prepare.download_workers must be at least 1, download_retries 0 or more and download_timeout positive"),
         (0.0 <= cfg.pseudo.threshold <= 1.0, "pseudo.threshold must lie in [0, 1]"),
-        (0.0 <= cfg.train.label_smoothing < 1.0, "train.label_smoothing must lie in [0, 1)"),
+        (0.0 <= cfg.loss.label_smoothing < 1.0, "loss.label_smoothing must lie in [0, 1)"),
+        (cfg.loss.gamma >= 0, "loss.gamma must be 0 or more"),
+        (0.0 <= cfg.loss.beta < 1.0, "loss.beta must lie in [0, 1)"),
+        (cfg.loss.tau >= 0, "loss.tau must be 0 or more"),
+        (cfg.loss.max_m > 0, "loss.max_m must be positive"),
+        (cfg.loss.s > 0, "loss.s must be positive"),
+        (0.0 <= cfg.loss.seql_gamma <= 1.0, "loss.seql_gamma must lie in [0, 1]"),
+        (cfg.loss.seql_lambda >= 0, "loss.seql_lambda must be 0 or more"),
+        (0.0 <= cfg.loss.alpha < 1.0, "loss.alpha must lie in [0, 1)"),
+        (cfg.loss.ed_lambda >= 0, "loss.ed_lambda must be 0 or more"),
         (cfg.knn.k >= 1, "knn.k must be at least 1"),
         (cfg.demo.per_class >= 1 and cfg.demo.test_per_class >= 1, "demo.per_class and demo.test_per_class must be at least 1"),
         (1 <= cfg.demo.min_objects <= cfg.demo.max_objects, "demo.min_objects must be at least 1 and at most demo.max_objects"),

@@ -73,7 +73,7 @@ def fit_fold(cfg: Config, split: FoldSplit, taxonomy: Taxonomy, stage: Stage, ep
     model = model.to(memory_format=torch.channels_last)  # faster on CUDA and on CPU alike
     mean, std = mean_std(model)
     counts = np.bincount(split.train["label"].to_numpy(), minlength=taxonomy.n_classes)
-    criterion = build_loss(cfg.train, counts, dist)
+    criterion = build_loss(cfg.loss, counts, dist).to(device)
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
     train_tf = build_transforms(cfg.model.img_size, train=True, mean=mean, std=std)
     ds = CropDataset(split.train["crop_path"], split.train["label"], split.train["weight"], transform=train_tf)
@@ -98,6 +98,7 @@ def fit_fold(cfg: Config, split: FoldSplit, taxonomy: Taxonomy, stage: Stage, ep
 
     for epoch in range(start_epoch, epochs):
         t0 = time.time()
+        criterion.set_epoch(epoch)
         gen = torch.Generator().manual_seed(seed * 1000 + epoch)
         train_tf.set_random_seed(seed * 1000 + epoch)
         loader = DataLoader(ds, batch_size=cfg.train.batch_size, shuffle=True, generator=gen, drop_last=len(ds) > cfg.train.batch_size,

@@ -43,7 +43,11 @@ def test_unknown_choice_suggests():
 @pytest.mark.parametrize(
     "override,msg",
     [("train.lr=0", "train.lr must be positive"), ("model.img_size=0", "model.img_size"),
-     ("prepare.n_folds=1", "n_folds must be at least 2"), ("pseudo.threshold=1.5", "pseudo.threshold must lie in")],
+     ("prepare.n_folds=1", "n_folds must be at least 2"), ("pseudo.threshold=1.5", "pseudo.threshold must lie in"),
+     ("loss.beta=1", "loss.beta must lie in"), ("loss.gamma=-1", "loss.gamma"), ("loss.label_smoothing=1", "loss.label_smoothing"),
+     ("loss.max_m=0", "loss.max_m"), ("loss.s=0", "loss.s must"), ("loss.seql_gamma=1.5", "loss.seql_gamma"),
+     ("loss.alpha=1", "loss.alpha"), ("loss.tau=-1", "loss.tau"), ("loss.ed_lambda=-0.1", "loss.ed_lambda"),
+     ("loss.seql_lambda=-1", "loss.seql_lambda")],
 )
 def test_value_checks(override, msg):
     with pytest.raises(ConfigError, match=msg):
@@ -64,3 +68,10 @@ def test_flatten_names_keys():
     cfg = load_config(None)
     flat = flatten(cfg.train, "train")
     assert flat["train.epochs"] == cfg.train.epochs
+
+
+def test_loss_section():
+    cfg = load_config("configs/fathomnet2025.yaml", ["loss.name=ldam", "loss.drw_start_epoch=10"])
+    assert cfg.loss.name == "ldam" and cfg.loss.drw_start_epoch == 10 and cfg.loss.label_smoothing == 0.1
+    with pytest.raises(ConfigError, match="Unknown config key 'train.label_smoothing'"):
+        load_config(None, ["train.label_smoothing=0.1"])

@@ -1,0 +1,307 @@
+"""Every loss against its formula, written here independently in numpy, plus the identities that tie
+the long-tail and taxonomy-aware losses back to plain cross-entropy."""
+import math
+import typing
+
+import numpy as np
+import pytest
+import torch
+
+from lib.config import ConfigError, LossCfg, load_config
+from lib.losses import WeightedLoss, build_loss, effective_number_weights
+
+B, C = 6, 5
+COUNTS = np.array([100, 30, 10, 3, 0])
+NAMES = typing.get_args(typing.get_type_hints(LossCfg)["name"])
+
+
+def _distance() -> np.ndarray:
+    rng = np.random.default_rng(1)
+    d = rng.integers(1, 13, size=(C, C)).astype(np.float64)
+    d = np.triu(d, 1)
+    return d + d.T
+
+
+D = _distance()
+
+
+@pytest.fixture
+def batch() -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(0)
+    logits = 2.0 * torch.randn(B, C, generator=g)
+    target = torch.tensor([0, 1, 2, 3, 4, 0])
+    return logits, target
+
+
+def make(name: str, counts: np.ndarray = COUNTS, distance: np.ndarray = D, **kw) -> WeightedLoss:
+    return build_loss(LossCfg(name=name, **kw), counts, distance)
+
+
+def value(loss: WeightedLoss, logits: torch.Tensor, target: torch.Tensor, weight: torch.Tensor | None = None) -> float:
+    return float(loss(logits, target, weight))
+
+
+# ----------------------------------------------------------------------------- numpy references
+
+
+def np_log_softmax(z: np.ndarray) -> np.ndarray:
+    z = z - z.max(1, keepdims=True)
+    return z - np.log(np.exp(z).sum(1, keepdims=True))
+
+
+def np_ce(z: np.ndarray, y: np.ndarray, ls: float = 0.0) -> np.ndarray:
+    logp = np_log_softmax(z)
+    nll = -logp[np.arange(len(y)), y]
+    return (1 - ls) * nll + ls * (-logp.mean(1))
+
+
+def np_effective(counts: np.ndarray, beta: float) -> np.ndarray:
+    n = np.maximum(counts, 1).astype(np.float64)
+    w = (1 - beta) / (1 - beta**n)
+    return w / w.sum() * len(n)
+
+
+def np_sigmoid(z: np.ndarray) -> np.ndarray:
+    return 1 / (1 + np.exp(-z))
+
+
+def as_np(logits: torch.Tensor, target: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
+    return logits.double().numpy(), target.numpy()
+
+
+# ----------------------------------------------------------------------------- each loss vs its formula
+
+
+def test_ce_with_label_smoothing(batch):
+    z, y = as_np(*batch)
+    assert value(make("ce", label_smoothing=0.1), *batch) == pytest.approx(np_ce(z, y, 0.1).mean(), rel=1e-5)
+
+
+def test_weighted_ce_inverse_frequency(batch):
+    z, y = as_np(*batch)
+    w = 1.0 / np.array([100, 30, 10, 3, 1.0])  # the empty class counts as 1
+    w = w / w.mean()
+    assert value(make("weighted_ce"), *batch) == pytest.approx((w[y] * np_ce(z, y)).mean(), rel=1e-5)
+
+
+def test_focal(batch):
+    z, y = as_np(*batch)
+    p_t = np.exp(np_log_softmax(z))[np.arange(B), y]
+    ref = -((1 - p_t) ** 2) * np.log(p_t)
+    assert value(make("focal", gamma=2.0), *batch) == pytest.approx(ref.mean(), rel=1e-5)
+    w = np_effective(COUNTS, 0.99)
+    got = value(make("focal", gamma=2.0, beta=0.99, focal_class_weights=True), *batch)
+    assert got == pytest.approx((w[y] * ref).mean(), rel=1e-5)
+
+
+def test_focal_gamma_zero_is_ce(batch):
+    assert value(make("focal", gamma=0.0), *batch) == pytest.approx(value(make("ce"), *batch), rel=1e-6)
+
+
+def test_class_balanced_softmax(batch):
+    z, y = as_np(*batch)
+    w = np_effective(COUNTS, 0.99)
+    assert value(make("class_balanced", beta=0.99), *batch) == pytest.approx((w[y] * np_ce(z, y)).mean(), rel=1e-5)
+
+
+def test_class_balanced_sigmoid(batch):
+    z, y = as_np(*batch)
+    w = np_effective(COUNTS, 0.99)
+    onehot = np.eye(C)[y]
+    p = np_sigmoid(z)
+    bce = -(onehot * np.log(p) + (1 - onehot) * np.log(1 - p))
+    got = value(make("class_balanced", cb_base="sigmoid", beta=0.99), *batch)
+    assert got == pytest.approx((w[y] * bce.sum(1)).mean(), rel=1e-5)
+    p_t = np.where(onehot == 1, p, 1 - p)
+    focal = ((1 - p_t) ** 1.5 * bce).sum(1)
+    got = value(make("class_balanced", cb_base="focal", beta=0.99, gamma=1.5), *batch)
+    assert got == pytest.approx((w[y] * focal).mean(), rel=1e-5)
+
+
+def test_class_balanced_beta_zero_is_uniform(batch):
+    np.testing.assert_allclose(effective_number_weights(COUNTS, 0.0), np.ones(C))
+    assert value(make("class_balanced", beta=0.0), *batch) == pytest.approx(value(make("ce"), *batch), rel=1e-6)
+
+
+def test_balanced_softmax(batch):
+    z, y = as_np(*batch)
+    prior = np.maximum(COUNTS, 1) / np.maximum(COUNTS, 1).sum()
+    assert value(make("balanced_softmax"), *batch) == pytest.approx(np_ce(z + np.log(prior), y).mean(), rel=1e-5)
+    equal = make("balanced_softmax", counts=np.full(C, 7))
+    assert value(equal, *batch) == pytest.approx(value(make("ce"), *batch), rel=1e-6)
+
+
+def test_logit_adjusted(batch):
+    z, y = as_np(*batch)
+    prior = np.maximum(COUNTS, 1) / np.maximum(COUNTS, 1).sum()
+    got = value(make("logit_adjusted", tau=0.5), *batch)
+    assert got == pytest.approx(np_ce(z + 0.5 * np.log(prior), y).mean(), rel=1e-5)
+    assert value(make("logit_adjusted", tau=0.0), *batch) == pytest.approx(value(make("ce"), *batch), rel=1e-6)
+
+
+def test_ldam(batch):
+    z, y = as_np(*batch)
+    m = 1 / np.maximum(COUNTS, 1) ** 0.25
+    m = m * 0.5 / m.max()
+    adjusted = z - np.eye(C)[y] * m[y][:, None]
+    got = value(make("ldam", max_m=0.5, s=30.0), *batch)
+    assert got == pytest.approx(np_ce(30.0 * adjusted, y).mean(), rel=1e-5)
+
+
+def test_ldam_without_margin_is_ce(batch):
+    assert value(make("ldam", max_m=1e-12, s=1.0), *batch) == pytest.approx(value(make("ce"), *batch), rel=1e-6)
+
+
+def test_ldam_drw_switches_on_at_start_epoch(batch):
+    z, y = as_np(*batch)
+    loss = make("ldam", max_m=1e-12, s=1.0, beta=0.99, drw_start_epoch=2)
+    ce = np_ce(z, y)
+    for epoch, weighted in ((0, False), (1, False), (2, True), (5, True)):
+        loss.set_epoch(epoch)
+        w = np_effective(COUNTS, 0.99) if weighted else np.ones(C)
+        assert value(loss, *batch) == pytest.approx((w[y] * ce).mean(), rel=1e-5), epoch
+    never = make("ldam", max_m=1e-12, s=1.0, drw_start_epoch=-1)
+    never.set_epoch(100)
+    assert value(never, *batch) == pytest.approx(ce.mean(), rel=1e-5)
+
+
+def test_seql_always_suppressing(batch):
+    """gamma 1 makes the draw certain: every tail class other than the label leaves the normaliser."""
+    z, y = as_np(*batch)
+    tail = COUNTS / COUNTS.sum() < 0.05  # classes 3 and 4
+    ref = []
+    for i in range(B):
+        keep = ~tail | (np.arange(C) == y[i])
+        ref.append(np.log(np.exp(z[i][keep]).sum()) - z[i, y[i]])
+    got = value(make("seql", seql_gamma=1.0, seql_lambda=0.05), *batch)
+    assert got == pytest.approx(np.mean(ref), rel=1e-5)
+
+
+def test_seql_identities_and_reproducibility(batch):
+    ce = value(make("ce"), *batch)
+    assert value(make("seql", seql_gamma=0.0, seql_lambda=0.05), *batch) == pytest.approx(ce, rel=1e-6)
+    assert value(make("seql", seql_gamma=1.0, seql_lambda=0.0), *batch) == pytest.approx(ce, rel=1e-6)
+    loss = make("seql", seql_gamma=0.5, seql_lambda=0.05)
+    torch.manual_seed(3)
+    a = loss.per_sample(*batch)
+    torch.manual_seed(3)
+    b = loss.per_sample(*batch)
+    torch.testing.assert_close(a, b)
+    full = make("seql", seql_gamma=1.0, seql_lambda=0.05).per_sample(*batch)
+    plain = make("ce").per_sample(*batch)
+    assert bool(((a >= full - 1e-6) & (a <= plain + 1e-6)).all())  # suppression only removes terms
+
+
+def test_dwce_by_hand():
+    """Equal logits: p = 1/3. Row 0 of D + I is [1, 1, 2] / 4."""
+    d = np.array([[0, 1, 2], [1, 0, 3], [2, 3, 0]], dtype=np.float64)
+    loss = make("dwce", counts=np.ones(3), distance=d)
+    got = value(loss, torch.zeros(1, 3), torch.tensor([0]))
+    by_hand = -(1 / 4 * math.log(1 / 3) + 1 / 4 * math.log(2 / 3) + 2 / 4 * math.log(2 / 3))
+    assert got == pytest.approx(by_hand, rel=1e-6)
+
+
+def test_dwce(batch):
+    z, y = as_np(*batch)
+    cost = D + np.eye(C)
+    cost = cost / cost.sum(1, keepdims=True)
+    p = np.exp(np_log_softmax(z))
+    ref = []
+    for i in range(B):
+        t = cost[y[i], y[i]] * np.log(p[i, y[i]])
+        t += sum(cost[y[i], j] * np.log(1 - p[i, j]) for j in range(C) if j != y[i])
+        ref.append(-t)
+    assert value(make("dwce"), *batch) == pytest.approx(np.mean(ref), rel=1e-5)
+
+
+def test_dwce_confident_mistake_is_finite():
+    logits = torch.tensor([[0.0, 200.0, 0.0]], requires_grad=True)
+    loss = make("dwce", counts=np.ones(3), distance=np.array([[0, 1, 2], [1, 0, 3], [2, 3, 0]], dtype=np.float64))
+    out = loss(logits, torch.tensor([0]))
+    out.backward()
+    assert torch.isfinite(out) and torch.isfinite(logits.grad).all() and logits.grad[0, 1] > 0
+
+
+def test_taxonomy_smoothing(batch):
+    z, y = as_np(*batch)
+    q = np.zeros((B, C))
+    for i in range(B):
+        a = np.exp(-0.5 * D[y[i]])
+        a[y[i]] = 0
+        q[i] = 0.2 * a / a.sum()
+        q[i, y[i]] = 0.8
+    ref = -(q * np_log_softmax(z)).sum(1)
+    assert value(make("taxonomy_smoothing", alpha=0.2, ts_beta=0.5), *batch) == pytest.approx(ref.mean(), rel=1e-5)
+    assert value(make("taxonomy_smoothing", alpha=0.0), *batch) == pytest.approx(value(make("ce"), *batch), rel=1e-6)
+
+
+def test_ce_expected_distance(batch):
+    z, y = as_np(*batch)
+    p = np.exp(np_log_softmax(z))
+    expected = (p * D[y]).sum(1)
+    loss = make("ce_expected_distance", ed_lambda=0.3, label_smoothing=0.1)
+    np.testing.assert_allclose(loss.expected_distance(*batch).numpy(), expected, rtol=1e-5)
+    assert value(loss, *batch) == pytest.approx((np_ce(z, y, 0.1) + 0.3 * expected).mean(), rel=1e-5)
+    assert value(make("ce_expected_distance", ed_lambda=0.0), *batch) == pytest.approx(value(make("ce"), *batch), rel=1e-6)
+
+
+# ----------------------------------------------------------------------------- every loss through the factory
+
+# seql with gamma 1 is deterministic, so sample-weight comparisons do not depend on the random draw
+DETERMINISTIC = {"seql": {"seql_gamma": 1.0, "seql_lambda": 0.05}}
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_sample_weights(name, batch):
+    logits, target = batch
+    loss = make(name, **DETERMINISTIC.get(name, {}))
+    alone = value(loss, logits[:1], target[:1])
+    one_hot_weight = torch.tensor([1.0] + [0.0] * (B - 1))
+    assert value(loss, logits, target, one_hot_weight) == pytest.approx(alone, rel=1e-5)
+    assert value(loss, logits, target, torch.full((B,), 0.3)) == pytest.approx(value(loss, logits, target), rel=1e-5)
+
+
+CASES = [(n, {}) for n in NAMES] + [
+    ("focal", {"focal_class_weights": True}), ("class_balanced", {"cb_base": "sigmoid"}),
+    ("class_balanced", {"cb_base": "focal"}), ("ldam", {"drw_start_epoch": 0}),
+]
+
+
+@pytest.mark.parametrize("name,extra", CASES, ids=[f"{n}-{'-'.join(map(str, e.values()))}" for n, e in CASES])
+def test_builds_finite_and_backpropagates(name, extra, batch):
+    logits, target = batch
+    logits = logits.clone().requires_grad_(True)
+    loss = make(name, **extra)
+    loss.set_epoch(1)
+    out = loss(logits, target, torch.rand(B) + 0.1)
+    assert out.ndim == 0 and torch.isfinite(out)
+    out.backward()
+    assert logits.grad is not None and torch.isfinite(logits.grad).all() and logits.grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_bf16_logits(name, batch):
+    logits, target = batch
+    loss = make(name, **DETERMINISTIC.get(name, {}))
+    low = logits.to(torch.bfloat16)
+    out = loss(low, target)
+    assert out.dtype == torch.float32
+    assert float(out) == pytest.approx(value(loss, low.float(), target), rel=1e-6)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_tables_are_buffers(name):
+    """Per-class tensors must be buffers (or `.to(device)` would leave them behind)."""
+    loss = make(name)
+    assert not [k for k, v in vars(loss).items() if isinstance(v, torch.Tensor)]
+    assert all(b.dtype in (torch.float32, torch.bool) for b in loss.buffers())
+
+
+def test_unknown_name_suggests():
+    with pytest.raises(ConfigError, match="did you mean 'focal'"):
+        load_config(None, ["loss.name=focall"])
+
+
+def test_shape_mismatch_rejected():
+    with pytest.raises(ValueError, match="same taxonomy"):
+        build_loss(LossCfg(), COUNTS, np.zeros((3, 3)))
