@@ -16,8 +16,6 @@ from lib.stages import (
     atomic_write_json,
     log,
     run_cli,
-    save_resolved_config,
-    setup_logging,
     stage_parser,
 )
 
@@ -29,15 +27,12 @@ def main_(args: argparse.Namespace, cfg: Config) -> int:
         from lib.prepare import fetch_frames
 
         fetch_frames(cfg, download=True)  # before the fingerprint: downloads change the inputs
-    stage = pipeline.stage(cfg, NAME)
-    if not pipeline.decide(cfg, stage, args.force, args.dry_run):
+    stage = pipeline.begin(cfg, NAME, args.force, args.dry_run)
+    if stage is None:
         return 0
     started = time.time()
     from lib.prepare import prepare
 
-    stage.invalidate()
-    setup_logging(stage.dir)
-    save_resolved_config(cfg, stage.dir)
     prep = prepare(cfg, stage.dir)
     with atomic_path(stage.dir / "rois.csv") as tmp:
         prep.rois.to_csv(tmp, index=False)

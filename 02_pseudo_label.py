@@ -11,14 +11,14 @@ import time
 
 from lib import pipeline
 from lib.config import Config
-from lib.stages import log, run_cli, save_resolved_config, setup_logging, stage_parser
+from lib.stages import log, run_cli, stage_parser
 
 NAME = "02_pseudo"
 
 
 def main_(args: argparse.Namespace, cfg: Config) -> int:
-    stage = pipeline.stage(cfg, NAME)
-    if not pipeline.decide(cfg, stage, args.force, args.dry_run):
+    stage = pipeline.begin(cfg, NAME, args.force, args.dry_run)
+    if stage is None:
         return 0
     started = time.time()
     import numpy as np
@@ -30,13 +30,10 @@ def main_(args: argparse.Namespace, cfg: Config) -> int:
     from lib.stages import atomic_path
     from lib.taxonomy import load_taxonomy_json
 
-    stage.invalidate()
-    setup_logging(stage.dir)
-    save_resolved_config(cfg, stage.dir)
     prep = cfg.out_dir / "00_prepare"
     rois, tax = load_rois(prep), load_taxonomy_json(prep / "taxonomy.json")
     test = rois[(rois["split"] == "test") & (rois["ok"] == 1)]
-    fold_dirs = sorted((cfg.out_dir / "01_train").glob("fold_*"))
+    fold_dirs = pipeline.fold_dirs(cfg, "01_train")
     probs = predict_folds(fold_dirs, test["crop_path"].tolist(), cfg.model.backbone, tax.n_classes, cfg.model.img_size,
                           cfg.train.eval_batch_size, cfg.train.num_workers, pick_device(cfg.train.device))
     mean = probs.mean(0)

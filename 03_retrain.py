@@ -18,8 +18,8 @@ NAME = "03_retrain"
 
 
 def main_(args: argparse.Namespace, cfg: Config) -> int:
-    stage = pipeline.stage(cfg, NAME)
-    if not pipeline.decide(cfg, stage, args.force, args.dry_run, folds_only=bool(args.fold)):
+    stage = pipeline.begin(cfg, NAME, args.force, args.dry_run, folds_only=bool(args.fold))
+    if stage is None:
         return 0
     started = time.time()
     import pandas as pd

@@ -8,7 +8,6 @@ from __future__ import annotations
 import argparse
 import sys
 import time
-from pathlib import Path
 
 from lib import pipeline
 from lib.config import Config
@@ -18,8 +17,8 @@ NAME = "04_submit"
 
 
 def main_(args: argparse.Namespace, cfg: Config) -> int:
-    stage = pipeline.stage(cfg, NAME)
-    if not pipeline.decide(cfg, stage, args.force, args.dry_run):
+    stage = pipeline.begin(cfg, NAME, args.force, args.dry_run)
+    if stage is None:
         return 0
     started = time.time()
     import numpy as np
@@ -34,15 +33,10 @@ def main_(args: argparse.Namespace, cfg: Config) -> int:
         atomic_write_text,
         cached_npz,
         read_record,
-        save_resolved_config,
-        setup_logging,
     )
     from lib.submission import assemble, write_submission
     from lib.taxonomy import load_taxonomy_json
 
-    stage.invalidate()
-    setup_logging(stage.dir)
-    save_resolved_config(cfg, stage.dir)
     prep = cfg.out_dir / "00_prepare"
     rois, tax = load_rois(prep), load_taxonomy_json(prep / "taxonomy.json")
     test = rois[(rois["split"] == "test") & (rois["ok"] == 1)]
@@ -50,15 +44,14 @@ def main_(args: argparse.Namespace, cfg: Config) -> int:
 
     models = {}
     for m in cfg.submit.models:
-        folder = cfg.out_dir / pipeline.PHASE_STAGES[m]
+        folds = pipeline.fold_dirs(cfg, pipeline.PHASE_STAGES[m])
         key = f"{stage.fingerprint['inputs'][pipeline.PHASE_STAGES[m]]}|{cfg.model.backbone}|{cfg.model.img_size}|{len(ids)}"
 
-        def compute(folder: Path = folder) -> dict:
+        def compute(folds: list = folds) -> dict:
             from lib.models import pick_device
             from lib.predict import predict_folds
 
-            fold_dirs = sorted(folder.glob("fold_*"))
-            p = predict_folds(fold_dirs, test["crop_path"].tolist(), cfg.model.backbone, tax.n_classes, cfg.model.img_size,
+            p = predict_folds(folds, test["crop_path"].tolist(), cfg.model.backbone, tax.n_classes, cfg.model.img_size,
                               cfg.train.eval_batch_size, cfg.train.num_workers, pick_device(cfg.train.device))
             return {"annotation_id": ids, "probs": p.mean(0)}
 

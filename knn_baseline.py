@@ -17,8 +17,8 @@ NAME = "knn"
 
 
 def main_(args: argparse.Namespace, cfg: Config) -> int:
-    stage = pipeline.stage(cfg, NAME)
-    if not pipeline.decide(cfg, stage, args.force, args.dry_run):
+    stage = pipeline.begin(cfg, NAME, args.force, args.dry_run)
+    if stage is None:
         return 0
     started = time.time()
     import numpy as np
@@ -28,13 +28,10 @@ def main_(args: argparse.Namespace, cfg: Config) -> int:
     from lib.knn import label_distribution, search
     from lib.metric import score_labels
     from lib.prepare import data_paths, load_rois
-    from lib.stages import atomic_path, cached_npz, save_resolved_config, setup_logging
+    from lib.stages import atomic_path, cached_npz
     from lib.submission import assemble, write_submission
     from lib.taxonomy import load_taxonomy_json
 
-    stage.invalidate()
-    setup_logging(stage.dir)
-    save_resolved_config(cfg, stage.dir)
     prep = cfg.out_dir / "00_prepare"
     rois, tax = load_rois(prep), load_taxonomy_json(prep / "taxonomy.json")
     rois = rois[rois["ok"] == 1].reset_index(drop=True)

@@ -125,3 +125,13 @@ def begin(cfg: Config, name: str, force: bool, dry_run: bool, folds_only: bool =
     setup_logging(st.dir)
     save_resolved_config(cfg, st.dir)
     return st
+
+
+def fold_dirs(cfg: Config, name: str) -> list:
+    """The fold folders a training stage's record vouches for (never stale leftovers of another n_folds)."""
+    from lib.stages import read_record
+
+    rec = read_record(cfg.out_dir / name / "record.json")
+    if rec is None or "folds" not in rec.get("result", {}):
+        raise StageError(f"{cfg.out_dir / name / 'record.json'} is missing or incomplete; run {SPECS[name].script} first.")
+    return [cfg.out_dir / name / f"fold_{k}" for k in range(int(rec["result"]["folds"]))]

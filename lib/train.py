@@ -27,7 +27,7 @@ from lib.losses import build_loss
 from lib.metric import score_labels
 from lib.models import build_model, mean_std, pick_device
 from lib.predict import autocast, load_checkpoint, make_loader, predict
-from lib.stages import Stage, atomic_path, check, save_resolved_config, setup_logging
+from lib.stages import Stage, atomic_path, check
 from lib.taxonomy import Taxonomy
 
 log = logging.getLogger("pipeline")
@@ -188,8 +188,6 @@ def run_folds(cfg: Config, stage: Stage, rois: pd.DataFrame, taxonomy: Taxonomy,
             continue
         started = time.time()
         fold_stage.invalidate()
-        setup_logging(stage.dir)
-        save_resolved_config(cfg, stage.dir)
         result = fit_fold(cfg, split, taxonomy, fold_stage, epochs)
         fold_stage.finish(result, started)
         tl = f", test-like view {result['val_distance_testlike']:.3f}" if "val_distance_testlike" in result else ""
