@@ -26,7 +26,7 @@ def main_(args: argparse.Namespace, cfg: Config) -> int:
 
     from lib.coco import read_coco
     from lib.ensemble import blend, decode, prior_answer
-    from lib.prepare import data_paths, load_rois
+    from lib.prepare import load_rois
     from lib.report import submit_report
     from lib.stages import (
         atomic_path,
@@ -64,7 +64,7 @@ def main_(args: argparse.Namespace, cfg: Config) -> int:
     labels = decode(probs, dist, cfg.submit.decode)
     train = rois[rois["split"] == "train"]
     fallback = prior_answer(np.bincount(train["label"], minlength=tax.n_classes), dist)
-    test_ids = read_coco(data_paths(cfg)["test_json"]).annotations["id"].astype(int).tolist()
+    test_ids = read_coco(cfg.data.paths()["test_json"]).annotations["id"].astype(int).tolist()
     sub, fell_back = assemble(test_ids, dict(zip(ids.tolist(), labels.tolist())), tax.names, fallback)
     write_submission(sub, stage.dir / "submission.csv", test_ids, tax.names)
     with atomic_path(stage.dir / "fallbacks.csv") as tmp:

@@ -27,7 +27,7 @@ def main_(args: argparse.Namespace, cfg: Config) -> int:
     from lib.ensemble import decode, prior_answer
     from lib.knn import label_distribution, search
     from lib.metric import score_labels
-    from lib.prepare import data_paths, load_rois
+    from lib.prepare import load_rois
     from lib.stages import atomic_path, cached_npz
     from lib.submission import assemble, write_submission
     from lib.taxonomy import load_taxonomy_json
@@ -70,7 +70,7 @@ def main_(args: argparse.Namespace, cfg: Config) -> int:
         np.savez(tmp, annotation_id=rois["annotation_id"].to_numpy()[train_idx], label=labels[train_idx], probs=oof)
     _, test_pred = answer(train_idx, test_idx)
     fallback = prior_answer(np.bincount(labels[train_idx], minlength=tax.n_classes), dist)
-    test_ids = read_coco(data_paths(cfg)["test_json"]).annotations["id"].astype(int).tolist()
+    test_ids = read_coco(cfg.data.paths()["test_json"]).annotations["id"].astype(int).tolist()
     sub, fell_back = assemble(test_ids, dict(zip(rois["annotation_id"].to_numpy()[test_idx].tolist(), test_pred.tolist())), tax.names, fallback)
     write_submission(sub, stage.dir / "submission.csv", test_ids, tax.names)
     result = {**cv, "k": k.k, "vote": k.vote, "rows": len(sub), "fallbacks": len(fell_back)}

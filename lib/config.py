@@ -33,6 +33,17 @@ class DataCfg:
     taxonomy_csv: str = "configs/taxonomy/fathomnet2025.csv"
     taxonomy_source: Literal["csv", "worms"] = "csv"  # worms: look lineages up online, cached into taxonomy_csv
 
+    def paths(self) -> dict[str, Path]:
+        """The input files and folders, resolved against `root` (the taxonomy CSV against the project)."""
+        root = Path(self.root)
+        return {
+            "train_json": root / self.train_json,
+            "test_json": root / self.test_json,
+            "train_images": root / self.train_images,
+            "test_images": root / self.test_images,
+            "taxonomy_csv": Path(self.taxonomy_csv),
+        }
+
 
 @dataclass
 class DemoCfg:

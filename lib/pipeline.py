@@ -53,9 +53,7 @@ def upstream_of(cfg: Config, name: str) -> tuple[str, ...]:
 
 
 def _prepare_inputs(cfg: Config) -> dict[str, str]:
-    from lib.prepare import data_paths
-
-    p = data_paths(cfg)
+    p = cfg.data.paths()
     out = {}
     for key in ("train_json", "test_json", "taxonomy_csv"):
         out[key] = file_digest(p[key]) if p[key].is_file() else "missing"

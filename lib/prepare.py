@@ -34,15 +34,6 @@ class Prepared:
     summary: dict
 
 
-def data_paths(cfg: Config) -> dict[str, Path]:
-    root = Path(cfg.data.root)
-    return {
-        "train_json": root / cfg.data.train_json,
-        "test_json": root / cfg.data.test_json,
-        "train_images": root / cfg.data.train_images,
-        "test_images": root / cfg.data.test_images,
-        "taxonomy_csv": Path(cfg.data.taxonomy_csv),
-    }
 
 
 def crop_spec(cfg: Config) -> CropSpec:
@@ -162,7 +153,7 @@ def _crop_split(split: str, rows: list[dict], by_frame: dict[Path, list[int]], s
 
 def prepare(cfg: Config, out_dir: Path) -> Prepared:
     """Read both JSON files, cut every usable box, assign folds; writes only crops."""
-    paths = data_paths(cfg)
+    paths = cfg.data.paths()
     train, test = read_coco(paths["train_json"]), read_coco(paths["test_json"])
     if cfg.data.taxonomy_source == "worms":
         from lib.worms import worms_table
@@ -259,7 +250,7 @@ def fetch_frames(cfg: Config, download: bool, only: str | None = None) -> None:
     """
     from lib.download import DownloadJob, download as fetch, missing_message
 
-    paths = data_paths(cfg)
+    paths = cfg.data.paths()
     for split in [only] if only else ["train", "test"]:
         coco = read_coco(paths[f"{split}_json"])
         folder = paths[f"{split}_images"]
