@@ -108,6 +108,15 @@ class TrainCfg:
     folds: list[int] = field(default_factory=list)  # empty = all folds
     device: Literal["auto", "cpu", "cuda"] = "auto"
     eval_batch_size: int = 128
+    backbone_lr_mult: float = 0.1  # the pretrained backbone learns at this fraction of lr
+    schedule: Literal["cosine", "cosine_restarts"] = "cosine"
+    restart_epochs: float = 5.0  # cosine_restarts: period (T_0) in epochs
+    min_lr_ratio: float = 0.01  # the schedule's floor (eta_min) as a fraction of lr
+    accumulate: int = 1  # gradient accumulation steps
+    clip_grad: float = 0.0  # max gradient norm; 0 = off
+    ema_decay: float = 0.0  # EMA of the weights, evaluated and saved instead; 0 = off
+    patience: int = 0  # early stopping after this many epochs without improvement; 0 = off
+    min_delta: float = 0.0  # an improvement must lower the val distance by more than this
 
 
 @dataclass
@@ -340,6 +349,13 @@ def validate(cfg: Config) -> None:
         (cfg.train.lr > 0, "train.lr must be positive"),
         (cfg.train.epochs >= 1, "train.epochs must be at least 1"),
         (cfg.train.batch_size >= 1, "train.batch_size must be at least 1"),
+        (cfg.train.backbone_lr_mult >= 0, "train.backbone_lr_mult must be 0 or more"),
+        (cfg.train.restart_epochs > 0, "train.restart_epochs must be positive"),
+        (0 <= cfg.train.min_lr_ratio <= 1, "train.min_lr_ratio must lie in [0, 1]"),
+        (cfg.train.accumulate >= 1, "train.accumulate must be at least 1"),
+        (cfg.train.clip_grad >= 0, "train.clip_grad must be 0 (off) or more"),
+        (0 <= cfg.train.ema_decay < 1, "train.ema_decay must lie in [0, 1)"),
+        (cfg.train.patience >= 0 and cfg.train.min_delta >= 0, "train.patience and train.min_delta must be 0 or more"),
         (cfg.retrain.epochs >= 0, "retrain.epochs must be 0 (reuse train.epochs) or more"),
         (cfg.model.img_size >= 16, "model.img_size must be at least 16"),
         (cfg.knn.img_size >= 16, "knn.img_size must be at least 16"),

@@ -26,6 +26,7 @@ from lib.data import CropDataset
 from lib.losses import build_loss
 from lib.metric import score_labels
 from lib.models import build_model, mean_std, pick_device
+from lib.optim import Ema, lr_factor, param_groups
 from lib.predict import autocast, load_checkpoint, make_loader, predict
 from lib.stages import Stage, atomic_path, check
 from lib.taxonomy import Taxonomy
@@ -42,14 +43,6 @@ class FoldSplit:
     val: pd.DataFrame  # annotation_id, crop_path, label (+ testlike_path: the same ROIs shrunk to test box sizes)
 
 
-def lr_at(step: int, total: int, warmup: int, base: float) -> float:
-    """Linear warmup then cosine decay to 1% of the base rate."""
-    if step < warmup:
-        return base * (step + 1) / warmup
-    t = (step - warmup) / max(1, total - warmup)
-    return base * (0.01 + 0.99 * 0.5 * (1 + math.cos(math.pi * min(1.0, t))))
-
-
 def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % (2**32))
@@ -61,11 +54,17 @@ def evaluate(probs: np.ndarray, labels: np.ndarray, dist: np.ndarray) -> dict[st
     return {"val_distance": score_labels(labels, pred, dist), "val_top1": float((pred == labels).mean())}
 
 
-def fit_fold(cfg: Config, split: FoldSplit, taxonomy: Taxonomy, stage: Stage, epochs: int) -> dict:
-    """Train one fold to `epochs`, resuming from `last.pt` when it belongs to this same run."""
+def fit_fold(cfg: Config, split: FoldSplit, taxonomy: Taxonomy, stage: Stage, epochs: int, stop_after: int | None = None) -> dict:
+    """Train one fold to `epochs`, resuming from `last.pt` when it belongs to this same run.
+
+    Every epoch reseeds all randomness from (seed, fold, epoch), so a run resumed from `last.pt`
+    ends with the same weights as one never interrupted. `stop_after` ends the run after that
+    epoch as a kill would (tests use it).
+    """
+    t = cfg.train
     out = stage.dir
     out.mkdir(parents=True, exist_ok=True)
-    device = pick_device(cfg.train.device)
+    device = pick_device(t.device)
     seed = cfg.seed * 100 + split.fold
     seed_everything(seed)
     dist = taxonomy.distance_matrix()
@@ -74,17 +73,20 @@ def fit_fold(cfg: Config, split: FoldSplit, taxonomy: Taxonomy, stage: Stage, ep
     mean, std = mean_std(model)
     counts = np.bincount(split.train["label"].to_numpy(), minlength=taxonomy.n_classes)
     criterion = build_loss(cfg.loss, counts, dist).to(device)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
+    optimizer = torch.optim.AdamW(param_groups(model, t.lr, t.weight_decay, t.backbone_lr_mult))
+    ema = Ema(model, t.ema_decay) if t.ema_decay > 0 else None
     train_tf = build_transforms(cfg.model.img_size, train=True, mean=mean, std=std)
     ds = CropDataset(split.train["crop_path"], split.train["label"], split.train["weight"], transform=train_tf)
-    val_loader = make_loader(split.val["crop_path"].tolist(), cfg.model.img_size, mean, std, cfg.train.eval_batch_size, cfg.train.num_workers, device)
+    val_loader = make_loader(split.val["crop_path"].tolist(), cfg.model.img_size, mean, std, t.eval_batch_size, t.num_workers, device)
     labels_val = split.val["label"].to_numpy()
     testlike_loader = None
     if "testlike_path" in split.val and (split.val["testlike_path"] != "").all():
-        testlike_loader = make_loader(split.val["testlike_path"].tolist(), cfg.model.img_size, mean, std, cfg.train.eval_batch_size,
-                                      cfg.train.num_workers, device)
-    steps_per_epoch = max(1, math.ceil(len(ds) / cfg.train.batch_size))
-    total, warmup = steps_per_epoch * epochs, int(cfg.train.warmup_epochs * steps_per_epoch)
+        testlike_loader = make_loader(split.val["testlike_path"].tolist(), cfg.model.img_size, mean, std, t.eval_batch_size,
+                                      t.num_workers, device)
+    batches = max(1, len(ds) // t.batch_size if len(ds) > t.batch_size else 1)
+    steps_per_epoch = max(1, math.ceil(batches / t.accumulate))
+    total, warmup = steps_per_epoch * epochs, int(t.warmup_epochs * steps_per_epoch)
+    restart = max(1, int(round(t.restart_epochs * steps_per_epoch)))
 
     start_epoch, best, history = 0, {"val_distance": float("inf"), "epoch": -1}, []
     last = out / "last.pt"
@@ -93,54 +95,74 @@ def fit_fold(cfg: Config, split: FoldSplit, taxonomy: Taxonomy, stage: Stage, ep
         if ckpt is not None:
             model.load_state_dict(ckpt["model"])
             optimizer.load_state_dict(ckpt["optimizer"])
+            if ema is not None and "ema" in ckpt:
+                ema.load_state_dict(ckpt["ema"])
             start_epoch, best, history = int(ckpt["epoch"]) + 1, dict(ckpt["best"]), list(ckpt["history"])
             log.info("%s: resuming at epoch %d/%d", stage.name, start_epoch + 1, epochs)
 
     for epoch in range(start_epoch, epochs):
+        if t.patience and best["epoch"] > 0 and epoch + 1 - best["epoch"] > t.patience:
+            log.info("%s: early stop after epoch %d (no gain for %d epochs)", stage.name, epoch, t.patience)
+            break
         t0 = time.time()
+        epoch_seed = seed * 1000 + epoch
+        seed_everything(epoch_seed)
         criterion.set_epoch(epoch)
-        gen = torch.Generator().manual_seed(seed * 1000 + epoch)
-        train_tf.set_random_seed(seed * 1000 + epoch)
-        loader = DataLoader(ds, batch_size=cfg.train.batch_size, shuffle=True, generator=gen, drop_last=len(ds) > cfg.train.batch_size,
-                            num_workers=cfg.train.num_workers, pin_memory=device.type == "cuda")
+        train_tf.set_random_seed(epoch_seed)
+        loader = DataLoader(ds, batch_size=t.batch_size, shuffle=True, generator=torch.Generator().manual_seed(epoch_seed),
+                            drop_last=len(ds) > t.batch_size, num_workers=t.num_workers, pin_memory=device.type == "cuda")
         model.train()
         losses = []
         bar = tqdm(loader, desc=f"{stage.name} epoch {epoch + 1}/{epochs}", leave=False, unit="batch")
+        optimizer.zero_grad(set_to_none=True)
         for i, (x, y, w) in enumerate(bar):
-            step = epoch * steps_per_epoch + i
-            for g in optimizer.param_groups:
-                g["lr"] = lr_at(step, total, warmup, cfg.train.lr)
             x, y, w = x.to(device, non_blocking=True), y.to(device), w.to(device)
             x = x.contiguous(memory_format=torch.channels_last)
             with autocast(device):
                 logits = model(x)
             loss = criterion(logits, y, w)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
+            (loss / t.accumulate).backward()
             losses.append(loss.item())
+            if (i + 1) % t.accumulate == 0 or i + 1 == len(loader):
+                step = epoch * steps_per_epoch + i // t.accumulate
+                factor = lr_factor(step, total, warmup, t.schedule, restart, t.min_lr_ratio)
+                for g in optimizer.param_groups:
+                    g["lr"] = g["base_lr"] * factor
+                if t.clip_grad > 0:
+                    torch.nn.utils.clip_grad_norm_(model.parameters(), t.clip_grad)
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+                if ema is not None:
+                    ema.update(model)
             bar.set_postfix(loss=f"{np.mean(losses[-20:]):.3f}")
-        probs = predict(model, val_loader, device, desc="validate")
+        judged = ema.module if ema is not None else model
+        probs = predict(judged, val_loader, device, desc="validate")
         metrics = evaluate(probs, labels_val, dist)
         extra = {}
         if testlike_loader is not None:
-            extra["probs_testlike"] = predict(model, testlike_loader, device, desc="validate test-like")
+            extra["probs_testlike"] = predict(judged, testlike_loader, device, desc="validate test-like")
             metrics.update({f"{k}_testlike": v for k, v in evaluate(extra["probs_testlike"], labels_val, dist).items()})
         row = {"epoch": epoch + 1, "train_loss": float(np.mean(losses)) if losses else float("nan"), **metrics,
-               "lr": optimizer.param_groups[0]["lr"], "seconds": round(time.time() - t0, 2)}
+               "lr": max(g["lr"] for g in optimizer.param_groups), "seconds": round(time.time() - t0, 2)}
         history.append(row)
-        if metrics["val_distance"] < best["val_distance"]:
+        if metrics["val_distance"] < best["val_distance"] - t.min_delta:
             best = {**metrics, "epoch": epoch + 1}
+            # torch.save writes a copy: later steps cannot alter the best weights on disk.
             with atomic_path(out / "best.pt") as tmp:
-                torch.save({"model": model.state_dict(), "epoch": epoch + 1, "val_distance": metrics["val_distance"]}, tmp)
+                torch.save({"model": judged.state_dict(), "epoch": epoch + 1, "val_distance": metrics["val_distance"]}, tmp)
             with atomic_path(out / "oof.npz") as tmp:
                 np.savez(tmp, annotation_id=split.val["annotation_id"].to_numpy(), label=labels_val, probs=probs, **extra)
+        state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "epoch": epoch, "best": best,
+                 "history": history, "digest": stage.digest}
+        if ema is not None:
+            state["ema"] = ema.state_dict()
         with atomic_path(last) as tmp:
-            torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict(), "epoch": epoch, "best": best,
-                        "history": history, "digest": stage.digest}, tmp)
+            torch.save(state, tmp)
         tl = f", test-like view {metrics['val_distance_testlike']:.3f}" if "val_distance_testlike" in metrics else ""
         log.info("%s epoch %d/%d: loss %.3f, val distance %.3f, top1 %.3f%s (%.1fs)", stage.name, epoch + 1, epochs,
                  row["train_loss"], metrics["val_distance"], metrics["val_top1"], tl, row["seconds"])
+        if stop_after is not None and epoch + 1 >= stop_after:
+            return {"stopped_after": epoch + 1}
     with atomic_path(out / "history.csv") as tmp:
         pd.DataFrame(history).to_csv(tmp, index=False)
     from lib.plots import plot_history

@@ -120,29 +120,62 @@ def test_blend_only_change_reuses_cached_probs(tiny, caplog):
     assert "phase2 test probabilities from cache" in caplog.text
 
 
-def test_resume_continues_a_killed_fold(tiny, tmp_path, caplog):
-    """A fold stopped after epoch 1 of 2 resumes at epoch 2 from last.pt, keeping epoch 1's history."""
+def _fold_setup(tiny, tmp_path, *extra):
     overrides, out, _ = tiny
     from lib.config import load_config
     from lib.prepare import load_rois
-    from lib.stages import Stage
     from lib.taxonomy import load_taxonomy_json
-    from lib.train import fit_fold, fold_splits
+    from lib.train import fold_splits
 
-    cfg = load_config("configs/demo.yaml", overrides)
+    cfg = load_config("configs/demo.yaml", [*overrides, *extra])
     prep = out / "00_prepare"
     rois, tax = load_rois(prep), load_taxonomy_json(prep / "taxonomy.json")
-    split = fold_splits(rois, [0])[0]
-    stage = Stage.create("t/fold_0", tmp_path / "fold_0", cfg, ["train"], ROOT / "01_train_folds.py", {})
-    first = fit_fold(cfg, split, tax, stage, epochs=1)  # as if killed after epoch 1 of 2
-    h1 = pd.read_csv(tmp_path / "fold_0" / "history.csv")
+    return cfg, fold_splits(rois, [0])[0], tax
+
+
+def test_resume_after_a_kill_gives_the_same_weights(tiny, tmp_path, caplog):
+    """A fold killed after epoch 1 of 2 resumes from last.pt and ends with the uninterrupted run's weights."""
+    import torch
+
+    from lib.stages import Stage
+    from lib.train import fit_fold
+
+    cfg, split, tax = _fold_setup(tiny, tmp_path, "train.ema_decay=0.5")
+    whole = Stage.create("a/fold_0", tmp_path / "a", cfg, ["train"], ROOT / "01_train_folds.py", {})
+    fit_fold(cfg, split, tax, whole, epochs=2)
+    killed = Stage.create("b/fold_0", tmp_path / "b", cfg, ["train"], ROOT / "01_train_folds.py", {})
+    assert fit_fold(cfg, split, tax, killed, epochs=2, stop_after=1) == {"stopped_after": 1}
     caplog.set_level(logging.INFO)
-    fit_fold(cfg, split, tax, stage, epochs=2)
+    fit_fold(cfg, split, tax, killed, epochs=2)
     assert "resuming at epoch 2/2" in caplog.text
-    h2 = pd.read_csv(tmp_path / "fold_0" / "history.csv")
-    assert list(h2["epoch"]) == [1, 2]
-    assert h2.iloc[0]["val_distance"] == pytest.approx(h1.iloc[0]["val_distance"])
-    assert first["n_train"] == len(split.train)
+    a, b = (torch.load(d / "last.pt", weights_only=True) for d in (tmp_path / "a", tmp_path / "b"))
+    assert a["history"][0]["val_distance"] == b["history"][0]["val_distance"]
+    for k in a["model"]:
+        assert torch.equal(a["model"][k], b["model"][k]), k
+    for k in a["ema"]:
+        assert torch.equal(a["ema"][k], b["ema"][k]), k
+    h = pd.read_csv(tmp_path / "b" / "history.csv")
+    assert list(h["epoch"]) == [1, 2]
+
+
+def test_early_stopping_keeps_the_best_epoch(tiny, tmp_path, monkeypatch, caplog):
+    """With patience 1, a run whose val distance only worsens stops after 2 epochs and keeps epoch 1."""
+    import lib.train as train_mod
+    from lib.stages import Stage
+
+    cfg, split, tax = _fold_setup(tiny, tmp_path, "train.patience=1")
+    scores = iter([3.0, 4.0, 5.0, 6.0])
+
+    def fake_evaluate(probs, labels, dist):
+        return {"val_distance": next(scores), "val_top1": 0.0}
+
+    monkeypatch.setattr(train_mod, "evaluate", fake_evaluate)
+    caplog.set_level(logging.INFO)
+    st = Stage.create("c/fold_0", tmp_path / "c", cfg, ["train"], ROOT / "01_train_folds.py", {})
+    result = train_mod.fit_fold(cfg, split.__class__(split.fold, split.train, split.val.drop(columns="testlike_path")), tax, st, epochs=4)
+    assert result["best_epoch"] == 1 and result["val_distance"] == 3.0
+    assert "early stop after epoch 2" in caplog.text
+    assert len(pd.read_csv(tmp_path / "c" / "history.csv")) == 2
 
 
 def test_user_errors_are_one_line(tiny, capsys):
