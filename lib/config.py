@@ -96,6 +96,27 @@ class ModelCfg:
 
 
 @dataclass
+class HeadCfg:
+    """The classifier on top of the backbone's pooled features (lib.heads).
+
+    `aux_weight` scales the auxiliary losses of per_rank, two_level, hierarchical_softmax and
+    conditional; `tau_coarse`/`tau_fine` are two_level's novelty thresholds; `routing` and
+    `temperature` pick how conditional passes a parent level's distribution down.
+    """
+
+    name: Literal["linear", "mlp", "multi", "per_rank", "two_level", "hierarchical_softmax", "conditional"] = "linear"
+    dropout: float = 0.4  # mlp (and the hidden layer of others that use one)
+    hidden: int = 512  # mlp hidden width
+    n_heads: int = 8  # multi
+    aux_weight: float = 1.0  # per_rank / two_level / hierarchical_softmax / conditional
+    coarse_rank: Literal["phylum", "class", "order", "family", "genus"] = "order"  # two_level
+    tau_coarse: float = 0.5  # two_level novelty thresholds
+    tau_fine: float = 0.5
+    routing: Literal["soft", "hard", "gumbel"] = "soft"  # conditional
+    temperature: float = 1.0  # conditional
+
+
+@dataclass
 class TrainCfg:
     """Optimisation of one fold (shared by 01 and 03)."""
 
@@ -188,6 +209,7 @@ class Config:
     demo: DemoCfg = field(default_factory=DemoCfg)
     prepare: PrepareCfg = field(default_factory=PrepareCfg)
     model: ModelCfg = field(default_factory=ModelCfg)
+    head: HeadCfg = field(default_factory=HeadCfg)
     train: TrainCfg = field(default_factory=TrainCfg)
     loss: LossCfg = field(default_factory=LossCfg)
     pseudo: PseudoCfg = field(default_factory=PseudoCfg)
@@ -379,6 +401,12 @@ def validate(cfg: Config) -> None:
         (cfg.loss.seql_lambda >= 0, "loss.seql_lambda must be 0 or more"),
         (0.0 <= cfg.loss.alpha < 1.0, "loss.alpha must lie in [0, 1)"),
         (cfg.loss.ed_lambda >= 0, "loss.ed_lambda must be 0 or more"),
+        (0.0 <= cfg.head.dropout < 1.0, "head.dropout must lie in [0, 1)"),
+        (cfg.head.hidden >= 1, "head.hidden must be at least 1"),
+        (cfg.head.n_heads >= 1, "head.n_heads must be at least 1"),
+        (cfg.head.aux_weight >= 0, "head.aux_weight must be 0 or more"),
+        (0.0 <= cfg.head.tau_coarse <= 1.0 and 0.0 <= cfg.head.tau_fine <= 1.0, "head.tau_coarse and head.tau_fine must lie in [0, 1]"),
+        (cfg.head.temperature > 0, "head.temperature must be positive"),
         (cfg.knn.k >= 1, "knn.k must be at least 1"),
         (cfg.demo.per_class >= 1 and cfg.demo.test_per_class >= 1, "demo.per_class and demo.test_per_class must be at least 1"),
         (1 <= cfg.demo.min_objects <= cfg.demo.max_objects, "demo.min_objects must be at least 1 and at most demo.max_objects"),
