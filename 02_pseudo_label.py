@@ -34,8 +34,7 @@ def main_(args: argparse.Namespace, cfg: Config) -> int:
     rois, tax = load_rois(prep), load_taxonomy_json(prep / "taxonomy.json")
     test = rois[(rois["split"] == "test") & (rois["ok"] == 1)]
     fold_dirs = pipeline.fold_dirs(cfg, "01_train")
-    probs = predict_folds(fold_dirs, test["crop_path"].tolist(), cfg.model.backbone, tax.n_classes, cfg.model.img_size,
-                          cfg.train.eval_batch_size, cfg.train.num_workers, pick_device(cfg.train.device))
+    probs = predict_folds(fold_dirs, test["crop_path"].tolist(), cfg, tax, pick_device(cfg.train.device))
     mean = probs.mean(0)
     with atomic_path(stage.dir / "test_probs.npz") as tmp:
         np.savez(tmp, annotation_id=test["annotation_id"].to_numpy(), probs=probs, mean=mean)

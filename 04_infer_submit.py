@@ -45,14 +45,13 @@ def main_(args: argparse.Namespace, cfg: Config) -> int:
     models = {}
     for m in cfg.submit.models:
         folds = pipeline.fold_dirs(cfg, pipeline.PHASE_STAGES[m])
-        key = f"{stage.fingerprint['inputs'][pipeline.PHASE_STAGES[m]]}|{cfg.model.backbone}|{cfg.model.img_size}|{len(ids)}"
+        key = f"{stage.fingerprint['inputs'][pipeline.PHASE_STAGES[m]]}|{cfg.model.backbone}|{cfg.model.img_size}|{cfg.head}|{len(ids)}"
 
         def compute(folds: list = folds) -> dict:
             from lib.models import pick_device
             from lib.predict import predict_folds
 
-            p = predict_folds(folds, test["crop_path"].tolist(), cfg.model.backbone, tax.n_classes, cfg.model.img_size,
-                              cfg.train.eval_batch_size, cfg.train.num_workers, pick_device(cfg.train.device))
+            p = predict_folds(folds, test["crop_path"].tolist(), cfg, tax, pick_device(cfg.train.device))
             return {"annotation_id": ids, "probs": p.mean(0)}
 
         arrays, hit = cached_npz(stage.dir / "probs" / f"{m}.npz", key, compute)

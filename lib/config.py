@@ -92,7 +92,6 @@ class ModelCfg:
     pretrained_file: str = ""
     img_size: int = 64
     drop_path_rate: float = 0.0
-    head: Literal["linear"] = "linear"
 
 
 @dataclass

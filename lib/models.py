@@ -77,6 +77,44 @@ def build_model(backbone: str, n_classes: int, pretrained: str, pretrained_file:
     return model
 
 
+class Net(nn.Module):
+    """A timm backbone (pooled features) and a head from lib.heads.
+
+    `forward` returns leaf logits so inference code stays plain; training calls `forward_out`
+    for the head's full output (auxiliary logits, per-head logits) and `head_module.loss`.
+    """
+
+    def __init__(self, backbone: nn.Module, head: nn.Module):
+        super().__init__()
+        self.backbone = backbone
+        self.head_module = head
+        self.pretrained_cfg = getattr(backbone, "pretrained_cfg", {})
+
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        return self.backbone(x)
+
+    def forward_out(self, x: torch.Tensor):
+        return self.head_module(self.backbone(x))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.forward_out(x).logits
+
+    def probs(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head_module.probs(self.forward_out(x))
+
+
+def build_net(cfg, taxonomy, pretrained: bool = True) -> Net:
+    """The classifier of a training stage: `cfg.model` backbone + `cfg.head` head over the taxonomy's concepts.
+
+    `pretrained=False` builds the bare architecture (to load a fold's checkpoint into).
+    """
+    from lib.heads import build_head
+
+    m = cfg.model
+    backbone = build_model(m.backbone, 0, m.pretrained if pretrained else "none", m.pretrained_file, m.drop_path_rate)
+    return Net(backbone, build_head(cfg.head, backbone.num_features, taxonomy))
+
+
 def mean_std(model: nn.Module) -> tuple[tuple[float, ...], tuple[float, ...]]:
     cfg = getattr(model, "pretrained_cfg", None) or {}
     return tuple(cfg.get("mean", (0.485, 0.456, 0.406))), tuple(cfg.get("std", (0.229, 0.224, 0.225)))

@@ -13,7 +13,7 @@ from tqdm import tqdm
 
 from lib.augment import build_transforms
 from lib.data import CropDataset
-from lib.models import build_model, mean_std
+from lib.models import build_net, mean_std
 from lib.stages import StageError
 
 
@@ -38,8 +38,11 @@ def predict(model: nn.Module, loader: DataLoader, device: torch.device, features
         x = x.to(device, non_blocking=True)
         x = x.contiguous(memory_format=torch.channels_last)
         with autocast(device):
-            y = model.forward_head(model.forward_features(x), pre_logits=True) if features else model(x)
-        out.append(y.float().cpu() if features else torch.softmax(y.float(), dim=1).cpu())
+            if features:
+                y = model.features(x) if hasattr(model, "features") else model.forward_head(model.forward_features(x), pre_logits=True)
+            else:
+                y = model.probs(x) if hasattr(model, "probs") else torch.softmax(model(x).float(), dim=1)
+        out.append(y.float().cpu())
     if not out:
         return np.zeros((0, 0), dtype=np.float32)
     return torch.cat(out).numpy().astype(np.float32)
@@ -55,23 +58,25 @@ def load_checkpoint(path: Path) -> dict:
         raise StageError(f"Checkpoint '{path}' cannot be loaded safely ({type(e).__name__}); delete it and rerun the training stage.")
 
 
-def load_fold_model(fold_dir: Path, backbone: str, n_classes: int, device: torch.device) -> nn.Module:
-    """The best model of one fold, ready for inference."""
+def load_fold_model(fold_dir: Path, cfg, taxonomy, device: torch.device) -> nn.Module:
+    """The best model of one fold, ready for inference (architecture from `cfg.model` and `cfg.head`)."""
     ckpt = load_checkpoint(fold_dir / "best.pt")
-    model = build_model(backbone, n_classes, pretrained="none")
-    model.load_state_dict(ckpt["model"])
+    model = build_net(cfg, taxonomy, pretrained=False)
+    try:
+        model.load_state_dict(ckpt["model"])
+    except RuntimeError:
+        raise StageError(f"Checkpoint '{fold_dir / 'best.pt'}' does not fit the configured model or head; rerun the training stage.")
     model.to(device)
     model = model.to(memory_format=torch.channels_last)  # faster on CUDA and on CPU alike
     return model.eval()
 
 
-def predict_folds(fold_dirs: Sequence[Path], paths: Sequence[str], backbone: str, n_classes: int, img_size: int,
-                  batch_size: int, num_workers: int, device: torch.device) -> np.ndarray:
+def predict_folds(fold_dirs: Sequence[Path], paths: Sequence[str], cfg, taxonomy, device: torch.device) -> np.ndarray:
     """Per-fold probabilities, shape (folds, items, classes)."""
     out = []
     for d in fold_dirs:
-        model = load_fold_model(d, backbone, n_classes, device)
+        model = load_fold_model(d, cfg, taxonomy, device)
         mean, std = mean_std(model)
-        loader = make_loader(paths, img_size, mean, std, batch_size, num_workers, device)
+        loader = make_loader(paths, cfg.model.img_size, mean, std, cfg.train.eval_batch_size, cfg.train.num_workers, device)
         out.append(predict(model, loader, device, desc=f"predict {d.name}"))
-    return np.stack(out) if out else np.zeros((0, len(paths), n_classes), dtype=np.float32)
+    return np.stack(out) if out else np.zeros((0, len(paths), taxonomy.n_classes), dtype=np.float32)

@@ -25,7 +25,7 @@ from lib.config import Config
 from lib.data import CropDataset
 from lib.losses import build_loss
 from lib.metric import score_labels
-from lib.models import build_model, mean_std, pick_device
+from lib.models import build_net, mean_std, pick_device
 from lib.optim import Ema, lr_factor, param_groups
 from lib.predict import autocast, load_checkpoint, make_loader, predict
 from lib.stages import Stage, atomic_path, check
@@ -68,7 +68,7 @@ def fit_fold(cfg: Config, split: FoldSplit, taxonomy: Taxonomy, stage: Stage, ep
     seed = cfg.seed * 100 + split.fold
     seed_everything(seed)
     dist = taxonomy.distance_matrix()
-    model = build_model(cfg.model.backbone, taxonomy.n_classes, cfg.model.pretrained, cfg.model.pretrained_file, cfg.model.drop_path_rate).to(device)
+    model = build_net(cfg, taxonomy).to(device)
     model = model.to(memory_format=torch.channels_last)  # faster on CUDA and on CPU alike
     mean, std = mean_std(model)
     counts = np.bincount(split.train["label"].to_numpy(), minlength=taxonomy.n_classes)
@@ -119,8 +119,8 @@ def fit_fold(cfg: Config, split: FoldSplit, taxonomy: Taxonomy, stage: Stage, ep
             x, y, w = x.to(device, non_blocking=True), y.to(device), w.to(device)
             x = x.contiguous(memory_format=torch.channels_last)
             with autocast(device):
-                logits = model(x)
-            loss = criterion(logits, y, w)
+                out_ = model.forward_out(x)
+            loss = model.head_module.loss(out_, y, w, criterion)
             (loss / t.accumulate).backward()
             losses.append(loss.item())
             if (i + 1) % t.accumulate == 0 or i + 1 == len(loader):

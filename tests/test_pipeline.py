@@ -189,3 +189,20 @@ def test_user_errors_are_one_line(tiny, capsys):
     assert load("02_pseudo_label.py").main(["--config", "configs/demo.yaml", *overrides, "train.epochs=2"]) == 2
     err = capsys.readouterr().err
     assert "01_train is out of date (changed: train.epochs 1 -> 2); run 01_train_folds.py first" in err
+
+
+@pytest.mark.parametrize("head", ["linear", "mlp", "multi", "per_rank", "two_level", "hierarchical_softmax", "conditional"])
+def test_every_head_trains_and_predicts(tiny, tmp_path, head):
+    """One epoch of each head through the trainer, then its checkpoint back through inference."""
+    import torch
+
+    from lib.predict import predict_folds
+    from lib.stages import Stage
+    from lib.train import fit_fold
+
+    cfg, split, tax = _fold_setup(tiny, tmp_path, f"head.name={head}", "head.hidden=32", "head.n_heads=3")
+    st = Stage.create(f"h/fold_0", tmp_path / "fold_0", cfg, ["head"], ROOT / "01_train_folds.py", {})
+    result = fit_fold(cfg, split, tax, st, epochs=1)
+    assert 0 <= result["val_distance"] <= 12
+    probs = predict_folds([tmp_path / "fold_0"], split.val["crop_path"].tolist()[:5], cfg, tax, torch.device("cpu"))
+    assert probs.shape == (1, 5, 79) and np.allclose(probs.sum(-1), 1, atol=1e-4)
