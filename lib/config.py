@@ -137,6 +137,60 @@ class TrainCfg:
     ema_decay: float = 0.0  # EMA of the weights, evaluated and saved instead; 0 = off
     patience: int = 0  # early stopping after this many epochs without improvement; 0 = off
     min_delta: float = 0.0  # an improvement must lower the val distance by more than this
+    sampler: Literal["random", "class_balanced", "sqrt"] = "random"  # lib.samplers: class_balanced / sqrt oversample the tail
+
+
+@dataclass
+class AugmentCfg:
+    """Train-time augmentation (lib.augment) and batch mixing (lib.mix); each op's probability 0 leaves it out.
+
+    The defaults keep the spirit of the pipeline the demo was tuned with: flips, a small affine, down-then-up
+    resampling (the test boxes are smaller and blurrier; 1st place's trick) and colour shifts
+    towards the test frames' dimmer, bluer light. Units follow albumentations 2.0: `hue` in
+    OpenCV hue steps (2 degrees), `saturation` and the RGB shifts in 0..255 pixel values.
+    """
+
+    hflip: float = 0.5
+    vflip: float = 0.0
+    affine: float = 0.5
+    scale: list[float] = field(default_factory=lambda: [0.85, 1.15])
+    translate: float = 0.05  # fraction of the side, both directions
+    rotate: float = 15.0  # degrees, both directions
+    shear: float = 0.0  # degrees, both directions
+    brightness_contrast: float = 0.5
+    brightness: float = 0.2  # fraction of the crop's mean
+    contrast: float = 0.2
+    clahe: float = 0.0
+    hue_saturation: float = 0.3
+    hue: float = 5.0
+    saturation: float = 20.0
+    rgb_shift: float = 0.3  # default shifts: red down, blue up (the test set's light)
+    r_shift: list[float] = field(default_factory=lambda: [-40.0, 10.0])
+    g_shift: list[float] = field(default_factory=lambda: [-15.0, 15.0])
+    b_shift: list[float] = field(default_factory=lambda: [-10.0, 30.0])
+    blur: float = 0.0  # motion or median blur, one of them
+    grid_distortion: float = 0.0
+    elastic: float = 0.0
+    coarse_dropout: float = 0.0
+    fog: float = 0.0  # turbid water
+    rain: float = 0.0  # streaks, a stand-in for marine snow
+    downscale: float = 0.4
+    downscale_range: list[float] = field(default_factory=lambda: [0.3, 0.9])
+    mixup_alpha: float = 0.0  # 0 = off
+    cutmix_alpha: float = 0.0  # 0 = off
+    mix_prob: float = 0.5  # chance a batch is mixed when either alpha > 0
+    mix_same_leaf: bool = False  # partners share the label, so targets stay one-hot
+
+    def probabilities(self) -> dict[str, float]:
+        """Every probability-valued setting by name (validated to lie in [0, 1])."""
+        names = ("hflip", "vflip", "affine", "brightness_contrast", "clahe", "hue_saturation", "rgb_shift", "blur",
+                 "grid_distortion", "elastic", "coarse_dropout", "fog", "rain", "downscale", "mix_prob")
+        return {n: getattr(self, n) for n in names}
+
+    @property
+    def mixing(self) -> bool:
+        """True when batches may be mixed (soft targets)."""
+        return self.mix_prob > 0 and (self.mixup_alpha > 0 or self.cutmix_alpha > 0)
 
 
 @dataclass
@@ -210,6 +264,7 @@ class Config:
     model: ModelCfg = field(default_factory=ModelCfg)
     head: HeadCfg = field(default_factory=HeadCfg)
     train: TrainCfg = field(default_factory=TrainCfg)
+    augment: AugmentCfg = field(default_factory=AugmentCfg)
     loss: LossCfg = field(default_factory=LossCfg)
     pseudo: PseudoCfg = field(default_factory=PseudoCfg)
     retrain: RetrainCfg = field(default_factory=RetrainCfg)
@@ -413,6 +468,7 @@ def validate(cfg: Config) -> None:
         (all(0 <= f < cfg.prepare.n_folds for f in cfg.train.folds), "train.folds must list fold numbers below prepare.n_folds"),
         (all(m in ("phase1", "phase2") for m in cfg.submit.models), "submit.models may only name phase1 and phase2"),
     ]
+    checks += _augment_checks(cfg.augment)
     for ok, msg in checks:
         if not ok:
             raise ConfigError(f"{msg}; fix it in the config or on the command line.")
@@ -420,6 +476,30 @@ def validate(cfg: Config) -> None:
         section = key.split(".")[0]
         if getattr(cfg, section).pretrained == "file" and not (value and Path(value).is_file()):
             raise ConfigError(f"{key} '{value}' is not a file; set it to a local weights file or change {section}.pretrained.")
+
+
+def _ordered(values: list[float], lo: float, hi: float) -> bool:
+    """Two values, low <= high, both in [lo, hi]."""
+    return len(values) == 2 and lo <= values[0] <= values[1] <= hi
+
+
+def _augment_checks(a: AugmentCfg) -> list[tuple[bool, str]]:
+    checks = [(0.0 <= p <= 1.0, f"augment.{name} is a probability and must lie in [0, 1], got {p:g}")
+              for name, p in a.probabilities().items()]
+    return checks + [
+        (len(a.scale) == 2 and 0 < a.scale[0] <= a.scale[1], "augment.scale must be two positive numbers [low, high] with low <= high"),
+        (0.0 <= a.translate < 1.0, "augment.translate must lie in [0, 1) (a fraction of the side)"),
+        (0.0 <= a.rotate <= 180.0, "augment.rotate must lie in [0, 180] degrees"),
+        (0.0 <= a.shear < 90.0, "augment.shear must lie in [0, 90) degrees"),
+        (0.0 <= a.brightness <= 1.0 and 0.0 <= a.contrast <= 1.0, "augment.brightness and augment.contrast must lie in [0, 1]"),
+        (0.0 <= a.hue <= 180.0, "augment.hue must lie in [0, 180]"),
+        (0.0 <= a.saturation <= 255.0, "augment.saturation must lie in [0, 255]"),
+        (all(_ordered(r, -255.0, 255.0) for r in (a.r_shift, a.g_shift, a.b_shift)),
+         "augment.r_shift, g_shift and b_shift must each be [low, high] with -255 <= low <= high <= 255"),
+        (len(a.downscale_range) == 2 and 0 < a.downscale_range[0] <= a.downscale_range[1] <= 1,
+         "augment.downscale_range must be [low, high] with 0 < low <= high <= 1"),
+        (a.mixup_alpha >= 0 and a.cutmix_alpha >= 0, "augment.mixup_alpha and augment.cutmix_alpha must be 0 (off) or more"),
+    ]
 
 
 def to_dict(obj: Any) -> Any:

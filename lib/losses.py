@@ -46,7 +46,7 @@ def log_prior(class_counts: np.ndarray) -> np.ndarray:
 
 
 def _buffer(values: np.ndarray) -> torch.Tensor:
-    return torch.as_tensor(np.asarray(values), dtype=torch.float32)
+    return torch.as_tensor(np.array(values, dtype=np.float32))  # a copy: distance_matrix() is read-only
 
 
 # ----------------------------------------------------------------------------- base

@@ -26,7 +26,9 @@ from lib.data import CropDataset
 from lib.losses import build_loss
 from lib.metric import score_labels
 from lib.models import build_net, mean_std, pick_device
+from lib.mix import mix_batch, soft_target_loss
 from lib.optim import Ema, lr_factor, param_groups
+from lib.samplers import build_sampler
 from lib.predict import autocast, load_checkpoint, make_loader, predict
 from lib.stages import Stage, atomic_path, check
 from lib.taxonomy import Taxonomy
@@ -61,7 +63,7 @@ def fit_fold(cfg: Config, split: FoldSplit, taxonomy: Taxonomy, stage: Stage, ep
     ends with the same weights as one never interrupted. `stop_after` ends the run after that
     epoch as a kill would (tests use it).
     """
-    t = cfg.train
+    t, a = cfg.train, cfg.augment
     out = stage.dir
     out.mkdir(parents=True, exist_ok=True)
     device = pick_device(t.device)
@@ -75,7 +77,7 @@ def fit_fold(cfg: Config, split: FoldSplit, taxonomy: Taxonomy, stage: Stage, ep
     criterion = build_loss(cfg.loss, counts, dist).to(device)
     optimizer = torch.optim.AdamW(param_groups(model, t.lr, t.weight_decay, t.backbone_lr_mult))
     ema = Ema(model, t.ema_decay) if t.ema_decay > 0 else None
-    train_tf = build_transforms(cfg.model.img_size, train=True, mean=mean, std=std)
+    train_tf = build_transforms(cfg.model.img_size, train=True, mean=mean, std=std, aug=cfg.augment)
     ds = CropDataset(split.train["crop_path"], split.train["label"], split.train["weight"], transform=train_tf)
     val_loader = make_loader(split.val["crop_path"].tolist(), cfg.model.img_size, mean, std, t.eval_batch_size, t.num_workers, device)
     labels_val = split.val["label"].to_numpy()
@@ -109,7 +111,9 @@ def fit_fold(cfg: Config, split: FoldSplit, taxonomy: Taxonomy, stage: Stage, ep
         seed_everything(epoch_seed)
         criterion.set_epoch(epoch)
         train_tf.set_random_seed(epoch_seed)
-        loader = DataLoader(ds, batch_size=t.batch_size, shuffle=True, generator=torch.Generator().manual_seed(epoch_seed),
+        gen = torch.Generator().manual_seed(epoch_seed)
+        sampler = build_sampler(t.sampler, split.train["label"].to_numpy(), None, gen)
+        loader = DataLoader(ds, batch_size=t.batch_size, shuffle=sampler is None, sampler=sampler, generator=gen,
                             drop_last=len(ds) > t.batch_size, num_workers=t.num_workers, pin_memory=device.type == "cuda")
         model.train()
         losses = []
@@ -117,10 +121,15 @@ def fit_fold(cfg: Config, split: FoldSplit, taxonomy: Taxonomy, stage: Stage, ep
         optimizer.zero_grad(set_to_none=True)
         for i, (x, y, w) in enumerate(bar):
             x, y, w = x.to(device, non_blocking=True), y.to(device), w.to(device)
+            y_soft = None
+            if a.mixing:
+                x, y_soft, w = mix_batch(x, y, w, taxonomy.n_classes, a.mixup_alpha, a.cutmix_alpha, a.mix_prob, a.mix_same_leaf, gen)
             x = x.contiguous(memory_format=torch.channels_last)
             with autocast(device):
                 out_ = model.forward_out(x)
-            loss = model.head_module.loss(out_, y, w, criterion)
+            # Mixed (soft) targets train the leaf logits with soft cross-entropy; one-hot batches use the head's loss.
+            soft = y_soft is not None and not a.mix_same_leaf
+            loss = soft_target_loss(out_.logits, y_soft.to(device), w) if soft else model.head_module.loss(out_, y, w, criterion)
             (loss / t.accumulate).backward()
             losses.append(loss.item())
             if (i + 1) % t.accumulate == 0 or i + 1 == len(loader):

@@ -201,8 +201,23 @@ def test_every_head_trains_and_predicts(tiny, tmp_path, head):
     from lib.train import fit_fold
 
     cfg, split, tax = _fold_setup(tiny, tmp_path, f"head.name={head}", "head.hidden=32", "head.n_heads=3")
-    st = Stage.create(f"h/fold_0", tmp_path / "fold_0", cfg, ["head"], ROOT / "01_train_folds.py", {})
+    st = Stage.create("h/fold_0", tmp_path / "fold_0", cfg, ["head"], ROOT / "01_train_folds.py", {})
     result = fit_fold(cfg, split, tax, st, epochs=1)
     assert 0 <= result["val_distance"] <= 12
     probs = predict_folds([tmp_path / "fold_0"], split.val["crop_path"].tolist()[:5], cfg, tax, torch.device("cpu"))
     assert probs.shape == (1, 5, 79) and np.allclose(probs.sum(-1), 1, atol=1e-4)
+
+
+@pytest.mark.parametrize("extra", [
+    ("augment.mixup_alpha=0.4", "augment.mix_prob=1.0"),
+    ("augment.cutmix_alpha=1.0", "train.sampler=class_balanced", "loss.name=dwce"),
+    ("augment.mixup_alpha=0.4", "augment.mix_same_leaf=true", "head.name=per_rank", "train.sampler=sqrt"),
+])
+def test_mixing_and_samplers_train(tiny, tmp_path, extra):
+    from lib.stages import Stage
+    from lib.train import fit_fold
+
+    cfg, split, tax = _fold_setup(tiny, tmp_path, *extra)
+    st = Stage.create("m/fold_0", tmp_path / "fold_0", cfg, ["augment"], ROOT / "01_train_folds.py", {})
+    result = fit_fold(cfg, split, tax, st, epochs=1)
+    assert 0 <= result["val_distance"] <= 12 and np.isfinite(pd.read_csv(tmp_path / "fold_0" / "history.csv")["train_loss"]).all()

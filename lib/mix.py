@@ -1,0 +1,115 @@
+"""Batch mixing (mixup, cutmix) with soft targets, and the loss that reads them.
+
+Mixing needs two samples, so it runs on the batch in the training loop, after the per-image
+albumentations ops. A mixed sample's target is lam * onehot(own) + (1 - lam) * onehot(partner);
+its per-sample weight (pseudo-label confidence) is mixed the same way, since the loss trusts
+both halves of the image by their own confidence.
+
+`same_leaf` draws each partner among samples of the same class, so targets stay one-hot: the
+image is regularised while the label stays a leaf, which a taxonomic-distance metric prefers
+to a blend of two distant taxa.
+
+Soft targets and the losses of `lib.losses`: those take class indices. When mixing is on the
+trainer uses `soft_target_loss` (soft cross-entropy, with per-sample weights as in
+lib.losses) instead of the configured loss; the taxonomy-aware and long-tail losses
+(dwce, taxonomy_smoothing, ce_expected_distance, ldam, ...) then fall back to this soft CE.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Literal
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+
+@dataclass
+class MixInfo:
+    """What `mix_batch` drew (for tests and logs)."""
+
+    kind: Literal["none", "mixup", "cutmix"]
+    lam: float  # weight of each sample's own label; 1.0 when unmixed
+    partner: torch.Tensor  # (B,) index of each sample's partner; arange when unmixed
+    box: tuple[int, int, int, int] | None = None  # cutmix: (y1, y2, x1, x2) pasted from the partner
+
+
+def _rand(generator: torch.Generator | None) -> float:
+    return float(torch.rand(1, generator=generator).item())
+
+
+def _beta(alpha: float, generator: torch.Generator | None) -> float:
+    """lam ~ Beta(alpha, alpha), drawn reproducibly from the torch generator (torch's Beta takes none)."""
+    seed = int(torch.randint(0, 2**62, (1,), generator=generator).item())
+    return float(np.random.default_rng(seed).beta(alpha, alpha))
+
+
+def _partners(y: torch.Tensor, same_leaf: bool, generator: torch.Generator | None) -> torch.Tensor:
+    """A random permutation, or with `same_leaf` a random other sample of the same label (itself if alone)."""
+    y = y.cpu()
+    n = len(y)
+    if not same_leaf:
+        return torch.randperm(n, generator=generator)
+    partner = torch.arange(n)
+    for c in torch.unique(y):
+        idx = (y == c).nonzero().flatten()
+        k = len(idx)
+        if k > 1:
+            shift = torch.randint(1, k, (k,), generator=generator)  # never 0: a partner other than itself
+            partner[idx] = idx[(torch.arange(k) + shift) % k]
+    return partner
+
+
+def _box(h: int, w: int, lam: float, generator: torch.Generator | None) -> tuple[int, int, int, int]:
+    """A box of about (1 - lam) of the area, centred uniformly, clipped to the image."""
+    cut = math.sqrt(1.0 - lam)
+    ch, cw = int(round(h * cut)), int(round(w * cut))
+    cy = int(torch.randint(0, h, (1,), generator=generator).item())
+    cx = int(torch.randint(0, w, (1,), generator=generator).item())
+    y1, y2 = max(0, cy - ch // 2), min(h, cy + ch - ch // 2)
+    x1, x2 = max(0, cx - cw // 2), min(w, cx + cw - cw // 2)
+    return y1, y2, x1, x2
+
+
+def mix_batch(x: torch.Tensor, y: torch.Tensor, w: torch.Tensor | None, n_classes: int, mixup_alpha: float, cutmix_alpha: float,
+              prob: float, same_leaf: bool = False, generator: torch.Generator | None = None, return_info: bool = False):
+    """Mixup or cutmix a batch; returns (x_mixed, y_soft (B, C) float32, w_mixed) [+ MixInfo].
+
+    With probability 1 - prob (or both alphas 0) the batch comes back as is, with one-hot
+    targets. When both alphas are > 0, mixup or cutmix is chosen with equal chance. One lam
+    per batch; cutmix's lam is the unpasted area fraction after clipping the box.
+    """
+    onehot = F.one_hot(y.long(), n_classes).float()
+    n = len(y)
+    methods = [m for m, a in (("mixup", mixup_alpha), ("cutmix", cutmix_alpha)) if a > 0]
+    if not methods or n == 0 or _rand(generator) >= prob:
+        info = MixInfo("none", 1.0, torch.arange(n))
+        return (x, onehot, w, info) if return_info else (x, onehot, w)
+    kind = methods[0] if len(methods) == 1 else methods[int(_rand(generator) < 0.5)]
+    lam = _beta(mixup_alpha if kind == "mixup" else cutmix_alpha, generator)
+    partner = _partners(y, same_leaf, generator)
+    p_dev = partner.to(x.device)
+    box = None
+    if kind == "mixup":
+        x_mixed = lam * x + (1.0 - lam) * x[p_dev]
+    else:
+        h, wd = x.shape[-2:]
+        box = _box(h, wd, lam, generator)
+        y1, y2, x1, x2 = box
+        x_mixed = x.clone()
+        x_mixed[..., y1:y2, x1:x2] = x[p_dev][..., y1:y2, x1:x2]
+        lam = 1.0 - (y2 - y1) * (x2 - x1) / float(h * wd)
+    y_soft = lam * onehot + (1.0 - lam) * onehot[partner.to(onehot.device)]
+    w_mixed = None if w is None else lam * w + (1.0 - lam) * w[partner.to(w.device)]
+    info = MixInfo(kind, lam, partner, box)
+    return (x_mixed, y_soft, w_mixed, info) if return_info else (x_mixed, y_soft, w_mixed)
+
+
+def soft_target_loss(logits: torch.Tensor, y_soft: torch.Tensor, weight: torch.Tensor | None = None) -> torch.Tensor:
+    """Mean over samples of -sum_c y_soft * log_softmax(logits); weighted as in lib.losses: (l * w).sum() / w.sum()."""
+    loss = -(y_soft.float() * F.log_softmax(logits.float(), dim=1)).sum(dim=1)
+    if weight is None:
+        return loss.mean()
+    weight = weight.to(loss.dtype)
+    return (loss * weight).sum() / weight.sum().clamp_min(1e-12)
