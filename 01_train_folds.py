@@ -36,7 +36,8 @@ def main_(args: argparse.Namespace, cfg: Config) -> int:
             log.info("%s: some folds are not done yet; the stage record is written once all are", NAME)
         return 0
     stage.finish(cv, started)
-    log.info("%s: CV distance %.4f, top1 %.3f over %d folds%s", NAME, cv["cv_distance"], cv["cv_top1"], cv["folds"],
+    log.info("%s: CV distance %.4f (folds %.3f +- %.3f), top1 %.3f over %d folds%s", NAME, cv["cv_distance"], cv["fold_distance_mean"],
+             cv["fold_distance_std"], cv["cv_top1"], cv["folds"],
              f"; test-like view {cv['cv_distance_testlike']:.4f}" if "cv_distance_testlike" in cv else "")
     return 0
 

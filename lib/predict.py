@@ -48,6 +48,21 @@ def predict(model: nn.Module, loader: DataLoader, device: torch.device, features
     return torch.cat(out).numpy().astype(np.float32)
 
 
+@torch.no_grad()
+def predict_with_features(model: nn.Module, loader: DataLoader, device: torch.device, desc: str = "predict") -> tuple[np.ndarray, np.ndarray]:
+    """Probabilities and the pooled (penultimate) features of a `Net`, in one pass."""
+    model.eval()
+    probs, feats = [], []
+    for x, _, _ in tqdm(loader, desc=desc, leave=False, unit="batch"):
+        x = x.to(device, non_blocking=True).contiguous(memory_format=torch.channels_last)
+        with autocast(device):
+            f = model.features(x)
+            p = model.head_module.probs(model.head_module(f))
+        probs.append(p.float().cpu())
+        feats.append(f.float().cpu())
+    return torch.cat(probs).numpy(), torch.cat(feats).numpy()
+
+
 def load_checkpoint(path: Path) -> dict:
     """A checkpoint saved by lib.train; loaded with weights_only=True (no pickle)."""
     try:

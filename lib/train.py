@@ -29,9 +29,9 @@ from lib.models import build_net, mean_std, pick_device
 from lib.mix import mix_batch, soft_target_loss
 from lib.optim import Ema, lr_factor, param_groups
 from lib.samplers import build_sampler
-from lib.predict import autocast, load_checkpoint, make_loader, predict
+from lib.predict import autocast, load_checkpoint, make_loader, predict, predict_with_features
 from lib.stages import Stage, atomic_path, check
-from lib.taxonomy import Taxonomy
+from lib.taxonomy import RANKS, Taxonomy
 
 log = logging.getLogger("pipeline")
 
@@ -54,6 +54,26 @@ def seed_everything(seed: int) -> None:
 def evaluate(probs: np.ndarray, labels: np.ndarray, dist: np.ndarray) -> dict[str, float]:
     pred = probs.argmax(1)
     return {"val_distance": score_labels(labels, pred, dist), "val_top1": float((pred == labels).mean())}
+
+
+def detailed_metrics(probs: np.ndarray, labels: np.ndarray, taxonomy: Taxonomy, train_counts: np.ndarray) -> dict[str, float]:
+    """Accuracy per rank (among samples whose concept has that rank) and top-1 on head / middle / tail classes.
+
+    Head, middle and tail are thirds of the classes by train count, the long-tail literature's split.
+    """
+    pred = probs.argmax(1)
+    out: dict[str, float] = {}
+    for rank in RANKS[1:]:
+        idx, _ = taxonomy.rank_labels(rank)
+        has = idx[labels] >= 0
+        if has.any():
+            out[f"val_acc_{rank}"] = float((idx[pred[has]] == idx[labels[has]]).mean())
+    order = np.argsort(-np.asarray(train_counts), kind="stable")
+    for name, part in zip(("head", "middle", "tail"), np.array_split(order, 3)):
+        sel = np.isin(labels, part)
+        if sel.any():
+            out[f"val_top1_{name}"] = float((pred[sel] == labels[sel]).mean())
+    return out
 
 
 def fit_fold(cfg: Config, split: FoldSplit, taxonomy: Taxonomy, stage: Stage, epochs: int, stop_after: int | None = None) -> dict:
@@ -145,9 +165,9 @@ def fit_fold(cfg: Config, split: FoldSplit, taxonomy: Taxonomy, stage: Stage, ep
                     ema.update(model)
             bar.set_postfix(loss=f"{np.mean(losses[-20:]):.3f}")
         judged = ema.module if ema is not None else model
-        probs = predict(judged, val_loader, device, desc="validate")
-        metrics = evaluate(probs, labels_val, dist)
-        extra = {}
+        probs, feats = predict_with_features(judged, val_loader, device, desc="validate")
+        metrics = {**evaluate(probs, labels_val, dist), **detailed_metrics(probs, labels_val, taxonomy, counts)}
+        extra = {"embeddings": feats.astype(np.float16)}
         if testlike_loader is not None:
             extra["probs_testlike"] = predict(judged, testlike_loader, device, desc="validate test-like")
             metrics.update({f"{k}_testlike": v for k, v in evaluate(extra["probs_testlike"], labels_val, dist).items()})
@@ -240,7 +260,9 @@ def cv_summary(stage: Stage, n_folds: int, taxonomy: Taxonomy) -> dict | None:
     labels = np.concatenate([o["label"] for o in oofs])
     dist = taxonomy.distance_matrix()
     m = evaluate(np.concatenate([o["probs"] for o in oofs]), labels, dist)
-    out = {"cv_distance": m["val_distance"], "cv_top1": m["val_top1"], "folds": n_folds, "oof_rows": int(len(labels))}
+    per_fold = [evaluate(o["probs"], o["label"], dist)["val_distance"] for o in oofs]
+    out = {"cv_distance": m["val_distance"], "cv_top1": m["val_top1"], "folds": n_folds, "oof_rows": int(len(labels)),
+           "fold_distance_mean": float(np.mean(per_fold)), "fold_distance_std": float(np.std(per_fold))}
     if all("probs_testlike" in o for o in oofs):
         t = evaluate(np.concatenate([o["probs_testlike"] for o in oofs]), labels, dist)
         out.update({"cv_distance_testlike": t["val_distance"], "cv_top1_testlike": t["val_top1"]})

@@ -57,11 +57,15 @@ def test_training_artifacts(tiny):
                 assert (d / f).is_file(), d / f
             oof = np.load(d / "oof.npz")
             assert oof["probs"].shape == (len(oof["label"]), 79)
+            assert oof["embeddings"].shape == (len(oof["label"]), 1280)  # the backbone's pooled features
+            hist = pd.read_csv(d / "history.csv")
+            assert {"val_acc_phylum", "val_acc_species", "val_top1_head", "val_top1_tail", "lr"} <= set(hist.columns)
             assert np.allclose(oof["probs"].sum(1), 1, atol=1e-4)
     import json
 
     rec = json.loads((out / "01_train" / "record.json").read_text())
     assert 0 <= rec["result"]["cv_distance"] <= 12 and rec["result"]["oof_rows"] == 79 * 3
+    assert rec["result"]["fold_distance_std"] >= 0 and 0 <= rec["result"]["fold_distance_mean"] <= 12
 
 
 def test_pseudo_labels_and_retrain_use_them(tiny):
@@ -221,3 +225,23 @@ def test_mixing_and_samplers_train(tiny, tmp_path, extra):
     st = Stage.create("m/fold_0", tmp_path / "fold_0", cfg, ["augment"], ROOT / "01_train_folds.py", {})
     result = fit_fold(cfg, split, tax, st, epochs=1)
     assert 0 <= result["val_distance"] <= 12 and np.isfinite(pd.read_csv(tmp_path / "fold_0" / "history.csv")["train_loss"]).all()
+
+
+def test_detailed_metrics_against_hand_counts():
+    from lib.metric import DEFAULT_TAXONOMY
+    from lib.taxonomy import load_taxonomy_csv
+    from lib.train import detailed_metrics
+
+    tax = load_taxonomy_csv(DEFAULT_TAXONOMY)
+    i = tax.index
+    labels = np.array([i("Sebastes diploproa"), i("Sebastes diploproa"), i("Caridea"), i("Octopus rubescens")])
+    preds = [i("Sebastes diploproa"), i("Sebastes"), i("Heterocarpus"), i("Sebastes diploproa")]
+    probs = np.eye(79)[preds]
+    counts = np.full(79, 50)
+    counts[i("Sebastes diploproa")] = 100  # a head class
+    counts[[i("Caridea"), i("Octopus rubescens")]] = 1  # tail classes
+    m = detailed_metrics(probs, labels, tax, counts)
+    assert m["val_acc_phylum"] == 0.75  # the octopus answered as a fish is the one phylum error
+    assert m["val_acc_genus"] == pytest.approx(2 / 3)  # Caridea has no genus: only the 3 others count; the octopus misses
+    assert m["val_acc_species"] == pytest.approx(1 / 3)  # species known for 3 samples (2 Sebastes d., 1 octopus); 1 right
+    assert m["val_top1_head"] == 0.5 and m["val_top1_tail"] == 0.0
