@@ -96,8 +96,10 @@ class Net(nn.Module):
     def forward_out(self, x: torch.Tensor):
         return self.head_module(self.backbone(x))
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.forward_out(x).logits
+    def forward(self, x: torch.Tensor, full: bool = False):
+        """Leaf logits, or the whole HeadOutput with `full` (training goes through here so DDP sees it)."""
+        out = self.forward_out(x)
+        return out if full else out.logits
 
     def probs(self, x: torch.Tensor) -> torch.Tensor:
         return self.head_module.probs(self.forward_out(x))
@@ -123,6 +125,9 @@ def mean_std(model: nn.Module) -> tuple[tuple[float, ...], tuple[float, ...]]:
 def pick_device(name: str) -> torch.device:
     if name == "cuda" and not torch.cuda.is_available():
         raise StageError("train.device is cuda but no CUDA GPU is visible; set train.device=auto or cpu.")
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
+    from lib import dist
+
+    kind = ("cuda" if torch.cuda.is_available() else "cpu") if name == "auto" else name
+    if kind == "cuda" and dist.world_size() > 1:
+        return torch.device(f"cuda:{dist.local_rank()}")  # one GPU per torchrun process
+    return torch.device(kind)

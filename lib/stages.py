@@ -296,7 +296,8 @@ def stage_parser(description: str, folds: bool = False) -> argparse.ArgumentPars
 def setup_logging(stage_dir: Path | None = None) -> None:
     """Console at INFO plus `<stage>/log.txt`; idempotent across stages run in one process."""
     root = logging.getLogger()
-    root.setLevel(logging.INFO)
+    # Under torchrun only rank 0 speaks; the other ranks report warnings and errors.
+    root.setLevel(logging.INFO if os.environ.get("RANK", "0") == "0" else logging.WARNING)
     for h in list(root.handlers):
         if getattr(h, "_pipeline", False):
             root.removeHandler(h)

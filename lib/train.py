@@ -17,9 +17,10 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import torch
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, DistributedSampler
 from tqdm import tqdm
 
+from lib import dist as ddp
 from lib.augment import build_transforms
 from lib.config import Config
 from lib.data import CropDataset
@@ -92,6 +93,11 @@ def fit_fold(cfg: Config, split: FoldSplit, taxonomy: Taxonomy, stage: Stage, ep
     dist = taxonomy.distance_matrix()
     model = build_net(cfg, taxonomy).to(device)
     model = model.to(memory_format=torch.channels_last)  # faster on CUDA and on CPU alike
+    world, main = ddp.world_size(), ddp.is_main()
+    train_model = model
+    if world > 1:  # gradients averaged across torchrun processes; rank 0 validates and writes
+        train_model = torch.nn.parallel.DistributedDataParallel(
+            model, device_ids=[device.index] if device.type == "cuda" else None, find_unused_parameters=a.mixing)
     mean, std = mean_std(model)
     counts = np.bincount(split.train["label"].to_numpy(), minlength=taxonomy.n_classes)
     criterion = build_loss(cfg.loss, counts, dist).to(device)
@@ -105,7 +111,8 @@ def fit_fold(cfg: Config, split: FoldSplit, taxonomy: Taxonomy, stage: Stage, ep
     if "testlike_path" in split.val and (split.val["testlike_path"] != "").all():
         testlike_loader = make_loader(split.val["testlike_path"].tolist(), cfg.model.img_size, mean, std, t.eval_batch_size,
                                       t.num_workers, device)
-    batches = max(1, len(ds) // t.batch_size if len(ds) > t.batch_size else 1)
+    per_rank = len(ds) // world  # each torchrun process sees its share of every epoch
+    batches = max(1, per_rank // t.batch_size if per_rank > t.batch_size else 1)
     steps_per_epoch = max(1, math.ceil(batches / t.accumulate))
     total, warmup = steps_per_epoch * epochs, int(t.warmup_epochs * steps_per_epoch)
     restart = max(1, int(round(t.restart_epochs * steps_per_epoch)))
@@ -123,7 +130,7 @@ def fit_fold(cfg: Config, split: FoldSplit, taxonomy: Taxonomy, stage: Stage, ep
             log.info("%s: resuming at epoch %d/%d", stage.name, start_epoch + 1, epochs)
 
     for epoch in range(start_epoch, epochs):
-        if t.patience and best["epoch"] > 0 and epoch + 1 - best["epoch"] > t.patience:
+        if ddp.broadcast_flag(bool(t.patience and best["epoch"] > 0 and epoch + 1 - best["epoch"] > t.patience)):
             log.info("%s: early stop after epoch %d (no gain for %d epochs)", stage.name, epoch, t.patience)
             break
         t0 = time.time()
@@ -132,12 +139,18 @@ def fit_fold(cfg: Config, split: FoldSplit, taxonomy: Taxonomy, stage: Stage, ep
         criterion.set_epoch(epoch)
         train_tf.set_random_seed(epoch_seed)
         gen = torch.Generator().manual_seed(epoch_seed)
-        sampler = build_sampler(t.sampler, split.train["label"].to_numpy(), None, gen)
+        if world > 1 and t.sampler == "random":
+            sampler = DistributedSampler(ds, num_replicas=world, rank=ddp.rank(), shuffle=True, seed=epoch_seed, drop_last=True)
+        elif world > 1:  # each rank draws its own share of a weighted sample
+            sampler = build_sampler(t.sampler, split.train["label"].to_numpy(), len(ds) // world,
+                                    torch.Generator().manual_seed(epoch_seed * world + ddp.rank()))
+        else:
+            sampler = build_sampler(t.sampler, split.train["label"].to_numpy(), None, gen)
         loader = DataLoader(ds, batch_size=t.batch_size, shuffle=sampler is None, sampler=sampler, generator=gen,
                             drop_last=len(ds) > t.batch_size, num_workers=t.num_workers, pin_memory=device.type == "cuda")
         model.train()
         losses = []
-        bar = tqdm(loader, desc=f"{stage.name} epoch {epoch + 1}/{epochs}", leave=False, unit="batch")
+        bar = tqdm(loader, desc=f"{stage.name} epoch {epoch + 1}/{epochs}", leave=False, unit="batch", disable=not main)
         optimizer.zero_grad(set_to_none=True)
         for i, (x, y, w) in enumerate(bar):
             x, y, w = x.to(device, non_blocking=True), y.to(device), w.to(device)
@@ -146,7 +159,7 @@ def fit_fold(cfg: Config, split: FoldSplit, taxonomy: Taxonomy, stage: Stage, ep
                 x, y_soft, w = mix_batch(x, y, w, taxonomy.n_classes, a.mixup_alpha, a.cutmix_alpha, a.mix_prob, a.mix_same_leaf, gen)
             x = x.contiguous(memory_format=torch.channels_last)
             with autocast(device):
-                out_ = model.forward_out(x)
+                out_ = train_model(x, full=True)
             # Mixed (soft) targets train the leaf logits with soft cross-entropy; one-hot batches use the head's loss.
             soft = y_soft is not None and not a.mix_same_leaf
             loss = soft_target_loss(out_.logits, y_soft.to(device), w) if soft else model.head_module.loss(out_, y, w, criterion)
@@ -164,34 +177,37 @@ def fit_fold(cfg: Config, split: FoldSplit, taxonomy: Taxonomy, stage: Stage, ep
                 if ema is not None:
                     ema.update(model)
             bar.set_postfix(loss=f"{np.mean(losses[-20:]):.3f}")
-        judged = ema.module if ema is not None else model
-        probs, feats = predict_with_features(judged, val_loader, device, desc="validate")
-        metrics = {**evaluate(probs, labels_val, dist), **detailed_metrics(probs, labels_val, taxonomy, counts)}
-        extra = {"embeddings": feats.astype(np.float16)}
-        if testlike_loader is not None:
-            extra["probs_testlike"] = predict(judged, testlike_loader, device, desc="validate test-like")
-            metrics.update({f"{k}_testlike": v for k, v in evaluate(extra["probs_testlike"], labels_val, dist).items()})
-        row = {"epoch": epoch + 1, "train_loss": float(np.mean(losses)) if losses else float("nan"), **metrics,
-               "lr": max(g["lr"] for g in optimizer.param_groups), "seconds": round(time.time() - t0, 2)}
-        history.append(row)
-        if metrics["val_distance"] < best["val_distance"] - t.min_delta:
-            best = {**metrics, "epoch": epoch + 1}
-            # torch.save writes a copy: later steps cannot alter the best weights on disk.
-            with atomic_path(out / "best.pt") as tmp:
-                torch.save({"model": judged.state_dict(), "epoch": epoch + 1, "val_distance": metrics["val_distance"]}, tmp)
-            with atomic_path(out / "oof.npz") as tmp:
-                np.savez(tmp, annotation_id=split.val["annotation_id"].to_numpy(), label=labels_val, probs=probs, **extra)
-        state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "epoch": epoch, "best": best,
-                 "history": history, "digest": stage.digest}
-        if ema is not None:
-            state["ema"] = ema.state_dict()
-        with atomic_path(last) as tmp:
-            torch.save(state, tmp)
-        tl = f", test-like view {metrics['val_distance_testlike']:.3f}" if "val_distance_testlike" in metrics else ""
-        log.info("%s epoch %d/%d: loss %.3f, val distance %.3f, top1 %.3f%s (%.1fs)", stage.name, epoch + 1, epochs,
-                 row["train_loss"], metrics["val_distance"], metrics["val_top1"], tl, row["seconds"])
-        if stop_after is not None and epoch + 1 >= stop_after:
+        if main:
+            judged = ema.module if ema is not None else model
+            probs, feats = predict_with_features(judged, val_loader, device, desc="validate")
+            metrics = {**evaluate(probs, labels_val, dist), **detailed_metrics(probs, labels_val, taxonomy, counts)}
+            extra = {"embeddings": feats.astype(np.float16)}
+            if testlike_loader is not None:
+                extra["probs_testlike"] = predict(judged, testlike_loader, device, desc="validate test-like")
+                metrics.update({f"{k}_testlike": v for k, v in evaluate(extra["probs_testlike"], labels_val, dist).items()})
+            row = {"epoch": epoch + 1, "train_loss": float(np.mean(losses)) if losses else float("nan"), **metrics,
+                   "lr": max(g["lr"] for g in optimizer.param_groups), "seconds": round(time.time() - t0, 2)}
+            history.append(row)
+            if metrics["val_distance"] < best["val_distance"] - t.min_delta:
+                best = {**metrics, "epoch": epoch + 1}
+                # torch.save writes a copy: later steps cannot alter the best weights on disk.
+                with atomic_path(out / "best.pt") as tmp:
+                    torch.save({"model": judged.state_dict(), "epoch": epoch + 1, "val_distance": metrics["val_distance"]}, tmp)
+                with atomic_path(out / "oof.npz") as tmp:
+                    np.savez(tmp, annotation_id=split.val["annotation_id"].to_numpy(), label=labels_val, probs=probs, **extra)
+            state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "epoch": epoch, "best": best,
+                     "history": history, "digest": stage.digest}
+            if ema is not None:
+                state["ema"] = ema.state_dict()
+            with atomic_path(last) as tmp:
+                torch.save(state, tmp)
+            tl = f", test-like view {metrics['val_distance_testlike']:.3f}" if "val_distance_testlike" in metrics else ""
+            log.info("%s epoch %d/%d: loss %.3f, val distance %.3f, top1 %.3f%s (%.1fs)", stage.name, epoch + 1, epochs,
+                     row["train_loss"], metrics["val_distance"], metrics["val_top1"], tl, row["seconds"])
+        if ddp.broadcast_flag(stop_after is not None and epoch + 1 >= stop_after):
             return {"stopped_after": epoch + 1}
+    if not main:
+        return {}
     with atomic_path(out / "history.csv") as tmp:
         pd.DataFrame(history).to_csv(tmp, index=False)
     from lib.plots import plot_history
@@ -231,6 +247,7 @@ def fold_splits(rois: pd.DataFrame, folds: list[int], extra: pd.DataFrame | None
 def run_folds(cfg: Config, stage: Stage, rois: pd.DataFrame, taxonomy: Taxonomy, epochs: int, only: list[int] | None,
               force: bool, dry_run: bool, extra: pd.DataFrame | None = None) -> dict | None:
     """Train every fold that is not up to date; returns the CV summary once all folds are done."""
+    ddp.init(pick_device(cfg.train.device).type)
     n_folds = int(rois.loc[rois["split"] == "train", "fold"].max()) + 1
     wanted = only or cfg.train.folds or list(range(n_folds))
     for split in fold_splits(rois, wanted, extra):
@@ -238,13 +255,17 @@ def run_folds(cfg: Config, stage: Stage, rois: pd.DataFrame, taxonomy: Taxonomy,
         if not check(fold_stage, force, dry_run):
             continue
         started = time.time()
-        fold_stage.invalidate()
+        ddp.barrier()  # every rank has decided before rank 0 voids the old record
+        if ddp.is_main():
+            fold_stage.invalidate()
         result = fit_fold(cfg, split, taxonomy, fold_stage, epochs)
+        if not ddp.is_main():
+            continue
         fold_stage.finish(result, started)
         tl = f", test-like view {result['val_distance_testlike']:.3f}" if "val_distance_testlike" in result else ""
         log.info("%s: val distance %.3f, top1 %.3f%s at epoch %d (%.0fs)", fold_stage.name, result["val_distance"],
                  result["val_top1"], tl, result["best_epoch"], time.time() - started)
-    if dry_run:
+    if dry_run or not ddp.is_main():
         return None
     return cv_summary(stage, n_folds, taxonomy)
 

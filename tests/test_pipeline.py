@@ -245,3 +245,23 @@ def test_detailed_metrics_against_hand_counts():
     assert m["val_acc_genus"] == pytest.approx(2 / 3)  # Caridea has no genus: only the 3 others count; the octopus misses
     assert m["val_acc_species"] == pytest.approx(1 / 3)  # species known for 3 samples (2 Sebastes d., 1 octopus); 1 right
     assert m["val_top1_head"] == 0.5 and m["val_top1_tail"] == 0.0
+
+
+def test_two_process_ddp_with_gloo(tiny, tmp_path):
+    """torchrun with 2 CPU processes (gloo): one fold trains with DDP, rank 0 alone writes the records."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    overrides, out, _ = tiny
+    ddp_over = [o for o in overrides if not o.startswith("exp=")] + ["exp=ddp", "prepare.n_folds=2"]
+    assert load("00_prepare_data.py").main(["--config", "configs/demo.yaml", *ddp_over]) == 0
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "NO_ALBUMENTATIONS_UPDATE": "1"}
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                        "01_train_folds.py", "--config", "configs/demo.yaml", *ddp_over],
+                       cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    rec = json.loads((out.parent / "ddp" / "01_train" / "record.json").read_text())
+    assert rec["result"]["folds"] == 2 and 0 <= rec["result"]["cv_distance"] <= 12
+    assert r.stdout.count("01_train: CV distance") == 1  # only rank 0 reports
