@@ -168,7 +168,7 @@ def prepare(cfg: Config, out_dir: Path) -> Prepared:
         images_dir = paths[f"{split}_images"]
         if not images_dir.is_dir():
             raise StageError(f"Frames folder '{images_dir}' does not exist; rerun with --download or set data.{split}_images.")
-        fetch_frames(cfg, download=False, only=split)
+        check_frames(cfg, coco, images_dir, split)
         rows, rejects, by_frame = _check_rows(split, coco, tax, images_dir)
         factors: dict[int, float] = {}
         if split == "train" and cfg.prepare.test_like:
@@ -243,30 +243,33 @@ def missing_frames(coco: CocoSet, images_dir: Path) -> list[tuple[int, str]]:
             if r.id in used and frame_path(images_dir, int(r.id), r.file_name) is None]
 
 
-def fetch_frames(cfg: Config, download: bool, only: str | None = None) -> None:
-    """Report missing frames; with `download`, fetch them into `<images>/<image_id>.png` first.
+def fetch_frames(cfg: Config, download: bool) -> None:
+    """With `download`, fetch the missing frames of both splits into `<images>/<image_id>.png`, then check them."""
+    paths = cfg.data.paths()
+    for split in ("train", "test"):
+        check_frames(cfg, read_coco(paths[f"{split}_json"]), paths[f"{split}_images"], split, download)
+
+
+def check_frames(cfg: Config, coco: CocoSet, folder: Path, split: str, download: bool = False) -> None:
+    """Report missing frames (fetching them first with `download`).
 
     Fails with one sentence when more frames stay missing than prepare.max_reject_fraction allows.
     """
     from lib.download import DownloadJob, download as fetch, missing_message
 
-    paths = cfg.data.paths()
-    for split in [only] if only else ["train", "test"]:
-        coco = read_coco(paths[f"{split}_json"])
-        folder = paths[f"{split}_images"]
+    missing = missing_frames(coco, folder)
+    report = None
+    if missing and download:
+        folder.mkdir(parents=True, exist_ok=True)
+        log.info("downloading %d missing %s frames into %s", len(missing), split, folder)
+        p = cfg.prepare
+        report = fetch([DownloadJob(url, folder / f"{i}.png") for i, url in missing], workers=p.download_workers,
+                       retries=p.download_retries, timeout=p.download_timeout)
         missing = missing_frames(coco, folder)
-        report = None
-        if missing and download:
-            folder.mkdir(parents=True, exist_ok=True)
-            log.info("downloading %d missing %s frames into %s", len(missing), split, folder)
-            p = cfg.prepare
-            report = fetch([DownloadJob(url, folder / f"{i}.png") for i, url in missing], workers=p.download_workers,
-                           retries=p.download_retries, timeout=p.download_timeout)
-            missing = missing_frames(coco, folder)
-        if not missing:
-            continue
-        n_frames = max(1, coco.annotations["image_id"].nunique())
-        message = missing_message(len(missing), folder, report)
-        if len(missing) / n_frames > cfg.prepare.max_reject_fraction:
-            raise StageError(message)
-        log.warning("%s", message)
+    if not missing:
+        return
+    n_frames = max(1, coco.annotations["image_id"].nunique())
+    message = missing_message(len(missing), folder, report)
+    if len(missing) / n_frames > cfg.prepare.max_reject_fraction:
+        raise StageError(message)
+    log.warning("%s", message)
