@@ -23,6 +23,7 @@ def main_(args: argparse.Namespace, cfg: Config) -> int:
     started = time.time()
     import numpy as np
 
+    from lib.context import model_inputs
     from lib.models import pick_device
     from lib.predict import predict_folds
     from lib.prepare import load_rois
@@ -34,7 +35,7 @@ def main_(args: argparse.Namespace, cfg: Config) -> int:
     rois, tax = load_rois(prep), load_taxonomy_json(prep / "taxonomy.json")
     test = rois[(rois["split"] == "test") & (rois["ok"] == 1)]
     fold_dirs = pipeline.fold_dirs(cfg, "01_train")
-    probs = predict_folds(fold_dirs, test["crop_path"].tolist(), cfg, tax, pick_device(cfg.train.device))
+    probs = predict_folds(fold_dirs, model_inputs(test, cfg.model.context), cfg, tax, pick_device(cfg.train.device))
     mean = probs.mean(0)
     with atomic_path(stage.dir / "test_probs.npz") as tmp:
         np.savez(tmp, annotation_id=test["annotation_id"].to_numpy(), probs=probs, mean=mean)

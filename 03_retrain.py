@@ -31,7 +31,7 @@ def main_(args: argparse.Namespace, cfg: Config) -> int:
     prep = cfg.out_dir / "00_prepare"
     rois, tax = load_rois(prep), load_taxonomy_json(prep / "taxonomy.json")
     pseudo = pd.read_csv(cfg.out_dir / "02_pseudo" / "pseudo_labels.csv")
-    test = rois[rois["split"] == "test"][["annotation_id", "crop_path"]]
+    test = rois[rois["split"] == "test"][["annotation_id"] + [c for c in rois.columns if c.endswith("_path") and c != "testlike_path"]]
     extra = pseudo.merge(test, on="annotation_id", how="inner")
     extra["weight"] = extra["weight"] ** cfg.pseudo.weight_power
     epochs = cfg.retrain.epochs or cfg.train.epochs

@@ -48,10 +48,11 @@ def main_(args: argparse.Namespace, cfg: Config) -> int:
         key = f"{stage.fingerprint['inputs'][pipeline.PHASE_STAGES[m]]}|{cfg.model.backbone}|{cfg.model.img_size}|{cfg.head}|{len(ids)}"
 
         def compute(folds: list = folds) -> dict:
+            from lib.context import model_inputs
             from lib.models import pick_device
             from lib.predict import predict_folds
 
-            p = predict_folds(folds, test["crop_path"].tolist(), cfg, tax, pick_device(cfg.train.device))
+            p = predict_folds(folds, model_inputs(test, cfg.model.context), cfg, tax, pick_device(cfg.train.device))
             return {"annotation_id": ids, "probs": p.mean(0)}
 
         arrays, hit = cached_npz(stage.dir / "probs" / f"{m}.npz", key, compute)

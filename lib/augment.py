@@ -68,13 +68,14 @@ def _train_ops(aug: AugmentCfg, img_size: int) -> list[A.BasicTransform | A.Base
 
 
 def build_transforms(img_size: int, train: bool, mean: Sequence[float], std: Sequence[float],
-                     aug: AugmentCfg | None = None) -> A.Compose:
+                     aug: AugmentCfg | None = None, n_views: int = 1) -> A.Compose:
     """Train: resize + the enabled ops of `aug` (None = AugmentCfg defaults); eval: resize only.
 
     Both end in Normalize and ToTensorV2, giving a float (3, img_size, img_size) tensor.
+    `n_views` > 1 adds targets image1.. so a ROI and its context crops share one random draw.
     """
     ops: list = [A.Resize(img_size, img_size)]
     if train:
         ops += _train_ops(aug if aug is not None else AugmentCfg(), img_size)
     ops += [A.Normalize(mean=tuple(mean), std=tuple(std)), ToTensorV2()]
-    return A.Compose(ops)
+    return A.Compose(ops, additional_targets={f"image{v}": "image" for v in range(1, n_views)})

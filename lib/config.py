@@ -92,6 +92,10 @@ class ModelCfg:
     pretrained_file: str = ""
     img_size: int = 64
     drop_path_rate: float = 0.0
+    # Views read per ROI through the shared backbone: 1 = the ROI crop, a number = that context
+    # scale of prepare.context_scales, full = the whole frame. [1] reads the ROI alone.
+    context: list[str] = field(default_factory=lambda: ["1"])
+    fusion: Literal["concat", "attention"] = "concat"
 
 
 @dataclass
@@ -138,6 +142,7 @@ class TrainCfg:
     patience: int = 0  # early stopping after this many epochs without improvement; 0 = off
     min_delta: float = 0.0  # an improvement must lower the val distance by more than this
     sampler: Literal["random", "class_balanced", "sqrt"] = "random"  # lib.samplers: class_balanced / sqrt oversample the tail
+    compile: bool = False  # torch.compile the training step (CUDA: worth it on long runs; the first steps compile)
 
 
 @dataclass
@@ -434,6 +439,10 @@ def validate(cfg: Config) -> None:
         (cfg.train.patience >= 0 and cfg.train.min_delta >= 0, "train.patience and train.min_delta must be 0 or more"),
         (cfg.retrain.epochs >= 0, "retrain.epochs must be 0 (reuse train.epochs) or more"),
         (cfg.model.img_size >= 16, "model.img_size must be at least 16"),
+        (len(cfg.model.context) >= 1 and cfg.model.context[0] == "1" and len(set(cfg.model.context)) == len(cfg.model.context),
+         "model.context must start with 1 (the ROI itself) and name each view once, e.g. [1, 3, 5, full]"),
+        (all(c in ("1", "full") or _is_number(c) for c in cfg.model.context),
+         "model.context may only hold 1, context scales such as 3 or 5, and full"),
         (cfg.knn.img_size >= 16, "knn.img_size must be at least 16"),
         (cfg.prepare.crop_size >= 16, "prepare.crop_size must be at least 16"),
         (cfg.prepare.n_folds >= 2, "prepare.n_folds must be at least 2"),
@@ -476,6 +485,13 @@ def validate(cfg: Config) -> None:
         section = key.split(".")[0]
         if getattr(cfg, section).pretrained == "file" and not (value and Path(value).is_file()):
             raise ConfigError(f"{key} '{value}' is not a file; set it to a local weights file or change {section}.pretrained.")
+
+
+def _is_number(text: str) -> bool:
+    try:
+        return float(text) > 0
+    except ValueError:
+        return False
 
 
 def _ordered(values: list[float], lo: float, hi: float) -> bool:

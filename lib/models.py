@@ -84,17 +84,23 @@ class Net(nn.Module):
     for the head's full output (auxiliary logits, per-head logits) and `head_module.loss`.
     """
 
-    def __init__(self, backbone: nn.Module, head: nn.Module):
+    def __init__(self, backbone: nn.Module, head: nn.Module, fusion: nn.Module | None = None):
         super().__init__()
         self.backbone = backbone
         self.head_module = head
+        self.fusion = fusion  # lib.context.ContextFusion when the model reads several views
         self.pretrained_cfg = getattr(backbone, "pretrained_cfg", {})
 
     def features(self, x: torch.Tensor) -> torch.Tensor:
-        return self.backbone(x)
+        """Pooled features of a (N, 3, H, W) batch, or the fused features of (N, V, 3, H, W) views."""
+        if x.dim() == 4:
+            return self.backbone(x)
+        n, v = x.shape[:2]
+        f = self.backbone(channels_last(x.flatten(0, 1)))  # one pass through the shared backbone
+        return self.fusion(f.view(n, v, -1))
 
     def forward_out(self, x: torch.Tensor):
-        return self.head_module(self.backbone(x))
+        return self.head_module(self.features(x))
 
     def forward(self, x: torch.Tensor, full: bool = False):
         """Leaf logits, or the whole HeadOutput with `full` (training goes through here so DDP sees it)."""
@@ -112,9 +118,18 @@ def build_net(cfg, taxonomy, pretrained: bool = True) -> Net:
     """
     from lib.heads import build_head
 
+    from lib.context import ContextFusion
+
     m = cfg.model
     backbone = build_model(m.backbone, 0, m.pretrained if pretrained else "none", m.pretrained_file, m.drop_path_rate)
-    return Net(backbone, build_head(cfg.head, backbone.num_features, taxonomy))
+    fusion = ContextFusion(backbone.num_features, len(m.context), m.fusion) if len(m.context) > 1 else None
+    dim = fusion.out_dim if fusion is not None else backbone.num_features
+    return Net(backbone, build_head(cfg.head, dim, taxonomy), fusion)
+
+
+def channels_last(x: torch.Tensor) -> torch.Tensor:
+    """NHWC memory layout for 4-D image batches (faster convolutions); view stacks stay as they are."""
+    return x.contiguous(memory_format=torch.channels_last) if x.dim() == 4 else x
 
 
 def mean_std(model: nn.Module) -> tuple[tuple[float, ...], tuple[float, ...]]:

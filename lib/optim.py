@@ -24,6 +24,9 @@ def param_groups(model: nn.Module, lr: float, weight_decay: float, backbone_lr_m
     """
     head = head_module(model)
     head_ids = {id(p) for p in head.parameters()} if head is not None else set()
+    fusion = getattr(model, "fusion", None)  # context fusion is new too: it learns at the head's rate
+    if isinstance(fusion, nn.Module):
+        head_ids |= {id(p) for p in fusion.parameters()}
     groups: dict[tuple[bool, bool], list] = {}
     for p in model.parameters():
         if not p.requires_grad:

@@ -13,7 +13,7 @@ from tqdm import tqdm
 
 from lib.augment import build_transforms
 from lib.data import CropDataset
-from lib.models import build_net, mean_std
+from lib.models import build_net, channels_last, mean_std
 from lib.stages import StageError
 
 
@@ -24,8 +24,10 @@ def autocast(device: torch.device):
     return contextlib.nullcontext()
 
 
-def make_loader(paths: Sequence[str], img_size: int, mean, std, batch_size: int, num_workers: int, device: torch.device) -> DataLoader:
-    ds = CropDataset(paths, transform=build_transforms(img_size, train=False, mean=mean, std=std))
+def make_loader(paths: Sequence, img_size: int, mean, std, batch_size: int, num_workers: int, device: torch.device) -> DataLoader:
+    """Eval loader over crop paths, or over tuples of view paths (lib.context.model_inputs)."""
+    n_views = len(paths[0]) if len(paths) and isinstance(paths[0], (tuple, list)) else 1
+    ds = CropDataset(paths, transform=build_transforms(img_size, train=False, mean=mean, std=std, n_views=n_views))
     return DataLoader(ds, batch_size=batch_size, shuffle=False, num_workers=num_workers, pin_memory=device.type == "cuda")
 
 
@@ -35,8 +37,7 @@ def predict(model: nn.Module, loader: DataLoader, device: torch.device, features
     model.eval()
     out = []
     for x, _, _ in tqdm(loader, desc=desc, leave=False, unit="batch"):
-        x = x.to(device, non_blocking=True)
-        x = x.contiguous(memory_format=torch.channels_last)
+        x = channels_last(x.to(device, non_blocking=True))
         with autocast(device):
             if features:
                 y = model.features(x) if hasattr(model, "features") else model.forward_head(model.forward_features(x), pre_logits=True)
@@ -54,7 +55,7 @@ def predict_with_features(model: nn.Module, loader: DataLoader, device: torch.de
     model.eval()
     probs, feats = [], []
     for x, _, _ in tqdm(loader, desc=desc, leave=False, unit="batch"):
-        x = x.to(device, non_blocking=True).contiguous(memory_format=torch.channels_last)
+        x = channels_last(x.to(device, non_blocking=True))
         with autocast(device):
             f = model.features(x)
             p = model.head_module.probs(model.head_module(f))
@@ -86,7 +87,7 @@ def load_fold_model(fold_dir: Path, cfg, taxonomy, device: torch.device) -> nn.M
     return model.eval()
 
 
-def predict_folds(fold_dirs: Sequence[Path], paths: Sequence[str], cfg, taxonomy, device: torch.device) -> np.ndarray:
+def predict_folds(fold_dirs: Sequence[Path], paths: Sequence, cfg, taxonomy, device: torch.device) -> np.ndarray:
     """Per-fold probabilities, shape (folds, items, classes)."""
     out = []
     for d in fold_dirs:

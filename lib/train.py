@@ -23,10 +23,11 @@ from tqdm import tqdm
 from lib import dist as ddp
 from lib.augment import build_transforms
 from lib.config import Config
+from lib.context import model_inputs
 from lib.data import CropDataset
 from lib.losses import build_loss
 from lib.metric import score_labels
-from lib.models import build_net, mean_std, pick_device
+from lib.models import build_net, channels_last, mean_std, pick_device
 from lib.mix import mix_batch, soft_target_loss
 from lib.optim import Ema, lr_factor, param_groups
 from lib.samplers import build_sampler
@@ -42,8 +43,8 @@ class FoldSplit:
     """Training rows (with per-sample weights) and validation rows of one fold."""
 
     fold: int
-    train: pd.DataFrame  # crop_path, label, weight
-    val: pd.DataFrame  # annotation_id, crop_path, label (+ testlike_path: the same ROIs shrunk to test box sizes)
+    train: pd.DataFrame  # crop_path (+ ctx<s>_path, full_path), label, weight
+    val: pd.DataFrame  # annotation_id, label, the crop paths (+ testlike_path: the same ROIs shrunk to test box sizes)
 
 
 def seed_everything(seed: int) -> None:
@@ -98,19 +99,23 @@ def fit_fold(cfg: Config, split: FoldSplit, taxonomy: Taxonomy, stage: Stage, ep
     if world > 1:  # gradients averaged across torchrun processes; rank 0 validates and writes
         train_model = torch.nn.parallel.DistributedDataParallel(
             model, device_ids=[device.index] if device.type == "cuda" else None, find_unused_parameters=a.mixing)
+    if t.compile:  # the training forward only; validation and checkpoints use the plain module
+        train_model = torch.compile(train_model)
     mean, std = mean_std(model)
     counts = np.bincount(split.train["label"].to_numpy(), minlength=taxonomy.n_classes)
     criterion = build_loss(cfg.loss, counts, dist).to(device)
     optimizer = torch.optim.AdamW(param_groups(model, t.lr, t.weight_decay, t.backbone_lr_mult))
     ema = Ema(model, t.ema_decay) if t.ema_decay > 0 else None
-    train_tf = build_transforms(cfg.model.img_size, train=True, mean=mean, std=std, aug=cfg.augment)
-    ds = CropDataset(split.train["crop_path"], split.train["label"], split.train["weight"], transform=train_tf)
-    val_loader = make_loader(split.val["crop_path"].tolist(), cfg.model.img_size, mean, std, t.eval_batch_size, t.num_workers, device)
+    views = cfg.model.context
+    train_tf = build_transforms(cfg.model.img_size, train=True, mean=mean, std=std, aug=cfg.augment, n_views=len(views))
+    ds = CropDataset(model_inputs(split.train, views), split.train["label"], split.train["weight"], transform=train_tf)
+    val_loader = make_loader(model_inputs(split.val, views), cfg.model.img_size, mean, std, t.eval_batch_size, t.num_workers, device)
     labels_val = split.val["label"].to_numpy()
     testlike_loader = None
-    if "testlike_path" in split.val and (split.val["testlike_path"] != "").all():
-        testlike_loader = make_loader(split.val["testlike_path"].tolist(), cfg.model.img_size, mean, std, t.eval_batch_size,
-                                      t.num_workers, device)
+    if "testlike_path" in split.val and (split.val["testlike_path"].fillna("") != "").all():
+        # The test-like view shrinks the ROI only: 00 cuts no test-like context crops, so context views stay as they are.
+        testlike_loader = make_loader(model_inputs(split.val, views, roi_column="testlike_path"), cfg.model.img_size, mean, std,
+                                      t.eval_batch_size, t.num_workers, device)
     per_rank = len(ds) // world  # each torchrun process sees its share of every epoch
     batches = max(1, per_rank // t.batch_size if per_rank > t.batch_size else 1)
     steps_per_epoch = max(1, math.ceil(batches / t.accumulate))
@@ -157,7 +162,7 @@ def fit_fold(cfg: Config, split: FoldSplit, taxonomy: Taxonomy, stage: Stage, ep
             y_soft = None
             if a.mixing:
                 x, y_soft, w = mix_batch(x, y, w, taxonomy.n_classes, a.mixup_alpha, a.cutmix_alpha, a.mix_prob, a.mix_same_leaf, gen)
-            x = x.contiguous(memory_format=torch.channels_last)
+            x = channels_last(x)
             with autocast(device):
                 out_ = train_model(x, full=True)
             # Mixed (soft) targets train the leaf logits with soft cross-entropy; one-hot batches use the head's loss.
@@ -233,12 +238,13 @@ def _try_resume(path: Path, digest: str) -> dict | None:
 def fold_splits(rois: pd.DataFrame, folds: list[int], extra: pd.DataFrame | None = None) -> list[FoldSplit]:
     """Per fold: train on the other folds (+ `extra` rows, e.g. pseudo-labels, never validated on)."""
     train = rois[(rois["split"] == "train") & (rois["ok"] == 1)].assign(weight=1.0)
+    views = [c for c in train.columns if c.endswith("_path") and c != "testlike_path"]  # the ROI and every context crop
     out = []
     for k in folds:
-        tr = train[train["fold"] != k][["crop_path", "label", "weight"]]
+        tr = train[train["fold"] != k][views + ["label", "weight"]]
         if extra is not None and len(extra):
-            tr = pd.concat([tr, extra[["crop_path", "label", "weight"]]], ignore_index=True)
-        cols = ["annotation_id", "crop_path", "label"] + (["testlike_path"] if "testlike_path" in train else [])
+            tr = pd.concat([tr, extra[[c for c in views if c in extra] + ["label", "weight"]]], ignore_index=True)
+        cols = ["annotation_id", "label"] + views + (["testlike_path"] if "testlike_path" in train else [])
         val = train[train["fold"] == k][cols].reset_index(drop=True)
         out.append(FoldSplit(fold=k, train=tr.reset_index(drop=True), val=val))
     return out

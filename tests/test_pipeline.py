@@ -212,6 +212,24 @@ def test_every_head_trains_and_predicts(tiny, tmp_path, head):
     assert probs.shape == (1, 5, 79) and np.allclose(probs.sum(-1), 1, atol=1e-4)
 
 
+@pytest.mark.parametrize("fusion", ["concat", "attention"])
+def test_context_views_train_and_predict(tiny, tmp_path, fusion):
+    """A model reading the ROI, its 3x context and the frame trains, validates (test-like view too) and predicts."""
+    import torch
+
+    from lib.context import model_inputs
+    from lib.predict import predict_folds
+    from lib.stages import Stage
+    from lib.train import fit_fold
+
+    cfg, split, tax = _fold_setup(tiny, tmp_path, "model.context=[1, 3, full]", f"model.fusion={fusion}")
+    st = Stage.create("c/fold_0", tmp_path / "fold_0", cfg, ["model"], ROOT / "01_train_folds.py", {})
+    result = fit_fold(cfg, split, tax, st, epochs=1)
+    assert 0 <= result["val_distance"] <= 12 and 0 <= result["val_distance_testlike"] <= 12
+    probs = predict_folds([tmp_path / "fold_0"], model_inputs(split.val.head(5), cfg.model.context), cfg, tax, torch.device("cpu"))
+    assert probs.shape == (1, 5, 79) and np.allclose(probs.sum(-1), 1, atol=1e-4)
+
+
 @pytest.mark.parametrize("extra", [
     ("augment.mixup_alpha=0.4", "augment.mix_prob=1.0"),
     ("augment.cutmix_alpha=1.0", "train.sampler=class_balanced", "loss.name=dwce"),
