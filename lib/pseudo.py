@@ -118,9 +118,9 @@ def select_vote(
 
     `min_agree` <= 0 means every model. The label is the most voted class; a tie in votes goes
     to the tied class with the higher ensemble mean probability (the vote cannot decide, so the
-    soft evidence does). Weight = the ensemble mean probability of that label, on the same
-    scale as `select_confident`'s. Rows come out ordered by U, highest first, so a caller that
-    caps the count keeps the least uncertain.
+    soft evidence does; a `min_agree` above half the models rules ties out). Weight = the
+    ensemble mean probability of that label, on the same scale as `select_confident`'s. Rows
+    come out ordered by U, highest first, so a caller that caps the count keeps the least uncertain.
     """
     probs = _check_probs(probs)
     n_models, n_items, _ = probs.shape
