@@ -220,12 +220,33 @@ class LossCfg:
     ed_lambda: float = 0.1  # ce_expected_distance
 
 
+PSEUDO_METHODS = ("confidence", "vote", "cluster_core")
+
+
 @dataclass
 class PseudoCfg:
-    """Pseudo-label selection (02)."""
+    """Pseudo-label selection (02, lib.pseudo); the selected `methods` are merged, one row per test ROI.
+
+    confidence: mean top probability >= `threshold`. vote: at least `min_agree` models (0 = all)
+    share the argmax and the gated-marginal-uncertainty score U >= `u_floor` (`gmu_sigma` picks
+    whose sigma gates it). cluster_core: UMAP (`umap_*`) + KMeans on test embeddings; clusters
+    whose majority prediction has a share >= `purity` label their `core_fraction` nearest the
+    centre. Weights enter 03 as weight**`weight_power`; `rounds` pseudo-label/retrain rounds.
+    """
 
     threshold: float = 0.96
     weight_power: float = 1.0
+    methods: list[str] = field(default_factory=lambda: ["confidence"])
+    min_agree: int = 0  # models whose argmax must agree (vote); 0 = all of them
+    u_floor: float = 0.0  # vote: minimum U = mu_max * (1 - exp(-GMU)), in [0, 1]
+    gmu_sigma: Literal["top2", "largest2"] = "largest2"  # sigma of the two top-mu classes, or the two largest sigma
+    umap_components: int = 2
+    umap_neighbors: int = 15
+    umap_min_dist: float = 0.1
+    umap_metric: Literal["cosine", "euclidean", "manhattan", "correlation", "chebyshev"] = "cosine"
+    purity: float = 0.9  # cluster_core: minimum share of a cluster's majority predicted label
+    core_fraction: float = 0.5  # cluster_core: share of a pure cluster, nearest its centroid, that is labelled
+    rounds: int = 1
 
 
 @dataclass
@@ -453,7 +474,6 @@ def validate(cfg: Config) -> None:
         (0.0 <= cfg.prepare.max_reject_fraction <= 1.0, "prepare.max_reject_fraction must lie in [0, 1]"),
         (cfg.prepare.download_workers >= 1 and cfg.prepare.download_retries >= 0 and cfg.prepare.download_timeout > 0,
          "prepare.download_workers must be at least 1, download_retries 0 or more and download_timeout positive"),
-        (0.0 <= cfg.pseudo.threshold <= 1.0, "pseudo.threshold must lie in [0, 1]"),
         (0.0 <= cfg.loss.label_smoothing < 1.0, "loss.label_smoothing must lie in [0, 1)"),
         (cfg.loss.gamma >= 0, "loss.gamma must be 0 or more"),
         (0.0 <= cfg.loss.beta < 1.0, "loss.beta must lie in [0, 1)"),
@@ -478,6 +498,7 @@ def validate(cfg: Config) -> None:
         (all(m in ("phase1", "phase2") for m in cfg.submit.models), "submit.models may only name phase1 and phase2"),
     ]
     checks += _augment_checks(cfg.augment)
+    checks += _pseudo_checks(cfg.pseudo)
     for ok, msg in checks:
         if not ok:
             raise ConfigError(f"{msg}; fix it in the config or on the command line.")
@@ -515,6 +536,26 @@ def _augment_checks(a: AugmentCfg) -> list[tuple[bool, str]]:
         (len(a.downscale_range) == 2 and 0 < a.downscale_range[0] <= a.downscale_range[1] <= 1,
          "augment.downscale_range must be [low, high] with 0 < low <= high <= 1"),
         (a.mixup_alpha >= 0 and a.cutmix_alpha >= 0, "augment.mixup_alpha and augment.cutmix_alpha must be 0 (off) or more"),
+    ]
+
+
+def _pseudo_checks(p: PseudoCfg) -> list[tuple[bool, str]]:
+    unknown = [m for m in p.methods if m not in PSEUDO_METHODS]
+    return [
+        (0.0 <= p.threshold <= 1.0, "pseudo.threshold must lie in [0, 1]"),
+        (p.weight_power >= 0, "pseudo.weight_power must be 0 (equal weights) or more"),
+        (len(p.methods) >= 1 and not unknown,
+         f"pseudo.methods must list one or more of {', '.join(PSEUDO_METHODS)}"
+         + (f" (unknown: {', '.join(map(repr, unknown))})" if unknown else "")),
+        (len(set(p.methods)) == len(p.methods), "pseudo.methods must not repeat a method"),
+        (p.min_agree >= 0, "pseudo.min_agree must be 0 (all models) or a positive number of models"),
+        (0.0 <= p.u_floor <= 1.0, "pseudo.u_floor must lie in [0, 1]"),
+        (p.umap_components >= 2, "pseudo.umap_components must be at least 2 (the plot draws two)"),
+        (p.umap_neighbors >= 2, "pseudo.umap_neighbors must be at least 2"),
+        (0.0 <= p.umap_min_dist <= 1.0, "pseudo.umap_min_dist must lie in [0, 1] (UMAP's spread is 1)"),
+        (0.0 < p.purity <= 1.0, "pseudo.purity must lie in (0, 1]"),
+        (0.0 < p.core_fraction <= 1.0, "pseudo.core_fraction must lie in (0, 1]"),
+        (p.rounds >= 1, "pseudo.rounds must be at least 1"),
     ]
 
 
