@@ -16,6 +16,8 @@ from typing import Any, Literal
 
 import yaml
 
+from lib.views import check_view_names
+
 
 class ConfigError(ValueError):
     """A user-facing configuration problem; its message is one sentence naming the fix."""
@@ -265,6 +267,17 @@ class SubmitCfg:
 
 
 @dataclass
+class TtaCfg:
+    """Test-time augmentation of 02 and 04 (lib.tta): view names (lib.views) and how their probabilities combine.
+
+    `mode`: prob averages the probabilities; log takes their geometric mean (renormalised).
+    """
+
+    views: list[str] = field(default_factory=lambda: ["identity"])
+    mode: Literal["prob", "log"] = "prob"
+
+
+@dataclass
 class KnnCfg:
     """FAISS kNN baseline."""
 
@@ -295,6 +308,7 @@ class Config:
     pseudo: PseudoCfg = field(default_factory=PseudoCfg)
     retrain: RetrainCfg = field(default_factory=RetrainCfg)
     submit: SubmitCfg = field(default_factory=SubmitCfg)
+    tta: TtaCfg = field(default_factory=TtaCfg)
     knn: KnnCfg = field(default_factory=KnnCfg)
 
     @property
@@ -502,6 +516,10 @@ def validate(cfg: Config) -> None:
     for ok, msg in checks:
         if not ok:
             raise ConfigError(f"{msg}; fix it in the config or on the command line.")
+    try:
+        check_view_names(cfg.tta.views)
+    except ValueError as e:
+        raise ConfigError(f"tta.views: {e}")
     for key, value in (("model.pretrained_file", cfg.model.pretrained_file), ("knn.pretrained_file", cfg.knn.pretrained_file)):
         section = key.split(".")[0]
         if getattr(cfg, section).pretrained == "file" and not (value and Path(value).is_file()):

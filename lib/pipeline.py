@@ -36,9 +36,9 @@ SPECS: dict[str, Spec] = {
     for s in (
         Spec("00_prepare", "00_prepare_data.py", ("seed", "data", "prepare"), ()),
         Spec("01_train", "01_train_folds.py", ("seed", "model", "head", "train", "augment", "loss"), ("00_prepare",)),
-        Spec("02_pseudo", "02_pseudo_label.py", ("seed", "model", "head", "pseudo"), ("00_prepare", "01_train")),
+        Spec("02_pseudo", "02_pseudo_label.py", ("seed", "model", "head", "pseudo", "tta"), ("00_prepare", "01_train")),
         Spec("03_retrain", "03_retrain.py", ("seed", "model", "head", "train", "augment", "loss", "retrain", "pseudo.weight_power"), ("00_prepare", "02_pseudo")),
-        Spec("04_submit", "04_infer_submit.py", ("seed", "model", "head", "submit"), ("00_prepare",)),
+        Spec("04_submit", "04_infer_submit.py", ("seed", "model", "head", "submit", "tta"), ("00_prepare",)),
         Spec("knn", "knn_baseline.py", ("seed", "knn", "submit.decode"), ("00_prepare",)),
     )
 }

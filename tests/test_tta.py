@@ -1,0 +1,233 @@
+"""Test-time augmentation: view algebra, combination rules, and predict_tta against predict_with_features."""
+import re
+
+import numpy as np
+import pytest
+import torch
+from torch.utils.data import DataLoader, TensorDataset
+
+from lib.config import Config, ConfigError, HeadCfg, ModelCfg, load_config
+from lib.models import build_net
+from lib.pipeline import SPECS
+from lib.predict import predict_with_features
+from lib.taxonomy import Taxonomy
+from lib.tta import View, combine, parse_views, predict_tta
+from lib.views import view_ops
+
+SIZE = 32
+
+
+def view(name: str) -> View:
+    return parse_views([name])[0]
+
+
+@pytest.fixture
+def x() -> torch.Tensor:
+    return torch.randn(2, 3, 8, 8, generator=torch.Generator().manual_seed(0))
+
+
+# ----------------------------------------------------------------------------- views
+
+
+def test_hflip_twice_is_identity(x):
+    assert torch.equal(view("hflip+hflip")(x), x)
+    assert torch.equal(view("hflip")(x), x.flip(-1)) and torch.equal(view("vflip")(x), x.flip(-2))
+
+
+def test_rot90_four_times_is_identity(x):
+    assert torch.equal(view("rot90+rot90+rot90+rot90")(x), x)
+    assert torch.equal(view("rot90+rot270")(x), x) and torch.equal(view("rot180")(x), view("rot90+rot90")(x))
+
+
+def test_rot90_matches_torch_rot90_counter_clockwise():
+    m = torch.tensor([[1.0, 2.0], [3.0, 4.0]]).view(1, 1, 2, 2)
+    assert torch.equal(view("rot90")(m), torch.rot90(m, 1, dims=(2, 3)))
+    assert view("rot90")(m).flatten().tolist() == [2.0, 4.0, 1.0, 3.0]  # the top-right corner comes to the top-left
+
+
+def test_small_rotation_turns_the_same_way_as_rot90(x):
+    assert torch.allclose(view("rotate90")(x), view("rot90")(x), atol=1e-5)
+    assert torch.allclose(view("rotate-90")(x), view("rot270")(x), atol=1e-5)
+
+
+def test_rotate_on_non_square_images_keeps_aspect():
+    x = torch.randn(2, 3, 6, 10)
+    assert torch.allclose(view("rotate180")(x), x.flip(-1).flip(-2), atol=1e-5)
+
+
+def test_rotate0_and_scale1_are_identity(x):
+    assert torch.allclose(view("rotate0")(x), x, atol=1e-5)
+    assert torch.allclose(view("scale1.0")(x), x, atol=1e-5)
+
+
+def test_views_keep_shape_and_dtype(x):
+    for name in ("scale0.9", "scale1.1", "rotate10", "rotate-10", "hflip+scale0.8+rotate5"):
+        assert view(name)(x).shape == x.shape
+    assert not torch.allclose(view("scale1.1")(x), x) and not torch.allclose(view("rotate-10")(x), view("rotate10")(x))
+    bf = view("rotate10")(x.bfloat16())
+    assert bf.dtype == torch.bfloat16 and bf.shape == x.shape
+    u8 = view("scale0.9")((x.abs() * 50).to(torch.uint8))
+    assert u8.dtype == torch.uint8 and u8.shape == x.shape
+
+
+def test_scale_zooms_about_the_centre():
+    x = torch.zeros(1, 1, 8, 8)
+    x[..., 3:5, 3:5] = 1.0  # a centred square: zoom in grows it, zoom out shrinks it
+    zin, zout = view("scale2")(x), view("scale0.5")(x)
+    assert torch.equal(zin[..., 3:5, 3:5], x[..., 3:5, 3:5]) and torch.isclose(zin.sum(), 4 * x.sum())  # twice the side
+    assert torch.isclose(zout[..., 2:6, 2:6].sum(), x.sum() / 4)  # half the side, still in the middle
+    assert zout[..., 0, 0] > 0  # the margin reflects the image rather than going black
+    assert torch.allclose(zin, zin.flip(-1)) and torch.allclose(zout, zout.flip(-2))  # centred
+
+
+def test_composition_applies_left_to_right(x):
+    assert torch.equal(view("hflip+rot90")(x), torch.rot90(x.flip(-1), 1, dims=(2, 3)))
+    assert not torch.equal(view("hflip+rot90")(x), view("rot90+hflip")(x))
+    assert view_ops("hflip+rotate-2.5") == (("hflip", 0.0), ("rotate", -2.5))
+
+
+def test_quarter_turns_refuse_non_square():
+    with pytest.raises(ValueError, match="square"):
+        view("rot90")(torch.zeros(1, 3, 4, 6))
+
+
+@pytest.mark.parametrize("name", ["flip", "rotate", "rot45", "scale", "hflip+", "rotate+10", "scalex"])
+def test_unknown_view_lists_the_forms(name):
+    with pytest.raises(ValueError, match=rf"Unknown TTA view '{re.escape(name)}'.*rotate<degrees>.*scale<factor>.*hflip\+rot90"):
+        parse_views(["identity", name])
+
+
+def test_bad_scale_and_empty_list():
+    with pytest.raises(ValueError, match="positive factor"):
+        parse_views(["scale0"])
+    with pytest.raises(ValueError, match="at least one"):
+        parse_views([])
+
+
+# ----------------------------------------------------------------------------- combine
+
+
+def test_combine_prob_and_log_by_hand():
+    per_view = [np.array([[0.9, 0.1]]), np.array([[0.5, 0.5]])]
+    assert np.allclose(combine(per_view, "prob"), [[0.7, 0.3]])
+    geo = np.sqrt([0.9 * 0.5, 0.1 * 0.5])  # sqrt products, renormalised: 3:1
+    assert np.allclose(combine(per_view, "log"), [geo / geo.sum()]) and np.allclose(combine(per_view, "log"), [[0.75, 0.25]])
+    t = combine(torch.tensor(np.stack(per_view)), "log")
+    assert isinstance(t, torch.Tensor) and torch.allclose(t, torch.tensor([[0.75, 0.25]]))
+
+
+def test_combine_survives_zeros_and_rejects_unknown_mode():
+    out = combine([np.array([[1.0, 0.0]]), np.array([[0.5, 0.5]])], "log")
+    assert np.isfinite(out).all() and np.allclose(out, [[1.0, 0.0]], atol=1e-6)
+    with pytest.raises(ValueError, match="prob or log"):
+        combine([np.array([[1.0, 0.0]])], "geo")
+
+
+# ----------------------------------------------------------------------------- predict_tta
+
+
+def toy() -> Taxonomy:
+    k = "K"
+    return Taxonomy(
+        names=("L1", "L2", "L3", "L4", "L5"),
+        lineages=(
+            (k, "P1", "C1", "O1", None, None, None),
+            (k, "P1", "C1", "O2", None, None, None),
+            (k, "P1", "C2", None, None, None, None),
+            (k, "P2", "C3", "O3", None, None, None),
+            (k, "P2", None, None, None, None, None),
+        ),
+    )
+
+
+def net(head: str = "linear", **kw):
+    torch.manual_seed(0)
+    cfg = Config(model=ModelCfg(backbone="resnet10t", pretrained="none", img_size=SIZE), head=HeadCfg(name=head, **kw))
+    return build_net(cfg, toy(), pretrained=False).to(memory_format=torch.channels_last).eval()
+
+
+@pytest.fixture(scope="module")
+def linear():
+    return net()
+
+
+@pytest.fixture(scope="module")
+def multi():
+    return net("multi", n_heads=3)
+
+
+def loader(x: torch.Tensor) -> DataLoader:
+    z = torch.zeros(len(x))
+    return DataLoader(TensorDataset(x, z, z), batch_size=4, shuffle=False)
+
+
+@pytest.fixture(scope="module")
+def images() -> torch.Tensor:
+    return torch.randn(6, 3, SIZE, SIZE, generator=torch.Generator().manual_seed(1))  # 6: the last batch is partial
+
+
+CPU = torch.device("cpu")
+
+
+def test_identity_equals_predict_with_features(images, linear):
+    model = linear
+    probs, feats = predict_with_features(model, loader(images), CPU)
+    out = predict_tta(model, loader(images), CPU, ["identity"], keep_views=True)
+    assert out["probs"].shape == (6, 5) and out["embeddings"].shape == feats.shape and out["view_probs"].shape == (1, 6, 5)
+    assert np.allclose(out["probs"], probs, atol=1e-6) and np.allclose(out["embeddings"], feats, atol=1e-6)
+    assert "head_probs" not in out
+    assert "embeddings" not in predict_tta(model, loader(images), CPU, ["identity"], features=False)
+
+
+def test_hflip_of_symmetric_images_changes_nothing(images, linear):
+    model = linear
+    sym = (images + images.flip(-1)) / 2
+    one = predict_tta(model, loader(sym), CPU, ["identity"])
+    two = predict_tta(model, loader(sym), CPU, parse_views(["identity", "hflip"]))
+    assert np.allclose(one["probs"], two["probs"], atol=1e-5) and np.allclose(one["embeddings"], two["embeddings"], atol=1e-5)
+
+
+@pytest.mark.parametrize("mode", ["prob", "log"])
+def test_two_views_combine_the_separate_predictions(images, linear, mode):
+    model = linear
+    p0, f0 = predict_with_features(model, loader(images), CPU)
+    p1, f1 = predict_with_features(model, loader(images.flip(-1)), CPU)
+    out = predict_tta(model, loader(images), CPU, ["identity", "hflip"], mode=mode, keep_views=True)
+    assert np.allclose(out["view_probs"], np.stack([p0, p1]), atol=1e-5)
+    assert np.allclose(out["probs"], combine([p0, p1], mode), atol=1e-5)
+    assert np.allclose(out["embeddings"], (f0 + f1) / 2, atol=1e-5)  # embeddings: the mean over views
+    assert not np.allclose(out["probs"], p0, atol=1e-4)
+
+
+def test_multi_head_probs_per_head(images, multi):
+    model = multi
+    one = predict_tta(model, loader(images), CPU, ["identity"])
+    hp = one["head_probs"]
+    assert hp.shape == (6, 3, 5) and np.allclose(hp.sum(-1), 1.0, atol=1e-5)
+    assert not np.allclose(hp[:, 0], hp[:, 1])
+    # the multi head's logits are the mean of its heads' logits, so its probs are the heads' renormalised geometric mean
+    assert np.allclose(combine(hp.transpose(1, 0, 2), "log"), one["probs"], atol=1e-5)
+    two = predict_tta(model, loader(images), CPU, ["identity", "rotate10"], mode="log")
+    assert two["head_probs"].shape == (6, 3, 5)
+    assert np.allclose(combine(two["head_probs"].transpose(1, 0, 2), "log"), two["probs"], atol=1e-5)
+
+
+# ----------------------------------------------------------------------------- config
+
+
+def test_config_section_and_validation():
+    cfg = load_config(None)
+    assert cfg.tta.views == ["identity"] and cfg.tta.mode == "prob"
+    cfg = load_config("configs/fathomnet2025.yaml", ["tta.views=[identity, hflip+rot90, rotate-10, scale0.9]", "tta.mode=log"])
+    assert len(parse_views(cfg.tta.views)) == 4 and cfg.tta.mode == "log"
+    with pytest.raises(ConfigError, match=r"tta.views: Unknown TTA view 'flip'; use identity"):
+        load_config(None, ["tta.views=[identity, flip]"])
+    with pytest.raises(ConfigError, match="tta.views: No TTA view"):
+        load_config(None, ["tta.views=[]"])
+    with pytest.raises(ConfigError, match="tta.mode"):
+        load_config(None, ["tta.mode=geo"])
+
+
+def test_tta_reruns_pseudo_and_submit_only():
+    assert "tta" in SPECS["02_pseudo"].sections and "tta" in SPECS["04_submit"].sections
+    assert all("tta" not in s.sections for n, s in SPECS.items() if n not in ("02_pseudo", "04_submit"))
