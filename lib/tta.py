@@ -17,6 +17,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
+from lib.models import channels_last
 from lib.predict import autocast
 from lib.views import Op, check_view_names
 
@@ -81,6 +82,9 @@ class View:
     ops: tuple[Op, ...]
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        """(N, C, H, W), or (N, V, C, H, W) context views, each view transformed alike."""
+        if x.dim() == 5:
+            return self(x.flatten(0, 1)).reshape(x.shape)
         for op in self.ops:
             x = _apply(op, x)
         return x
@@ -139,7 +143,7 @@ def predict_tta(model: nn.Module, loader: DataLoader, device: torch.device, view
         x = x.to(device, non_blocking=True)
         vp, vf, vh = [], [], []
         for view in views:
-            xv = view(x).contiguous(memory_format=torch.channels_last)
+            xv = channels_last(view(x))
             with autocast(device):
                 f = model.features(xv)
                 out = head(f)

@@ -231,3 +231,15 @@ def test_config_section_and_validation():
 def test_tta_reruns_pseudo_and_submit_only():
     assert "tta" in SPECS["02_pseudo"].sections and "tta" in SPECS["04_submit"].sections
     assert all("tta" not in s.sections for n, s in SPECS.items() if n not in ("02_pseudo", "04_submit"))
+
+
+def test_views_apply_to_each_context_view_alike():
+    """A (N, V, C, H, W) stack of context views: every view gets the same transform."""
+    from lib.tta import parse_views
+
+    x = torch.randn(2, 3, 3, 8, 8)
+    for name in ("hflip", "rot90", "rotate10", "scale0.9"):
+        (view,) = parse_views([name])
+        y = view(x)
+        assert y.shape == x.shape
+        assert torch.allclose(y[:, 1], view(x[:, 1]), atol=1e-6)
