@@ -36,8 +36,8 @@ SPECS: dict[str, Spec] = {
     for s in (
         Spec("00_prepare", "00_prepare_data.py", ("seed", "data", "prepare"), ()),
         Spec("01_train", "01_train_folds.py", ("seed", "model", "head", "train", "augment", "loss"), ("00_prepare",)),
-        Spec("02_pseudo", "02_pseudo_label.py", ("seed", "model", "head", "pseudo", "tta"), ("00_prepare", "01_train")),
-        Spec("03_retrain", "03_retrain.py", ("seed", "model", "head", "train", "augment", "loss", "retrain", "pseudo.weight_power"), ("00_prepare", "02_pseudo")),
+        Spec("02_pseudo", "02_pseudo_label.py", ("seed", "model", "head", "pseudo", "!pseudo.rounds", "!pseudo.weight_power", "tta"), ("00_prepare", "01_train")),
+        Spec("03_retrain", "03_retrain.py", ("seed", "model", "head", "train", "augment", "loss", "retrain", "pseudo", "tta"), ("00_prepare", "02_pseudo")),
         Spec("04_submit", "04_infer_submit.py", ("seed", "model", "head", "submit", "tta"), ("00_prepare",)),
         Spec("knn", "knn_baseline.py", ("seed", "knn", "submit.decode"), ("00_prepare",)),
     )
@@ -126,10 +126,25 @@ def begin(cfg: Config, name: str, force: bool, dry_run: bool, folds_only: bool =
 
 
 def fold_dirs(cfg: Config, name: str) -> list:
-    """The fold folders a training stage's record vouches for (never stale leftovers of another n_folds)."""
+    """The fold folders a training stage's record vouches for (never stale leftovers of another n_folds).
+
+    For 03 with several self-training rounds these are the last round's (`result.fold_root`).
+    """
     from lib.stages import read_record
 
     rec = read_record(cfg.out_dir / name / "record.json")
     if rec is None or "folds" not in rec.get("result", {}):
         raise StageError(f"{cfg.out_dir / name / 'record.json'} is missing or incomplete; run {SPECS[name].script} first.")
-    return [cfg.out_dir / name / f"fold_{k}" for k in range(int(rec["result"]["folds"]))]
+    root = cfg.out_dir / name / rec["result"].get("fold_root", ".")
+    return [root / f"fold_{k}" for k in range(int(rec["result"]["folds"]))]
+
+
+def round_stage(stage: Stage, r: int) -> Stage:
+    """Self-training round `r` of 03: round 1 in the stage folder, round r > 1 in `round_<r>/`.
+
+    Its fingerprint is the stage's without `pseudo.rounds`, plus the round: raising the number
+    of rounds keeps the rounds already trained.
+    """
+    config = {k: v for k, v in stage.fingerprint["config"].items() if k != "pseudo.rounds"}
+    name, folder = (stage.name, stage.dir) if r == 1 else (f"{stage.name}/round_{r}", stage.dir / f"round_{r}")
+    return Stage(name=name, dir=folder, fingerprint={**stage.fingerprint, "config": {**config, "round": r}})

@@ -235,8 +235,11 @@ class Stage:
         inputs: dict[str, str] | None = None,
     ) -> "Stage":
         config: dict[str, Any] = {}
-        for s in sections:
-            config.update(flatten(cfg.section(s), s))
+        for s in sections:  # "!a.b" leaves out a key that a listed section brings in
+            if s.startswith("!"):
+                config = {k: v for k, v in config.items() if k != s[1:] and not k.startswith(s[1:] + ".")}
+            else:
+                config.update(flatten(cfg.section(s), s))
         fp = {"config": config, "code": code_digests(script), "inputs": dict(sorted((inputs or {}).items()))}
         return cls(name=name, dir=Path(dir), fingerprint=fp)
 

@@ -176,3 +176,26 @@ def _cat(parts: list[torch.Tensor], dim: int) -> np.ndarray:
     if not parts:
         return np.zeros((0, 0), dtype=np.float32)
     return torch.cat(parts, dim).numpy().astype(np.float32, copy=False)
+
+
+def predict_folds_tta(fold_dirs: Sequence, inputs: Sequence, cfg, taxonomy, device: torch.device,
+                      features: bool = True) -> dict[str, np.ndarray]:
+    """Every fold model on the same inputs with `cfg.tta`: arrays stacked over models.
+
+    `probs` (M, N, C); `embeddings` (M, N, D) with `features`; `head_probs` (M, N, H, C) for
+    multi heads. One loader pass per model; 02 and 04 share it so both see the same TTA.
+    """
+    from lib.models import mean_std
+    from lib.predict import load_fold_model, make_loader
+
+    views = parse_views(cfg.tta.views)
+    out: dict[str, list[np.ndarray]] = {}
+    for d in fold_dirs:
+        model = load_fold_model(d, cfg, taxonomy, device)
+        mean, std = mean_std(model)
+        loader = make_loader(list(inputs), cfg.model.img_size, mean, std, cfg.train.eval_batch_size, cfg.train.num_workers, device)
+        for k, v in predict_tta(model, loader, device, views, cfg.tta.mode, features=features, desc=f"predict {d.name}").items():
+            out.setdefault(k, []).append(v)
+    if not out:
+        return {"probs": np.zeros((0, len(inputs), taxonomy.n_classes), dtype=np.float32)}
+    return {k: np.stack(v) for k, v in out.items()}

@@ -81,6 +81,68 @@ def test_pseudo_labels_and_retrain_use_them(tiny):
     assert rec["result"]["oof_rows"] == 79 * 3
 
 
+def _copy_run(tiny, tmp_path):
+    """The tiny run's outputs copied aside, with overrides pointing at the copy (tests that change settings)."""
+    import shutil
+
+    overrides, out, _ = tiny
+    shutil.copytree(out, tmp_path / "out" / "tiny")
+    return [*overrides, f"output_root={tmp_path / 'out'}"], tmp_path / "out" / "tiny"
+
+
+def test_pseudo_sources_gmu_and_umap(tiny, tmp_path):
+    """02 with all three selections: per-model probabilities and embeddings, GMU, sources, the map and the precision summary."""
+    overrides, out = _copy_run(tiny, tmp_path)
+    args = ["--config", "configs/demo.yaml", *overrides, "pseudo.methods=[confidence, vote, cluster_core]", "pseudo.threshold=0.0",
+            "pseudo.min_agree=1", "pseudo.purity=0.5", "tta.views=[identity, hflip]"]
+    assert load("02_pseudo_label.py").main(args) == 0
+    z = np.load(out / "02_pseudo" / "test_probs.npz")
+    assert z["probs"].shape == (2, 79, 79) and z["embeddings"].shape == (2, 79, 1280)
+    assert np.allclose(z["mean"], z["probs"].mean(0)) and z["gmu"].shape == z["u"].shape == (79,)
+    assert ((z["u"] >= 0) & (z["u"] <= z["mean"].max(1) + 1e-6)).all()  # U = mu_max (1 - exp(-GMU)) <= mu_max
+    pseudo = pd.read_csv(out / "02_pseudo" / "pseudo_labels.csv")
+    assert len(pseudo) == 79 and pseudo["annotation_id"].is_unique  # threshold 0 and min_agree 1: every ROI, once
+    sources = set("+".join(pseudo["source"]).split("+"))
+    assert {"confidence", "vote"} <= sources
+    assert (out / "02_pseudo" / "umap.png").is_file()
+    summary = (out / "02_pseudo" / "summary.md").read_text()
+    assert "precision" in summary and "confidence" in summary  # the demo's truth is known
+
+
+def test_rounds_reuse_earlier_rounds(tiny, tmp_path, caplog):
+    """pseudo.rounds 1 -> 2 trains only round 2, from round 1's ensemble; 04 then blends round 2's folds."""
+    import json
+
+    from lib import pipeline
+    from lib.config import load_config
+
+    overrides, out = _copy_run(tiny, tmp_path)
+    caplog.set_level(logging.INFO)
+    assert load("03_retrain.py").main(["--config", "configs/demo.yaml", *overrides, "pseudo.rounds=2"]) == 0
+    assert "03_retrain/fold_0: up to date" in caplog.text and "03_retrain/round_2/fold_0: running" in caplog.text
+    assert (out / "03_retrain" / "round_2" / "pseudo" / "pseudo_labels.csv").is_file()
+    rec = json.loads((out / "03_retrain" / "record.json").read_text())["result"]
+    assert rec["rounds"] == 2 and rec["fold_root"] == "round_2" and len(rec["per_round"]) == 2
+    assert rec["oof_rows"] == 79 * 3  # pseudo rows never reach validation
+    cfg = load_config("configs/demo.yaml", [*overrides, "pseudo.rounds=2"])
+    assert pipeline.fold_dirs(cfg, "03_retrain") == [out / "03_retrain" / "round_2" / f"fold_{k}" for k in (0, 1)]
+    caplog.clear()
+    assert load("03_retrain.py").main(["--config", "configs/demo.yaml", *overrides, "pseudo.rounds=2"]) == 0
+    assert "03_retrain: up to date" in caplog.text
+
+
+def test_pseudo_rows_only_join_training_folds():
+    from lib.train import fold_splits
+
+    rois = pd.DataFrame({"split": ["train"] * 6 + ["test"] * 2, "ok": 1, "annotation_id": range(8), "label": [0, 1, 0, 1, 0, 1, -1, -1],
+                         "fold": [0, 0, 1, 1, 2, 2, -1, -1], "crop_path": [f"c{i}" for i in range(8)]})
+    extra = pd.DataFrame({"annotation_id": [6, 7], "crop_path": ["c6", "c7"], "label": [1, 0], "weight": [0.9, 0.5]})
+    for split in fold_splits(rois, [0, 1, 2], extra):
+        assert not set(split.val["crop_path"]) & {"c6", "c7"}
+        assert {"c6", "c7"} <= set(split.train["crop_path"])
+        assert split.train.loc[split.train["crop_path"] == "c7", "weight"].item() == 0.5
+
+
 def test_submissions_have_one_row_per_test_annotation(tiny):
     _, out, data = tiny
     import json

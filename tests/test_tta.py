@@ -230,7 +230,7 @@ def test_config_section_and_validation():
 
 def test_tta_reruns_pseudo_and_submit_only():
     assert "tta" in SPECS["02_pseudo"].sections and "tta" in SPECS["04_submit"].sections
-    assert all("tta" not in s.sections for n, s in SPECS.items() if n not in ("02_pseudo", "04_submit"))
+    assert all("tta" not in s.sections for n, s in SPECS.items() if n not in ("02_pseudo", "03_retrain", "04_submit"))  # 03: rounds 2.. pseudo-label
 
 
 def test_views_apply_to_each_context_view_alike():
