@@ -18,6 +18,7 @@ import numpy as np
 from lib.taxonomy import RANKS, Taxonomy
 
 EPS = 1e-12
+SOFT_BETA = 0.25  # the distance surrogate's softness, in distance units (see soft_min_risk_distance)
 
 
 def blend(probs: Sequence[np.ndarray], weights: Sequence[float] | None = None) -> np.ndarray:
@@ -71,18 +72,24 @@ def cv_weights(cv_scores: Sequence[float], temperature: float) -> np.ndarray:
     return e / e.sum()
 
 
-def soft_min_risk_distance(probs: np.ndarray, labels: np.ndarray, dist: np.ndarray, beta: float = 0.25) -> float:
+def soft_min_risk_distance(probs: np.ndarray, labels: np.ndarray, dist: np.ndarray, beta: float = SOFT_BETA) -> float:
     """A smooth stand-in for the mean distance of min-risk decoding: answers weighted by softmax(-risk / beta).
 
     The plain expected distance mean(sum_j p_j D[y, j]) is linear in the blend weights, so
     minimising it always puts all weight on one model; this surrogate instead rewards blends
     whose min-risk answer is right (beta -> 0 gives the decoded distance exactly).
     """
-    z = -expected_distance(probs, dist) / beta
+    d = np.asarray(dist, dtype=np.float64)
+    return _soft_risk_loss(expected_distance(probs, d), d[np.asarray(labels)], beta)
+
+
+def _soft_risk_loss(risk: np.ndarray, truth_rows: np.ndarray, beta: float) -> float:
+    """mean_i sum_j softmax(-risk_i / beta)_j D[y_i, j], given risk (N, C) and D[y] (N, C)."""
+    z = -risk / beta
     z -= z.max(1, keepdims=True)
     a = np.exp(z)
     a /= a.sum(1, keepdims=True)
-    return float((a * np.asarray(dist, dtype=np.float64)[np.asarray(labels)]).sum(1).mean())
+    return float((a * truth_rows).sum(1).mean())
 
 
 def log_loss(probs: np.ndarray, labels: np.ndarray) -> float:
@@ -93,9 +100,10 @@ def log_loss(probs: np.ndarray, labels: np.ndarray) -> float:
 def fit_weights(oof_probs: Sequence[np.ndarray], labels: np.ndarray, dist: np.ndarray | None, objective: str = "distance") -> np.ndarray:
     """Non-negative weights summing to one that minimise `objective` on out-of-fold probabilities (SLSQP).
 
-    `distance`: `soft_min_risk_distance` of the blend; `logloss`: its negative log-likelihood.
-    Starts from uniform and from each single model, keeping the best, since the distance
-    surrogate is not convex.
+    The models' rows must be the same samples in the same order. `distance`:
+    `soft_min_risk_distance` of the blend; `logloss`: its negative log-likelihood. Starts from
+    uniform and from each single model, keeping the best, since the distance surrogate is not
+    convex. Gradients are exact: the blend's risk is linear in w (sum_m w_m P_m @ D, computed once).
     """
     from scipy.optimize import minimize
 
@@ -103,22 +111,37 @@ def fit_weights(oof_probs: Sequence[np.ndarray], labels: np.ndarray, dist: np.nd
     m = len(stack)
     if m == 1:
         return np.ones(1)
+    labels = np.asarray(labels)
     if objective == "distance":
         if dist is None:
             raise ValueError("The distance blend objective needs the distance matrix; pass dist.")
-        loss = lambda w: soft_min_risk_distance(np.tensordot(w, stack, axes=1), labels, dist)  # noqa: E731
+        d = np.asarray(dist, dtype=np.float64)
+        risks, truth_rows = stack @ d, d[labels]  # (M, N, C), (N, C)
+
+        def loss(w: np.ndarray) -> tuple[float, np.ndarray]:
+            z = -np.tensordot(w, risks, axes=1) / SOFT_BETA
+            a = np.exp(z - z.max(1, keepdims=True))
+            a /= a.sum(1, keepdims=True)
+            per_row = (a * truth_rows).sum(1, keepdims=True)
+            g_risk = -a * (truth_rows - per_row) / (SOFT_BETA * len(a))  # dL/drisk
+            return float(per_row.mean()), np.einsum("mnc,nc->m", risks, g_risk)
     elif objective == "logloss":
-        loss = lambda w: log_loss(np.tensordot(w, stack, axes=1), labels)  # noqa: E731
+        truth_p = stack[:, np.arange(len(labels)), labels].T  # (N, M): each model's probability of the truth
+
+        def loss(w: np.ndarray) -> tuple[float, np.ndarray]:
+            q = np.clip(truth_p @ w, EPS, None)
+            return float(-np.log(q).mean()), -(truth_p / q[:, None]).mean(0)
     else:
         raise ValueError(f"Unknown blend objective '{objective}'; choose distance or logloss.")
     starts = [np.full(m, 1.0 / m), *np.eye(m)]
-    best_w, best_f = starts[0], loss(starts[0])
+    best_w, best_f = starts[0], loss(starts[0])[0]
     for w0 in starts:
-        res = minimize(loss, w0, method="SLSQP", bounds=[(0.0, 1.0)] * m,
-                       constraints=[{"type": "eq", "fun": lambda w: w.sum() - 1.0}], options={"maxiter": 200, "ftol": 1e-9})
+        res = minimize(loss, w0, jac=True, method="SLSQP", bounds=[(0.0, 1.0)] * m,
+                       constraints=[{"type": "eq", "fun": lambda w: w.sum() - 1.0, "jac": lambda w: np.ones_like(w)}],
+                       options={"maxiter": 200, "ftol": 1e-10})
         w = np.clip(res.x, 0.0, None)
         w = w / w.sum() if w.sum() > 0 else starts[0]
-        f = loss(w)
+        f = loss(w)[0]
         if f < best_f - 1e-12:
             best_w, best_f = w, f
     return best_w

@@ -142,3 +142,25 @@ def test_submit_config_keys():
                      ("submit.backoff_rank=famly", r"did you mean 'family'\?")]:
         with pytest.raises(ConfigError, match=msg):
             load_config(None, [bad])
+
+
+@pytest.mark.parametrize("objective", ["distance", "logloss"])
+def test_fit_gradient_matches_finite_differences(objective, monkeypatch):
+    import scipy.optimize
+
+    labels, perfect, random = perfect_and_random(40, seed=3)
+    seen = {}
+
+    def spy(fun, x0, jac=None, **kw):
+        seen["fun"] = fun
+        return scipy.optimize.OptimizeResult(x=x0)
+
+    monkeypatch.setattr(scipy.optimize, "minimize", spy)
+    blend_weights("fit", [random, 0.5 * perfect + 0.5 * random, perfect], labels, D, objective=objective)
+    w = np.array([0.2, 0.5, 0.3])
+    f, g = seen["fun"](w)
+    num = [(seen["fun"](w + h)[0] - seen["fun"](w - h)[0]) / 2e-6 for h in np.eye(3) * 1e-6]
+    assert np.allclose(g, num, rtol=1e-4, atol=1e-6)
+    assert f == pytest.approx(soft_min_risk_distance(blend([random, 0.5 * perfect + 0.5 * random, perfect], w), labels, D)
+                              if objective == "distance" else -np.log(blend([random, 0.5 * perfect + 0.5 * random, perfect], w)
+                                                                      [np.arange(40), labels]).mean())
