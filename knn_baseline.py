@@ -1,19 +1,54 @@
-"""kNN baseline: pretrained embeddings of the crops, a FAISS index of the train ROIs, weighted votes.
+"""kNN baseline: embeddings of the crops, a FAISS index of the train ROIs, taxonomic votes scored by CV.
 
-Reads:  output/<exp>/00_prepare/ (rois.csv, crops, taxonomy.json), data.test_json
-Writes: output/<exp>/knn/ embeddings.npz, oof.npz, submission.csv, record.json (CV over the same folds)
+Reads:  output/<exp>/00_prepare/ (rois.csv, crops, taxonomy.json), data.test_json;
+        with knn.source=phase1 also output/<exp>/01_train/fold_<k>/best.pt
+Writes: output/<exp>/knn/ embeddings*.npz, oof.npz, table.md, submission.csv, record.json
+
+CV: each train fold's queries against an index of the other folds. With knn.source=phase1,
+fold k's queries and index are embedded by fold k's model (which never saw fold k), and the
+test's label distribution is the mean over the fold models, each with an index of all train ROIs.
 """
 from __future__ import annotations
 
 import argparse
 import sys
 import time
+from typing import Iterator
 
 from lib import pipeline
 from lib.config import Config
-from lib.stages import log, run_cli, stage_parser
+from lib.stages import StageError, log, run_cli, stage_parser
 
 NAME = "knn"
+
+
+def embeddings(cfg: Config, stage, paths: list[str], tax) -> Iterator[tuple[int | None, "object"]]:
+    """(None, one backbone's embeddings) or, per fold model, (k, fold k's embeddings); cached per file."""
+    from lib.models import build_model, mean_std, pick_device
+    from lib.predict import load_fold_model, make_loader, predict
+    from lib.stages import cached_npz
+
+    k, inputs = cfg.knn, stage.fingerprint["inputs"]
+
+    def embed(model, img_size: int, desc: str) -> dict:
+        mean, std = mean_std(model)
+        loader = make_loader(paths, img_size, mean, std, k.batch_size, cfg.train.num_workers, device)
+        return {"embeddings": predict(model, loader, device, features=True, desc=desc)}
+
+    device = pick_device(cfg.train.device)
+    if k.source == "backbone":
+        key = f"{inputs['00_prepare']}|{k.backbone}|{k.pretrained}|{k.pretrained_file}|{k.img_size}"
+        compute = lambda: embed(build_model(k.backbone, 0, k.pretrained, k.pretrained_file).to(device), k.img_size, "embed")  # noqa: E731
+        arrays, hit = cached_npz(stage.dir / "embeddings.npz", key, compute)
+        log.info("%s: %s embeddings %s", NAME, k.backbone, "from cache" if hit else "computed")
+        yield None, arrays["embeddings"]
+        return
+    for fold, d in enumerate(pipeline.fold_dirs(cfg, "01_train")):
+        key = f"{inputs['00_prepare']}|{inputs['01_train']}|{d.name}|{cfg.model.img_size}"
+        compute = lambda d=d: embed(load_fold_model(d, cfg, tax, device), cfg.model.img_size, f"embed {d.name}")  # noqa: E731
+        arrays, hit = cached_npz(stage.dir / f"embeddings_{d.name}.npz", key, compute)
+        log.info("%s: %s embeddings %s", NAME, d.name, "from cache" if hit else "computed")
+        yield fold, arrays["embeddings"]
 
 
 def main_(args: argparse.Namespace, cfg: Config) -> int:
@@ -24,11 +59,10 @@ def main_(args: argparse.Namespace, cfg: Config) -> int:
     import numpy as np
 
     from lib.coco import read_coco
-    from lib.ensemble import decode, prior_answer
-    from lib.knn import label_distribution, search
-    from lib.metric import score_labels
+    from lib.ensemble import prior_answer
+    from lib.knn import best_vote, gpu_available, neighbour_distribution, score_votes, vote, votes_table
     from lib.prepare import load_rois
-    from lib.stages import atomic_path, cached_npz
+    from lib.stages import atomic_path, atomic_write_text
     from lib.submission import assemble, write_submission
     from lib.taxonomy import load_taxonomy_json
 
@@ -36,46 +70,49 @@ def main_(args: argparse.Namespace, cfg: Config) -> int:
     rois, tax = load_rois(prep), load_taxonomy_json(prep / "taxonomy.json")
     rois = rois[rois["ok"] == 1].reset_index(drop=True)
     k = cfg.knn
-    key = f"{stage.fingerprint['inputs']['00_prepare']}|{k.backbone}|{k.pretrained}|{k.pretrained_file}|{k.img_size}"
-
-    def compute() -> dict:
-        from lib.models import build_model, mean_std, pick_device
-        from lib.predict import make_loader, predict
-
-        device = pick_device(cfg.train.device)
-        model = build_model(k.backbone, 0, k.pretrained, k.pretrained_file).to(device)
-        mean, std = mean_std(model)
-        loader = make_loader(rois["crop_path"].tolist(), k.img_size, mean, std, k.batch_size, cfg.train.num_workers, device)
-        return {"embeddings": predict(model, loader, device, features=True, desc="embed")}
-
-    emb = cached_npz(stage.dir / "embeddings.npz", key, compute)[0]["embeddings"]
-    dist = tax.distance_matrix()
     is_train = (rois["split"] == "train").to_numpy()
     train_idx, test_idx = np.flatnonzero(is_train), np.flatnonzero(~is_train)
     labels = rois["label"].to_numpy()
-    folds = rois["fold"].to_numpy()
+    train_fold = rois["fold"].to_numpy()[train_idx]
+    log.info("%s: %s index of %s, k=%d, %s", NAME, k.index, k.source, k.k, "faiss on the GPU" if gpu_available() else "faiss on the CPU")
 
-    def answer(base: np.ndarray, query: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        sims, nn = search(emb[base], emb[query], k.k)
-        p = label_distribution(np.where(nn >= 0, labels[base][nn], -1), sims, tax.n_classes)
-        return p, decode(p, dist, cfg.submit.decode)
+    def distribution(emb: np.ndarray, base: np.ndarray, query: np.ndarray) -> np.ndarray:
+        return neighbour_distribution(emb[base], labels[base], emb[query], tax.n_classes, k.k, k.index, k.nlist, k.nprobe)
 
     oof = np.zeros((len(train_idx), tax.n_classes))
-    pred = np.zeros(len(train_idx), dtype=np.int64)
-    for f in np.unique(folds[train_idx]):
-        q = folds[train_idx] == f
-        oof[q], pred[q] = answer(train_idx[~q], train_idx[q])
-    cv = {"cv_distance": score_labels(labels[train_idx], pred, dist), "cv_top1": float((pred == labels[train_idx]).mean())}
+    test_p = np.zeros((len(test_idx), tax.n_classes))
+    done, models = np.zeros(len(train_idx), dtype=bool), 0
+    for model_fold, emb in embeddings(cfg, stage, rois["crop_path"].tolist(), tax):
+        held_out = np.unique(train_fold) if model_fold is None else [model_fold]  # a fold model answers only its own fold
+        for f in held_out:
+            q = train_fold == f
+            oof[q], done[q] = distribution(emb, train_idx[~q], train_idx[q]), True
+        test_p += distribution(emb, train_idx, test_idx)
+        models += 1
+    if not done.all():
+        raise StageError(f"{int((~done).sum())} train ROIs lie in folds without a 01_train model; rerun 01_train_folds.py with all folds.")
+    test_p /= max(models, 1)
+
     with atomic_path(stage.dir / "oof.npz") as tmp:
         np.savez(tmp, annotation_id=rois["annotation_id"].to_numpy()[train_idx], label=labels[train_idx], probs=oof)
-    _, test_pred = answer(train_idx, test_idx)
+    scores = score_votes(oof, labels[train_idx], tax, k.votes)
+    chosen = best_vote(scores) if k.vote == "best" else k.vote
+    table = votes_table(scores, chosen)
+    atomic_write_text(stage.dir / "table.md", table)
+    for line in table.splitlines():
+        log.info("%s: %s", NAME, line)
+
+    dist = tax.distance_matrix()
+    test_pred = vote(test_p, tax, chosen)
     fallback = prior_answer(np.bincount(labels[train_idx], minlength=tax.n_classes), dist)
     test_ids = read_coco(cfg.data.paths()["test_json"]).annotations["id"].astype(int).tolist()
     sub, fell_back = assemble(test_ids, dict(zip(rois["annotation_id"].to_numpy()[test_idx].tolist(), test_pred.tolist())), tax.names, fallback)
     write_submission(sub, stage.dir / "submission.csv", test_ids, tax.names)
-    result = {**cv, "k": k.k, "vote": k.vote, "rows": len(sub), "fallbacks": len(fell_back)}
+    result = {**scores[chosen], "votes": scores, "vote": chosen, "k": k.k, "source": k.source, "index": k.index,
+              "rows": len(sub), "fallbacks": len(fell_back)}
     stage.finish(result, started)
-    log.info("%s: CV distance %.4f, top1 %.3f; wrote %s", NAME, cv["cv_distance"], cv["cv_top1"], stage.dir / "submission.csv")
+    log.info("%s: %s vote, CV distance %.4f, top1 %.3f; wrote %s", NAME, chosen, scores[chosen]["cv_distance"],
+             scores[chosen]["cv_top1"], stage.dir / "submission.csv")
     return 0
 
 

@@ -260,10 +260,23 @@ class RetrainCfg:
 
 @dataclass
 class SubmitCfg:
-    """Blend and decoding (04)."""
+    """Blend and decoding (04; lib.ensemble).
+
+    `blend`: uniform; cv, softmax(-CV distance / cv_temperature); fit, simplex weights fitted on
+    the models' out-of-fold probabilities to `fit_objective` (distance: a smooth min-risk
+    distance; logloss). `logit_tau` > 0 divides out the train prior (post-hoc logit
+    adjustment). `backoff_rank` (empty = off): rows whose top probability is below
+    `backoff_tau` are answered by min-risk among concepts at or above that rank.
+    """
 
     decode: Literal["argmax", "min_risk"] = "argmax"
     models: list[str] = field(default_factory=lambda: ["phase1", "phase2"])
+    blend: Literal["uniform", "cv", "fit"] = "uniform"
+    cv_temperature: float = 0.1
+    fit_objective: Literal["distance", "logloss"] = "distance"
+    logit_tau: float = 0.0
+    backoff_rank: Literal["", "kingdom", "phylum", "class", "order", "family", "genus", "species"] = ""
+    backoff_tau: float = 0.5
 
 
 @dataclass
@@ -279,14 +292,27 @@ class TtaCfg:
 
 @dataclass
 class KnnCfg:
-    """FAISS kNN baseline."""
+    """FAISS kNN baseline (knn_baseline.py; lib.knn).
 
+    `source`: backbone, a pretrained timm model (backbone, pretrained, img_size below); phase1,
+    01's fold models (model.* and head.*; each fold's CV and index embedded by the model that
+    never saw that fold). `index`: flat (exact) or ivf (nlist lists, nprobe probed; nlist capped
+    at base size / 39). `votes`: the protocols scored by CV; `vote`: the one the submission
+    uses, `best` = the lowest CV distance among `votes`.
+    """
+
+    source: Literal["backbone", "phase1"] = "backbone"
     backbone: str = "tf_efficientnet_lite0"
     pretrained: Literal["none", "hub", "file", "pypi_lite0"] = "pypi_lite0"
     pretrained_file: str = ""
     img_size: int = 64
     k: int = 10
-    vote: Literal["flat"] = "flat"
+    index: Literal["flat", "ivf"] = "flat"
+    nlist: int = 100
+    nprobe: int = 10
+    votes: list[Literal["flat", "hierarchical", "strict", "min_risk"]] = field(
+        default_factory=lambda: ["flat", "hierarchical", "strict", "min_risk"])
+    vote: Literal["best", "flat", "hierarchical", "strict", "min_risk"] = "best"
     batch_size: int = 128
 
 
@@ -505,6 +531,14 @@ def validate(cfg: Config) -> None:
         (0.0 <= cfg.head.tau_coarse <= 1.0 and 0.0 <= cfg.head.tau_fine <= 1.0, "head.tau_coarse and head.tau_fine must lie in [0, 1]"),
         (cfg.head.temperature > 0, "head.temperature must be positive"),
         (cfg.knn.k >= 1, "knn.k must be at least 1"),
+        (cfg.knn.nlist >= 1 and cfg.knn.nprobe >= 1, "knn.nlist and knn.nprobe must be at least 1"),
+        (cfg.knn.batch_size >= 1, "knn.batch_size must be at least 1"),
+        (len(cfg.knn.votes) >= 1 and len(set(cfg.knn.votes)) == len(cfg.knn.votes), "knn.votes must list at least one protocol, each once"),
+        (cfg.knn.vote == "best" or cfg.knn.vote in cfg.knn.votes, f"knn.vote '{cfg.knn.vote}' must be best or one of knn.votes"),
+        (cfg.submit.cv_temperature > 0, "submit.cv_temperature must be positive"),
+        (cfg.submit.logit_tau >= 0, "submit.logit_tau must be 0 (off) or more"),
+        (0.0 <= cfg.submit.backoff_tau <= 1.0, "submit.backoff_tau must lie in [0, 1]"),
+        (len(cfg.submit.models) >= 1, "submit.models must name at least one of phase1 and phase2"),
         (cfg.demo.per_class >= 1 and cfg.demo.test_per_class >= 1, "demo.per_class and demo.test_per_class must be at least 1"),
         (1 <= cfg.demo.min_objects <= cfg.demo.max_objects, "demo.min_objects must be at least 1 and at most demo.max_objects"),
         (cfg.demo.imbalance_factor >= 1, "demo.imbalance_factor must be at least 1"),

@@ -39,16 +39,18 @@ SPECS: dict[str, Spec] = {
         Spec("02_pseudo", "02_pseudo_label.py", ("seed", "model", "head", "pseudo", "!pseudo.rounds", "!pseudo.weight_power", "tta"), ("00_prepare", "01_train")),
         Spec("03_retrain", "03_retrain.py", ("seed", "model", "head", "train", "augment", "loss", "retrain", "pseudo", "tta"), ("00_prepare", "02_pseudo")),
         Spec("04_submit", "04_infer_submit.py", ("seed", "model", "head", "submit", "tta"), ("00_prepare",)),
-        Spec("knn", "knn_baseline.py", ("seed", "knn", "submit.decode"), ("00_prepare",)),
+        Spec("knn", "knn_baseline.py", ("seed", "knn"), ("00_prepare",)),
     )
 }
 PHASE_STAGES = {"phase1": "01_train", "phase2": "03_retrain"}
 
 
 def upstream_of(cfg: Config, name: str) -> tuple[str, ...]:
-    """Direct upstream stages; 04 depends on whichever phases `submit.models` blends."""
+    """Direct upstream stages; 04 depends on whichever phases `submit.models` blends, knn on 01 when it embeds with 01's models."""
     if name == "04_submit":
         return SPECS[name].upstream + tuple(PHASE_STAGES[m] for m in cfg.submit.models)
+    if name == "knn" and cfg.knn.source == "phase1":
+        return SPECS[name].upstream + ("01_train",)
     return SPECS[name].upstream
 
 

@@ -345,3 +345,25 @@ def test_two_process_ddp_with_gloo(tiny, tmp_path):
     rec = json.loads((out.parent / "ddp" / "01_train" / "record.json").read_text())
     assert rec["result"]["folds"] == 2 and 0 <= rec["result"]["cv_distance"] <= 12
     assert r.stdout.count("01_train: CV distance") == 1  # only rank 0 reports
+
+
+def test_knn_scores_every_vote_and_embeds_with_fold_models(tiny):
+    """The default kNN run scores the four votes and submits the best; knn.source=phase1 reads 01's fold models."""
+    import json
+
+    overrides, out, _ = tiny
+    res = json.loads((out / "knn" / "record.json").read_text())["result"]
+    assert set(res["votes"]) == {"flat", "hierarchical", "strict", "min_risk"}
+    assert res["vote"] == min(res["votes"], key=lambda v: res["votes"][v]["cv_distance"])
+    assert "| min_risk |" in (out / "knn" / "table.md").read_text()
+    phase1 = [*overrides, "knn.source=phase1", "knn.index=ivf", "knn.nlist=4", "knn.vote=strict"]
+    try:
+        assert load("knn_baseline.py").main(["--config", "configs/demo.yaml", *phase1]) == 0
+        res = json.loads((out / "knn" / "record.json").read_text())["result"]
+        assert res["source"] == "phase1" and res["vote"] == "strict" and 0 <= res["cv_distance"] <= 12
+        for k in (0, 1):
+            emb = np.load(out / "knn" / f"embeddings_fold_{k}.npz")["embeddings"]
+            assert emb.shape[1] == 1280 and np.isfinite(emb).all()
+        assert len(pd.read_csv(out / "knn" / "submission.csv")) == 79
+    finally:  # leave the default run's record for whoever reads the fixture next
+        assert load("knn_baseline.py").main(["--config", "configs/demo.yaml", *overrides]) == 0

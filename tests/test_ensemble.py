@@ -1,0 +1,166 @@
+"""Blend weights, min-risk decoding, logit adjustment and the coarse back-off, on hand-made cases."""
+import numpy as np
+import pytest
+
+from lib.config import ConfigError, load_config
+from lib.ensemble import (
+    at_or_above,
+    backoff_decode,
+    blend,
+    blend_weights,
+    cv_weights,
+    decode,
+    logit_adjust,
+    soft_min_risk_distance,
+)
+from lib.metric import DEFAULT_TAXONOMY
+from lib.taxonomy import Taxonomy, load_taxonomy_csv
+
+TAX = load_taxonomy_csv(DEFAULT_TAXONOMY)
+D = TAX.distance_matrix()
+
+
+def row(**weights: float) -> np.ndarray:
+    p = np.zeros((1, TAX.n_classes))
+    for name, w in weights.items():
+        p[0, TAX.index(name.replace("_", " "))] = w
+    return p
+
+
+def test_min_risk_answers_the_genus_of_a_split_between_sibling_species():
+    tax = Taxonomy(names=("G", "S1", "S2", "X"), lineages=(
+        ("K", "P", "C", "O", "F", "G", None), ("K", "P", "C", "O", "F", "G", "S1"),
+        ("K", "P", "C", "O", "F", "G", "S2"), ("K", "P", "C", "O2", None, None, None)))
+    p = np.array([[0.0, 0.46, 0.44, 0.1]])
+    # S1: 0.44 * 2 + 0.1 * 5 = 1.38 against G: 0.46 + 0.44 + 0.1 * 4 = 1.30.
+    assert np.allclose(p @ tax.distance_matrix(), [[1.3, 1.38, 1.42, 4.5]])
+    assert decode(p, tax.distance_matrix(), "argmax")[0] == 1 and decode(p, tax.distance_matrix(), "min_risk")[0] == 0
+
+
+def test_min_risk_on_the_real_taxonomy():
+    p = row(Paragorgia_arborea=0.4, Paragorgia=0.3, Heteropolypus_ritteri=0.3)  # two genera of Coralliidae
+    assert TAX.names[decode(p, D, "argmax")[0]] == "Paragorgia arborea"
+    assert TAX.names[decode(p, D, "min_risk")[0]] == "Paragorgia"
+
+
+def test_decode_restricted_to_allowed_concepts():
+    p = row(Sebastes_diploproa=1.0)
+    allowed = at_or_above(TAX, "genus")
+    assert TAX.names[decode(p, D, "min_risk", allowed)[0]] == "Sebastes"
+    assert TAX.names[decode(p, D, "argmax", allowed)[0]] != "Sebastes diploproa"
+    with pytest.raises(ValueError, match="no allowed concept"):
+        decode(p, D, "min_risk", np.zeros(TAX.n_classes, dtype=bool))
+
+
+def test_cv_weights_formula():
+    s = np.array([2.0, 2.1, 2.5])
+    w = cv_weights(s, 0.1)
+    e = np.exp(-s / 0.1)
+    assert np.allclose(w, e / e.sum()) and np.isclose(w.sum(), 1)
+    assert np.allclose(cv_weights([3.0, 3.0], 0.1), [0.5, 0.5])
+    assert cv_weights(s, 1e-4)[0] > 0.999 and np.allclose(cv_weights(s, 1e4), 1 / 3, atol=1e-4)
+    assert np.allclose(blend_weights("cv", cv_scores=s, temperature=0.1), w)
+    with pytest.raises(ValueError, match="positive"):
+        cv_weights(s, 0.0)
+
+
+def perfect_and_random(n: int = 300, seed: int = 0):
+    rng = np.random.default_rng(seed)
+    labels = rng.integers(0, TAX.n_classes, n)
+    perfect = np.eye(TAX.n_classes)[labels]
+    random = rng.dirichlet(np.full(TAX.n_classes, 0.3), size=n)
+    return labels, perfect, random
+
+
+@pytest.mark.parametrize("objective", ["distance", "logloss"])
+def test_fit_puts_the_weight_on_the_perfect_model(objective):
+    labels, perfect, random = perfect_and_random()
+    w = blend_weights("fit", [random, perfect], labels, D, objective=objective)
+    assert w.shape == (2,) and np.isclose(w.sum(), 1) and w.min() >= 0
+    assert w[1] > 0.9, w
+
+
+def test_uniform_weights_and_blend():
+    labels, perfect, random = perfect_and_random(20)
+    w = blend_weights("uniform", [perfect, random])
+    assert np.allclose(w, 0.5) and np.allclose(blend([perfect, random], w), (perfect + random) / 2)
+    with pytest.raises(ValueError, match="Unknown blend method 'best'"):
+        blend_weights("best", [perfect])
+
+
+def test_soft_min_risk_distance_tends_to_the_decoded_distance():
+    labels, perfect, random = perfect_and_random(50)
+    mix = 0.5 * perfect + 0.5 * random
+    hard = D[labels, decode(mix, D, "min_risk")].mean()
+    assert soft_min_risk_distance(mix, labels, D, beta=1e-6) == pytest.approx(hard, abs=1e-6)
+    assert soft_min_risk_distance(perfect, labels, D) < soft_min_risk_distance(random, labels, D)
+
+
+def test_logit_adjust_identities():
+    rng = np.random.default_rng(1)
+    p = rng.dirichlet(np.ones(6), size=4)
+    prior = np.array([50, 20, 10, 5, 0, 1], dtype=float)
+    assert np.allclose(logit_adjust(p, prior, 0.0), p)
+    assert np.allclose(logit_adjust(p, np.full(6, 7.0), 1.0), p)
+    out = logit_adjust(np.array([[0.5, 0.5]]), np.array([0.9, 0.1]), 1.0)
+    assert np.allclose(out, [[0.1, 0.9]])
+    assert np.all(np.isfinite(logit_adjust(p, prior, 2.0))) and np.allclose(logit_adjust(p, prior, 2.0).sum(1), 1)
+
+
+def test_at_or_above_counts_exceptions_one_rank_deeper():
+    order = at_or_above(TAX, "order")
+    assert order[TAX.index("Actiniaria")] and order[TAX.index("Porifera")] and order[TAX.index("Actinopterygii")]
+    assert not order[TAX.index("Sebastes")] and not order[TAX.index("Caridea")]  # Caridea hangs below Decapoda
+    assert at_or_above(TAX, "family")[TAX.index("Caridea")]
+    assert at_or_above(TAX, "species").all()
+
+
+def test_backoff_decodes_unsure_rows_at_the_coarse_rank():
+    unsure = row(Sebastes_diploproa=0.3, Sebastolobus=0.3, Pyrosoma_atlanticum=0.4)
+    sure = row(Sebastes_diploproa=0.9, Sebastolobus=0.1)
+    p = np.vstack([unsure, sure])
+    plain = decode(p, D, "min_risk")
+    out = backoff_decode(p, D, TAX, "order", tau=0.5)
+    assert out[1] == plain[1] == TAX.index("Sebastes diploproa")
+    assert at_or_above(TAX, "order")[out[0]] and out[0] != plain[0]
+    assert np.array_equal(backoff_decode(p, D, TAX, "order", tau=0.0), plain)  # tau 0: nothing backs off
+    forced = backoff_decode(p, D, TAX, "order", tau=0.0, uncertain=np.array([False, True]))
+    assert forced[0] == plain[0] and at_or_above(TAX, "order")[forced[1]]
+
+
+def test_submit_config_keys():
+    cfg = load_config(None)
+    s = cfg.submit
+    assert (s.blend, s.cv_temperature, s.fit_objective, s.logit_tau, s.backoff_rank) == ("uniform", 0.1, "distance", 0.0, "")
+    cfg = load_config(None, ["submit.blend=fit", "submit.fit_objective=logloss", "submit.backoff_rank=order", "submit.backoff_tau=0.3"])
+    assert cfg.submit.blend == "fit" and cfg.submit.backoff_rank == "order"
+    for bad, msg in [("submit.cv_temperature=0", "submit.cv_temperature must be positive"),
+                     ("submit.logit_tau=-1", "submit.logit_tau must be 0"),
+                     ("submit.backoff_tau=2", "submit.backoff_tau must lie in"),
+                     ("submit.models=[]", "submit.models must name at least one"),
+                     ("submit.blend=cvv", r"did you mean 'cv'\?"),
+                     ("submit.backoff_rank=famly", r"did you mean 'family'\?")]:
+        with pytest.raises(ConfigError, match=msg):
+            load_config(None, [bad])
+
+
+@pytest.mark.parametrize("objective", ["distance", "logloss"])
+def test_fit_gradient_matches_finite_differences(objective, monkeypatch):
+    import scipy.optimize
+
+    labels, perfect, random = perfect_and_random(40, seed=3)
+    seen = {}
+
+    def spy(fun, x0, jac=None, **kw):
+        seen["fun"] = fun
+        return scipy.optimize.OptimizeResult(x=x0)
+
+    monkeypatch.setattr(scipy.optimize, "minimize", spy)
+    blend_weights("fit", [random, 0.5 * perfect + 0.5 * random, perfect], labels, D, objective=objective)
+    w = np.array([0.2, 0.5, 0.3])
+    f, g = seen["fun"](w)
+    num = [(seen["fun"](w + h)[0] - seen["fun"](w - h)[0]) / 2e-6 for h in np.eye(3) * 1e-6]
+    assert np.allclose(g, num, rtol=1e-4, atol=1e-6)
+    assert f == pytest.approx(soft_min_risk_distance(blend([random, 0.5 * perfect + 0.5 * random, perfect], w), labels, D)
+                              if objective == "distance" else -np.log(blend([random, 0.5 * perfect + 0.5 * random, perfect], w)
+                                                                      [np.arange(40), labels]).mean())
