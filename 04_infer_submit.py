@@ -1,7 +1,8 @@
-"""Stage 04: every model's test probabilities (cached per model) -> blend -> decode -> submission.csv.
+"""Stage 04: every model's test probabilities (cached per model, with TTA) -> blend -> decode -> submission.csv.
 
-Reads:  output/<exp>/00_prepare/, 01_train/fold_<k>/best.pt, 03_retrain/fold_<k>/best.pt, data.test_json
-Writes: output/<exp>/04_submit/ probs/<model>.npz, submission.csv, fallbacks.csv, report.md, record.json
+Reads:  output/<exp>/00_prepare/, 01_train/ and 03_retrain/ folds (best.pt, oof.npz), 02_pseudo/test_probs.npz, data.test_json
+Writes: output/<exp>/04_submit/ probs/<model>.npz, submission.csv, fallbacks.csv, options.csv, report.md, record.json
+Changing only submit.* (blend, decoding) reuses probs/ and reruns in seconds.
 """
 from __future__ import annotations
 
@@ -24,16 +25,12 @@ def main_(args: argparse.Namespace, cfg: Config) -> int:
     import numpy as np
     import pandas as pd
 
+    from lib.blending import apply_decoding, check_aligned, compare, known_test_labels, weights_for
     from lib.coco import read_coco
-    from lib.ensemble import blend, decode, prior_answer
+    from lib.ensemble import blend, prior_answer
     from lib.prepare import load_rois
     from lib.report import submit_report
-    from lib.stages import (
-        atomic_path,
-        atomic_write_text,
-        cached_npz,
-        read_record,
-    )
+    from lib.stages import atomic_path, atomic_write_text, read_record
     from lib.submission import assemble, write_submission
     from lib.taxonomy import load_taxonomy_json
 
@@ -41,41 +38,72 @@ def main_(args: argparse.Namespace, cfg: Config) -> int:
     rois, tax = load_rois(prep), load_taxonomy_json(prep / "taxonomy.json")
     test = rois[(rois["split"] == "test") & (rois["ok"] == 1)]
     ids = test["annotation_id"].to_numpy()
-
-    models = {}
-    for m in cfg.submit.models:
-        folds = pipeline.fold_dirs(cfg, pipeline.PHASE_STAGES[m])
-        key = f"{stage.fingerprint['inputs'][pipeline.PHASE_STAGES[m]]}|{cfg.model.backbone}|{cfg.model.img_size}|{cfg.head}|{len(ids)}"
-
-        def compute(folds: list = folds) -> dict:
-            from lib.context import model_inputs
-            from lib.models import pick_device
-            from lib.predict import predict_folds
-
-            p = predict_folds(folds, model_inputs(test, cfg.model.context), cfg, tax, pick_device(cfg.train.device))
-            return {"annotation_id": ids, "probs": p.mean(0)}
-
-        arrays, hit = cached_npz(stage.dir / "probs" / f"{m}.npz", key, compute)
-        log.info("%s: %s test probabilities %s", NAME, m, "from cache" if hit else "computed")
-        models[m] = arrays["probs"]
+    models = [_model_probs(cfg, stage, m, test, tax) for m in cfg.submit.models]
+    check_aligned(models)
 
     dist = tax.distance_matrix()
-    probs = blend(list(models.values()))
-    labels = decode(probs, dist, cfg.submit.decode)
     train = rois[rois["split"] == "train"]
-    fallback = prior_answer(np.bincount(train["label"], minlength=tax.n_classes), dist)
+    counts = np.bincount(train.loc[train["ok"] == 1, "label"], minlength=tax.n_classes)
+    prior = counts / counts.sum()
+    weights = weights_for(cfg.submit.blend, cfg, models, dist) if len(models) > 1 else np.ones(1)
+    labels = apply_decoding(cfg, blend([m.test for m in models], weights), tax, prior, dist)
+    fallback = prior_answer(counts, dist)
     test_ids = read_coco(cfg.data.paths()["test_json"]).annotations["id"].astype(int).tolist()
     sub, fell_back = assemble(test_ids, dict(zip(ids.tolist(), labels.tolist())), tax.names, fallback)
     write_submission(sub, stage.dir / "submission.csv", test_ids, tax.names)
     with atomic_path(stage.dir / "fallbacks.csv") as tmp:
         pd.DataFrame({"annotation_id": fell_back, "concept_name": tax.names[fallback]}).to_csv(tmp, index=False)
-    cv = {m: (read_record(cfg.out_dir / pipeline.PHASE_STAGES[m] / "record.json") or {}).get("result", {}) for m in models}
-    atomic_write_text(stage.dir / "report.md", submit_report(cfg, cv, sub, fell_back))
-    result = {"rows": len(sub), "fallbacks": len(fell_back), "models": list(models), "decode": cfg.submit.decode,
+
+    options, _ = compare(cfg, models, tax, prior, known_test_labels(cfg, ids, tax))
+    with atomic_path(stage.dir / "options.csv") as tmp:
+        options.to_csv(tmp, index=False)
+    records = {m.name: (read_record(cfg.out_dir / pipeline.PHASE_STAGES[m.name] / "record.json") or {}).get("result", {}) for m in models}
+    atomic_write_text(stage.dir / "report.md", submit_report(cfg, records, dict(zip(cfg.submit.models, weights.tolist())), options, sub, fell_back))
+    chosen = options.iloc[-1] if len(models) == 1 else options[options["model"] == f"blend {cfg.submit.blend}"].iloc[0]
+    result = {"rows": len(sub), "fallbacks": len(fell_back), "models": list(cfg.submit.models), "weights": weights.round(4).tolist(),
+              "blend": cfg.submit.blend, "decode": cfg.submit.decode, f"oof_distance_{cfg.submit.decode}": float(chosen[f"oof_{cfg.submit.decode}"]),
               "submission": str(stage.dir / "submission.csv")}
     stage.finish(result, started)
-    log.info("%s: wrote %s (%d rows, %d answered by the prior)", NAME, stage.dir / "submission.csv", len(sub), len(fell_back))
+    log.info("%s: %s blend (weights %s), %s decoding, OOF distance %.4f; wrote %s (%d rows, %d answered by the prior)", NAME,
+             cfg.submit.blend, result["weights"], cfg.submit.decode, result[f"oof_distance_{cfg.submit.decode}"],
+             stage.dir / "submission.csv", len(sub), len(fell_back))
     return 0
+
+
+def _model_probs(cfg: Config, stage, name: str, test, tax):
+    """A phase's out-of-fold probabilities and its test probabilities, from probs/<name>.npz or computed once.
+
+    Phase 1's test probabilities come from 02's test_probs.npz when 02 is current (same folds, same TTA).
+    """
+    import numpy as np
+
+    from lib.blending import ModelProbs, load_oof
+    from lib.stages import cached_npz, read_record
+
+    phase = pipeline.PHASE_STAGES[name]
+    folds = pipeline.fold_dirs(cfg, phase)
+    ids = test["annotation_id"].to_numpy()
+    key = f"{stage.fingerprint['inputs'][phase]}|{cfg.tta.views}|{cfg.tta.mode}|{ids.tolist()}"
+
+    def compute() -> dict:
+        reuse = cfg.out_dir / "02_pseudo" / "test_probs.npz"
+        if name == "phase1" and reuse.is_file() and not pipeline.stage(cfg, "02_pseudo").reasons():
+            with np.load(reuse) as z:
+                if np.array_equal(z["annotation_id"], ids):
+                    log.info("%s: phase1 test probabilities taken from 02_pseudo", NAME)
+                    return {"annotation_id": ids, "probs": z["probs"]}
+        from lib.context import model_inputs
+        from lib.models import pick_device
+        from lib.tta import predict_folds_tta
+
+        p = predict_folds_tta(folds, model_inputs(test, cfg.model.context), cfg, tax, pick_device(cfg.train.device), features=False)
+        return {"annotation_id": ids, "probs": p["probs"]}
+
+    arrays, hit = cached_npz(stage.dir / "probs" / f"{name}.npz", key, compute)
+    log.info("%s: %s test probabilities %s", NAME, name, "from cache" if hit else f"stored in probs/{name}.npz")
+    oof_ids, oof_labels, oof = load_oof(folds)
+    cv = (read_record(cfg.out_dir / phase / "record.json") or {}).get("result", {}).get("cv_distance", float("nan"))
+    return ModelProbs(name, float(cv), oof_ids, oof_labels, oof, arrays["probs"].mean(0))
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -94,7 +94,7 @@ def test_pseudo_sources_gmu_and_umap(tiny, tmp_path):
     """02 with all three selections: per-model probabilities and embeddings, GMU, sources, the map and the precision summary."""
     overrides, out = _copy_run(tiny, tmp_path)
     args = ["--config", "configs/demo.yaml", *overrides, "pseudo.methods=[confidence, vote, cluster_core]", "pseudo.threshold=0.0",
-            "pseudo.min_agree=1", "pseudo.purity=0.5", "tta.views=[identity, hflip]"]
+            "pseudo.min_agree=1", "pseudo.u_floor=0.0", "pseudo.purity=0.5", "tta.views=[identity, hflip]"]
     assert load("02_pseudo_label.py").main(args) == 0
     z = np.load(out / "02_pseudo" / "test_probs.npz")
     assert z["probs"].shape == (2, 79, 79) and z["embeddings"].shape == (2, 79, 1280)
