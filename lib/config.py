@@ -248,6 +248,7 @@ class PseudoCfg:
     umap_metric: Literal["cosine", "euclidean", "manhattan", "correlation", "chebyshev"] = "cosine"
     purity: float = 0.9  # cluster_core: minimum share of a cluster's majority predicted label
     core_fraction: float = 0.5  # cluster_core: share of a pure cluster, nearest its centroid, that is labelled
+    min_cluster_size: int = 3  # cluster_core: smaller clusters are skipped (a cluster of one is always "pure")
     rounds: int = 1
 
 
@@ -607,6 +608,7 @@ def _pseudo_checks(p: PseudoCfg) -> list[tuple[bool, str]]:
         (0.0 <= p.umap_min_dist <= 1.0, "pseudo.umap_min_dist must lie in [0, 1] (UMAP's spread is 1)"),
         (0.0 < p.purity <= 1.0, "pseudo.purity must lie in (0, 1]"),
         (0.0 < p.core_fraction <= 1.0, "pseudo.core_fraction must lie in (0, 1]"),
+        (p.min_cluster_size >= 1, "pseudo.min_cluster_size must be at least 1"),
         (p.rounds >= 1, "pseudo.rounds must be at least 1"),
     ]
 

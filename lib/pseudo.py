@@ -176,6 +176,7 @@ def select_cluster_core(
     core_fraction: float = 0.5,
     seed: int = 42,
     reducer: Callable[[np.ndarray], np.ndarray] | None = None,
+    min_size: int = 1,
 ) -> tuple[pd.DataFrame, dict[str, Any]]:
     """Cluster-core pseudo-labels: UMAP -> KMeans -> pure clusters' central members.
 
@@ -190,6 +191,7 @@ def select_cluster_core(
     Returns (rows, info); info holds what `lib.plots.plot_umap` needs: `rows` (candidate
     positions in the inputs), `coords`, `pred`, `cluster`, `purity` and `majority` per cluster,
     `kept_clusters`, `core` (bool over candidates) and `skipped` (None, or why nothing was tried).
+    Clusters under `min_size` members are never kept: their purity says nothing.
     """
     mean_probs = np.asarray(mean_probs, dtype=float)
     embeddings = np.asarray(embeddings, dtype=float)
@@ -235,7 +237,7 @@ def select_cluster_core(
             continue
         label, count = _majority(pred[members], mean_probs[rows[members]])
         purities[c], majorities[c] = count / len(members), label
-        if purities[c] < purity:
+        if purities[c] < purity or len(members) < min_size:  # a cluster of one or two is pure by accident
             continue
         kept.append(c)
         n_core = math.ceil(core_fraction * len(members) - 1e-9)  # 0.3 * 10 is 3.0000000000000004 in floats

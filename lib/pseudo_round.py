@@ -67,7 +67,7 @@ def select(cfg: Config, ids: np.ndarray, arrays: dict[str, np.ndarray], n_classe
     if "cluster_core" in p.methods:
         emb = arrays["embeddings"].astype(np.float32).mean(0)  # averaged over folds
         core, info = select_cluster_core(ids, emb, mean, None, p.umap_components, p.umap_neighbors, p.umap_min_dist,
-                                         p.umap_metric, p.purity, p.core_fraction, cfg.seed)
+                                         p.umap_metric, p.purity, p.core_fraction, cfg.seed, min_size=p.min_cluster_size)
         if info.get("skipped"):
             log.warning("cluster_core skipped: %s", info["skipped"])
         frames.append(core)

@@ -145,6 +145,17 @@ def test_cluster_core_purity_and_fraction():
     assert out["annotation_id"].tolist() == list(range(100, 110))  # only A, all of it
 
 
+def test_cluster_core_min_size_skips_small_pure_clusters():
+    """A lone point far away is a pure cluster of one; min_size keeps it out."""
+    ids, points, mean, mask = _cluster_case()
+    points, mean = np.vstack([points, [[-40, -40]]]), np.vstack([mean, [[0.1, 0.1, 0.8]]])
+    ids, mask = np.append(ids, 999), np.append(mask, True)
+    mean[-1] = [0.1, 0.1, 0.8]  # predicted 2, the 4th predicted class -> k = 3 still (classes 0, 1, 2)
+    loose, _ = select_cluster_core(ids, points, mean, mask, purity=0.9, core_fraction=1.0, seed=0, reducer=lambda x: x)
+    strict, _ = select_cluster_core(ids, points, mean, mask, purity=0.9, core_fraction=1.0, seed=0, reducer=lambda x: x, min_size=2)
+    assert 999 in loose["annotation_id"].tolist() and 999 not in strict["annotation_id"].tolist()
+
+
 def test_cluster_core_tiny_input_is_skipped():
     out, info = select_cluster_core([1, 2, 3], np.eye(3), np.eye(3), reducer=lambda x: x)
     assert out.empty and list(out.columns) == COLUMNS
