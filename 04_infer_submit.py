@@ -30,7 +30,7 @@ def main_(args: argparse.Namespace, cfg: Config) -> int:
     from lib.ensemble import blend, prior_answer
     from lib.prepare import load_rois
     from lib.report import submit_report
-    from lib.stages import atomic_path, atomic_write_text, read_record
+    from lib.stages import atomic_path, atomic_write_text
     from lib.submission import assemble, write_submission
     from lib.taxonomy import load_taxonomy_json
 
@@ -57,7 +57,7 @@ def main_(args: argparse.Namespace, cfg: Config) -> int:
     options, _ = compare(cfg, models, tax, prior, known_test_labels(cfg, ids, tax))
     with atomic_path(stage.dir / "options.csv") as tmp:
         options.to_csv(tmp, index=False)
-    records = {m.name: (read_record(cfg.out_dir / pipeline.PHASE_STAGES[m.name] / "record.json") or {}).get("result", {}) for m in models}
+    records = {m.name: m.record for m in models}
     atomic_write_text(stage.dir / "report.md", submit_report(cfg, records, dict(zip(cfg.submit.models, weights.tolist())), options, sub, fell_back))
     chosen = options.iloc[-1] if len(models) == 1 else options[options["model"] == f"blend {cfg.submit.blend}"].iloc[0]
     result = {"rows": len(sub), "fallbacks": len(fell_back), "models": list(cfg.submit.models), "weights": weights.round(4).tolist(),
@@ -71,7 +71,7 @@ def main_(args: argparse.Namespace, cfg: Config) -> int:
 
 
 def _model_probs(cfg: Config, stage, name: str, test, tax):
-    """A phase's out-of-fold probabilities and its test probabilities, from probs/<name>.npz or computed once.
+    """A model's (phase1, phase2, round<r>) out-of-fold and test probabilities, from probs/<name>.npz or computed once.
 
     Phase 1's test probabilities come from 02's test_probs.npz when 02 is current (same folds, same TTA).
     """
@@ -80,10 +80,10 @@ def _model_probs(cfg: Config, stage, name: str, test, tax):
     from lib.blending import ModelProbs, load_oof
     from lib.stages import cached_npz, read_record
 
-    phase = pipeline.PHASE_STAGES[name]
-    folds = pipeline.fold_dirs(cfg, phase)
+    phase = pipeline.model_stage(name)
+    folds = pipeline.model_folds(cfg, name)
     ids = test["annotation_id"].to_numpy()
-    key = f"{stage.fingerprint['inputs'][phase]}|{cfg.tta.views}|{cfg.tta.mode}|{ids.tolist()}"
+    key = f"{stage.fingerprint['inputs'][phase]}|{name}|{cfg.tta.views}|{cfg.tta.mode}|{ids.tolist()}"
 
     def compute() -> dict:
         reuse = cfg.out_dir / "02_pseudo" / "test_probs.npz"
@@ -102,8 +102,10 @@ def _model_probs(cfg: Config, stage, name: str, test, tax):
     arrays, hit = cached_npz(stage.dir / "probs" / f"{name}.npz", key, compute)
     log.info("%s: %s test probabilities %s", NAME, name, "from cache" if hit else f"stored in probs/{name}.npz")
     oof_ids, oof_labels, oof = load_oof(folds)
-    cv = (read_record(cfg.out_dir / phase / "record.json") or {}).get("result", {}).get("cv_distance", float("nan"))
-    return ModelProbs(name, float(cv), oof_ids, oof_labels, oof, arrays["probs"].mean(0))
+    record = (read_record(cfg.out_dir / phase / "record.json") or {}).get("result", {})
+    if name.startswith("round"):  # a round's own CV, from 03's per-round summary
+        record = record.get("per_round", [{}])[int(name[5:]) - 1]
+    return ModelProbs(name, float(record.get("cv_distance", float("nan"))), oof_ids, oof_labels, oof, arrays["probs"].mean(0), record)
 
 
 def main(argv: list[str] | None = None) -> int:

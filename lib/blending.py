@@ -6,7 +6,7 @@ costs seconds (the point of caching per model).
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
 
@@ -30,6 +30,7 @@ class ModelProbs:
     oof_labels: np.ndarray
     oof: np.ndarray  # (n_train, C)
     test: np.ndarray  # (n_test, C), mean over its folds
+    record: dict = field(default_factory=dict)  # its training record's result (CV figures for the report)
 
 
 def load_oof(fold_dirs: Sequence[Path]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:

@@ -539,12 +539,14 @@ def validate(cfg: Config) -> None:
         (cfg.submit.cv_temperature > 0, "submit.cv_temperature must be positive"),
         (cfg.submit.logit_tau >= 0, "submit.logit_tau must be 0 (off) or more"),
         (0.0 <= cfg.submit.backoff_tau <= 1.0, "submit.backoff_tau must lie in [0, 1]"),
-        (len(cfg.submit.models) >= 1, "submit.models must name at least one of phase1 and phase2"),
+        (len(cfg.submit.models) >= 1, "submit.models must name at least one model (phase1, phase2, round<r>)"),
         (cfg.demo.per_class >= 1 and cfg.demo.test_per_class >= 1, "demo.per_class and demo.test_per_class must be at least 1"),
         (1 <= cfg.demo.min_objects <= cfg.demo.max_objects, "demo.min_objects must be at least 1 and at most demo.max_objects"),
         (cfg.demo.imbalance_factor >= 1, "demo.imbalance_factor must be at least 1"),
         (all(0 <= f < cfg.prepare.n_folds for f in cfg.train.folds), "train.folds must list fold numbers below prepare.n_folds"),
-        (all(m in ("phase1", "phase2") for m in cfg.submit.models), "submit.models may only name phase1 and phase2"),
+        (all(m in ("phase1", "phase2") or (m.startswith("round") and m[5:].isdigit() and 1 <= int(m[5:]) <= cfg.pseudo.rounds)
+             for m in cfg.submit.models), "submit.models may only name phase1, phase2 and round<r> with r from 1 to pseudo.rounds"),
+        (len(set(cfg.submit.models)) == len(cfg.submit.models), "submit.models must name each model once"),
     ]
     checks += _augment_checks(cfg.augment)
     checks += _pseudo_checks(cfg.pseudo)

@@ -45,10 +45,25 @@ SPECS: dict[str, Spec] = {
 PHASE_STAGES = {"phase1": "01_train", "phase2": "03_retrain"}
 
 
+def model_stage(model: str) -> str:
+    """The training stage behind a `submit.models` name: phase1 -> 01, phase2 and round<r> -> 03."""
+    return PHASE_STAGES.get(model, "03_retrain")
+
+
+def model_folds(cfg: Config, model: str) -> list:
+    """Fold folders of a `submit.models` name; `round<r>` is 03's self-training round r (round1 = 03's own folds)."""
+    if model in PHASE_STAGES:
+        return fold_dirs(cfg, PHASE_STAGES[model])
+    r = int(model[len("round"):])
+    folds = fold_dirs(cfg, "03_retrain")
+    root = cfg.out_dir / "03_retrain" / ("." if r == 1 else f"round_{r}")
+    return [root / d.name for d in folds]
+
+
 def upstream_of(cfg: Config, name: str) -> tuple[str, ...]:
     """Direct upstream stages; 04 depends on whichever phases `submit.models` blends, knn on 01 when it embeds with 01's models."""
     if name == "04_submit":
-        return SPECS[name].upstream + tuple(PHASE_STAGES[m] for m in cfg.submit.models)
+        return SPECS[name].upstream + tuple(dict.fromkeys(model_stage(m) for m in cfg.submit.models))
     if name == "knn" and cfg.knn.source == "phase1":
         return SPECS[name].upstream + ("01_train",)
     return SPECS[name].upstream

@@ -129,6 +129,12 @@ def test_rounds_reuse_earlier_rounds(tiny, tmp_path, caplog):
     caplog.clear()
     assert load("03_retrain.py").main(["--config", "configs/demo.yaml", *overrides, "pseudo.rounds=2"]) == 0
     assert "03_retrain: up to date" in caplog.text
+    # Every round can enter the blend as its own model.
+    args = ["--config", "configs/demo.yaml", *overrides, "pseudo.rounds=2", "submit.models=[phase1, round1, round2]", "submit.blend=cv"]
+    assert load("04_infer_submit.py").main(args) == 0
+    options = pd.read_csv(out / "04_submit" / "options.csv")
+    assert options["model"].tolist()[:3] == ["phase1", "round1", "round2"] and "blend cv" in options["model"].tolist()
+    assert json.loads((out / "04_submit" / "record.json").read_text())["result"]["blend"] == "cv"
 
 
 def test_pseudo_rows_only_join_training_folds():
