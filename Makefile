@@ -7,7 +7,7 @@ ARGS   ?=
 export NO_ALBUMENTATIONS_UPDATE := 1
 export PYTHONUNBUFFERED := 1
 
-.PHONY: venv demo test stages clean-demo
+.PHONY: venv demo test stages clean-demo ablate ablate-quick
 
 # The venv is (re)built only when requirements.txt changes; the stamp makes it idempotent.
 $(VENV)/.installed: requirements.txt
@@ -37,3 +37,10 @@ test: venv
 
 clean-demo:
 	rm -rf output/demo input/demo
+
+# The ablation grid (scripts/ablate.py): output/<exp>/report/ablation.md; about 45 min on 2 cores (quick: about 10).
+ablate: venv
+	$(PY) scripts/ablate.py --config $(CONFIG)
+
+ablate-quick: venv
+	$(PY) scripts/ablate.py --config $(CONFIG) --quick

@@ -1,0 +1,198 @@
+"""The ablation runner: a fixed grid of configs through the stages -> output/<exp>/report/ablation.md.
+
+    .venv/bin/python scripts/ablate.py [--quick] [--config configs/demo.yaml]   (or: make ablate / make ablate-quick)
+
+Each variant runs in output/ablate[_quick]/<variant>/; records make finished variants free, so
+a rerun (or a resumed, interrupted grid) only does what is missing. See lib/ablation.py.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import numpy as np  # noqa: E402
+import pandas as pd  # noqa: E402
+
+from lib import ablation as ab  # noqa: E402
+from lib.config import load_config  # noqa: E402
+from lib.stages import atomic_write_text, setup_logging  # noqa: E402
+
+KEYS = ["cv_distance", "cv_distance_testlike", "cv_top1", "oof_argmax", "oof_min_risk", "test_argmax", "test_min_risk",
+        "pseudo_labels", "pseudo_precision", *ab.RANK_KEYS, "val_top1_head", "val_top1_middle", "val_top1_tail"]
+
+
+def fmt(r: pd.Series, k: str, digits: int = 3) -> str:
+    v = r.get(k)
+    if v is None or (isinstance(v, float) and np.isnan(v)):
+        return ""
+    sd = r.get(f"{k}_std")
+    return f"{v:.{digits}f}" + (f" ± {sd:.{digits}f}" if sd is not None and not np.isnan(sd) else "")
+
+
+def table(df: pd.DataFrame, cols: list[tuple[str, str]]) -> list[str]:
+    cols = [(k, h) for k, h in cols if k in df and df[k].notna().any()]
+    lines = ["| variant | seeds | " + " | ".join(h for _, h in cols) + " |", "|---|---|" + "---|" * len(cols)]
+    for _, r in df.iterrows():
+        lines.append(f"| {r['variant']} | {r.get('seeds', 1) if not pd.isna(r.get('seeds', 1)) else 1} | "
+                     + " | ".join(fmt(r, k) for k, _ in cols) + " |")
+    return lines
+
+
+def plot(df: pd.DataFrame, path: Path, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    d = df[df["test_min_risk"].notna()] if "test_min_risk" in df else df.iloc[:0]
+    if d.empty:
+        return
+    fig, ax = plt.subplots(figsize=(8, 0.35 * len(d) + 1.5))
+    y = np.arange(len(d))
+    ax.barh(y - 0.2, d["cv_distance"].fillna(0), 0.4, xerr=d.get("cv_distance_std", pd.Series(0, index=d.index)).fillna(0),
+            label="CV distance (argmax)")
+    ax.barh(y + 0.2, d["test_min_risk"], 0.4, xerr=d.get("test_min_risk_std", pd.Series(0, index=d.index)).fillna(0),
+            label="demo test distance (min-risk)")
+    ax.set_yticks(y, [f"{g}: {v}" for g, v in zip(d["group"], d["variant"])])
+    ax.invert_yaxis()
+    ax.set_xlabel("mean taxonomic distance (lower is better)")
+    ax.set_title(title)
+    ax.legend(loc="lower right", fontsize=8)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def report(rows: list[dict], extra: list[dict], s: ab.Setting, minutes: float, out: Path) -> str:
+    df = ab.summarize(rows, KEYS)
+    title = "Ablation" + (" (quick grid)" if s.quick else "")
+    lines = [f"# {title}", "",
+             f"Grid run in {minutes:.1f} min on this machine; base overrides `{' '.join(s.base)}`; seeds {s.seeds}. "
+             "Distances are the competition metric (lower is better); ± is the spread (std) over seeds. Every setting was "
+             "fixed before the run: nothing is chosen on the demo's test labels (CV is the yardstick, the test score is "
+             "reported beside it).", ""]
+    main_cols = [("cv_distance", "CV dist."), ("cv_distance_testlike", "CV test-like"), ("cv_top1", "CV top-1"),
+                 ("oof_min_risk", "OOF min-risk"), ("test_argmax", "test argmax"), ("test_min_risk", "test min-risk")]
+    sections = [("loss", "Losses (phase 1, linear head, ROI only)"), ("head", "Heads (loss ce)"),
+                ("context", "ROI only against ROI + context (loss ce)"), ("pseudo", "Pseudo-labelling (phase 2 on the ce base; off = loss/ce)"),
+                ("knn", "kNN baseline (CV per vote; the test score of the vote chosen by CV)")]
+    for g, head in sections:
+        part = df[df["group"] == g]
+        if g == "head" or g == "context":
+            part = pd.concat([df[(df["group"] == "loss") & (df["variant"] == "ce")], part])
+        if part.empty:
+            continue
+        cols = main_cols + ([("pseudo_labels", "pseudo rows"), ("pseudo_precision", "pseudo precision")] if g == "pseudo" else [])
+        lines += [f"## {head}", "", *table(part, cols), ""]
+    ranks = df[df["group"].isin(["loss", "head", "context"])]
+    if not ranks.empty:
+        lines += ["## Accuracy per rank (validation, mean over folds)", "",
+                  *table(ranks, [(k, k.replace("val_acc_", "")) for k in ab.RANK_KEYS]), ""]
+    blends = [r for r in rows if r.get("group") == "pseudo" and r.get("blends")]
+    if blends:
+        lines += ["## Decoding and blends (04's options on the pseudo-label variants)", "",
+                  "| variant | model | OOF min-risk | test min-risk |", "|---|---|---|---|"]
+        for r in blends:
+            for m, v in r["blends"].items():
+                t = v.get("test_min_risk")
+                lines.append(f"| {r['variant']} | {m} | {v['oof_min_risk']:.3f} | {'' if t is None else f'{t:.3f}'} |")
+        lines.append("")
+    if extra:
+        lines += ["## A single fold model against the fold ensemble (base ce, demo test, min-risk)", "",
+                  "| model | test distance |", "|---|---|", *[f"| {r['variant']} | {r['test_min_risk']:.3f} |" for r in extra], ""]
+    lt = df[df["group"] == "long_tail"]
+    if not lt.empty:
+        lines += ["## Long tail (the generator's long-tailed mode; head / middle / tail = thirds of the classes by train count)", "",
+                  *table(lt, [("cv_distance", "CV dist."), ("cv_top1", "CV top-1"), ("val_top1_head", "head top-1"),
+                              ("val_top1_middle", "middle top-1"), ("val_top1_tail", "tail top-1"), ("test_min_risk", "test min-risk")]), ""]
+    png = "ablation_quick.png" if s.quick else "ablation.png"
+    lines += ["## What it found", "", *findings(df, extra), "", f"![ablation]({png})", ""]
+    plot(df[df["group"] != "knn"], out / ("ablation_quick.png" if s.quick else "ablation.png"), title)
+    return "\n".join(lines)
+
+
+def findings(df: pd.DataFrame, extra: list[dict]) -> list[str]:
+    """Plain statements read off the table (computed, not written by hand)."""
+    out = []
+
+    def get(g: str, v: str, k: str) -> float | None:
+        r = df[(df["group"] == g) & (df["variant"] == v)]
+        return None if r.empty or k not in r or pd.isna(r.iloc[0].get(k)) else float(r.iloc[0][k])
+
+    losses = df[(df["group"] == "loss") & df["cv_distance"].notna()]
+    if not losses.empty:
+        best = losses.loc[losses["cv_distance"].idxmin()]
+        ce_sd = get("loss", "ce", "cv_distance_std")
+        out.append(f"- Lowest CV distance among the losses: `{best['variant']}` ({best['cv_distance']:.3f}; ce {get('loss', 'ce', 'cv_distance'):.3f}"
+                   + (f", whose spread over seeds is ± {ce_sd:.3f}" if ce_sd is not None else "") + ").")
+    a, m = get("loss", "ce", "oof_argmax"), get("loss", "ce", "oof_min_risk")
+    if a is not None and m is not None:
+        out.append(f"- Min-risk decoding against argmax (ce, out of fold): {m:.3f} against {a:.3f}.")
+    off = get("loss", "ce", "test_min_risk")
+    pseudo = df[(df["group"] == "pseudo") & df["test_min_risk"].notna()]
+    if off is not None and not pseudo.empty:
+        best = pseudo.loc[pseudo["cv_distance"].idxmin()]
+        out.append(f"- Pseudo-labels: the phase-2 variant with the lowest CV is `{best['variant']}` (CV {best['cv_distance']:.3f}, "
+                   f"demo test {best['test_min_risk']:.3f}) against no pseudo-labels (CV {get('loss', 'ce', 'cv_distance'):.3f}, test {off:.3f}).")
+    if extra:
+        single = np.mean([r["test_min_risk"] for r in extra[:-1]])
+        out.append(f"- The fold ensemble scores {extra[-1]['test_min_risk']:.3f} on the demo test against {single:.3f} for a single fold model on average.")
+    lt = df[(df["group"] == "long_tail") & df["val_top1_tail"].notna()] if "val_top1_tail" in df else df.iloc[:0]
+    if not lt.empty:
+        best = lt.loc[lt["val_top1_tail"].idxmax()]
+        out.append(f"- Long tail: the best tail-class top-1 is `{best['variant']}` ({best['val_top1_tail']:.3f}; ce {get('long_tail', 'ce', 'val_top1_tail') or float('nan'):.3f}).")
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--config", default="configs/demo.yaml")
+    ap.add_argument("--quick", action="store_true", help="the small grid (about 10 minutes on 2 cores)")
+    ap.add_argument("--only", default="", help="run only these groups (comma-separated: loss,head,context,pseudo,knn,long_tail)")
+    args = ap.parse_args(argv)
+    setup_logging()
+    s = ab.setting(args.quick)
+    cfg = load_config(args.config, [])
+    out_root = f"{cfg.output_root}/ablate{'_quick' if s.quick else ''}"
+    report_dir = cfg.out_dir / "report"
+    started = time.time()
+    ab.ensure_data(s, args.config)
+    rows, extra = [], []
+    variants = [v for v in ab.grid(s) if not args.only or v.group in args.only.split(",")]
+    for i, v in enumerate(variants, 1):
+        print(f"[ablate {i}/{len(variants)}] {v.group}: {v.name} (seed {v.seed})", flush=True)
+        seconds = ab.run_variant(s, v, args.config, out_root)
+        rows += ab.collect(s, v, out_root, seconds)
+        if v.group == "pseudo" and not extra:
+            extra = ab.single_fold_vs_ensemble(Path(out_root) / v.exp, *truth_and_dist(s, args.config))
+        ab.write_json(report_dir / ("ablation_quick.json" if s.quick else "ablation.json"), rows)
+    minutes = (time.time() - started) / 60
+    name = "ablation_quick.md" if s.quick else "ablation.md"
+    atomic_write_text(report_dir / name, report(rows, extra, s, minutes, report_dir))
+    print(f"wrote {report_dir / name} ({minutes:.1f} min)")
+    return 0
+
+
+def truth_and_dist(s: ab.Setting, config: str):
+    """The demo's test labels (report only) and the distance matrix."""
+    from lib.metric import DEFAULT_TAXONOMY
+    from lib.taxonomy import load_taxonomy_csv
+
+    cfg = load_config(config, [*s.base, *s.datasets["base"]])
+    tax = load_taxonomy_csv(cfg.data.taxonomy_csv or DEFAULT_TAXONOMY)
+    sol = pd.read_csv(Path(cfg.data.root) / "solution.csv").set_index("annotation_id")["concept_name"]
+    lookup = {n: i for i, n in enumerate(tax.names)}
+
+    def truth(ids: np.ndarray) -> np.ndarray:
+        return np.array([lookup.get(sol.get(int(a), ""), -1) for a in ids])
+
+    return truth, tax.distance_matrix()
+
+
+if __name__ == "__main__":
+    sys.exit(main())
