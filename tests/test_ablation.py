@@ -1,0 +1,42 @@
+"""The ablation grid's shape and the arithmetic of its summary (running it is `make ablate`)."""
+import numpy as np
+import pytest
+
+from lib import ablation as ab
+
+
+@pytest.mark.parametrize("quick", [False, True])
+def test_grid_covers_every_group_and_reuses_the_base(quick):
+    s = ab.setting(quick)
+    g = ab.grid(s)
+    groups = {v.group for v in g}
+    assert {"loss", "context", "pseudo", "knn", "long_tail"} <= groups
+    base = ab.Variant("loss", "ce", [], seed=s.seeds[0]).exp
+    # Pseudo-labelling and kNN variants run in the base's folder: phase 1 is trained once for them.
+    assert all(v.exp == base for v in g if v.group in ("pseudo", "knn"))
+    assert all(v.stages[0] == "02_pseudo_label.py" for v in g if v.group == "pseudo")
+    ce_seeds = [v.seed for v in g if v.group == "loss" and v.name == "ce"]
+    assert ce_seeds == s.seeds and len(ce_seeds) >= 2
+    assert len({v.exp for v in g if v.group != "pseudo" and v.group != "knn"}) == len([v for v in g if v.group not in ("pseudo", "knn")])
+    if not quick:
+        assert {"ce", "dwce", "focal", "balanced_softmax", "ce_expected_distance", "taxonomy_smoothing"} <= {v.name for v in g if v.group == "loss"}
+        assert {"ce", "weighted_ce", "focal", "class_balanced", "balanced_softmax", "ldam", "seql"} == {v.name for v in g if v.group == "long_tail"}
+        assert {"per_rank", "hierarchical_softmax"} <= {v.name for v in g if v.group == "head"}
+        assert any("pseudo.rounds=3" in v.overrides for v in g)
+
+
+def test_overrides_put_each_variant_in_its_own_folder():
+    s = ab.setting(True)
+    v = ab.grid(s)[0]
+    args = ab.overrides_of(s, v, "configs/demo.yaml", "output/ablate_quick")
+    assert args[:2] == ["--config", "configs/demo.yaml"] and f"exp={v.exp}" in args and f"seed={v.seed}" in args
+    assert args.index(f"exp={v.exp}") < args.index(v.overrides[0])  # the variant's own settings come last and win
+
+
+def test_summarize_means_and_spread_over_seeds():
+    rows = [{"group": "loss", "variant": "ce", "seed": s, "cv_distance": d} for s, d in ((1, 2.0), (2, 3.0), (3, 4.0))]
+    rows.append({"group": "loss", "variant": "dwce", "seed": 1, "cv_distance": 1.5})
+    df = ab.summarize(rows, ["cv_distance"])
+    ce = df[df["variant"] == "ce"].iloc[0]
+    assert ce["seeds"] == 3 and ce["cv_distance"] == pytest.approx(3.0) and ce["cv_distance_std"] == pytest.approx(np.std([2, 3, 4]))
+    assert np.isnan(df[df["variant"] == "dwce"].iloc[0]["cv_distance_std"])  # one seed: no spread claimed
