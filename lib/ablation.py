@@ -25,6 +25,8 @@ import pandas as pd
 from lib.stages import ROOT, read_record
 
 log = logging.getLogger("pipeline")
+HOLDOUT = ["Abyssocucumis abyssorum", "Chorilia longipes", "Heteropolypus ritteri", "Metridium farcimen", "Pandalus platyceros",
+           "Psathyrometra fragilis", "Scotoplanes globosa"]
 RANK_KEYS = ["val_acc_phylum", "val_acc_class", "val_acc_order", "val_acc_family", "val_acc_genus", "val_acc_species"]
 
 
@@ -97,6 +99,8 @@ def grid(s: Setting) -> list[Variant]:
         out.append(Variant("pseudo", "all three, 3 rounds", ["loss.name=ce", f"pseudo.methods={methods['all three']}", "pseudo.rounds=3"],
                            post, s.seeds[0], base_folder))
     out.append(Variant("knn", "backbone", ["loss.name=ce"], ("knn_baseline.py",), s.seeds[0], base_folder))
+    # Novelty: species held out of train (every 5th species of the taxonomy, fixed in advance), present in test.
+    out.append(Variant("novelty", "two_level", [f"prepare.holdout=[{', '.join(HOLDOUT)}]", "head.name=two_level", *phase1_only], p1))
     lt_losses = ["ce", "balanced_softmax"] if s.quick else ["ce", "weighted_ce", "focal", "class_balanced", "balanced_softmax", "ldam", "seql"]
     for loss in lt_losses:
         extra = {"focal": ["loss.focal_class_weights=true", "loss.beta=0.999"], "class_balanced": ["loss.beta=0.999"],
@@ -233,3 +237,56 @@ def write_json(path: Path, rows: Sequence[dict[str, Any]]) -> None:
     from lib.stages import atomic_write_text
 
     atomic_write_text(path, json.dumps(list(rows), indent=1, default=float))
+
+
+def novelty(s: Setting, v: Variant, config: str, out_root: str, truth_of: Callable[[np.ndarray], np.ndarray]) -> list[dict[str, Any]]:
+    """AUROC of max-probability, energy and GMU's U as scores of 'novel' (a held-out species) on the test ROIs,
+    and the two-level head's novel / known accuracy at its thresholds (a majority over the fold models)."""
+    import torch
+    from sklearn.metrics import roc_auc_score
+
+    from lib import pipeline
+    from lib.config import load_config
+    from lib.context import model_inputs
+    from lib.models import mean_std
+    from lib.predict import load_fold_model, make_loader
+    from lib.prepare import load_rois
+    from lib.pseudo import gmu
+    from lib.taxonomy import load_taxonomy_json
+
+    cfg = load_config(config, overrides_of(s, v, config, out_root)[2:])
+    out = cfg.out_dir
+    rois, tax = load_rois(out / "00_prepare"), load_taxonomy_json(out / "00_prepare" / "taxonomy.json")
+    test = rois[(rois["split"] == "test") & (rois["ok"] == 1)]
+    truth = truth_of(test["annotation_id"].to_numpy())
+    known = truth >= 0
+    is_novel = np.isin(truth, [tax.index(n) for n in cfg.prepare.holdout])
+    probs, energy, flags = [], [], []
+    device = torch.device("cpu")
+    for d in pipeline.fold_dirs(cfg, "01_train"):
+        model = load_fold_model(d, cfg, tax, device)
+        mean, std = mean_std(model)
+        loader = make_loader(model_inputs(test, cfg.model.context), cfg.model.img_size, mean, std, cfg.train.eval_batch_size, 0, device)
+        p, e, f = [], [], []
+        with torch.no_grad():
+            for x, _, _ in loader:
+                o = model(x, full=True)
+                p.append(model.head_module.probs(o).float())
+                e.append(-torch.logsumexp(o.logits.float(), dim=1))  # energy (Liu et al. 2020): higher = less familiar
+                if hasattr(model.head_module, "novelty"):
+                    f.append(model.head_module.novelty(o)["novel"])
+        probs.append(torch.cat(p).numpy())
+        energy.append(torch.cat(e).numpy())
+        if f:
+            flags.append(torch.cat(f).numpy())
+    probs = np.stack(probs)
+    _, u = gmu(probs, cfg.pseudo.gmu_sigma)
+    scores = {"1 - max probability": 1 - probs.mean(0).max(1), "energy": np.mean(energy, 0), "1 - U (GMU)": 1 - u}
+    y = is_novel[known]
+    rows = [{"group": "novelty", "variant": name, "auroc": float(roc_auc_score(y, sc[known]))} for name, sc in scores.items()]
+    if flags:
+        flag = np.mean(flags, 0) > 0.5
+        rows.append({"group": "novelty", "variant": "two-level head at its thresholds",
+                     "novel_flagged": float(flag[known][y].mean()), "known_kept": float((~flag[known][~y]).mean())})
+    rows.append({"group": "novelty", "variant": "test ROIs", "novel_rows": int(y.sum()), "known_rows": int((~y).sum())})
+    return rows

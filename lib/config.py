@@ -83,6 +83,7 @@ class PrepareCfg:
     download_workers: int = 8
     download_retries: int = 3
     download_timeout: float = 30.0
+    holdout: list[str] = field(default_factory=list)  # concepts kept out of train (novelty experiments); test keeps them
 
 
 @dataclass

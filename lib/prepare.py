@@ -189,6 +189,14 @@ def prepare(cfg: Config, out_dir: Path) -> Prepared:
     rois = rois[(rois["split"] == "test") | (rois["ok"] == 1)].reset_index(drop=True)
     rejects = pd.DataFrame(all_rejects, columns=["split", "annotation_id", "image_id", "reason"])
     _check_reject_fraction(rejects, n_train, cfg.prepare.max_reject_fraction)
+    if cfg.prepare.holdout:  # a novelty experiment: these concepts stay in the test set only
+        unknown = sorted(set(cfg.prepare.holdout) - set(tax.names))
+        if unknown:
+            raise StageError(f"prepare.holdout names {unknown}, which are not concepts of the taxonomy; fix the names.")
+        held = (rois["split"] == "train") & rois["concept_name"].isin(cfg.prepare.holdout)
+        rejects = pd.concat([rejects, rois.loc[held, ["split", "annotation_id", "image_id"]].assign(reason="held out of train (prepare.holdout)")],
+                            ignore_index=True)
+        rois = rois[~held].reset_index(drop=True)
     is_train = (rois["split"] == "train").to_numpy()
     rois.loc[is_train, "fold"] = assign_folds(
         rois.loc[is_train, "label"].to_numpy(), rois.loc[is_train, "image_id"].to_numpy(), cfg.prepare.n_folds, cfg.seed

@@ -68,7 +68,7 @@ def plot(df: pd.DataFrame, path: Path, title: str) -> None:
     plt.close(fig)
 
 
-def report(rows: list[dict], extra: list[dict], s: ab.Setting, minutes: float, out: Path) -> str:
+def report(rows: list[dict], extra: list[dict], nov: list[dict], s: ab.Setting, minutes: float, out: Path) -> str:
     df = ab.summarize(rows, KEYS)
     title = "Ablation" + (" (quick grid)" if s.quick else "")
     lines = [f"# {title}", "",
@@ -111,6 +111,20 @@ def report(rows: list[dict], extra: list[dict], s: ab.Setting, minutes: float, o
                   *table(lt, [("cv_distance", "CV dist."), ("cv_top1", "CV top-1"), ("val_top1_head", "head top-1"),
                               ("val_top1_middle", "middle top-1"), ("val_top1_tail", "tail top-1"), ("test_min_risk", "test min-risk")]), ""]
     png = "ablation_quick.png" if s.quick else "ablation.png"
+    if nov:
+        lines += ["## Novelty (species held out of train, present in test; two-level head)", "",
+                  f"Held out: {', '.join(ab.HOLDOUT)}.", "", "| score | AUROC (novel vs known test ROIs) |", "|---|---|"]
+        lines += [f"| {r['variant']} | {r['auroc']:.3f} |" for r in nov if "auroc" in r]
+        for r in nov:
+            if "novel_flagged" in r:
+                lines += ["", f"Two-level head at its thresholds (tau_coarse, tau_fine): {r['novel_flagged']:.1%} of novel ROIs flagged novel, "
+                          f"{r['known_kept']:.1%} of known ROIs kept as known."]
+            if "novel_rows" in r:
+                lines += ["", f"Test ROIs: {r['novel_rows']} novel, {r['known_rows']} known."]
+        nv = df[df["group"] == "novelty"]
+        if not nv.empty:
+            lines += ["", *table(nv, main_cols)]
+        lines.append("")
     lines += ["## What it found", "", *findings(df, extra), "", f"![ablation]({png})", ""]
     plot(df[df["group"] != "knn"], out / ("ablation_quick.png" if s.quick else "ablation.png"), title)
     return "\n".join(lines)
@@ -162,18 +176,20 @@ def main(argv: list[str] | None = None) -> int:
     report_dir = cfg.out_dir / "report"
     started = time.time()
     ab.ensure_data(s, args.config)
-    rows, extra = [], []
+    rows, extra, nov = [], [], []
     variants = [v for v in ab.grid(s) if not args.only or v.group in args.only.split(",")]
     for i, v in enumerate(variants, 1):
         print(f"[ablate {i}/{len(variants)}] {v.group}: {v.name} (seed {v.seed})", flush=True)
         seconds = ab.run_variant(s, v, args.config, out_root)
         rows += ab.collect(s, v, out_root, seconds)
+        if v.group == "novelty":
+            nov = ab.novelty(s, v, args.config, out_root, truth_and_dist(s, args.config)[0])
         if v.group == "pseudo" and not extra:
             extra = ab.single_fold_vs_ensemble(Path(out_root) / v.exp, *truth_and_dist(s, args.config))
         ab.write_json(report_dir / ("ablation_quick.json" if s.quick else "ablation.json"), rows)
     minutes = (time.time() - started) / 60
     name = "ablation_quick.md" if s.quick else "ablation.md"
-    atomic_write_text(report_dir / name, report(rows, extra, s, minutes, report_dir))
+    atomic_write_text(report_dir / name, report(rows, extra, nov, s, minutes, report_dir))
     print(f"wrote {report_dir / name} ({minutes:.1f} min)")
     return 0
 

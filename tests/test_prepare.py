@@ -350,3 +350,17 @@ def test_worms_keeps_found_lineages_when_some_fail(tmp_path):
     with pytest.raises(StageError):
         worms_table(["Caridea", "Nessie"], tmp_path / "tax.csv", fake_worms)
     assert "Caridea" in (tmp_path / "tax.csv").read_text()
+
+
+def test_holdout_keeps_concepts_out_of_train_only(clean_data, tmp_path, capsys):
+    """A novelty experiment: held-out concepts leave train (listed in rejects.csv), test keeps every row."""
+    assert run00(clean_data, tmp_path, "prepare.holdout=[Chorilia longipes, Metridium farcimen]") == 0
+    d = tmp_path / "t" / "00_prepare"
+    rois = pd.read_csv(d / "rois.csv", keep_default_na=False)
+    train = rois[rois["split"] == "train"]
+    assert not train["concept_name"].isin(["Chorilia longipes", "Metridium farcimen"]).any() and len(train) == 77 * 2
+    assert (rois["split"] == "test").sum() == 79
+    rejects = pd.read_csv(d / "rejects.csv")
+    assert (rejects["reason"] == "held out of train (prepare.holdout)").sum() == 4
+    assert run00(clean_data, tmp_path / "b", "prepare.holdout=[Kraken]") == 2
+    assert "not concepts of the taxonomy" in error_line(capsys.readouterr().err)
