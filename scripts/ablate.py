@@ -29,6 +29,8 @@ def fmt(r: pd.Series, k: str, digits: int = 3) -> str:
     v = r.get(k)
     if v is None or (isinstance(v, float) and np.isnan(v)):
         return ""
+    if k == "pseudo_labels":
+        digits = 0  # a count
     sd = r.get(f"{k}_std")
     return f"{v:.{digits}f}" + (f" ± {sd:.{digits}f}" if sd is not None and not np.isnan(sd) else "")
 
@@ -159,7 +161,9 @@ def findings(df: pd.DataFrame, extra: list[dict]) -> list[str]:
     lt = df[(df["group"] == "long_tail") & df["val_top1_tail"].notna()] if "val_top1_tail" in df else df.iloc[:0]
     if not lt.empty:
         best = lt.loc[lt["val_top1_tail"].idxmax()]
-        out.append(f"- Long tail: the best tail-class top-1 is `{best['variant']}` ({best['val_top1_tail']:.3f}; ce {get('long_tail', 'ce', 'val_top1_tail') or float('nan'):.3f}).")
+        ce_tail = get("long_tail", "ce", "val_top1_tail")
+        out.append(f"- Long tail: the best tail-class top-1 is `{best['variant']}` ({best['val_top1_tail']:.3f}"
+                   + (f"; ce {ce_tail:.3f})." if ce_tail is not None else ")."))
     return out
 
 
