@@ -177,28 +177,38 @@ def sha256_bytes(data: bytes) -> str:
 HASH_CACHE_MAX = 5000
 
 
+_hash_cache: dict[str, str] = {}
+
+
 def file_digest(path: str | Path) -> str:
-    """Content hash of a file, cached by (path, size, mtime) so large inputs are hashed once."""
+    """Content hash of a file, cached by (path, size, mtime) so large inputs are hashed once.
+
+    The cache lives in `output/.hash_cache.json` (shared by processes, last writer wins) and in
+    memory, so checking many outputs reads it once.
+    """
     p = Path(path)
     st = p.stat()
     cache_file = ROOT / "output" / ".hash_cache.json"
     key = f"{p.resolve()}|{st.st_size}|{st.st_mtime_ns}"
+    if key in _hash_cache:
+        return _hash_cache[key]
     try:
-        cache = json.loads(cache_file.read_text())
-    except (OSError, ValueError):
-        cache = {}
-    if key in cache:
-        return cache[key]
+        _hash_cache.update(json.loads(cache_file.read_text()))
+    except (OSError, ValueError, TypeError):
+        pass
+    if key in _hash_cache:
+        return _hash_cache[key]
     h = hashlib.sha256()
     with p.open("rb") as f:
         for chunk in iter(lambda: f.read(1 << 20), b""):
             h.update(chunk)
     digest = h.hexdigest()
-    cache[key] = digest
-    if len(cache) > HASH_CACHE_MAX:  # oldest first: dicts keep insertion order
-        cache = dict(list(cache.items())[-HASH_CACHE_MAX:])
+    _hash_cache[key] = digest
+    if len(_hash_cache) > HASH_CACHE_MAX:  # oldest first: dicts keep insertion order
+        for k in list(_hash_cache)[: len(_hash_cache) - HASH_CACHE_MAX]:
+            del _hash_cache[k]
     with contextlib.suppress(OSError, StageError):
-        atomic_write_json(cache_file, cache)
+        atomic_write_json(cache_file, _hash_cache)
     return digest
 
 
