@@ -570,6 +570,16 @@ def stage_parser(description: str, folds: bool = False) -> argparse.ArgumentPars
     return ap
 
 
+class _LogFile(logging.FileHandler):
+    """`<stage>/log.txt`; on a full disk it says so once and stops, instead of a traceback per message."""
+
+    def handleError(self, record: logging.LogRecord) -> None:  # noqa: N802 (logging's name)
+        e = sys.exc_info()[1]
+        print(f"warning: cannot write {self.baseFilename} ({getattr(e, 'strerror', None) or e}); logging to the console only",
+              file=sys.stderr)
+        logging.getLogger().removeHandler(self)
+
+
 def setup_logging(stage_dir: Path | None = None) -> None:
     """Console at INFO plus `<stage>/log.txt`; idempotent across stages run in one process."""
     root = logging.getLogger()
@@ -586,7 +596,7 @@ def setup_logging(stage_dir: Path | None = None) -> None:
     logging.getLogger("faiss.loader").setLevel(logging.WARNING)  # its AVX probing is noise
     if stage_dir is not None:
         stage_dir.mkdir(parents=True, exist_ok=True)
-        fh = logging.FileHandler(stage_dir / "log.txt")
+        fh = _LogFile(stage_dir / "log.txt")
         fh.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
         fh._pipeline = True  # type: ignore[attr-defined]
         root.addHandler(fh)
