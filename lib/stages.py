@@ -570,6 +570,18 @@ def stage_parser(description: str, folds: bool = False) -> argparse.ArgumentPars
     return ap
 
 
+class _Console(logging.StreamHandler):
+    """The console: whatever `sys.stdout` is when a message is written (not when logging was set up)."""
+
+    @property  # type: ignore[override]
+    def stream(self):
+        return sys.stdout
+
+    @stream.setter
+    def stream(self, value) -> None:
+        pass
+
+
 class _LogFile(logging.FileHandler):
     """`<stage>/log.txt`; on a full disk it says so once and stops, instead of a traceback per message."""
 
@@ -589,7 +601,7 @@ def setup_logging(stage_dir: Path | None = None) -> None:
         if getattr(h, "_pipeline", False):
             root.removeHandler(h)
             h.close()
-    console = logging.StreamHandler(sys.stdout)
+    console = _Console()
     console.setFormatter(logging.Formatter("%(message)s"))
     console._pipeline = True  # type: ignore[attr-defined]
     root.addHandler(console)
