@@ -93,7 +93,8 @@ def stage(cfg: Config, name: str) -> Stage:
     if name == "00_prepare":
         inputs = _prepare_inputs(cfg)
     else:
-        inputs = {u: upstream_digest(cfg.out_dir / u, SPECS[u].script) for u in upstream_of(cfg, name)}
+        inputs = {u: upstream_digest(cfg.out_dir / u, SPECS[u].script, fold_records if SPECS[u].folds else None)
+                  for u in upstream_of(cfg, name)}
     return Stage.create(name, cfg.out_dir / name, cfg, spec.sections, ROOT / spec.script, inputs, spec.outputs,
                         fold_records if spec.folds else None)
 

@@ -4,8 +4,8 @@ A stage (or one fold of it) ends by writing `record.json` last and atomically. T
 the fingerprint that decides "up to date": the flattened values of the config sections the stage
 reads (so a rerun can say `changed: train.epochs 3 -> 4`), a hash per source file of the code it
 runs (the script and every `lib` module it imports, found statically so no heavy import is needed
-to decide), and a digest of each input (upstream records, input files). Library versions and the
-run time are stored for the reader but do not decide anything.
+to decide), and a digest of each input (what upstream stages produced, input files). Library
+versions and the run time are stored for the reader but do not decide anything.
 
 A record also vouches for the stage's outputs (size and content hash of each file it lists): a
 deleted, truncated or replaced output makes the stage (or only that fold) run again, with a
@@ -86,8 +86,8 @@ def write_error(path: str | Path, e: BaseException) -> StageError:
     path = Path(path)
     if isinstance(e, OSError):
         why = f"{e.strerror or e} [errno {e.errno}]" if e.errno else str(e)
-    else:  # torch.save reports a short write as a RuntimeError from its zip writer
-        why = f"the write failed: {' '.join(str(e).split())[:120]}"
+    else:  # torch.save reports a short write as a RuntimeError of its zip writer ("unexpected pos ...")
+        why = "the write stopped short, as on a full disk"
     with contextlib.suppress(OSError):
         free = shutil.disk_usage(next(p for p in (path.parent, *path.parents) if p.exists())).free
         why += f"; {free / 2**20:.0f} MiB free there"
@@ -225,12 +225,24 @@ def dir_digest(path: str | Path) -> str:
     return h.hexdigest()
 
 
-def upstream_digest(stage_dir: str | Path, hint: str) -> str:
-    """Digest of an upstream stage's record; a missing record is an error saying what to run."""
-    rec = Path(stage_dir) / RECORD
-    if not rec.is_file():
-        raise StageError(f"{rec} is missing; run {hint} first.")
-    return sha256_bytes(rec.read_bytes())
+def upstream_digest(stage_dir: str | Path, hint: str, sub_records: Callable[[dict, Path], list[Path]] | None = None) -> str:
+    """Digest of what an upstream stage produced; a missing record is an error saying what to run.
+
+    It covers the record's fingerprint, result and output hashes (and those of the records it
+    relies on, a training stage's folds), not its timestamps: an upstream rerun that reproduces
+    the same files (a lost fold retrained on CPU) leaves its downstream stages up to date.
+    """
+    rec_path = Path(stage_dir) / RECORD
+    if not rec_path.is_file():
+        raise StageError(f"{rec_path} is missing; run {hint} first.")
+    rec = read_record(rec_path)
+    if rec is None or "outputs" not in rec:  # unreadable (the stage will be reported stale) or older: its bytes
+        return sha256_bytes(rec_path.read_bytes())
+    content: dict[str, Any] = {"fingerprint": rec["fingerprint"], "result": rec.get("result"), "outputs": rec["outputs"]}
+    if sub_records:
+        subs = [read_record(p) for p in sub_records(rec, Path(stage_dir))]
+        content["sub"] = [r and {"result": r.get("result"), "outputs": r.get("outputs")} for r in subs]
+    return sha256_bytes(json.dumps(content, sort_keys=True, default=str).encode())
 
 
 def _lib_imports(path: Path) -> set[str]:

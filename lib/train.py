@@ -214,8 +214,8 @@ def fit_fold(cfg: Config, split: FoldSplit, taxonomy: Taxonomy, stage: Stage, ep
             if metrics["val_distance"] < best["val_distance"] - t.min_delta:
                 best = {**metrics, "epoch": epoch + 1}
                 # torch.save writes a copy: later steps cannot alter the best weights on disk.
-                with atomic_path(out / "best.pt") as tmp:
-                    torch.save({"model": judged.state_dict(), "epoch": epoch + 1, "val_distance": metrics["val_distance"]}, tmp)
+                with atomic_path(out / "best.pt") as tmp, open(tmp, "wb") as f:  # via a handle: the same weights, the same bytes
+                    torch.save({"model": judged.state_dict(), "epoch": epoch + 1, "val_distance": metrics["val_distance"]}, f)
                 with atomic_path(out / "oof.npz") as tmp:
                     np.savez(tmp, annotation_id=split.val["annotation_id"].to_numpy(), label=labels_val, probs=probs,
                              epoch=np.int64(epoch + 1), **extra)
@@ -223,8 +223,8 @@ def fit_fold(cfg: Config, split: FoldSplit, taxonomy: Taxonomy, stage: Stage, ep
                      "history": history, "digest": stage.digest}
             if ema is not None:
                 state["ema"] = ema.state_dict()
-            with atomic_path(last) as tmp:
-                torch.save(state, tmp)
+            with atomic_path(last) as tmp, open(tmp, "wb") as f:
+                torch.save(state, f)
             tl = f", test-like view {metrics['val_distance_testlike']:.3f}" if "val_distance_testlike" in metrics else ""
             log.info("%s epoch %d/%d: loss %.3f, val distance %.3f, top1 %.3f%s (%.1fs)", stage.name, epoch + 1, epochs,
                      row["train_loss"], metrics["val_distance"], metrics["val_top1"], tl, row["seconds"])
