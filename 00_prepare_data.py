@@ -26,6 +26,8 @@ def main_(args: argparse.Namespace, cfg: Config) -> int:
     if args.download and not args.dry_run:
         from lib.prepare import fetch_frames
 
+        pipeline.preflight(cfg, NAME, frames=False)
+        pipeline.lock(cfg, NAME)  # one download at a time into the same frames
         fetch_frames(cfg, download=True)  # before the fingerprint: downloads change the inputs
     stage = pipeline.begin(cfg, NAME, args.force, args.dry_run)
     if stage is None:

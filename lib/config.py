@@ -490,7 +490,17 @@ def load_config(path: str | Path | None, overrides: list[str] | tuple[str, ...] 
 def validate(cfg: Config) -> None:
     """Value checks that types cannot express; each failure is one sentence."""
     checks = [
+        (bool(cfg.exp) and cfg.exp not in (".", "..") and not any(c in cfg.exp for c in "/\\"),
+         f"exp {cfg.exp!r} must be a plain folder name (no slashes), the experiment's folder under output_root"),
+        (bool(cfg.output_root.strip()), "output_root must name a folder"),
+        (all(getattr(cfg.data, k).strip() for k in ("root", "train_json", "test_json", "train_images", "test_images", "taxonomy_csv")),
+         "data.root, data.train_json, data.test_json, data.train_images, data.test_images and data.taxonomy_csv must not be empty"),
         (cfg.train.lr > 0, "train.lr must be positive"),
+        (cfg.train.weight_decay >= 0, "train.weight_decay must be 0 or more"),
+        (cfg.train.warmup_epochs >= 0, "train.warmup_epochs must be 0 or more"),
+        (cfg.train.eval_batch_size >= 1, "train.eval_batch_size must be at least 1"),
+        (cfg.train.num_workers >= 0, "train.num_workers must be 0 (load in the main process) or more"),
+        (0.0 <= cfg.model.drop_path_rate < 1.0, "model.drop_path_rate must lie in [0, 1)"),
         (cfg.train.epochs >= 1, "train.epochs must be at least 1"),
         (cfg.train.batch_size >= 1, "train.batch_size must be at least 1"),
         (cfg.train.backbone_lr_mult >= 0, "train.backbone_lr_mult must be 0 or more"),

@@ -26,6 +26,8 @@ from typing import BinaryIO, Sequence
 from PIL import Image
 from tqdm import tqdm
 
+from lib.stages import fault_point
+
 log = logging.getLogger("pipeline")
 
 USER_AGENT = "fathomnet2025-pipeline/1.0 (python urllib; frame download)"
@@ -36,6 +38,7 @@ CHUNK = 1 << 20
 PNG_IEND = b"\x00\x00\x00\x00IEND\xaeB`\x82"
 JPEG_EOI = b"\xff\xd9"
 BREAKER_MIN = 16  # files in a row that exhaust their retries before the rest are not tried
+PART = ".part"  # suffix of a download's temp file
 TAIL = 1024  # bytes at the end of a file searched for the end marker (tolerates a little trailing junk)
 
 
@@ -186,6 +189,7 @@ def _fetch_once(opener: urllib.request.OpenerDirector, url: str, out: BinaryIO, 
                     out.write(chunk)
                 except OSError as e:
                     raise _Fail(f"could not write: {e}") from e
+                fault_point("download_chunk")
             if expected is not None and got != expected:
                 raise _Retry(f"incomplete body ({got} of {expected} bytes)")
     except urllib.error.HTTPError as e:
@@ -235,7 +239,7 @@ def _download_one(opener: urllib.request.OpenerDirector, job: DownloadJob, timeo
     tmp: str | None = None
     try:
         dest.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=dest.parent, prefix=f".{dest.name}.", suffix=".part")
+        fd, tmp = tempfile.mkstemp(dir=dest.parent, prefix=f".{dest.name}.", suffix=PART)
         with os.fdopen(fd, "w+b") as out:
             try:
                 _fetch_with_retries(opener, job.url, out, timeout, max_bytes, retries, backoff, cancel)
@@ -260,6 +264,20 @@ def _download_one(opener: urllib.request.OpenerDirector, job: DownloadJob, timeo
         if tmp is not None:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(tmp)
+
+
+def remove_partial(folder: Path) -> int:
+    """Delete the temp files (`.<name>.*.part`) that a killed download left in `folder`; call it holding 00's lock."""
+    n = 0
+    if Path(folder).is_dir():
+        for entry in os.scandir(folder):
+            if entry.name.startswith(".") and entry.name.endswith(PART) and entry.is_file():
+                with contextlib.suppress(OSError):
+                    os.unlink(entry.path)
+                    n += 1
+    if n:
+        log.info("removed %d partial download(s) an interrupted run left in %s", n, folder)
+    return n
 
 
 def download(jobs: Sequence[DownloadJob], workers: int = 8, retries: int = 3, timeout: float = 30.0,

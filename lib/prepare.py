@@ -108,6 +108,9 @@ def _check_rows(split: str, coco: CocoSet, tax: Taxonomy, images_dir: Path) -> t
             elif path is None:
                 reason = f"frame of image {a.image_id} not found in {images_dir}"
         seen.add(a.id)
+        if reason and split == "test" and reason == "duplicate annotation id":
+            rejects.append({"split": split, "annotation_id": a.id, "image_id": a.image_id, "reason": reason})
+            continue  # the submission holds one row per id: the first one answers for both
         if reason:
             rejects.append({"split": split, "annotation_id": a.id, "image_id": a.image_id, "reason": reason})
             row["ok"] = 0
@@ -161,6 +164,7 @@ def prepare(cfg: Config, out_dir: Path) -> Prepared:
         worms_table(list(train.categories["name"]), paths["taxonomy_csv"])
     table = load_taxonomy_csv(paths["taxonomy_csv"])
     tax = label_space(train, table)
+    unknown_test = compare_categories(train, test, paths["test_json"])
     spec = crop_spec(cfg)
     frames = []
     all_rejects: list[dict] = []
@@ -178,7 +182,7 @@ def prepare(cfg: Config, out_dir: Path) -> Prepared:
             factors = dict(zip(idx, small_box_factors(sides, box_sides(test), windows, spec.size)))
         rejects += _crop_split(split, rows, by_frame, spec, out_dir / "crops", factors, cfg.prepare.workers)
         frames.append(pd.DataFrame(rows))
-        all_rejects += rejects
+        all_rejects += [{"split": split, **r} for r in coco.bad_ids] + rejects
     rois = pd.concat(frames, ignore_index=True)
     cols = BASE_COLUMNS + [c for c in rois.columns if c.endswith("_path") and c != "crop_path"]
     rois = rois.reindex(columns=cols)
@@ -204,7 +208,27 @@ def prepare(cfg: Config, out_dir: Path) -> Prepared:
     for c in cols:
         if c.endswith("_path"):
             rois[c] = [str(Path(p).relative_to(out_dir)) if p else "" for p in rois[c]]
-    return Prepared(rois=rois, rejects=rejects, taxonomy=tax, summary=summarize(rois, rejects, train, test, tax))
+    summary = summarize(rois, rejects, train, test, tax)
+    summary["test_categories_not_in_train"] = unknown_test
+    return Prepared(rois=rois, rejects=rejects, taxonomy=tax, summary=summary)
+
+
+def compare_categories(train: CocoSet, test: CocoSet, test_json: Path) -> list[str]:
+    """Warn when the test JSON's categories are not the train JSON's; returns the test names train lacks.
+
+    Test categories are never used to label anything (test boxes carry no category), and every
+    answer is one of the train categories, by name; a test-only category cannot be predicted.
+    """
+    tr = dict(zip(train.categories["id"], train.categories["name"]))
+    te = dict(zip(test.categories["id"], test.categories["name"]))
+    if not te or te == tr:
+        return []
+    unknown = [n for n in te.values() if n not in set(tr.values())]
+    renamed = sum(1 for i, n in te.items() if i in tr and tr[i] != n)
+    log.warning("%s lists categories that differ from the train JSON's (%d not in train%s, %d ids with another name); "
+                "answers are train categories by name, so those cannot be predicted", test_json, len(unknown),
+                f": {', '.join(map(str, unknown[:5]))}" if unknown else "", renamed)
+    return unknown
 
 
 def _check_reject_fraction(rejects: pd.DataFrame, n_train: int, limit: float) -> None:
@@ -263,10 +287,12 @@ def check_frames(cfg: Config, coco: CocoSet, folder: Path, split: str, download:
 
     Fails with one sentence when more frames stay missing than prepare.max_reject_fraction allows.
     """
-    from lib.download import DownloadJob, download as fetch, missing_message
+    from lib.download import DownloadJob, download as fetch, missing_message, remove_partial
 
     missing = missing_frames(coco, folder)
     report = None
+    if download:
+        remove_partial(folder)
     if missing and download:
         folder.mkdir(parents=True, exist_ok=True)
         log.info("downloading %d missing %s frames into %s", len(missing), split, folder)

@@ -32,9 +32,9 @@ def write_submission(sub: pd.DataFrame, path: Path, test_ids: Sequence[int], nam
 
 
 def assemble(test_ids: Sequence[int], predicted: dict[int, int], names: Sequence[str], fallback: int) -> tuple[pd.DataFrame, list[int]]:
-    """One row per test id in JSON order; ids without a prediction get `fallback` and are listed."""
+    """One row per test id in JSON order (an id listed twice, once); ids without a prediction get `fallback` and are listed."""
     rows, fell_back = [], []
-    for i in test_ids:
+    for i in dict.fromkeys(int(i) for i in test_ids):
         label = predicted.get(int(i))
         if label is None:
             fell_back.append(int(i))

@@ -3,10 +3,12 @@
 Readable top to bottom: build model, loss and optimiser; for each epoch train, validate in the
 competition metric, checkpoint. `last.pt` (model, optimiser, epoch, best score, history, RNG)
 is written atomically every epoch so a killed run resumes where it stopped; `best.pt` and
-`oof.npz` follow the best validation distance. A fold ends by writing its `record.json`.
+`oof.npz` follow the best validation distance. A fold ends by writing its `record.json`, which
+vouches for `best.pt` and `oof.npz`: a fold whose files were lost or damaged runs again (alone).
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import random
@@ -32,10 +34,11 @@ from lib.mix import mix_batch, soft_target_loss
 from lib.optim import Ema, lr_factor, param_groups
 from lib.samplers import build_sampler
 from lib.predict import autocast, load_checkpoint, make_loader, predict, predict_with_features
-from lib.stages import Stage, atomic_path, check
+from lib.stages import Stage, StageError, atomic_path, check, fault_point, locked
 from lib.taxonomy import RANKS, Taxonomy
 
 log = logging.getLogger("pipeline")
+FOLD_OUTPUTS = ("best.pt", "oof.npz")  # what a fold's record vouches for (last.pt may be deleted to save space)
 
 
 @dataclass
@@ -78,12 +81,15 @@ def detailed_metrics(probs: np.ndarray, labels: np.ndarray, taxonomy: Taxonomy, 
     return out
 
 
-def fit_fold(cfg: Config, split: FoldSplit, taxonomy: Taxonomy, stage: Stage, epochs: int, stop_after: int | None = None) -> dict:
-    """Train one fold to `epochs`, resuming from `last.pt` when it belongs to this same run.
+def fit_fold(cfg: Config, split: FoldSplit, taxonomy: Taxonomy, stage: Stage, epochs: int, stop_after: int | None = None,
+             fresh: bool = False) -> dict:
+    """Train one fold to `epochs`, resuming from `last.pt` when it belongs to this same run (unless `fresh`).
 
     Every epoch reseeds all randomness from (seed, fold, epoch), so a run resumed from `last.pt`
     ends with the same weights as one never interrupted. `stop_after` ends the run after that
-    epoch as a kill would (tests use it).
+    epoch as a kill would (tests use it). A resumed fold whose `best.pt` or `oof.npz` is missing,
+    unreadable or from another epoch than `last.pt` records (files lost after a kill) trains
+    again from scratch, with a warning naming the file.
     """
     t, a = cfg.train, cfg.augment
     out = stage.dir
@@ -124,15 +130,26 @@ def fit_fold(cfg: Config, split: FoldSplit, taxonomy: Taxonomy, stage: Stage, ep
 
     start_epoch, best, history = 0, {"val_distance": float("inf"), "epoch": -1}, []
     last = out / "last.pt"
-    if last.is_file():
-        ckpt = _try_resume(last, stage.digest)
-        if ckpt is not None:
+    ckpt = _try_resume(last, stage.digest) if last.is_file() and not fresh else None
+    if ckpt is not None:
+        try:
             model.load_state_dict(ckpt["model"])
             optimizer.load_state_dict(ckpt["optimizer"])
             if ema is not None and "ema" in ckpt:
                 ema.load_state_dict(ckpt["ema"])
             start_epoch, best, history = int(ckpt["epoch"]) + 1, dict(ckpt["best"]), list(ckpt["history"])
+        except Exception as e:  # a checkpoint that loads but does not fit: start over on a clean model
+            log.warning("ignoring checkpoint %s (%s: %s); starting the fold afresh", last, type(e).__name__, e)
+            return fit_fold(cfg, split, taxonomy, stage, epochs, stop_after, fresh=True)
+        lost = _best_files_problem(out, int(best["epoch"])) if start_epoch >= epochs and main else None
+        if ddp.broadcast_flag(lost is not None):  # finished, but its best weights are gone: nothing to resume
+            if main:
+                log.warning("%s; training %s again from scratch", lost, stage.name)
+            return fit_fold(cfg, split, taxonomy, stage, epochs, stop_after, fresh=True)
+        if start_epoch < epochs:
             log.info("%s: resuming at epoch %d/%d", stage.name, start_epoch + 1, epochs)
+        else:
+            log.info("%s: last.pt is complete (%d epochs); keeping its best.pt and oof.npz", stage.name, start_epoch)
 
     for epoch in range(start_epoch, epochs):
         if ddp.broadcast_flag(bool(t.patience and best["epoch"] > 0 and epoch + 1 - best["epoch"] > t.patience)):
@@ -182,6 +199,7 @@ def fit_fold(cfg: Config, split: FoldSplit, taxonomy: Taxonomy, stage: Stage, ep
                 if ema is not None:
                     ema.update(model)
             bar.set_postfix(loss=f"{np.mean(losses[-20:]):.3f}")
+            fault_point(f"train_batch {stage.name} epoch {epoch + 1}")
         if main:
             judged = ema.module if ema is not None else model
             probs, feats = predict_with_features(judged, val_loader, device, desc="validate")
@@ -196,21 +214,29 @@ def fit_fold(cfg: Config, split: FoldSplit, taxonomy: Taxonomy, stage: Stage, ep
             if metrics["val_distance"] < best["val_distance"] - t.min_delta:
                 best = {**metrics, "epoch": epoch + 1}
                 # torch.save writes a copy: later steps cannot alter the best weights on disk.
-                with atomic_path(out / "best.pt") as tmp:
-                    torch.save({"model": judged.state_dict(), "epoch": epoch + 1, "val_distance": metrics["val_distance"]}, tmp)
+                with atomic_path(out / "best.pt") as tmp, open(tmp, "wb") as f:  # via a handle: the same weights, the same bytes
+                    torch.save({"model": judged.state_dict(), "epoch": epoch + 1, "val_distance": metrics["val_distance"]}, f)
                 with atomic_path(out / "oof.npz") as tmp:
-                    np.savez(tmp, annotation_id=split.val["annotation_id"].to_numpy(), label=labels_val, probs=probs, **extra)
+                    np.savez(tmp, annotation_id=split.val["annotation_id"].to_numpy(), label=labels_val, probs=probs,
+                             epoch=np.int64(epoch + 1), **extra)
             state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "epoch": epoch, "best": best,
                      "history": history, "digest": stage.digest}
             if ema is not None:
                 state["ema"] = ema.state_dict()
-            with atomic_path(last) as tmp:
-                torch.save(state, tmp)
+            with atomic_path(last) as tmp, open(tmp, "wb") as f:
+                torch.save(state, f)
             tl = f", test-like view {metrics['val_distance_testlike']:.3f}" if "val_distance_testlike" in metrics else ""
             log.info("%s epoch %d/%d: loss %.3f, val distance %.3f, top1 %.3f%s (%.1fs)", stage.name, epoch + 1, epochs,
                      row["train_loss"], metrics["val_distance"], metrics["val_top1"], tl, row["seconds"])
         if ddp.broadcast_flag(stop_after is not None and epoch + 1 >= stop_after):
             return {"stopped_after": epoch + 1}
+    lost = _best_files_problem(out, int(best["epoch"])) if main else None
+    if ddp.broadcast_flag(lost is not None):  # every rank starts over together
+        if fresh:
+            raise StageError(f"{lost} right after training it; check the disk of {out}.")
+        if main:
+            log.warning("%s; training %s again from scratch", lost, stage.name)
+        return fit_fold(cfg, split, taxonomy, stage, epochs, stop_after, fresh=True)
     if not main:
         return {}
     with atomic_path(out / "history.csv") as tmp:
@@ -222,10 +248,33 @@ def fit_fold(cfg: Config, split: FoldSplit, taxonomy: Taxonomy, stage: Stage, ep
             "n_train": len(ds), "n_val": len(split.val)}
 
 
+def _best_files_problem(out: Path, best_epoch: int) -> str | None:
+    """Why `best.pt` / `oof.npz` do not hold the best epoch the run ended with, or None when they do."""
+    if best_epoch < 1:
+        return None
+    try:
+        ckpt = load_checkpoint(out / "best.pt")
+        epoch = ckpt.get("epoch") if isinstance(ckpt, dict) else None
+    except StageError as e:
+        return str(e).split(";")[0]
+    if epoch != best_epoch:
+        return f"{out / 'best.pt'} holds epoch {epoch}, not the best epoch {best_epoch}"
+    try:
+        with np.load(out / "oof.npz", allow_pickle=False) as z:
+            if "epoch" in z.files and int(z["epoch"]) != best_epoch:
+                return f"{out / 'oof.npz'} holds epoch {int(z['epoch'])}, not the best epoch {best_epoch}"
+            z["probs"]  # noqa: B018 (reads the array: a truncated file fails here)
+    except Exception as e:
+        return f"{out / 'oof.npz'} cannot be read ({type(e).__name__})"
+    return None
+
+
 def _try_resume(path: Path, digest: str) -> dict | None:
     """last.pt if it belongs to this run (same fingerprint) and loads; else None, with a warning."""
     try:
         ckpt = load_checkpoint(path)
+        if not isinstance(ckpt, dict) or not {"model", "optimizer", "epoch", "best", "history"} <= set(ckpt):
+            raise StageError("not a checkpoint of lib.train")
     except Exception as e:
         log.warning("ignoring unreadable checkpoint %s (%s); starting the fold afresh", path, e)
         return None
@@ -257,17 +306,20 @@ def run_folds(cfg: Config, stage: Stage, rois: pd.DataFrame, taxonomy: Taxonomy,
     n_folds = int(rois.loc[rois["split"] == "train", "fold"].max()) + 1
     wanted = only or cfg.train.folds or list(range(n_folds))
     for split in fold_splits(rois, wanted, extra):
-        fold_stage = stage.child(f"{stage.name}/fold_{split.fold}", stage.dir / f"fold_{split.fold}", {"fold": split.fold})
+        fold_stage = stage.child(f"{stage.name}/fold_{split.fold}", stage.dir / f"fold_{split.fold}", {"fold": split.fold},
+                                 outputs=FOLD_OUTPUTS)
         if not check(fold_stage, force, dry_run):
             continue
         started = time.time()
         ddp.barrier()  # every rank has decided before rank 0 voids the old record
-        if ddp.is_main():
-            fold_stage.invalidate()
-        result = fit_fold(cfg, split, taxonomy, fold_stage, epochs)
-        if not ddp.is_main():
-            continue
-        fold_stage.finish(result, started)
+        # Rank 0 holds the fold's lock (a --fold run of the same fold elsewhere refuses) and sweeps temp files.
+        with locked(fold_stage.dir, fold_stage.name) if ddp.is_main() else contextlib.nullcontext():
+            if ddp.is_main():
+                fold_stage.invalidate()
+            result = fit_fold(cfg, split, taxonomy, fold_stage, epochs, fresh=force)
+            if not ddp.is_main():
+                continue
+            fold_stage.finish(result, started)
         tl = f", test-like view {result['val_distance_testlike']:.3f}" if "val_distance_testlike" in result else ""
         log.info("%s: val distance %.3f, top1 %.3f%s at epoch %d (%.0fs)", fold_stage.name, result["val_distance"],
                  result["val_top1"], tl, result["best_epoch"], time.time() - started)

@@ -75,3 +75,60 @@ def test_loss_section():
     assert cfg.loss.name == "ldam" and cfg.loss.drw_start_epoch == 10 and cfg.loss.label_smoothing == 0.1
     with pytest.raises(ConfigError, match="Unknown config key 'train.label_smoothing'"):
         load_config(None, ["train.label_smoothing=0.1"])
+
+
+@pytest.mark.parametrize(
+    "override,msg",
+    [("train.lr=-0.001", "train.lr must be positive"), ("model.img_size=-32", "model.img_size must be at least 16"),
+     ("prepare.crop_size=0", "prepare.crop_size must be at least 16"), ("knn.img_size=8", "knn.img_size must be at least 16"),
+     ("prepare.n_folds=0", "prepare.n_folds must be at least 2"), ("pseudo.threshold=-0.1", "pseudo.threshold must lie in \\[0, 1\\]"),
+     ("pseudo.u_floor=2", "pseudo.u_floor must lie in"), ("train.epochs=0", "train.epochs must be at least 1"),
+     ("train.batch_size=0", "train.batch_size must be at least 1"), ("train.eval_batch_size=0", "train.eval_batch_size"),
+     ("train.weight_decay=-1", "train.weight_decay"), ("train.num_workers=-1", "train.num_workers"),
+     ("exp=../elsewhere", "must be a plain folder name"), ("exp=", "must be a plain folder name"),
+     ("data.root=", "must not be empty"), ("submit.models=[]", "submit.models must name"),
+     ("tta.views=[]", "No TTA view is listed")],
+)
+def test_more_value_checks_are_one_sentence(override, msg):
+    with pytest.raises(ConfigError, match=msg) as e:
+        load_config("configs/demo.yaml", [override])
+    assert "\n" not in str(e.value)
+
+
+@pytest.mark.parametrize("override,choices", [("loss.name=focall", "did you mean 'focal'"), ("head.name=lineer", "did you mean 'linear'"),
+                                             ("train.sampler=balanced", "class_balanced"), ("model.pretrained=imagenet", "pypi_lite0"),
+                                             ("knn.vote=majority", "min_risk")])
+def test_unknown_names_list_the_choices(override, choices):
+    with pytest.raises(ConfigError, match=rf"unknown value .*{choices}"):
+        load_config("configs/demo.yaml", [override])
+
+
+def test_missing_weights_file_is_caught_at_load():
+    with pytest.raises(ConfigError, match="model.pretrained_file '/nope.pth' is not a file"):
+        load_config(None, ["model.pretrained=file", "model.pretrained_file=/nope.pth"])
+
+
+def test_unknown_backbone_is_caught_when_the_stage_starts():
+    """timm's name list needs torch (seconds to import), so the check runs when a model stage starts, not at load."""
+    from lib.pipeline import preflight
+
+    cfg = load_config(None, ["model.backbone=convnext_tinny"])
+    with pytest.raises(ConfigError, match=r"model.backbone 'convnext_tinny' is not a timm model \(did you mean 'convnext_tiny'\?\)"):
+        preflight(cfg, "01_train")
+    preflight(cfg, "04_submit")  # 04 reads only 01's checkpoints, made with a backbone 01 accepted
+    preflight(load_config(None, ["knn.backbone=vit_small_patch16_224.augreg_in21k"]), "knn")  # pretrained tags are names too
+
+
+def test_missing_input_paths_are_caught_when_00_starts(tmp_path):
+    from lib.pipeline import preflight
+
+    cfg = load_config(None, [f"data.root={tmp_path}"])
+    with pytest.raises(ConfigError, match=rf"data.train_json '{tmp_path}/dataset_train.json' does not exist; set data.root"):
+        preflight(cfg, "00_prepare")
+    for name in ("dataset_train.json", "dataset_test.json"):
+        (tmp_path / name).write_text("{}")
+    with pytest.raises(ConfigError, match=r"data.train_images .* does not exist; rerun with --download"):
+        preflight(cfg, "00_prepare")
+    preflight(cfg, "00_prepare", frames=False)  # --download will fetch the frames
+    with pytest.raises(ConfigError, match="data.taxonomy_csv 'nope.csv' does not exist"):
+        preflight(load_config(None, [f"data.root={tmp_path}", "data.taxonomy_csv=nope.csv"]), "00_prepare", frames=False)

@@ -72,3 +72,200 @@ def test_atomic_json_replaces_whole_file(tmp_path):
     atomic_write_json(p, {"a": 2})
     assert json.loads(p.read_text()) == {"a": 2}
     assert [x.name for x in tmp_path.iterdir()] == ["r.json"]
+
+
+# ----------------------------------------------------------------------------- outputs a record vouches for
+
+
+def test_record_vouches_for_its_outputs(tmp_path, caplog):
+    st = make(tmp_path)
+    st.outputs = ("a.bin", "b.bin")
+    st.dir.mkdir(parents=True)
+    (st.dir / "a.bin").write_bytes(b"1234")
+    (st.dir / "b.bin").write_bytes(b"5678")
+    st.finish({}, started=0)
+    assert make(tmp_path).reasons() == []
+    (st.dir / "a.bin").write_bytes(b"12")  # truncated
+    (st.dir / "b.bin").unlink()
+    assert make(tmp_path).reasons() == ["changed output: a.bin", "missing output: b.bin"]
+    assert f"{st.dir / 'a.bin'} is not the file its record vouches for" in caplog.text
+
+
+def test_same_size_corruption_is_caught_by_the_hash(tmp_path):
+    import os
+
+    st = make(tmp_path)
+    st.outputs = ("a.bin",)
+    st.dir.mkdir(parents=True)
+    (st.dir / "a.bin").write_bytes(b"1234")
+    st.finish({}, started=0)
+    before = (st.dir / "a.bin").stat().st_mtime_ns
+    (st.dir / "a.bin").write_bytes(b"1235")
+    os.utime(st.dir / "a.bin", ns=(before, before + 10**9))  # file clocks tick coarsely: make the rewrite visibly later
+    assert make(tmp_path).reasons() == ["changed output: a.bin"]
+
+
+def test_stage_record_relies_on_its_fold_records(tmp_path):
+    from lib.pipeline import fold_records
+
+    st = make(tmp_path)
+    st.sub_records = fold_records
+    for k in (0, 1):
+        f = st.child(f"01_train/fold_{k}", st.dir / f"fold_{k}", {"fold": k}, outputs=("best.pt",))
+        f.dir.mkdir(parents=True)
+        (f.dir / "best.pt").write_bytes(b"w")
+        f.finish({}, started=0)
+    st.finish({"folds": 2}, started=0)
+    assert st.reasons() == []
+    (st.dir / "fold_1" / "best.pt").unlink()
+    assert st.reasons() == ["missing output: fold_1/best.pt"]
+    (st.dir / "fold_0" / "record.json").unlink()
+    assert st.reasons() == ["missing output: fold_0/record.json", "missing output: fold_1/best.pt"]
+
+
+def test_record_that_is_json_but_not_a_record_is_absent(tmp_path, caplog):
+    st = make(tmp_path)
+    st.dir.mkdir(parents=True)
+    for text in ('[1, 2]', '{"fingerprint": 3}', '{"fingerprint": {}, "outputs": []}', "\x00\x01"):
+        st.record_path.write_text(text)
+        assert st.reasons() == ["no record"]
+    assert caplog.text.count("ignoring unreadable record") == 4
+
+
+# ----------------------------------------------------------------------------- write errors
+
+
+def test_failed_write_names_the_file_and_keeps_the_old_one(tmp_path, monkeypatch):
+    import errno
+    import os
+
+    import pytest
+
+    from lib.stages import StageError, atomic_path, atomic_write_text
+
+    p = tmp_path / "submission.csv"
+    atomic_write_text(p, "old\n")
+
+    def full(*a, **k):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(os, "replace", full)
+    with pytest.raises(StageError, match=rf"Could not write '{p}' \(No space left on device \[errno 28\]; \d+ MiB free there\)"):
+        atomic_write_text(p, "new\n")
+    with pytest.raises(StageError, match=rf"Could not write '{tmp_path / 'x.npz'}'"):
+        with atomic_path(tmp_path / "x.npz") as tmp:
+            tmp.write_bytes(b"data")
+    assert p.read_text() == "old\n" and sorted(x.name for x in tmp_path.iterdir()) == ["submission.csv"]
+
+
+def test_write_into_a_file_as_folder_is_one_sentence(tmp_path):
+    import pytest
+
+    from lib.stages import StageError, atomic_write_json
+
+    (tmp_path / "blocker").write_text("a file, not a folder")
+    with pytest.raises(StageError, match=r"Could not write '.*blocker/r.json' \(File exists"):
+        atomic_write_json(tmp_path / "blocker" / "r.json", {})
+
+
+def test_temp_files_of_killed_runs_are_swept(tmp_path):
+    from lib.stages import remove_temp_files
+
+    (tmp_path / "fold_0").mkdir()
+    for name in (".best.tmp-abc.pt", ".record.json.x1.tmp", "fold_0/.oof.tmp-z.npz", "best.pt", ".lock"):
+        (tmp_path / name).write_text("x")
+    assert remove_temp_files(tmp_path) == 3
+    assert sorted(str(p.relative_to(tmp_path)) for p in tmp_path.rglob("*") if p.is_file()) == [".lock", "best.pt"]
+
+
+# ----------------------------------------------------------------------------- locks and fault points
+
+HOLD = ("import sys, time; sys.path.insert(0, '.'); from lib.stages import acquire_lock; "
+        "acquire_lock(sys.argv[1], 'st', shared=sys.argv[2] == 'shared'); print('held', flush=True); time.sleep(300)")
+
+
+def _holder(folder, mode="exclusive"):
+    import subprocess
+    import sys
+
+    p = subprocess.Popen([sys.executable, "-c", HOLD, str(folder), mode], cwd=SCRIPT.parent, stdout=subprocess.PIPE, text=True)
+    assert p.stdout.readline().strip() == "held"
+    return p
+
+
+def test_lock_refuses_a_second_run_and_dead_runs_release_it(tmp_path, caplog):
+    import logging
+
+    import pytest
+
+    from lib.stages import StageLocked, acquire_lock, release_locks
+
+    p = _holder(tmp_path)
+    try:
+        with pytest.raises(StageLocked, match=rf"st is already running in {tmp_path} \(pid {p.pid} on .*\); wait for that run"):
+            acquire_lock(tmp_path, "st")
+        with pytest.raises(StageLocked):
+            acquire_lock(tmp_path, "st", shared=True)  # a --fold run never runs beside a whole-stage run
+    finally:
+        p.kill()  # kill -9: the kernel drops the lock, the owner note stays
+        p.wait()
+    caplog.set_level(logging.INFO)
+    acquire_lock(tmp_path, "st")
+    acquire_lock(tmp_path, "st")  # re-entrant
+    assert f"taking over the lock in {tmp_path}" in caplog.text and f"pid {p.pid}" in caplog.text
+    release_locks()
+    assert (tmp_path / ".lock").read_text() == ""  # a clean release leaves no note
+
+
+def test_fold_runs_share_the_stage_lock(tmp_path):
+    import pytest
+
+    from lib.stages import StageLocked, acquire_lock, release_locks
+
+    p = _holder(tmp_path, "shared")
+    try:
+        acquire_lock(tmp_path, "st", shared=True)  # another --fold run: fine
+        release_locks()
+        with pytest.raises(StageLocked, match=r"\(--fold runs\)"):
+            acquire_lock(tmp_path, "st")
+    finally:
+        p.kill()
+        p.wait()
+
+
+def test_run_cli_releases_the_lock_even_on_a_crash(tmp_path):
+    import pytest
+
+    from lib.stages import _locks, acquire_lock, run_cli, stage_parser
+
+    def main_(args, cfg):
+        acquire_lock(tmp_path, "st")
+        raise KeyError("boom")
+
+    with pytest.raises(KeyError):
+        run_cli(main_, stage_parser("x"), ["--config", "configs/demo.yaml"])
+    assert not _locks and (tmp_path / ".lock").read_text() == ""
+
+
+def test_run_cli_turns_an_os_error_into_one_line(tmp_path, capsys):
+    from lib.stages import run_cli, stage_parser
+
+    def main_(args, cfg):
+        open(tmp_path / "missing" / "x.csv")
+
+    assert run_cli(main_, stage_parser("x"), ["--config", "configs/demo.yaml"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == f"error: No such file or directory on '{tmp_path / 'missing' / 'x.csv'}'; check that path (disk space, permissions), then rerun."
+
+
+def test_fault_point_kills_at_the_nth_visit(tmp_path):
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    code = ("import sys; sys.path.insert(0, '.'); from lib.stages import fault_point\n"
+            "for i in range(5):\n    print(i, flush=True); fault_point('here')")
+    r = subprocess.run([sys.executable, "-c", code], cwd=SCRIPT.parent, capture_output=True, text=True,
+                       env={**os.environ, "PIPELINE_KILL_AT": "here@3"})
+    assert r.returncode == -signal.SIGKILL and r.stdout.split() == ["0", "1", "2"]

@@ -1,0 +1,128 @@
+"""Safety: no pickle from disk, safe YAML, no shell, JSON file names and ids kept in their folder, http(s)-only downloads."""
+from __future__ import annotations
+
+import ast
+import json
+import logging
+import re
+from pathlib import Path
+
+import pytest
+import torch
+
+from lib.coco import frame_path, read_coco, safe_file_name
+from lib.stages import StageError
+
+ROOT = Path(__file__).resolve().parent.parent
+SOURCES = sorted(p for p in ROOT.rglob("*.py") if not {".venv", "output", "input", ".git"} & set(p.relative_to(ROOT).parts))
+
+
+def calls(name: str):
+    """(file, line, call node) of every call to `name` (a dotted suffix such as 'torch.load') in the project's sources."""
+    for path in SOURCES:
+        for node in ast.walk(ast.parse(path.read_text(), filename=str(path))):
+            if isinstance(node, ast.Call):
+                func = ast.unparse(node.func)
+                if func == name or func.endswith("." + name):
+                    yield path, node.lineno, node
+
+
+def kw(node: ast.Call, key: str):
+    for k in node.keywords:
+        if k.arg == key:
+            return ast.unparse(k.value)
+    return None
+
+
+def test_sources_were_found():
+    assert len(SOURCES) > 40 and ROOT / "lib" / "stages.py" in SOURCES
+
+
+def test_no_shell_true_anywhere():
+    bad = [f"{p.relative_to(ROOT)}:{n.lineno}" for name in ("run", "Popen", "call", "check_call", "check_output")
+           for p, _, n in calls(name) if kw(n, "shell") not in (None, "False")]
+    bad += [f"{p.relative_to(ROOT)}:{line}" for name in ("os.system", "os.popen") for p, line, _ in calls(name)]
+    assert not bad, bad
+
+
+def test_every_torch_load_is_weights_only():
+    found = list(calls("torch.load"))
+    assert found
+    bad = [f"{p.relative_to(ROOT)}:{line}" for p, line, n in found if kw(n, "weights_only") != "True"]
+    assert not bad, bad
+
+
+def test_yaml_is_read_safely_and_nothing_unpickles():
+    assert not list(calls("yaml.load")) and not list(calls("yaml.unsafe_load")) and not list(calls("yaml.full_load"))
+    assert not list(calls("pickle.load")) and not list(calls("pickle.loads"))
+    bad = [f"{p.relative_to(ROOT)}:{line}" for p, line, n in calls("np.load") if kw(n, "allow_pickle") == "True"]
+    assert not bad, bad
+
+
+class NeedsPickle:
+    """Any object but tensors and plain containers needs pickle to load."""
+
+    def __init__(self):
+        self.weights = torch.zeros(2)
+
+
+class Evil:
+    def __reduce__(self):
+        import os
+
+        return (os.system, ("touch /tmp/pwned_by_checkpoint",))
+
+
+@pytest.mark.parametrize("obj", [{"model": NeedsPickle(), "epoch": 1}, {"model": Evil()}])
+def test_checkpoint_that_needs_pickle_is_refused(tmp_path, obj, caplog):
+    from lib.models import load_state_file
+    from lib.predict import load_checkpoint
+    from lib.train import _try_resume
+
+    p = tmp_path / "best.pt"
+    torch.save(obj, p)
+    Path("/tmp/pwned_by_checkpoint").unlink(missing_ok=True)
+    with pytest.raises(StageError, match=rf"Checkpoint '{p}' cannot be loaded safely \(UnpicklingError\); delete it"):
+        load_checkpoint(p)
+    with pytest.raises(StageError, match=rf"Weights file '{p}' cannot be loaded safely"):
+        load_state_file(p)
+    caplog.set_level(logging.INFO)
+    assert _try_resume(p, "digest") is None and f"ignoring unreadable checkpoint {p}" in caplog.text
+    assert not Path("/tmp/pwned_by_checkpoint").exists()
+
+
+@pytest.mark.parametrize("name,base", [("12.png", "12.png"), ("sub/12.png", "12.png"), ("../12.png", None), ("/etc/passwd", None),
+                                       ("a/../../x.png", None), ("..\\..\\x.png", None), ("..", None), ("", None),
+                                       ("C:\\frames\\x.png", "x.png")])
+def test_file_names_from_json_never_leave_their_folder(tmp_path, name, base):
+    assert safe_file_name(name) == base
+    folder = tmp_path / "images"
+    folder.mkdir()
+    (tmp_path / "x.png").write_bytes(b"bait")
+    (tmp_path / "12.png").write_bytes(b"bait")
+    found = frame_path(folder, 999, name)
+    assert found is None or found.parent == folder
+
+
+def test_ids_that_are_not_integers_never_name_a_file(tmp_path, caplog):
+    coco = {"images": [{"id": 1, "file_name": "1.png"}, {"id": "../../up", "file_name": "x.png"}],
+            "annotations": [{"id": 5, "image_id": 1, "bbox": [0, 0, 4, 4]}, {"id": "../../../evil", "image_id": 1, "bbox": [0, 0, 4, 4]},
+                            {"id": True, "image_id": 1, "bbox": [0, 0, 4, 4]}, {"id": 7.0, "image_id": 1, "bbox": [0, 0, 4, 4]}],
+            "categories": []}
+    (tmp_path / "d.json").write_text(json.dumps(coco))
+    c = read_coco(tmp_path / "d.json")
+    assert c.annotations["id"].tolist() == [5, 7] and c.images["id"].tolist() == [1]
+    assert [b["annotation_id"] for b in c.bad_ids] == ["../../../evil", "True"]
+    assert "left out 2 annotation(s) and 1 image(s) whose id is not an integer" in caplog.text
+
+
+def test_downloads_are_http_only_capped_and_timed():
+    """The download's own tests (tests/test_download.py) exercise each against a local server; here, that they exist."""
+    text = (ROOT / "tests" / "test_download.py").read_text()
+    for test in ("test_non_http_refused_without_request", "test_redirects_only_to_http", "test_size_cap",
+                 "test_timeout_and_refused_connection_are_retried"):
+        assert re.search(rf"def {test}\(", text), test
+    from lib.prepare import check_frames
+
+    src = Path(check_frames.__code__.co_filename).read_text()
+    assert "timeout=p.download_timeout" in src  # the stage passes the configured timeout; max_bytes keeps its 64 MiB cap
