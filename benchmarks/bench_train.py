@@ -32,8 +32,6 @@ SECTION = "Training step (01/03): the step alone against the whole fit loop"
 
 def setup(work: Path, cuda: bool, quick: bool):
     """(cfg, split, taxonomy) on a small prepared demo: train rows cycled to a few batches, 32 validation rows."""
-    import pandas as pd
-
     from lib.config import load_config
     from lib.prepare import load_rois
     from lib.taxonomy import load_taxonomy_json
@@ -50,7 +48,7 @@ def setup(work: Path, cuda: bool, quick: bool):
         n_batches = 8 if quick else 16
     else:
         cfg = load_config(str(B.ROOT / "configs/demo.yaml"), common)
-        n_batches = 4 if quick else 6
+        n_batches = 3 if quick else 4
     rois, tax = load_rois(prep), load_taxonomy_json(prep / "taxonomy.json")
     train = rois[(rois["split"] == "train") & (rois["ok"] == 1)].reset_index(drop=True)
     n = n_batches * cfg.train.batch_size
@@ -105,8 +103,6 @@ def sync(device) -> None:
 
 def step_rate(cfg, tax, labels, batch, device, steps: int, warmup: int, compile_: bool = False) -> tuple[float, float]:
     """Images per second of the bare training step on a preloaded batch; and the warm-up seconds (compile time)."""
-    import torch
-
     from lib.models import channels_last
     from lib.predict import autocast
 

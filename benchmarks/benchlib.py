@@ -187,34 +187,47 @@ def interleaved(fns: dict[str, Callable[[], object]], repeats: int) -> dict[str,
     return best
 
 
-def run_child(cmd: Sequence[str], cwd: Path = ROOT, env: dict | None = None, timeout: float | None = None) -> dict:
-    """Run a command; its wall seconds, peak RSS in MiB (its own and its reaped children's), exit code and output.
+# A tiny launcher between the benchmark and each measured command. Linux carries a process's peak
+# RSS across exec from the memory it had before (a fork of its parent), so a child forked straight
+# from a benchmark that holds torch (1.5 GiB) would report at least that; forked from this
+# launcher, it starts from a few MiB. The launcher writes the child's seconds and peak RSS (KiB).
+_LAUNCHER = """
+import os, sys, time
+t = time.perf_counter()
+pid = os.fork()
+if pid == 0:
+    try:
+        os.execvp(sys.argv[2], sys.argv[2:])
+    finally:
+        os._exit(127)
+_, status, ru = os.wait4(pid, 0)
+with open(sys.argv[1], "w") as f:
+    f.write(f"{time.perf_counter() - t} {ru.ru_maxrss}")
+sys.exit(os.waitstatus_to_exitcode(status))
+"""
 
-    Uses os.wait4 on the child, so each stage's peak memory is its own, not the maximum over the
-    benchmark's earlier children as RUSAGE_CHILDREN would give.
-    """
+
+def run_child(cmd: Sequence[str], cwd: Path = ROOT, env: dict | None = None, timeout: float | None = None) -> dict:
+    """Run a command; its wall seconds, its own peak RSS in MiB (and its reaped children's), exit code and output."""
+    import signal
+    import tempfile
+
     full_env = {**os.environ, "NO_ALBUMENTATIONS_UPDATE": "1", "PYTHONUNBUFFERED": "1", **(env or {})}
-    t = time.perf_counter()
-    out_path = Path(os.environ.get("TMPDIR", "/tmp")) / f"bench_child_{os.getpid()}_{time.monotonic_ns()}.log"
-    with open(out_path, "w+b") as out:
-        p = subprocess.Popen(list(cmd), cwd=str(cwd), env=full_env, stdout=out, stderr=subprocess.STDOUT)
-        deadline = None if timeout is None else t + timeout
-        while True:
-            pid, status, ru = os.wait4(p.pid, os.WNOHANG)
-            if pid:
-                break
-            if deadline is not None and time.perf_counter() > deadline:
-                p.kill()
-                pid, status, ru = os.wait4(p.pid, 0)
-                break
-            time.sleep(0.02)
-        p.returncode = os.waitstatus_to_exitcode(status)
-        seconds = time.perf_counter() - t
-        out.seek(0)
-        text = out.read().decode(errors="replace")
-    out_path.unlink(missing_ok=True)
-    rss = ru.ru_maxrss / (2**20 if sys.platform == "darwin" else 2**10)  # bytes on macOS, KiB on Linux
-    return {"seconds": seconds, "rss_mb": rss, "rc": p.returncode, "output": text}
+    with tempfile.TemporaryDirectory(prefix="bench_child_") as tmp:
+        stats, log = Path(tmp) / "stats", Path(tmp) / "log"
+        with open(log, "w+b") as out:
+            p = subprocess.Popen([sys.executable, "-c", _LAUNCHER, str(stats), *cmd], cwd=str(cwd), env=full_env,
+                                 stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+            try:
+                rc = p.wait(timeout=timeout)
+            except subprocess.TimeoutExpired:
+                os.killpg(p.pid, signal.SIGKILL)
+                rc = p.wait()
+            out.seek(0)
+            text = out.read().decode(errors="replace")
+        seconds, kib = (float(v) for v in stats.read_text().split()) if stats.is_file() else (float("nan"), float("nan"))
+    rss = kib / (2**20 if sys.platform == "darwin" else 2**10)  # bytes on macOS, KiB on Linux
+    return {"seconds": seconds, "rss_mb": rss, "rc": rc, "output": text}
 
 
 # ----------------------------------------------------------------------------- demo workspaces
