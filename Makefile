@@ -1,4 +1,4 @@
-# Two commands: `make demo` (the whole pipeline on generated data) and `make test`.
+# Two commands: `make demo` (the whole pipeline on generated data) and `make test`; `make bench` measures.
 PYTHON ?= python3
 VENV   := .venv
 PY     := $(VENV)/bin/python
@@ -7,7 +7,7 @@ ARGS   ?=
 export NO_ALBUMENTATIONS_UPDATE := 1
 export PYTHONUNBUFFERED := 1
 
-.PHONY: venv demo test stages clean-demo ablate ablate-quick
+.PHONY: venv demo test stages bench clean-demo ablate ablate-quick
 
 # The venv is (re)built only when requirements.txt changes; the stamp makes it idempotent.
 $(VENV)/.installed: requirements.txt
@@ -34,6 +34,10 @@ stages: venv
 
 test: venv
 	$(PY) -m pytest -q
+
+# Every benchmark (benchmarks/run_all.py) into benchmarks/results.md; `make bench ARGS=--quick` for smaller sizes.
+bench: venv
+	$(PY) benchmarks/run_all.py $(ARGS)
 
 clean-demo:
 	rm -rf output/demo input/demo

@@ -59,9 +59,27 @@ def apply_decoding(cfg: Config, probs: np.ndarray, tax: Taxonomy, prior: np.ndar
     return decode(probs, dist, method)
 
 
+_WEIGHTS_MEMO: list[tuple[tuple, list, np.ndarray]] = []  # (settings, the exact arrays used, weights); the last few calls
+
+
 def weights_for(method: str, cfg: Config, models: Sequence[ModelProbs], dist: np.ndarray) -> np.ndarray:
-    return blend_weights(method, [m.oof for m in models], models[0].oof_labels, dist, [m.cv for m in models],
-                         cfg.submit.cv_temperature, cfg.submit.fit_objective)
+    """The blend weights of `method`; computed once per set of models (04 asks for the submitted
+    method, then `compare` asks for every method: the `fit` SLSQP is the costly part of a blend-only rerun).
+
+    The memo holds the very arrays the weights came from and is used only when the same array
+    objects (and equal settings, CVs and distances) come again, so it can never answer stale weights.
+    """
+    key = (method, cfg.submit.cv_temperature, cfg.submit.fit_objective, tuple(float(m.cv) for m in models))
+    arrays = [m.oof for m in models] + [models[0].oof_labels, dist]
+    for k, held, w in _WEIGHTS_MEMO:
+        if k == key and len(held) == len(arrays) and all(a is b for a, b in zip(held[:-1], arrays[:-1])) \
+                and np.array_equal(held[-1], arrays[-1]):
+            return w.copy()
+    w = blend_weights(method, [m.oof for m in models], models[0].oof_labels, dist, [m.cv for m in models],
+                      cfg.submit.cv_temperature, cfg.submit.fit_objective)
+    _WEIGHTS_MEMO.append((key, arrays, w.copy()))
+    del _WEIGHTS_MEMO[:-4]
+    return w
 
 
 def compare(cfg: Config, models: Sequence[ModelProbs], tax: Taxonomy, prior: np.ndarray,

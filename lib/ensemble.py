@@ -23,9 +23,12 @@ SOFT_BETA = 0.25  # the distance surrogate's softness, in distance units (see so
 
 def blend(probs: Sequence[np.ndarray], weights: Sequence[float] | None = None) -> np.ndarray:
     """Weighted mean of probability arrays of equal shape (uniform by default)."""
-    stack = np.stack([np.asarray(p, dtype=np.float64) for p in probs])
-    w = np.ones(len(stack)) if weights is None else np.asarray(weights, dtype=np.float64)
+    w = np.ones(len(probs)) if weights is None else np.asarray(weights, dtype=np.float64)
     w = w / w.sum()
+    nonzero = np.flatnonzero(w)
+    if len(nonzero) == 1 and w[nonzero[0]] == 1.0:  # one model (04 scores each alone): 1.0 * p exactly, without stacking them all
+        return np.array(probs[int(nonzero[0])], dtype=np.float64)
+    stack = np.stack([np.asarray(p, dtype=np.float64) for p in probs])
     return np.tensordot(w, stack, axes=1)
 
 
@@ -118,13 +121,24 @@ def fit_weights(oof_probs: Sequence[np.ndarray], labels: np.ndarray, dist: np.nd
         d = np.asarray(dist, dtype=np.float64)
         risks, truth_rows = stack @ d, d[labels]  # (M, N, C), (N, C)
 
+        buf = np.empty_like(truth_rows)
+
         def loss(w: np.ndarray) -> tuple[float, np.ndarray]:
-            z = -np.tensordot(w, risks, axes=1) / SOFT_BETA
-            a = np.exp(z - z.max(1, keepdims=True))
+            # The same arithmetic as a = softmax(-(w . risks) / beta), per_row = sum(a * D[y]),
+            # g = -a * (D[y] - per_row) / (beta N), done in place: each evaluation touches (N, C)
+            # arrays a dozen times, and fresh allocations of that size cost as much as the maths.
+            a = np.tensordot(w, risks, axes=1)
+            np.negative(a, out=a)
+            a /= SOFT_BETA
+            a -= a.max(1, keepdims=True)
+            np.exp(a, out=a)
             a /= a.sum(1, keepdims=True)
-            per_row = (a * truth_rows).sum(1, keepdims=True)
-            g_risk = -a * (truth_rows - per_row) / (SOFT_BETA * len(a))  # dL/drisk
-            return float(per_row.mean()), np.einsum("mnc,nc->m", risks, g_risk)
+            per_row = np.multiply(a, truth_rows, out=buf).sum(1, keepdims=True)
+            np.subtract(truth_rows, per_row, out=buf)
+            np.negative(a, out=a)
+            a *= buf
+            a /= SOFT_BETA * len(a)  # dL/drisk
+            return float(per_row.mean()), np.einsum("mnc,nc->m", risks, a)
     elif objective == "logloss":
         truth_p = stack[:, np.arange(len(labels)), labels].T  # (N, M): each model's probability of the truth
 

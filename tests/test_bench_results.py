@@ -1,0 +1,49 @@
+"""The benchmark rows and the results.md writer (benchmarks/benchlib.py); no benchmark is run here."""
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
+import benchlib as B  # noqa: E402
+
+
+def test_targets_are_judged_against_the_ratio():
+    assert B.judge(2.5, ">= 2.0") is True
+    assert B.judge(1.5, ">= 2.0") is False
+    assert B.judge(1.05, "<= 1.10") is True
+    assert B.judge(0.5, "< 1.0") is True
+    assert B.judge(1.0, "report") is None
+    assert B.judge(None, ">= 1") is None
+    assert B.judge(float("nan"), ">= 1") is None
+    assert B.met_of(B.row("x", "1", "2", 0.5, ">= 0.9", met=True)) is True  # an explicit verdict wins
+
+
+def test_rows_need_every_key_and_text_fields():
+    good = B.row("what", "10 img/s", "20 img/s", 0.5, ">= 0.9", "why")
+    B.check_row(good)
+    assert set(B.ROW_KEYS) <= set(good)
+    with pytest.raises(ValueError, match="lacks"):
+        B.check_row({k: v for k, v in good.items() if k != "target"})
+    with pytest.raises(ValueError, match="ratio"):
+        B.check_row(dict(good, ratio="fast"))
+
+
+def test_results_file_has_header_table_sections_and_shortfalls(tmp_path):
+    rows = [
+        B.row("a | b", "10 img/s", "20 img/s", 0.5, ">= 0.9", "loader bound", section="Inference"),
+        B.row("c", "3 s", "5 s", 0.6, "< 1.0", section="Blend"),
+        B.row("d", "not measured on CPU", "—", None, "report", "needs CUDA", section="Blend"),
+    ]
+    info = {"date": "2026-01-01 00:00", "CPU": "Test CPU", "GPU": "none", "versions": "torch x, timm y"}
+    text = B.write_results(tmp_path / "results.md", rows, info, {"Notes": "text"}, {"infer": 12.3})
+    assert (tmp_path / "results.md").read_text() == text
+    for part in ("- **CPU**: Test CPU", "- **versions**: torch x, timm y", "## Inference", "## Blend", "## Notes", "## Time per benchmark"):
+        assert part in text
+    table = [line for line in text.splitlines() if line.startswith("| ")]
+    assert table[0] == "| what | measured | reference | ratio | target | met? | note |"
+    assert "| a \\| b | 10 img/s | 20 img/s | 0.5 | >= 0.9 | **no** | loader bound |" in table
+    assert "| c | 3 s | 5 s | 0.6 | < 1.0 | yes |  |" in table
+    assert "| d | not measured on CPU | — | — | report | — | needs CUDA |" in table
+    short = text.split("## Rows that miss their target")[1].split("##")[0]
+    assert "**a | b** (0.5 vs >= 0.9): loader bound" in short and "**c**" not in short
