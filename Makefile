@@ -42,7 +42,7 @@ bench: venv
 clean-demo:
 	rm -rf output/demo input/demo
 
-# The ablation grid (scripts/ablate.py): output/<exp>/report/ablation.md; about 45 min on 2 cores (quick: about 10).
+# The ablation grid (scripts/ablate.py): output/<exp>/report/ablation.md (ablation_quick.md for the small grid).
 ablate: venv
 	$(PY) scripts/ablate.py --config $(CONFIG)
 
