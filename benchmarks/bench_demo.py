@@ -4,8 +4,9 @@
 
 Every step of `make demo` (lib.demo_data, 00 .. 04, knn_baseline, lib.report) runs as its own
 process on a small demo (demo.per_class=4, 1 test box per class, 2 folds, 1 epoch, 32 px; the
-rest of configs/demo.yaml) in a temp output folder; each process's wall time and peak RSS
-(os.wait4) are recorded. The rerun should find every stage up to date without loading torch;
+rest of configs/demo.yaml) in a temp output folder, on one thread (OMP_NUM_THREADS=1: on a busy
+2-core machine a second torch thread mostly waits, see the train rows); each process's wall time
+and peak RSS (os.wait4) are recorded. The rerun should find every stage up to date without loading torch;
 the blend-only rerun should rerun 04 alone, from its cached probabilities (no model loaded).
 """
 from __future__ import annotations
@@ -45,7 +46,7 @@ def did(step: str, output: str) -> str:
 def run_all_steps(ov: list[str]) -> dict[str, dict]:
     out = {}
     for step, args in STEPS:
-        res = B.run_child([sys.executable, *args, "--config", str(B.ROOT / "configs/demo.yaml"), *ov])
+        res = B.run_child([sys.executable, *args, "--config", str(B.ROOT / "configs/demo.yaml"), *ov], env={"OMP_NUM_THREADS": "1"})
         if res["rc"] != 0:
             raise RuntimeError(f"demo step {step} failed (exit {res['rc']}):\n{res['output'][-3000:]}")
         res["did"] = did(step, res["output"])
@@ -76,7 +77,8 @@ def run(quick: bool = False, work: Path | None = None) -> list[dict]:
                      f"{c['seconds']:.1f} / {c['did']} | {c['rss_mb']:.0f} |")
     lines.append(f"| **total** | {t1:.1f} | max {max(v['rss_mb'] for v in first.values()):.0f} | {t2:.1f} | {t3:.1f} | |")
     details[SECTION + ": per step"] = (
-        f"Config: configs/demo.yaml with `{' '.join(o for o in ov if not o.startswith(('data.root', 'output_root')))}`.\n"
+        f"Config: configs/demo.yaml with `{' '.join(o for o in ov if not o.startswith(('data.root', 'output_root')))}`, "
+        "every step on one thread (OMP_NUM_THREADS=1).\n"
         f"A process that only imports torch and timm peaks at {floor['rss_mb']:.0f} MiB (this torch build).\n\n" + "\n".join(lines))
 
     stale = [s for s, r in again.items() if r["did"] not in ("up to date", "printed")]

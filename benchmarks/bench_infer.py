@@ -11,7 +11,7 @@ preloaded. Target: 04's path at least 0.9 of the bare loop's images per second. 
 against identity (~1.0 means the view costs no more than the forward pass it adds).
 
 CPU: the demo's model (tf_efficientnet_lite0 at 64 px, eval batch 128, workers 0) on 128 crops
-(--quick 64), best of 4 interleaved passes (--quick 2). CUDA: configs/fathomnet2025.yaml (convnext_tiny at 224 px, [1, 3] context, eval
+(--quick 64), best of 3 interleaved passes (--quick 2). CUDA: configs/fathomnet2025.yaml (convnext_tiny at 224 px, [1, 3] context, eval
 batch 256, min(8, cores) workers) on 788 ROIs, the real test size.
 """
 from __future__ import annotations
@@ -106,7 +106,7 @@ def run(quick: bool = False, work: Path | None = None) -> list[dict]:
 
     parse_views(VIEWS)  # fail early on a bad name
     bare()  # warm-up (allocator, cudnn autotuning)
-    repeats = 2 if quick else 4
+    repeats = 2 if quick else 3
     extra = {"workers": path_workers} if t.num_workers == 0 else {}  # the configured loader already has workers
     times = B.interleaved({"bare": bare, "loader": path_loader, **extra, "04": path_04,
                            **{v: preloaded(v) for v in ["identity", *VIEWS]}}, repeats)

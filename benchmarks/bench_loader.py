@@ -63,7 +63,7 @@ def run(quick: bool = False, work: Path | None = None) -> list[dict]:
 
     cv2.setNumThreads(1)  # as in DataLoader workers; the main process would otherwise spread cv2 over the cores torch uses
     work = Path(work or tempfile.mkdtemp(prefix="bench_loader_"))
-    jobs = hd_frames(work, 8 if quick else 16)
+    jobs = hd_frames(work, 8 if quick else 12)
     cache = work / "loader_crops"
     spec = CropSpec(size=256)
     jobs_out = with_outputs(jobs, cache, ["roi"])
@@ -75,7 +75,7 @@ def run(quick: bool = False, work: Path | None = None) -> list[dict]:
     img = cfg.model.img_size
     train_tf = build_transforms(img, train=True, mean=IMAGENET[0], std=IMAGENET[1], aug=cfg.augment)
     eval_tf = build_transforms(img, train=False, mean=IMAGENET[0], std=IMAGENET[1])
-    n, n_frames, repeats = (96, 32, 1) if quick else (192, 48, 2)
+    n, n_frames, repeats = (96, 24, 1) if quick else (128, 32, 2)
     cycle = lambda xs, k: [xs[i % len(xs)] for i in range(k)]  # noqa: E731
     cached = CropDataset(cycle(paths, n), [0] * n, transform=train_tf)
     plain = CropDataset(cycle(paths, n), [0] * n, transform=eval_tf)

@@ -5,7 +5,7 @@
 The naive way is what the competition's download.py does: decode the frame again for every box.
 Prints crops per second and the ratios; targets: >= 2x naive with 1 worker on frames of 3+ boxes,
 >= 1.7x from 1 to 2 workers. Ratios measured side by side in one run are what count.
-`run(quick, work)` returns the same as result rows for benchmarks/run_all.py (16 frames; --quick 8).
+`run(quick, work)` returns the same as result rows for benchmarks/run_all.py (12 frames; --quick 8).
 """
 from __future__ import annotations
 
@@ -98,12 +98,12 @@ def measure(jobs: list[FrameJob], crop_size: int, tmp: Path) -> list[tuple[str, 
 
 
 def run(quick: bool = False, work: Path | None = None) -> list[dict]:
-    """Result rows for benchmarks/run_all.py: 16 frames of 1920x1080 (--quick 8), crop size 256."""
+    """Result rows for benchmarks/run_all.py: 12 frames of 1920x1080 (--quick 8), crop size 256."""
     sys.path.insert(0, str(Path(__file__).resolve().parent))
     import benchlib as B
 
     work = Path(work or tempfile.mkdtemp(prefix="bench_prepare_"))
-    jobs = hd_frames(work, 8 if quick else 16)
+    jobs = hd_frames(work, 8 if quick else 12)
     n_boxes = sum(len(j.boxes) for j in jobs)
     tmp = Path(tempfile.mkdtemp(prefix="crops_", dir=work))
     try:

@@ -49,7 +49,7 @@ def run(quick: bool = False, work: Path | None = None) -> list[dict]:
     for k in scales:
         root = work / f"x{k}"
         ov = B.demo_overrides(root, f"x{k}", 2 * k, k, ["prepare.n_folds=2", "prepare.crop_size=40", "model.img_size=32",
-                                                      "knn.img_size=32", "train.epochs=1", "train.batch_size=64",
+                                                      "knn.img_size=32", "train.epochs=1", "train.batch_size=128",
                                                       "prepare.test_like=false", "submit.models=[phase1]", "tta.views=[identity]"])
         base = [sys.executable]
         cfgs = ["--config", str(B.ROOT / "configs/demo.yaml"), *ov]
