@@ -1,7 +1,7 @@
 """Stage 04: every model's test probabilities (cached per model, with TTA) -> blend -> decode -> submission.csv.
 
 Reads:  output/<exp>/00_prepare/, 01_train/ and 03_retrain/ folds (best.pt, oof.npz), 02_pseudo/test_probs.npz, data.test_json
-Writes: output/<exp>/04_submit/ probs/<model>.npz, submission.csv, fallbacks.csv, options.csv, report.md, record.json
+Writes: output/<exp>/04_submit/ probs/<model>.npz, probs/blend_fit.npz, submission.csv, fallbacks.csv, options.csv, report.md, record.json
 Changing only submit.* (blend, decoding) reuses probs/ and reruns in seconds.
 """
 from __future__ import annotations
@@ -45,7 +45,8 @@ def main_(args: argparse.Namespace, cfg: Config) -> int:
     train = rois[rois["split"] == "train"]
     counts = np.bincount(train.loc[train["ok"] == 1, "label"], minlength=tax.n_classes)
     prior = counts / counts.sum()
-    weights = weights_for(cfg.submit.blend, cfg, models, dist) if len(models) > 1 else np.ones(1)
+    fit_cache = stage.dir / "probs" / "blend_fit.npz"  # the fit weights, kept across blend-only reruns
+    weights = weights_for(cfg.submit.blend, cfg, models, dist, fit_cache) if len(models) > 1 else np.ones(1)
     labels = apply_decoding(cfg, blend([m.test for m in models], weights), tax, prior, dist)
     fallback = prior_answer(counts, dist)
     test_ids = read_coco(cfg.data.paths()["test_json"]).annotations["id"].astype(int).tolist()
@@ -54,7 +55,7 @@ def main_(args: argparse.Namespace, cfg: Config) -> int:
     with atomic_path(stage.dir / "fallbacks.csv") as tmp:
         pd.DataFrame({"annotation_id": fell_back, "concept_name": tax.names[fallback]}).to_csv(tmp, index=False)
 
-    options, _ = compare(cfg, models, tax, prior, known_test_labels(cfg, ids, tax))
+    options, _ = compare(cfg, models, tax, prior, known_test_labels(cfg, ids, tax), fit_cache)
     with atomic_path(stage.dir / "options.csv") as tmp:
         options.to_csv(tmp, index=False)
     records = {m.name: m.record for m in models}

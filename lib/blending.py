@@ -59,35 +59,45 @@ def apply_decoding(cfg: Config, probs: np.ndarray, tax: Taxonomy, prior: np.ndar
     return decode(probs, dist, method)
 
 
-_WEIGHTS_MEMO: list[tuple[tuple, list, np.ndarray]] = []  # (settings, the exact arrays used, weights); the last few calls
+def fit_key(cfg: Config, models: Sequence[ModelProbs], dist: np.ndarray) -> str:
+    """What the `fit` weights depend on: the objective, the distances, the labels and every model's
+    out-of-fold probabilities in order (a content hash: the blend settings do not enter it)."""
+    import hashlib
+
+    from lib.ensemble import SOFT_BETA
+
+    h = hashlib.sha256(f"{cfg.submit.fit_objective}|{SOFT_BETA}|{len(models)}".encode())
+    for a in (dist, models[0].oof_labels, *(m.oof for m in models)):
+        a = np.ascontiguousarray(a)
+        h.update(f"{a.dtype}{a.shape}".encode())
+        h.update(a.data)
+    return h.hexdigest()
 
 
-def weights_for(method: str, cfg: Config, models: Sequence[ModelProbs], dist: np.ndarray) -> np.ndarray:
-    """The blend weights of `method`; computed once per set of models (04 asks for the submitted
-    method, then `compare` asks for every method: the `fit` SLSQP is the costly part of a blend-only rerun).
-
-    The memo holds the very arrays the weights came from and is used only when the same array
-    objects (and equal settings, CVs and distances) come again, so it can never answer stale weights.
+def weights_for(method: str, cfg: Config, models: Sequence[ModelProbs], dist: np.ndarray, cache: Path | None = None) -> np.ndarray:
+    """The blend weights of `method`. `uniform` and `cv` are closed-form; `fit` (an SLSQP over every
+    out-of-fold row, the one costly part of 04 after prediction) is kept in `cache` (an npz keyed by
+    `fit_key`), so a rerun that changes only submit.* never fits again, and the options table reuses
+    the fit of the submission.
     """
-    key = (method, cfg.submit.cv_temperature, cfg.submit.fit_objective, tuple(float(m.cv) for m in models))
-    arrays = [m.oof for m in models] + [models[0].oof_labels, dist]
-    for k, held, w in _WEIGHTS_MEMO:
-        if k == key and len(held) == len(arrays) and all(a is b for a, b in zip(held[:-1], arrays[:-1])) \
-                and np.array_equal(held[-1], arrays[-1]):
-            return w.copy()
-    w = blend_weights(method, [m.oof for m in models], models[0].oof_labels, dist, [m.cv for m in models],
-                      cfg.submit.cv_temperature, cfg.submit.fit_objective)
-    _WEIGHTS_MEMO.append((key, arrays, w.copy()))
-    del _WEIGHTS_MEMO[:-4]
-    return w
+    def compute() -> dict:
+        return {"weights": blend_weights(method, [m.oof for m in models], models[0].oof_labels, dist, [m.cv for m in models],
+                                         cfg.submit.cv_temperature, cfg.submit.fit_objective)}
+
+    if method != "fit" or cache is None:
+        return compute()["weights"]
+    from lib.stages import cached_npz
+
+    arrays, _ = cached_npz(cache, fit_key(cfg, models, dist), compute)
+    return np.asarray(arrays["weights"], dtype=np.float64)
 
 
 def compare(cfg: Config, models: Sequence[ModelProbs], tax: Taxonomy, prior: np.ndarray,
-            truth: np.ndarray | None) -> tuple[pd.DataFrame, dict[str, np.ndarray]]:
+            truth: np.ndarray | None, cache: Path | None = None) -> tuple[pd.DataFrame, dict[str, np.ndarray]]:
     """Every single model and every blend option, scored out of fold (and on the test where `truth` is known).
 
     `truth` holds the test label per test row (-1 unknown). The `fit` rows are scored on the
-    out-of-fold rows their weights were fitted on, so their OOF score is optimistic.
+    out-of-fold rows their weights were fitted on, so their OOF score is optimistic. `cache`: see `weights_for`.
     """
     dist = tax.distance_matrix()
     labels = models[0].oof_labels
@@ -95,7 +105,7 @@ def compare(cfg: Config, models: Sequence[ModelProbs], tax: Taxonomy, prior: np.
     weights = {}
     if len(models) > 1:
         for method in ("uniform", "cv", "fit"):
-            weights[method] = weights_for(method, cfg, models, dist)
+            weights[method] = weights_for(method, cfg, models, dist, cache)
             options.append((f"blend {method}", weights[method]))
     rows = []
     for name, w in options:

@@ -164,3 +164,36 @@ def test_fit_gradient_matches_finite_differences(objective, monkeypatch):
     assert f == pytest.approx(soft_min_risk_distance(blend([random, 0.5 * perfect + 0.5 * random, perfect], w), labels, D)
                               if objective == "distance" else -np.log(blend([random, 0.5 * perfect + 0.5 * random, perfect], w)
                                                                       [np.arange(40), labels]).mean())
+
+
+def test_fit_weights_are_kept_across_blend_only_reruns(tmp_path, monkeypatch):
+    """04 keeps the fit weights in probs/blend_fit.npz: changing submit.blend never fits again;
+    new out-of-fold probabilities (or another objective) do."""
+    import lib.blending as blending
+
+    rng = np.random.default_rng(0)
+    tax = load_taxonomy_csv(DEFAULT_TAXONOMY)
+    dist = tax.distance_matrix()
+    labels = rng.integers(0, tax.n_classes, 60)
+
+    def model(name, sharp):
+        z = rng.standard_normal((60, tax.n_classes))
+        z[np.arange(60), labels] += sharp
+        p = np.exp(z) / np.exp(z).sum(1, keepdims=True)
+        return blending.ModelProbs(name, 1.0, np.arange(60), labels, p, p[:5])
+
+    models = [model("a", 3.0), model("b", 1.0)]
+    calls = []
+    real = blending.blend_weights
+    monkeypatch.setattr(blending, "blend_weights", lambda *a, **k: calls.append(a[0]) or real(*a, **k))
+    cache = tmp_path / "probs" / "blend_fit.npz"
+    fitted = blending.weights_for("fit", load_config(None, ["submit.blend=fit"]), models, dist, cache)
+    assert calls == ["fit"] and cache.is_file()
+    again = blending.weights_for("fit", load_config(None, ["submit.blend=uniform", "submit.decode=argmax"]), models, dist, cache)
+    assert calls == ["fit"] and np.array_equal(fitted, again)  # a blend-only change: read back, bitwise
+    np.testing.assert_allclose(blending.weights_for("uniform", load_config(None, []), models, dist, cache), [0.5, 0.5])
+    blending.weights_for("fit", load_config(None, ["submit.fit_objective=logloss"]), models, dist, cache)
+    assert calls == ["fit", "uniform", "fit"]  # another objective fits again
+    models[1] = model("b", 2.0)
+    blending.weights_for("fit", load_config(None, []), models, dist, cache)
+    assert calls[-1] == "fit" and len(calls) == 4  # new out-of-fold probabilities fit again
