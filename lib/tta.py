@@ -8,13 +8,12 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Literal, Sequence
+from typing import Iterable, Literal, Sequence
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from lib.models import channels_last
@@ -122,7 +121,7 @@ def combine(per_view: Sequence[np.ndarray] | np.ndarray | torch.Tensor, mode: Mo
 
 
 @torch.no_grad()
-def predict_tta(model: nn.Module, loader: DataLoader, device: torch.device, views: Sequence[View | str], mode: Mode = "prob",
+def predict_tta(model: nn.Module, loader: Iterable, device: torch.device, views: Sequence[View | str], mode: Mode = "prob",
                 features: bool = True, keep_views: bool = False, desc: str = "predict tta") -> dict[str, np.ndarray]:
     """Every view of every batch of a `Net`, in one pass over `loader` (images decoded once).
 
@@ -178,23 +177,38 @@ def _cat(parts: list[torch.Tensor], dim: int) -> np.ndarray:
     return torch.cat(parts, dim).numpy().astype(np.float32, copy=False)
 
 
+DECODED_CAP_BYTES = 2 << 30  # fold models share one decoded copy of the inputs up to this size (the test ROIs: ~0.5 GB at 224 px)
+
+
 def predict_folds_tta(fold_dirs: Sequence, inputs: Sequence, cfg, taxonomy, device: torch.device,
                       features: bool = True) -> dict[str, np.ndarray]:
     """Every fold model on the same inputs with `cfg.tta`: arrays stacked over models.
 
     `probs` (M, N, C); `embeddings` (M, N, D) with `features`; `head_probs` (M, N, H, C) for
-    multi heads. One loader pass per model; 02 and 04 share it so both see the same TTA.
+    multi heads. 02 and 04 share it so both see the same TTA. The crops are decoded and resized
+    once for all fold models (they share the eval transform) when the batches fit in
+    `DECODED_CAP_BYTES`; otherwise each model streams them from its own loader.
     """
     from lib.models import mean_std
     from lib.predict import load_fold_model, make_loader
 
     views = parse_views(cfg.tta.views)
+    inputs = list(inputs)
+    n_views = len(inputs[0]) if inputs and isinstance(inputs[0], (tuple, list)) else 1
+    fits = len(fold_dirs) > 1 and len(inputs) * n_views * 3 * cfg.model.img_size ** 2 * 4 <= DECODED_CAP_BYTES
+    decoded: tuple[tuple, list] | None = None  # ((mean, std), the loader's batches) once decoded
     out: dict[str, list[np.ndarray]] = {}
     for d in fold_dirs:
         model = load_fold_model(d, cfg, taxonomy, device)
         mean, std = mean_std(model)
-        loader = make_loader(list(inputs), cfg.model.img_size, mean, std, cfg.train.eval_batch_size, cfg.train.num_workers, device)
-        for k, v in predict_tta(model, loader, device, views, cfg.tta.mode, features=features, desc=f"predict {d.name}").items():
+        if decoded is not None and decoded[0] == (tuple(mean), tuple(std)):
+            batches = decoded[1]
+        else:
+            batches = make_loader(inputs, cfg.model.img_size, mean, std, cfg.train.eval_batch_size, cfg.train.num_workers, device)
+            if fits:
+                batches = list(batches)
+                decoded = ((tuple(mean), tuple(std)), batches)
+        for k, v in predict_tta(model, batches, device, views, cfg.tta.mode, features=features, desc=f"predict {d.name}").items():
             out.setdefault(k, []).append(v)
     if not out:
         return {"probs": np.zeros((0, len(inputs), taxonomy.n_classes), dtype=np.float32)}

@@ -243,3 +243,31 @@ def test_views_apply_to_each_context_view_alike():
         y = view(x)
         assert y.shape == x.shape
         assert torch.allclose(y[:, 1], view(x[:, 1]), atol=1e-6)
+
+
+@pytest.mark.parametrize("cap", [None, 0])
+def test_fold_models_share_one_decode_of_the_inputs(images, monkeypatch, cap):
+    """predict_folds_tta decodes the crops once for every fold model (same eval transform), and
+    streams them per model when they would not fit; the probabilities are the same either way."""
+    import lib.predict
+    import lib.tta
+
+    models = {"fold_0": net(), "fold_1": net("linear")}
+    with torch.no_grad():
+        for p in models["fold_1"].parameters():
+            p.add_(0.05)  # a different model on the same inputs
+    decodes = []
+    monkeypatch.setattr(lib.predict, "load_fold_model", lambda d, cfg, tax, device: models[d.name])
+    monkeypatch.setattr(lib.predict, "make_loader", lambda *a, **k: decodes.append(1) or loader(images))
+    if cap is not None:
+        monkeypatch.setattr(lib.tta, "DECODED_CAP_BYTES", cap)
+    from pathlib import Path
+
+    cfg = load_config(None, [f"model.img_size={SIZE}", "tta.views=[identity, hflip]"])
+    out = lib.tta.predict_folds_tta([Path("fold_0"), Path("fold_1")], [f"c{i}.png" for i in range(len(images))], cfg, toy(), CPU)
+    assert len(decodes) == (1 if cap is None else 2)
+    assert out["probs"].shape == (2, len(images), 5) and out["embeddings"].shape[:2] == (2, len(images))
+    for i, name in enumerate(models):
+        alone = predict_tta(models[name], loader(images), CPU, [view("identity"), view("hflip")])
+        np.testing.assert_allclose(out["probs"][i], alone["probs"], rtol=1e-5, atol=1e-6)
+    assert not np.allclose(out["probs"][0], out["probs"][1])
