@@ -233,10 +233,15 @@ def summarize(rows: Sequence[dict[str, Any]], keys: Sequence[str]) -> pd.DataFra
     return pd.DataFrame(out)
 
 
-def write_json(path: Path, rows: Sequence[dict[str, Any]]) -> None:
+def write_json(path: Path, saved: dict[str, Any]) -> None:
+    """The grid's measures so far (rows, the single-fold comparison, novelty, minutes): the report can be rebuilt from them."""
     from lib.stages import atomic_write_text
 
-    atomic_write_text(path, json.dumps(list(rows), indent=1, default=float))
+    atomic_write_text(path, json.dumps(saved, indent=1, default=float))
+
+
+def read_json(path: Path) -> dict[str, Any]:
+    return json.loads(Path(path).read_text())
 
 
 def novelty(s: Setting, v: Variant, config: str, out_root: str, truth_of: Callable[[np.ndarray], np.ndarray]) -> list[dict[str, Any]]:

@@ -21,7 +21,7 @@ from lib import ablation as ab  # noqa: E402
 from lib.config import load_config  # noqa: E402
 from lib.stages import atomic_write_text, setup_logging  # noqa: E402
 
-KEYS = ["cv_distance", "cv_distance_testlike", "cv_top1", "oof_argmax", "oof_min_risk", "test_argmax", "test_min_risk",
+KEYS = ["cv_distance", "cv_distance_testlike", "cv_top1", "oof_argmax", "oof_min_risk", "test_argmax", "test_min_risk", "test_distance",
         "pseudo_labels", "pseudo_precision", *ab.RANK_KEYS, "val_top1_head", "val_top1_middle", "val_top1_tail"]
 
 
@@ -85,11 +85,16 @@ def report(rows: list[dict], extra: list[dict], nov: list[dict], s: ab.Setting, 
                 ("knn", "kNN baseline (CV per vote; the test score of the vote chosen by CV)")]
     for g, head in sections:
         part = df[df["group"] == g]
-        if g == "head" or g == "context":
-            part = pd.concat([df[(df["group"] == "loss") & (df["variant"] == "ce")], part])
         if part.empty:
             continue
+        base = df[(df["group"] == "loss") & (df["variant"] == "ce")]
+        if g in ("head", "context"):
+            part = pd.concat([base, part])
+        elif g == "pseudo":
+            part = pd.concat([base.assign(variant="off (phase 1, loss ce)"), part])
         cols = main_cols + ([("pseudo_labels", "pseudo rows"), ("pseudo_precision", "pseudo precision")] if g == "pseudo" else [])
+        if g == "knn":
+            cols = [("cv_distance", "CV dist."), ("cv_top1", "CV top-1"), ("test_distance", "test distance")]
         lines += [f"## {head}", "", *table(part, cols), ""]
     ranks = df[df["group"].isin(["loss", "head", "context"])]
     if not ranks.empty:
@@ -127,12 +132,12 @@ def report(rows: list[dict], extra: list[dict], nov: list[dict], s: ab.Setting, 
         if not nv.empty:
             lines += ["", *table(nv, main_cols)]
         lines.append("")
-    lines += ["## What it found", "", *findings(df, extra), "", f"![ablation]({png})", ""]
+    lines += ["## What it found", "", *findings(df, extra, nov), "", f"![ablation]({png})", ""]
     plot(df[df["group"] != "knn"], out / ("ablation_quick.png" if s.quick else "ablation.png"), title)
     return "\n".join(lines)
 
 
-def findings(df: pd.DataFrame, extra: list[dict]) -> list[str]:
+def findings(df: pd.DataFrame, extra: list[dict], nov: list[dict]) -> list[str]:
     """Plain statements read off the table (computed, not written by hand)."""
     out = []
 
@@ -162,8 +167,25 @@ def findings(df: pd.DataFrame, extra: list[dict]) -> list[str]:
     if not lt.empty:
         best = lt.loc[lt["val_top1_tail"].idxmax()]
         ce_tail = get("long_tail", "ce", "val_top1_tail")
-        out.append(f"- Long tail: the best tail-class top-1 is `{best['variant']}` ({best['val_top1_tail']:.3f}"
-                   + (f"; ce {ce_tail:.3f})." if ce_tail is not None else ")."))
+        if best["val_top1_tail"] <= 0:
+            out.append("- Long tail: no loss classified a single tail-class validation crop right at this scale.")
+        else:
+            out.append(f"- Long tail: the best tail-class top-1 is `{best['variant']}` ({best['val_top1_tail']:.3f}"
+                       + (f"; ce {ce_tail:.3f})." if ce_tail is not None else ")."))
+        best_cv = lt.loc[lt["cv_distance"].idxmin()]
+        out.append(f"- Long tail: the lowest CV distance is `{best_cv['variant']}` ({best_cv['cv_distance']:.3f}"
+                   + (f"; ce {get('long_tail', 'ce', 'cv_distance'):.3f})." if get("long_tail", "ce", "cv_distance") is not None else ")."))
+    c, r = get("context", "roi+3x", "cv_distance"), get("loss", "ce", "cv_distance")
+    if c is not None and r is not None:
+        out.append(f"- ROI + 3x context against ROI only (ce): CV {c:.3f} against {r:.3f}.")
+    heads = df[(df["group"] == "head") & df["cv_distance"].notna()]
+    if not heads.empty and r is not None:
+        out.append("- Heads against the linear head (ce, CV " + f"{r:.3f}): "
+                   + ", ".join(f"`{h['variant']}` {h['cv_distance']:.3f}" for _, h in heads.iterrows()) + ".")
+    aurocs = [n for n in nov if "auroc" in n]
+    if aurocs:
+        out.append("- Novelty AUROC (held-out species against known ones): "
+                   + ", ".join(f"{n['variant']} {n['auroc']:.3f}" for n in aurocs) + " (0.5 is chance).")
     return out
 
 
@@ -172,12 +194,22 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--config", default="configs/demo.yaml")
     ap.add_argument("--quick", action="store_true", help="the small grid (about 10 minutes on 2 cores)")
     ap.add_argument("--only", default="", help="run only these groups (comma-separated: loss,head,context,pseudo,knn,long_tail)")
+    ap.add_argument("--report-only", action="store_true", help="rewrite the report from the saved measures (ablation[_quick].json)")
     args = ap.parse_args(argv)
     setup_logging()
     s = ab.setting(args.quick)
     cfg = load_config(args.config, [])
     out_root = f"{cfg.output_root}/ablate{'_quick' if s.quick else ''}"
     report_dir = cfg.out_dir / "report"
+    saved = report_dir / ("ablation_quick.json" if s.quick else "ablation.json")
+    name = "ablation_quick.md" if s.quick else "ablation.md"
+    if args.report_only:  # the report again from the saved measures (after a change to this file's tables)
+        if not saved.is_file():
+            raise SystemExit(f"No saved measures at {saved}; run the grid first (without --report-only).")
+        d = ab.read_json(saved)
+        atomic_write_text(report_dir / name, report(d["rows"], d["extra"], d["nov"], s, d["minutes"], report_dir))
+        print(f"wrote {report_dir / name} from {saved}")
+        return 0
     started = time.time()
     ab.ensure_data(s, args.config)
     rows, extra, nov = [], [], []
@@ -190,9 +222,8 @@ def main(argv: list[str] | None = None) -> int:
             nov = ab.novelty(s, v, args.config, out_root, truth_and_dist(s, args.config)[0])
         if v.group == "pseudo" and not extra:
             extra = ab.single_fold_vs_ensemble(Path(out_root) / v.exp, *truth_and_dist(s, args.config))
-        ab.write_json(report_dir / ("ablation_quick.json" if s.quick else "ablation.json"), rows)
+        ab.write_json(saved, {"rows": rows, "extra": extra, "nov": nov, "minutes": (time.time() - started) / 60})
     minutes = (time.time() - started) / 60
-    name = "ablation_quick.md" if s.quick else "ablation.md"
     atomic_write_text(report_dir / name, report(rows, extra, nov, s, minutes, report_dir))
     print(f"wrote {report_dir / name} ({minutes:.1f} min)")
     return 0

@@ -40,3 +40,40 @@ def test_summarize_means_and_spread_over_seeds():
     ce = df[df["variant"] == "ce"].iloc[0]
     assert ce["seeds"] == 3 and ce["cv_distance"] == pytest.approx(3.0) and ce["cv_distance_std"] == pytest.approx(np.std([2, 3, 4]))
     assert np.isnan(df[df["variant"] == "dwce"].iloc[0]["cv_distance_std"])  # one seed: no spread claimed
+
+
+def _ablate_script():
+    import importlib.util
+    from pathlib import Path
+
+    spec = importlib.util.spec_from_file_location("ablate_script", Path(__file__).resolve().parent.parent / "scripts" / "ablate.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_report_rebuilt_from_saved_measures_states_what_the_numbers_say(tmp_path):
+    """--report-only rebuilds ablation.md from ablation.json; the findings are read off the rows."""
+    script = _ablate_script()
+    rows = [{"group": "loss", "variant": "ce", "seed": s, "cv_distance": d, "oof_argmax": d, "oof_min_risk": d - 0.1,
+             "test_min_risk": d + 0.2} for s, d in ((42, 2.0), (43, 2.2))]
+    rows += [{"group": "loss", "variant": "dwce", "seed": 42, "cv_distance": 1.8, "test_min_risk": 2.5},
+             {"group": "context", "variant": "roi+3x", "seed": 42, "cv_distance": 1.5, "test_min_risk": 1.9},
+             {"group": "long_tail", "variant": "ce", "seed": 42, "cv_distance": 3.0, "val_top1_tail": 0.0},
+             {"group": "long_tail", "variant": "ldam", "seed": 42, "cv_distance": 2.9, "val_top1_tail": 0.0},
+             {"group": "knn", "variant": "kNN min_risk (chosen by CV)", "seed": 42, "cv_distance": 2.6, "test_distance": 2.7}]
+    nov = [{"group": "novelty", "variant": "energy", "auroc": 0.75}]
+    saved = tmp_path / "report" / "ablation_quick.json"
+    saved.parent.mkdir()
+    ab.write_json(saved, {"rows": rows, "extra": [], "nov": nov, "minutes": 7.5})
+    d = ab.read_json(saved)
+    md = script.report(d["rows"], d["extra"], d["nov"], ab.setting(True), d["minutes"], tmp_path / "report")
+    assert "Grid run in 7.5 min" in md
+    assert "`dwce` (1.800; ce 2.100, whose spread over seeds is ± 0.100)" in md
+    assert "Min-risk decoding against argmax (ce, out of fold): 2.000 against 2.100." in md
+    assert "no loss classified a single tail-class validation crop right" in md
+    assert "the lowest CV distance is `ldam` (2.900; ce 3.000)" in md
+    assert "ROI + 3x context against ROI only (ce): CV 1.500 against 2.100." in md
+    assert "energy 0.750 (0.5 is chance)" in md
+    assert "| kNN min_risk (chosen by CV) | 1 | 2.600 | 2.700 |" in md  # no CV top-1 given: the column is left out
+    assert (tmp_path / "report" / "ablation_quick.png").is_file()
