@@ -91,7 +91,13 @@ def markdown_table(rows: Iterable[dict]) -> str:
 
 def write_results(path: Path, rows: Sequence[dict], info: dict, sections: dict[str, str] | None = None,
                   timings: dict[str, float] | None = None, title: str = "Benchmark results") -> str:
-    """benchmarks/results.md: the device line, the table, rows that miss their target, then detail sections."""
+    """benchmarks/results.md: the device line, the table, rows that miss their target, then detail sections.
+
+    A row without a ratio (nothing measured on this machine, e.g. the CUDA rows on a CPU) is not put
+    in the table, where every row has its measured ratio, but listed under "Not measured in this run".
+    """
+    unmeasured = [r for r in rows if r["ratio"] is None]
+    rows = [r for r in rows if r["ratio"] is not None]
     lines = [f"# {title}", ""]
     lines += [f"- **{k}**: {v}" for k, v in info.items()]
     lines += ["", "Ratios are measured side by side in one run; absolute figures move with the machine's load.", ""]
@@ -109,6 +115,10 @@ def write_results(path: Path, rows: Sequence[dict], info: dict, sections: dict[s
     else:
         lines.append("None.")
     lines.append("")
+    if unmeasured:
+        lines += ["## Not measured in this run", ""]
+        lines += [f"- **{r['what']}** ({r['measured']}): {r['note'] or 'no note'}" for r in unmeasured]
+        lines.append("")
     for name, text in (sections or {}).items():
         lines += [f"## {name}", "", text.rstrip(), ""]
     if timings:
