@@ -189,7 +189,9 @@ def collect(s: Setting, v: Variant, out_root: str, seconds: float) -> list[dict[
                 row.update(oof_argmax=x["oof_argmax"], oof_min_risk=x["oof_min_risk"], test_argmax=x.get("test_argmax"),
                            test_min_risk=x.get("test_min_risk"))
         if v.group == "pseudo":
-            p = _result(out, "02_pseudo") if "rounds" not in " ".join(v.overrides) else {}
+            rounds = int(_result(out, "03_retrain").get("rounds", 1))
+            # The last round's selection: 02's for round 1, 03's round_<r>/pseudo for later rounds.
+            p = _result(out, "02_pseudo") if rounds == 1 else _result(out / "03_retrain" / f"round_{rounds}", "pseudo")
             row["pseudo_labels"] = p.get("pseudo_labels", _result(out, "03_retrain").get("pseudo_rows"))
             prec = p.get("precision", {}).get("overall")
             row["pseudo_precision"] = prec
