@@ -93,7 +93,8 @@ def run(quick: bool = False, work: Path | None = None) -> list[dict]:
               s(rate[0]), s(rate_eval) + " (resize + normalise)", rate[0] / rate_eval, "report",
               "what the augmentation costs per sample: " + ", ".join(ops), section=sec),
         B.row("loader, 1 worker vs 0 (main process)", s(rate[1]), s(rate[0]), rate[1] / rate[0], ">= 0.9",
-              f"a worker process costs little (fork, batches through shared memory); {rate[1]:.0f} samples/s is the per-worker rate",
+              f"{rate[1]:.0f} samples/s is the per-worker rate; a worker hands each batch over through shared memory, "
+              "which 0 workers do not pay (see below)",
               section=sec),
         B.row("loader, 2 workers vs 1", s(rate[2]), s(rate[1]), rate[2] / rate[1], ">= 1.7",
               f"scales with free cores ({load}); the real recipe asks 8 workers (train.num_workers)", section=sec),
