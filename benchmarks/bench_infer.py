@@ -11,8 +11,8 @@ preloaded. Target: 04's path at least 0.9 of the bare loop's images per second. 
 (hflip, rot90, rotate10, scale0.9) are timed through predict_tta on preloaded batches, each
 against identity (~1.0 means the view costs no more than the forward pass it adds).
 
-CPU: the demo's model (tf_efficientnet_lite0 at 64 px, eval batch 128, workers 0) on 128 crops
-(--quick 64), best of 3 interleaved passes (--quick 2). CUDA: configs/fathomnet2025.yaml (convnext_tiny at 224 px, [1, 3] context, eval
+CPU: the demo's model (tf_efficientnet_lite0 at 64 px, eval batch 128, workers 0) on 384 crops
+(--quick 64), best of 4 interleaved passes (--quick 2). CUDA: configs/fathomnet2025.yaml (convnext_tiny at 224 px, [1, 3] context, eval
 batch 256, min(8, cores) workers) on 788 ROIs, the real test size.
 """
 from __future__ import annotations
@@ -45,7 +45,7 @@ def setup(work: Path, cuda: bool, quick: bool):
         n = 788
     else:
         cfg = load_config(str(B.ROOT / "configs/demo.yaml"), common)
-        n = 64 if quick else 128
+        n = 64 if quick else 384  # a pass of ~1 s: shorter ones were within the timer's noise
     rois, tax = load_rois(prep), load_taxonomy_json(prep / "taxonomy.json")
     rois = rois[rois["ok"] == 1].reset_index(drop=True)
     return cfg, rois.iloc[[i % len(rois) for i in range(n)]].reset_index(drop=True), tax
@@ -117,7 +117,7 @@ def run(quick: bool = False, work: Path | None = None) -> list[dict]:
 
     parse_views(VIEWS)  # fail early on a bad name
     bare()  # warm-up (allocator, cudnn autotuning)
-    repeats = 2 if quick else 3
+    repeats = 2 if quick else 4
     extra = {"workers": path_workers} if t.num_workers == 0 else {}  # the configured loader already has workers
     times = B.interleaved({"bare": bare, "loader": path_loader, **extra, "04": path_04, "04_folds": path_04_folds,
                            **{v: preloaded(v) for v in ["identity", *VIEWS]}}, repeats)

@@ -41,8 +41,8 @@ CORES = """\
 - **1 loader worker vs 0**: a worker hands each batch to the main process through shared memory
   (a copy of the tensor and a pickled message), which the main process does not pay with 0 workers;
   alone, one worker can only lose a little. Its use is to overlap decoding with the step in 01/03.
-- **Inference with 1 loader worker** on 128 crops: the fork of the worker costs more than decoding
-  128 small crops; at the real test size (788 ROIs at 224 px, 5 fold models sharing one decode,
+- **Inference with 1 loader worker** on a few hundred crops: the fork of the worker costs more than
+  decoding them all; at the real test size (788 ROIs at 224 px, 5 fold models sharing one decode,
   see lib.tta.predict_folds_tta) the start-up is paid once.
 - **Rotation and scale TTA views** resample the batch with `grid_sample`, which on a CPU costs about
   a fifth of this small model's forward pass at 64 px; flips and quarter turns are free copies.
