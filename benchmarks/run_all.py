@@ -41,11 +41,15 @@ CORES = """\
 - **1 loader worker vs 0**: a worker hands each batch to the main process through shared memory
   (a copy of the tensor and a pickled message), which the main process does not pay with 0 workers;
   alone, one worker can only lose a little. Its use is to overlap decoding with the step in 01/03.
+- **Inference over the crop loader with 0 workers**: decoding and resizing a crop in the main
+  process costs about a seventh of this small model's forward pass at 64 px on a CPU, and nothing
+  overlaps it; with a 224 px model on a GPU and loader workers (`train.num_workers`) it is hidden.
 - **Inference with 1 loader worker** on a few hundred crops: the fork of the worker costs more than
   decoding them all; at the real test size (788 ROIs at 224 px, 5 fold models sharing one decode,
   see lib.tta.predict_folds_tta) the start-up is paid once.
-- **Rotation and scale TTA views** resample the batch with `grid_sample`, which on a CPU costs about
-  a fifth of this small model's forward pass at 64 px; flips and quarter turns are free copies.
+- **Rotation and scale TTA views** resample the batch with `grid_sample`, which on a CPU has cost
+  from nothing to a fifth of this small model's forward pass at 64 px from run to run (1.00 to 1.23
+  of identity); flips and quarter turns are plain copies.
 - **Targets for the GPU** (whole loop within 1.10 of the step, bf16, `train.compile`, the timm
   comparison) are only judged on a CUDA run; on CPU those rows say so.
 """
