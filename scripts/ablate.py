@@ -83,6 +83,7 @@ def report(rows: list[dict], extra: list[dict], nov: list[dict], s: ab.Setting, 
     sections = [("loss", "Losses (phase 1, linear head, ROI only)"), ("head", "Heads (loss ce)"),
                 ("context", "ROI only against ROI + context (loss ce)"), ("pseudo", "Pseudo-labelling (phase 2 retrained from the ce base of the first seed)"),
                 ("knn", "kNN baseline (CV per vote; the test score of the vote chosen by CV)")]
+    base0 = first_seed_base(rows, s)
     for g, head in sections:
         part = df[df["group"] == g]
         if part.empty:
@@ -91,7 +92,7 @@ def report(rows: list[dict], extra: list[dict], nov: list[dict], s: ab.Setting, 
         if g in ("head", "context"):
             part = pd.concat([base, part])
         elif g == "pseudo":  # phase 2 starts from the first seed's phase 1: compare with that run, not the mean over seeds
-            part = pd.concat([first_seed_base(rows, s).assign(variant=f"off (phase 1, loss ce, seed {s.seeds[0]})"), part])
+            part = pd.concat([base0.assign(variant=f"off (phase 1, loss ce, seed {s.seeds[0]})"), part])
         cols = main_cols + ([("pseudo_labels", "pseudo rows"), ("pseudo_precision", "pseudo precision")] if g == "pseudo" else [])
         if g == "knn":
             cols = [("cv_distance", "CV dist."), ("cv_top1", "CV top-1"), ("test_distance", "test distance")]
@@ -132,7 +133,7 @@ def report(rows: list[dict], extra: list[dict], nov: list[dict], s: ab.Setting, 
         if not nv.empty:
             lines += ["", *table(nv, main_cols)]
         lines.append("")
-    lines += ["## What it found", "", *findings(df, extra, nov, first_seed_base(rows, s)), "", f"![ablation]({png})", ""]
+    lines += ["## What it found", "", *findings(df, extra, nov, base0), "", f"![ablation]({png})", ""]
     plot(df[df["group"] != "knn"], out / ("ablation_quick.png" if s.quick else "ablation.png"), title)
     return "\n".join(lines)
 
