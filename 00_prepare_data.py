@@ -6,25 +6,23 @@ Writes: output/<exp>/00_prepare/ rois.csv, crops/, taxonomy.json, rejects.csv, r
 from __future__ import annotations
 
 import argparse
+import logging
 import sys
 import time
 
-from lib import pipeline
 from lib.config import Config
-from lib.stages import (
-    atomic_path,
-    atomic_write_json,
-    log,
-    run_cli,
-    stage_parser,
-)
+from lib.core import graph as pipeline
+from lib.core.cli import run_cli, stage_parser
+from lib.core.io import atomic_path, atomic_write_json
+
+log = logging.getLogger("pipeline")
 
 NAME = "00_prepare"
 
 
 def main_(args: argparse.Namespace, cfg: Config) -> int:
     if args.download and not args.dry_run:
-        from lib.prepare import fetch_frames
+        from lib.data.prepare import fetch_frames
 
         pipeline.preflight(cfg, NAME, frames=False)
         pipeline.lock(cfg, NAME)  # one download at a time into the same frames
@@ -33,7 +31,7 @@ def main_(args: argparse.Namespace, cfg: Config) -> int:
     if stage is None:
         return 0
     started = time.time()
-    from lib.prepare import prepare
+    from lib.data.prepare import prepare
 
     prep = prepare(cfg, stage.dir)
     with atomic_path(stage.dir / "rois.csv") as tmp:

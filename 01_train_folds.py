@@ -7,12 +7,15 @@ Writes: output/<exp>/01_train/fold_<k>/ best.pt last.pt oof.npz history.csv curv
 from __future__ import annotations
 
 import argparse
+import logging
 import sys
 import time
 
-from lib import pipeline
 from lib.config import Config
-from lib.stages import log, run_cli, stage_parser
+from lib.core import graph as pipeline
+from lib.core.cli import run_cli, stage_parser
+
+log = logging.getLogger("pipeline")
 
 NAME = "01_train"
 
@@ -22,11 +25,9 @@ def main_(args: argparse.Namespace, cfg: Config) -> int:
     if stage is None:
         return 0
     started = time.time()
-    from lib.prepare import (
-        load_rois,  # heavy imports (torch, timm) only once there is work to do
-    )
-    from lib.taxonomy import load_taxonomy_json
-    from lib.train import run_folds
+    from lib.data.artifacts import load_rois
+    from lib.data.taxonomy import load_taxonomy_json
+    from lib.engine.train import run_folds
 
     prep = cfg.out_dir / "00_prepare"
     rois, taxonomy = load_rois(prep), load_taxonomy_json(prep / "taxonomy.json")

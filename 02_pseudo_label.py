@@ -7,12 +7,15 @@ Selection: pseudo.methods (confidence, vote with GMU, cluster_core); see lib/pse
 from __future__ import annotations
 
 import argparse
+import logging
 import sys
 import time
 
-from lib import pipeline
 from lib.config import Config
-from lib.stages import log, run_cli, stage_parser
+from lib.core import graph as pipeline
+from lib.core.cli import run_cli, stage_parser
+
+log = logging.getLogger("pipeline")
 
 NAME = "02_pseudo"
 
@@ -22,10 +25,10 @@ def main_(args: argparse.Namespace, cfg: Config) -> int:
     if stage is None:
         return 0
     started = time.time()
-    from lib.models import pick_device
-    from lib.prepare import load_rois
-    from lib.pseudo_round import run_round
-    from lib.taxonomy import load_taxonomy_json
+    from lib.data.artifacts import load_rois
+    from lib.data.taxonomy import load_taxonomy_json
+    from lib.engine.rounds import run_round
+    from lib.model.device import pick_device
 
     prep = cfg.out_dir / "00_prepare"
     rois, tax = load_rois(prep), load_taxonomy_json(prep / "taxonomy.json")

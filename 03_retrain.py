@@ -8,12 +8,16 @@ Pseudo-labelled rows only ever join training folds, never validation, weighted b
 from __future__ import annotations
 
 import argparse
+import logging
 import sys
 import time
 
-from lib import pipeline
 from lib.config import Config
-from lib.stages import log, read_record, run_cli, stage_parser
+from lib.core import graph as pipeline
+from lib.core.cli import run_cli, stage_parser
+from lib.core.records import read_record
+
+log = logging.getLogger("pipeline")
 
 NAME = "03_retrain"
 
@@ -25,12 +29,12 @@ def main_(args: argparse.Namespace, cfg: Config) -> int:
     started = time.time()
     import pandas as pd
 
-    from lib.models import pick_device
-    from lib.prepare import load_rois
-    from lib.pseudo_round import run_round
-    from lib.stages import check
-    from lib.taxonomy import load_taxonomy_json
-    from lib.train import cv_summary, run_folds
+    from lib.core.cli import check
+    from lib.data.artifacts import load_rois
+    from lib.data.taxonomy import load_taxonomy_json
+    from lib.engine.rounds import run_round
+    from lib.engine.train import cv_summary, run_folds
+    from lib.model.device import pick_device
 
     prep = cfg.out_dir / "00_prepare"
     rois, tax = load_rois(prep), load_taxonomy_json(prep / "taxonomy.json")

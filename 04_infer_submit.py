@@ -7,12 +7,15 @@ Changing only submit.* (blend, decoding) reuses probs/ and reruns in seconds.
 from __future__ import annotations
 
 import argparse
+import logging
 import sys
 import time
 
-from lib import pipeline
 from lib.config import Config
-from lib.stages import log, run_cli, stage_parser
+from lib.core import graph as pipeline
+from lib.core.cli import run_cli, stage_parser
+
+log = logging.getLogger("pipeline")
 
 NAME = "04_submit"
 
@@ -25,14 +28,20 @@ def main_(args: argparse.Namespace, cfg: Config) -> int:
     import numpy as np
     import pandas as pd
 
-    from lib.blending import apply_decoding, check_aligned, compare, known_test_labels, weights_for
-    from lib.coco import read_coco
-    from lib.ensemble import blend, prior_answer
-    from lib.prepare import load_rois
-    from lib.report import submit_report
-    from lib.stages import atomic_path, atomic_write_text
-    from lib.submission import assemble, write_submission
-    from lib.taxonomy import load_taxonomy_json
+    from lib.core.io import atomic_path, atomic_write_text
+    from lib.data.artifacts import load_rois
+    from lib.data.coco import read_coco
+    from lib.data.taxonomy import load_taxonomy_json
+    from lib.decide.blending import (
+        apply_decoding,
+        check_aligned,
+        compare,
+        known_test_labels,
+        weights_for,
+    )
+    from lib.decide.ensemble import blend, prior_answer
+    from lib.decide.submission import assemble, write_submission
+    from lib.report.summary import submit_report
 
     prep = cfg.out_dir / "00_prepare"
     rois, tax = load_rois(prep), load_taxonomy_json(prep / "taxonomy.json")
@@ -78,8 +87,9 @@ def _model_probs(cfg: Config, stage, name: str, test, tax):
     """
     import numpy as np
 
-    from lib.blending import ModelProbs, load_oof
-    from lib.stages import cached_npz, read_record
+    from lib.core.io import cached_npz
+    from lib.core.records import read_record
+    from lib.decide.blending import ModelProbs, load_oof
 
     phase = pipeline.model_stage(name)
     folds = pipeline.model_folds(cfg, name)
@@ -93,9 +103,9 @@ def _model_probs(cfg: Config, stage, name: str, test, tax):
                 if np.array_equal(z["annotation_id"], ids):
                     log.info("%s: phase1 test probabilities taken from 02_pseudo", NAME)
                     return {"annotation_id": ids, "probs": z["probs"]}
-        from lib.context import model_inputs
-        from lib.models import pick_device
-        from lib.tta import predict_folds_tta
+        from lib.data.context import model_inputs
+        from lib.engine.tta import predict_folds_tta
+        from lib.model.device import pick_device
 
         p = predict_folds_tta(folds, model_inputs(test, cfg.model.context), cfg, tax, pick_device(cfg.train.device), features=False)
         return {"annotation_id": ids, "probs": p["probs"]}

@@ -19,7 +19,7 @@ $(VENV)/.installed: requirements.txt
 venv: $(VENV)/.installed
 
 demo: venv
-	@$(PY) -m lib.demo_data --config $(CONFIG) $(ARGS)
+	@$(PY) -m lib.demo --config $(CONFIG) $(ARGS)
 	@$(MAKE) --no-print-directory stages CONFIG=$(CONFIG) ARGS="$(ARGS)"
 
 # The stages alone, on any config (e.g. make stages CONFIG=configs/fathomnet2025.yaml).

@@ -11,22 +11,29 @@ test's label distribution is the mean over the fold models, each with an index o
 from __future__ import annotations
 
 import argparse
+import logging
 import sys
 import time
 from typing import Iterator
 
-from lib import pipeline
 from lib.config import Config
-from lib.stages import StageError, log, run_cli, stage_parser
+from lib.core import graph as pipeline
+from lib.core.cli import run_cli, stage_parser
+from lib.core.errors import StageError
+
+log = logging.getLogger("pipeline")
 
 NAME = "knn"
 
 
 def embeddings(cfg: Config, stage, paths: list[str], tax) -> Iterator[tuple[int | None, "object"]]:
     """(None, one backbone's embeddings) or, per fold model, (k, fold k's embeddings); cached per file."""
-    from lib.models import build_model, mean_std, pick_device
-    from lib.predict import load_fold_model, make_loader, predict
-    from lib.stages import cached_npz
+    from lib.core.io import cached_npz
+    from lib.data.dataset import make_loader
+    from lib.engine.inference import predict
+    from lib.model.checkpoint import load_fold_model
+    from lib.model.device import pick_device
+    from lib.model.net import build_model, mean_std
 
     k, inputs = cfg.knn, stage.fingerprint["inputs"]
 
@@ -58,13 +65,20 @@ def main_(args: argparse.Namespace, cfg: Config) -> int:
     started = time.time()
     import numpy as np
 
-    from lib.coco import read_coco
-    from lib.ensemble import prior_answer
-    from lib.knn import best_vote, gpu_available, neighbour_distribution, score_votes, vote, votes_table
-    from lib.prepare import load_rois
-    from lib.stages import atomic_path, atomic_write_text
-    from lib.submission import assemble, write_submission
-    from lib.taxonomy import load_taxonomy_json
+    from lib.core.io import atomic_path, atomic_write_text
+    from lib.data.artifacts import load_rois
+    from lib.data.coco import read_coco
+    from lib.data.taxonomy import load_taxonomy_json
+    from lib.decide.ensemble import prior_answer
+    from lib.decide.knn import (
+        best_vote,
+        gpu_available,
+        neighbour_distribution,
+        score_votes,
+        vote,
+        votes_table,
+    )
+    from lib.decide.submission import assemble, write_submission
 
     prep = cfg.out_dir / "00_prepare"
     rois, tax = load_rois(prep), load_taxonomy_json(prep / "taxonomy.json")

@@ -27,8 +27,8 @@ def synthetic(work: Path, n_models: int, seed: int = 0):
     """Per model: 5 folds of oof.npz and a probs npz as 04 caches them; the taxonomy; test ids."""
     import numpy as np
 
-    from lib.metric import DEFAULT_TAXONOMY
-    from lib.taxonomy import load_taxonomy_csv
+    from lib.data.taxonomy import load_taxonomy_csv
+    from lib.decide.metric import DEFAULT_TAXONOMY
 
     tax = load_taxonomy_csv(DEFAULT_TAXONOMY)
     rng = np.random.default_rng(seed)
@@ -63,11 +63,18 @@ def blend_only(cfg, tax, dirs: list[Path], test_ids: list[int], out: Path) -> di
     import numpy as np
     import pandas as pd
 
-    from lib.blending import ModelProbs, apply_decoding, check_aligned, compare, load_oof, weights_for
-    from lib.ensemble import blend, prior_answer
-    from lib.report import submit_report
-    from lib.stages import atomic_path, atomic_write_text
-    from lib.submission import assemble, write_submission
+    from lib.core.io import atomic_path, atomic_write_text
+    from lib.decide.blending import (
+        ModelProbs,
+        apply_decoding,
+        check_aligned,
+        compare,
+        load_oof,
+        weights_for,
+    )
+    from lib.decide.ensemble import blend, prior_answer
+    from lib.decide.submission import assemble, write_submission
+    from lib.report.summary import submit_report
 
     t = {"start": time.perf_counter()}
     models = []

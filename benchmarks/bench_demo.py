@@ -2,7 +2,7 @@
 
     .venv/bin/python benchmarks/bench_demo.py [--quick]
 
-Every step of `make demo` (lib.demo_data, 00 .. 04, knn_baseline, lib.report) runs as its own
+Every step of `make demo` (lib.demo, 00 .. 04, knn_baseline, lib.report) runs as its own
 process on a small demo (demo.per_class=4, 1 test box per class, 2 folds, 1 epoch, 32 px; the
 rest of configs/demo.yaml) in a temp output folder, on one thread (OMP_NUM_THREADS=1: on a busy
 2-core machine a second torch thread mostly waits, see the train rows); each process's wall time
@@ -20,7 +20,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import benchlib as B  # noqa: E402
 
 SECTION = "Demo end to end (make demo on a small config)"
-STEPS = [("demo data", ["-m", "lib.demo_data"]), ("00_prepare", ["00_prepare_data.py"]), ("01_train", ["01_train_folds.py"]),
+STEPS = [("demo data", ["-m", "lib.demo"]), ("00_prepare", ["00_prepare_data.py"]), ("01_train", ["01_train_folds.py"]),
          ("02_pseudo", ["02_pseudo_label.py"]), ("03_retrain", ["03_retrain.py"]), ("04_submit", ["04_infer_submit.py"]),
          ("knn", ["knn_baseline.py"]), ("report", ["-m", "lib.report"])]
 details: dict[str, str] = {}  # filled by run(): the per-stage table, for run_all's results.md

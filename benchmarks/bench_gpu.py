@@ -8,7 +8,7 @@ channels_last, in the same run:
   linear head over the 79 concepts, AdamW parameter groups, the configured loss) against the
   loop of timm's benchmark.py TrainBenchmarkRunner (timm.create_model, randn input, SGD from
   timm.optim.create_optimizer_v2 at lr 1e-4, CrossEntropyLoss, zero_grad / forward / backward / step);
-- inference, batch 256 (the recipe's eval batch): lib.tta.predict_tta with [identity] on
+- inference, batch 256 (the recipe's eval batch): lib.engine.tta.predict_tta with [identity] on
   preloaded batches against timm's InferenceBenchmarkRunner loop (eval, no_grad, model(x)).
 timm's benchmark.py lives in its repository, not in the wheel (`import timm.benchmark` fails),
 so its two loops are reproduced here: 10 warm-up steps, 40 timed (--quick 5 and 15), cuda synchronize.
@@ -94,11 +94,11 @@ def timm_train(name: str, device, batch: int, img: int, warmup: int, steps: int)
 
 
 def ours_infer(cfg, tax, device, batch: int, img: int, warmup: int, steps: int) -> float:
-    """lib.tta.predict_tta with [identity] on preloaded batches of the pipeline's Net."""
+    """lib.engine.tta.predict_tta with [identity] on preloaded batches of the pipeline's Net."""
     import torch
 
-    from lib.models import build_net
-    from lib.tta import predict_tta
+    from lib.engine.tta import predict_tta
+    from lib.model.net import build_net
 
     model = build_net(cfg, tax, pretrained=False).to(device).to(memory_format=torch.channels_last).eval()
     x = torch.randn(batch, 3, img, img, device=device)
@@ -116,11 +116,11 @@ def compare(names, device, quick: bool, train_batch=TRAIN_BATCH, infer_batch=INF
 
     import numpy as np
     import torch
-
     from bench_train import step_rate
+
     from lib.config import load_config
-    from lib.metric import DEFAULT_TAXONOMY
-    from lib.taxonomy import load_taxonomy_csv
+    from lib.data.taxonomy import load_taxonomy_csv
+    from lib.decide.metric import DEFAULT_TAXONOMY
 
     tax = load_taxonomy_csv(DEFAULT_TAXONOMY)
     warmup, steps = (5, 15) if quick else (10, 40)

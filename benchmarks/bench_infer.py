@@ -2,10 +2,10 @@
 
     .venv/bin/python benchmarks/bench_infer.py [--quick]
 
-04 predicts each fold model with lib.tta.predict_folds_tta: build the net, load best.pt, a
-DataLoader over the cached crops (lib.predict.make_loader: decode, resize, normalise; its batches
+04 predicts each fold model with lib.engine.tta.predict_folds_tta: build the net, load best.pt, a
+DataLoader over the cached crops (lib.data.dataset.make_loader: decode, resize, normalise; its batches
 kept for the other fold models), then
-lib.tta.predict_tta (views on the device batch, channels_last, autocast, softmax). The bare
+lib.engine.tta.predict_tta (views on the device batch, channels_last, autocast, softmax). The bare
 loop runs `model(x)` under the same autocast on the very tensors that loader produced,
 preloaded. Target: 04's path at least 0.9 of the bare loop's images per second. TTA views
 (hflip, rot90, rotate10, scale0.9) are timed through predict_tta on preloaded batches, each
@@ -33,8 +33,8 @@ def setup(work: Path, cuda: bool, quick: bool):
     import os
 
     from lib.config import load_config
-    from lib.prepare import load_rois
-    from lib.taxonomy import load_taxonomy_json
+    from lib.data.artifacts import load_rois
+    from lib.data.taxonomy import load_taxonomy_json
 
     _, prep = B.prepared_demo(work, "bench_demo", 4, 2, ["prepare.n_folds=2", "prepare.workers=1"])
     root = work / "bench_demo"
@@ -54,10 +54,11 @@ def setup(work: Path, cuda: bool, quick: bool):
 def run(quick: bool = False, work: Path | None = None) -> list[dict]:
     import torch
 
-    from lib.context import model_inputs
-    from lib.models import build_net, channels_last, mean_std, pick_device
-    from lib.predict import autocast, make_loader
-    from lib.tta import parse_views, predict_folds_tta, predict_tta
+    from lib.data.context import model_inputs
+    from lib.data.dataset import make_loader
+    from lib.engine.tta import parse_views, predict_folds_tta, predict_tta
+    from lib.model.device import autocast, channels_last, pick_device
+    from lib.model.net import build_net, mean_std
 
     work = Path(work or tempfile.mkdtemp(prefix="bench_infer_"))
     device = pick_device("auto")
@@ -134,7 +135,7 @@ def run(quick: bool = False, work: Path | None = None) -> list[dict]:
               "adds the model build and checkpoint load, once per fold model", section=SECTION),
         B.row(f"infer: 04's whole path over {K_FOLDS} fold models (crops decoded once for all) vs {K_FOLDS} x bare model(x)",
               s(rate["04_folds"] * K_FOLDS), s(rate["bare"]), rate["04_folds"] * K_FOLDS / rate["bare"], "report",
-              f"lib.tta.predict_folds_tta decodes the crops once and keeps the batches for the other {K_FOLDS - 1} models "
+              f"lib.engine.tta.predict_folds_tta decodes the crops once and keeps the batches for the other {K_FOLDS - 1} models "
               f"(one model alone: {rate['04'] / rate['bare']:.2f}); what remains is each model's build and checkpoint load",
               section=SECTION),
         B.row("infer: predict_tta [identity] on preloaded batches vs bare model(x)", s(rate["identity"]), s(rate["bare"]),

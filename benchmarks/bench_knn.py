@@ -25,7 +25,7 @@ import faiss  # noqa: E402
 import numpy as np  # noqa: E402
 from sklearn.neighbors import NearestNeighbors  # noqa: E402
 
-from lib.knn import build_index, effective_nlist, gpu_available, normalize  # noqa: E402
+from lib.decide.knn import build_index, effective_nlist, gpu_available, normalize  # noqa: E402
 
 DIM, QUERIES, K = 512, 788, 10
 REAL = 23_699

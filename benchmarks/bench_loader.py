@@ -3,11 +3,11 @@
     .venv/bin/python benchmarks/bench_loader.py [--quick]
 
 Crops of 1920x1080 demo frames cached at 00's size for the real recipe (256 px), read by
-lib.data.CropDataset through the `augment` section of configs/fathomnet2025.yaml at its
+lib.data.dataset.CropDataset through the `augment` section of configs/fathomnet2025.yaml at its
 `model.img_size` (224), batches of 32 from a torch DataLoader with 0 (main process), 1 and 2
 workers; against the eval transform (resize + normalise only), and against cutting each crop
 from its frame at load time (decode the 1920x1080 PNG per sample), which is what caching saves.
-Each DataLoader is built afresh per pass, as lib.train does per epoch, so worker start-up counts.
+Each DataLoader is built afresh per pass, as lib.engine.train does per epoch, so worker start-up counts.
 """
 from __future__ import annotations
 
@@ -34,7 +34,7 @@ class FrameCrops:
     def __getitem__(self, i: int):
         import cv2
 
-        from lib.crops import crop_roi
+        from lib.data.crops import crop_roi
 
         frame, bbox = self.items[i]
         img = cv2.cvtColor(crop_roi(cv2.imread(frame, cv2.IMREAD_COLOR), bbox, 0.1, True, self.size), cv2.COLOR_BGR2RGB)
@@ -42,7 +42,7 @@ class FrameCrops:
 
 
 def passes(ds, workers: int, repeats: int) -> float:
-    """Best samples/s over `repeats` passes of a fresh DataLoader (worker start-up included, as per epoch in lib.train)."""
+    """Best samples/s over `repeats` passes of a fresh DataLoader (worker start-up included, as per epoch in lib.engine.train)."""
     from torch.utils.data import DataLoader
 
     def one():
@@ -54,12 +54,12 @@ def passes(ds, workers: int, repeats: int) -> float:
 
 def run(quick: bool = False, work: Path | None = None) -> list[dict]:
     import cv2
-
     from bench_prepare import hd_frames, with_outputs
-    from lib.augment import build_transforms
+
     from lib.config import load_config
-    from lib.crops import CropSpec, crop_frames
-    from lib.data import CropDataset
+    from lib.data.augment import build_transforms
+    from lib.data.crops import CropSpec, crop_frames
+    from lib.data.dataset import CropDataset
 
     cv2.setNumThreads(1)  # as in DataLoader workers; the main process would otherwise spread cv2 over the cores torch uses
     work = Path(work or tempfile.mkdtemp(prefix="bench_loader_"))

@@ -24,8 +24,8 @@ os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
 import cv2  # noqa: E402
 
 from lib.config import DemoCfg  # noqa: E402
-from lib.crops import BoxJob, CropSpec, FrameJob, crop_frames, crop_roi, write_png  # noqa: E402
-from lib.demo_data import generate  # noqa: E402
+from lib.data.crops import BoxJob, CropSpec, FrameJob, crop_frames, crop_roi, write_png  # noqa: E402
+from lib.demo.generate import generate  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 

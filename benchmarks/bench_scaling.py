@@ -26,8 +26,8 @@ SECTION = "Scaling: 00, 04 and the kNN baseline at 1x, 4x, 16x the demo"
 STAGES = {"00_prepare": "00_prepare_data.py", "04_submit": "04_infer_submit.py", "knn": "knn_baseline.py"}
 IMPORTS = {  # what each stage imports before its work: the floor under its time
     "00_prepare": "import lib.prepare, lib.coco, lib.taxonomy",
-    "04_submit": "import torch, timm, lib.tta, lib.blending, lib.prepare, lib.report, lib.submission",
-    "knn": "import torch, timm, faiss, lib.knn, lib.predict, lib.prepare, lib.submission",
+    "04_submit": "import torch, timm, lib.engine.tta, lib.decide.blending, lib.data.prepare, lib.report.summary, lib.decide.submission",
+    "knn": "import torch, timm, faiss, lib.decide.knn, lib.engine.inference, lib.data.prepare, lib.decide.submission",
 }
 ONE_THREAD = {"OMP_NUM_THREADS": "1"}
 details: dict[str, str] = {}
@@ -54,7 +54,7 @@ def run(quick: bool = False, work: Path | None = None) -> list[dict]:
         base = [sys.executable]
         cfgs = ["--config", str(B.ROOT / "configs/demo.yaml"), *ov]
         res[k] = {}
-        for step, script in [("demo data", "-m lib.demo_data"), ("00_prepare", STAGES["00_prepare"]), ("01_train", "01_train_folds.py"),
+        for step, script in [("demo data", "-m lib.demo"), ("00_prepare", STAGES["00_prepare"]), ("01_train", "01_train_folds.py"),
                              ("04_submit", STAGES["04_submit"]), ("knn", STAGES["knn"])]:
             r = B.run_child(base + script.split() + cfgs, env=ONE_THREAD)
             if r["rc"] != 0:

@@ -2,9 +2,9 @@
 
     .venv/bin/python benchmarks/bench_train.py [--quick]
 
-"Alone": the model lib.train builds (build_net, channels_last, AdamW groups, the configured loss)
-stepping on one preloaded augmented batch: forward under lib.predict.autocast (bf16 on CUDA),
-the head's loss, backward, optimiser step. "Whole": lib.train.fit_fold on the same model and
+"Alone": the model lib.engine.train builds (build_net, channels_last, AdamW groups, the configured loss)
+stepping on one preloaded augmented batch: forward under lib.model.device.autocast (bf16 on CUDA),
+the head's loss, backward, optimiser step. "Whole": lib.engine.train.fit_fold on the same model and
 settings with an EMA of the weights: a fresh DataLoader per epoch, augmentation, the step,
 EMA update, tqdm and loss logging, validation (32 rows) and the last.pt / best.pt / oof.npz
 writes; its rate is that of the second epoch (log line to log line), so model building and
@@ -33,9 +33,9 @@ SECTION = "Training step (01/03): the step alone against the whole fit loop"
 def setup(work: Path, cuda: bool, quick: bool):
     """(cfg, split, taxonomy) on a small prepared demo: train rows cycled to a few batches, 32 validation rows."""
     from lib.config import load_config
-    from lib.prepare import load_rois
-    from lib.taxonomy import load_taxonomy_json
-    from lib.train import FoldSplit
+    from lib.data.artifacts import load_rois
+    from lib.data.taxonomy import load_taxonomy_json
+    from lib.engine.train import FoldSplit
 
     _, prep = B.prepared_demo(work, "bench_demo", 4, 2, ["prepare.n_folds=2", "prepare.workers=1"])
     root = work / "bench_demo"
@@ -60,13 +60,13 @@ def setup(work: Path, cuda: bool, quick: bool):
 
 
 def parts(cfg, tax, labels, device, compile_: bool = False):
-    """Model, the module to step (compiled or not), optimiser and loss, as lib.train.fit_fold builds them (`labels`: the training labels)."""
+    """Model, the module to step (compiled or not), optimiser and loss, as lib.engine.train.fit_fold builds them (`labels`: the training labels)."""
     import numpy as np
     import torch
 
-    from lib.losses import build_loss
-    from lib.models import build_net
-    from lib.optim import param_groups
+    from lib.model.losses import build_loss
+    from lib.model.net import build_net
+    from lib.model.optim import param_groups
 
     t = cfg.train
     model = build_net(cfg, tax).to(device).to(memory_format=torch.channels_last)
@@ -80,12 +80,10 @@ def one_batch(cfg, split, batch_size: int | None = None):
     """One augmented training batch from the fit loop's own dataset and transform."""
     from torch.utils.data import DataLoader
 
-    from lib.augment import build_transforms
-    from lib.context import model_inputs
-    from lib.data import CropDataset
-    from lib.models import mean_std
-
-    from lib.models import build_model
+    from lib.data.augment import build_transforms
+    from lib.data.context import model_inputs
+    from lib.data.dataset import CropDataset
+    from lib.model.net import build_model, mean_std
 
     views = cfg.model.context
     mean, std = mean_std(build_model(cfg.model.backbone, 0, "none"))  # what fit_fold reads from its model
@@ -103,8 +101,7 @@ def sync(device) -> None:
 
 def step_rate(cfg, tax, labels, batch, device, steps: int, warmup: int, compile_: bool = False) -> tuple[float, float]:
     """Images per second of the bare training step on a preloaded batch; and the warm-up seconds (compile time)."""
-    from lib.models import channels_last
-    from lib.predict import autocast
+    from lib.model.device import autocast, channels_last
 
     model, train_model, optimizer, criterion = parts(cfg, tax, labels, device, compile_)
     x, y, w = (v.to(device) for v in batch)
@@ -145,8 +142,8 @@ def whole_rate(cfg, split, tax, out: Path, workers: int) -> tuple[float, float]:
     """Images per second of fit_fold's second epoch (log line to log line) and the whole call's seconds."""
     import dataclasses
 
-    from lib.stages import Stage
-    from lib.train import fit_fold
+    from lib.core.records import Stage
+    from lib.engine.train import fit_fold
 
     cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, num_workers=workers))
     stage = Stage.create(f"bench/fold_w{workers}", out / f"fold_w{workers}", cfg, ["train"], B.ROOT / "01_train_folds.py", {})
@@ -168,8 +165,8 @@ def whole_rate(cfg, split, tax, out: Path, workers: int) -> tuple[float, float]:
 def run(quick: bool = False, work: Path | None = None) -> list[dict]:
     import torch
 
-    from lib.models import pick_device
-    from lib.optim import Ema
+    from lib.model.device import pick_device
+    from lib.model.optim import Ema
 
     work = Path(work or tempfile.mkdtemp(prefix="bench_train_"))
     device = pick_device("auto")
@@ -212,7 +209,7 @@ def run(quick: bool = False, work: Path | None = None) -> list[dict]:
     sync(device)
     ema_s = B.best_of(lambda: (ema.update(model), sync(device)), 5)
     step_s = t.batch_size / alone
-    note = "lib.optim.Ema: a multiply-add per tensor of the state dict"
+    note = "lib.model.optim.Ema: a multiply-add per tensor of the state dict"
     if not cuda:
         threads = torch.get_num_threads()
         torch.set_num_threads(1)

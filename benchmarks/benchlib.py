@@ -256,8 +256,8 @@ def prepared_demo(work: Path, name: str, per_class: int, test_per_class: int, ex
     """
     import importlib.util
 
-    from lib import demo_data
     from lib.config import load_config
+    from lib.demo import generate as demo_data
 
     root = work / name
     overrides = demo_overrides(root, name, per_class, test_per_class, extra)

@@ -49,7 +49,7 @@ class DataCfg:
 
 @dataclass
 class DemoCfg:
-    """The synthetic FathomNet-format dataset written by `lib.demo_data`."""
+    """The synthetic FathomNet-format dataset written by `lib.demo`."""
 
     per_class: int = 12
     test_per_class: int = 3
@@ -283,7 +283,7 @@ class SubmitCfg:
 
 @dataclass
 class TtaCfg:
-    """Test-time augmentation of 02 and 04 (lib.tta): view names (lib.views) and how their probabilities combine.
+    """Test-time augmentation of 02 and 04 (lib.engine.tta): view names (lib.views) and how their probabilities combine.
 
     `mode`: prob averages the probabilities; log takes their geometric mean (renormalised).
     """

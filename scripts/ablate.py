@@ -3,7 +3,7 @@
     .venv/bin/python scripts/ablate.py [--quick] [--config configs/demo.yaml]   (or: make ablate / make ablate-quick)
 
 Each variant runs in output/ablate[_quick]/<variant>/; records make finished variants free, so
-a rerun (or a resumed, interrupted grid) only does what is missing. See lib/ablation.py.
+a rerun (or a resumed, interrupted grid) only does what is missing. See scripts/ablation.py.
 """
 from __future__ import annotations
 
@@ -17,9 +17,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
-from lib import ablation as ab  # noqa: E402
+import ablation as ab  # noqa: E402  (beside this script)
 from lib.config import load_config  # noqa: E402
-from lib.stages import atomic_write_text, setup_logging  # noqa: E402
+from lib.core.cli import setup_logging  # noqa: E402
+from lib.core.io import atomic_write_text
 
 KEYS = ["cv_distance", "cv_distance_testlike", "cv_top1", "oof_argmax", "oof_min_risk", "test_argmax", "test_min_risk", "test_distance",
         "pseudo_labels", "pseudo_precision", *ab.RANK_KEYS, "val_top1_head", "val_top1_middle", "val_top1_tail"]
@@ -239,8 +240,8 @@ def main(argv: list[str] | None = None) -> int:
 
 def truth_and_dist(s: ab.Setting, config: str):
     """The demo's test labels (report only) and the distance matrix."""
-    from lib.metric import DEFAULT_TAXONOMY
-    from lib.taxonomy import load_taxonomy_csv
+    from lib.data.taxonomy import load_taxonomy_csv
+    from lib.decide.metric import DEFAULT_TAXONOMY
 
     cfg = load_config(config, [*s.base, *s.datasets["base"]])
     tax = load_taxonomy_csv(cfg.data.taxonomy_csv or DEFAULT_TAXONOMY)

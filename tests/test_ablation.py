@@ -2,7 +2,11 @@
 import numpy as np
 import pytest
 
-from lib import ablation as ab
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
+import ablation as ab  # noqa: E402  (scripts/ablation.py)
 
 
 @pytest.mark.parametrize("quick", [False, True])

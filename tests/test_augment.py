@@ -9,9 +9,9 @@ import torch
 import torch.nn.functional as F
 from albumentations.pytorch import ToTensorV2
 
-from lib.augment import build_transforms
 from lib.config import AugmentCfg, ConfigError, load_config
-from lib.mix import mix_batch, soft_target_loss
+from lib.data.augment import build_transforms
+from lib.data.mix import mix_batch, soft_target_loss
 
 S = 48
 MEAN, STD = (0.5, 0.5, 0.5), (0.5, 0.5, 0.5)

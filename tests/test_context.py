@@ -4,11 +4,12 @@ import pandas as pd
 import pytest
 import torch
 
-from lib.augment import build_transforms
 from lib.config import ConfigError, load_config
-from lib.context import ContextFusion, model_inputs, view_column
-from lib.data import CropDataset
-from lib.stages import StageError
+from lib.core.errors import StageError
+from lib.data.augment import build_transforms
+from lib.data.context import model_inputs, view_column
+from lib.data.dataset import CropDataset
+from lib.model.fusion import ContextFusion
 
 
 def test_view_columns():
@@ -73,9 +74,9 @@ def test_views_share_one_random_augmentation(tmp_path):
 
 def test_net_reads_view_stacks():
     from lib.config import Config
-    from lib.metric import DEFAULT_TAXONOMY
-    from lib.models import build_net
-    from lib.taxonomy import load_taxonomy_csv
+    from lib.data.taxonomy import load_taxonomy_csv
+    from lib.decide.metric import DEFAULT_TAXONOMY
+    from lib.model.net import build_net
 
     tax = load_taxonomy_csv(DEFAULT_TAXONOMY)
     cfg = Config()
@@ -90,10 +91,10 @@ def test_net_reads_view_stacks():
 
 def test_fusion_learns_at_the_head_rate():
     from lib.config import Config
-    from lib.metric import DEFAULT_TAXONOMY
-    from lib.models import build_net
-    from lib.optim import param_groups
-    from lib.taxonomy import load_taxonomy_csv
+    from lib.data.taxonomy import load_taxonomy_csv
+    from lib.decide.metric import DEFAULT_TAXONOMY
+    from lib.model.net import build_net
+    from lib.model.optim import param_groups
 
     cfg = Config()
     cfg.model.pretrained, cfg.model.context = "none", ["1", "full"]

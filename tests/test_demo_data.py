@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from lib import demo_data as dd
 from lib.config import DemoCfg
+from lib.demo import generate as dd
 
 ROOT = Path(__file__).resolve().parents[1]
 TAXONOMY = ROOT / "configs" / "taxonomy" / "fathomnet2025.csv"

@@ -13,8 +13,16 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from lib.download import (NOT_DECODABLE, REFUSED, USER_AGENT, DownloadJob, DownloadReport, download,
-                          missing_message, verify_image)
+from lib.data.download import (
+    NOT_DECODABLE,
+    REFUSED,
+    USER_AGENT,
+    DownloadJob,
+    DownloadReport,
+    download,
+    missing_message,
+    verify_image,
+)
 
 MAX_REQUESTS = 200  # a runaway retry loop fails the test instead of hammering the server
 

@@ -3,7 +3,8 @@ import numpy as np
 import pytest
 
 from lib.config import ConfigError, load_config
-from lib.ensemble import (
+from lib.data.taxonomy import Taxonomy, load_taxonomy_csv
+from lib.decide.ensemble import (
     at_or_above,
     backoff_decode,
     blend,
@@ -13,8 +14,7 @@ from lib.ensemble import (
     logit_adjust,
     soft_min_risk_distance,
 )
-from lib.metric import DEFAULT_TAXONOMY
-from lib.taxonomy import Taxonomy, load_taxonomy_csv
+from lib.decide.metric import DEFAULT_TAXONOMY
 
 TAX = load_taxonomy_csv(DEFAULT_TAXONOMY)
 D = TAX.distance_matrix()
@@ -169,7 +169,7 @@ def test_fit_gradient_matches_finite_differences(objective, monkeypatch):
 def test_fit_weights_are_kept_across_blend_only_reruns(tmp_path, monkeypatch):
     """04 keeps the fit weights in probs/blend_fit.npz: changing submit.blend never fits again;
     new out-of-fold probabilities (or another objective) do."""
-    import lib.blending as blending
+    import lib.decide.blending as blending
 
     rng = np.random.default_rng(0)
     tax = load_taxonomy_csv(DEFAULT_TAXONOMY)

@@ -3,7 +3,7 @@
 `ref` runs the chain 00 -> 04 once, uninterrupted and in-process, on a tiny demo whose JSON files
 hold every bad-input case (and a test JSON whose categories differ from the train ones). `faulted`
 runs the same chain again in subprocesses, killed with SIGKILL at named points
-(`PIPELINE_KILL_AT`, see lib.stages.fault_point) and rerun. The reruns finish, redo only what
+(`PIPELINE_KILL_AT`, see lib.core.faults.fault_point) and rerun. The reruns finish, redo only what
 was lost, never expose a half-written file, and on CPU end with the uninterrupted submission.
 The remaining tests damage copies of `ref` (deleted or truncated files, a full disk, a held lock,
 bad config) and check that each costs one fold or one stage, never the run.
@@ -30,7 +30,7 @@ import pandas as pd
 import pytest
 import torch
 
-from lib import demo_data
+from lib.demo import generate as demo_data
 
 ROOT = Path(__file__).resolve().parent.parent
 STAGES = ["00_prepare_data.py", "01_train_folds.py", "02_pseudo_label.py", "03_retrain.py", "04_infer_submit.py"]
@@ -329,7 +329,7 @@ class _Frames(BaseHTTPRequestHandler):
 
 
 def test_kill_mid_download_then_rerun_completes(ref, tmp_path):
-    from lib.download import verify_image
+    from lib.data.download import verify_image
 
     data = tmp_path / "data"
     shutil.copytree(ref.data, data)
@@ -397,7 +397,7 @@ def test_truncated_record_and_checkpoint_are_absent_with_a_warning(ref, copy, ca
 
 def test_damaged_stage_outputs_and_caches_are_redone(ref, copy, caplog):
     """A garbage 02 record, a truncated probability cache of 04 and a truncated rois.csv."""
-    from lib.stages import cached_npz
+    from lib.core.io import cached_npz
 
     caplog.set_level(logging.INFO)
     (copy.out / "02_pseudo" / "record.json").write_text("{not json")
@@ -449,10 +449,10 @@ def test_full_disk_names_the_file_and_loses_nothing(ref, copy, caplog):
 
 
 def test_second_run_of_a_stage_refuses_at_once_and_a_dead_lock_is_taken_over(ref, copy, capsys, caplog):
-    from lib.stages import acquire_lock, release_locks
+    from lib.core.locks import acquire_lock, release_locks
 
     folder = copy.out / "04_submit"
-    holder = subprocess.Popen([sys.executable, "-c", "import sys, time; sys.path.insert(0, '.'); from lib.stages import acquire_lock;"
+    holder = subprocess.Popen([sys.executable, "-c", "import sys, time; sys.path.insert(0, '.'); from lib.core.locks import acquire_lock;"
                                "acquire_lock(sys.argv[1], '04_submit'); print('held', flush=True); time.sleep(300)", str(folder)],
                               cwd=ROOT, stdout=subprocess.PIPE, text=True)
     try:
@@ -486,7 +486,7 @@ def test_missing_input_and_unknown_backbone_are_caught_before_any_work(ref, copy
 
 
 def test_metric_cli_names_missing_ids(ref, tmp_path, capsys):
-    from lib import metric
+    from lib.decide import metric
 
     sol = pd.read_csv(ref.data / "solution.csv")
     sub_df = pd.read_csv(ref.out / "04_submit" / "submission.csv")

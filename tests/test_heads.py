@@ -8,7 +8,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from lib.config import ConfigError, HeadCfg, LossCfg, load_config
-from lib.heads import (
+from lib.data.taxonomy import Taxonomy, load_taxonomy_csv
+from lib.model.heads import (
     ConditionalHead,
     HeadOutput,
     HierarchicalSoftmaxHead,
@@ -20,8 +21,7 @@ from lib.heads import (
     split_ranks,
     taxonomy_levels,
 )
-from lib.losses import build_loss
-from lib.taxonomy import Taxonomy, load_taxonomy_csv
+from lib.model.losses import build_loss
 
 NAMES = ["linear", "mlp", "multi", "per_rank", "two_level", "hierarchical_softmax", "conditional"]
 IN = 16

@@ -3,7 +3,8 @@ import numpy as np
 import pytest
 
 from lib.config import ConfigError, load_config
-from lib.knn import (
+from lib.data.taxonomy import Taxonomy, load_taxonomy_csv
+from lib.decide.knn import (
     VOTES,
     best_vote,
     build_tree,
@@ -15,8 +16,7 @@ from lib.knn import (
     vote,
     votes_table,
 )
-from lib.metric import DEFAULT_TAXONOMY
-from lib.taxonomy import Taxonomy, load_taxonomy_csv
+from lib.decide.metric import DEFAULT_TAXONOMY
 
 TAX = load_taxonomy_csv(DEFAULT_TAXONOMY)
 
@@ -179,7 +179,7 @@ def test_knn_config_checks():
 
 
 def test_phase1_source_makes_01_an_upstream():
-    from lib.pipeline import upstream_of
+    from lib.core.graph import upstream_of
 
     assert upstream_of(load_config(None), "knn") == ("00_prepare",)
     assert upstream_of(load_config(None, ["knn.source=phase1"]), "knn") == ("00_prepare", "01_train")

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from lib.config import ConfigError, LossCfg, load_config
-from lib.losses import WeightedLoss, build_loss, effective_number_weights
+from lib.model.losses import WeightedLoss, build_loss, effective_number_weights
 
 B, C = 6, 5
 COUNTS = np.array([100, 30, 10, 3, 0])

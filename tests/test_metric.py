@@ -6,8 +6,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from lib.metric import DEFAULT_TAXONOMY, MetricError, main, score_frames
-from lib.taxonomy import RANKS, distance, load_taxonomy_csv
+from lib.data.taxonomy import RANKS, distance, load_taxonomy_csv
+from lib.decide.metric import DEFAULT_TAXONOMY, MetricError, main, score_frames
 
 TAX = load_taxonomy_csv(DEFAULT_TAXONOMY)
 
@@ -119,7 +119,7 @@ def test_cli_error_exit_code(tmp_path):
     sol, _ = _frames([(1, "Sebastes", "Sebastes")])
     sol.to_csv(tmp_path / "sol.csv", index=False)
     pd.DataFrame({"annotation_id": [5], "concept_name": ["Sebastes"]}).to_csv(tmp_path / "sub.csv", index=False)
-    r = subprocess.run([sys.executable, "-m", "lib.metric", str(tmp_path / "sol.csv"), str(tmp_path / "sub.csv")],
+    r = subprocess.run([sys.executable, "-m", "lib.decide.metric", str(tmp_path / "sol.csv"), str(tmp_path / "sub.csv")],
                        capture_output=True, text=True, cwd=str(DEFAULT_TAXONOMY.parents[2]))
     assert r.returncode == 2
     assert "1 solution ids missing" in r.stderr and "Traceback" not in r.stderr

@@ -5,7 +5,7 @@ import pytest
 import torch
 from torch import nn
 
-from lib.optim import Ema, lr_factor, param_groups
+from lib.model.optim import Ema, lr_factor, param_groups
 
 
 class Tiny(nn.Module):

@@ -7,7 +7,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from lib import demo_data
+from lib.demo import generate as demo_data
 
 ROOT = Path(__file__).resolve().parent.parent
 SCRIPTS = ["00_prepare_data.py", "01_train_folds.py", "02_pseudo_label.py", "03_retrain.py", "04_infer_submit.py", "knn_baseline.py"]
@@ -113,8 +113,8 @@ def test_rounds_reuse_earlier_rounds(tiny, tmp_path, caplog):
     """pseudo.rounds 1 -> 2 trains only round 2, from round 1's ensemble; 04 then blends round 2's folds."""
     import json
 
-    from lib import pipeline
     from lib.config import load_config
+    from lib.core import graph as pipeline
 
     overrides, out = _copy_run(tiny, tmp_path)
     caplog.set_level(logging.INFO)
@@ -138,7 +138,7 @@ def test_rounds_reuse_earlier_rounds(tiny, tmp_path, caplog):
 
 
 def test_pseudo_rows_only_join_training_folds():
-    from lib.train import fold_splits
+    from lib.engine.train import fold_splits
 
     rois = pd.DataFrame({"split": ["train"] * 6 + ["test"] * 2, "ok": 1, "annotation_id": range(8), "label": [0, 1, 0, 1, 0, 1, -1, -1],
                          "fold": [0, 0, 1, 1, 2, 2, -1, -1], "crop_path": [f"c{i}" for i in range(8)]})
@@ -195,9 +195,9 @@ def test_blend_only_change_reuses_cached_probs(tiny, caplog):
 def _fold_setup(tiny, tmp_path, *extra):
     overrides, out, _ = tiny
     from lib.config import load_config
-    from lib.prepare import load_rois
-    from lib.taxonomy import load_taxonomy_json
-    from lib.train import fold_splits
+    from lib.data.artifacts import load_rois
+    from lib.data.taxonomy import load_taxonomy_json
+    from lib.engine.train import fold_splits
 
     cfg = load_config("configs/demo.yaml", [*overrides, *extra])
     prep = out / "00_prepare"
@@ -209,8 +209,8 @@ def test_resume_after_a_kill_gives_the_same_weights(tiny, tmp_path, caplog):
     """A fold killed after epoch 1 of 2 resumes from last.pt and ends with the uninterrupted run's weights."""
     import torch
 
-    from lib.stages import Stage
-    from lib.train import fit_fold
+    from lib.core.records import Stage
+    from lib.engine.train import fit_fold
 
     cfg, split, tax = _fold_setup(tiny, tmp_path, "train.ema_decay=0.5")
     whole = Stage.create("a/fold_0", tmp_path / "a", cfg, ["train"], ROOT / "01_train_folds.py", {})
@@ -232,8 +232,9 @@ def test_resume_after_a_kill_gives_the_same_weights(tiny, tmp_path, caplog):
 
 def test_early_stopping_keeps_the_best_epoch(tiny, tmp_path, monkeypatch, caplog):
     """With patience 1, a run whose val distance only worsens stops after 2 epochs and keeps epoch 1."""
-    import lib.train as train_mod
-    from lib.stages import Stage
+    import lib.engine.train as train_mod
+
+    from lib.core.records import Stage
 
     cfg, split, tax = _fold_setup(tiny, tmp_path, "train.patience=1")
     scores = iter([3.0, 4.0, 5.0, 6.0])
@@ -268,9 +269,9 @@ def test_every_head_trains_and_predicts(tiny, tmp_path, head):
     """One epoch of each head through the trainer, then its checkpoint back through inference."""
     import torch
 
-    from lib.predict import predict_folds
-    from lib.stages import Stage
-    from lib.train import fit_fold
+    from lib.core.records import Stage
+    from lib.engine.inference import predict_folds
+    from lib.engine.train import fit_fold
 
     cfg, split, tax = _fold_setup(tiny, tmp_path, f"head.name={head}", "head.hidden=32", "head.n_heads=3")
     st = Stage.create("h/fold_0", tmp_path / "fold_0", cfg, ["head"], ROOT / "01_train_folds.py", {})
@@ -285,10 +286,10 @@ def test_context_views_train_and_predict(tiny, tmp_path, fusion):
     """A model reading the ROI, its 3x context and the frame trains, validates (test-like view too) and predicts."""
     import torch
 
-    from lib.context import model_inputs
-    from lib.predict import predict_folds
-    from lib.stages import Stage
-    from lib.train import fit_fold
+    from lib.core.records import Stage
+    from lib.data.context import model_inputs
+    from lib.engine.inference import predict_folds
+    from lib.engine.train import fit_fold
 
     cfg, split, tax = _fold_setup(tiny, tmp_path, "model.context=[1, 3, full]", f"model.fusion={fusion}")
     st = Stage.create("c/fold_0", tmp_path / "fold_0", cfg, ["model"], ROOT / "01_train_folds.py", {})
@@ -304,8 +305,8 @@ def test_context_views_train_and_predict(tiny, tmp_path, fusion):
     ("augment.mixup_alpha=0.4", "augment.mix_same_leaf=true", "head.name=per_rank", "train.sampler=sqrt"),
 ])
 def test_mixing_and_samplers_train(tiny, tmp_path, extra):
-    from lib.stages import Stage
-    from lib.train import fit_fold
+    from lib.core.records import Stage
+    from lib.engine.train import fit_fold
 
     cfg, split, tax = _fold_setup(tiny, tmp_path, *extra)
     st = Stage.create("m/fold_0", tmp_path / "fold_0", cfg, ["augment"], ROOT / "01_train_folds.py", {})
@@ -314,9 +315,9 @@ def test_mixing_and_samplers_train(tiny, tmp_path, extra):
 
 
 def test_detailed_metrics_against_hand_counts():
-    from lib.metric import DEFAULT_TAXONOMY
-    from lib.taxonomy import load_taxonomy_csv
-    from lib.train import detailed_metrics
+    from lib.data.taxonomy import load_taxonomy_csv
+    from lib.decide.metric import DEFAULT_TAXONOMY
+    from lib.engine.train import detailed_metrics
 
     tax = load_taxonomy_csv(DEFAULT_TAXONOMY)
     i = tax.index

@@ -9,11 +9,11 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from lib import demo_data
 from lib.config import load_config
-from lib.crops import crop_context, crop_full, crop_roi, down_up
-from lib.folds import assign_folds
-from lib.prepare import small_box_factors
+from lib.data.crops import crop_context, crop_full, crop_roi, down_up
+from lib.data.folds import assign_folds
+from lib.data.prepare import small_box_factors
+from lib.demo import generate as demo_data
 
 ROOT = Path(__file__).resolve().parent.parent
 REAL_TEST_JSON = ROOT / "tests" / "data" / "fathomnet2025_dataset_test.json"
@@ -316,8 +316,8 @@ def fake_worms(name):
 
 
 def test_worms_table_builds_and_caches(tmp_path):
-    from lib.taxonomy import load_taxonomy_csv
-    from lib.worms import worms_table
+    from lib.data.taxonomy import load_taxonomy_csv
+    from lib.data.worms import worms_table
 
     calls = []
 
@@ -336,16 +336,16 @@ def test_worms_table_builds_and_caches(tmp_path):
 
 
 def test_worms_failure_is_one_sentence(tmp_path):
-    from lib.stages import StageError
-    from lib.worms import worms_table
+    from lib.core.errors import StageError
+    from lib.data.worms import worms_table
 
     with pytest.raises(StageError, match=r"WoRMS lookup failed for 1 of 2 categories \(Nessie \(LookupError\)\)"):
         worms_table(["Caridea", "Nessie"], tmp_path / "tax.csv", fake_worms)
 
 
 def test_worms_keeps_found_lineages_when_some_fail(tmp_path):
-    from lib.stages import StageError
-    from lib.worms import worms_table
+    from lib.core.errors import StageError
+    from lib.data.worms import worms_table
 
     with pytest.raises(StageError):
         worms_table(["Caridea", "Nessie"], tmp_path / "tax.csv", fake_worms)

@@ -7,8 +7,7 @@ import pandas as pd
 import pytest
 
 from lib.config import ConfigError, load_config
-from lib.plots import plot_umap
-from lib.pseudo import (
+from lib.decide.pseudo import (
     COLUMNS,
     combine_sources,
     ensemble_stats,
@@ -19,6 +18,7 @@ from lib.pseudo import (
     select_vote,
     summarize,
 )
+from lib.report.plots import plot_umap
 
 # ----------------------------------------------------------------------------- GMU, by hand
 # One item, 3 models x 3 classes:

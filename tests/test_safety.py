@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from lib.coco import frame_path, read_coco, safe_file_name
-from lib.stages import StageError
+from lib.core.errors import StageError
+from lib.data.coco import frame_path, read_coco, safe_file_name
 
 ROOT = Path(__file__).resolve().parent.parent
 SOURCES = sorted(p for p in ROOT.rglob("*.py") if not {".venv", "output", "input", ".git"} & set(p.relative_to(ROOT).parts))
@@ -35,7 +35,7 @@ def kw(node: ast.Call, key: str):
 
 
 def test_sources_were_found():
-    assert len(SOURCES) > 40 and ROOT / "lib" / "stages.py" in SOURCES
+    assert len(SOURCES) > 40 and ROOT / "lib" / "core" / "records.py" in SOURCES
 
 
 def test_no_shell_true_anywhere():
@@ -75,9 +75,9 @@ class Evil:
 
 @pytest.mark.parametrize("obj", [{"model": NeedsPickle(), "epoch": 1}, {"model": Evil()}])
 def test_checkpoint_that_needs_pickle_is_refused(tmp_path, obj, caplog):
-    from lib.models import load_state_file
-    from lib.predict import load_checkpoint
-    from lib.train import _try_resume
+    from lib.engine.train import _try_resume
+    from lib.model.checkpoint import load_checkpoint
+    from lib.model.net import load_state_file
 
     p = tmp_path / "best.pt"
     torch.save(obj, p)
@@ -122,7 +122,7 @@ def test_downloads_are_http_only_capped_and_timed():
     for test in ("test_non_http_refused_without_request", "test_redirects_only_to_http", "test_size_cap",
                  "test_timeout_and_refused_connection_are_retried"):
         assert re.search(rf"def {test}\(", text), test
-    from lib.prepare import check_frames
+    from lib.data.prepare import check_frames
 
     src = Path(check_frames.__code__.co_filename).read_text()
     assert "timeout=p.download_timeout" in src  # the stage passes the configured timeout; max_bytes keeps its 64 MiB cap

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from lib.config import ConfigError, load_config
-from lib.samplers import build_sampler
+from lib.data.samplers import build_sampler
 
 COUNTS = np.array([90, 9, 1])
 LABELS = np.repeat(np.arange(3), COUNTS)

@@ -3,7 +3,9 @@ import json
 from pathlib import Path
 
 from lib.config import load_config
-from lib.stages import Stage, atomic_write_json, code_digests, compare, read_record
+from lib.core.fingerprint import code_digests
+from lib.core.io import atomic_write_json
+from lib.core.records import Stage, compare, read_record
 
 SCRIPT = Path(__file__).resolve().parent.parent / "01_train_folds.py"
 
@@ -55,7 +57,7 @@ def test_child_fold_adds_its_number(tmp_path):
 def test_code_digests_follow_lib_imports_transitively():
     digests = code_digests(SCRIPT)
     assert "01_train_folds.py" in digests
-    # 01 imports lib.train lazily inside main_; lib.train imports lib.losses, which imports lib.config.
+    # 01 imports lib.engine.train lazily inside main_; lib.engine.train imports lib.losses, which imports lib.config.
     for mod in ("lib/train.py", "lib/losses.py", "lib/config.py", "lib/stages.py", "lib/plots.py"):
         assert mod in digests
 
@@ -106,7 +108,7 @@ def test_same_size_corruption_is_caught_by_the_hash(tmp_path):
 
 
 def test_stage_record_relies_on_its_fold_records(tmp_path):
-    from lib.pipeline import fold_records
+    from lib.core.graph import fold_records
 
     st = make(tmp_path)
     st.sub_records = fold_records
@@ -141,7 +143,8 @@ def test_failed_write_names_the_file_and_keeps_the_old_one(tmp_path, monkeypatch
 
     import pytest
 
-    from lib.stages import StageError, atomic_path, atomic_write_text
+    from lib.core.errors import StageError
+    from lib.core.io import atomic_path, atomic_write_text
 
     p = tmp_path / "submission.csv"
     atomic_write_text(p, "old\n")
@@ -161,7 +164,8 @@ def test_failed_write_names_the_file_and_keeps_the_old_one(tmp_path, monkeypatch
 def test_write_into_a_file_as_folder_is_one_sentence(tmp_path):
     import pytest
 
-    from lib.stages import StageError, atomic_write_json
+    from lib.core.errors import StageError
+    from lib.core.io import atomic_write_json
 
     (tmp_path / "blocker").write_text("a file, not a folder")
     with pytest.raises(StageError, match=r"Could not write '.*blocker/r.json' \(File exists"):
@@ -169,7 +173,7 @@ def test_write_into_a_file_as_folder_is_one_sentence(tmp_path):
 
 
 def test_temp_files_of_killed_runs_are_swept(tmp_path):
-    from lib.stages import remove_temp_files
+    from lib.core.io import remove_temp_files
 
     (tmp_path / "fold_0").mkdir()
     for name in (".best.tmp-abc.pt", ".record.json.x1.tmp", "fold_0/.oof.tmp-z.npz", "best.pt", ".lock"):
@@ -180,7 +184,7 @@ def test_temp_files_of_killed_runs_are_swept(tmp_path):
 
 # ----------------------------------------------------------------------------- locks and fault points
 
-HOLD = ("import sys, time; sys.path.insert(0, '.'); from lib.stages import acquire_lock; "
+HOLD = ("import sys, time; sys.path.insert(0, '.'); from lib.core.locks import acquire_lock; "
         "acquire_lock(sys.argv[1], 'st', shared=sys.argv[2] == 'shared'); print('held', flush=True); time.sleep(300)")
 
 
@@ -198,7 +202,8 @@ def test_lock_refuses_a_second_run_and_dead_runs_release_it(tmp_path, caplog):
 
     import pytest
 
-    from lib.stages import StageLocked, acquire_lock, release_locks
+    from lib.core.errors import StageLocked
+    from lib.core.locks import acquire_lock, release_locks
 
     p = _holder(tmp_path)
     try:
@@ -220,7 +225,8 @@ def test_lock_refuses_a_second_run_and_dead_runs_release_it(tmp_path, caplog):
 def test_fold_runs_share_the_stage_lock(tmp_path):
     import pytest
 
-    from lib.stages import StageLocked, acquire_lock, release_locks
+    from lib.core.errors import StageLocked
+    from lib.core.locks import acquire_lock, release_locks
 
     p = _holder(tmp_path, "shared")
     try:
@@ -236,7 +242,8 @@ def test_fold_runs_share_the_stage_lock(tmp_path):
 def test_run_cli_releases_the_lock_even_on_a_crash(tmp_path):
     import pytest
 
-    from lib.stages import _locks, acquire_lock, run_cli, stage_parser
+    from lib.core.cli import run_cli, stage_parser
+    from lib.core.locks import _locks, acquire_lock
 
     def main_(args, cfg):
         acquire_lock(tmp_path, "st")
@@ -248,7 +255,7 @@ def test_run_cli_releases_the_lock_even_on_a_crash(tmp_path):
 
 
 def test_run_cli_turns_an_os_error_into_one_line(tmp_path, capsys):
-    from lib.stages import run_cli, stage_parser
+    from lib.core.cli import run_cli, stage_parser
 
     def main_(args, cfg):
         open(tmp_path / "missing" / "x.csv")
@@ -264,7 +271,7 @@ def test_fault_point_kills_at_the_nth_visit(tmp_path):
     import subprocess
     import sys
 
-    code = ("import sys; sys.path.insert(0, '.'); from lib.stages import fault_point\n"
+    code = ("import sys; sys.path.insert(0, '.'); from lib.core.faults import fault_point\n"
             "for i in range(5):\n    print(i, flush=True); fault_point('here')")
     r = subprocess.run([sys.executable, "-c", code], cwd=SCRIPT.parent, capture_output=True, text=True,
                        env={**os.environ, "PIPELINE_KILL_AT": "here@3"})
@@ -275,7 +282,8 @@ def test_lib_imports_finds_every_form_and_agrees_with_the_ast(tmp_path):
     """The line scan behind code digests finds what an AST walk finds, in every source file here."""
     import ast
 
-    from lib.stages import ROOT, _lib_imports
+    from lib.core.fingerprint import _lib_imports
+    from lib.core.paths import ROOT
 
     src = tmp_path / "m.py"
     src.write_text("import os\nimport lib.a\nimport lib.b as bb, numpy\nfrom lib.c import x\nfrom lib import d, e as ee\n"

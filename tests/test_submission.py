@@ -2,8 +2,8 @@
 import pandas as pd
 import pytest
 
-from lib.stages import StageError
-from lib.submission import assemble, validate_submission, write_submission
+from lib.core.errors import StageError
+from lib.decide.submission import assemble, validate_submission, write_submission
 
 NAMES = ["Asteroidea", "Sebastes", "Octopus rubescens"]
 IDS = [5, 3, 9]

@@ -7,11 +7,11 @@ import torch
 from torch.utils.data import DataLoader, TensorDataset
 
 from lib.config import Config, ConfigError, HeadCfg, ModelCfg, load_config
-from lib.models import build_net
-from lib.pipeline import SPECS
-from lib.predict import predict_with_features
-from lib.taxonomy import Taxonomy
-from lib.tta import View, combine, parse_views, predict_tta
+from lib.core.graph import SPECS
+from lib.data.taxonomy import Taxonomy
+from lib.engine.inference import predict_with_features
+from lib.engine.tta import View, combine, parse_views, predict_tta
+from lib.model.net import build_net
 from lib.views import view_ops
 
 SIZE = 32
@@ -235,7 +235,7 @@ def test_tta_reruns_pseudo_and_submit_only():
 
 def test_views_apply_to_each_context_view_alike():
     """A (N, V, C, H, W) stack of context views: every view gets the same transform."""
-    from lib.tta import parse_views
+    from lib.engine.tta import parse_views
 
     x = torch.randn(2, 3, 3, 8, 8)
     for name in ("hflip", "rot90", "rotate10", "scale0.9"):
@@ -249,22 +249,23 @@ def test_views_apply_to_each_context_view_alike():
 def test_fold_models_share_one_decode_of_the_inputs(images, monkeypatch, cap):
     """predict_folds_tta decodes the crops once for every fold model (same eval transform), and
     streams them per model when they would not fit; the probabilities are the same either way."""
-    import lib.predict
-    import lib.tta
+    import lib.data.dataset
+    import lib.model.checkpoint
+    import lib.engine.tta
 
     models = {"fold_0": net(), "fold_1": net("linear")}
     with torch.no_grad():
         for p in models["fold_1"].parameters():
             p.add_(0.05)  # a different model on the same inputs
     decodes = []
-    monkeypatch.setattr(lib.predict, "load_fold_model", lambda d, cfg, tax, device: models[d.name])
-    monkeypatch.setattr(lib.predict, "make_loader", lambda *a, **k: decodes.append(1) or loader(images))
+    monkeypatch.setattr(lib.model.checkpoint, "load_fold_model", lambda d, cfg, tax, device: models[d.name])
+    monkeypatch.setattr(lib.data.dataset, "make_loader", lambda *a, **k: decodes.append(1) or loader(images))
     if cap is not None:
-        monkeypatch.setattr(lib.tta, "DECODED_CAP_BYTES", cap)
+        monkeypatch.setattr(lib.engine.tta, "DECODED_CAP_BYTES", cap)
     from pathlib import Path
 
     cfg = load_config(None, [f"model.img_size={SIZE}", "tta.views=[identity, hflip]"])
-    out = lib.tta.predict_folds_tta([Path("fold_0"), Path("fold_1")], [f"c{i}.png" for i in range(len(images))], cfg, toy(), CPU)
+    out = lib.engine.tta.predict_folds_tta([Path("fold_0"), Path("fold_1")], [f"c{i}.png" for i in range(len(images))], cfg, toy(), CPU)
     assert len(decodes) == (1 if cap is None else 2)
     assert out["probs"].shape == (2, len(images), 5) and out["embeddings"].shape[:2] == (2, len(images))
     for i, name in enumerate(models):

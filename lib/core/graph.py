@@ -1,0 +1,235 @@
+"""The stage graph: each stage's folder, script, config sections and upstream stages, in one place.
+
+Scripts ask this module for their `Stage` so that a stage can also judge its upstream: a stage
+whose upstream is out of date under the current config refuses to run on stale inputs (and
+`--dry-run` reports it as "would run" too), so `--dry-run` on the whole chain tells the truth.
+
+`begin` is also where a run claims its stage: it checks the inputs the config names (before any
+work), takes the stage's lock (a second run of the same stage refuses at once) and sweeps temp
+files a killed run left behind.
+"""
+from __future__ import annotations
+
+import difflib
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from lib.config import Config, ConfigError
+from lib.core.cli import check, save_resolved_config, setup_logging
+from lib.core.errors import StageError
+from lib.core.io import dir_digest, file_digest, remove_temp_files
+from lib.core.locks import acquire_lock
+from lib.core.paths import ROOT
+from lib.core.records import RECORD, Stage, upstream_digest
+
+log = logging.getLogger("pipeline")
+
+
+def fold_records(rec: dict, folder: Path) -> list[Path]:
+    """The fold records a training stage's record relies on (its last round's folds)."""
+    res = rec.get("result", {})
+    if "folds" not in res:
+        return []
+    root = Path(os.path.normpath(folder / str(res.get("fold_root", "."))))
+    return [root / f"fold_{k}" / RECORD for k in range(int(res["folds"]))]
+
+
+@dataclass(frozen=True)
+class Spec:
+    name: str
+    script: str
+    sections: tuple[str, ...]
+    upstream: tuple[str, ...]
+    outputs: tuple[str, ...] = ()  # files the record vouches for: a lost or altered one reruns the stage
+    folds: bool = False  # a training stage: its record also relies on its fold records
+
+
+SPECS: dict[str, Spec] = {
+    s.name: s
+    for s in (
+        Spec("00_prepare", "00_prepare_data.py", ("seed", "data", "prepare"), (), ("rois.csv", "taxonomy.json")),
+        Spec("01_train", "01_train_folds.py", ("seed", "model", "head", "train", "augment", "loss"), ("00_prepare",), folds=True),
+        Spec("02_pseudo", "02_pseudo_label.py", ("seed", "model", "head", "pseudo", "!pseudo.rounds", "!pseudo.weight_power", "tta"), ("00_prepare", "01_train"),
+             ("test_probs.npz", "pseudo_labels.csv")),
+        Spec("03_retrain", "03_retrain.py", ("seed", "model", "head", "train", "augment", "loss", "retrain", "pseudo", "tta"), ("00_prepare", "02_pseudo"),
+             folds=True),
+        Spec("04_submit", "04_infer_submit.py", ("seed", "model", "head", "submit", "tta"), ("00_prepare",), ("submission.csv",)),
+        Spec("knn", "knn_baseline.py", ("seed", "knn"), ("00_prepare",), ("submission.csv", "oof.npz")),
+    )
+}
+PHASE_STAGES = {"phase1": "01_train", "phase2": "03_retrain"}
+
+
+def model_stage(model: str) -> str:
+    """The training stage behind a `submit.models` name: phase1 -> 01, phase2 and round<r> -> 03."""
+    return PHASE_STAGES.get(model, "03_retrain")
+
+
+def model_folds(cfg: Config, model: str) -> list:
+    """Fold folders of a `submit.models` name; `round<r>` is 03's self-training round r (round1 = 03's own folds)."""
+    if model in PHASE_STAGES:
+        return fold_dirs(cfg, PHASE_STAGES[model])
+    r = int(model[len("round"):])
+    folds = fold_dirs(cfg, "03_retrain")
+    root = cfg.out_dir / "03_retrain" / ("." if r == 1 else f"round_{r}")
+    return [root / d.name for d in folds]
+
+
+def upstream_of(cfg: Config, name: str) -> tuple[str, ...]:
+    """Direct upstream stages; 04 depends on whichever phases `submit.models` blends, knn on 01 when it embeds with 01's models."""
+    if name == "04_submit":
+        return SPECS[name].upstream + tuple(dict.fromkeys(model_stage(m) for m in cfg.submit.models))
+    if name == "knn" and cfg.knn.source == "phase1":
+        return SPECS[name].upstream + ("01_train",)
+    return SPECS[name].upstream
+
+
+def _prepare_inputs(cfg: Config) -> dict[str, str]:
+    p = cfg.data.paths()
+    out = {}
+    for key in ("train_json", "test_json", "taxonomy_csv"):
+        out[key] = file_digest(p[key]) if p[key].is_file() else "missing"
+    for key in ("train_images", "test_images"):
+        out[key] = dir_digest(p[key])
+    return out
+
+
+def stage(cfg: Config, name: str) -> Stage:
+    """The Stage of `name` under `cfg`; upstream records must exist (else: which script to run)."""
+    spec = SPECS[name]
+    if name == "00_prepare":
+        inputs = _prepare_inputs(cfg)
+    else:
+        inputs = {u: upstream_digest(cfg.out_dir / u, SPECS[u].script, fold_records if SPECS[u].folds else None)
+                  for u in upstream_of(cfg, name)}
+    return Stage.create(name, cfg.out_dir / name, cfg, spec.sections, ROOT / spec.script, inputs, spec.outputs,
+                        fold_records if spec.folds else None)
+
+
+def stale_upstream(cfg: Config, name: str) -> list[tuple[str, list[str]]]:
+    """Upstream stages (transitively) that would run under `cfg`, with their reasons."""
+    out, seen = [], set()
+
+    def visit(n: str) -> None:
+        for u in upstream_of(cfg, n):
+            if u in seen:
+                continue
+            seen.add(u)
+            visit(u)
+            try:
+                reasons = stage(cfg, u).reasons()
+            except StageError as e:
+                reasons = [str(e)]
+            if reasons:
+                out.append((u, reasons))
+
+    visit(name)
+    return out
+
+
+def decide(cfg: Config, st: Stage, force: bool, dry_run: bool, folds_only: bool = False) -> bool:
+    """True when `st` must run now. Prints the decision; refuses to run on stale upstream.
+
+    `folds_only` (a `--fold K` run) checks the upstream only: the folds decide for themselves.
+    """
+    stale = stale_upstream(cfg, st.name)
+    if stale:
+        first, reasons = stale[0]
+        if dry_run:
+            log.info("%s: would run (upstream %s would run)", st.name, ", ".join(u for u, _ in stale))
+            return False
+        raise StageError(f"{first} is out of date ({'; '.join(reasons)}); run {SPECS[first].script} first (or make stages).")
+    return True if folds_only else check(st, force, dry_run)
+
+
+
+MODEL_STAGES = {"01_train": "model", "02_pseudo": "model", "03_retrain": "model", "knn": "knn"}
+
+
+def preflight(cfg: Config, name: str, frames: bool = True) -> None:
+    """Checks that need the file system or timm, run before a stage does any work; each failure is one sentence.
+
+    00: the input files the config names exist (the frame folders too, unless a download is
+    about to fill them). Stages that build a model: the backbone is a timm model name (importing
+    timm takes seconds, so this is not done at config time, where up-to-date decisions must stay fast).
+    """
+    if name == "00_prepare":
+        p, d = cfg.data.paths(), cfg.data
+        for key in ("train_json", "test_json") + (("train_images", "test_images") if frames else ()):
+            ok = p[key].is_file() if key.endswith("json") else p[key].is_dir()
+            if not ok:
+                hint = "; rerun with --download or set data." + key if key.endswith("images") else f"; set data.root (now '{d.root}') or data.{key}"
+                raise ConfigError(f"data.{key} '{p[key]}' does not exist{hint}.")
+        if d.taxonomy_source == "csv" and not p["taxonomy_csv"].is_file():
+            raise ConfigError(f"data.taxonomy_csv '{p['taxonomy_csv']}' does not exist; point it at a taxonomy table or set data.taxonomy_source=worms.")
+    section = MODEL_STAGES.get(name)
+    if section == "knn" and cfg.knn.source == "phase1":
+        section = "model"
+    if section:
+        import timm
+
+        backbone = getattr(cfg, section).backbone
+        if not timm.is_model(backbone):
+            near = difflib.get_close_matches(backbone, timm.list_models(), n=1, cutoff=0.6)
+            hint = f" (did you mean '{near[0]}'?)" if near else ""
+            raise ConfigError(f"{section}.backbone '{backbone}' is not a timm model{hint}; pick a name from timm.list_models().")
+
+
+def lock(cfg: Config, name: str, shared: bool = False) -> None:
+    """Claim the stage's folder for this run (under torchrun, rank 0 claims it for all ranks).
+
+    An exclusive claim also sweeps the temp files an interrupted run left there.
+    """
+    if os.environ.get("RANK", "0") != "0":
+        return
+    folder = cfg.out_dir / name
+    acquire_lock(folder, name, shared=shared)
+    if not shared:
+        remove_temp_files(folder)
+
+
+def begin(cfg: Config, name: str, force: bool, dry_run: bool, folds_only: bool = False) -> Stage | None:
+    """The common prologue of a stage script: decide; if it runs, check its inputs, lock its folder,
+    void its old record, log to its folder, save the config.
+
+    The old record goes first so that a run killed halfway is never mistaken for a finished one.
+    `--fold K` runs (`folds_only`) share the stage's lock with each other; each fold is locked alone.
+    """
+    st = stage(cfg, name)
+    if not decide(cfg, st, force, dry_run, folds_only):
+        return None
+    if dry_run:
+        return st  # folds_only dry runs still list what each fold would do
+    preflight(cfg, name)
+    lock(cfg, name, shared=folds_only)
+    st.invalidate()
+    setup_logging(st.dir)
+    save_resolved_config(cfg, st.dir)
+    return st
+
+
+def fold_dirs(cfg: Config, name: str) -> list:
+    """The fold folders a training stage's record vouches for (never stale leftovers of another n_folds).
+
+    For 03 with several self-training rounds these are the last round's (`result.fold_root`).
+    """
+    from lib.core.records import read_record
+
+    rec = read_record(cfg.out_dir / name / "record.json")
+    if rec is None or "folds" not in rec.get("result", {}):
+        raise StageError(f"{cfg.out_dir / name / 'record.json'} is missing or incomplete; run {SPECS[name].script} first.")
+    root = cfg.out_dir / name / rec["result"].get("fold_root", ".")
+    return [root / f"fold_{k}" for k in range(int(rec["result"]["folds"]))]
+
+
+def round_stage(stage: Stage, r: int) -> Stage:
+    """Self-training round `r` of 03: round 1 in the stage folder, round r > 1 in `round_<r>/`.
+
+    Its fingerprint is the stage's without `pseudo.rounds`, plus the round: raising the number
+    of rounds keeps the rounds already trained.
+    """
+    config = {k: v for k, v in stage.fingerprint["config"].items() if k != "pseudo.rounds"}
+    name, folder = (stage.name, stage.dir) if r == 1 else (f"{stage.name}/round_{r}", stage.dir / f"round_{r}")
+    return Stage(name=name, dir=folder, fingerprint={**stage.fingerprint, "config": {**config, "round": r}})

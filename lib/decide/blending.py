@@ -1,0 +1,136 @@
+"""04's decisions on cached probabilities: each model's out-of-fold and test probabilities ->
+blend weights -> logit adjustment -> decoding, and the comparison of the options for report.md.
+
+Nothing here loads a model: once `probs/<model>.npz` exist, changing the blend or the decoding
+costs seconds (the point of caching per model).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import pandas as pd
+
+from lib.config import Config
+from lib.core.errors import StageError
+from lib.data.taxonomy import Taxonomy
+from lib.decide.ensemble import (
+    backoff_decode,
+    blend,
+    blend_weights,
+    decode,
+    logit_adjust,
+)
+from lib.decide.metric import score_labels
+
+
+@dataclass
+class ModelProbs:
+    """One model (a phase's fold ensemble): out-of-fold rows over train, test rows over the test ROIs."""
+
+    name: str
+    cv: float  # its record's CV distance
+    oof_ids: np.ndarray
+    oof_labels: np.ndarray
+    oof: np.ndarray  # (n_train, C)
+    test: np.ndarray  # (n_test, C), mean over its folds
+    record: dict = field(default_factory=dict)  # its training record's result (CV figures for the report)
+
+
+def load_oof(fold_dirs: Sequence[Path]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The folds' out-of-fold (ids, labels, probs), sorted by annotation id so models line up."""
+    parts = [np.load(d / "oof.npz") for d in fold_dirs]
+    ids = np.concatenate([p["annotation_id"] for p in parts])
+    order = np.argsort(ids, kind="stable")
+    return ids[order], np.concatenate([p["label"] for p in parts])[order], np.concatenate([p["probs"] for p in parts])[order]
+
+
+def check_aligned(models: Sequence[ModelProbs]) -> None:
+    for m in models[1:]:
+        if not np.array_equal(m.oof_ids, models[0].oof_ids):
+            raise StageError(f"The out-of-fold rows of {m.name} and {models[0].name} differ; rerun both with the same folds.")
+
+
+def apply_decoding(cfg: Config, probs: np.ndarray, tax: Taxonomy, prior: np.ndarray, dist: np.ndarray,
+                   decode_method: str | None = None) -> np.ndarray:
+    """Labels from blended probabilities: optional logit adjustment, then argmax / min-risk, with the optional back-off."""
+    s = cfg.submit
+    method = decode_method or s.decode
+    if s.logit_tau > 0:
+        probs = logit_adjust(probs, prior, s.logit_tau)
+    if s.backoff_rank:
+        return backoff_decode(probs, dist, tax, s.backoff_rank, s.backoff_tau, method=method)
+    return decode(probs, dist, method)
+
+
+def fit_key(cfg: Config, models: Sequence[ModelProbs], dist: np.ndarray) -> str:
+    """What the `fit` weights depend on: the objective, the distances, the labels and every model's
+    out-of-fold probabilities in order (a content hash: the blend settings do not enter it)."""
+    import hashlib
+
+    from lib.decide.ensemble import SOFT_BETA
+
+    h = hashlib.sha256(f"{cfg.submit.fit_objective}|{SOFT_BETA}|{len(models)}".encode())
+    for a in (dist, models[0].oof_labels, *(m.oof for m in models)):
+        a = np.ascontiguousarray(a)
+        h.update(f"{a.dtype}{a.shape}".encode())
+        h.update(a.data)
+    return h.hexdigest()
+
+
+def weights_for(method: str, cfg: Config, models: Sequence[ModelProbs], dist: np.ndarray, cache: Path | None = None) -> np.ndarray:
+    """The blend weights of `method`. `uniform` and `cv` are closed-form; `fit` (an SLSQP over every
+    out-of-fold row, the one costly part of 04 after prediction) is kept in `cache` (an npz keyed by
+    `fit_key`), so a rerun that changes only submit.* never fits again, and the options table reuses
+    the fit of the submission.
+    """
+    def compute() -> dict:
+        return {"weights": blend_weights(method, [m.oof for m in models], models[0].oof_labels, dist, [m.cv for m in models],
+                                         cfg.submit.cv_temperature, cfg.submit.fit_objective)}
+
+    if method != "fit" or cache is None:
+        return compute()["weights"]
+    from lib.core.io import cached_npz
+
+    arrays, _ = cached_npz(cache, fit_key(cfg, models, dist), compute)
+    return np.asarray(arrays["weights"], dtype=np.float64)
+
+
+def compare(cfg: Config, models: Sequence[ModelProbs], tax: Taxonomy, prior: np.ndarray,
+            truth: np.ndarray | None, cache: Path | None = None) -> tuple[pd.DataFrame, dict[str, np.ndarray]]:
+    """Every single model and every blend option, scored out of fold (and on the test where `truth` is known).
+
+    `truth` holds the test label per test row (-1 unknown). The `fit` rows are scored on the
+    out-of-fold rows their weights were fitted on, so their OOF score is optimistic. `cache`: see `weights_for`.
+    """
+    dist = tax.distance_matrix()
+    labels = models[0].oof_labels
+    options: list[tuple[str, np.ndarray]] = [(m.name, np.eye(len(models))[i]) for i, m in enumerate(models)]
+    weights = {}
+    if len(models) > 1:
+        for method in ("uniform", "cv", "fit"):
+            weights[method] = weights_for(method, cfg, models, dist, cache)
+            options.append((f"blend {method}", weights[method]))
+    rows = []
+    for name, w in options:
+        oof, test = blend([m.oof for m in models], w), blend([m.test for m in models], w)
+        row = {"model": name, "weights": " ".join(f"{x:.2f}" for x in w)}
+        for method in ("argmax", "min_risk"):
+            row[f"oof_{method}"] = score_labels(labels, apply_decoding(cfg, oof, tax, prior, dist, method), dist)
+            if truth is not None and (truth >= 0).any():
+                known = truth >= 0
+                row[f"test_{method}"] = score_labels(truth[known], apply_decoding(cfg, test[known], tax, prior, dist, method), dist)
+        rows.append(row)
+    return pd.DataFrame(rows), weights
+
+
+def known_test_labels(cfg: Config, test_ids: np.ndarray, tax: Taxonomy) -> np.ndarray | None:
+    """Test labels from `<data.root>/solution.csv` (the demo has one) for the report only; -1 where unknown."""
+    path = Path(cfg.data.root) / "solution.csv"
+    if not path.is_file():
+        return None
+    sol = pd.read_csv(path).set_index("annotation_id")["concept_name"]
+    lookup = {n: i for i, n in enumerate(tax.names)}
+    return np.array([lookup.get(sol.get(int(a), ""), -1) for a in test_ids])

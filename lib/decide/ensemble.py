@@ -1,0 +1,231 @@
+"""Blending model probabilities and decoding them into concepts.
+
+`min_risk` answers the concept j minimising the expected competition distance sum_i p_i D[i, j]
+rather than the most probable one: under taxonomic scoring a confident genus-level answer often
+beats a coin-flip between two species.
+
+Blend weights (`blend_weights`): `uniform`; `cv`, a softmax of the models' CV distances; `fit`,
+weights on the simplex fitted to out-of-fold probabilities. Before decoding, `logit_adjust`
+removes the train prior (long-tail correction) and `backoff_decode` answers uncertain rows at a
+coarse rank only.
+"""
+from __future__ import annotations
+
+from typing import Sequence
+
+import numpy as np
+
+from lib.data.taxonomy import RANKS, Taxonomy
+
+EPS = 1e-12
+SOFT_BETA = 0.25  # the distance surrogate's softness, in distance units (see soft_min_risk_distance)
+
+
+def blend(probs: Sequence[np.ndarray], weights: Sequence[float] | None = None) -> np.ndarray:
+    """Weighted mean of probability arrays of equal shape (uniform by default)."""
+    w = np.ones(len(probs)) if weights is None else np.asarray(weights, dtype=np.float64)
+    w = w / w.sum()
+    nonzero = np.flatnonzero(w)
+    if len(nonzero) == 1 and w[nonzero[0]] == 1.0:  # one model (04 scores each alone): 1.0 * p exactly, without stacking them all
+        return np.array(probs[int(nonzero[0])], dtype=np.float64)
+    stack = np.stack([np.asarray(p, dtype=np.float64) for p in probs])
+    return np.tensordot(w, stack, axes=1)
+
+
+def expected_distance(probs: np.ndarray, dist: np.ndarray) -> np.ndarray:
+    """E[d | predict j] for every row and concept j: probs @ D (D[i, j] = d(truth i, prediction j))."""
+    return np.asarray(probs, dtype=np.float64) @ np.asarray(dist, dtype=np.float64)
+
+
+def decode(probs: np.ndarray, dist: np.ndarray, method: str, allowed: np.ndarray | None = None) -> np.ndarray:
+    """Labels from probabilities: `argmax` or `min_risk`, optionally only among the `allowed` concepts (bool, (C,))."""
+    if method == "argmax":
+        score = np.asarray(probs, dtype=np.float64)
+    elif method == "min_risk":
+        score = -expected_distance(probs, dist)
+    else:
+        raise ValueError(f"unknown decoding '{method}'")
+    if allowed is not None:
+        if not np.any(allowed):
+            raise ValueError("decode was given no allowed concept; allow at least one.")
+        score = np.where(np.asarray(allowed, dtype=bool)[None, :], score, -np.inf)
+    return score.argmax(1)
+
+
+def prior_answer(class_counts: np.ndarray, dist: np.ndarray) -> int:
+    """The concept of least expected distance under the train prior (for ROIs with no crop)."""
+    prior = np.asarray(class_counts, dtype=np.float64)
+    prior = prior / prior.sum()
+    return int(expected_distance(prior[None], dist)[0].argmin())
+
+
+# ----------------------------------------------------------------------------- blend weights
+
+
+def cv_weights(cv_scores: Sequence[float], temperature: float) -> np.ndarray:
+    """softmax(-score / T) of CV distances (lower is better).
+
+    T is in distance units: models 0.1 apart get weights e^(0.1/T) apart, so T -> 0 keeps only
+    the best model and T -> inf is uniform.
+    """
+    if temperature <= 0:
+        raise ValueError("The cv blend temperature must be positive; set submit.cv_temperature above 0.")
+    z = -np.asarray(cv_scores, dtype=np.float64) / temperature
+    e = np.exp(z - z.max())
+    return e / e.sum()
+
+
+def soft_min_risk_distance(probs: np.ndarray, labels: np.ndarray, dist: np.ndarray, beta: float = SOFT_BETA) -> float:
+    """A smooth stand-in for the mean distance of min-risk decoding: answers weighted by softmax(-risk / beta).
+
+    The plain expected distance mean(sum_j p_j D[y, j]) is linear in the blend weights, so
+    minimising it always puts all weight on one model; this surrogate instead rewards blends
+    whose min-risk answer is right (beta -> 0 gives the decoded distance exactly).
+    """
+    d = np.asarray(dist, dtype=np.float64)
+    return _soft_risk_loss(expected_distance(probs, d), d[np.asarray(labels)], beta)
+
+
+def _soft_risk_loss(risk: np.ndarray, truth_rows: np.ndarray, beta: float) -> float:
+    """mean_i sum_j softmax(-risk_i / beta)_j D[y_i, j], given risk (N, C) and D[y] (N, C)."""
+    z = -risk / beta
+    z -= z.max(1, keepdims=True)
+    a = np.exp(z)
+    a /= a.sum(1, keepdims=True)
+    return float((a * truth_rows).sum(1).mean())
+
+
+def log_loss(probs: np.ndarray, labels: np.ndarray) -> float:
+    p = np.asarray(probs, dtype=np.float64)[np.arange(len(labels)), np.asarray(labels)]
+    return float(-np.log(np.clip(p, EPS, None)).mean())
+
+
+def fit_weights(oof_probs: Sequence[np.ndarray], labels: np.ndarray, dist: np.ndarray | None, objective: str = "distance") -> np.ndarray:
+    """Non-negative weights summing to one that minimise `objective` on out-of-fold probabilities (SLSQP).
+
+    The models' rows must be the same samples in the same order. `distance`:
+    `soft_min_risk_distance` of the blend; `logloss`: its negative log-likelihood. Starts from
+    uniform and from each single model, keeping the best, since the distance surrogate is not
+    convex. Gradients are exact: the blend's risk is linear in w (sum_m w_m P_m @ D, computed once).
+    """
+    from scipy.optimize import minimize
+
+    stack = np.stack([np.asarray(p, dtype=np.float64) for p in oof_probs])
+    m = len(stack)
+    if m == 1:
+        return np.ones(1)
+    labels = np.asarray(labels)
+    if objective == "distance":
+        if dist is None:
+            raise ValueError("The distance blend objective needs the distance matrix; pass dist.")
+        d = np.asarray(dist, dtype=np.float64)
+        risks, truth_rows = stack @ d, d[labels]  # (M, N, C), (N, C)
+
+        buf = np.empty_like(truth_rows)
+
+        def loss(w: np.ndarray) -> tuple[float, np.ndarray]:
+            # The same arithmetic as a = softmax(-(w . risks) / beta), per_row = sum(a * D[y]),
+            # g = -a * (D[y] - per_row) / (beta N), done in place: each evaluation touches (N, C)
+            # arrays a dozen times, and fresh allocations of that size cost as much as the maths.
+            a = np.tensordot(w, risks, axes=1)
+            np.negative(a, out=a)
+            a /= SOFT_BETA
+            a -= a.max(1, keepdims=True)
+            np.exp(a, out=a)
+            a /= a.sum(1, keepdims=True)
+            per_row = np.multiply(a, truth_rows, out=buf).sum(1, keepdims=True)
+            np.subtract(truth_rows, per_row, out=buf)
+            np.negative(a, out=a)
+            a *= buf
+            a /= SOFT_BETA * len(a)  # dL/drisk
+            return float(per_row.mean()), np.einsum("mnc,nc->m", risks, a)
+    elif objective == "logloss":
+        truth_p = stack[:, np.arange(len(labels)), labels].T  # (N, M): each model's probability of the truth
+
+        def loss(w: np.ndarray) -> tuple[float, np.ndarray]:
+            q = np.clip(truth_p @ w, EPS, None)
+            return float(-np.log(q).mean()), -(truth_p / q[:, None]).mean(0)
+    else:
+        raise ValueError(f"Unknown blend objective '{objective}'; choose distance or logloss.")
+    starts = [np.full(m, 1.0 / m), *np.eye(m)]
+    best_w, best_f = starts[0], loss(starts[0])[0]
+    for w0 in starts:
+        res = minimize(loss, w0, jac=True, method="SLSQP", bounds=[(0.0, 1.0)] * m,
+                       constraints=[{"type": "eq", "fun": lambda w: w.sum() - 1.0, "jac": lambda w: np.ones_like(w)}],
+                       options={"maxiter": 200, "ftol": 1e-10})
+        w = np.clip(res.x, 0.0, None)
+        w = w / w.sum() if w.sum() > 0 else starts[0]
+        f = loss(w)[0]
+        if f < best_f - 1e-12:
+            best_w, best_f = w, f
+    return best_w
+
+
+def blend_weights(method: str, oof_probs: Sequence[np.ndarray] | None = None, labels: np.ndarray | None = None,
+                  dist: np.ndarray | None = None, cv_scores: Sequence[float] | None = None, temperature: float = 0.1,
+                  objective: str = "distance") -> np.ndarray:
+    """The blend's weights (non-negative, summing to one) by `uniform`, `cv` or `fit`."""
+    if method == "uniform":
+        n = len(oof_probs) if oof_probs is not None else len(cv_scores) if cv_scores is not None else 0
+        if n == 0:
+            raise ValueError("uniform weights need the models' oof_probs or cv_scores to count them.")
+        return np.full(n, 1.0 / n)
+    if method == "cv":
+        if cv_scores is None or len(cv_scores) == 0:
+            raise ValueError("The cv blend needs each model's CV distance; pass cv_scores.")
+        return cv_weights(cv_scores, temperature)
+    if method == "fit":
+        if not oof_probs or labels is None:
+            raise ValueError("The fit blend needs out-of-fold probabilities and their labels; pass oof_probs and labels.")
+        return fit_weights(oof_probs, labels, dist, objective)
+    raise ValueError(f"Unknown blend method '{method}'; choose uniform, cv or fit.")
+
+
+# ----------------------------------------------------------------------------- adjustments before decoding
+
+
+def logit_adjust(probs: np.ndarray, prior: np.ndarray, tau: float) -> np.ndarray:
+    """Post-hoc logit adjustment (Menon et al. 2021): p_j ∝ p_j / prior_j^tau, rows renormalised.
+
+    Undoes the train set's class prior so tail concepts are not drowned by head ones; tau 0 and
+    a uniform prior both leave the probabilities as they are. Unseen classes get the smallest
+    positive prior rather than a division by zero.
+    """
+    p = np.asarray(probs, dtype=np.float64)
+    if tau == 0:
+        return p / np.maximum(p.sum(1, keepdims=True), EPS)
+    pr = np.asarray(prior, dtype=np.float64)
+    pr = pr / pr.sum()
+    pr = np.where(pr > 0, pr, pr[pr > 0].min() if np.any(pr > 0) else 1.0)
+    out = p * pr[None, :] ** (-tau)
+    return out / np.maximum(out.sum(1, keepdims=True), EPS)
+
+
+def concept_depth(taxonomy: Taxonomy) -> np.ndarray:
+    """Per concept, the index in RANKS of its deepest rank; exceptions count one rank deeper (they hang below it)."""
+    deepest = [max((i for i, v in enumerate(lin) if v is not None), default=-1) for lin in taxonomy.lineages]
+    return np.array([d + (n in taxonomy.exceptions) for d, n in zip(deepest, taxonomy.names)], dtype=np.int64)
+
+
+def at_or_above(taxonomy: Taxonomy, rank: str) -> np.ndarray:
+    """Bool mask of the concepts no deeper than `rank` (e.g. `order`: orders, classes, phyla, ...)."""
+    if rank not in RANKS:
+        raise ValueError(f"Unknown rank '{rank}'; choose one of {', '.join(RANKS)}.")
+    return concept_depth(taxonomy) <= RANKS.index(rank)
+
+
+def backoff_decode(probs: np.ndarray, dist: np.ndarray, taxonomy: Taxonomy, rank: str, tau: float,
+                   method: str = "min_risk", uncertain: np.ndarray | None = None) -> np.ndarray:
+    """Decode by `method`, but rows whose top probability is below `tau` by min-risk among concepts at or above `rank`.
+
+    A novelty back-off: an unsure fine answer is traded for a sure coarse one. `uncertain`
+    (bool per row) replaces the `tau` test, e.g. a two-level head's `novelty()["novel"]`.
+    Where no concept lies at or above `rank`, uncertain rows keep their ordinary answer.
+    """
+    p = np.asarray(probs, dtype=np.float64)
+    out = decode(p, dist, method)
+    low = p.max(1) < tau if uncertain is None else np.asarray(uncertain, dtype=bool)
+    allowed = at_or_above(taxonomy, rank)
+    if low.any() and allowed.any():
+        out[low] = decode(p[low], dist, "min_risk", allowed)
+    return out

@@ -1,0 +1,401 @@
+"""Classifier heads on the backbone's pooled features: `build_head(cfg, in_features, taxonomy)`.
+
+Every head returns a `HeadOutput` whose `logits` are the leaf (concept) logits in the taxonomy's
+label order: what the base loss (lib.losses), argmax and min-risk decoding read. Heads that
+know the taxonomy add auxiliary logits (`aux`) and terms to `loss`:
+
+- linear, mlp: a plain classifier (mlp: the hidden layer many FathomNet 2025 entries used).
+- multi: many linear heads on the same features (3rd place, FathomNet 2025: a spread of
+  predictions from one model, for gated marginal uncertainty).
+- per_rank: one extra classifier per taxonomic rank, its CE averaged into the loss (1st place).
+- two_level: a coarse-rank and a fine classifier with novelty thresholds (after two-headed
+  novelty detection: flag a sample whose coarse or fine confidence is too low).
+- hierarchical_softmax, conditional: per-level classifiers refined top-down so that a leaf's
+  probability is its parent's times its share among siblings (hierarchical softmax, Morin &
+  Bengio 2005; the WordTree of YOLO9000), with soft, hard or Gumbel routing in `conditional`.
+
+Logits leave every head in float32 (features may arrive in bf16 under autocast), and the
+taxonomy tables are buffers so `.to(device)` moves them.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from lib.config import HeadCfg
+from lib.data.taxonomy import RANKS, Taxonomy
+
+EPS = 1e-8  # keeps log(parent probability) finite under hard routing
+
+
+@dataclass
+class HeadOutput:
+    """Leaf logits (B, C); auxiliary logits by name; each head's leaf logits (H, B, C) for multi."""
+
+    logits: torch.Tensor
+    aux: dict[str, torch.Tensor] = field(default_factory=dict)
+    heads: torch.Tensor | None = None
+
+
+# ----------------------------------------------------------------------------- helpers
+
+
+def split_ranks(taxonomy: Taxonomy) -> list[str]:
+    """The ranks with at least 2 distinct values: the only ones a classifier can learn anything at."""
+    return [r for r in RANKS if len(taxonomy.rank_labels(r)[1]) >= 2]
+
+
+def masked_ce(logits: torch.Tensor, labels: torch.Tensor, weight: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Weighted mean CE over samples with a label (>= 0), and 1.0 if any sample counted else 0.0.
+
+    Same weighting as lib.losses.WeightedLoss (sum w * l / sum w); a batch with no labelled
+    sample gives 0 without a device sync, so callers average only over the terms present.
+    """
+    valid = labels >= 0
+    ce = F.cross_entropy(logits.float(), labels.clamp_min(0), reduction="none")
+    w = valid.float() if weight is None else weight.float() * valid
+    total = w.sum()
+    return (ce * w).sum() / total.clamp_min(1e-12), (total > 0).float()
+
+
+def mean_present(terms: list[tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
+    """Mean of the `masked_ce` terms whose batch had labels (0 when none had)."""
+    loss = torch.stack([t for t, _ in terms]).sum()
+    count = torch.stack([p for _, p in terms]).sum()
+    return loss / count.clamp_min(1.0)
+
+
+def _long(values: np.ndarray) -> torch.Tensor:
+    return torch.as_tensor(np.asarray(values), dtype=torch.long)
+
+
+# ----------------------------------------------------------------------------- base and flat heads
+
+
+class Head(nn.Module):
+    """Base: softmax probabilities of the leaf logits and the base loss alone."""
+
+    def forward(self, feats: torch.Tensor) -> HeadOutput:
+        raise NotImplementedError
+
+    def probs(self, out: HeadOutput) -> torch.Tensor:
+        return out.logits.float().softmax(-1)
+
+    def loss(self, out: HeadOutput, target: torch.Tensor, weight: torch.Tensor | None, base: nn.Module) -> torch.Tensor:
+        return base(out.logits, target, weight)
+
+
+class LinearHead(Head):
+    """One Linear: the baseline."""
+
+    def __init__(self, in_features: int, n_classes: int):
+        super().__init__()
+        self.fc = nn.Linear(in_features, n_classes)
+
+    def forward(self, feats: torch.Tensor) -> HeadOutput:
+        return HeadOutput(self.fc(feats).float())
+
+
+class MLPHead(Head):
+    """Linear, BatchNorm1d, GELU, Dropout, Linear; Xavier-uniform weights and zero biases.
+
+    BatchNorm1d needs more than one sample per batch in training (drop_last the train loader).
+    """
+
+    def __init__(self, in_features: int, n_classes: int, hidden: int, dropout: float):
+        super().__init__()
+        self.net = nn.Sequential(
+            nn.Linear(in_features, hidden), nn.BatchNorm1d(hidden), nn.GELU(), nn.Dropout(dropout), nn.Linear(hidden, n_classes)
+        )
+        for m in self.net:
+            if isinstance(m, nn.Linear):
+                nn.init.xavier_uniform_(m.weight)
+                nn.init.zeros_(m.bias)
+
+    def forward(self, feats: torch.Tensor) -> HeadOutput:
+        return HeadOutput(self.net(feats).float())
+
+
+class MultiHead(Head):
+    """`n_heads` linear heads on the same features (3rd place, FathomNet 2025).
+
+    logits are the mean of the heads' logits; `heads` keeps each so their spread can gate
+    uncertain predictions; each head is trained on its own by the base loss.
+    """
+
+    def __init__(self, in_features: int, n_classes: int, n_heads: int):
+        super().__init__()
+        self.fcs = nn.ModuleList(nn.Linear(in_features, n_classes) for _ in range(n_heads))
+
+    def forward(self, feats: torch.Tensor) -> HeadOutput:
+        heads = torch.stack([fc(feats).float() for fc in self.fcs])
+        return HeadOutput(heads.mean(0), heads=heads)
+
+    def head_probs(self, out: HeadOutput) -> torch.Tensor:
+        """(H, B, C) each head's softmax, for spread or marginal-uncertainty statistics."""
+        return out.heads.float().softmax(-1)
+
+    def loss(self, out: HeadOutput, target: torch.Tensor, weight: torch.Tensor | None, base: nn.Module) -> torch.Tensor:
+        return torch.stack([base(h, target, weight) for h in out.heads]).mean()
+
+
+# ----------------------------------------------------------------------------- rank-aware heads
+
+
+class PerRankHead(Head):
+    """The leaf Linear plus one Linear per rank with >= 2 values (1st place, FathomNet 2025).
+
+    aux[rank] are logits over `taxonomy.rank_labels(rank)[1]`; the label of a sample at a rank
+    is its target concept's value there, and concepts without one (-1) are left out of that
+    rank's CE. Loss = base(leaf) + aux_weight * mean over the ranks present in the batch.
+    """
+
+    def __init__(self, in_features: int, taxonomy: Taxonomy, aux_weight: float):
+        super().__init__()
+        self.ranks = split_ranks(taxonomy)
+        self.aux_weight = aux_weight
+        self.fc = nn.Linear(in_features, taxonomy.n_classes)
+        tables = [taxonomy.rank_labels(r) for r in self.ranks]
+        self.rank_fcs = nn.ModuleDict({r: nn.Linear(in_features, len(values)) for r, (_, values) in zip(self.ranks, tables)})
+        self.register_buffer("rank_labels", _long(np.stack([labels for labels, _ in tables])))  # (n_ranks, C)
+
+    def forward(self, feats: torch.Tensor) -> HeadOutput:
+        return HeadOutput(self.fc(feats).float(), aux={r: self.rank_fcs[r](feats).float() for r in self.ranks})
+
+    def loss(self, out: HeadOutput, target: torch.Tensor, weight: torch.Tensor | None, base: nn.Module) -> torch.Tensor:
+        total = base(out.logits, target, weight)
+        if self.aux_weight == 0 or not self.ranks:
+            return total
+        terms = [masked_ce(out.aux[r], self.rank_labels[i][target], weight) for i, r in enumerate(self.ranks)]
+        return total + self.aux_weight * mean_present(terms)
+
+
+class TwoLevelHead(Head):
+    """A coarse classifier over `coarse_rank`'s values beside the fine (leaf) one.
+
+    After two-headed novelty detection: a sample whose coarse confidence is below `tau_coarse`
+    is novel; one whose coarse passes but whose fine confidence is below `tau_fine` is known
+    only to the coarse rank. Loss = base(leaf) + aux_weight * CE(coarse), concepts without a
+    value at `coarse_rank` left out of the CE. aux["coarse"] are logits over
+    `taxonomy.rank_labels(coarse_rank)[1]` (also in `self.coarse_values`).
+    """
+
+    def __init__(self, in_features: int, taxonomy: Taxonomy, coarse_rank: str, aux_weight: float, tau_coarse: float, tau_fine: float):
+        super().__init__()
+        labels, values = taxonomy.rank_labels(coarse_rank)
+        if not values:
+            raise ValueError(f"No concept has a value at rank '{coarse_rank}'; choose another head.coarse_rank.")
+        self.coarse_rank, self.coarse_values = coarse_rank, values
+        self.aux_weight, self.tau_coarse, self.tau_fine = aux_weight, tau_coarse, tau_fine
+        self.fc = nn.Linear(in_features, taxonomy.n_classes)
+        self.coarse_fc = nn.Linear(in_features, len(values))
+        self.register_buffer("coarse_labels", _long(labels))  # (C,)
+
+    def forward(self, feats: torch.Tensor) -> HeadOutput:
+        return HeadOutput(self.fc(feats).float(), aux={"coarse": self.coarse_fc(feats).float()})
+
+    def loss(self, out: HeadOutput, target: torch.Tensor, weight: torch.Tensor | None, base: nn.Module) -> torch.Tensor:
+        total = base(out.logits, target, weight)
+        if self.aux_weight == 0:
+            return total
+        return total + self.aux_weight * masked_ce(out.aux["coarse"], self.coarse_labels[target], weight)[0]
+
+    @torch.no_grad()
+    def novelty(self, out: HeadOutput) -> dict:
+        """Per sample: coarse_label, coarse_prob, fine_label, fine_prob, novel (bool) and level.
+
+        level is "fine" when both confidences pass, "coarse" when only the coarse one does,
+        "novel" when the coarse one fails (whatever the fine one says).
+        """
+        coarse_prob, coarse_label = out.aux["coarse"].float().softmax(-1).max(-1)
+        fine_prob, fine_label = self.probs(out).max(-1)
+        coarse_ok, fine_ok = coarse_prob >= self.tau_coarse, fine_prob >= self.tau_fine
+        level = ["fine" if c and f else "coarse" if c else "novel" for c, f in zip(coarse_ok.tolist(), fine_ok.tolist())]
+        return {"coarse_label": coarse_label, "coarse_prob": coarse_prob, "fine_label": fine_label, "fine_prob": fine_prob,
+                "novel": ~(coarse_ok & fine_ok), "level": level}
+
+
+# ----------------------------------------------------------------------------- the taxonomy as a tree of levels
+
+
+@dataclass(frozen=True)
+class Level:
+    """One level of the tree: a rank with >= 2 values, or "leaf" (the concepts).
+
+    nodes: the rank's values in `rank_labels` order, then pass-through nodes
+    "<ancestor> (no <rank>)"; parent: each node's index in the level above (-1 at the top);
+    of_concept: the node on each concept's path.
+    """
+
+    name: str
+    nodes: tuple[str, ...]
+    parent: np.ndarray
+    of_concept: np.ndarray
+
+
+def taxonomy_levels(taxonomy: Taxonomy) -> list[Level]:
+    """The concepts as a tree with every leaf at the same depth, for top-down refinement.
+
+    Concepts sit at different depths (a genus-level concept has no species, Actinopterygii
+    stops at its phylum), so a concept missing rank r gets a pass-through node there, keyed by
+    its nearest existing ancestor: "Chordata (no class)" -> "Chordata (no order)" -> ... ->
+    Actinopterygii and Tunicata. Each pass-through has that one chain below it, so this is
+    exactly "attach to the nearest ancestor that exists": the ancestor's mass is shared
+    between its real children and the chain. A real value listed under two different parents
+    (inconsistent lineages, absent from the FathomNet table) keeps the first real parent in
+    label order; concepts' level labels are read from the tree, so they always agree with it.
+    """
+    ranks = split_ranks(taxonomy)
+    keys: list[list[tuple]] = []  # per concept, its node key at each level
+    for c, lineage in enumerate(taxonomy.lineages):
+        row = []
+        for rank in ranks:
+            r = RANKS.index(rank)
+            if lineage[r] is not None:
+                row.append(("value", lineage[r]))
+            else:
+                above = [(RANKS[j], lineage[j]) for j in range(r) if lineage[j] is not None]
+                row.append(("pass", above[-1] if above else ("root", "root"), rank))
+        row.append(("leaf", c))
+        keys.append(row)
+
+    levels: list[Level] = []
+    prev_index: dict[tuple, int] = {}
+    for li, rank in enumerate([*ranks, "leaf"]):
+        if rank == "leaf":
+            order = [("leaf", c) for c in range(taxonomy.n_classes)]
+            names = list(taxonomy.names)
+        else:
+            values = taxonomy.rank_labels(rank)[1]
+            passes = sorted({row[li] for row in keys if row[li][0] == "pass"}, key=lambda k: (k[1][1], k[1][0]))
+            order = [("value", v) for v in values] + passes
+            names = list(values) + [f"{k[1][1]} (no {rank})" for k in passes]
+        index = {k: i for i, k in enumerate(order)}
+        parent = np.full(len(order), -1, dtype=np.int64)
+        if li > 0:
+            for node in order:  # prefer a real parent, then the first in label order
+                cands = [row[li - 1] for row in keys if row[li] == node]
+                real = [k for k in cands if k[0] == "value"]
+                parent[index[node]] = prev_index[(real or cands)[0]]
+        levels.append(Level(rank, tuple(names), parent, np.zeros(0, dtype=np.int64)))
+        prev_index = index
+
+    node = np.arange(taxonomy.n_classes)
+    for li in range(len(levels) - 1, -1, -1):  # walk each concept up the tree
+        levels[li] = Level(levels[li].name, levels[li].nodes, levels[li].parent, node.copy())
+        node = levels[li].parent[node]
+    return levels
+
+
+def group_log_softmax(z: torch.Tensor, parent: torch.Tensor, n_parents: int) -> torch.Tensor:
+    """log-softmax of z (B, n) within each group of siblings (children of the same parent)."""
+    idx = parent.unsqueeze(0).expand_as(z)
+    shift = torch.full((z.shape[0], n_parents), -torch.inf, device=z.device, dtype=z.dtype)
+    shift = shift.scatter_reduce(1, idx, z.detach(), "amax").detach()  # stability only: the result does not depend on it
+    total = torch.zeros_like(shift).scatter_add(1, idx, (z - shift.gather(1, idx)).exp())
+    lse = total.log() + shift
+    return z - lse.gather(1, idx)
+
+
+class HierarchicalSoftmaxHead(Head):
+    """Per-level linear classifiers refined top-down over `taxonomy_levels` (hierarchical softmax).
+
+    Z[0] = log_softmax(Zb[0]); Z[l+1] = Zb[l+1] + log(route(Z[l]) @ H[l, l+1] + eps), where Zb
+    is each level's Linear output log-softmaxed within sibling groups (so softmax(Z[l+1]) is
+    P(parent) * P(child | parent): zero weights give the product of uniform choices down the
+    tree, not a split by how many children a parent has) and H[l, l+1] the 0/1 parent matrix.
+    logits = Z[leaf] (log-probabilities, so probs = their softmax); aux[rank] = Z[rank] over
+    `self.levels[i].nodes`. Loss = base(leaf) + aux_weight * mean over upper levels of
+    CE(Z[l], the target's node at l); every concept has one (a pass-through where its rank is
+    missing), so no sample is left out.
+    """
+
+    def __init__(self, in_features: int, taxonomy: Taxonomy, aux_weight: float):
+        super().__init__()
+        self.levels = taxonomy_levels(taxonomy)
+        self.level_names = [lv.name for lv in self.levels[:-1]]
+        self.aux_weight = aux_weight
+        self.classifiers = nn.ModuleList(nn.Linear(in_features, len(lv.nodes)) for lv in self.levels)
+        for i, lv in enumerate(self.levels[1:]):
+            h = torch.zeros(len(self.levels[i].nodes), len(lv.nodes))
+            h[torch.as_tensor(lv.parent), torch.arange(len(lv.nodes))] = 1.0
+            self.register_buffer(f"H{i}", h)  # (n_l, n_{l+1})
+            self.register_buffer(f"parent{i + 1}", _long(lv.parent))
+        self.register_buffer("level_labels", _long(np.stack([lv.of_concept for lv in self.levels[:-1]])))  # (L-1, C)
+
+    def parent_matrix(self, i: int) -> torch.Tensor:
+        """H[i, i+1]: rows are level i's nodes, columns level i+1's; one 1 per column."""
+        return getattr(self, f"H{i}")
+
+    def route(self, z: torch.Tensor) -> torch.Tensor:
+        """The parent level's distribution passed down (conditional overrides it)."""
+        return z.softmax(-1)
+
+    def forward(self, feats: torch.Tensor) -> HeadOutput:
+        z = self.classifiers[0](feats).float().log_softmax(-1)
+        upper = [z]
+        for i in range(1, len(self.levels)):
+            zb = group_log_softmax(self.classifiers[i](feats).float(), getattr(self, f"parent{i}"), len(self.levels[i - 1].nodes))
+            z = zb + torch.log(self.route(z) @ self.parent_matrix(i - 1) + EPS)
+            upper.append(z)
+        return HeadOutput(z, aux=dict(zip(self.level_names, upper[:-1])))
+
+    def loss(self, out: HeadOutput, target: torch.Tensor, weight: torch.Tensor | None, base: nn.Module) -> torch.Tensor:
+        total = base(out.logits, target, weight)
+        if self.aux_weight == 0 or not self.level_names:
+            return total
+        terms = [masked_ce(out.aux[n], self.level_labels[i][target], weight) for i, n in enumerate(self.level_names)]
+        return total + self.aux_weight * mean_present(terms)
+
+
+class ConditionalHead(HierarchicalSoftmaxHead):
+    """The hierarchical head with a choice of how the parent distribution is routed down.
+
+    soft: softmax(Z / temperature); hard: one-hot of the argmax parent, gradients through the
+    soft distribution (straight-through), so only the chosen branch keeps mass; gumbel:
+    F.gumbel_softmax(Z, tau=temperature) in training (a sampled, differentiable branch choice),
+    the soft route in eval.
+    """
+
+    def __init__(self, in_features: int, taxonomy: Taxonomy, aux_weight: float, routing: str, temperature: float):
+        super().__init__(in_features, taxonomy, aux_weight)
+        if routing not in ("soft", "hard", "gumbel"):
+            raise ValueError(f"Unknown routing '{routing}'; choose soft, hard or gumbel.")
+        self.routing, self.temperature = routing, temperature
+
+    def route(self, z: torch.Tensor) -> torch.Tensor:
+        if self.routing == "gumbel" and self.training:
+            return F.gumbel_softmax(z, tau=self.temperature, hard=False)
+        p = (z / self.temperature).softmax(-1)
+        if self.routing == "hard":
+            hard = F.one_hot(p.argmax(-1), p.shape[-1]).to(p.dtype)
+            return hard + p - p.detach()
+        return p
+
+
+# ----------------------------------------------------------------------------- factory
+
+
+def build_head(cfg: HeadCfg, in_features: int, taxonomy: Taxonomy) -> Head:
+    """The configured head for `in_features`-wide pooled features and the taxonomy's concepts."""
+    n = taxonomy.n_classes
+    name = cfg.name
+    if name == "linear":
+        return LinearHead(in_features, n)
+    if name == "mlp":
+        return MLPHead(in_features, n, cfg.hidden, cfg.dropout)
+    if name == "multi":
+        return MultiHead(in_features, n, cfg.n_heads)
+    if name == "per_rank":
+        return PerRankHead(in_features, taxonomy, cfg.aux_weight)
+    if name == "two_level":
+        return TwoLevelHead(in_features, taxonomy, cfg.coarse_rank, cfg.aux_weight, cfg.tau_coarse, cfg.tau_fine)
+    if name == "hierarchical_softmax":
+        return HierarchicalSoftmaxHead(in_features, taxonomy, cfg.aux_weight)
+    if name == "conditional":
+        return ConditionalHead(in_features, taxonomy, cfg.aux_weight, cfg.routing, cfg.temperature)
+    raise ValueError(f"Unknown head '{name}'; choose one of the names listed in lib.config.HeadCfg.")

