@@ -36,12 +36,11 @@ def main_(args: argparse.Namespace, cfg: Config) -> int:
         apply_decoding,
         check_aligned,
         compare,
-        known_test_labels,
         weights_for,
     )
     from lib.decide.ensemble import blend, prior_answer
     from lib.decide.submission import assemble, write_submission
-    from lib.report.summary import submit_report
+    from lib.report.summary import score_options, submit_report
 
     prep = cfg.out_dir / "00_prepare"
     rois, tax = load_rois(prep), load_taxonomy_json(prep / "taxonomy.json")
@@ -64,11 +63,12 @@ def main_(args: argparse.Namespace, cfg: Config) -> int:
     with atomic_path(stage.dir / "fallbacks.csv") as tmp:
         pd.DataFrame({"annotation_id": fell_back, "concept_name": tax.names[fallback]}).to_csv(tmp, index=False)
 
-    options, _ = compare(cfg, models, tax, prior, known_test_labels(cfg, ids, tax), fit_cache)
+    options, _, test_labels = compare(cfg, models, tax, prior, fit_cache)
+    options, truth = score_options(cfg, options, test_labels, ids, tax.names, dist)  # test columns where a truth is known
     with atomic_path(stage.dir / "options.csv") as tmp:
         options.to_csv(tmp, index=False)
     records = {m.name: m.record for m in models}
-    atomic_write_text(stage.dir / "report.md", submit_report(cfg, records, dict(zip(cfg.submit.models, weights.tolist())), options, sub, fell_back))
+    atomic_write_text(stage.dir / "report.md", submit_report(cfg, records, dict(zip(cfg.submit.models, weights.tolist())), options, sub, fell_back, truth))
     chosen = options.iloc[-1] if len(models) == 1 else options[options["model"] == f"blend {cfg.submit.blend}"].iloc[0]
     result = {"rows": len(sub), "fallbacks": len(fell_back), "models": list(cfg.submit.models), "weights": weights.round(4).tolist(),
               "blend": cfg.submit.blend, "decode": cfg.submit.decode, f"oof_distance_{cfg.submit.decode}": float(chosen[f"oof_{cfg.submit.decode}"]),

@@ -97,7 +97,7 @@ def blend_only(cfg, tax, dirs: list[Path], test_ids: list[int], out: Path) -> di
     with atomic_path(out / "fallbacks.csv") as tmp:
         pd.DataFrame({"annotation_id": fell_back}).to_csv(tmp, index=False)
     t["submission"] = time.perf_counter()
-    options, _ = compare(cfg, models, tax, prior, None, cache)
+    options, _, _ = compare(cfg, models, tax, prior, cache)
     with atomic_path(out / "options.csv") as tmp:
         options.to_csv(tmp, index=False)
     records = {m.name: {"cv_distance": m.cv} for m in models}

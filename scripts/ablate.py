@@ -243,13 +243,16 @@ def truth_and_dist(s: ab.Setting, config: str):
     from lib.data.taxonomy import load_taxonomy_csv
     from lib.decide.metric import DEFAULT_TAXONOMY
 
+    from lib.report.truth import find_truth
+
     cfg = load_config(config, [*s.base, *s.datasets["base"]])
     tax = load_taxonomy_csv(cfg.data.taxonomy_csv or DEFAULT_TAXONOMY)
-    sol = pd.read_csv(Path(cfg.data.root) / "solution.csv").set_index("annotation_id")["concept_name"]
-    lookup = {n: i for i, n in enumerate(tax.names)}
+    known = find_truth(cfg)
+    if known is None:
+        raise SystemExit(f"error: {cfg.data.root}/solution.csv is missing; the ablation scores the demo's test rows, run make demo first.")
 
     def truth(ids: np.ndarray) -> np.ndarray:
-        return np.array([lookup.get(sol.get(int(a), ""), -1) for a in ids])
+        return known.labels(ids, tax.names)
 
     return truth, tax.distance_matrix()
 

@@ -192,10 +192,14 @@ def collect(s: Setting, v: Variant, out_root: str, seconds: float) -> list[dict[
         if v.group == "pseudo":
             rounds = int(_result(out, "03_retrain").get("rounds", 1))
             # The last round's selection: 02's for round 1, 03's round_<r>/pseudo for later rounds.
-            p = _result(out, "02_pseudo") if rounds == 1 else _result(out / "03_retrain" / f"round_{rounds}", "pseudo")
+            from lib.config import load_config
+            from lib.report.summary import pseudo_precision
+
+            folder = out / "02_pseudo" if rounds == 1 else out / "03_retrain" / f"round_{rounds}" / "pseudo"
+            p = _result(folder.parent, folder.name)
             row["pseudo_labels"] = p.get("pseudo_labels", _result(out, "03_retrain").get("pseudo_rows"))
-            prec = p.get("precision", {}).get("overall")
-            row["pseudo_precision"] = prec
+            cfg = load_config("configs/demo.yaml", [*s.base, *s.datasets[v.dataset], f"output_root={out_root}", f"exp={v.exp}"])
+            row["pseudo_precision"] = (pseudo_precision(cfg, folder) or {}).get("overall")
             row["blends"] = {x["model"]: {"oof_min_risk": x["oof_min_risk"], "test_min_risk": x.get("test_min_risk")} for _, x in o.iterrows()}
         else:
             row["blends"] = {}

@@ -106,7 +106,12 @@ def test_pseudo_sources_gmu_and_umap(tiny, tmp_path):
     assert {"confidence", "vote"} <= sources
     assert (out / "02_pseudo" / "umap.png").is_file()
     summary = (out / "02_pseudo" / "summary.md").read_text()
-    assert "precision" in summary and "confidence" in summary  # the demo's truth is known
+    assert "confidence" in summary and "precision" not in summary  # no stage reads the truth
+    from lib.config import load_config
+    from lib.report.summary import pseudo_precision
+
+    prec = pseudo_precision(load_config("configs/demo.yaml", overrides), out / "02_pseudo")  # the report does
+    assert prec is not None and 0.0 <= prec["overall"] <= 1.0 and {"confidence", "vote"} <= set(prec["by_source"])
 
 
 def test_rounds_reuse_earlier_rounds(tiny, tmp_path, caplog):
@@ -171,6 +176,34 @@ def test_rerun_is_up_to_date(tiny, caplog):
     ups = [r.getMessage() for r in caplog.records if "up to date" in r.getMessage()]
     assert len(ups) == len(SCRIPTS), caplog.text
     assert "running" not in caplog.text
+
+
+def test_truth_never_decides_a_rerun(tiny, caplog):
+    """Hiding or restoring solution.csv beside the data leaves every stage up to date; only the report changes."""
+    import json
+
+    from lib.config import load_config
+    from lib.report.summary import summary
+
+    overrides, out, data = tiny
+    caplog.set_level(logging.INFO)
+    records = {p: p.read_bytes() for p in out.rglob("record.json")}
+    solution, hidden = data / "solution.csv", data / "solution.csv.hidden"
+    solution.rename(hidden)
+    try:
+        for s in SCRIPTS:
+            assert load(s).main(["--config", "configs/demo.yaml", *overrides]) == 0
+        assert not any("scored against" in line for line in summary(load_config("configs/demo.yaml", overrides)))
+    finally:
+        hidden.rename(solution)
+    for s in SCRIPTS:
+        assert load(s).main(["--config", "configs/demo.yaml", *overrides]) == 0
+    assert "running" not in caplog.text, caplog.text
+    assert len([r for r in caplog.records if "up to date" in r.getMessage()]) == 2 * len(SCRIPTS)
+    assert {p: p.read_bytes() for p in out.rglob("record.json")} == records
+    assert "precision" not in json.loads((out / "02_pseudo" / "record.json").read_text())["result"]
+    lines = summary(load_config("configs/demo.yaml", overrides))
+    assert any(f"scored against {solution}" in line for line in lines)
 
 
 def test_dry_run_names_the_changed_key_and_only_downstream(tiny, caplog):

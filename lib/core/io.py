@@ -118,16 +118,16 @@ HASH_CACHE_MAX = 5000
 _hash_cache: dict[str, str] = {}
 
 
-def file_digest(path: str | Path) -> str:
-    """Content hash of a file, cached by (path, size, mtime) so large inputs are hashed once.
+def cached_by_stat(path: str | Path, kind: str, compute: Callable[[Path], str]) -> str:
+    """`compute(path)`, cached by (kind, path, size, mtime) so a large input (or a parsed module) is read once.
 
     The cache lives in `output/.hash_cache.json` (shared by processes, last writer wins) and in
-    memory, so checking many outputs reads it once.
+    memory, so checking many outputs reads it once. A changed file has a new key: no stale hit.
     """
     p = Path(path)
     st = p.stat()
     cache_file = ROOT / "output" / ".hash_cache.json"
-    key = f"{p.resolve()}|{st.st_size}|{st.st_mtime_ns}"
+    key = f"{kind}:{p.resolve()}|{st.st_size}|{st.st_mtime_ns}"
     if key in _hash_cache:
         return _hash_cache[key]
     try:
@@ -136,18 +136,28 @@ def file_digest(path: str | Path) -> str:
         pass
     if key in _hash_cache:
         return _hash_cache[key]
-    h = hashlib.sha256()
-    with p.open("rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    digest = h.hexdigest()
-    _hash_cache[key] = digest
+    value = compute(p)
+    _hash_cache[key] = value
     if len(_hash_cache) > HASH_CACHE_MAX:  # oldest first: dicts keep insertion order
         for k in list(_hash_cache)[: len(_hash_cache) - HASH_CACHE_MAX]:
             del _hash_cache[k]
     with contextlib.suppress(OSError, StageError):
         atomic_write_json(cache_file, _hash_cache)
-    return digest
+    return value
+
+
+def _sha256_file(p: Path) -> str:
+    h = hashlib.sha256()
+    with p.open("rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def file_digest(path: str | Path) -> str:
+    """Content hash of a file (sha256), cached by size and mtime."""
+    return cached_by_stat(path, "sha256", _sha256_file)
+
 
 
 def dir_digest(path: str | Path) -> str:

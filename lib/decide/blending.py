@@ -99,10 +99,12 @@ def weights_for(method: str, cfg: Config, models: Sequence[ModelProbs], dist: np
 
 
 def compare(cfg: Config, models: Sequence[ModelProbs], tax: Taxonomy, prior: np.ndarray,
-            truth: np.ndarray | None, cache: Path | None = None) -> tuple[pd.DataFrame, dict[str, np.ndarray]]:
-    """Every single model and every blend option, scored out of fold (and on the test where `truth` is known).
+            cache: Path | None = None) -> tuple[pd.DataFrame, dict[str, np.ndarray], dict[str, dict[str, np.ndarray]]]:
+    """Every single model and every blend option, scored out of fold; with each option's decoded test labels.
 
-    `truth` holds the test label per test row (-1 unknown). The `fit` rows are scored on the
+    Returns the options table (one row per option: weights, OOF distance per decoding), the blend
+    weights per method, and per option and decoding the test labels, which a report may score
+    where the truth is known (lib.report; no stage reads it). The `fit` rows are scored on the
     out-of-fold rows their weights were fitted on, so their OOF score is optimistic. `cache`: see `weights_for`.
     """
     dist = tax.distance_matrix()
@@ -113,24 +115,13 @@ def compare(cfg: Config, models: Sequence[ModelProbs], tax: Taxonomy, prior: np.
         for method in ("uniform", "cv", "fit"):
             weights[method] = weights_for(method, cfg, models, dist, cache)
             options.append((f"blend {method}", weights[method]))
-    rows = []
+    rows, test_labels = [], {}
     for name, w in options:
         oof, test = blend([m.oof for m in models], w), blend([m.test for m in models], w)
         row = {"model": name, "weights": " ".join(f"{x:.2f}" for x in w)}
+        test_labels[name] = {}
         for method in ("argmax", "min_risk"):
             row[f"oof_{method}"] = score_labels(labels, apply_decoding(cfg, oof, tax, prior, dist, method), dist)
-            if truth is not None and (truth >= 0).any():
-                known = truth >= 0
-                row[f"test_{method}"] = score_labels(truth[known], apply_decoding(cfg, test[known], tax, prior, dist, method), dist)
+            test_labels[name][method] = apply_decoding(cfg, test, tax, prior, dist, method)
         rows.append(row)
-    return pd.DataFrame(rows), weights
-
-
-def known_test_labels(cfg: Config, test_ids: np.ndarray, tax: Taxonomy) -> np.ndarray | None:
-    """Test labels from `<data.root>/solution.csv` (the demo has one) for the report only; -1 where unknown."""
-    path = Path(cfg.data.root) / "solution.csv"
-    if not path.is_file():
-        return None
-    sol = pd.read_csv(path).set_index("annotation_id")["concept_name"]
-    lookup = {n: i for i, n in enumerate(tax.names)}
-    return np.array([lookup.get(sol.get(int(a), ""), -1) for a in test_ids])
+    return pd.DataFrame(rows), weights, test_labels

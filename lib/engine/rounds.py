@@ -6,7 +6,7 @@ round's folds). Writes into `out_dir`:
                      probabilities of multi heads (M, N, H, C), embeddings (M, N, D), GMU and U
   pseudo_labels.csv  annotation_id, label, concept_name, weight, source
   umap.png           the 2-D map of the test embeddings, core samples ringed (cluster_core)
-  summary.md         counts per source and class; precision per source where the truth is known
+  summary.md         counts per source and class (precision against a known truth: `python -m lib.report`)
 """
 from __future__ import annotations
 
@@ -31,18 +31,6 @@ from lib.decide.pseudo import (
 )
 
 log = logging.getLogger("pipeline")
-
-
-def known_truth(cfg: Config) -> pd.Series | None:
-    """annotation_id -> concept name from `<data.root>/solution.csv` (the demo has one), for the summary only.
-
-    Selection never reads it; only the precision lines of the summary do.
-    """
-    path = Path(cfg.data.root) / "solution.csv"
-    if not path.is_file():
-        return None
-    sol = pd.read_csv(path)
-    return sol.set_index("annotation_id")["concept_name"]
 
 
 def ensemble_members(arrays: dict[str, np.ndarray]) -> np.ndarray:
@@ -94,11 +82,8 @@ def run_round(cfg: Config, fold_dirs: Sequence[Path], test: pd.DataFrame, tax: T
         pseudo.to_csv(tmp, index=False)
     if info and not info.get("skipped"):
         plot_umap(info["coords"], info["pred"], info["core"], tax.names, out_dir / "umap.png", title)
-    summary = summarize(pseudo, len(test), known_truth(cfg), tax.names)
+    summary = summarize(pseudo, len(test), None, tax.names)
     atomic_write_text(out_dir / "summary.md", f"# Pseudo-labels: {title}\n\n" + format_summary(summary))
-    prec = summary.get("precision", {})
-    log.info("%s: %d of %d test ROIs pseudo-labelled, by source %s%s", title, len(pseudo), len(test), summary["by_source"],
-             f"; precision {prec.get('by_source')} (overall {prec.get('overall')})" if prec else "")
+    log.info("%s: %d of %d test ROIs pseudo-labelled, by source %s", title, len(pseudo), len(test), summary["by_source"])
     return {"test_rois": len(test), "models": len(fold_dirs), "pseudo_labels": len(pseudo), "methods": list(cfg.pseudo.methods),
-            "mean_weight": summary["mean_weight"], "by_source": summary["by_source"],
-            **({"precision": prec} if prec else {})}
+            "mean_weight": summary["mean_weight"], "by_source": summary["by_source"]}

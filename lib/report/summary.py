@@ -3,7 +3,8 @@
     python -m lib.report --config configs/demo.yaml
 
 prints the CV of phase 1 and 2, the kNN baseline's CV and, where the data folder holds a
-`solution.csv` (the demo does; the stages never read it), the test score of each submission.
+`solution.csv` (the demo does; no stage reads it, lib.report.truth does), the test score of each
+submission and the precision of the pseudo-labels, saying which file they were scored against.
 """
 from __future__ import annotations
 
@@ -11,15 +12,33 @@ import argparse
 import sys
 import warnings
 from pathlib import Path
+from typing import Sequence
 
+import numpy as np
 import pandas as pd
 
 from lib.config import Config, ConfigError, load_config
+from lib.decide.metric import score_labels
+from lib.report.truth import Truth, find_truth
 from lib.core.records import read_record
 
 
+def score_options(cfg: Config, options: pd.DataFrame, test_labels: dict[str, dict[str, np.ndarray]], test_ids: np.ndarray,
+                  names: Sequence[str], dist: np.ndarray) -> tuple[pd.DataFrame, Truth | None]:
+    """04's options with `test_<decoding>` columns where `solution.csv` knows some test rows (else unchanged)."""
+    truth = find_truth(cfg)
+    known = truth.labels(test_ids, names) if truth is not None else np.zeros(0, dtype=np.int64)
+    if truth is None or not (known >= 0).any():
+        return options, None
+    out = options.copy()
+    rows = known >= 0
+    for method in ("argmax", "min_risk"):
+        out[f"test_{method}"] = [score_labels(known[rows], test_labels[m][method][rows], dist) for m in out["model"]]
+    return out, truth
+
+
 def submit_report(cfg: Config, records: dict[str, dict], weights: dict[str, float], options: pd.DataFrame, sub: pd.DataFrame,
-                  fell_back: list[int]) -> str:
+                  fell_back: list[int], truth: Truth | None = None) -> str:
     """04's report.md: the models and their weights, every blend and decoding option, the predicted classes."""
     s = cfg.submit
     lines = [f"# Submission report: {cfg.exp}", "", "## Models", "", "| model | CV distance | CV top-1 | test-like CV | weight |",
@@ -36,7 +55,7 @@ def submit_report(cfg: Config, records: dict[str, dict], weights: dict[str, floa
               f"Rows: {len(sub)}; answered by the train prior (no usable crop): {len(fell_back)}.", "",
               "## Options (distance, lower is better)", "",
               "Out-of-fold (OOF) scores are over the train ROIs; `blend fit` is scored on the rows it was fitted on, so its OOF "
-              "score is optimistic." + (" Test scores use the demo's solution.csv, which no stage reads." if "test_argmax" in options else ""),
+              "score is optimistic." + (f" Test columns: {truth.note} (no stage reads it)." if truth is not None else ""),
               ""]
     cols = [c for c in ("oof_argmax", "oof_min_risk", "test_argmax", "test_min_risk") if c in options]
     lines += ["| model | weights | " + " | ".join(cols) + " |", "|---|---|" + "---|" * len(cols)]
@@ -49,17 +68,30 @@ def submit_report(cfg: Config, records: dict[str, dict], weights: dict[str, floa
 
 
 def test_score(cfg: Config, submission: Path) -> float | None:
-    """Score a submission against `<data.root>/solution.csv` when that file exists (demo only)."""
+    """Score a submission against the known truth (`<data.root>/solution.csv`) when both exist."""
     from lib.data.taxonomy import load_taxonomy_csv
-    from lib.decide.metric import score_files
+    from lib.decide.metric import score_frames
 
-    solution = Path(cfg.data.root) / "solution.csv"
-    if not solution.is_file() or not submission.is_file():
+    truth = find_truth(cfg)
+    if truth is None or not submission.is_file():
         return None
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        mean, _ = score_files(solution, submission, load_taxonomy_csv(cfg.data.taxonomy_csv))
+        mean, _ = score_frames(truth.frame(), pd.read_csv(submission), load_taxonomy_csv(cfg.data.taxonomy_csv))
     return mean
+
+
+def pseudo_precision(cfg: Config, folder: Path) -> dict | None:
+    """Precision of the pseudo-labels in `folder/pseudo_labels.csv` (overall, by source) against the truth; None if unknown."""
+    from lib.data.taxonomy import load_taxonomy_json
+    from lib.decide.pseudo import summarize
+
+    path, tax_path = folder / "pseudo_labels.csv", cfg.out_dir / "00_prepare" / "taxonomy.json"
+    truth = find_truth(cfg)
+    if truth is None or not path.is_file() or not tax_path.is_file():
+        return None
+    pseudo = pd.read_csv(path)
+    return summarize(pseudo, len(pseudo), truth.concepts, load_taxonomy_json(tax_path).names).get("precision")
 
 
 def summary(cfg: Config) -> list[str]:
@@ -81,7 +113,7 @@ def summary(cfg: Config) -> list[str]:
     ]
     pseudo = res("02_pseudo")
     if "pseudo_labels" in pseudo:
-        prec = pseudo.get("precision", {}).get("by_source", {})
+        prec = (pseudo_precision(cfg, out / "02_pseudo") or {}).get("by_source", {})
         parts = [f"{k} {v}" + (f" ({prec[k]:.0%} right)" if prec.get(k) is not None else "") for k, v in pseudo.get("by_source", {}).items()]
         lines.append(f"pseudo-labels       : {pseudo['pseudo_labels']} of {pseudo['test_rois']} test ROIs; {', '.join(parts)}")
     options = out / "04_submit" / "options.csv"
@@ -95,6 +127,9 @@ def summary(cfg: Config) -> list[str]:
         s = test_score(cfg, path)
         if s is not None:
             lines.append(f"{label}: {s:.4f}")
+    truth = find_truth(cfg)
+    if truth is not None:
+        lines.append(f"test scores         : {truth.note} (no stage reads it)")
     lines.append(f"submission          : {sub if sub.is_file() else 'not written'}")
     return lines
 

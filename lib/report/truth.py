@@ -1,0 +1,48 @@
+"""Evaluation truth: the one reader of `solution.csv`, for reports only.
+
+The demo writes `<data.root>/solution.csv`; a user may put one beside their own data (a labelled
+hold-out). No stage reads it: its presence or absence changes no record, result or up-to-date
+decision. Reports score against it and say where it came from.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import pandas as pd
+
+from lib.config import Config
+
+SOLUTION = "solution.csv"
+
+
+@dataclass(frozen=True)
+class Truth:
+    """Known test labels: annotation_id -> concept name, and the file they came from."""
+
+    path: Path
+    concepts: pd.Series
+
+    @property
+    def note(self) -> str:
+        return f"scored against {self.path}"
+
+    def frame(self) -> pd.DataFrame:
+        """The solution as the metric reads it (annotation_id, concept_name)."""
+        return self.concepts.rename("concept_name").reset_index()
+
+    def labels(self, annotation_ids: Sequence[int] | np.ndarray, names: Sequence[str]) -> np.ndarray:
+        """Class index per id in the order of `names`; -1 where the id or its concept is unknown."""
+        index = {n: i for i, n in enumerate(names)}
+        return np.array([index.get(self.concepts.get(int(a), ""), -1) for a in annotation_ids], dtype=np.int64)
+
+
+def find_truth(cfg: Config) -> Truth | None:
+    """`<data.root>/solution.csv` when it exists, else None."""
+    path = Path(cfg.data.root) / SOLUTION
+    if not path.is_file():
+        return None
+    sol = pd.read_csv(path)
+    return Truth(path, sol.set_index("annotation_id")["concept_name"])

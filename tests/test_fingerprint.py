@@ -1,0 +1,83 @@
+"""What decides a rerun: the meaning of the code that computes results, never infrastructure, comments or logging."""
+import ast
+import shutil
+from pathlib import Path
+
+import pytest
+
+from lib.core import fingerprint
+from lib.core.fingerprint import code_digests, lib_imports, meaning_digest
+from lib.core.graph import SPECS
+from lib.core.paths import ROOT
+
+SCRIPT = ROOT / "01_train_folds.py"
+
+
+def test_digests_follow_imports_to_the_code_that_computes_results():
+    digests = code_digests(SCRIPT)
+    # 01 imports lib.engine.train inside its main function; the trainer reaches the losses, heads and net.
+    for mod in ("01_train_folds.py", "lib/engine/train.py", "lib/model/losses.py", "lib/model/heads.py", "lib/model/net.py",
+                "lib/data/augment.py"):
+        assert mod in digests
+    # Infrastructure is neither hashed nor followed.
+    assert not [m for m in digests if m.startswith(("lib/core/", "lib/report/")) or m == "lib/config.py"]
+
+
+def test_meaning_ignores_comments_docstrings_formatting_and_logging():
+    base = 'def f(x):\n    """Doc."""\n    log.info("x is %s", x)\n    return x + 1\n'
+    same = ['# a comment\n' + base,
+            base.replace('"""Doc."""', '"""Another docstring, longer."""'),
+            'def f(x):\n    log.warning("reworded %s", x)\n    print(x)\n    return (x +\n            1)  # reflowed\n',
+            'def f(x):\n    return x + 1\n']
+    assert {meaning_digest(s) for s in same} == {meaning_digest(base)}
+    for changed in ('def f(x):\n    return x + 2\n', 'def f(x):\n    y = log.info("x")\n    return x + 1\n',
+                    'def f(x, k=1):\n    return x + 1\n'):
+        assert meaning_digest(changed) != meaning_digest(base)
+
+
+def test_lib_imports_finds_every_form(tmp_path):
+    src = ("import os\nimport lib.a\nimport lib.b as bb, numpy\nfrom lib.c import x\nfrom lib import d, e as ee\n"
+           "def h():\n    from lib.i import j  # inside a function\n    import lib.k\nfrom library import z\n")
+    found = lib_imports(ast.parse(src))
+    assert {"lib.a", "lib.b", "lib.c", "lib.d", "lib.e", "lib.i", "lib.k"} <= found
+    assert not [m for m in found if not m.startswith("lib")]
+
+
+@pytest.fixture
+def tree_copy(tmp_path, monkeypatch):
+    """The project's code copied to tmp_path, fingerprinted there (the real checkout is never edited)."""
+    for d in ("lib",):
+        shutil.copytree(ROOT / d, tmp_path / d, ignore=shutil.ignore_patterns("__pycache__"))
+    for spec in SPECS.values():
+        shutil.copy2(ROOT / spec.script, tmp_path / spec.script)
+    monkeypatch.setattr(fingerprint, "ROOT", tmp_path)
+    monkeypatch.setattr("lib.core.io.ROOT", tmp_path)  # its own hash cache
+    return tmp_path
+
+
+def _all(root: Path) -> dict[str, dict[str, str]]:
+    return {name: code_digests(root / spec.script) for name, spec in SPECS.items()}
+
+
+def _append(path: Path, text: str) -> None:
+    with path.open("a") as f:
+        f.write(text)
+
+
+def test_comments_everywhere_and_plot_statements_rerun_nothing(tree_copy):
+    before = _all(tree_copy)
+    for p in [*tree_copy.rglob("*.py")]:
+        _append(p, "\n# a comment a user appended\n")
+    _append(tree_copy / "lib" / "report" / "plots.py", "\nEXTRA_DPI = 300\n")
+    _append(tree_copy / "lib" / "core" / "locks.py", "\nLOCK_NOTE = 'x'\n")
+    _append(tree_copy / "lib" / "config.py", "\nNOTE = 1\n")
+    assert _all(tree_copy) == before
+
+
+def test_a_statement_in_the_losses_reruns_the_training_stages_only(tree_copy):
+    before = _all(tree_copy)
+    _append(tree_copy / "lib" / "model" / "losses.py", "\nDEFAULT_EPS = 1e-6\n")
+    after = _all(tree_copy)
+    changed = {name for name in before if before[name] != after[name]}
+    assert {"01_train", "03_retrain"} <= changed
+    assert "00_prepare" not in changed and "knn" not in changed
