@@ -434,7 +434,7 @@ def _build(cls: type, raw: dict, prefix: str) -> Any:
             hint = f"did you mean '{near[0]}'?" if near else f"valid keys: {', '.join(valid)}."
             raise ConfigError(f"Unknown config key '{full}'; {hint}")
         tp = hints[key]
-        if dataclasses.is_dataclass(tp):
+        if isinstance(tp, type) and dataclasses.is_dataclass(tp):
             kwargs[key] = _build(tp, value or {}, f"{full}.")
         else:
             kwargs[key] = _coerce(value, tp, full)
@@ -628,7 +628,7 @@ def _pseudo_checks(p: PseudoCfg) -> list[tuple[bool, str]]:
 
 def to_dict(obj: Any) -> Any:
     """Plain nested dict of a config (for YAML dumps and fingerprints)."""
-    return dataclasses.asdict(obj) if dataclasses.is_dataclass(obj) else obj
+    return dataclasses.asdict(obj) if dataclasses.is_dataclass(obj) and not isinstance(obj, type) else obj
 
 
 def flatten(value: Any, prefix: str) -> dict[str, Any]:

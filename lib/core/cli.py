@@ -32,7 +32,7 @@ def stage_parser(description: str, folds: bool = False) -> argparse.ArgumentPars
 class _Console(logging.StreamHandler):
     """The console: whatever `sys.stdout` is when a message is written (not when logging was set up)."""
 
-    @property  # type: ignore[override]
+    @property
     def stream(self):
         return sys.stdout
 

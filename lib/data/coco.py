@@ -82,7 +82,7 @@ def read_coco(path: str | Path) -> CocoSet:
             continue
         bbox = a.get("bbox")
         ok = isinstance(bbox, (list, tuple)) and len(bbox) == 4 and all(isinstance(v, (int, float)) for v in bbox)
-        x, y, w, h = (float(v) for v in bbox) if ok else (float("nan"),) * 4
+        x, y, w, h = (float(v) for v in bbox) if ok and bbox is not None else (float("nan"),) * 4
         rows.append({"id": as_id(a.get("id")), "image_id": a.get("image_id"), "category_id": a.get("category_id"), "x": x, "y": y, "w": w, "h": h})
     annotations = pd.DataFrame(rows, columns=["id", "image_id", "category_id", "x", "y", "w", "h"])
     categories = pd.DataFrame(

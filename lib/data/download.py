@@ -141,7 +141,7 @@ def _is_http(url: str) -> bool:
 class _HttpOnlyRedirects(urllib.request.HTTPRedirectHandler):
     """urllib follows redirects to ftp:// too; a frame URL may only lead to http(s)."""
 
-    def redirect_request(self, req, fp, code, msg, headers, newurl):  # type: ignore[override]
+    def redirect_request(self, req, fp, code, msg, headers, newurl):
         if not _is_http(urllib.parse.urljoin(req.full_url, newurl)):
             raise _Fail(f"refused: redirect to non-http(s) URL {newurl!r}")
         return super().redirect_request(req, fp, code, msg, headers, newurl)

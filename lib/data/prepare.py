@@ -45,7 +45,7 @@ class Prepared:
 def crop_spec(cfg: Config) -> CropSpec:
     p = cfg.prepare
     return CropSpec(pad=p.pad, square=p.square, size=p.crop_size, context_scales=tuple(p.context_scales),
-                    context_full=p.context_full, fill=tuple(p.fill))
+                    context_full=p.context_full, fill=(p.fill[0], p.fill[1], p.fill[2]))
 
 
 def path_column(kind: str) -> str:
@@ -88,7 +88,9 @@ def _check_rows(split: str, coco: CocoSet, tax: Taxonomy, images_dir: Path) -> t
     """Check each annotation; returns rows, rejects and the row indices per frame to crop."""
     images = coco.images.drop_duplicates("id").set_index("id")
     cat_name = dict(zip(coco.categories["id"], coco.categories["name"]))
-    rows, rejects, by_frame = [], [], {}
+    rows: list[dict] = []
+    rejects: list[dict] = []
+    by_frame: dict[Path, list[int]] = {}
     seen: set = set()
     for a in coco.annotations.itertuples(index=False):
         row = {"split": split, "annotation_id": a.id, "image_id": a.image_id, "label": -1, "concept_name": "",
@@ -120,7 +122,7 @@ def _check_rows(split: str, coco: CocoSet, tax: Taxonomy, images_dir: Path) -> t
         if reason:
             rejects.append({"split": split, "annotation_id": a.id, "image_id": a.image_id, "reason": reason})
             row["ok"] = 0
-        else:
+        elif path is not None:  # no reason: the frame was found
             by_frame.setdefault(path, []).append(len(rows))
         rows.append(row)
     return rows, rejects, by_frame

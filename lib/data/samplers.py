@@ -39,7 +39,7 @@ def build_sampler(name: str, labels: np.ndarray, num_samples: int | None = None,
         raise ValueError(f"unknown sampler '{name}'; choose one of {', '.join(SAMPLERS)}")
     if name == "random":
         return None
-    weights = torch.as_tensor(sample_weights(name, labels), dtype=torch.double)
+    weights = sample_weights(name, labels).astype(np.float64).tolist()
     n = len(weights) if num_samples is None else int(num_samples)
     if n < 1:
         raise ValueError(f"sampler '{name}' needs num_samples >= 1, got {n}")

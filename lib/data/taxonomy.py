@@ -90,8 +90,8 @@ class Taxonomy:
     def rank_labels(self, rank: str) -> tuple[np.ndarray, list[str]]:
         """Per-concept index of its value at `rank` (-1 where absent), and the rank's values."""
         r = RANKS.index(rank)
-        values = sorted({lin[r] for lin in self.lineages if lin[r] is not None})
-        pos = {v: i for i, v in enumerate(values)}
+        values: list[str] = sorted({v for lin in self.lineages if (v := lin[r]) is not None})
+        pos: dict[str | None, int] = {v: i for i, v in enumerate(values)}
         return np.array([pos.get(lin[r], -1) for lin in self.lineages]), values
 
     def subset(self, names: Sequence[str]) -> "Taxonomy":

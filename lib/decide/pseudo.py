@@ -213,7 +213,7 @@ def select_cluster_core(
     min_rows = max(4, n_components + 2)  # UMAP needs >= 2 neighbours and a spectral init with room to spare
     if len(rows) < min_rows:
         info["skipped"] = f"{len(rows)} candidate rows, fewer than the {min_rows} UMAP + KMeans need"
-        return _frame(ids[:0], [], [], "cluster_core"), info
+        return _frame(ids[:0], np.zeros(0, np.int64), np.zeros(0), "cluster_core"), info
 
     reduce = reducer or _umap_reducer(n_components, n_neighbors, min_dist, metric, seed)
     coords = np.asarray(reduce(embeddings[rows]), dtype=float)
@@ -264,7 +264,7 @@ def combine_sources(frames: Sequence[pd.DataFrame]) -> pd.DataFrame:
     """
     parts = [f[COLUMNS] for f in frames if len(f)]
     if not parts:
-        return _frame(np.zeros(0, np.int64), [], [], "")
+        return _frame(np.zeros(0, np.int64), np.zeros(0, np.int64), np.zeros(0), "")
     df = pd.concat(parts, ignore_index=True)
     df = df.assign(source=df["source"].str.split("+")).explode("source")
     grouped = (

@@ -137,9 +137,11 @@ class MultiHead(Head):
 
     def head_probs(self, out: HeadOutput) -> torch.Tensor:
         """(H, B, C) each head's softmax, for spread or marginal-uncertainty statistics."""
+        assert out.heads is not None  # noqa: S101 (MultiHead.forward always sets them)
         return out.heads.float().softmax(-1)
 
     def loss(self, out: HeadOutput, target: torch.Tensor, weight: torch.Tensor | None, base: nn.Module) -> torch.Tensor:
+        assert out.heads is not None  # noqa: S101 (MultiHead.forward always sets them)
         return torch.stack([base(h, target, weight) for h in out.heads]).mean()
 
 
@@ -153,6 +155,8 @@ class PerRankHead(Head):
     is its target concept's value there, and concepts without one (-1) are left out of that
     rank's CE. Loss = base(leaf) + aux_weight * mean over the ranks present in the batch.
     """
+
+    rank_labels: torch.Tensor
 
     def __init__(self, in_features: int, taxonomy: Taxonomy, aux_weight: float):
         super().__init__()
@@ -183,6 +187,8 @@ class TwoLevelHead(Head):
     value at `coarse_rank` left out of the CE. aux["coarse"] are logits over
     `taxonomy.rank_labels(coarse_rank)[1]` (also in `self.coarse_values`).
     """
+
+    coarse_labels: torch.Tensor
 
     def __init__(self, in_features: int, taxonomy: Taxonomy, coarse_rank: str, aux_weight: float, tau_coarse: float, tau_fine: float):
         super().__init__()
@@ -252,7 +258,7 @@ def taxonomy_levels(taxonomy: Taxonomy) -> list[Level]:
     ranks = split_ranks(taxonomy)
     keys: list[list[tuple]] = []  # per concept, its node key at each level
     for c, lineage in enumerate(taxonomy.lineages):
-        row = []
+        row: list[tuple] = []
         for rank in ranks:
             r = RANKS.index(rank)
             if lineage[r] is not None:
@@ -284,10 +290,10 @@ def taxonomy_levels(taxonomy: Taxonomy) -> list[Level]:
         levels.append(Level(rank, tuple(names), parent, np.zeros(0, dtype=np.int64)))
         prev_index = index
 
-    node = np.arange(taxonomy.n_classes)
+    at = np.arange(taxonomy.n_classes)
     for li in range(len(levels) - 1, -1, -1):  # walk each concept up the tree
-        levels[li] = Level(levels[li].name, levels[li].nodes, levels[li].parent, node.copy())
-        node = levels[li].parent[node]
+        levels[li] = Level(levels[li].name, levels[li].nodes, levels[li].parent, at.copy())
+        at = levels[li].parent[at]
     return levels
 
 
@@ -313,6 +319,8 @@ class HierarchicalSoftmaxHead(Head):
     CE(Z[l], the target's node at l); every concept has one (a pass-through where its rank is
     missing), so no sample is left out.
     """
+
+    level_labels: torch.Tensor
 
     def __init__(self, in_features: int, taxonomy: Taxonomy, aux_weight: float):
         super().__init__()

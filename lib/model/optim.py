@@ -10,8 +10,9 @@ from torch import nn
 
 def head_module(model: nn.Module) -> nn.Module | None:
     """The classifier on top of the backbone (timm's get_classifier, or a `head` attribute)."""
-    if isinstance(getattr(model, "head_module", None), nn.Module):
-        return model.head_module
+    head = getattr(model, "head_module", None)
+    if isinstance(head, nn.Module):
+        return head
     get = getattr(model, "get_classifier", None)
     return get() if callable(get) else None
 
