@@ -16,10 +16,11 @@ from typing import Any, Literal
 
 import yaml
 
+from lib.core.errors import UserError
 from lib.views import check_view_names
 
 
-class ConfigError(ValueError):
+class ConfigError(UserError, ValueError):
     """A user-facing configuration problem; its message is one sentence naming the fix."""
 
 

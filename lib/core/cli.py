@@ -9,8 +9,8 @@ import sys
 from pathlib import Path
 from typing import Callable, Sequence
 
-from lib.config import Config, ConfigError, dump_yaml, load_config
-from lib.core.errors import StageError
+from lib.config import Config, dump_yaml, load_config
+from lib.core.errors import UserError
 from lib.core.io import atomic_write_text
 from lib.core.locks import release_locks
 from lib.core.records import Stage
@@ -84,7 +84,7 @@ def run_cli(main: Callable[[argparse.Namespace, Config], int], parser: argparse.
     try:
         cfg = load_config(args.config, args.overrides)
         return main(args, cfg)
-    except (ConfigError, StageError) as e:
+    except UserError as e:  # ConfigError, StageError, TaxonomyError, MetricError ...
         print(f"error: {e}", file=sys.stderr)
         return 2
     except OSError as e:  # a read or write the stage did not wrap itself: still one sentence naming the file

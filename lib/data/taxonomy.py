@@ -15,13 +15,15 @@ from typing import Optional, Sequence
 
 import numpy as np
 
+from lib.core.errors import UserError
+
 RANKS: tuple[str, ...] = ("kingdom", "phylum", "class", "order", "family", "genus", "species")
 MAX_DISTANCE = 12
 
 Lineage = tuple[Optional[str], ...]
 
 
-class TaxonomyError(ValueError):
+class TaxonomyError(UserError, ValueError):
     """A taxonomy table or category list that the pipeline cannot use."""
 
 

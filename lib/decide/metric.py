@@ -16,12 +16,13 @@ from typing import Sequence
 import numpy as np
 import pandas as pd
 
-from lib.data.taxonomy import MAX_DISTANCE, Taxonomy, TaxonomyError, load_taxonomy_csv
+from lib.core.errors import UserError
+from lib.data.taxonomy import MAX_DISTANCE, Taxonomy, load_taxonomy_csv
 
 DEFAULT_TAXONOMY = Path(__file__).resolve().parents[2] / "configs" / "taxonomy" / "fathomnet2025.csv"
 
 
-class MetricError(ValueError):
+class MetricError(UserError, ValueError):
     """A solution/submission pair that cannot be scored; the message names the fix."""
 
 
@@ -104,7 +105,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             mean, per_row = score_files(args.solution, args.submission, taxonomy)
         for w in caught:
             print(f"warning: {w.message}", file=sys.stderr)
-    except (MetricError, TaxonomyError) as e:
+    except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     if args.per_row:

@@ -17,10 +17,11 @@ from typing import Sequence
 import numpy as np
 import pandas as pd
 
-from lib.config import Config, ConfigError, load_config
+from lib.config import Config, load_config
+from lib.core.errors import UserError
+from lib.core.records import read_record
 from lib.decide.metric import score_labels
 from lib.report.truth import Truth, find_truth
-from lib.core.records import read_record
 
 
 def score_options(cfg: Config, options: pd.DataFrame, test_labels: dict[str, dict[str, np.ndarray]], test_ids: np.ndarray,
@@ -143,7 +144,7 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     try:
         cfg = load_config(args.config, args.overrides)
-    except ConfigError as e:
+    except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     print("\n".join(summary(cfg)))
