@@ -1,4 +1,5 @@
-# Two commands: `make demo` (the whole pipeline on generated data) and `make test`; `make bench` measures.
+# Two commands: `make demo` (the whole pipeline on generated data) and `make test` (lint, types, every test);
+# `make test-fast` leaves out the slow end-to-end and fault tests; `make bench` measures.
 PYTHON ?= python3
 VENV   := .venv
 PY     := $(VENV)/bin/python
@@ -7,13 +8,14 @@ ARGS   ?=
 export NO_ALBUMENTATIONS_UPDATE := 1
 export PYTHONUNBUFFERED := 1
 
-.PHONY: venv demo test stages bench clean-demo ablate ablate-quick
+.PHONY: venv demo test test-fast lint stages bench clean-demo ablate ablate-quick
 
-# The venv is (re)built only when requirements.txt changes; the stamp makes it idempotent.
-$(VENV)/.installed: requirements.txt
+# The venv is (re)built only when requirements.txt or constraints.txt change; the stamp makes it idempotent.
+# constraints.txt holds the versions the tests last passed with (torch left to the machine).
+$(VENV)/.installed: requirements.txt constraints.txt
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -r requirements.txt
+	$(PY) -m pip install -q -r requirements.txt -c constraints.txt
 	@touch $@
 
 venv: $(VENV)/.installed
@@ -32,8 +34,17 @@ stages: venv
 	@$(PY) knn_baseline.py    --config $(CONFIG) $(ARGS)
 	@$(PY) -m lib.report      --config $(CONFIG) $(ARGS)
 
-test: venv
+# ruff (pyflakes, pycodestyle, bugbear, security, import order) and mypy on lib/; settings in pyproject.toml.
+lint: venv
+	$(PY) -m ruff check .
+	$(PY) -m mypy
+
+test: lint
 	$(PY) -m pytest -q
+
+# Everything but the tests marked slow (end-to-end stage runs, real kills): under 2 minutes.
+test-fast: venv
+	$(PY) -m pytest -q -m "not slow"
 
 # Every benchmark (benchmarks/run_all.py) into benchmarks/results.md; `make bench ARGS=--quick` for smaller sizes.
 bench: venv

@@ -38,23 +38,27 @@ def test_sources_were_found():
     assert len(SOURCES) > 40 and ROOT / "lib" / "core" / "records.py" in SOURCES
 
 
-def test_no_shell_true_anywhere():
-    bad = [f"{p.relative_to(ROOT)}:{n.lineno}" for name in ("run", "Popen", "call", "check_call", "check_output")
-           for p, _, n in calls(name) if kw(n, "shell") not in (None, "False")]
-    bad += [f"{p.relative_to(ROOT)}:{line}" for name in ("os.system", "os.popen") for p, line, _ in calls(name)]
-    assert not bad, bad
+def test_the_linter_enforces_the_security_rules():
+    """Shell commands (S602/S604/S605), unsafe YAML (S506), pickle (S301/S403), eval/exec (S307/S102): ruff's
+    security rules, run by `make test` (make lint) over every source file, replace the source scans that were here."""
+    import tomllib
+
+    lint = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["ruff"]["lint"]
+    assert "S" in lint["select"]
+    kept = {"S602", "S604", "S605", "S506", "S301", "S403", "S307", "S102"}
+    off = set(lint.get("ignore", [])) | {c for v in lint.get("per-file-ignores", {}).values() for c in v}
+    assert not kept & off
 
 
 def test_every_torch_load_is_weights_only():
+    """No linter rule covers torch.load's pickle: every call passes weights_only=True."""
     found = list(calls("torch.load"))
     assert found
     bad = [f"{p.relative_to(ROOT)}:{line}" for p, line, n in found if kw(n, "weights_only") != "True"]
     assert not bad, bad
 
 
-def test_yaml_is_read_safely_and_nothing_unpickles():
-    assert not list(calls("yaml.load")) and not list(calls("yaml.unsafe_load")) and not list(calls("yaml.full_load"))
-    assert not list(calls("pickle.load")) and not list(calls("pickle.loads"))
+def test_no_numpy_load_allows_pickle():
     bad = [f"{p.relative_to(ROOT)}:{line}" for p, line, n in calls("np.load") if kw(n, "allow_pickle") == "True"]
     assert not bad, bad
 
