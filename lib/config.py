@@ -488,14 +488,20 @@ def load_config(path: str | Path | None, overrides: list[str] | tuple[str, ...] 
     return cfg
 
 
-def validate(cfg: Config) -> None:
-    """Value checks that types cannot express; each failure is one sentence."""
-    checks = [
+def _run_checks(cfg: Config) -> list[tuple[bool, str]]:
+    """The experiment's name and folders, and the data paths."""
+    return [
         (bool(cfg.exp) and cfg.exp not in (".", "..") and not any(c in cfg.exp for c in "/\\"),
          f"exp {cfg.exp!r} must be a plain folder name (no slashes), the experiment's folder under output_root"),
         (bool(cfg.output_root.strip()), "output_root must name a folder"),
         (all(getattr(cfg.data, k).strip() for k in ("root", "train_json", "test_json", "train_images", "test_images", "taxonomy_csv")),
          "data.root, data.train_json, data.test_json, data.train_images, data.test_images and data.taxonomy_csv must not be empty"),
+    ]
+
+
+def _train_checks(cfg: Config) -> list[tuple[bool, str]]:
+    """Training, retraining and the model's input."""
+    return [
         (cfg.train.lr > 0, "train.lr must be positive"),
         (cfg.train.weight_decay >= 0, "train.weight_decay must be 0 or more"),
         (cfg.train.warmup_epochs >= 0, "train.warmup_epochs must be 0 or more"),
@@ -517,7 +523,12 @@ def validate(cfg: Config) -> None:
          "model.context must start with 1 (the ROI itself) and name each view once, e.g. [1, 3, 5, full]"),
         (all(c in ("1", "full") or _is_number(c) for c in cfg.model.context),
          "model.context may only hold 1, context scales such as 3 or 5, and full"),
-        (cfg.knn.img_size >= 16, "knn.img_size must be at least 16"),
+    ]
+
+
+def _prepare_checks(cfg: Config) -> list[tuple[bool, str]]:
+    """Crops, folds and downloads of 00."""
+    return [
         (cfg.prepare.crop_size >= 16, "prepare.crop_size must be at least 16"),
         (cfg.prepare.n_folds >= 2, "prepare.n_folds must be at least 2"),
         (cfg.prepare.pad >= 0, "prepare.pad must be 0 or more"),
@@ -527,6 +538,12 @@ def validate(cfg: Config) -> None:
         (0.0 <= cfg.prepare.max_reject_fraction <= 1.0, "prepare.max_reject_fraction must lie in [0, 1]"),
         (cfg.prepare.download_workers >= 1 and cfg.prepare.download_retries >= 0 and cfg.prepare.download_timeout > 0,
          "prepare.download_workers must be at least 1, download_retries 0 or more and download_timeout positive"),
+    ]
+
+
+def _loss_head_checks(cfg: Config) -> list[tuple[bool, str]]:
+    """Loss and head parameters."""
+    return [
         (0.0 <= cfg.loss.label_smoothing < 1.0, "loss.label_smoothing must lie in [0, 1)"),
         (cfg.loss.gamma >= 0, "loss.gamma must be 0 or more"),
         (0.0 <= cfg.loss.beta < 1.0, "loss.beta must lie in [0, 1)"),
@@ -543,6 +560,13 @@ def validate(cfg: Config) -> None:
         (cfg.head.aux_weight >= 0, "head.aux_weight must be 0 or more"),
         (0.0 <= cfg.head.tau_coarse <= 1.0 and 0.0 <= cfg.head.tau_fine <= 1.0, "head.tau_coarse and head.tau_fine must lie in [0, 1]"),
         (cfg.head.temperature > 0, "head.temperature must be positive"),
+    ]
+
+
+def _knn_submit_checks(cfg: Config) -> list[tuple[bool, str]]:
+    """The kNN baseline, the folds to train and the submission's models and blend."""
+    return [
+        (cfg.knn.img_size >= 16, "knn.img_size must be at least 16"),
         (cfg.knn.k >= 1, "knn.k must be at least 1"),
         (cfg.knn.nlist >= 1 and cfg.knn.nprobe >= 1, "knn.nlist and knn.nprobe must be at least 1"),
         (cfg.knn.batch_size >= 1, "knn.batch_size must be at least 1"),
@@ -552,14 +576,26 @@ def validate(cfg: Config) -> None:
         (cfg.submit.logit_tau >= 0, "submit.logit_tau must be 0 (off) or more"),
         (0.0 <= cfg.submit.backoff_tau <= 1.0, "submit.backoff_tau must lie in [0, 1]"),
         (len(cfg.submit.models) >= 1, "submit.models must name at least one model (phase1, phase2, round<r>)"),
-        (cfg.demo.per_class >= 1 and cfg.demo.test_per_class >= 1, "demo.per_class and demo.test_per_class must be at least 1"),
-        (1 <= cfg.demo.min_objects <= cfg.demo.max_objects, "demo.min_objects must be at least 1 and at most demo.max_objects"),
-        (cfg.demo.imbalance_factor >= 1, "demo.imbalance_factor must be at least 1"),
         (all(0 <= f < cfg.prepare.n_folds for f in cfg.train.folds), "train.folds must list fold numbers below prepare.n_folds"),
         (all(m in ("phase1", "phase2") or (m.startswith("round") and m[5:].isdigit() and 1 <= int(m[5:]) <= cfg.pseudo.rounds)
              for m in cfg.submit.models), "submit.models may only name phase1, phase2 and round<r> with r from 1 to pseudo.rounds"),
         (len(set(cfg.submit.models)) == len(cfg.submit.models), "submit.models must name each model once"),
     ]
+
+
+def _demo_checks(cfg: Config) -> list[tuple[bool, str]]:
+    """The synthetic dataset."""
+    return [
+        (cfg.demo.per_class >= 1 and cfg.demo.test_per_class >= 1, "demo.per_class and demo.test_per_class must be at least 1"),
+        (1 <= cfg.demo.min_objects <= cfg.demo.max_objects, "demo.min_objects must be at least 1 and at most demo.max_objects"),
+        (cfg.demo.imbalance_factor >= 1, "demo.imbalance_factor must be at least 1"),
+    ]
+
+
+def validate(cfg: Config) -> None:
+    """Value checks that types cannot express; each failure is one sentence."""
+    checks = [*_run_checks(cfg), *_train_checks(cfg), *_prepare_checks(cfg), *_loss_head_checks(cfg), *_knn_submit_checks(cfg),
+              *_demo_checks(cfg)]
     checks += _augment_checks(cfg.augment)
     checks += _pseudo_checks(cfg.pseudo)
     for ok, msg in checks:
