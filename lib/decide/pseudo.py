@@ -163,6 +163,37 @@ def _umap_reducer(n_components: int, n_neighbors: int, min_dist: float, metric: 
     return reduce
 
 
+def _pure_cluster_cores(coords: np.ndarray, pred: np.ndarray, probs: np.ndarray, purity: float, core_fraction: float,
+                        seed: int, min_size: int) -> dict[str, Any]:
+    """KMeans (k = distinct predictions) on `coords`; in each cluster at least `purity` pure (and `min_size` big), the
+    ceil(core_fraction * size) members nearest the centroid get the majority label (`assigned`, -1 elsewhere)."""
+    from sklearn.cluster import KMeans
+
+    k = len(np.unique(pred))
+    km = KMeans(n_clusters=k, n_init=10, random_state=seed).fit(coords)
+    cluster = km.labels_
+    dist = np.linalg.norm(coords - km.cluster_centers_[cluster], axis=1)
+    purities, majorities = np.zeros(k), np.zeros(k, np.int64)
+    core = np.zeros(len(coords), bool)
+    assigned = np.full(len(coords), -1, np.int64)
+    kept = []
+    for c in range(k):
+        members = np.flatnonzero(cluster == c)
+        if len(members) == 0:
+            continue
+        label, count = _majority(pred[members], probs[members])
+        purities[c], majorities[c] = count / len(members), label
+        if purities[c] < purity or len(members) < min_size:  # a cluster of one or two is pure by accident
+            continue
+        kept.append(c)
+        n_core = math.ceil(core_fraction * len(members) - 1e-9)  # 0.3 * 10 is 3.0000000000000004 in floats
+        nearest = members[np.argsort(dist[members], kind="stable")[:n_core]]
+        core[nearest] = True
+        assigned[nearest] = label
+    return {"cluster": cluster, "purity": purities, "majority": majorities, "kept_clusters": kept, "core": core, "k": k,
+            "assigned": assigned}
+
+
 def select_cluster_core(
     annotation_ids: np.ndarray,
     embeddings: np.ndarray,
@@ -188,7 +219,7 @@ def select_cluster_core(
     feature-space neighbourhood outvotes a lone prediction. Weight = the ensemble mean
     probability of the assigned label, so a relabelled member the classifier doubts weighs little.
 
-    Returns (rows, info); info holds what `lib.plots.plot_umap` needs: `rows` (candidate
+    Returns (rows, info); info holds what `lib.report.plots.plot_umap` needs: `rows` (candidate
     positions in the inputs), `coords`, `pred`, `cluster`, `purity` and `majority` per cluster,
     `kept_clusters`, `core` (bool over candidates) and `skipped` (None, or why nothing was tried).
     Clusters under `min_size` members are never kept: their purity says nothing.
@@ -221,30 +252,9 @@ def select_cluster_core(
         raise ValueError(f"the reducer returned shape {coords.shape} for {len(rows)} rows; it must return one low-D row per input row.")
     info["coords"] = coords
 
-    from sklearn.cluster import KMeans
-
-    k = len(np.unique(pred))
-    km = KMeans(n_clusters=k, n_init=10, random_state=seed).fit(coords)
-    cluster = km.labels_
-    dist = np.linalg.norm(coords - km.cluster_centers_[cluster], axis=1)
-    purities, majorities = np.zeros(k), np.zeros(k, np.int64)
-    core = np.zeros(len(rows), bool)
-    assigned = np.full(len(rows), -1, np.int64)
-    kept = []
-    for c in range(k):
-        members = np.flatnonzero(cluster == c)
-        if len(members) == 0:
-            continue
-        label, count = _majority(pred[members], mean_probs[rows[members]])
-        purities[c], majorities[c] = count / len(members), label
-        if purities[c] < purity or len(members) < min_size:  # a cluster of one or two is pure by accident
-            continue
-        kept.append(c)
-        n_core = math.ceil(core_fraction * len(members) - 1e-9)  # 0.3 * 10 is 3.0000000000000004 in floats
-        nearest = members[np.argsort(dist[members], kind="stable")[:n_core]]
-        core[nearest] = True
-        assigned[nearest] = label
-    info.update(cluster=cluster, purity=purities, majority=majorities, kept_clusters=kept, core=core, k=k)
+    found = _pure_cluster_cores(coords, pred, mean_probs[rows], purity, core_fraction, seed, min_size)
+    core, assigned = found.pop("core"), found.pop("assigned")
+    info.update(found, core=core)
     pick = np.flatnonzero(core)
     labels = assigned[pick]
     return _frame(ids[rows[pick]], labels, mean_probs[rows[pick], labels], "cluster_core"), info
