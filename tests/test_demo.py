@@ -10,9 +10,10 @@ import pytest
 from PIL import Image
 
 from lib.config import DemoCfg
+from lib.data.taxonomy import load_taxonomy_csv
 from lib.demo import dataset
 from lib.demo.__main__ import RECORD, main
-from lib.demo.looks import Look, look_for, read_taxonomy
+from lib.demo.looks import Look, look_for, taxa_of
 from lib.demo.sprites import render_sprite
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -175,6 +176,10 @@ def test_cli_errors(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     tax = _tiny_taxonomy(tmp_path)
     assert main([f"data.root={tmp_path / 'small'}", f"data.taxonomy_csv={tax}", "demo.frame_height=8"]) == 2
     assert "frame_height" in capsys.readouterr().err
+    bad = tmp_path / "bad_tax.csv"
+    bad.write_text("category_id,concept_name,phylum\n1,Asteroidea,Echinodermata\n")  # no kingdom..species columns
+    assert main([f"data.root={tmp_path / 'small'}", f"data.taxonomy_csv={bad}"]) == 2
+    assert "must have the columns" in capsys.readouterr().err
     (tmp_path / dataset.TRAIN_JSON).write_text('{"info": {"description": "real FathomNet data"}}')
     assert main([f"data.root={tmp_path}", f"data.taxonomy_csv={tax}"]) == 2
     assert "did not write" in capsys.readouterr().err and (tmp_path / dataset.TRAIN_JSON).exists()
@@ -191,7 +196,7 @@ def _mean_colour(look: Look, n: int = 8) -> np.ndarray:
 
 
 def test_relatives_look_alike() -> None:
-    taxa = {t.name: t for t in read_taxonomy(TAXONOMY)}
+    taxa = {t.name: t for t in taxa_of(load_taxonomy_csv(TAXONOMY))}
     same_genus = [("Pandalus amplus", "Pandalus platyceros"), ("Scotoplanes", "Scotoplanes globosa"),
                   ("Sebastes", "Sebastes diploproa"), ("Paragorgia", "Paragorgia arborea"),
                   ("Asbestopluma", "Asbestopluma monticola")]
@@ -207,7 +212,7 @@ def test_relatives_look_alike() -> None:
 
 
 def test_lineage_fills_unranked_concepts() -> None:
-    taxa = {t.name: t for t in read_taxonomy(TAXONOMY)}
+    taxa = {t.name: t for t in taxa_of(load_taxonomy_csv(TAXONOMY))}
     assert taxa["Tunicata"].lineage[:2] == ("Chordata", "Tunicata")
     assert taxa["Caridea"].lineage[3] == "Caridea"
     assert look_for(taxa["Tunicata"]) != look_for(taxa["Actinopterygii"])

@@ -10,12 +10,14 @@ import argparse
 import dataclasses
 import hashlib
 import json
-import os
 import shutil
 import sys
 import time
 from pathlib import Path
 
+from lib.core.errors import StageError
+from lib.core.io import atomic_write_json, sha256_bytes
+from lib.data.taxonomy import load_taxonomy_csv
 from lib.demo import dataset, frames, looks, plans, sprites
 from lib.demo.dataset import MARKER, SOLUTION_CSV, TEST_IMAGES, TEST_JSON, TRAIN_IMAGES, TRAIN_JSON, check_settings, generate
 
@@ -81,8 +83,8 @@ def main(argv: list[str] | None = None) -> int:
         print(str(e), file=sys.stderr)
         return 2
     root = Path(cfg.data.root)
-    taxonomy = Path(cfg.data.taxonomy_csv)
-    tax_hash = hashlib.sha256(taxonomy.read_bytes()).hexdigest() if taxonomy.is_file() else None
+    tax_csv = Path(cfg.data.taxonomy_csv)
+    tax_hash = sha256_bytes(tax_csv.read_bytes()) if tax_csv.is_file() else None
     want = {"demo": dataclasses.asdict(cfg.demo), "seed": cfg.seed, "code": _code_hash(), "taxonomy": tax_hash}
     if not args.force and _up_to_date(root, want):
         print(f"demo data: up to date ({root})")
@@ -92,20 +94,22 @@ def main(argv: list[str] | None = None) -> int:
               f"set data.root to another folder for the demo data.", file=sys.stderr)
         return 2
     if tax_hash is None:
-        print(f"Taxonomy file '{taxonomy}' does not exist; set data.taxonomy_csv.", file=sys.stderr)
+        print(f"Taxonomy file '{tax_csv}' does not exist; set data.taxonomy_csv.", file=sys.stderr)
         return 2
     try:
         check_settings(cfg.demo)
-    except ValueError as e:
+        taxonomy = load_taxonomy_csv(tax_csv)  # a malformed table stops here, before anything is removed
+    except ValueError as e:  # TaxonomyError is a ValueError
         print(str(e), file=sys.stderr)
         return 2
     t0 = time.perf_counter()
     _clean(root)
-    summary = generate(root, cfg.demo, taxonomy, cfg.seed)
-    record = dict(want, summary=summary)
-    tmp = root / f".{RECORD}.{os.getpid()}.tmp"
-    tmp.write_text(json.dumps(record, indent=2))
-    os.replace(tmp, root / RECORD)
+    try:
+        summary = generate(root, cfg.demo, taxonomy, cfg.seed)
+        atomic_write_json(root / RECORD, dict(want, summary=summary))  # last: it marks the data complete
+    except StageError as e:  # a failed write (full disk, permissions), as one sentence
+        print(str(e), file=sys.stderr)
+        return 2
     print(f"demo data: {summary['train_images']} train frames ({summary['train_boxes']} boxes), "
           f"{summary['test_images']} test frames ({summary['test_boxes']} boxes) in {root} "
           f"[{time.perf_counter() - t0:.1f} s]")

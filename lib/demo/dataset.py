@@ -7,6 +7,7 @@ Output (under `out_dir`): `dataset_train.json`, `dataset_test.json` (COCO, test 
 from __future__ import annotations
 
 import csv
+import io
 import json
 import math
 import os
@@ -18,8 +19,10 @@ from typing import TYPE_CHECKING
 import numpy as np
 from PIL import Image
 
+from lib.core.io import atomic_write_text
+from lib.data.taxonomy import Taxonomy, load_taxonomy_csv
 from lib.demo.frames import render_frame
-from lib.demo.looks import Look, Taxon, look_for, read_taxonomy
+from lib.demo.looks import Look, Taxon, look_for, taxa_of
 
 if TYPE_CHECKING:
     from lib.config import DemoCfg
@@ -33,7 +36,11 @@ TEST_IMAGES = "test/images"
 
 
 def _save_png(img: Image.Image, path: Path) -> None:
-    """Fast PNG: OpenCV's RLE strategy is about 1.6x faster than Pillow at similar size."""
+    """Fast PNG: OpenCV's RLE strategy is about 1.6x faster than Pillow at similar size.
+
+    Written in place, not atomically: the CLI's record, written last, is what marks a dataset
+    complete, so a killed run is redone whole and a temp file + fsync per frame would buy nothing.
+    """
     try:
         import cv2
     except ImportError:
@@ -167,11 +174,22 @@ def check_settings(cfg: DemoCfg) -> None:
         raise ValueError("demo.frame_width and demo.frame_height must be at least 32 pixels; raise them in the config.")
 
 
-def generate(out_dir: Path, cfg: DemoCfg, taxonomy_csv: Path, seed: int) -> dict:
-    """Write the whole dataset under `out_dir`; returns image and box counts per split."""
+def _solution_csv(truth: list[tuple[int, str]]) -> str:
+    buf = io.StringIO()
+    w = csv.writer(buf, lineterminator="\n")
+    w.writerow(["annotation_id", "concept_name"])
+    w.writerows(truth)
+    return buf.getvalue()
+
+
+def generate(out_dir: str | Path, cfg: DemoCfg, taxonomy: str | Path | Taxonomy, seed: int) -> dict:
+    """Write the whole dataset under `out_dir`; returns image and box counts per split.
+
+    `taxonomy`: a taxonomy CSV (read with load_taxonomy_csv) or an already loaded Taxonomy.
+    """
     check_settings(cfg)
     out_dir = Path(out_dir)
-    taxa = read_taxonomy(Path(taxonomy_csv))
+    taxa = taxa_of(taxonomy if isinstance(taxonomy, Taxonomy) else load_taxonomy_csv(taxonomy))
     looks = [look_for(t) for t in taxa]
     train_jobs = _layout(out_dir, 0, taxa, looks, class_counts(len(taxa), cfg), cfg, seed)
     test_jobs = _layout(out_dir, 1, taxa, looks, [cfg.test_per_class] * len(taxa), cfg, seed)
@@ -180,11 +198,8 @@ def generate(out_dir: Path, cfg: DemoCfg, taxonomy_csv: Path, seed: int) -> dict
     results = _run_jobs(train_jobs + test_jobs)
     train, _ = _coco(0, taxa, train_jobs, results[:len(train_jobs)])
     test, truth = _coco(1, taxa, test_jobs, results[len(train_jobs):])
-    (out_dir / TRAIN_JSON).write_text(json.dumps(train))
-    (out_dir / TEST_JSON).write_text(json.dumps(test))
-    with open(out_dir / SOLUTION_CSV, "w", newline="") as f:
-        w = csv.writer(f, lineterminator="\n")
-        w.writerow(["annotation_id", "concept_name"])
-        w.writerows(truth)
+    atomic_write_text(out_dir / TRAIN_JSON, json.dumps(train))
+    atomic_write_text(out_dir / TEST_JSON, json.dumps(test))
+    atomic_write_text(out_dir / SOLUTION_CSV, _solution_csv(truth))
     return {"train_images": len(train["images"]), "train_boxes": len(train["annotations"]),
             "test_images": len(test["images"]), "test_boxes": len(test["annotations"])}

@@ -10,13 +10,14 @@ Parameters come from a stable hash of the NAME at each rank, so relatives share 
 from __future__ import annotations
 
 import colorsys
-import csv
 import hashlib
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Optional
 
 import numpy as np
+
+from lib.data.taxonomy import RANKS as TAXONOMY_RANKS
+from lib.data.taxonomy import Taxonomy
 
 RANKS: tuple[str, ...] = ("phylum", "class", "order", "family", "genus", "species")
 RGBA = tuple[int, int, int, int]
@@ -91,24 +92,24 @@ PHYLUM_PLANS: dict[str, str] = {
 PATTERNS: tuple[str, ...] = ("none", "stripes", "spots", "rings")
 
 
-def read_taxonomy(path: Path) -> list[Taxon]:
-    """The categories of the taxonomy CSV in category-id order.
+def taxa_of(taxonomy: Taxonomy) -> list[Taxon]:
+    """The taxonomy's concepts in label order, as the generator sees them.
 
-    A concept named above or beside its deepest listed rank (a subfamily, infraorder,
-    subphylum such as 'Tunicata') gets its own name in the next rank slot, so two concepts
-    with the same listed lineage still look different.
+    Category ids are 1..N in that order (load_taxonomy_csv sorts by the table's category_id),
+    the competition's numbering and the one lib/data/worms.py writes. Ranks are phylum..species
+    with '' where a concept has none. A concept named above or beside its deepest listed rank
+    (a subfamily, infraorder, subphylum such as 'Tunicata') gets its own name in the next rank
+    slot, so two concepts with the same listed lineage still look different.
     """
+    cols = [TAXONOMY_RANKS.index(r) for r in RANKS]
     taxa = []
-    with open(path, newline="") as f:
-        for row in csv.DictReader(f):
-            lineage = [(row.get(r) or "").strip() for r in RANKS]
-            name = row["concept_name"].strip()
-            filled = [i for i, v in enumerate(lineage) if v]
-            deepest = filled[-1] if filled else -1
-            if (deepest < 0 or lineage[deepest] != name) and deepest + 1 < len(RANKS):
-                lineage[deepest + 1] = name
-            taxa.append(Taxon(int(row["category_id"]), name, tuple(lineage)))
-    taxa.sort(key=lambda t: t.category_id)
+    for i, (name, full) in enumerate(zip(taxonomy.names, taxonomy.lineages)):
+        lineage = [full[c] or "" for c in cols]
+        filled = [k for k, v in enumerate(lineage) if v]
+        deepest = filled[-1] if filled else -1
+        if (deepest < 0 or lineage[deepest] != name) and deepest + 1 < len(RANKS):
+            lineage[deepest + 1] = name
+        taxa.append(Taxon(i + 1, name, tuple(lineage)))
     return taxa
 
 
