@@ -12,7 +12,7 @@ from PIL import Image
 from lib.config import DemoCfg
 from lib.data.taxonomy import load_taxonomy_csv
 from lib.demo import dataset
-from lib.demo.__main__ import RECORD, main
+from lib.demo.__main__ import RECORD, STAMPED, code_stamp, main
 from lib.demo.looks import Look, look_for, taxa_of
 from lib.demo.sprites import render_sprite
 
@@ -217,3 +217,27 @@ def test_lineage_fills_unranked_concepts() -> None:
     assert taxa["Caridea"].lineage[3] == "Caridea"
     assert look_for(taxa["Tunicata"]) != look_for(taxa["Actinopterygii"])
     assert len({look_for(t) for t in taxa.values()}) == len(taxa)
+
+
+def test_code_stamp_ignores_comments_and_docstrings(tmp_path: Path) -> None:
+    src = (ROOT / "lib" / "demo" / "looks.py").read_text()
+    old_doc = '"""A generator that depends only on a rank and a name, so relatives share parameters."""'
+    assert old_doc in src and "r.uniform(0.62, 0.95)" in src
+    variants = {
+        "same": src,
+        "prose": "# a new comment\n" + src.replace(old_doc, '"""Reworded.\n\n    Longer."""').replace(
+            "    kw: dict = {}\n", "    kw: dict = {}  # a comment\n\n"),
+        "code": src.replace("r.uniform(0.62, 0.95)", "r.uniform(0.62, 0.96)"),
+    }
+    stamps = {}
+    for name, text in variants.items():
+        p = tmp_path / name / "looks.py"
+        p.parent.mkdir()
+        p.write_text(text)
+        stamps[name] = code_stamp([p])
+    assert stamps["prose"] == stamps["same"] and stamps["code"] != stamps["same"]
+
+
+def test_code_stamp_covers_every_generator_module() -> None:
+    demo = ROOT / "lib" / "demo"
+    assert {Path(m.__file__).name for m in STAMPED} == {p.name for p in demo.glob("*.py")} - {"__init__.py", "__main__.py"}
