@@ -25,7 +25,7 @@ import cv2  # noqa: E402
 
 from lib.config import DemoCfg  # noqa: E402
 from lib.data.crops import BoxJob, CropSpec, FrameJob, crop_frames, crop_roi, write_png  # noqa: E402
-from lib.demo.generate import generate  # noqa: E402
+from lib.demo.dataset import generate  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 

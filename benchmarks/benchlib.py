@@ -257,7 +257,7 @@ def prepared_demo(work: Path, name: str, per_class: int, test_per_class: int, ex
     import importlib.util
 
     from lib.config import load_config
-    from lib.demo import generate as demo_data
+    from lib.demo.__main__ import main as demo_main
 
     root = work / name
     overrides = demo_overrides(root, name, per_class, test_per_class, extra)
@@ -265,7 +265,7 @@ def prepared_demo(work: Path, name: str, per_class: int, test_per_class: int, ex
     prep = cfg.out_dir / "00_prepare"
     if not (prep / "record.json").is_file():
         quiet = ["--config", str(ROOT / "configs/demo.yaml"), *overrides]
-        if demo_data.main(quiet) != 0:
+        if demo_main(quiet) != 0:
             raise RuntimeError(f"demo data for {name} could not be generated")
         spec = importlib.util.spec_from_file_location("stage00", ROOT / "00_prepare_data.py")
         mod = importlib.util.module_from_spec(spec)

@@ -126,10 +126,10 @@ def overrides_of(s: Setting, v: Variant, config: str, out_root: str) -> list[str
 
 
 def ensure_data(s: Setting, config: str) -> None:
-    from lib.demo import generate as demo_data
+    from lib.demo.__main__ import main as demo_main
 
     for name, ds in s.datasets.items():
-        if demo_data.main(["--config", config, *s.base, *ds]) != 0:
+        if demo_main(["--config", config, *s.base, *ds]) != 0:
             raise RuntimeError(f"could not generate the {name} demo data")
 
 

@@ -30,7 +30,7 @@ import pandas as pd
 import pytest
 import torch
 
-from lib.demo import generate as demo_data
+from lib.demo.__main__ import main as demo_main
 
 ROOT = Path(__file__).resolve().parent.parent
 STAGES = ["00_prepare_data.py", "01_train_folds.py", "02_pseudo_label.py", "03_retrain.py", "04_infer_submit.py"]
@@ -177,7 +177,7 @@ def ref(tmp_path_factory):
     """The uninterrupted run: tiny demo with bad input, every stage once, in-process."""
     tmp = tmp_path_factory.mktemp("faults")
     overrides = [f"data.root={tmp / 'data'}", f"output_root={tmp / 'out'}", "exp=ref", *FAST]
-    assert demo_data.main(["--config", "configs/demo.yaml", *overrides]) == 0
+    assert demo_main(["--config", "configs/demo.yaml", *overrides]) == 0
     expect = seed_bad_input(tmp / "data")
     run = SimpleNamespace(overrides=overrides, exp="ref", output_root=tmp / "out", out=tmp / "out" / "ref", data=tmp / "data",
                           tmp=tmp, expect=expect)

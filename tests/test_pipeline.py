@@ -7,7 +7,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from lib.demo import generate as demo_data
+from lib.demo.__main__ import main as demo_main
 
 ROOT = Path(__file__).resolve().parent.parent
 SCRIPTS = ["00_prepare_data.py", "01_train_folds.py", "02_pseudo_label.py", "03_retrain.py", "04_infer_submit.py", "knn_baseline.py"]
@@ -30,7 +30,7 @@ def tiny(tmp_path_factory):
         "prepare.n_folds=2", "prepare.crop_size=32", "prepare.workers=1",
         "model.img_size=32", "knn.img_size=32", "train.epochs=1", "train.batch_size=64", "pseudo.threshold=0.0",
     ]
-    assert demo_data.main(["--config", "configs/demo.yaml", *overrides]) == 0
+    assert demo_main(["--config", "configs/demo.yaml", *overrides]) == 0
     for s in SCRIPTS:
         assert load(s).main(["--config", "configs/demo.yaml", *overrides]) == 0, s
     return overrides, tmp / "out" / "tiny", tmp / "data"

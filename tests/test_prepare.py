@@ -13,7 +13,7 @@ from lib.config import load_config
 from lib.data.crops import crop_context, crop_full, crop_roi, down_up
 from lib.data.folds import assign_folds
 from lib.data.prepare import small_box_factors
-from lib.demo import generate as demo_data
+from lib.demo import dataset as demo_data
 
 ROOT = Path(__file__).resolve().parent.parent
 REAL_TEST_JSON = ROOT / "tests" / "data" / "fathomnet2025_dataset_test.json"

@@ -10,7 +10,11 @@ import pytest
 from PIL import Image
 
 from lib.config import DemoCfg
-from lib.demo import generate as dd
+from lib.data.taxonomy import load_taxonomy_csv
+from lib.demo import dataset
+from lib.demo.__main__ import RECORD, STAMPED, code_stamp, main
+from lib.demo.looks import Look, look_for, taxa_of
+from lib.demo.sprites import render_sprite
 
 ROOT = Path(__file__).resolve().parents[1]
 TAXONOMY = ROOT / "configs" / "taxonomy" / "fathomnet2025.csv"
@@ -22,7 +26,7 @@ SEED = 7
 def tiny(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict]:
     """One tiny dataset shared by the read-only tests (generation is the slow part)."""
     out = tmp_path_factory.mktemp("demo")
-    return out, dd.generate(out, TINY, TAXONOMY, SEED)
+    return out, dataset.generate(out, TINY, TAXONOMY, SEED)
 
 
 def _load(out: Path, name: str) -> dict:
@@ -37,7 +41,7 @@ def _taxonomy_names() -> dict[int, str]:
 def test_coco_schema(tiny: tuple[Path, dict]) -> None:
     out, summary = tiny
     names = _taxonomy_names()
-    for fname, test in ((dd.TRAIN_JSON, False), (dd.TEST_JSON, True)):
+    for fname, test in ((dataset.TRAIN_JSON, False), (dataset.TEST_JSON, True)):
         js = _load(out, fname)
         assert list(js) == ["info", "images", "licenses", "annotations", "categories"]
         assert js["licenses"] == [{"id": 0, "name": "synthetic", "url": ""}]
@@ -67,7 +71,7 @@ def test_coco_schema(tiny: tuple[Path, dict]) -> None:
 
 def test_boxes_inside_frames_and_frames_per_image(tiny: tuple[Path, dict]) -> None:
     out, _ = tiny
-    for fname in (dd.TRAIN_JSON, dd.TEST_JSON):
+    for fname in (dataset.TRAIN_JSON, dataset.TEST_JSON):
         js = _load(out, fname)
         for a in js["annotations"]:
             x, y, w, h = a["bbox"]
@@ -79,12 +83,12 @@ def test_boxes_inside_frames_and_frames_per_image(tiny: tuple[Path, dict]) -> No
 
 def test_train_counts_and_test_balance(tiny: tuple[Path, dict]) -> None:
     out, _ = tiny
-    train = _load(out, dd.TRAIN_JSON)
+    train = _load(out, dataset.TRAIN_JSON)
     counts = np.bincount([a["category_id"] for a in train["annotations"]], minlength=80)[1:]
     assert counts.tolist() == [TINY.per_class] * 79
-    rows = list(csv.reader(open(out / dd.SOLUTION_CSV, newline="")))
+    rows = list(csv.reader(open(out / dataset.SOLUTION_CSV, newline="")))
     assert rows[0] == ["annotation_id", "concept_name"]
-    test = _load(out, dd.TEST_JSON)
+    test = _load(out, dataset.TEST_JSON)
     assert [int(r[0]) for r in rows[1:]] == [a["id"] for a in test["annotations"]]
     names = list(_taxonomy_names().values())
     assert sorted(r[1] for r in rows[1:]) == sorted(names * TINY.test_per_class)
@@ -93,7 +97,7 @@ def test_train_counts_and_test_balance(tiny: tuple[Path, dict]) -> None:
 def test_test_boxes_smaller_and_frames_written(tiny: tuple[Path, dict]) -> None:
     out, _ = tiny
     size = {}
-    for split, fname in (("train", dd.TRAIN_JSON), ("test", dd.TEST_JSON)):
+    for split, fname in (("train", dataset.TRAIN_JSON), ("test", dataset.TEST_JSON)):
         js = _load(out, fname)
         size[split] = np.mean([max(a["bbox"][2], a["bbox"][3]) for a in js["annotations"]])
         files = sorted((out / split / "images").iterdir())
@@ -106,24 +110,24 @@ def test_test_boxes_smaller_and_frames_written(tiny: tuple[Path, dict]) -> None:
 
 def test_deterministic(tiny: tuple[Path, dict], tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     out, _ = tiny
-    monkeypatch.setattr(dd, "_workers", lambda n_jobs: 1)  # one process must give what the pool gave
-    dd.generate(tmp_path, TINY, TAXONOMY, SEED)
-    for name in (dd.TRAIN_JSON, dd.TEST_JSON, dd.SOLUTION_CSV):
+    monkeypatch.setattr(dataset, "_workers", lambda n_jobs: 1)  # one process must give what the pool gave
+    dataset.generate(tmp_path, TINY, TAXONOMY, SEED)
+    for name in (dataset.TRAIN_JSON, dataset.TEST_JSON, dataset.SOLUTION_CSV):
         assert (tmp_path / name).read_bytes() == (out / name).read_bytes()
     other = tmp_path / "other_seed"
-    dd.generate(other, DemoCfg(per_class=1, test_per_class=1, frame_width=64, frame_height=48), TAXONOMY, SEED + 1)
-    assert (other / dd.TRAIN_JSON).read_bytes() != (out / dd.TRAIN_JSON).read_bytes()
+    dataset.generate(other, DemoCfg(per_class=1, test_per_class=1, frame_width=64, frame_height=48), TAXONOMY, SEED + 1)
+    assert (other / dataset.TRAIN_JSON).read_bytes() != (out / dataset.TRAIN_JSON).read_bytes()
 
 
 def test_class_counts_long_tail() -> None:
-    assert dd.class_counts(79, DemoCfg(per_class=5)) == [5] * 79
-    counts = dd.class_counts(79, DemoCfg(per_class=200, long_tail=True, imbalance_factor=10.0))
+    assert dataset.class_counts(79, DemoCfg(per_class=5)) == [5] * 79
+    counts = dataset.class_counts(79, DemoCfg(per_class=200, long_tail=True, imbalance_factor=10.0))
     assert counts[0] == 200 and counts[-1] == 20
     assert all(a >= b for a, b in zip(counts, counts[1:]))
     assert counts[0] / counts[-1] == pytest.approx(10.0, rel=0.05)
-    small = dd.class_counts(79, DemoCfg(per_class=12, long_tail=True, imbalance_factor=100.0))
+    small = dataset.class_counts(79, DemoCfg(per_class=12, long_tail=True, imbalance_factor=100.0))
     assert small[0] == 12 and min(small) >= 1 and small[-1] == 1
-    assert dd.class_counts(1, DemoCfg(per_class=3, long_tail=True)) == [3]
+    assert dataset.class_counts(1, DemoCfg(per_class=3, long_tail=True)) == [3]
 
 
 def _tiny_taxonomy(tmp_path: Path) -> Path:
@@ -139,61 +143,65 @@ def test_cli_up_to_date_and_regenerates(tmp_path: Path, capsys: pytest.CaptureFi
     root = tmp_path / "data"
     args = [f"data.root={root}", f"data.taxonomy_csv={_tiny_taxonomy(tmp_path)}", "demo.per_class=2",
             "demo.test_per_class=1", "demo.frame_width=96", "demo.frame_height=72"]
-    assert dd.main(args) == 0
+    assert main(args) == 0
     first = capsys.readouterr().out
     assert "train frames" in first and "up to date" not in first
-    record = json.loads((root / dd.RECORD).read_text())
+    record = json.loads((root / RECORD).read_text())
     assert record["demo"]["per_class"] == 2 and record["summary"]["train_boxes"] == 10
     stamps = {p: p.stat().st_mtime_ns for p in root.rglob("*") if p.is_file()}
 
-    assert dd.main(args) == 0
+    assert main(args) == 0
     assert "up to date" in capsys.readouterr().out
     assert {p: p.stat().st_mtime_ns for p in root.rglob("*") if p.is_file()} == stamps
 
     tax = Path(args[1].split("=", 1)[1])
     tax.write_text(tax.read_text().replace("Merluccius productus", "Merluccius sp"))  # taxonomy edits count too
-    assert dd.main(args) == 0
+    assert main(args) == 0
     assert "up to date" not in capsys.readouterr().out
-    assert "Merluccius sp" in (root / dd.TRAIN_JSON).read_text()
+    assert "Merluccius sp" in (root / dataset.TRAIN_JSON).read_text()
 
     (root / "keep.txt").write_text("not ours")
-    assert dd.main(args + ["demo.per_class=3"]) == 0
+    assert main(args + ["demo.per_class=3"]) == 0
     assert "up to date" not in capsys.readouterr().out
-    assert json.loads((root / dd.RECORD).read_text())["summary"]["train_boxes"] == 15
+    assert json.loads((root / RECORD).read_text())["summary"]["train_boxes"] == 15
     assert (root / "keep.txt").exists()
 
-    assert dd.main([args[0], "--force", *args[1:], "demo.per_class=3"]) == 0  # options may sit between overrides
+    assert main([args[0], "--force", *args[1:], "demo.per_class=3"]) == 0  # options may sit between overrides
     assert "up to date" not in capsys.readouterr().out
 
 
 def test_cli_errors(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
-    assert dd.main([f"data.root={tmp_path}", "demo.per_clas=3"]) == 2
+    assert main([f"data.root={tmp_path}", "demo.per_clas=3"]) == 2
     assert "demo.per_class" in capsys.readouterr().err
     tax = _tiny_taxonomy(tmp_path)
-    assert dd.main([f"data.root={tmp_path / 'small'}", f"data.taxonomy_csv={tax}", "demo.frame_height=8"]) == 2
+    assert main([f"data.root={tmp_path / 'small'}", f"data.taxonomy_csv={tax}", "demo.frame_height=8"]) == 2
     assert "frame_height" in capsys.readouterr().err
-    (tmp_path / dd.TRAIN_JSON).write_text('{"info": {"description": "real FathomNet data"}}')
-    assert dd.main([f"data.root={tmp_path}", f"data.taxonomy_csv={tax}"]) == 2
-    assert "did not write" in capsys.readouterr().err and (tmp_path / dd.TRAIN_JSON).exists()
+    bad = tmp_path / "bad_tax.csv"
+    bad.write_text("category_id,concept_name,phylum\n1,Asteroidea,Echinodermata\n")  # no kingdom..species columns
+    assert main([f"data.root={tmp_path / 'small'}", f"data.taxonomy_csv={bad}"]) == 2
+    assert "must have the columns" in capsys.readouterr().err
+    (tmp_path / dataset.TRAIN_JSON).write_text('{"info": {"description": "real FathomNet data"}}')
+    assert main([f"data.root={tmp_path}", f"data.taxonomy_csv={tax}"]) == 2
+    assert "did not write" in capsys.readouterr().err and (tmp_path / dataset.TRAIN_JSON).exists()
 
 
-def _mean_colour(look: dd.Look, n: int = 8) -> np.ndarray:
+def _mean_colour(look: Look, n: int = 8) -> np.ndarray:
     """Alpha-weighted mean RGB of n rendered instances."""
     cols = []
     for k in range(n):
-        sp = np.asarray(dd.render_sprite(look, np.random.default_rng(k), 64), dtype=np.float64)
+        sp = np.asarray(render_sprite(look, np.random.default_rng(k), 64), dtype=np.float64)
         a = sp[..., 3:4] / 255.0
         cols.append((sp[..., :3] * a).sum((0, 1)) / a.sum())
     return np.mean(cols, axis=0)
 
 
 def test_relatives_look_alike() -> None:
-    taxa = {t.name: t for t in dd.read_taxonomy(TAXONOMY)}
+    taxa = {t.name: t for t in taxa_of(load_taxonomy_csv(TAXONOMY))}
     same_genus = [("Pandalus amplus", "Pandalus platyceros"), ("Scotoplanes", "Scotoplanes globosa"),
                   ("Sebastes", "Sebastes diploproa"), ("Paragorgia", "Paragorgia arborea"),
                   ("Asbestopluma", "Asbestopluma monticola")]
     names = sorted({n for pair in same_genus for n in pair})
-    looks = {n: dd.look_for(taxa[n]) for n in names}
+    looks = {n: look_for(taxa[n]) for n in names}
     colour = {n: _mean_colour(looks[n]) for n in names}
     for a, b in same_genus:
         assert looks[a].plan == looks[b].plan
@@ -204,8 +212,32 @@ def test_relatives_look_alike() -> None:
 
 
 def test_lineage_fills_unranked_concepts() -> None:
-    taxa = {t.name: t for t in dd.read_taxonomy(TAXONOMY)}
+    taxa = {t.name: t for t in taxa_of(load_taxonomy_csv(TAXONOMY))}
     assert taxa["Tunicata"].lineage[:2] == ("Chordata", "Tunicata")
     assert taxa["Caridea"].lineage[3] == "Caridea"
-    assert dd.look_for(taxa["Tunicata"]) != dd.look_for(taxa["Actinopterygii"])
-    assert len({dd.look_for(t) for t in taxa.values()}) == len(taxa)
+    assert look_for(taxa["Tunicata"]) != look_for(taxa["Actinopterygii"])
+    assert len({look_for(t) for t in taxa.values()}) == len(taxa)
+
+
+def test_code_stamp_ignores_comments_and_docstrings(tmp_path: Path) -> None:
+    src = (ROOT / "lib" / "demo" / "looks.py").read_text()
+    old_doc = '"""A generator that depends only on a rank and a name, so relatives share parameters."""'
+    assert old_doc in src and "r.uniform(0.62, 0.95)" in src
+    variants = {
+        "same": src,
+        "prose": "# a new comment\n" + src.replace(old_doc, '"""Reworded.\n\n    Longer."""').replace(
+            "    kw: dict = {}\n", "    kw: dict = {}  # a comment\n\n"),
+        "code": src.replace("r.uniform(0.62, 0.95)", "r.uniform(0.62, 0.96)"),
+    }
+    stamps = {}
+    for name, text in variants.items():
+        p = tmp_path / name / "looks.py"
+        p.parent.mkdir()
+        p.write_text(text)
+        stamps[name] = code_stamp([p])
+    assert stamps["prose"] == stamps["same"] and stamps["code"] != stamps["same"]
+
+
+def test_code_stamp_covers_every_generator_module() -> None:
+    demo = ROOT / "lib" / "demo"
+    assert {Path(m.__file__).name for m in STAMPED} == {p.name for p in demo.glob("*.py")} - {"__init__.py", "__main__.py"}
