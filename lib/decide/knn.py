@@ -109,11 +109,6 @@ def neighbour_distribution(base: np.ndarray, base_labels: np.ndarray, queries: n
     return label_distribution(np.where(nn >= 0, np.asarray(base_labels)[np.maximum(nn, 0)], -1), sims, n_classes)
 
 
-def vote_flat(neighbor_labels: np.ndarray, sims: np.ndarray, n_classes: int) -> np.ndarray:
-    """Per query, the label with the largest summed (non-negative) similarity; -1 neighbours ignored."""
-    return label_distribution(neighbor_labels, sims, n_classes).argmax(1)
-
-
 # ----------------------------------------------------------------------------- the taxonomy tree
 
 
