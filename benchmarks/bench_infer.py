@@ -77,7 +77,8 @@ def run(quick: bool = False, work: Path | None = None) -> list[dict]:
         folds.append(work / f"infer_fold_{k}")
     mean, std = mean_std(model)
     t = cfg.train
-    loader = make_loader(inputs, cfg.model.img_size, mean, std, t.eval_batch_size, t.num_workers, device)
+    loader = make_loader(inputs, img_size=cfg.model.img_size, mean=mean, std=std, batch_size=t.eval_batch_size,
+                         num_workers=t.num_workers, device=device)
     batches = [(channels_last(x.to(device)), y, w) for x, y, w in loader]  # the same tensors, preloaded
 
     def sync():
@@ -96,7 +97,8 @@ def run(quick: bool = False, work: Path | None = None) -> list[dict]:
         sync()
 
     workers = max(1, t.num_workers)
-    loader_w = make_loader(inputs, cfg.model.img_size, mean, std, t.eval_batch_size, workers, device)
+    loader_w = make_loader(inputs, img_size=cfg.model.img_size, mean=mean, std=std, batch_size=t.eval_batch_size,
+                           num_workers=workers, device=device)
 
     def path_workers():
         predict_tta(model, loader_w, device, ["identity"], cfg.tta.mode, features=False)

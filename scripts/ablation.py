@@ -275,7 +275,8 @@ def novelty(s: Setting, v: Variant, config: str, out_root: str, truth_of: Callab
     for d in pipeline.fold_dirs(cfg, "01_train"):
         model = load_fold_model(d, cfg, tax, device)
         mean, std = mean_std(model)
-        loader = make_loader(model_inputs(test, cfg.model.context), cfg.model.img_size, mean, std, cfg.train.eval_batch_size, 0, device)
+        loader = make_loader(model_inputs(test, cfg.model.context), img_size=cfg.model.img_size, mean=mean, std=std,
+                             batch_size=cfg.train.eval_batch_size, num_workers=0, device=device)
         p, e, f = [], [], []
         with torch.no_grad():
             for x, _, _ in loader:

@@ -56,6 +56,7 @@ def predict_folds(fold_dirs: Sequence[Path], paths: Sequence, cfg, taxonomy, dev
     for d in fold_dirs:
         model = load_fold_model(d, cfg, taxonomy, device)
         mean, std = mean_std(model)
-        loader = make_loader(paths, cfg.model.img_size, mean, std, cfg.train.eval_batch_size, cfg.train.num_workers, device)
+        loader = make_loader(paths, img_size=cfg.model.img_size, mean=mean, std=std, batch_size=cfg.train.eval_batch_size,
+                             num_workers=cfg.train.num_workers, device=device)
         out.append(predict(model, loader, device, desc=f"predict {d.name}"))
     return np.stack(out) if out else np.zeros((0, len(paths), taxonomy.n_classes), dtype=np.float32)

@@ -122,13 +122,14 @@ def fit_fold(cfg: Config, split: FoldSplit, taxonomy: Taxonomy, stage: Stage, ep
     views = cfg.model.context
     train_tf = build_transforms(cfg.model.img_size, train=True, mean=mean, std=std, aug=cfg.augment, n_views=len(views))
     ds = CropDataset(model_inputs(split.train, views), split.train["label"], split.train["weight"], transform=train_tf)
-    val_loader = make_loader(model_inputs(split.val, views), cfg.model.img_size, mean, std, t.eval_batch_size, t.num_workers, device)
+    val_loader = make_loader(model_inputs(split.val, views), img_size=cfg.model.img_size, mean=mean, std=std,
+                             batch_size=t.eval_batch_size, num_workers=t.num_workers, device=device)
     labels_val = split.val["label"].to_numpy()
     testlike_loader = None
     if "testlike_path" in split.val and (split.val["testlike_path"].fillna("") != "").all():
         # The test-like view shrinks the ROI only: 00 cuts no test-like context crops, so context views stay as they are.
-        testlike_loader = make_loader(model_inputs(split.val, views, roi_column="testlike_path"), cfg.model.img_size, mean, std,
-                                      t.eval_batch_size, t.num_workers, device)
+        testlike_loader = make_loader(model_inputs(split.val, views, roi_column="testlike_path"), img_size=cfg.model.img_size,
+                                      mean=mean, std=std, batch_size=t.eval_batch_size, num_workers=t.num_workers, device=device)
     per_rank = len(ds) // world  # each torchrun process sees its share of every epoch
     batches = max(1, per_rank // t.batch_size if per_rank > t.batch_size else 1)
     steps_per_epoch = max(1, math.ceil(batches / t.accumulate))
@@ -185,7 +186,8 @@ def fit_fold(cfg: Config, split: FoldSplit, taxonomy: Taxonomy, stage: Stage, ep
             x, y, w = x.to(device, non_blocking=True), y.to(device), w.to(device)
             y_soft = None
             if a.mixing:
-                x, y_soft, w = mix_batch(x, y, w, taxonomy.n_classes, a.mixup_alpha, a.cutmix_alpha, a.mix_prob, a.mix_same_leaf, gen)
+                x, y_soft, w = mix_batch(x, y, w, n_classes=taxonomy.n_classes, mixup_alpha=a.mixup_alpha, cutmix_alpha=a.cutmix_alpha,
+                                         prob=a.mix_prob, same_leaf=a.mix_same_leaf, generator=gen)
             x = channels_last(x)
             with autocast(device):
                 out_ = train_model(x, full=True)
@@ -306,9 +308,10 @@ def fold_splits(rois: pd.DataFrame, folds: list[int], extra: pd.DataFrame | None
     return out
 
 
-def run_folds(cfg: Config, stage: Stage, rois: pd.DataFrame, taxonomy: Taxonomy, epochs: int, only: list[int] | None,
-              force: bool, dry_run: bool, extra: pd.DataFrame | None = None) -> dict | None:
-    """Train every fold that is not up to date; returns the CV summary once all folds are done."""
+def run_folds(cfg: Config, stage: Stage, *, rois: pd.DataFrame, taxonomy: Taxonomy, epochs: int, only: list[int] | None = None,
+              force: bool = False, dry_run: bool = False, extra: pd.DataFrame | None = None) -> dict | None:
+    """Train every fold that is not up to date (`only` these folds, else `train.folds` or all), adding `extra`
+    training rows (phase 2's pseudo-labels); returns the CV summary once all folds are done (None on a dry run)."""
     ddp.init(pick_device(cfg.train.device).type)
     n_folds = int(rois.loc[rois["split"] == "train", "fold"].max()) + 1
     wanted = only or cfg.train.folds or list(range(n_folds))

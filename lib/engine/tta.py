@@ -204,7 +204,8 @@ def predict_folds_tta(fold_dirs: Sequence, inputs: Sequence, cfg, taxonomy, devi
         if decoded is not None and decoded[0] == (tuple(mean), tuple(std)):
             batches = decoded[1]
         else:
-            batches = make_loader(inputs, cfg.model.img_size, mean, std, cfg.train.eval_batch_size, cfg.train.num_workers, device)
+            batches = make_loader(inputs, img_size=cfg.model.img_size, mean=mean, std=std, batch_size=cfg.train.eval_batch_size,
+                                  num_workers=cfg.train.num_workers, device=device)
             if fits:
                 batches = list(batches)
                 decoded = ((tuple(mean), tuple(std)), batches)
