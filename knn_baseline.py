@@ -41,7 +41,7 @@ def embeddings(cfg: Config, stage, paths: list[str], tax) -> Iterator[tuple[int 
         mean, std = mean_std(model)
         loader = make_loader(paths, img_size=img_size, mean=mean, std=std, batch_size=k.batch_size, num_workers=cfg.train.num_workers,
                              device=device)
-        return {"embeddings": predict(model, loader, device, features=True, desc=desc)}
+        return {"embeddings": predict(model, loader, device, probs=False, desc=desc)["embeddings"]}
 
     device = pick_device(cfg.train.device)
     if k.source == "backbone":

@@ -36,7 +36,7 @@ from lib.data.mix import mix_batch, soft_target_loss
 from lib.data.samplers import build_sampler
 from lib.data.taxonomy import RANKS, Taxonomy
 from lib.decide.metric import score_labels
-from lib.engine.inference import predict, predict_with_features
+from lib.engine.inference import predict
 from lib.model import dist as ddp
 from lib.model.checkpoint import load_checkpoint
 from lib.model.device import autocast, channels_last, pick_device
@@ -211,11 +211,12 @@ def fit_fold(cfg: Config, split: FoldSplit, taxonomy: Taxonomy, stage: Stage, ep
             fault_point(f"train_batch {stage.name} epoch {epoch + 1}")
         if main:
             judged = ema.module if ema is not None else model
-            probs, feats = predict_with_features(judged, val_loader, device, desc="validate")
+            got = predict(judged, val_loader, device, desc="validate")
+            probs, feats = got["probs"], got["embeddings"]
             metrics = {**evaluate(probs, labels_val, dist), **detailed_metrics(probs, labels_val, taxonomy, counts)}
             extra = {"embeddings": feats.astype(np.float16)}
             if testlike_loader is not None:
-                extra["probs_testlike"] = predict(judged, testlike_loader, device, desc="validate test-like")
+                extra["probs_testlike"] = predict(judged, testlike_loader, device, features=False, desc="validate test-like")["probs"]
                 metrics.update({f"{k}_testlike": v for k, v in evaluate(extra["probs_testlike"], labels_val, dist).items()})
             row = {"epoch": epoch + 1, "train_loss": float(np.mean(losses)) if losses else float("nan"), **metrics,
                    "lr": max(g["lr"] for g in optimizer.param_groups), "seconds": round(time.time() - t0, 2)}
