@@ -251,6 +251,31 @@ def test_early_stopping_keeps_the_best_epoch(tiny, tmp_path, monkeypatch, caplog
     assert len(pd.read_csv(tmp_path / "c" / "history.csv")) == 2
 
 
+def test_starting_over_is_a_bounded_loop(tiny, tmp_path, monkeypatch, caplog):
+    """A last.pt that does not fit the model: the fold trains afresh. Best files lost after a complete run: one
+    fresh run, and lost again right after it: a StageError, never a third pass."""
+    import torch
+
+    import lib.engine.train as train_mod
+    from lib.core.errors import StageError
+    from lib.core.records import Stage
+
+    cfg, split, tax = _fold_setup(tiny, tmp_path)
+    st = Stage.create("r/fold_0", tmp_path / "r", cfg, ["train"], ROOT / "01_train_folds.py", {})
+    st.dir.mkdir(parents=True)
+    torch.save({"model": {"nope": torch.zeros(1)}, "optimizer": {}, "epoch": 0, "best": {}, "history": [], "digest": st.digest},
+               st.dir / "last.pt")
+    caplog.set_level(logging.INFO)
+    assert train_mod.fit_fold(cfg, split, tax, st, epochs=1)["best_epoch"] == 1
+    assert f"ignoring checkpoint {st.dir / 'last.pt'}" in caplog.text
+    set_ups, real = [], train_mod.set_up
+    monkeypatch.setattr(train_mod, "set_up", lambda *a: set_ups.append(1) or real(*a))
+    monkeypatch.setattr(train_mod, "_best_files_problem", lambda out, epoch: f"{out / 'best.pt'} vanished")
+    with pytest.raises(StageError, match="vanished right after training it"):
+        train_mod.fit_fold(cfg, split, tax, st, epochs=1)
+    assert "vanished; training r/fold_0 again from scratch" in caplog.text and len(set_ups) == 2
+
+
 def test_user_errors_are_one_line(tiny, capsys):
     overrides, _, _ = tiny
     assert load("01_train_folds.py").main(["--config", "configs/demo.yaml", *overrides, "train.epoch=2"]) == 2
