@@ -31,7 +31,8 @@ def main_(args: argparse.Namespace, cfg: Config) -> int:
 
     prep = cfg.out_dir / "00_prepare"
     rois, taxonomy = load_rois(prep), load_taxonomy_json(prep / "taxonomy.json")
-    cv = run_folds(cfg, stage, rois, taxonomy, cfg.train.epochs, args.fold, args.force, args.dry_run)
+    cv = run_folds(cfg, stage, rois=rois, taxonomy=taxonomy, epochs=cfg.train.epochs, only=args.fold, force=args.force,
+                   dry_run=args.dry_run)
     if cv is None:
         if not args.dry_run:
             log.info("%s: some folds are not done yet; the stage record is written once all are", NAME)

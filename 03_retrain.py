@@ -58,7 +58,8 @@ def main_(args: argparse.Namespace, cfg: Config) -> int:
             pseudo_csv = ps.dir / "pseudo_labels.csv"
         extra = pd.read_csv(pseudo_csv).merge(paths, on="annotation_id", how="inner")
         extra["weight"] = extra["weight"] ** cfg.pseudo.weight_power
-        cv = run_folds(cfg, rs, rois, tax, epochs, args.fold, args.force, args.dry_run, extra=extra)
+        cv = run_folds(cfg, rs, rois=rois, taxonomy=tax, epochs=epochs, only=args.fold, force=args.force, dry_run=args.dry_run,
+                       extra=extra)
         if cv is None and args.dry_run:  # a round complete and current lets the dry run judge the next one
             cv = None if args.force else cv_summary(rs, int(rois.loc[rois["split"] == "train", "fold"].max()) + 1, tax)
         if cv is None:

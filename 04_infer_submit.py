@@ -104,7 +104,7 @@ def _model_probs(cfg: Config, stage, name: str, test, tax):
                     log.info("%s: phase1 test probabilities taken from 02_pseudo", NAME)
                     return {"annotation_id": ids, "probs": z["probs"]}
         from lib.data.context import model_inputs
-        from lib.engine.tta import predict_folds_tta
+        from lib.engine.inference import predict_folds_tta
         from lib.model.device import pick_device
 
         p = predict_folds_tta(folds, model_inputs(test, cfg.model.context), cfg, tax, pick_device(cfg.train.device), features=False)

@@ -39,8 +39,9 @@ def embeddings(cfg: Config, stage, paths: list[str], tax) -> Iterator[tuple[int 
 
     def embed(model, img_size: int, desc: str) -> dict:
         mean, std = mean_std(model)
-        loader = make_loader(paths, img_size, mean, std, k.batch_size, cfg.train.num_workers, device)
-        return {"embeddings": predict(model, loader, device, features=True, desc=desc)}
+        loader = make_loader(paths, img_size=img_size, mean=mean, std=std, batch_size=k.batch_size, num_workers=cfg.train.num_workers,
+                             device=device)
+        return {"embeddings": predict(model, loader, device, probs=False, desc=desc)["embeddings"]}
 
     device = pick_device(cfg.train.device)
     if k.source == "backbone":
@@ -91,7 +92,8 @@ def main_(args: argparse.Namespace, cfg: Config) -> int:
     log.info("%s: %s index of %s, k=%d, %s", NAME, k.index, k.source, k.k, "faiss on the GPU" if gpu_available() else "faiss on the CPU")
 
     def distribution(emb: np.ndarray, base: np.ndarray, query: np.ndarray) -> np.ndarray:
-        return neighbour_distribution(emb[base], labels[base], emb[query], tax.n_classes, k.k, k.index, k.nlist, k.nprobe)
+        return neighbour_distribution(emb[base], labels[base], emb[query], n_classes=tax.n_classes, k=k.k, index=k.index,
+                                      nlist=k.nlist, nprobe=k.nprobe)
 
     oof = np.zeros((len(train_idx), tax.n_classes))
     test_p = np.zeros((len(test_idx), tax.n_classes))

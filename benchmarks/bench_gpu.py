@@ -8,7 +8,7 @@ channels_last, in the same run:
   linear head over the 79 concepts, AdamW parameter groups, the configured loss) against the
   loop of timm's benchmark.py TrainBenchmarkRunner (timm.create_model, randn input, SGD from
   timm.optim.create_optimizer_v2 at lr 1e-4, CrossEntropyLoss, zero_grad / forward / backward / step);
-- inference, batch 256 (the recipe's eval batch): lib.engine.tta.predict_tta with [identity] on
+- inference, batch 256 (the recipe's eval batch): lib.engine.inference.predict with [identity] on
   preloaded batches against timm's InferenceBenchmarkRunner loop (eval, no_grad, model(x)).
 timm's benchmark.py lives in its repository, not in the wheel (`import timm.benchmark` fails),
 so its two loops are reproduced here: 10 warm-up steps, 40 timed (--quick 5 and 15), cuda synchronize.
@@ -94,19 +94,19 @@ def timm_train(name: str, device, batch: int, img: int, warmup: int, steps: int)
 
 
 def ours_infer(cfg, tax, device, batch: int, img: int, warmup: int, steps: int) -> float:
-    """lib.engine.tta.predict_tta with [identity] on preloaded batches of the pipeline's Net."""
+    """lib.engine.inference.predict with [identity] on preloaded batches of the pipeline's Net."""
     import torch
 
-    from lib.engine.tta import predict_tta
+    from lib.engine.inference import predict
     from lib.model.net import build_net
 
     model = build_net(cfg, tax, pretrained=False).to(device).to(memory_format=torch.channels_last).eval()
     x = torch.randn(batch, 3, img, img, device=device)
     dummy = torch.zeros(batch)
-    predict_tta(model, [(x, dummy, dummy)] * warmup, device, ["identity"], features=False)
+    predict(model, [(x, dummy, dummy)] * warmup, device, features=False)
     _sync(device)
     t0 = time.perf_counter()
-    predict_tta(model, [(x, dummy, dummy)] * steps, device, ["identity"], features=False)
+    predict(model, [(x, dummy, dummy)] * steps, device, features=False)
     _sync(device)
     return steps * batch / (time.perf_counter() - t0)
 
@@ -139,7 +139,7 @@ def compare(names, device, quick: bool, train_batch=TRAIN_BATCH, infer_batch=INF
                           f"{ours_t:.0f} img/s", f"{ref_t:.0f} img/s", ours_t / ref_t, "report",
                           "ours: AdamW groups + our loss and head; timm's: SGD + CrossEntropy, so ~1.0 means no overhead of ours",
                           section=SECTION))
-        rows.append(B.row(f"GPU inference: {name} @{img}px, batch {infer_batch}, {prec}: predict_tta vs timm benchmark loop",
+        rows.append(B.row(f"GPU inference: {name} @{img}px, batch {infer_batch}, {prec}: predict vs timm benchmark loop",
                           f"{ours_i:.0f} img/s", f"{ref_i:.0f} img/s", ours_i / ref_i, ">= 0.9",
                           "same batches preloaded on the device; ours adds channels_last, softmax and the copy to the CPU",
                           section=SECTION))

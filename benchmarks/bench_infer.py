@@ -2,13 +2,13 @@
 
     .venv/bin/python benchmarks/bench_infer.py [--quick]
 
-04 predicts each fold model with lib.engine.tta.predict_folds_tta: build the net, load best.pt, a
+04 predicts each fold model with lib.engine.inference.predict_folds_tta: build the net, load best.pt, a
 DataLoader over the cached crops (lib.data.dataset.make_loader: decode, resize, normalise; its batches
 kept for the other fold models), then
-lib.engine.tta.predict_tta (views on the device batch, channels_last, autocast, softmax). The bare
+lib.engine.inference.predict (views on the device batch, channels_last, autocast, softmax). The bare
 loop runs `model(x)` under the same autocast on the very tensors that loader produced,
 preloaded. Target: 04's path at least 0.9 of the bare loop's images per second. TTA views
-(hflip, rot90, rotate10, scale0.9) are timed through predict_tta on preloaded batches, each
+(hflip, rot90, rotate10, scale0.9) are timed through predict on preloaded batches, each
 against identity (~1.0 means the view costs no more than the forward pass it adds).
 
 CPU: the demo's model (tf_efficientnet_lite0 at 64 px, eval batch 128, workers 0) on 384 crops
@@ -56,7 +56,7 @@ def run(quick: bool = False, work: Path | None = None) -> list[dict]:
 
     from lib.data.context import model_inputs
     from lib.data.dataset import make_loader
-    from lib.engine.tta import parse_views, predict_folds_tta, predict_tta
+    from lib.engine.inference import parse_views, predict, predict_folds_tta
     from lib.model.device import autocast, channels_last, pick_device
     from lib.model.net import build_net, mean_std
 
@@ -77,7 +77,8 @@ def run(quick: bool = False, work: Path | None = None) -> list[dict]:
         folds.append(work / f"infer_fold_{k}")
     mean, std = mean_std(model)
     t = cfg.train
-    loader = make_loader(inputs, cfg.model.img_size, mean, std, t.eval_batch_size, t.num_workers, device)
+    loader = make_loader(inputs, img_size=cfg.model.img_size, mean=mean, std=std, batch_size=t.eval_batch_size,
+                         num_workers=t.num_workers, device=device)
     batches = [(channels_last(x.to(device)), y, w) for x, y, w in loader]  # the same tensors, preloaded
 
     def sync():
@@ -92,14 +93,15 @@ def run(quick: bool = False, work: Path | None = None) -> list[dict]:
         sync()
 
     def path_loader():
-        predict_tta(model, loader, device, ["identity"], cfg.tta.mode, features=False)
+        predict(model, loader, device, mode=cfg.tta.mode, features=False)
         sync()
 
     workers = max(1, t.num_workers)
-    loader_w = make_loader(inputs, cfg.model.img_size, mean, std, t.eval_batch_size, workers, device)
+    loader_w = make_loader(inputs, img_size=cfg.model.img_size, mean=mean, std=std, batch_size=t.eval_batch_size,
+                           num_workers=workers, device=device)
 
     def path_workers():
-        predict_tta(model, loader_w, device, ["identity"], cfg.tta.mode, features=False)
+        predict(model, loader_w, device, mode=cfg.tta.mode, features=False)
         sync()
 
     def path_04():
@@ -112,7 +114,7 @@ def run(quick: bool = False, work: Path | None = None) -> list[dict]:
 
     def preloaded(view: str):
         def f():
-            predict_tta(model, batches, device, [view], cfg.tta.mode, features=False)
+            predict(model, batches, device, views=[view], mode=cfg.tta.mode, features=False)
             sync()
         return f
 
@@ -126,19 +128,19 @@ def run(quick: bool = False, work: Path | None = None) -> list[dict]:
     what = f"{cfg.model.backbone} @{cfg.model.img_size}px, {n} ROIs, batch {t.eval_batch_size}, {t.num_workers} workers"
     s = lambda v: f"{v:.0f} img/s"  # noqa: E731
     out = [
-        B.row(f"infer: predict_tta [identity] over the crop loader vs bare model(x) on the same tensors ({what})",
+        B.row(f"infer: predict [identity] over the crop loader vs bare model(x) on the same tensors ({what})",
               s(rate["loader"]), s(rate["bare"]), rate["loader"] / rate["bare"], ">= 0.9",
               "the loader decodes and resizes each crop in the main process (0 workers) or in workers; its share is what is lost",
               section=SECTION),
-        B.row("infer: 04's whole per-model path (build net, load best.pt, loader, predict_tta) vs bare model(x)",
+        B.row("infer: 04's whole per-model path (build net, load best.pt, loader, predict) vs bare model(x)",
               s(rate["04"]), s(rate["bare"]), rate["04"] / rate["bare"], "report",
               "adds the model build and checkpoint load, once per fold model", section=SECTION),
         B.row(f"infer: 04's whole path over {K_FOLDS} fold models (crops decoded once for all) vs {K_FOLDS} x bare model(x)",
               s(rate["04_folds"] * K_FOLDS), s(rate["bare"]), rate["04_folds"] * K_FOLDS / rate["bare"], "report",
-              f"lib.engine.tta.predict_folds_tta decodes the crops once and keeps the batches for the other {K_FOLDS - 1} models "
+              f"lib.engine.inference.predict_folds_tta decodes the crops once and keeps the batches for the other {K_FOLDS - 1} models "
               f"(one model alone: {rate['04'] / rate['bare']:.2f}); what remains is each model's build and checkpoint load",
               section=SECTION),
-        B.row("infer: predict_tta [identity] on preloaded batches vs bare model(x)", s(rate["identity"]), s(rate["bare"]),
+        B.row("infer: predict [identity] on preloaded batches vs bare model(x)", s(rate["identity"]), s(rate["bare"]),
               rate["identity"] / rate["bare"], ">= 0.9", "the wrapper alone: channels_last copy, softmax, moving results to the CPU",
               section=SECTION),
     ]
@@ -148,7 +150,7 @@ def run(quick: bool = False, work: Path | None = None) -> list[dict]:
                             "decoding overlaps the forward passes; eval transforms are deterministic, so the probabilities are "
                             "the same; worker start-up (a fork per loader) included", section=SECTION))
     for v in VIEWS:
-        out.append(B.row(f"infer: TTA view {v}, time vs identity (predict_tta on preloaded batches)", s(rate[v]), s(rate["identity"]),
+        out.append(B.row(f"infer: TTA view {v}, time vs identity (predict on preloaded batches)", s(rate[v]), s(rate["identity"]),
                          times[v] / times["identity"], "<= 1.2",
                          "each listed view adds one forward pass; this is its cost on top of one identity pass"
                          + (" (affine grid_sample)" if v.startswith(("rotate", "scale")) else ""), section=SECTION))

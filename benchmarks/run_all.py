@@ -46,7 +46,7 @@ CORES = """\
   overlaps it; with a 224 px model on a GPU and loader workers (`train.num_workers`) it is hidden.
 - **Inference with 1 loader worker** on a few hundred crops: the fork of the worker costs more than
   decoding them all; at the real test size (788 ROIs at 224 px, 5 fold models sharing one decode,
-  see lib.engine.tta.predict_folds_tta) the start-up is paid once.
+  see lib.engine.inference.predict_folds_tta) the start-up is paid once.
 - **Rotation and scale TTA views** resample the batch with `grid_sample`, which on a CPU has cost
   from nothing to a fifth of this small model's forward pass at 64 px from run to run (1.00 to 1.23
   of identity); flips and quarter turns are plain copies.

@@ -284,7 +284,7 @@ class SubmitCfg:
 
 @dataclass
 class TtaCfg:
-    """Test-time augmentation of 02 and 04 (lib.engine.tta): view names (lib.views) and how their probabilities combine.
+    """Test-time augmentation of 02 and 04 (lib.engine.inference): view names (lib.views) and how their probabilities combine.
 
     `mode`: prob averages the probabilities; log takes their geometric mean (renormalised).
     """

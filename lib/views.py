@@ -1,8 +1,8 @@
 """The grammar of test-time augmentation view names (`tta.views`), free of torch.
 
-Kept apart from lib.engine.tta so config validation can check the names without importing torch, and
+Kept apart from lib.engine.inference so config validation can check the names without importing torch, and
 so that every stage's code digest (lib.stages finds imports statically, lib.config is reached by
-all stages) does not depend on lib.engine.tta's tensor code.
+all stages) does not depend on lib.engine.inference's tensor code.
 
 A name is one or more transforms joined by '+', applied left to right:
 identity, hflip, vflip, rot90, rot180, rot270 (counter-clockwise), rotate<degrees> (a small

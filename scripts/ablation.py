@@ -11,6 +11,7 @@ reported beside the test score, and the report prints what the numbers say.
 """
 from __future__ import annotations
 
+import functools
 import importlib.util
 import json
 import logging
@@ -251,6 +252,16 @@ def read_json(path: Path) -> dict[str, Any]:
     return json.loads(Path(path).read_text())
 
 
+def novelty_scores(head, out) -> dict:
+    """Per ROI of one head output: its energy (Liu et al. 2020: higher = less familiar) and, for a two-level head, its novel flag."""
+    import torch
+
+    scores = {"energy": -torch.logsumexp(out.logits.float(), dim=1)}
+    if hasattr(head, "novelty"):
+        scores["novel"] = head.novelty(out)["novel"]
+    return scores
+
+
 def novelty(s: Setting, v: Variant, config: str, out_root: str, truth_of: Callable[[np.ndarray], np.ndarray]) -> list[dict[str, Any]]:
     """AUROC of max-probability, energy and GMU's U as scores of 'novel' (a held-out species) on the test ROIs,
     and the two-level head's novel / known accuracy at its thresholds (a majority over the fold models)."""
@@ -264,6 +275,7 @@ def novelty(s: Setting, v: Variant, config: str, out_root: str, truth_of: Callab
     from lib.data.dataset import make_loader
     from lib.data.taxonomy import load_taxonomy_json
     from lib.decide.pseudo import gmu
+    from lib.engine.inference import predict
     from lib.model.checkpoint import load_fold_model
     from lib.model.net import mean_std
 
@@ -279,19 +291,13 @@ def novelty(s: Setting, v: Variant, config: str, out_root: str, truth_of: Callab
     for d in pipeline.fold_dirs(cfg, "01_train"):
         model = load_fold_model(d, cfg, tax, device)
         mean, std = mean_std(model)
-        loader = make_loader(model_inputs(test, cfg.model.context), cfg.model.img_size, mean, std, cfg.train.eval_batch_size, 0, device)
-        p, e, f = [], [], []
-        with torch.no_grad():
-            for x, _, _ in loader:
-                o = model(x, full=True)
-                p.append(model.head_module.probs(o).float())
-                e.append(-torch.logsumexp(o.logits.float(), dim=1))  # energy (Liu et al. 2020): higher = less familiar
-                if hasattr(model.head_module, "novelty"):
-                    f.append(model.head_module.novelty(o)["novel"])
-        probs.append(torch.cat(p).numpy())
-        energy.append(torch.cat(e).numpy())
-        if f:
-            flags.append(torch.cat(f).numpy())
+        loader = make_loader(model_inputs(test, cfg.model.context), img_size=cfg.model.img_size, mean=mean, std=std,
+                             batch_size=cfg.train.eval_batch_size, num_workers=0, device=device)
+        got = predict(model, loader, device, features=False, scores=functools.partial(novelty_scores, model.head_module), desc=d.name)
+        probs.append(got["probs"])
+        energy.append(got["energy"])
+        if "novel" in got:
+            flags.append(got["novel"] > 0.5)
     probs = np.stack(probs)
     _, u = gmu(probs, cfg.pseudo.gmu_sigma)
     scores = {"1 - max probability": 1 - probs.mean(0).max(1), "energy": np.mean(energy, 0), "1 - U (GMU)": 1 - u}

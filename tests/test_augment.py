@@ -157,7 +157,8 @@ def batch(n: int = 8, c: int = 5, seed: int = 0):
 
 def test_mixup_is_a_convex_combination():
     x, y, w, c = batch()
-    xm, ys, wm, info = mix_batch(x, y, w, c, 0.4, 0.0, 1.0, generator=torch.Generator().manual_seed(1), return_info=True)
+    xm, ys, wm, info = mix_batch(x, y, w, n_classes=c, mixup_alpha=0.4, cutmix_alpha=0.0, prob=1.0,
+                                 generator=torch.Generator().manual_seed(1), return_info=True)
     assert info.kind == "mixup" and 0.0 <= info.lam <= 1.0
     assert sorted(info.partner.tolist()) == list(range(len(y)))  # a permutation
     p, lam = info.partner, info.lam
@@ -171,7 +172,8 @@ def test_mixup_is_a_convex_combination():
 def test_cutmix_pastes_the_partner_and_weights_by_area():
     x, y, w, c = batch(seed=2)
     for seed in range(5):
-        xm, ys, _, info = mix_batch(x, y, w, c, 0.0, 1.0, 1.0, generator=torch.Generator().manual_seed(seed), return_info=True)
+        xm, ys, _, info = mix_batch(x, y, w, n_classes=c, mixup_alpha=0.0, cutmix_alpha=1.0, prob=1.0,
+                                    generator=torch.Generator().manual_seed(seed), return_info=True)
         assert info.kind == "cutmix"
         y1, y2, x1, x2 = info.box
         inside = torch.zeros(x.shape[-2:], dtype=torch.bool)
@@ -186,15 +188,17 @@ def test_cutmix_pastes_the_partner_and_weights_by_area():
 
 def test_both_alphas_pick_both_methods():
     x, y, w, c = batch()
-    kinds = {mix_batch(x, y, w, c, 0.4, 1.0, 1.0, generator=torch.Generator().manual_seed(s), return_info=True)[3].kind for s in range(20)}
+    kinds = {mix_batch(x, y, w, n_classes=c, mixup_alpha=0.4, cutmix_alpha=1.0, prob=1.0, generator=torch.Generator().manual_seed(s),
+                       return_info=True)[3].kind for s in range(20)}
     assert kinds == {"mixup", "cutmix"}
 
 
 def test_prob_zero_returns_the_batch_one_hot():
     x, y, w, c = batch()
-    xm, ys, wm = mix_batch(x, y, w, c, 0.4, 1.0, 0.0, generator=torch.Generator().manual_seed(0))
+    xm, ys, wm = mix_batch(x, y, w, n_classes=c, mixup_alpha=0.4, cutmix_alpha=1.0, prob=0.0,
+                           generator=torch.Generator().manual_seed(0))
     assert torch.equal(xm, x) and torch.equal(wm, w) and torch.equal(ys, F.one_hot(y, c).float())
-    xm, ys, _ = mix_batch(x, y, w, c, 0.0, 0.0, 1.0)  # both alphas off
+    xm, ys, _ = mix_batch(x, y, w, n_classes=c, mixup_alpha=0.0, cutmix_alpha=0.0, prob=1.0)  # both alphas off
     assert torch.equal(xm, x) and torch.equal(ys, F.one_hot(y, c).float())
 
 
@@ -204,7 +208,8 @@ def test_mix_prob_is_the_chance_of_mixing():
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # tiny tensors: thread hand-offs would dominate the loop
     try:
-        mixed = sum(mix_batch(x, y, w, c, 0.4, 0.0, 0.3, generator=g, return_info=True)[3].kind != "none" for _ in range(2000))
+        mixed = sum(mix_batch(x, y, w, n_classes=c, mixup_alpha=0.4, cutmix_alpha=0.0, prob=0.3, generator=g, return_info=True)[3].kind
+                    != "none" for _ in range(2000))
     finally:
         torch.set_num_threads(threads)
     assert abs(mixed / 2000 - 0.3) < 0.04
@@ -216,8 +221,8 @@ def test_same_leaf_keeps_targets_one_hot():
     w = torch.ones(len(y))
     for alphas in ((0.4, 0.0), (0.0, 1.0)):
         for seed in range(3):
-            _, ys, _, info = mix_batch(x, y, w, 4, *alphas, 1.0, same_leaf=True, generator=torch.Generator().manual_seed(seed),
-                                       return_info=True)
+            _, ys, _, info = mix_batch(x, y, w, n_classes=4, mixup_alpha=alphas[0], cutmix_alpha=alphas[1], prob=1.0, same_leaf=True,
+                                       generator=torch.Generator().manual_seed(seed), return_info=True)
             assert info.kind != "none" and torch.equal(y[info.partner], y)
             assert torch.equal(ys, F.one_hot(y, 4).float())
             assert info.partner[-1] == len(y) - 1  # alone: its own partner
@@ -226,8 +231,8 @@ def test_same_leaf_keeps_targets_one_hot():
 
 def test_mix_is_deterministic_given_the_generator():
     x, y, w, c = batch()
-    a = mix_batch(x, y, w, c, 0.4, 1.0, 0.7, generator=torch.Generator().manual_seed(5))
-    b = mix_batch(x, y, w, c, 0.4, 1.0, 0.7, generator=torch.Generator().manual_seed(5))
+    a = mix_batch(x, y, w, n_classes=c, mixup_alpha=0.4, cutmix_alpha=1.0, prob=0.7, generator=torch.Generator().manual_seed(5))
+    b = mix_batch(x, y, w, n_classes=c, mixup_alpha=0.4, cutmix_alpha=1.0, prob=0.7, generator=torch.Generator().manual_seed(5))
     assert all(torch.equal(u, v) for u, v in zip(a, b))
 
 

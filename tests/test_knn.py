@@ -80,7 +80,7 @@ def test_k_larger_than_the_base(index):
     base, q = rng.normal(size=(5, 8)), rng.normal(size=(3, 8))
     sims, idx = search(base, q, 10, index, nlist=100, nprobe=10)
     assert idx.shape == (3, 5) and all(sorted(r) == list(range(5)) for r in idx.tolist())
-    p = neighbour_distribution(base, np.array([0, 1, 1, 2, 2]), q, 4, k=10, index=index)
+    p = neighbour_distribution(base, np.array([0, 1, 1, 2, 2]), q, n_classes=4, k=10, index=index)
     assert p.shape == (3, 4) and np.allclose(p.sum(1), 1) and np.all(p[:, 3] == 0)
 
 

@@ -284,6 +284,31 @@ def test_early_stopping_keeps_the_best_epoch(tiny, tmp_path, monkeypatch, caplog
     assert len(pd.read_csv(tmp_path / "c" / "history.csv")) == 2
 
 
+def test_starting_over_is_a_bounded_loop(tiny, tmp_path, monkeypatch, caplog):
+    """A last.pt that does not fit the model: the fold trains afresh. Best files lost after a complete run: one
+    fresh run, and lost again right after it: a StageError, never a third pass."""
+    import torch
+
+    import lib.engine.train as train_mod
+    from lib.core.errors import StageError
+    from lib.core.records import Stage
+
+    cfg, split, tax = _fold_setup(tiny, tmp_path)
+    st = Stage.create("r/fold_0", tmp_path / "r", cfg, ["train"], ROOT / "01_train_folds.py", {})
+    st.dir.mkdir(parents=True)
+    torch.save({"model": {"nope": torch.zeros(1)}, "optimizer": {}, "epoch": 0, "best": {}, "history": [], "digest": st.digest},
+               st.dir / "last.pt")
+    caplog.set_level(logging.INFO)
+    assert train_mod.fit_fold(cfg, split, tax, st, epochs=1)["best_epoch"] == 1
+    assert f"ignoring checkpoint {st.dir / 'last.pt'}" in caplog.text
+    set_ups, real = [], train_mod.set_up
+    monkeypatch.setattr(train_mod, "set_up", lambda *a: set_ups.append(1) or real(*a))
+    monkeypatch.setattr(train_mod, "_best_files_problem", lambda out, epoch: f"{out / 'best.pt'} vanished")
+    with pytest.raises(StageError, match="vanished right after training it"):
+        train_mod.fit_fold(cfg, split, tax, st, epochs=1)
+    assert "vanished; training r/fold_0 again from scratch" in caplog.text and len(set_ups) == 2
+
+
 def test_user_errors_are_one_line(tiny, capsys):
     overrides, _, _ = tiny
     assert load("01_train_folds.py").main(["--config", "configs/demo.yaml", *overrides, "train.epoch=2"]) == 2
@@ -303,14 +328,14 @@ def test_every_head_trains_and_predicts(tiny, tmp_path, head):
     import torch
 
     from lib.core.records import Stage
-    from lib.engine.inference import predict_folds
+    from lib.engine.inference import predict_folds_tta
     from lib.engine.train import fit_fold
 
     cfg, split, tax = _fold_setup(tiny, tmp_path, f"head.name={head}", "head.hidden=32", "head.n_heads=3")
     st = Stage.create("h/fold_0", tmp_path / "fold_0", cfg, ["head"], ROOT / "01_train_folds.py", {})
     result = fit_fold(cfg, split, tax, st, epochs=1)
     assert 0 <= result["val_distance"] <= 12
-    probs = predict_folds([tmp_path / "fold_0"], split.val["crop_path"].tolist()[:5], cfg, tax, torch.device("cpu"))
+    probs = predict_folds_tta([tmp_path / "fold_0"], split.val["crop_path"].tolist()[:5], cfg, tax, torch.device("cpu"))["probs"]
     assert probs.shape == (1, 5, 79) and np.allclose(probs.sum(-1), 1, atol=1e-4)
 
 
@@ -321,14 +346,15 @@ def test_context_views_train_and_predict(tiny, tmp_path, fusion):
 
     from lib.core.records import Stage
     from lib.data.context import model_inputs
-    from lib.engine.inference import predict_folds
+    from lib.engine.inference import predict_folds_tta
     from lib.engine.train import fit_fold
 
     cfg, split, tax = _fold_setup(tiny, tmp_path, "model.context=[1, 3, full]", f"model.fusion={fusion}")
     st = Stage.create("c/fold_0", tmp_path / "fold_0", cfg, ["model"], ROOT / "01_train_folds.py", {})
     result = fit_fold(cfg, split, tax, st, epochs=1)
     assert 0 <= result["val_distance"] <= 12 and 0 <= result["val_distance_testlike"] <= 12
-    probs = predict_folds([tmp_path / "fold_0"], model_inputs(split.val.head(5), cfg.model.context), cfg, tax, torch.device("cpu"))
+    probs = predict_folds_tta([tmp_path / "fold_0"], model_inputs(split.val.head(5), cfg.model.context), cfg, tax,
+                              torch.device("cpu"))["probs"]
     assert probs.shape == (1, 5, 79) and np.allclose(probs.sum(-1), 1, atol=1e-4)
 
 

@@ -1,4 +1,4 @@
-"""Test-time augmentation: view algebra, combination rules, and predict_tta against predict_with_features."""
+"""Inference and test-time augmentation: view algebra, combination rules, and the one loop (`predict`) against the model called directly."""
 import re
 
 import numpy as np
@@ -9,9 +9,8 @@ from torch.utils.data import DataLoader, TensorDataset
 from lib.config import Config, ConfigError, HeadCfg, ModelCfg, load_config
 from lib.core.graph import SPECS
 from lib.data.taxonomy import Taxonomy
-from lib.engine.inference import predict_with_features
-from lib.engine.tta import View, combine, parse_views, predict_tta
-from lib.model.net import build_net
+from lib.engine.inference import View, combine, parse_views, predict
+from lib.model.net import build_model, build_net
 from lib.views import view_ops
 
 SIZE = 32
@@ -123,7 +122,7 @@ def test_combine_survives_zeros_and_rejects_unknown_mode():
         combine([np.array([[1.0, 0.0]])], "geo")
 
 
-# ----------------------------------------------------------------------------- predict_tta
+# ----------------------------------------------------------------------------- predict
 
 
 def toy() -> Taxonomy:
@@ -169,30 +168,74 @@ def images() -> torch.Tensor:
 CPU = torch.device("cpu")
 
 
-def test_identity_equals_predict_with_features(images, linear):
+@torch.no_grad()
+def direct(model, x: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
+    """Probabilities and pooled features of the whole tensor at once, from the model's own methods (no loader, no views)."""
+    f = model.features(x)
+    return model.head_module.probs(model.head_module(f)).numpy(), f.numpy()
+
+
+def test_identity_equals_the_model_called_directly(images, linear):
     model = linear
-    probs, feats = predict_with_features(model, loader(images), CPU)
-    out = predict_tta(model, loader(images), CPU, ["identity"], keep_views=True)
-    assert out["probs"].shape == (6, 5) and out["embeddings"].shape == feats.shape and out["view_probs"].shape == (1, 6, 5)
-    assert np.allclose(out["probs"], probs, atol=1e-6) and np.allclose(out["embeddings"], feats, atol=1e-6)
-    assert "head_probs" not in out
-    assert "embeddings" not in predict_tta(model, loader(images), CPU, ["identity"], features=False)
+    probs, feats = direct(model, images)
+    with torch.no_grad():
+        assert np.allclose(model.probs(images).numpy(), probs, atol=1e-6)  # Net.probs: the same thing by another route
+    for views in (None, ["identity"]):  # the default is [identity]
+        out = predict(model, loader(images), CPU, keep_views=True, **({"views": views} if views else {}))
+        assert list(out) == ["probs", "embeddings", "view_probs"]
+        assert out["probs"].shape == (6, 5) and out["embeddings"].shape == feats.shape and out["view_probs"].shape == (1, 6, 5)
+        assert all(v.dtype == np.float32 for v in out.values())
+        assert np.allclose(out["probs"], probs, atol=1e-6) and np.allclose(out["embeddings"], feats, atol=1e-6)
+        assert np.array_equal(out["view_probs"][0], out["probs"])
+    assert list(predict(model, loader(images), CPU, features=False)) == ["probs"]
+    assert list(predict(model, loader(images), CPU, probs=False)) == ["embeddings"]
+
+
+def test_features_only_of_a_plain_timm_model(images):
+    """knn_baseline embeds with a bare timm backbone (no head): `probs=False` gives its pooled pre-logits features."""
+    torch.manual_seed(0)
+    backbone = build_model("resnet10t", 0, "none").eval()
+    out = predict(backbone, loader(images), CPU, probs=False)
+    with torch.no_grad():
+        expected = backbone(images).numpy()  # num_classes=0: timm's forward is forward_head(pre_logits)
+    assert list(out) == ["embeddings"] and out["embeddings"].shape == expected.shape
+    assert np.allclose(out["embeddings"], expected, atol=1e-6)
+
+
+def test_empty_loader_gives_empty_arrays(linear):
+    out = predict(linear, [], CPU, views=["identity", "hflip"], keep_views=True)
+    assert {k: v.shape for k, v in out.items()} == {"probs": (0, 0), "embeddings": (0, 0), "view_probs": (2, 0, 0)}
+
+
+def test_scores_from_the_head_output(images, linear):
+    """`scores` (the ablation's energy) is computed from each view's head output and averaged over views."""
+    def energy(out):
+        return {"energy": -torch.logsumexp(out.logits.float(), dim=1)}
+
+    with torch.no_grad():
+        logits = linear.head_module(linear.features(images)).logits
+        flipped = linear.head_module(linear.features(images.flip(-1))).logits
+    out = predict(linear, loader(images), CPU, features=False, scores=energy)
+    assert list(out) == ["probs", "energy"] and out["energy"].shape == (6,)
+    assert np.allclose(out["energy"], -torch.logsumexp(logits, 1).numpy(), atol=1e-5)
+    two = predict(linear, loader(images), CPU, views=["identity", "hflip"], features=False, scores=energy)
+    assert np.allclose(two["energy"], -(torch.logsumexp(logits, 1) + torch.logsumexp(flipped, 1)).numpy() / 2, atol=1e-5)
 
 
 def test_hflip_of_symmetric_images_changes_nothing(images, linear):
     model = linear
     sym = (images + images.flip(-1)) / 2
-    one = predict_tta(model, loader(sym), CPU, ["identity"])
-    two = predict_tta(model, loader(sym), CPU, parse_views(["identity", "hflip"]))
+    one = predict(model, loader(sym), CPU, views=["identity"])
+    two = predict(model, loader(sym), CPU, views=parse_views(["identity", "hflip"]))
     assert np.allclose(one["probs"], two["probs"], atol=1e-5) and np.allclose(one["embeddings"], two["embeddings"], atol=1e-5)
 
 
 @pytest.mark.parametrize("mode", ["prob", "log"])
 def test_two_views_combine_the_separate_predictions(images, linear, mode):
     model = linear
-    p0, f0 = predict_with_features(model, loader(images), CPU)
-    p1, f1 = predict_with_features(model, loader(images.flip(-1)), CPU)
-    out = predict_tta(model, loader(images), CPU, ["identity", "hflip"], mode=mode, keep_views=True)
+    p0, f0 = direct(model, images)
+    p1, f1 = direct(model, images.flip(-1))
+    out = predict(model, loader(images), CPU, views=["identity", "hflip"], mode=mode, keep_views=True)
     assert np.allclose(out["view_probs"], np.stack([p0, p1]), atol=1e-5)
     assert np.allclose(out["probs"], combine([p0, p1], mode), atol=1e-5)
     assert np.allclose(out["embeddings"], (f0 + f1) / 2, atol=1e-5)  # embeddings: the mean over views
@@ -201,13 +244,13 @@ def test_two_views_combine_the_separate_predictions(images, linear, mode):
 
 def test_multi_head_probs_per_head(images, multi):
     model = multi
-    one = predict_tta(model, loader(images), CPU, ["identity"])
+    one = predict(model, loader(images), CPU)
     hp = one["head_probs"]
     assert hp.shape == (6, 3, 5) and np.allclose(hp.sum(-1), 1.0, atol=1e-5)
     assert not np.allclose(hp[:, 0], hp[:, 1])
     # the multi head's logits are the mean of its heads' logits, so its probs are the heads' renormalised geometric mean
     assert np.allclose(combine(hp.transpose(1, 0, 2), "log"), one["probs"], atol=1e-5)
-    two = predict_tta(model, loader(images), CPU, ["identity", "rotate10"], mode="log")
+    two = predict(model, loader(images), CPU, views=["identity", "rotate10"], mode="log")
     assert two["head_probs"].shape == (6, 3, 5)
     assert np.allclose(combine(two["head_probs"].transpose(1, 0, 2), "log"), two["probs"], atol=1e-5)
 
@@ -235,8 +278,6 @@ def test_tta_reruns_pseudo_and_submit_only():
 
 def test_views_apply_to_each_context_view_alike():
     """A (N, V, C, H, W) stack of context views: every view gets the same transform."""
-    from lib.engine.tta import parse_views
-
     x = torch.randn(2, 3, 3, 8, 8)
     for name in ("hflip", "rot90", "rotate10", "scale0.9"):
         (view,) = parse_views([name])
@@ -250,8 +291,8 @@ def test_fold_models_share_one_decode_of_the_inputs(images, monkeypatch, cap):
     """predict_folds_tta decodes the crops once for every fold model (same eval transform), and
     streams them per model when they would not fit; the probabilities are the same either way."""
     import lib.data.dataset
+    import lib.engine.inference
     import lib.model.checkpoint
-    import lib.engine.tta
 
     models = {"fold_0": net(), "fold_1": net("linear")}
     with torch.no_grad():
@@ -261,14 +302,15 @@ def test_fold_models_share_one_decode_of_the_inputs(images, monkeypatch, cap):
     monkeypatch.setattr(lib.model.checkpoint, "load_fold_model", lambda d, cfg, tax, device: models[d.name])
     monkeypatch.setattr(lib.data.dataset, "make_loader", lambda *a, **k: decodes.append(1) or loader(images))
     if cap is not None:
-        monkeypatch.setattr(lib.engine.tta, "DECODED_CAP_BYTES", cap)
+        monkeypatch.setattr(lib.engine.inference, "DECODED_CAP_BYTES", cap)
     from pathlib import Path
 
     cfg = load_config(None, [f"model.img_size={SIZE}", "tta.views=[identity, hflip]"])
-    out = lib.engine.tta.predict_folds_tta([Path("fold_0"), Path("fold_1")], [f"c{i}.png" for i in range(len(images))], cfg, toy(), CPU)
+    out = lib.engine.inference.predict_folds_tta([Path("fold_0"), Path("fold_1")], [f"c{i}.png" for i in range(len(images))], cfg, toy(),
+                                                 CPU)
     assert len(decodes) == (1 if cap is None else 2)
     assert out["probs"].shape == (2, len(images), 5) and out["embeddings"].shape[:2] == (2, len(images))
     for i, name in enumerate(models):
-        alone = predict_tta(models[name], loader(images), CPU, [view("identity"), view("hflip")])
+        alone = predict(models[name], loader(images), CPU, views=[view("identity"), view("hflip")])
         np.testing.assert_allclose(out["probs"][i], alone["probs"], rtol=1e-5, atol=1e-6)
     assert not np.allclose(out["probs"][0], out["probs"][1])

@@ -52,7 +52,7 @@ class CropDataset(Dataset):
 
 
 
-def make_loader(paths: Sequence, img_size: int, mean, std, batch_size: int, num_workers: int, device: torch.device) -> DataLoader:
+def make_loader(paths: Sequence, *, img_size: int, mean, std, batch_size: int, num_workers: int, device: torch.device) -> DataLoader:
     """Eval loader over crop paths, or over tuples of view paths (lib.context.model_inputs)."""
     n_views = len(paths[0]) if len(paths) and isinstance(paths[0], (tuple, list)) else 1
     ds = CropDataset(paths, transform=build_transforms(img_size, train=False, mean=mean, std=std, n_views=n_views))

@@ -72,7 +72,7 @@ def _box(h: int, w: int, lam: float, generator: torch.Generator | None) -> tuple
     return y1, y2, x1, x2
 
 
-def mix_batch(x: torch.Tensor, y: torch.Tensor, w: torch.Tensor | None, n_classes: int, mixup_alpha: float, cutmix_alpha: float,
+def mix_batch(x: torch.Tensor, y: torch.Tensor, w: torch.Tensor | None, *, n_classes: int, mixup_alpha: float, cutmix_alpha: float,
               prob: float, same_leaf: bool = False, generator: torch.Generator | None = None, return_info: bool = False):
     """Mixup or cutmix a batch; returns (x_mixed, y_soft (B, C) float32, w_mixed) [+ MixInfo].
 

@@ -95,11 +95,6 @@ def _soft_risk_loss(risk: np.ndarray, truth_rows: np.ndarray, beta: float) -> fl
     return float((a * truth_rows).sum(1).mean())
 
 
-def log_loss(probs: np.ndarray, labels: np.ndarray) -> float:
-    p = np.asarray(probs, dtype=np.float64)[np.arange(len(labels)), np.asarray(labels)]
-    return float(-np.log(np.clip(p, EPS, None)).mean())
-
-
 def fit_weights(oof_probs: Sequence[np.ndarray], labels: np.ndarray, dist: np.ndarray | None, objective: str = "distance") -> np.ndarray:
     """Non-negative weights summing to one that minimise `objective` on out-of-fold probabilities (SLSQP).
 

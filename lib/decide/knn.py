@@ -102,16 +102,11 @@ def label_distribution(neighbor_labels: np.ndarray, sims: np.ndarray, n_classes:
     return out / np.maximum(out.sum(1, keepdims=True), 1e-12)
 
 
-def neighbour_distribution(base: np.ndarray, base_labels: np.ndarray, queries: np.ndarray, n_classes: int, k: int,
+def neighbour_distribution(base: np.ndarray, base_labels: np.ndarray, queries: np.ndarray, *, n_classes: int, k: int,
                            index: str = "flat", nlist: int = 100, nprobe: int = 10) -> np.ndarray:
     """The label distribution of each query's k nearest `base` rows."""
     sims, nn = search(base, queries, k, index, nlist, nprobe)
     return label_distribution(np.where(nn >= 0, np.asarray(base_labels)[np.maximum(nn, 0)], -1), sims, n_classes)
-
-
-def vote_flat(neighbor_labels: np.ndarray, sims: np.ndarray, n_classes: int) -> np.ndarray:
-    """Per query, the label with the largest summed (non-negative) similarity; -1 neighbours ignored."""
-    return label_distribution(neighbor_labels, sims, n_classes).argmax(1)
 
 
 # ----------------------------------------------------------------------------- the taxonomy tree

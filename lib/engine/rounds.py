@@ -67,7 +67,7 @@ def run_round(cfg: Config, fold_dirs: Sequence[Path], test: pd.DataFrame, tax: T
               title: str) -> dict:
     """Predict `test` (usable test ROIs) with every fold model, select pseudo-labels, write the artifacts."""
     from lib.data.context import model_inputs
-    from lib.engine.tta import predict_folds_tta
+    from lib.engine.inference import predict_folds_tta
     from lib.report.plots import plot_umap
 
     out_dir.mkdir(parents=True, exist_ok=True)

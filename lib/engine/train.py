@@ -1,24 +1,29 @@
 """Fit one fold, and the fold loop shared by 01 (phase 1) and 03 (phase 2).
 
-Readable top to bottom: build model, loss and optimiser; for each epoch train, validate in the
-competition metric, checkpoint. `last.pt` (model, optimiser, epoch, best score, history, RNG)
-is written atomically every epoch so a killed run resumes where it stopped; `best.pt` and
-`oof.npz` follow the best validation distance. A fold ends by writing its `record.json`, which
-vouches for `best.pt` and `oof.npz`: a fold whose files were lost or damaged runs again (alone).
+`fit_fold` reads top to bottom: set up (model, loss, optimiser, EMA, loaders, schedule), resume
+or start, then per epoch train, validate in the competition metric, checkpoint. `last.pt`
+(model, optimizer, epoch, best, history, digest, and ema when on: every random draw is reseeded
+from the seed, fold and epoch, so no RNG state is kept) is written atomically every epoch so a
+killed run resumes where it stopped; `best.pt` and `oof.npz` follow the best validation
+distance. A fold ends by writing its `record.json`, which vouches for `best.pt` and `oof.npz`:
+a fold whose files were lost or damaged runs again (alone).
 """
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import math
 import random
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pandas as pd
 import torch
+from torch import nn
 from torch.utils.data import DataLoader, DistributedSampler
 from tqdm import tqdm
 
@@ -36,12 +41,12 @@ from lib.data.mix import mix_batch, soft_target_loss
 from lib.data.samplers import build_sampler
 from lib.data.taxonomy import RANKS, Taxonomy
 from lib.decide.metric import score_labels
-from lib.engine.inference import predict, predict_with_features
+from lib.engine.inference import predict
 from lib.model import dist as ddp
 from lib.model.checkpoint import load_checkpoint
 from lib.model.device import autocast, channels_last, pick_device
 from lib.model.losses import build_loss
-from lib.model.net import build_net, mean_std
+from lib.model.net import Net, build_net, mean_std
 from lib.model.optim import Ema, lr_factor, param_groups
 
 log = logging.getLogger("pipeline")
@@ -88,30 +93,103 @@ def detailed_metrics(probs: np.ndarray, labels: np.ndarray, taxonomy: Taxonomy, 
     return out
 
 
+# ----------------------------------------------------------------------------- one fold
+
+
 def fit_fold(cfg: Config, split: FoldSplit, taxonomy: Taxonomy, stage: Stage, epochs: int, stop_after: int | None = None,
              fresh: bool = False) -> dict:
     """Train one fold to `epochs`, resuming from `last.pt` when it belongs to this same run (unless `fresh`).
 
     Every epoch reseeds all randomness from (seed, fold, epoch), so a run resumed from `last.pt`
     ends with the same weights as one never interrupted. `stop_after` ends the run after that
-    epoch as a kill would (tests use it). A resumed fold whose `best.pt` or `oof.npz` is missing,
-    unreadable or from another epoch than `last.pt` records (files lost after a kill) trains
-    again from scratch, with a warning naming the file.
+    epoch as a kill would (tests use it). A fold whose last.pt does not fit the model, or whose
+    `best.pt` or `oof.npz` is missing, unreadable or from another epoch than the best one (files
+    lost after a kill), trains again from scratch, with a warning naming the file; lost again
+    right after training it from scratch, it is a StageError (a disk that loses what it writes).
     """
-    t, a = cfg.train, cfg.augment
-    out = stage.dir
-    out.mkdir(parents=True, exist_ok=True)
-    device = pick_device(t.device)
+    stage.dir.mkdir(parents=True, exist_ok=True)
+    t, main = cfg.train, ddp.is_main()
+    while True:  # twice at most: the second pass is fresh, and a fresh pass ends or raises
+        run = set_up(cfg, split, taxonomy, epochs)
+        progress = resume_or_start(run, stage, epochs, fresh)
+        if progress is None:
+            fresh = True
+            continue
+        for epoch in range(progress.epoch, epochs):
+            if ddp.broadcast_flag(bool(t.patience and progress.best["epoch"] > 0 and epoch + 1 - progress.best["epoch"] > t.patience)):
+                log.info("%s: early stop after epoch %d (no gain for %d epochs)", stage.name, epoch, t.patience)
+                break
+            t0 = time.time()
+            losses = train_one_epoch(run, cfg, split, stage.name, epoch, epochs)
+            if main:  # rank 0 validates and writes
+                metrics, arrays = validate(run, split, taxonomy)
+                row = {"epoch": epoch + 1, "train_loss": float(np.mean(losses)) if losses else float("nan"), **metrics,
+                       "lr": max(g["lr"] for g in run.optimizer.param_groups), "seconds": round(time.time() - t0, 2)}
+                progress.history.append(row)
+                if metrics["val_distance"] < progress.best["val_distance"] - t.min_delta:
+                    progress.best = {**metrics, "epoch": epoch + 1}
+                    save_best(run, stage.dir, split, epoch, metrics["val_distance"], arrays)
+                save_last(run, stage, progress, epoch)
+                tl = f", test-like view {metrics['val_distance_testlike']:.3f}" if "val_distance_testlike" in metrics else ""
+                log.info("%s epoch %d/%d: loss %.3f, val distance %.3f, top1 %.3f%s (%.1fs)", stage.name, epoch + 1, epochs,
+                         row["train_loss"], metrics["val_distance"], metrics["val_top1"], tl, row["seconds"])
+            if ddp.broadcast_flag(stop_after is not None and epoch + 1 >= stop_after):
+                return {"stopped_after": epoch + 1}
+        lost = _best_files_problem(stage.dir, int(progress.best["epoch"])) if main else None
+        if not ddp.broadcast_flag(lost is not None):  # every rank starts over together, or none does
+            break
+        if fresh:
+            raise StageError(f"{lost} right after training it; check the disk of {stage.dir}.")
+        if main:
+            log.warning("%s; training %s again from scratch", lost, stage.name)
+        fresh = True
+    return finish(run, stage, progress, n_val=len(split.val)) if main else {}
+
+
+# ----------------------------------------------------------------------------- set up
+
+
+@dataclass
+class Setup:
+    """Everything one fold trains with, built by `set_up`; built again whole when the fold starts afresh."""
+
+    model: Net  # validated and checkpointed; `train_model` is what the training forward runs
+    train_model: nn.Module  # the model, or its DDP / torch.compile wrapper
+    criterion: nn.Module
+    optimizer: torch.optim.Optimizer
+    ema: Ema | None
+    train_tf: Any  # the training transform, reseeded every epoch
+    ds: CropDataset
+    val_loader: DataLoader
+    testlike_loader: DataLoader | None  # the same validation ROIs shrunk to test box sizes, when 00 cut them
+    device: torch.device
+    seed: int  # the fold's seed; epoch e reseeds everything from seed * 1000 + e
+    n_classes: int
+    counts: np.ndarray  # training rows per class
+    dist: np.ndarray  # the taxonomic distance matrix
+    steps_per_epoch: int
+    total: int  # schedule: optimiser steps in all, warmup steps, steps per warm restart
+    warmup: int
+    restart: int
+
+    @property
+    def judged(self) -> nn.Module:
+        """The weights validation scores and best.pt keeps: the EMA's when on, else the model's."""
+        return self.ema.module if self.ema is not None else self.model
+
+
+def set_up(cfg: Config, split: FoldSplit, taxonomy: Taxonomy, epochs: int) -> Setup:
+    """Model, loss, optimiser, EMA, loaders and schedule of one fold, from the fold's seed."""
+    t, device = cfg.train, pick_device(cfg.train.device)
     seed = cfg.seed * 100 + split.fold
     seed_everything(seed)
     dist = taxonomy.distance_matrix()
     model = build_net(cfg, taxonomy).to(device)
     model = model.to(memory_format=torch.channels_last)  # faster on CUDA and on CPU alike
-    world, main = ddp.world_size(), ddp.is_main()
-    train_model = model
+    train_model, world = model, ddp.world_size()
     if world > 1:  # gradients averaged across torchrun processes; rank 0 validates and writes
         train_model = torch.nn.parallel.DistributedDataParallel(
-            model, device_ids=[device.index] if device.type == "cuda" else None, find_unused_parameters=a.mixing)
+            model, device_ids=[device.index] if device.type == "cuda" else None, find_unused_parameters=cfg.augment.mixing)
     if t.compile:  # the training forward only; validation and checkpoints use the plain module
         train_model = torch.compile(train_model)
     mean, std = mean_std(model)
@@ -122,137 +200,178 @@ def fit_fold(cfg: Config, split: FoldSplit, taxonomy: Taxonomy, stage: Stage, ep
     views = cfg.model.context
     train_tf = build_transforms(cfg.model.img_size, train=True, mean=mean, std=std, aug=cfg.augment, n_views=len(views))
     ds = CropDataset(model_inputs(split.train, views), split.train["label"], split.train["weight"], transform=train_tf)
-    val_loader = make_loader(model_inputs(split.val, views), cfg.model.img_size, mean, std, t.eval_batch_size, t.num_workers, device)
-    labels_val = split.val["label"].to_numpy()
-    testlike_loader = None
+    eval_loader = functools.partial(make_loader, img_size=cfg.model.img_size, mean=mean, std=std, batch_size=t.eval_batch_size,
+                                    num_workers=t.num_workers, device=device)
+    val_loader, testlike_loader = eval_loader(model_inputs(split.val, views)), None
     if "testlike_path" in split.val and (split.val["testlike_path"].fillna("") != "").all():
         # The test-like view shrinks the ROI only: 00 cuts no test-like context crops, so context views stay as they are.
-        testlike_loader = make_loader(model_inputs(split.val, views, roi_column="testlike_path"), cfg.model.img_size, mean, std,
-                                      t.eval_batch_size, t.num_workers, device)
+        testlike_loader = eval_loader(model_inputs(split.val, views, roi_column="testlike_path"))
     per_rank = len(ds) // world  # each torchrun process sees its share of every epoch
     batches = max(1, per_rank // t.batch_size if per_rank > t.batch_size else 1)
     steps_per_epoch = max(1, math.ceil(batches / t.accumulate))
-    total, warmup = steps_per_epoch * epochs, int(t.warmup_epochs * steps_per_epoch)
-    restart = max(1, int(round(t.restart_epochs * steps_per_epoch)))
+    return Setup(model, train_model, criterion, optimizer, ema, train_tf, ds, val_loader, testlike_loader, device, seed,
+                 taxonomy.n_classes, counts, dist, steps_per_epoch, total=steps_per_epoch * epochs,
+                 warmup=int(t.warmup_epochs * steps_per_epoch), restart=max(1, int(round(t.restart_epochs * steps_per_epoch))))
 
-    start_epoch, best, history = 0, {"val_distance": float("inf"), "epoch": -1}, []
-    last = out / "last.pt"
+
+@dataclass
+class Progress:
+    """Where a fold stands: the next epoch (0-based), the best validation so far and one history row per epoch."""
+
+    epoch: int = 0
+    best: dict = field(default_factory=lambda: {"val_distance": float("inf"), "epoch": -1})
+    history: list = field(default_factory=list)
+
+
+# ----------------------------------------------------------------------------- resume or start
+
+
+def resume_or_start(run: Setup, stage: Stage, epochs: int, fresh: bool) -> Progress | None:
+    """Epoch 0, or where `last.pt` stopped when it belongs to this run (same fingerprint); None to start over.
+
+    None when last.pt loads but does not fit the model, or when it is complete but `best.pt` /
+    `oof.npz` no longer hold its best epoch (lost after a kill): nothing is left to resume, so
+    the caller starts the fold afresh on a clean model. `fresh` ignores last.pt.
+    """
+    last = stage.dir / "last.pt"
     ckpt = _try_resume(last, stage.digest) if last.is_file() and not fresh else None
-    if ckpt is not None:
-        try:
-            model.load_state_dict(ckpt["model"])
-            optimizer.load_state_dict(ckpt["optimizer"])
-            if ema is not None and "ema" in ckpt:
-                ema.load_state_dict(ckpt["ema"])
-            start_epoch, best, history = int(ckpt["epoch"]) + 1, dict(ckpt["best"]), list(ckpt["history"])
-        except Exception as e:  # a checkpoint that loads but does not fit: start over on a clean model
-            log.warning("ignoring checkpoint %s (%s: %s); starting the fold afresh", last, type(e).__name__, e)
-            return fit_fold(cfg, split, taxonomy, stage, epochs, stop_after, fresh=True)
-        lost = _best_files_problem(out, int(best["epoch"])) if start_epoch >= epochs and main else None
-        if ddp.broadcast_flag(lost is not None):  # finished, but its best weights are gone: nothing to resume
-            if main:
-                log.warning("%s; training %s again from scratch", lost, stage.name)
-            return fit_fold(cfg, split, taxonomy, stage, epochs, stop_after, fresh=True)
-        if start_epoch < epochs:
-            log.info("%s: resuming at epoch %d/%d", stage.name, start_epoch + 1, epochs)
-        else:
-            log.info("%s: last.pt is complete (%d epochs); keeping its best.pt and oof.npz", stage.name, start_epoch)
-
-    for epoch in range(start_epoch, epochs):
-        if ddp.broadcast_flag(bool(t.patience and best["epoch"] > 0 and epoch + 1 - best["epoch"] > t.patience)):
-            log.info("%s: early stop after epoch %d (no gain for %d epochs)", stage.name, epoch, t.patience)
-            break
-        t0 = time.time()
-        epoch_seed = seed * 1000 + epoch
-        seed_everything(epoch_seed)
-        criterion.set_epoch(epoch)
-        train_tf.set_random_seed(epoch_seed)
-        gen = torch.Generator().manual_seed(epoch_seed)
-        if world > 1 and t.sampler == "random":
-            sampler = DistributedSampler(ds, num_replicas=world, rank=ddp.rank(), shuffle=True, seed=epoch_seed, drop_last=True)
-        elif world > 1:  # each rank draws its own share of a weighted sample
-            sampler = build_sampler(t.sampler, split.train["label"].to_numpy(), len(ds) // world,
-                                    torch.Generator().manual_seed(epoch_seed * world + ddp.rank()))
-        else:
-            sampler = build_sampler(t.sampler, split.train["label"].to_numpy(), None, gen)
-        loader = DataLoader(ds, batch_size=t.batch_size, shuffle=sampler is None, sampler=sampler, generator=gen,
-                            drop_last=len(ds) > t.batch_size, num_workers=t.num_workers, pin_memory=device.type == "cuda")
-        model.train()
-        losses = []
-        bar = tqdm(loader, desc=f"{stage.name} epoch {epoch + 1}/{epochs}", leave=False, unit="batch", disable=not main)
-        optimizer.zero_grad(set_to_none=True)
-        for i, (x, y, w) in enumerate(bar):
-            x, y, w = x.to(device, non_blocking=True), y.to(device), w.to(device)
-            y_soft = None
-            if a.mixing:
-                x, y_soft, w = mix_batch(x, y, w, taxonomy.n_classes, a.mixup_alpha, a.cutmix_alpha, a.mix_prob, a.mix_same_leaf, gen)
-            x = channels_last(x)
-            with autocast(device):
-                out_ = train_model(x, full=True)
-            # Mixed (soft) targets train the leaf logits with soft cross-entropy; one-hot batches use the head's loss.
-            soft = y_soft is not None and not a.mix_same_leaf
-            loss = soft_target_loss(out_.logits, y_soft.to(device), w) if soft else model.head_module.loss(out_, y, w, criterion)
-            (loss / t.accumulate).backward()
-            losses.append(loss.item())
-            if (i + 1) % t.accumulate == 0 or i + 1 == len(loader):
-                step = epoch * steps_per_epoch + i // t.accumulate
-                factor = lr_factor(step, total, warmup, t.schedule, restart, t.min_lr_ratio)
-                for g in optimizer.param_groups:
-                    g["lr"] = g["base_lr"] * factor
-                if t.clip_grad > 0:
-                    torch.nn.utils.clip_grad_norm_(model.parameters(), t.clip_grad)
-                optimizer.step()
-                optimizer.zero_grad(set_to_none=True)
-                if ema is not None:
-                    ema.update(model)
-            bar.set_postfix(loss=f"{np.mean(losses[-20:]):.3f}")
-            fault_point(f"train_batch {stage.name} epoch {epoch + 1}")
-        if main:
-            judged = ema.module if ema is not None else model
-            probs, feats = predict_with_features(judged, val_loader, device, desc="validate")
-            metrics = {**evaluate(probs, labels_val, dist), **detailed_metrics(probs, labels_val, taxonomy, counts)}
-            extra = {"embeddings": feats.astype(np.float16)}
-            if testlike_loader is not None:
-                extra["probs_testlike"] = predict(judged, testlike_loader, device, desc="validate test-like")
-                metrics.update({f"{k}_testlike": v for k, v in evaluate(extra["probs_testlike"], labels_val, dist).items()})
-            row = {"epoch": epoch + 1, "train_loss": float(np.mean(losses)) if losses else float("nan"), **metrics,
-                   "lr": max(g["lr"] for g in optimizer.param_groups), "seconds": round(time.time() - t0, 2)}
-            history.append(row)
-            if metrics["val_distance"] < best["val_distance"] - t.min_delta:
-                best = {**metrics, "epoch": epoch + 1}
-                # torch.save writes a copy: later steps cannot alter the best weights on disk.
-                with atomic_path(out / "best.pt") as tmp, open(tmp, "wb") as f:  # via a handle: the same weights, the same bytes
-                    torch.save({"model": judged.state_dict(), "epoch": epoch + 1, "val_distance": metrics["val_distance"]}, f)
-                with atomic_path(out / "oof.npz") as tmp:
-                    np.savez(tmp, annotation_id=split.val["annotation_id"].to_numpy(), label=labels_val, probs=probs,
-                             epoch=np.int64(epoch + 1), **extra)
-            state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "epoch": epoch, "best": best,
-                     "history": history, "digest": stage.digest}
-            if ema is not None:
-                state["ema"] = ema.state_dict()
-            with atomic_path(last) as tmp, open(tmp, "wb") as f:
-                torch.save(state, f)
-            tl = f", test-like view {metrics['val_distance_testlike']:.3f}" if "val_distance_testlike" in metrics else ""
-            log.info("%s epoch %d/%d: loss %.3f, val distance %.3f, top1 %.3f%s (%.1fs)", stage.name, epoch + 1, epochs,
-                     row["train_loss"], metrics["val_distance"], metrics["val_top1"], tl, row["seconds"])
-        if ddp.broadcast_flag(stop_after is not None and epoch + 1 >= stop_after):
-            return {"stopped_after": epoch + 1}
-    lost = _best_files_problem(out, int(best["epoch"])) if main else None
-    if ddp.broadcast_flag(lost is not None):  # every rank starts over together
-        if fresh:
-            raise StageError(f"{lost} right after training it; check the disk of {out}.")
+    if ckpt is None:
+        return Progress()
+    try:
+        run.model.load_state_dict(ckpt["model"])
+        run.optimizer.load_state_dict(ckpt["optimizer"])
+        if run.ema is not None and "ema" in ckpt:
+            run.ema.load_state_dict(ckpt["ema"])
+        progress = Progress(int(ckpt["epoch"]) + 1, dict(ckpt["best"]), list(ckpt["history"]))
+    except Exception as e:  # a checkpoint that loads but does not fit: start over on a clean model
+        log.warning("ignoring checkpoint %s (%s: %s); starting the fold afresh", last, type(e).__name__, e)
+        return None
+    main = ddp.is_main()
+    lost = _best_files_problem(stage.dir, int(progress.best["epoch"])) if progress.epoch >= epochs and main else None
+    if ddp.broadcast_flag(lost is not None):  # finished, but its best weights are gone: nothing to resume
         if main:
             log.warning("%s; training %s again from scratch", lost, stage.name)
-        return fit_fold(cfg, split, taxonomy, stage, epochs, stop_after, fresh=True)
-    if not main:
-        return {}
-    with atomic_path(out / "history.csv") as tmp:
-        pd.DataFrame(history).to_csv(tmp, index=False)
+        return None
+    if progress.epoch < epochs:
+        log.info("%s: resuming at epoch %d/%d", stage.name, progress.epoch + 1, epochs)
+    else:
+        log.info("%s: last.pt is complete (%d epochs); keeping its best.pt and oof.npz", stage.name, progress.epoch)
+    return progress
+
+
+# ----------------------------------------------------------------------------- train one epoch
+
+
+def train_one_epoch(run: Setup, cfg: Config, split: FoldSplit, name: str, epoch: int, epochs: int) -> list[float]:
+    """One pass over this rank's share of the training rows, every draw seeded from (seed, fold, epoch); the batch losses."""
+    t, a = cfg.train, cfg.augment
+    epoch_seed = run.seed * 1000 + epoch
+    seed_everything(epoch_seed)
+    run.criterion.set_epoch(epoch)
+    run.train_tf.set_random_seed(epoch_seed)
+    gen = torch.Generator().manual_seed(epoch_seed)
+    loader = _epoch_loader(run, t, split.train["label"].to_numpy(), epoch_seed, gen)
+    run.model.train()
+    losses: list[float] = []
+    bar = tqdm(loader, desc=f"{name} epoch {epoch + 1}/{epochs}", leave=False, unit="batch", disable=not ddp.is_main())
+    run.optimizer.zero_grad(set_to_none=True)
+    for i, (x, y, w) in enumerate(bar):
+        x, y, w = x.to(run.device, non_blocking=True), y.to(run.device), w.to(run.device)
+        y_soft = None
+        if a.mixing:
+            x, y_soft, w = mix_batch(x, y, w, n_classes=run.n_classes, mixup_alpha=a.mixup_alpha, cutmix_alpha=a.cutmix_alpha,
+                                     prob=a.mix_prob, same_leaf=a.mix_same_leaf, generator=gen)
+        with autocast(run.device):
+            out = run.train_model(channels_last(x), full=True)
+        # Mixed (soft) targets train the leaf logits with soft cross-entropy; one-hot batches use the head's loss.
+        soft = y_soft is not None and not a.mix_same_leaf
+        loss = soft_target_loss(out.logits, y_soft.to(run.device), w) if soft else run.model.head_module.loss(out, y, w, run.criterion)
+        (loss / t.accumulate).backward()
+        losses.append(loss.item())
+        if (i + 1) % t.accumulate == 0 or i + 1 == len(loader):
+            _step(run, t, epoch * run.steps_per_epoch + i // t.accumulate)
+        bar.set_postfix(loss=f"{np.mean(losses[-20:]):.3f}")
+        fault_point(f"train_batch {name} epoch {epoch + 1}")
+    return losses
+
+
+def _epoch_loader(run: Setup, t, labels: np.ndarray, epoch_seed: int, gen: torch.Generator) -> DataLoader:
+    """The epoch's batches: shuffled, or drawn by `train.sampler`; under torchrun each rank its own share."""
+    world, ds = ddp.world_size(), run.ds
+    if world > 1 and t.sampler == "random":
+        sampler = DistributedSampler(ds, num_replicas=world, rank=ddp.rank(), shuffle=True, seed=epoch_seed, drop_last=True)
+    elif world > 1:  # each rank draws its own share of a weighted sample
+        sampler = build_sampler(t.sampler, labels, len(ds) // world, torch.Generator().manual_seed(epoch_seed * world + ddp.rank()))
+    else:
+        sampler = build_sampler(t.sampler, labels, None, gen)
+    return DataLoader(ds, batch_size=t.batch_size, shuffle=sampler is None, sampler=sampler, generator=gen,
+                      drop_last=len(ds) > t.batch_size, num_workers=t.num_workers, pin_memory=run.device.type == "cuda")
+
+
+def _step(run: Setup, t, step: int) -> None:
+    """One optimiser step at position `step` of the schedule: learning rates, gradient clipping, EMA."""
+    factor = lr_factor(step, run.total, run.warmup, t.schedule, run.restart, t.min_lr_ratio)
+    for g in run.optimizer.param_groups:
+        g["lr"] = g["base_lr"] * factor
+    if t.clip_grad > 0:
+        torch.nn.utils.clip_grad_norm_(run.model.parameters(), t.clip_grad)
+    run.optimizer.step()
+    run.optimizer.zero_grad(set_to_none=True)
+    if run.ema is not None:
+        run.ema.update(run.model)
+
+
+# ----------------------------------------------------------------------------- validate
+
+
+def validate(run: Setup, split: FoldSplit, taxonomy: Taxonomy) -> tuple[dict[str, float], dict[str, np.ndarray]]:
+    """The judged model on the fold's validation rows (and their test-like view): metrics, and oof.npz's arrays."""
+    labels = split.val["label"].to_numpy()
+    got = predict(run.judged, run.val_loader, run.device, desc="validate")
+    metrics = {**evaluate(got["probs"], labels, run.dist), **detailed_metrics(got["probs"], labels, taxonomy, run.counts)}
+    arrays = {"probs": got["probs"], "embeddings": got["embeddings"].astype(np.float16)}
+    if run.testlike_loader is not None:
+        arrays["probs_testlike"] = predict(run.judged, run.testlike_loader, run.device, features=False, desc="validate test-like")["probs"]
+        metrics.update({f"{k}_testlike": v for k, v in evaluate(arrays["probs_testlike"], labels, run.dist).items()})
+    return metrics, arrays
+
+
+# ----------------------------------------------------------------------------- checkpoints
+
+
+def save_best(run: Setup, out: Path, split: FoldSplit, epoch: int, val_distance: float, arrays: dict[str, np.ndarray]) -> None:
+    """A new best epoch (0-based `epoch`): best.pt (the judged weights) and oof.npz (the validation arrays), each atomically."""
+    # torch.save writes a copy: later steps cannot alter the best weights on disk.
+    with atomic_path(out / "best.pt") as tmp, open(tmp, "wb") as f:  # via a handle: the same weights, the same bytes
+        torch.save({"model": run.judged.state_dict(), "epoch": epoch + 1, "val_distance": val_distance}, f)
+    with atomic_path(out / "oof.npz") as tmp:
+        np.savez(tmp, annotation_id=split.val["annotation_id"].to_numpy(), label=split.val["label"].to_numpy(), probs=arrays["probs"],
+                 epoch=np.int64(epoch + 1), **{k: v for k, v in arrays.items() if k != "probs"})
+
+
+def save_last(run: Setup, stage: Stage, progress: Progress, epoch: int) -> None:
+    """last.pt, atomically: model, optimizer, epoch (0-based, the last one done), best, history, digest, ema (when on)."""
+    state = {"model": run.model.state_dict(), "optimizer": run.optimizer.state_dict(), "epoch": epoch, "best": progress.best,
+             "history": progress.history, "digest": stage.digest}
+    if run.ema is not None:
+        state["ema"] = run.ema.state_dict()
+    with atomic_path(stage.dir / "last.pt") as tmp, open(tmp, "wb") as f:
+        torch.save(state, f)
+
+
+def finish(run: Setup, stage: Stage, progress: Progress, n_val: int) -> dict:
+    """history.csv and curves.png of a finished fold; the result its record.json keeps."""
+    with atomic_path(stage.dir / "history.csv") as tmp:
+        pd.DataFrame(progress.history).to_csv(tmp, index=False)
     from lib.report.plots import plot_history
 
-    plot_history(pd.DataFrame(history), out / "curves.png", title=stage.name)
+    plot_history(pd.DataFrame(progress.history), stage.dir / "curves.png", title=stage.name)
+    best = progress.best
     return {"best_epoch": best["epoch"], **{k: v for k, v in best.items() if k.startswith("val_")},
-            "n_train": len(ds), "n_val": len(split.val)}
+            "n_train": len(run.ds), "n_val": n_val}
+
+
+# ----------------------------------------------------------------------------- resume helpers
 
 
 def _best_files_problem(out: Path, best_epoch: int) -> str | None:
@@ -306,9 +425,10 @@ def fold_splits(rois: pd.DataFrame, folds: list[int], extra: pd.DataFrame | None
     return out
 
 
-def run_folds(cfg: Config, stage: Stage, rois: pd.DataFrame, taxonomy: Taxonomy, epochs: int, only: list[int] | None,
-              force: bool, dry_run: bool, extra: pd.DataFrame | None = None) -> dict | None:
-    """Train every fold that is not up to date; returns the CV summary once all folds are done."""
+def run_folds(cfg: Config, stage: Stage, *, rois: pd.DataFrame, taxonomy: Taxonomy, epochs: int, only: list[int] | None = None,
+              force: bool = False, dry_run: bool = False, extra: pd.DataFrame | None = None) -> dict | None:
+    """Train every fold that is not up to date (`only` these folds, else `train.folds` or all), adding `extra`
+    training rows (phase 2's pseudo-labels); returns the CV summary once all folds are done (None on a dry run)."""
     ddp.init(pick_device(cfg.train.device).type)
     n_folds = int(rois.loc[rois["split"] == "train", "fold"].max()) + 1
     wanted = only or cfg.train.folds or list(range(n_folds))
