@@ -555,8 +555,8 @@ def validate(cfg: Config) -> None:
         (1 <= cfg.demo.min_objects <= cfg.demo.max_objects, "demo.min_objects must be at least 1 and at most demo.max_objects"),
         (cfg.demo.imbalance_factor >= 1, "demo.imbalance_factor must be at least 1"),
         (all(0 <= f < cfg.prepare.n_folds for f in cfg.train.folds), "train.folds must list fold numbers below prepare.n_folds"),
-        (all(m in ("phase1", "phase2") or (m.startswith("round") and m[5:].isdigit() and 1 <= int(m[5:]) <= cfg.pseudo.rounds)
-             for m in cfg.submit.models), "submit.models may only name phase1, phase2 and round<r> with r from 1 to pseudo.rounds"),
+        (all(_model_ok(m, cfg.pseudo.rounds) for m in cfg.submit.models),
+         "submit.models may only name phase1, phase2 and round<r> with r from 1 to pseudo.rounds"),
         (len(set(cfg.submit.models)) == len(cfg.submit.models), "submit.models must name each model once"),
     ]
     checks += _augment_checks(cfg.augment)
@@ -572,6 +572,17 @@ def validate(cfg: Config) -> None:
         section = key.split(".")[0]
         if getattr(cfg, section).pretrained == "file" and not (value and Path(value).is_file()):
             raise ConfigError(f"{key} '{value}' is not a file; set it to a local weights file or change {section}.pretrained.")
+
+
+def _model_ok(name: str, rounds: int) -> bool:
+    """A `submit.models` name that lib.core.graph.ModelRef reads, its round (if any) within 1..rounds."""
+    from lib.core.graph import ModelRef  # the one reader of model names (it imports this module)
+
+    try:
+        ref = ModelRef.parse(name)
+    except ValueError:
+        return False
+    return ref.round is None or 1 <= ref.round <= rounds
 
 
 def _is_number(text: str) -> bool:
