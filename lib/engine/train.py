@@ -37,6 +37,7 @@ from lib.data.samplers import build_sampler
 from lib.data.taxonomy import RANKS, Taxonomy
 from lib.decide.metric import score_labels
 from lib.engine.inference import predict, predict_with_features
+from lib.engine.results import CVSummary
 from lib.model import dist as ddp
 from lib.model.checkpoint import load_checkpoint
 from lib.model.device import autocast, channels_last, pick_device
@@ -335,7 +336,7 @@ def run_folds(cfg: Config, stage: Stage, rois: pd.DataFrame, taxonomy: Taxonomy,
     return cv_summary(stage, n_folds, taxonomy)
 
 
-def cv_summary(stage: Stage, n_folds: int, taxonomy: Taxonomy) -> dict | None:
+def cv_summary(stage: Stage, n_folds: int, taxonomy: Taxonomy) -> CVSummary | None:
     """Out-of-fold score over all folds, or None while some fold is missing or stale."""
     oofs = []
     for k in range(n_folds):
@@ -347,9 +348,8 @@ def cv_summary(stage: Stage, n_folds: int, taxonomy: Taxonomy) -> dict | None:
     dist = taxonomy.distance_matrix()
     m = evaluate(np.concatenate([o["probs"] for o in oofs]), labels, dist)
     per_fold = [evaluate(o["probs"], o["label"], dist)["val_distance"] for o in oofs]
-    out = {"cv_distance": m["val_distance"], "cv_top1": m["val_top1"], "folds": n_folds, "oof_rows": int(len(labels)),
-           "fold_distance_mean": float(np.mean(per_fold)), "fold_distance_std": float(np.std(per_fold))}
+    t = {}
     if all("probs_testlike" in o for o in oofs):
         t = evaluate(np.concatenate([o["probs_testlike"] for o in oofs]), labels, dist)
-        out.update({"cv_distance_testlike": t["val_distance"], "cv_top1_testlike": t["val_top1"]})
-    return out
+    return CVSummary(m["val_distance"], m["val_top1"], n_folds, int(len(labels)), float(np.mean(per_fold)), float(np.std(per_fold)),
+                     t.get("val_distance"), t.get("val_top1"))
