@@ -236,22 +236,22 @@ def test_run_cli_releases_the_lock_even_on_a_crash(tmp_path):
     from lib.core.cli import run_cli, stage_parser
     from lib.core.locks import _locks, acquire_lock
 
-    def main_(args, cfg):
+    def run(args, cfg):
         acquire_lock(tmp_path, "st")
         raise KeyError("boom")
 
     with pytest.raises(KeyError):
-        run_cli(main_, stage_parser("x"), ["--config", "configs/demo.yaml"])
+        run_cli(run, stage_parser("x"), ["--config", "configs/demo.yaml"])
     assert not _locks and (tmp_path / ".lock").read_text() == ""
 
 
 def test_run_cli_turns_an_os_error_into_one_line(tmp_path, capsys):
     from lib.core.cli import run_cli, stage_parser
 
-    def main_(args, cfg):
+    def run(args, cfg):
         open(tmp_path / "missing" / "x.csv")
 
-    assert run_cli(main_, stage_parser("x"), ["--config", "configs/demo.yaml"]) == 2
+    assert run_cli(run, stage_parser("x"), ["--config", "configs/demo.yaml"]) == 2
     err = capsys.readouterr().err.strip()
     assert err == f"error: No such file or directory on '{tmp_path / 'missing' / 'x.csv'}'; check that path (disk space, permissions), then rerun."
 
