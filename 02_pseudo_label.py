@@ -2,7 +2,7 @@
 
 Reads:  output/<exp>/00_prepare/ (rois.csv, crops, taxonomy.json), 01_train/fold_<k>/best.pt
 Writes: output/<exp>/02_pseudo/ test_probs.npz, pseudo_labels.csv, umap.png, summary.md, record.json
-Selection: pseudo.methods (confidence, vote with GMU, cluster_core); see lib/pseudo.py.
+Selection: pseudo.methods (confidence, vote with GMU, cluster_core); see lib/decide/pseudo.py.
 """
 from __future__ import annotations
 
@@ -20,27 +20,26 @@ log = logging.getLogger("pipeline")
 NAME = "02_pseudo"
 
 
-def main_(args: argparse.Namespace, cfg: Config) -> int:
+def run(args: argparse.Namespace, cfg: Config) -> int:
+    """The stage body: decide, label the test ROIs with 01's fold ensemble, record."""
     stage = pipeline.begin(cfg, NAME, args.force, args.dry_run)
     if stage is None:
         return 0
     started = time.time()
-    from lib.data.artifacts import load_rois
-    from lib.data.taxonomy import load_taxonomy_json
+    from lib.data.artifacts import load_prepared
     from lib.engine.rounds import run_round
     from lib.model.device import pick_device
 
-    prep = cfg.out_dir / "00_prepare"
-    rois, tax = load_rois(prep), load_taxonomy_json(prep / "taxonomy.json")
-    test = rois[(rois["split"] == "test") & (rois["ok"] == 1)]
-    fold_dirs = pipeline.fold_dirs(cfg, "01_train")
-    result = run_round(cfg, fold_dirs, test, tax, stage.dir, pick_device(cfg.train.device), f"{NAME} (round 1)")
+    prep = load_prepared(cfg)
+    result = run_round(cfg, pipeline.fold_dirs(cfg, "01_train"), prep.test, prep.taxonomy, stage.dir, pick_device(cfg.train.device),
+                       f"{NAME} (round 1)")
     stage.finish(result, started)
     return 0
 
 
 def main(argv: list[str] | None = None) -> int:
-    return run_cli(main_, stage_parser(__doc__.splitlines()[0]), argv)
+    """The command line: flags and config, then `run`; exit code 2 with one sentence on a user error."""
+    return run_cli(run, stage_parser(__doc__.splitlines()[0]), argv)
 
 
 if __name__ == "__main__":

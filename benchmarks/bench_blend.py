@@ -59,7 +59,7 @@ def synthetic(work: Path, n_models: int, seed: int = 0):
 
 
 def blend_only(cfg, tax, dirs: list[Path], test_ids: list[int], out: Path) -> dict[str, float]:
-    """What 04 does after its probabilities are cached (see 04_infer_submit.py main_); seconds per part."""
+    """What 04 does after its probabilities are cached (see 04_infer_submit.py run); seconds per part."""
     import numpy as np
     import pandas as pd
 

@@ -33,10 +33,9 @@ def setup(work: Path, cuda: bool, quick: bool):
     import os
 
     from lib.config import load_config
-    from lib.data.artifacts import load_rois
-    from lib.data.taxonomy import load_taxonomy_json
+    from lib.data.artifacts import load_prepared
 
-    _, prep = B.prepared_demo(work, "bench_demo", 4, 2, ["prepare.n_folds=2", "prepare.workers=1"])
+    B.prepared_demo(work, "bench_demo", 4, 2, ["prepare.n_folds=2", "prepare.workers=1"])
     root = work / "bench_demo"
     common = [f"data.root={root / 'data'}", f"output_root={root / 'out'}", "exp=bench_demo"]
     if cuda:
@@ -46,7 +45,8 @@ def setup(work: Path, cuda: bool, quick: bool):
     else:
         cfg = load_config(str(B.ROOT / "configs/demo.yaml"), common)
         n = 64 if quick else 384  # a pass of ~1 s: shorter ones were within the timer's noise
-    rois, tax = load_rois(prep), load_taxonomy_json(prep / "taxonomy.json")
+    prep = load_prepared(cfg)  # the folder prepared_demo filled: same output_root and exp
+    rois, tax = prep.rois, prep.taxonomy
     rois = rois[rois["ok"] == 1].reset_index(drop=True)
     return cfg, rois.iloc[[i % len(rois) for i in range(n)]].reset_index(drop=True), tax
 

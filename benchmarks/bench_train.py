@@ -33,11 +33,10 @@ SECTION = "Training step (01/03): the step alone against the whole fit loop"
 def setup(work: Path, cuda: bool, quick: bool):
     """(cfg, split, taxonomy) on a small prepared demo: train rows cycled to a few batches, 32 validation rows."""
     from lib.config import load_config
-    from lib.data.artifacts import load_rois
-    from lib.data.taxonomy import load_taxonomy_json
+    from lib.data.artifacts import load_prepared
     from lib.engine.train import FoldSplit
 
-    _, prep = B.prepared_demo(work, "bench_demo", 4, 2, ["prepare.n_folds=2", "prepare.workers=1"])
+    B.prepared_demo(work, "bench_demo", 4, 2, ["prepare.n_folds=2", "prepare.workers=1"])
     root = work / "bench_demo"
     common = [f"data.root={root / 'data'}", f"output_root={root / 'out'}", "exp=bench_demo", "train.ema_decay=0.999"]
     if cuda:
@@ -49,7 +48,8 @@ def setup(work: Path, cuda: bool, quick: bool):
     else:
         cfg = load_config(str(B.ROOT / "configs/demo.yaml"), common)
         n_batches = 3 if quick else 4
-    rois, tax = load_rois(prep), load_taxonomy_json(prep / "taxonomy.json")
+    prep = load_prepared(cfg)  # the folder prepared_demo filled: same output_root and exp
+    rois, tax = prep.rois, prep.taxonomy
     train = rois[(rois["split"] == "train") & (rois["ok"] == 1)].reset_index(drop=True)
     n = n_batches * cfg.train.batch_size
     rows = train.iloc[[i % len(train) for i in range(n)]].reset_index(drop=True).assign(weight=1.0)

@@ -577,8 +577,8 @@ def _knn_submit_checks(cfg: Config) -> list[tuple[bool, str]]:
         (0.0 <= cfg.submit.backoff_tau <= 1.0, "submit.backoff_tau must lie in [0, 1]"),
         (len(cfg.submit.models) >= 1, "submit.models must name at least one model (phase1, phase2, round<r>)"),
         (all(0 <= f < cfg.prepare.n_folds for f in cfg.train.folds), "train.folds must list fold numbers below prepare.n_folds"),
-        (all(m in ("phase1", "phase2") or (m.startswith("round") and m[5:].isdigit() and 1 <= int(m[5:]) <= cfg.pseudo.rounds)
-             for m in cfg.submit.models), "submit.models may only name phase1, phase2 and round<r> with r from 1 to pseudo.rounds"),
+        (all(_model_ok(m, cfg.pseudo.rounds) for m in cfg.submit.models),
+         "submit.models may only name phase1, phase2 and round<r> with r from 1 to pseudo.rounds"),
         (len(set(cfg.submit.models)) == len(cfg.submit.models), "submit.models must name each model once"),
     ]
 
@@ -609,6 +609,17 @@ def validate(cfg: Config) -> None:
         section = key.split(".")[0]
         if getattr(cfg, section).pretrained == "file" and not (value and Path(value).is_file()):
             raise ConfigError(f"{key} '{value}' is not a file; set it to a local weights file or change {section}.pretrained.")
+
+
+def _model_ok(name: str, rounds: int) -> bool:
+    """A `submit.models` name that lib.core.graph.ModelRef reads, its round (if any) within 1..rounds."""
+    from lib.core.graph import ModelRef  # the one reader of model names (it imports this module)
+
+    try:
+        ref = ModelRef.parse(name)
+    except ValueError:
+        return False
+    return ref.round is None or 1 <= ref.round <= rounds
 
 
 def _is_number(text: str) -> bool:

@@ -270,19 +270,17 @@ def novelty(s: Setting, v: Variant, config: str, out_root: str, truth_of: Callab
 
     from lib.config import load_config
     from lib.core import graph as pipeline
-    from lib.data.artifacts import load_rois
+    from lib.data.artifacts import load_prepared
     from lib.data.context import model_inputs
     from lib.data.dataset import make_loader
-    from lib.data.taxonomy import load_taxonomy_json
     from lib.decide.pseudo import gmu
     from lib.engine.inference import predict
     from lib.model.checkpoint import load_fold_model
     from lib.model.net import mean_std
 
     cfg = load_config(config, overrides_of(s, v, config, out_root)[2:])
-    out = cfg.out_dir
-    rois, tax = load_rois(out / "00_prepare"), load_taxonomy_json(out / "00_prepare" / "taxonomy.json")
-    test = rois[(rois["split"] == "test") & (rois["ok"] == 1)]
+    prep = load_prepared(cfg)
+    tax, test = prep.taxonomy, prep.test
     truth = truth_of(test["annotation_id"].to_numpy())
     known = truth >= 0
     is_novel = np.isin(truth, [tax.index(n) for n in cfg.prepare.holdout])

@@ -236,22 +236,22 @@ def test_run_cli_releases_the_lock_even_on_a_crash(tmp_path):
     from lib.core.cli import run_cli, stage_parser
     from lib.core.locks import _locks, acquire_lock
 
-    def main_(args, cfg):
+    def run(args, cfg):
         acquire_lock(tmp_path, "st")
         raise KeyError("boom")
 
     with pytest.raises(KeyError):
-        run_cli(main_, stage_parser("x"), ["--config", "configs/demo.yaml"])
+        run_cli(run, stage_parser("x"), ["--config", "configs/demo.yaml"])
     assert not _locks and (tmp_path / ".lock").read_text() == ""
 
 
 def test_run_cli_turns_an_os_error_into_one_line(tmp_path, capsys):
     from lib.core.cli import run_cli, stage_parser
 
-    def main_(args, cfg):
+    def run(args, cfg):
         open(tmp_path / "missing" / "x.csv")
 
-    assert run_cli(main_, stage_parser("x"), ["--config", "configs/demo.yaml"]) == 2
+    assert run_cli(run, stage_parser("x"), ["--config", "configs/demo.yaml"]) == 2
     err = capsys.readouterr().err.strip()
     assert err == f"error: No such file or directory on '{tmp_path / 'missing' / 'x.csv'}'; check that path (disk space, permissions), then rerun."
 
@@ -267,3 +267,38 @@ def test_fault_point_kills_at_the_nth_visit(tmp_path):
     r = subprocess.run([sys.executable, "-c", code], cwd=SCRIPT.parent, capture_output=True, text=True,
                        env={**os.environ, "PIPELINE_KILL_AT": "here@3"})
     assert r.returncode == -signal.SIGKILL and r.stdout.split() == ["0", "1", "2"]
+
+
+def test_model_names_are_parsed_in_one_place(tmp_path):
+    import pytest
+
+    from lib.config import ConfigError
+    from lib.core.graph import ModelRef
+
+    assert ModelRef.parse("phase1") == ModelRef("phase1", "phase1") and ModelRef.parse("phase1").stage == "01_train"
+    assert ModelRef.parse("phase2").stage == "03_retrain" and ModelRef.parse("phase2").round is None
+    assert ModelRef.parse("round3") == ModelRef("round3", "round", 3) and ModelRef.parse("round3").stage == "03_retrain"
+    for bad in ("round", "roundx", "phase3"):
+        with pytest.raises(ValueError):
+            ModelRef.parse(bad)
+    cfg = load_config("configs/demo.yaml", [f"output_root={tmp_path}", "exp=e", "pseudo.rounds=2"])
+    atomic_write_json(cfg.out_dir / "03_retrain" / "record.json", {"fingerprint": {}, "result": {
+        "folds": 2, "fold_root": "round_2", "cv_distance": 2.0, "per_round": [{"cv_distance": 3.0}, {"cv_distance": 2.0}]}})
+    assert ModelRef.parse("round1").folds(cfg) == [cfg.out_dir / "03_retrain" / "." / f"fold_{k}" for k in (0, 1)]
+    assert ModelRef.parse("round2").folds(cfg) == ModelRef.parse("phase2").folds(cfg)
+    assert ModelRef.parse("round1").result(cfg) == {"cv_distance": 3.0} and ModelRef.parse("phase2").result(cfg)["cv_distance"] == 2.0
+    with pytest.raises(ConfigError, match="round<r> with r from 1 to pseudo.rounds"):
+        load_config("configs/demo.yaml", ["submit.models=[phase1, round3]", "pseudo.rounds=2"])
+
+
+def test_cv_summaries_write_the_record_keys_in_order():
+    from lib.engine.results import CVSummary, RoundResult, SelfTraining
+
+    cv = CVSummary(1.5, 0.5, 2, 10, 1.4, 0.1)
+    assert list(cv.to_record()) == ["cv_distance", "cv_top1", "folds", "oof_rows", "fold_distance_mean", "fold_distance_std"]
+    tl = CVSummary(1.5, 0.5, 2, 10, 1.4, 0.1, 2.5, 0.4)
+    assert list(tl.to_record())[-2:] == ["cv_distance_testlike", "cv_top1_testlike"]
+    rec = SelfTraining((RoundResult(cv, 7), RoundResult(tl, 9)), "round_2").to_record()
+    assert rec == {**tl.to_record(), "pseudo_rows": 9, "rounds": 2, "fold_root": "round_2",
+                   "per_round": [{"cv_distance": 1.5, "cv_top1": 0.5, "pseudo_rows": 7},
+                                 {"cv_distance": 1.5, "cv_top1": 0.5, "cv_distance_testlike": 2.5, "cv_top1_testlike": 0.4, "pseudo_rows": 9}]}

@@ -48,3 +48,28 @@ def test_invalid_submission_is_never_written(tmp_path):
     assert path.read_text() == "annotation_id,concept_name\n5,Asteroidea\n"
     write_submission(sub([(5, "Asteroidea"), (3, "Sebastes"), (9, "Sebastes")]), path, IDS, NAMES)
     assert pd.read_csv(path)["annotation_id"].tolist() == IDS
+
+
+def test_full_submission_answers_every_test_id_and_lists_the_fallbacks(tmp_path):
+    """The writer 04 and the kNN baseline share: JSON order, each id once, the rest answered by the train prior."""
+    import json
+
+    import numpy as np
+
+    from lib.config import load_config
+    from lib.data.taxonomy import load_taxonomy_csv
+    from lib.decide.ensemble import prior_answer
+    from lib.decide.submission import write_full_submission
+
+    anns = [{"id": i, "image_id": 1, "bbox": [0, 0, 4, 4]} for i in (5, 3, 9, 3)]
+    (tmp_path / "dataset_test.json").write_text(json.dumps({"images": [], "annotations": anns, "categories": []}))
+    cfg = load_config("configs/demo.yaml", [f"data.root={tmp_path}"])
+    tax = load_taxonomy_csv("configs/taxonomy/fathomnet2025.csv")
+    counts = np.arange(tax.n_classes) + 1
+    res = write_full_submission(cfg, {5: 2, 9: 1}, tax, counts, tmp_path / "submission.csv", fallbacks_csv=tmp_path / "fallbacks.csv")
+    fallback = prior_answer(counts, tax.distance_matrix())
+    assert res.fallback == fallback and res.fell_back == [3] and res.rows == 3
+    written = pd.read_csv(tmp_path / "submission.csv")
+    assert written["annotation_id"].tolist() == [5, 3, 9]
+    assert written["concept_name"].tolist() == [tax.names[2], tax.names[fallback], tax.names[1]]
+    assert pd.read_csv(tmp_path / "fallbacks.csv").to_dict("list") == {"annotation_id": [3], "concept_name": [tax.names[fallback]]}

@@ -77,13 +77,14 @@ def save_resolved_config(cfg: Config, stage_dir: Path) -> None:
     atomic_write_text(stage_dir / "config.yaml", dump_yaml(cfg))
 
 
-def run_cli(main: Callable[[argparse.Namespace, Config], int], parser: argparse.ArgumentParser, argv: Sequence[str] | None) -> int:
-    """Parse, load the config, run; user-facing errors become one line on stderr and exit code 2."""
+def run_cli(run: Callable[[argparse.Namespace, Config], int], parser: argparse.ArgumentParser, argv: Sequence[str] | None) -> int:
+    """A stage's `main`: parse, load the config, call `run(args, cfg)` (the stage body); user-facing errors become
+    one line on stderr and exit code 2."""
     args = parser.parse_intermixed_args(argv)  # flags may follow key=value overrides
     setup_logging()
     try:
         cfg = load_config(args.config, args.overrides)
-        return main(args, cfg)
+        return run(args, cfg)
     except UserError as e:  # ConfigError, StageError, TaxonomyError, MetricError ...
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -22,7 +22,7 @@ from lib.core.errors import StageError
 from lib.core.io import dir_digest, file_digest, remove_temp_files
 from lib.core.locks import acquire_lock
 from lib.core.paths import ROOT
-from lib.core.records import RECORD, Stage, upstream_digest
+from lib.core.records import RECORD, Stage, read_record, upstream_digest
 
 log = logging.getLogger("pipeline")
 
@@ -62,25 +62,47 @@ SPECS: dict[str, Spec] = {
 PHASE_STAGES = {"phase1": "01_train", "phase2": "03_retrain"}
 
 
-def model_stage(model: str) -> str:
-    """The training stage behind a `submit.models` name: phase1 -> 01, phase2 and round<r> -> 03."""
-    return PHASE_STAGES.get(model, "03_retrain")
+@dataclass(frozen=True)
+class ModelRef:
+    """A `submit.models` name: `phase1` (01's folds), `phase2` (03's last round) or `round<r>` (03's round r).
 
+    `parse` is the one reader of these names (the config's check, the stage graph and 04 all ask it).
+    """
 
-def model_folds(cfg: Config, model: str) -> list:
-    """Fold folders of a `submit.models` name; `round<r>` is 03's self-training round r (round1 = 03's own folds)."""
-    if model in PHASE_STAGES:
-        return fold_dirs(cfg, PHASE_STAGES[model])
-    r = int(model[len("round"):])
-    folds = fold_dirs(cfg, "03_retrain")
-    root = cfg.out_dir / "03_retrain" / ("." if r == 1 else f"round_{r}")
-    return [root / d.name for d in folds]
+    name: str
+    phase: str  # phase1, phase2 or round
+    round: int | None = None  # r of round<r>
+
+    @classmethod
+    def parse(cls, name: str) -> "ModelRef":
+        if name in PHASE_STAGES:
+            return cls(name, name)
+        if name.startswith("round") and name[5:].isdigit():
+            return cls(name, "round", int(name[5:]))
+        raise ValueError(f"'{name}' is not a model name (phase1, phase2 or round<r>)")
+
+    @property
+    def stage(self) -> str:
+        """The training stage behind it: phase1 -> 01, phase2 and round<r> -> 03."""
+        return PHASE_STAGES.get(self.phase, "03_retrain")
+
+    def folds(self, cfg: Config) -> list[Path]:
+        """Its fold folders; round1 is 03's own folds, round<r> for r > 1 those in 03's round_<r>/."""
+        if self.round is None:
+            return fold_dirs(cfg, self.stage)
+        root = cfg.out_dir / "03_retrain" / ("." if self.round == 1 else f"round_{self.round}")
+        return [root / d.name for d in fold_dirs(cfg, "03_retrain")]
+
+    def result(self, cfg: Config) -> dict:
+        """Its training record's result (CV figures); for round<r>, round r's entry of 03's `per_round`."""
+        res = (read_record(cfg.out_dir / self.stage / RECORD) or {}).get("result", {})
+        return res.get("per_round", [{}])[self.round - 1] if self.round is not None else res
 
 
 def upstream_of(cfg: Config, name: str) -> tuple[str, ...]:
     """Direct upstream stages; 04 depends on whichever phases `submit.models` blends, knn on 01 when it embeds with 01's models."""
     if name == "04_submit":
-        return SPECS[name].upstream + tuple(dict.fromkeys(model_stage(m) for m in cfg.submit.models))
+        return SPECS[name].upstream + tuple(dict.fromkeys(ModelRef.parse(m).stage for m in cfg.submit.models))
     if name == "knn" and cfg.knn.source == "phase1":
         return SPECS[name].upstream + ("01_train",)
     return SPECS[name].upstream
@@ -215,8 +237,6 @@ def fold_dirs(cfg: Config, name: str) -> list:
 
     For 03 with several self-training rounds these are the last round's (`result.fold_root`).
     """
-    from lib.core.records import read_record
-
     rec = read_record(cfg.out_dir / name / "record.json")
     if rec is None or "folds" not in rec.get("result", {}):
         raise StageError(f"{cfg.out_dir / name / 'record.json'} is missing or incomplete; run {SPECS[name].script} first.")

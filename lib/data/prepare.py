@@ -16,6 +16,7 @@ import pandas as pd
 
 from lib.config import Config
 from lib.core.errors import StageError
+from lib.core.io import atomic_path, atomic_write_json
 from lib.data.coco import CocoSet, frame_path, read_coco, safe_file_name
 from lib.data.crops import (
     BoxJob,
@@ -35,11 +36,43 @@ BASE_COLUMNS = ["split", "annotation_id", "image_id", "label", "concept_name", "
 
 
 @dataclass
-class Prepared:
+class Preparation:
+    """What `prepare` found, before it is written: the ROIs (crop paths relative to the stage folder), rejects, taxonomy, summary."""
+
     rois: pd.DataFrame
     rejects: pd.DataFrame
     taxonomy: Taxonomy
     summary: dict
+
+    def write(self, folder: Path) -> None:
+        """rois.csv, rejects.csv, taxonomy.json and summary.json into the stage folder, each atomically."""
+        with atomic_path(folder / "rois.csv") as tmp:
+            self.rois.to_csv(tmp, index=False)
+        with atomic_path(folder / "rejects.csv") as tmp:
+            self.rejects.to_csv(tmp, index=False)
+        atomic_write_json(folder / "taxonomy.json", self.taxonomy.to_json())
+        atomic_write_json(folder / "summary.json", self.summary)
+
+    def to_record(self) -> dict:
+        """00's record result: usable train ROIs, test ROIs (with and without a crop), rejects, classes."""
+        counts = self.rois.groupby("split")["ok"].agg(["size", "sum"]).to_dict("index")
+        test = counts.get("test", {})
+        return {
+            "train_rois": int(counts.get("train", {}).get("sum", 0)),
+            "test_rois": int(test.get("size", 0)),
+            "test_rois_without_crop": int(test.get("size", 0) - test.get("sum", 0)),
+            "rejects": len(self.rejects),
+            "classes": self.taxonomy.n_classes,
+        }
+
+    def log_summary(self, name: str) -> None:
+        """What a user checks first, on the console: usable rows, classes, box sizes, rejects by reason."""
+        s = self.summary
+        log.info("%s: %s", name, ", ".join(f"{k} {v['usable']}/{v['rows']} usable" for k, v in s["rois"].items()))
+        log.info("%s: %d classes, %d..%d train boxes per class; box side quantiles %s: train %s, test %s", name, s["classes"],
+                 *s["per_class_min_max"], s["box_side_quantiles"]["q"], s["box_side_quantiles"]["train"], s["box_side_quantiles"]["test"])
+        for reason, n in s["rejects"].items():
+            log.info("%s: rejected %d x %s", name, n, reason)
 
 
 def crop_spec(cfg: Config) -> CropSpec:
@@ -162,7 +195,7 @@ def _crop_split(split: str, rows: list[dict], by_frame: dict[Path, list[int]], s
     return rejects
 
 
-def prepare(cfg: Config, out_dir: Path) -> Prepared:
+def prepare(cfg: Config, out_dir: Path) -> Preparation:
     """Read both JSON files, cut every usable box, assign folds; writes only crops."""
     paths = cfg.data.paths()
     train, test = read_coco(paths["train_json"]), read_coco(paths["test_json"])
@@ -218,7 +251,7 @@ def prepare(cfg: Config, out_dir: Path) -> Prepared:
             rois[c] = [str(Path(p).relative_to(out_dir)) if p else "" for p in rois[c]]
     summary = summarize(rois, rejects, train, test, tax)
     summary["test_categories_not_in_train"] = unknown_test
-    return Prepared(rois=rois, rejects=rejects, taxonomy=tax, summary=summary)
+    return Preparation(rois=rois, rejects=rejects, taxonomy=tax, summary=summary)
 
 
 def compare_categories(train: CocoSet, test: CocoSet, test_json: Path) -> list[str]:

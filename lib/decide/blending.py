@@ -125,3 +125,35 @@ def compare(cfg: Config, models: Sequence[ModelProbs], tax: Taxonomy, prior: np.
             test_labels[name][method] = apply_decoding(cfg, test, tax, prior, dist, method)
         rows.append(row)
     return pd.DataFrame(rows), weights, test_labels
+
+
+@dataclass(frozen=True)
+class Blended:
+    """The submission's blend: one weight per model (in `submit.models` order) and the decoded test labels."""
+
+    weights: np.ndarray
+    labels: np.ndarray  # one concept label per test row of the models
+
+
+def blend_models(cfg: Config, models: Sequence[ModelProbs], tax: Taxonomy, train_counts: np.ndarray, cache: Path | None = None) -> Blended:
+    """`submit.blend` weights (one model: weight 1), then logit adjustment and `submit.decode` on the blended test probabilities."""
+    dist = tax.distance_matrix()
+    weights = weights_for(cfg.submit.blend, cfg, models, dist, cache) if len(models) > 1 else np.ones(1)
+    prior = train_counts / train_counts.sum()
+    return Blended(weights, apply_decoding(cfg, blend([m.test for m in models], weights), tax, prior, dist))
+
+
+@dataclass(frozen=True)
+class Options:
+    """Every single model and blend option scored out of fold (see `compare`), and the submitted option's score."""
+
+    table: pd.DataFrame
+    test_labels: dict[str, dict[str, np.ndarray]]
+    oof_distance: float  # the submitted option (the single model, or `blend <submit.blend>`) under `submit.decode`
+
+
+def blend_options(cfg: Config, models: Sequence[ModelProbs], tax: Taxonomy, train_counts: np.ndarray, cache: Path | None = None) -> Options:
+    """The options table of report.md and options.csv, with the submitted option's out-of-fold distance."""
+    table, _, test_labels = compare(cfg, models, tax, train_counts / train_counts.sum(), cache)
+    chosen = table.iloc[-1] if len(models) == 1 else table[table["model"] == f"blend {cfg.submit.blend}"].iloc[0]
+    return Options(table, test_labels, float(chosen[f"oof_{cfg.submit.decode}"]))

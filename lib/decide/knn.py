@@ -227,3 +227,21 @@ def votes_table(scores: dict[str, dict], chosen: str) -> str:
     for v, s in scores.items():
         lines.append(f"| {v} | {s['cv_distance']:.4f} | {s['cv_top1']:.3f} | {'yes' if v == chosen else ''} |")
     return "\n".join(lines) + "\n"
+
+
+@dataclass(frozen=True)
+class VoteChoice:
+    """Every protocol's out-of-fold scores and the one the submission uses."""
+
+    scores: dict[str, dict]
+    chosen: str
+
+    @property
+    def table(self) -> str:
+        return votes_table(self.scores, self.chosen)
+
+
+def choose_vote(probs: np.ndarray, labels: np.ndarray, taxonomy: Taxonomy, votes: list[str] | tuple[str, ...], vote: str) -> VoteChoice:
+    """Score each protocol of `votes` on out-of-fold distributions; submit `vote`, or with `best` the lowest CV distance."""
+    scores = score_votes(probs, labels, taxonomy, votes)
+    return VoteChoice(scores, best_vote(scores) if vote == "best" else vote)

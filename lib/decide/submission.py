@@ -1,13 +1,19 @@
 """Build, validate and write submission.csv (`annotation_id,concept_name`, one row per test id)."""
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
+from typing import TYPE_CHECKING, Sequence
 
+import numpy as np
 import pandas as pd
 
 from lib.core.errors import StageError
 from lib.core.io import atomic_path
+
+if TYPE_CHECKING:
+    from lib.config import Config
+    from lib.data.taxonomy import Taxonomy
 
 
 def validate_submission(sub: pd.DataFrame, test_ids: Sequence[int], names: Sequence[str]) -> None:
@@ -42,3 +48,36 @@ def assemble(test_ids: Sequence[int], predicted: dict[int, int], names: Sequence
             label = fallback
         rows.append({"annotation_id": int(i), "concept_name": names[label]})
     return pd.DataFrame(rows, columns=["annotation_id", "concept_name"]), fell_back
+
+
+@dataclass(frozen=True)
+class SubmissionResult:
+    """A written submission: its rows, the ids answered by the prior (no usable crop) and that prior answer."""
+
+    frame: pd.DataFrame
+    fell_back: list[int]
+    fallback: int
+
+    @property
+    def rows(self) -> int:
+        return len(self.frame)
+
+
+def write_full_submission(cfg: Config, predicted: dict[int, int], taxonomy: Taxonomy, train_counts: np.ndarray, path: Path,
+                          fallbacks_csv: Path | None = None) -> SubmissionResult:
+    """submission.csv with one row per annotation of data.test_json: `predicted` labels, the rest the train prior's answer.
+
+    The prior's answer is the concept of least expected distance under the train class counts;
+    `fallbacks_csv`, when given, lists the ids it answered.
+    """
+    from lib.data.coco import read_coco
+    from lib.decide.ensemble import prior_answer
+
+    fallback = prior_answer(train_counts, taxonomy.distance_matrix())
+    test_ids = read_coco(cfg.data.paths()["test_json"]).annotations["id"].astype(int).tolist()
+    sub, fell_back = assemble(test_ids, predicted, taxonomy.names, fallback)
+    write_submission(sub, path, test_ids, taxonomy.names)
+    if fallbacks_csv is not None:
+        with atomic_path(fallbacks_csv) as tmp:
+            pd.DataFrame({"annotation_id": fell_back, "concept_name": taxonomy.names[fallback]}).to_csv(tmp, index=False)
+    return SubmissionResult(sub, fell_back, fallback)

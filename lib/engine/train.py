@@ -42,6 +42,7 @@ from lib.data.samplers import build_sampler
 from lib.data.taxonomy import RANKS, Taxonomy
 from lib.decide.metric import score_labels
 from lib.engine.inference import predict
+from lib.engine.results import CVSummary
 from lib.model import dist as ddp
 from lib.model.checkpoint import load_checkpoint
 from lib.model.device import autocast, channels_last, pick_device
@@ -426,7 +427,7 @@ def fold_splits(rois: pd.DataFrame, folds: list[int], extra: pd.DataFrame | None
 
 
 def run_folds(cfg: Config, stage: Stage, *, rois: pd.DataFrame, taxonomy: Taxonomy, epochs: int, only: list[int] | None = None,
-              force: bool = False, dry_run: bool = False, extra: pd.DataFrame | None = None) -> dict | None:
+              force: bool = False, dry_run: bool = False, extra: pd.DataFrame | None = None) -> CVSummary | None:
     """Train every fold that is not up to date (`only` these folds, else `train.folds` or all), adding `extra`
     training rows (phase 2's pseudo-labels); returns the CV summary once all folds are done (None on a dry run)."""
     ddp.init(pick_device(cfg.train.device).type)
@@ -455,7 +456,7 @@ def run_folds(cfg: Config, stage: Stage, *, rois: pd.DataFrame, taxonomy: Taxono
     return cv_summary(stage, n_folds, taxonomy)
 
 
-def cv_summary(stage: Stage, n_folds: int, taxonomy: Taxonomy) -> dict | None:
+def cv_summary(stage: Stage, n_folds: int, taxonomy: Taxonomy) -> CVSummary | None:
     """Out-of-fold score over all folds, or None while some fold is missing or stale."""
     oofs = []
     for k in range(n_folds):
@@ -467,9 +468,8 @@ def cv_summary(stage: Stage, n_folds: int, taxonomy: Taxonomy) -> dict | None:
     dist = taxonomy.distance_matrix()
     m = evaluate(np.concatenate([o["probs"] for o in oofs]), labels, dist)
     per_fold = [evaluate(o["probs"], o["label"], dist)["val_distance"] for o in oofs]
-    out = {"cv_distance": m["val_distance"], "cv_top1": m["val_top1"], "folds": n_folds, "oof_rows": int(len(labels)),
-           "fold_distance_mean": float(np.mean(per_fold)), "fold_distance_std": float(np.std(per_fold))}
+    t = {}
     if all("probs_testlike" in o for o in oofs):
         t = evaluate(np.concatenate([o["probs_testlike"] for o in oofs]), labels, dist)
-        out.update({"cv_distance_testlike": t["val_distance"], "cv_top1_testlike": t["val_top1"]})
-    return out
+    return CVSummary(m["val_distance"], m["val_top1"], n_folds, int(len(labels)), float(np.mean(per_fold)), float(np.std(per_fold)),
+                     t.get("val_distance"), t.get("val_top1"))

@@ -68,6 +68,23 @@ def submit_report(cfg: Config, records: dict[str, dict], weights: dict[str, floa
     return "\n".join(lines) + "\n"
 
 
+def write_submit_report(cfg: Config, folder: Path, models: Sequence, weights: np.ndarray, options, sub, test_ids: np.ndarray,
+                        taxonomy) -> None:
+    """04's options.csv (with test columns where a truth is known) and report.md.
+
+    `models`: lib.decide.blending.ModelProbs in `submit.models` order, blended with `weights`;
+    `options`: lib.decide.blending.Options; `sub`: lib.decide.submission.SubmissionResult.
+    """
+    from lib.core.io import atomic_path, atomic_write_text
+
+    table, truth = score_options(cfg, options.table, options.test_labels, test_ids, taxonomy.names, taxonomy.distance_matrix())
+    with atomic_path(folder / "options.csv") as tmp:
+        table.to_csv(tmp, index=False)
+    records = {m.name: m.record for m in models}
+    report = submit_report(cfg, records, dict(zip(cfg.submit.models, weights.tolist())), table, sub.frame, sub.fell_back, truth)
+    atomic_write_text(folder / "report.md", report)
+
+
 def test_score(cfg: Config, submission: Path) -> float | None:
     """Score a submission against the known truth (`<data.root>/solution.csv`) when both exist."""
     from lib.data.taxonomy import load_taxonomy_csv
