@@ -69,7 +69,8 @@ def run(quick: bool = False, work: Path | None = None) -> list[dict]:
     floor = import_floor()
     total = lambda r: sum(v["seconds"] for v in r.values())  # noqa: E731
     t1, t2, t3 = total(first), total(again), total(blend)
-    lines = ["| step | first run s | peak RSS MiB | rerun, nothing changed: s / what it did | rerun, submit.blend=cv: s / what it did | peak RSS MiB |",
+    lines = ["| step | first run s | peak RSS MiB | rerun, nothing changed: s / what it did "
+             "| rerun, submit.blend=cv: s / what it did | peak RSS MiB |",
              "|---|---|---|---|---|---|"]
     for step, _ in STEPS:
         a, b, c = first[step], again[step], blend[step]

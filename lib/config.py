@@ -480,7 +480,7 @@ def load_config(path: str | Path | None, overrides: list[str] | tuple[str, ...] 
         try:
             raw = yaml.safe_load(p.read_text()) or {}
         except yaml.YAMLError as e:
-            raise ConfigError(f"Config file '{p}' is not valid YAML ({e.__class__.__name__}); fix its syntax.")
+            raise ConfigError(f"Config file '{p}' is not valid YAML ({e.__class__.__name__}); fix its syntax.") from e
     for o in overrides:
         raw = _merge(raw, parse_override(o))
     cfg = _build(Config, raw, "")
@@ -604,7 +604,7 @@ def validate(cfg: Config) -> None:
     try:
         check_view_names(cfg.tta.views)
     except ValueError as e:
-        raise ConfigError(f"tta.views: {e}")
+        raise ConfigError(f"tta.views: {e}") from e
     for key, value in (("model.pretrained_file", cfg.model.pretrained_file), ("knn.pretrained_file", cfg.knn.pretrained_file)):
         section = key.split(".")[0]
         if getattr(cfg, section).pretrained == "file" and not (value and Path(value).is_file()):

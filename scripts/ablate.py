@@ -14,10 +14,10 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+import ablation as ab  # noqa: E402  (beside this script)
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
-import ablation as ab  # noqa: E402  (beside this script)
 from lib.config import load_config  # noqa: E402
 from lib.core.cli import setup_logging  # noqa: E402
 from lib.core.io import atomic_write_text
@@ -82,7 +82,8 @@ def report(rows: list[dict], extra: list[dict], nov: list[dict], s: ab.Setting, 
     main_cols = [("cv_distance", "CV dist."), ("cv_distance_testlike", "CV test-like"), ("cv_top1", "CV top-1"),
                  ("oof_min_risk", "OOF min-risk"), ("test_argmax", "test argmax"), ("test_min_risk", "test min-risk")]
     sections = [("loss", "Losses (phase 1, linear head, ROI only)"), ("head", "Heads (loss ce)"),
-                ("context", "ROI only against ROI + context (loss ce)"), ("pseudo", "Pseudo-labelling (phase 2 retrained from the ce base of the first seed)"),
+                ("context", "ROI only against ROI + context (loss ce)"),
+                ("pseudo", "Pseudo-labelling (phase 2 retrained from the ce base of the first seed)"),
                 ("knn", "kNN baseline (CV per vote; the test score of the vote chosen by CV)")]
     base0 = first_seed_base(rows, s)
     for g, head in sections:
@@ -171,7 +172,8 @@ def findings(df: pd.DataFrame, extra: list[dict], nov: list[dict], base0: pd.Dat
                    f"test {off['test_min_risk']:.3f}); {better} of {len(pseudo)} variants lower the CV distance.")
     if extra:
         single = np.mean([r["test_min_risk"] for r in extra[:-1]])
-        out.append(f"- The fold ensemble scores {extra[-1]['test_min_risk']:.3f} on the demo test against {single:.3f} for a single fold model on average.")
+        out.append(f"- The fold ensemble scores {extra[-1]['test_min_risk']:.3f} on the demo test against {single:.3f} "
+                   "for a single fold model on average.")
     lt = df[(df["group"] == "long_tail") & df["val_top1_tail"].notna()] if "val_top1_tail" in df else df.iloc[:0]
     if not lt.empty:
         best = lt.loc[lt["val_top1_tail"].idxmax()]
@@ -242,7 +244,6 @@ def truth_and_dist(s: ab.Setting, config: str):
     """The demo's test labels (report only) and the distance matrix."""
     from lib.data.taxonomy import load_taxonomy_csv
     from lib.decide.metric import DEFAULT_TAXONOMY
-
     from lib.report.truth import find_truth
 
     cfg = load_config(config, [*s.base, *s.datasets["base"]])

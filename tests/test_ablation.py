@@ -1,9 +1,9 @@
 """The ablation grid's shape and the arithmetic of its summary (running it is `make ablate`)."""
-import numpy as np
-import pytest
-
 import sys
 from pathlib import Path
+
+import numpy as np
+import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
 import ablation as ab  # noqa: E402  (scripts/ablation.py)

@@ -377,7 +377,8 @@ def test_deleted_best_pt_reruns_only_that_fold(ref, copy, caplog):
     caplog.clear()  # the retrained fold is the same bytes on CPU, so nothing downstream reruns: the loss cost one fold
     for s in STAGES[2:]:
         assert load(s).main(args_for(copy, None, None, "--dry-run")) == 0
-    assert [m for m in caplog.messages if "up to date" in m] == [f"{n}: up to date ({copy.out / n})" for n in ("02_pseudo", "03_retrain", "04_submit")]
+    ups = [f"{n}: up to date ({copy.out / n})" for n in ("02_pseudo", "03_retrain", "04_submit")]
+    assert [m for m in caplog.messages if "up to date" in m] == ups
 
 
 def test_truncated_record_and_checkpoint_are_absent_with_a_warning(ref, copy, caplog):

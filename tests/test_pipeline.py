@@ -266,7 +266,6 @@ def test_resume_after_a_kill_gives_the_same_weights(tiny, tmp_path, caplog):
 def test_early_stopping_keeps_the_best_epoch(tiny, tmp_path, monkeypatch, caplog):
     """With patience 1, a run whose val distance only worsens stops after 2 epochs and keeps epoch 1."""
     import lib.engine.train as train_mod
-
     from lib.core.records import Stage
 
     cfg, split, tax = _fold_setup(tiny, tmp_path, "train.patience=1")

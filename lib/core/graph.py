@@ -51,9 +51,11 @@ SPECS: dict[str, Spec] = {
     for s in (
         Spec("00_prepare", "00_prepare_data.py", ("seed", "data", "prepare"), (), ("rois.csv", "taxonomy.json")),
         Spec("01_train", "01_train_folds.py", ("seed", "model", "head", "train", "augment", "loss"), ("00_prepare",), folds=True),
-        Spec("02_pseudo", "02_pseudo_label.py", ("seed", "model", "head", "pseudo", "!pseudo.rounds", "!pseudo.weight_power", "tta"), ("00_prepare", "01_train"),
+        Spec("02_pseudo", "02_pseudo_label.py", ("seed", "model", "head", "pseudo", "!pseudo.rounds", "!pseudo.weight_power", "tta"),
+             ("00_prepare", "01_train"),
              ("test_probs.npz", "pseudo_labels.csv")),
-        Spec("03_retrain", "03_retrain.py", ("seed", "model", "head", "train", "augment", "loss", "retrain", "pseudo", "tta"), ("00_prepare", "02_pseudo"),
+        Spec("03_retrain", "03_retrain.py", ("seed", "model", "head", "train", "augment", "loss", "retrain", "pseudo", "tta"),
+             ("00_prepare", "02_pseudo"),
              folds=True),
         Spec("04_submit", "04_infer_submit.py", ("seed", "model", "head", "submit", "tta"), ("00_prepare",), ("submission.csv",)),
         Spec("knn", "knn_baseline.py", ("seed", "knn"), ("00_prepare",), ("submission.csv", "oof.npz")),
@@ -185,7 +187,8 @@ def preflight(cfg: Config, name: str, frames: bool = True) -> None:
                 hint = "; rerun with --download or set data." + key if key.endswith("images") else f"; set data.root (now '{d.root}') or data.{key}"
                 raise ConfigError(f"data.{key} '{p[key]}' does not exist{hint}.")
         if d.taxonomy_source == "csv" and not p["taxonomy_csv"].is_file():
-            raise ConfigError(f"data.taxonomy_csv '{p['taxonomy_csv']}' does not exist; point it at a taxonomy table or set data.taxonomy_source=worms.")
+            raise ConfigError(f"data.taxonomy_csv '{p['taxonomy_csv']}' does not exist; point it at a taxonomy table "
+                              "or set data.taxonomy_source=worms.")
     section = MODEL_STAGES.get(name)
     if section == "knn" and cfg.knn.source == "phase1":
         section = "model"

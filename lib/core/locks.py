@@ -77,7 +77,7 @@ def acquire_lock(folder: str | Path, what: str, shared: bool = False) -> None:
         os.close(fd)
         who = f"({_describe(info)})" if info else "(--fold runs)"
         raise StageLocked(f"{what} is already running in {folder} {who}; wait for that run to end or stop it, then rerun "
-                          f"(a killed run releases the lock by itself).")
+                          f"(a killed run releases the lock by itself).") from None
     info = _lock_info(fd)
     if info:  # an owner note with no owner: that run died without releasing
         log.warning("%s: taking over the lock in %s left by a run that ended without releasing it (%s)", what, folder, _describe(info))

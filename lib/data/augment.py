@@ -52,7 +52,7 @@ def _train_ops(aug: AugmentCfg, img_size: int) -> list[A.BasicTransform | A.Base
         # colour: the test frames' light differs
         (aug.brightness_contrast, lambda p: A.RandomBrightnessContrast(brightness_limit=_sym(aug.brightness),
                                                                        contrast_limit=_sym(aug.contrast),
-                                                                       brightness_by_max=False, p=p)),  # relative to the crop's mean: dark crops stay dark
+                                                                       brightness_by_max=False, p=p)),  # relative to the mean: dark stays dark
         (aug.clahe, lambda p: A.CLAHE(clip_limit=(1.0, 3.0), tile_grid_size=(4, 4), p=p)),
         (aug.hue_saturation, lambda p: A.HueSaturationValue(hue_shift_limit=_sym(aug.hue), sat_shift_limit=_sym(aug.saturation),
                                                             val_shift_limit=(0, 0), p=p)),

@@ -52,7 +52,7 @@ def read_coco(path: str | Path) -> CocoSet:
     try:
         obj = json.loads(p.read_text())
     except ValueError as e:
-        raise StageError(f"COCO file '{p}' is not valid JSON ({e}); download it again.")
+        raise StageError(f"COCO file '{p}' is not valid JSON ({e}); download it again.") from e
     missing = [k for k in TOP_KEYS if not isinstance(obj.get(k), list)]
     if missing:
         raise StageError(f"COCO file '{p}' lacks the list(s) {', '.join(missing)}; it is not a competition dataset file.")

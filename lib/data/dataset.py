@@ -35,7 +35,7 @@ class CropDataset(Dataset):
     def __len__(self) -> int:
         return len(self.paths)
 
-    def __getitem__(self, i: int) -> tuple[torch.Tensor, int, float]:
+    def __getitem__(self, i: int) -> tuple[torch.Tensor | np.ndarray, int, float]:
         item = self.paths[i]
         if isinstance(item, (tuple, list)):
             imgs = [read_rgb(p) for p in item]

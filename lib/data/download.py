@@ -169,7 +169,7 @@ def _fetch_once(opener: urllib.request.OpenerDirector, url: str, out: BinaryIO, 
     """
     out.seek(0)
     out.truncate()
-    req = urllib.request.Request(url, headers={"User-Agent": USER_AGENT})
+    req = urllib.request.Request(url, headers={"User-Agent": USER_AGENT})  # noqa: S310 (only http(s): download() refuses the rest first)
     try:
         with opener.open(req, timeout=timeout) as resp:
             expected = _content_length(resp)

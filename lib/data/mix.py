@@ -82,7 +82,8 @@ def mix_batch(x: torch.Tensor, y: torch.Tensor, w: torch.Tensor | None, *, n_cla
     """
     onehot = F.one_hot(y.long(), n_classes).float()
     n = len(y)
-    methods = [m for m, a in (("mixup", mixup_alpha), ("cutmix", cutmix_alpha)) if a > 0]
+    pairs: tuple[tuple[Literal["mixup", "cutmix"], float], ...] = (("mixup", mixup_alpha), ("cutmix", cutmix_alpha))
+    methods = [m for m, a in pairs if a > 0]
     if not methods or n == 0 or _rand(generator) >= prob:
         info = MixInfo("none", 1.0, torch.arange(n))
         return (x, onehot, w, info) if return_info else (x, onehot, w)

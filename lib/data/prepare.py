@@ -91,7 +91,7 @@ def label_space(train: CocoSet, table: Taxonomy) -> Taxonomy:
     try:
         return table.subset(list(train.categories["name"]))
     except TaxonomyError as e:
-        raise StageError(str(e))
+        raise StageError(str(e)) from e
 
 
 def box_sides(coco: CocoSet) -> np.ndarray:

@@ -38,7 +38,7 @@ def _default_lookup() -> Callable[[str], Any]:
         from fathomnet.api import worms
     except ImportError:
         raise StageError("data.taxonomy_source is worms but the fathomnet package is missing; pip install fathomnet, "
-                         "or give a taxonomy CSV in data.taxonomy_csv.")
+                         "or give a taxonomy CSV in data.taxonomy_csv.") from None
     return worms.get_ancestors
 
 

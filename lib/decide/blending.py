@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Sequence
+from typing import Any, Sequence
 
 import numpy as np
 import pandas as pd
@@ -110,15 +110,16 @@ def compare(cfg: Config, models: Sequence[ModelProbs], tax: Taxonomy, prior: np.
     dist = tax.distance_matrix()
     labels = models[0].oof_labels
     options: list[tuple[str, np.ndarray]] = [(m.name, np.eye(len(models))[i]) for i, m in enumerate(models)]
-    weights = {}
+    weights: dict[str, np.ndarray] = {}
     if len(models) > 1:
         for method in ("uniform", "cv", "fit"):
             weights[method] = weights_for(method, cfg, models, dist, cache)
             options.append((f"blend {method}", weights[method]))
-    rows, test_labels = [], {}
+    rows: list[dict[str, Any]] = []
+    test_labels: dict[str, dict[str, np.ndarray]] = {}
     for name, w in options:
         oof, test = blend([m.oof for m in models], w), blend([m.test for m in models], w)
-        row = {"model": name, "weights": " ".join(f"{x:.2f}" for x in w)}
+        row: dict[str, Any] = {"model": name, "weights": " ".join(f"{x:.2f}" for x in w)}
         test_labels[name] = {}
         for method in ("argmax", "min_risk"):
             row[f"oof_{method}"] = score_labels(labels, apply_decoding(cfg, oof, tax, prior, dist, method), dist)

@@ -21,7 +21,7 @@ EPS = 1e-12
 SOFT_BETA = 0.25  # the distance surrogate's softness, in distance units (see soft_min_risk_distance)
 
 
-def blend(probs: Sequence[np.ndarray], weights: Sequence[float] | None = None) -> np.ndarray:
+def blend(probs: Sequence[np.ndarray], weights: Sequence[float] | np.ndarray | None = None) -> np.ndarray:
     """Weighted mean of probability arrays of equal shape (uniform by default)."""
     w = np.ones(len(probs)) if weights is None else np.asarray(weights, dtype=np.float64)
     w = w / w.sum()

@@ -74,7 +74,7 @@ def build_index(base: np.ndarray, index: str = "flat", nlist: int = 100, nprobe:
     if use_gpu and gpu_available():
         out = _to_gpu(out)
         if index == "ivf":
-            out.nprobe = min(nprobe, effective_nlist(nlist, len(base)))
+            out.nprobe = min(nprobe, effective_nlist(nlist, len(base)))  # type: ignore[attr-defined]
     out.add(base)
     return out
 

@@ -39,7 +39,8 @@ def _ids(df: pd.DataFrame, what: str) -> pd.DataFrame:
         raise MetricError(f"The {what} file needs the columns annotation_id,concept_name; it has {', '.join(map(str, df.columns))}.")
     dup = df["annotation_id"][df["annotation_id"].duplicated()]
     if len(dup):
-        raise MetricError(f"The {what} file lists {dup.nunique()} annotation ids more than once (e.g. {', '.join(map(str, dup.unique()[:5]))}); keep one row per id.")
+        raise MetricError(f"The {what} file lists {dup.nunique()} annotation ids more than once "
+                          f"(e.g. {', '.join(map(str, dup.unique()[:5]))}); keep one row per id.")
     return df
 
 
@@ -57,7 +58,8 @@ def score_frames(solution: pd.DataFrame, submission: pd.DataFrame, taxonomy: Tax
         raise MetricError("Cannot score: " + " and ".join(parts) + "; submit exactly one row per solution annotation id.")
     unknown_sol = sorted(set(solution["concept_name"]) - set(taxonomy.names))
     if unknown_sol:
-        raise MetricError(f"The solution names {len(unknown_sol)} concepts not in the taxonomy (e.g. {', '.join(unknown_sol[:5])}); use the matching taxonomy table.")
+        raise MetricError(f"The solution names {len(unknown_sol)} concepts not in the taxonomy (e.g. {', '.join(unknown_sol[:5])}); "
+                          "use the matching taxonomy table.")
     merged = solution.merge(submission, on="annotation_id", suffixes=("_solution", "_submission"))
     unknown = ~merged["concept_name_submission"].isin(taxonomy.names)
     if unknown.any():

@@ -7,9 +7,7 @@ the generator's code; any change to one of them regenerates.
 from __future__ import annotations
 
 import argparse
-import ast
 import dataclasses
-import hashlib
 import json
 import shutil
 import sys
@@ -18,6 +16,7 @@ from pathlib import Path
 from typing import Iterable
 
 from lib.core.errors import StageError
+from lib.core.fingerprint import meaning_digest
 from lib.core.io import atomic_write_json, sha256_bytes
 from lib.data.taxonomy import load_taxonomy_csv
 from lib.demo import dataset, frames, looks, plans, sprites
@@ -27,27 +26,16 @@ RECORD = "demo_record.json"
 STAMPED = (looks, plans, sprites, frames, dataset)  # the modules whose code decides the data's bytes
 
 
-class _NoDocstrings(ast.NodeTransformer):
-    """Drops statements that are only a string: docstrings, which change no output."""
-
-    def visit_Expr(self, node: ast.Expr) -> ast.Expr | None:  # noqa: N802 (ast's name)
-        return None if isinstance(node.value, ast.Constant) and isinstance(node.value.value, str) else node
-
-
 def code_stamp(paths: Iterable[Path]) -> str:
-    """A digest of the modules' code, blind to comments, docstrings and layout (their AST, dumped).
+    """A digest of the modules' code by meaning (lib.core.fingerprint: their AST without docstrings, comments or layout).
 
-    A new Python version may dump differently: that regenerates once, which is harmless.
+    A new Python version may dump ASTs differently: that regenerates once, which is harmless.
     """
-    h = hashlib.sha256()
-    for p in paths:
-        tree = _NoDocstrings().visit(ast.parse(p.read_text(), filename=str(p)))
-        h.update(f"{p.name}\n{ast.dump(tree)}\n".encode())
-    return h.hexdigest()
+    return sha256_bytes("".join(f"{p.name}\n{meaning_digest(p.read_text())}\n" for p in paths).encode())
 
 
 def _code_hash() -> str:
-    return code_stamp(Path(m.__file__) for m in STAMPED)
+    return code_stamp(Path(str(m.__file__)) for m in STAMPED)
 
 
 def _is_ours(root: Path) -> bool:

@@ -100,7 +100,8 @@ def _layout(out_dir: Path, split_code: int, taxa: list[Taxon], looks: list[Look]
     labels = np.repeat(np.arange(len(taxa)), counts)
     labels = labels[rng.permutation(len(labels))]
     img_dir = out_dir / (TEST_IMAGES if split_code else TRAIN_IMAGES)
-    jobs, pos = [], 0
+    jobs: list[_Job] = []
+    pos = 0
     while pos < len(labels):
         k = int(rng.integers(cfg.min_objects, cfg.max_objects + 1))
         chunk = tuple(int(i) for i in labels[pos:pos + k])
@@ -140,7 +141,9 @@ def _coco(split_code: int, taxa: list[Taxon], jobs: list[_Job],
           results: list[tuple[str, list[tuple[int, int, int, int]]]]) -> tuple[dict, list[tuple[int, str]]]:
     """The split's COCO dict (test labels null) and its (annotation id, true name) pairs."""
     test = split_code == 1
-    images, annotations, truth = [], [], []
+    images: list[dict] = []
+    annotations: list[dict] = []
+    truth: list[tuple[int, str]] = []
     for job, (file_name, boxes) in zip(jobs, results):
         images.append({
             "id": job.image_id, "width": job.width, "height": job.height, "file_name": file_name,

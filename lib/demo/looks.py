@@ -115,7 +115,7 @@ def taxa_of(taxonomy: Taxonomy) -> list[Taxon]:
 
 def _name_rng(rank: str, name: str) -> np.random.Generator:
     """A generator that depends only on a rank and a name, so relatives share parameters."""
-    digest = hashlib.md5(f"{rank}:{name}".encode()).digest()
+    digest = hashlib.md5(f"{rank}:{name}".encode(), usedforsecurity=False).digest()  # a seed, not a secret
     return np.random.default_rng(int.from_bytes(digest[:8], "little"))
 
 

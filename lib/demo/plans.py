@@ -379,7 +379,7 @@ def _blob(pen: Pen, lk: Look) -> tuple[Point, Point]:
         pen.ellipse(0.0, -0.45, 0.08, 0.08, pen.dark)
         return (0.0, 0.9), (0.0, -0.45)
     if lk.style == 3:  # finger sponge
-        for k in range(int(3 + 3 * lk.pat_density)):
+        for _ in range(int(3 + 3 * lk.pat_density)):
             a = -math.pi / 2 + rng.uniform(-0.8, 0.8)
             pts = _curve(rng.uniform(-0.2, 0.2), 0.9, a, 1.4 * lk.arm_len, rng.uniform(-0.3, 0.3), n=6)
             pen.tapered(pts, 0.2 * lk.arm_width, 0.14 * lk.arm_width, pen.body)
@@ -395,10 +395,10 @@ def _blob(pen: Pen, lk: Look) -> tuple[Point, Point]:
         pts.append((r * math.cos(a) * lk.aspect ** 0.5, r * math.sin(a) / lk.aspect ** 0.5))
     pen.poly(pts, pen.body)
     if lk.style == 2:
-        for k in range(4):
+        for _ in range(4):
             a = rng.uniform(0, 2 * math.pi)
             pen.ellipse(0.45 * math.cos(a), 0.45 * math.sin(a), 0.28, 0.28, pen.body)
-    for k in range(int(2 + 4 * lk.pat_density)):
+    for _ in range(int(2 + 4 * lk.pat_density)):
         pen.ellipse(rng.uniform(-0.35, 0.35), rng.uniform(-0.35, 0.35), 0.07, 0.07, pen.dark)
     return (-0.4, 0.0), (0.4, 0.0)
 
@@ -441,7 +441,7 @@ def _worm(pen: Pen, lk: Look) -> tuple[Point, Point]:
             a = math.pi * (1.1 + 0.8 * i / (n - 1))
             arm = _curve(top[0], top[1], a, 0.55 * lk.arm_len, rng.uniform(-0.3, 0.3), n=6)
             pen.line(arm, 0.03 * lk.arm_width, pen.body)
-            for j, (x, y) in enumerate(arm[1:-1]):
+            for x, y in arm[1:-1]:
                 pen.line([(x, y), (x + 0.06 * math.cos(a + 1.4), y + 0.06 * math.sin(a + 1.4))], 0.012, pen.body)
     else:  # spaghetti tentacles spread wide
         for i in range(n):

@@ -35,7 +35,7 @@ def _axis_mask(pen: Pen, a: Point, b: Point, kind: str, density: float) -> Image
     cx, cy = (ax + bx) / 2, (ay + by) / 2
     if kind == "stripes":
         width = max(2, int(spacing * 0.4))
-        k = -CANVAS
+        k = -float(CANVAS)
         while k < CANVAS:
             px, py = cx + ux * k, cy + uy * k
             d.line([(px - uy * CANVAS, py + ux * CANVAS), (px + uy * CANVAS, py - ux * CANVAS)], fill=255, width=width)

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Callable, Iterable, Literal, Sequence
+from typing import Any, Callable, Iterable, Literal, Sequence
 
 import numpy as np
 import torch
@@ -108,8 +108,12 @@ def combine(per_view: Sequence[np.ndarray] | np.ndarray | torch.Tensor, mode: Mo
     class is wrong veto it. A tensor comes back as a tensor, anything else as float32 numpy."""
     if mode not in ("prob", "log"):
         raise ValueError(f"Unknown TTA mode '{mode}'; use prob or log.")
-    as_tensor = isinstance(per_view, torch.Tensor)
-    p = per_view.float() if as_tensor else torch.as_tensor(np.stack([np.asarray(v, dtype=np.float32) for v in per_view]))
+    if isinstance(per_view, torch.Tensor):
+        return _combine(per_view.float(), mode)
+    return _combine(torch.as_tensor(np.stack([np.asarray(v, dtype=np.float32) for v in per_view])), mode).numpy()
+
+
+def _combine(p: torch.Tensor, mode: Mode) -> torch.Tensor:
     if p.shape[0] == 0:
         raise ValueError("No view probabilities to combine; list at least one TTA view.")
     if p.shape[0] == 1:
@@ -118,7 +122,7 @@ def combine(per_view: Sequence[np.ndarray] | np.ndarray | torch.Tensor, mode: Mo
         out = p.mean(0)
     else:
         out = p.clamp_min(torch.finfo(p.dtype).tiny).log().mean(0).softmax(-1)
-    return out if as_tensor else out.numpy()
+    return out
 
 
 # ----------------------------------------------------------------------------- inference
@@ -142,16 +146,16 @@ def predict(model: nn.Module, loader: Iterable, device: torch.device, *, views: 
     the views. With `probs=False` only the embeddings are computed, and `model` may then be a
     plain timm model without a head (its pre-logits features, as knn_baseline's backbone).
     """
-    views = [v if isinstance(v, View) else parse_views([v])[0] for v in views]
-    if not views:
+    parsed = [v if isinstance(v, View) else parse_views([v])[0] for v in views]
+    if not parsed:
         raise ValueError("No TTA view is listed; list at least one (e.g. [identity]).")
     model.eval()
-    head = model.head_module if probs else None
+    head: Any = model.head_module if probs else None  # a lib.model.heads.Head
     parts: dict[str, list[torch.Tensor]] = {}
     for x, _, _ in tqdm(loader, desc=desc, leave=False, unit="batch"):
         x = x.to(device, non_blocking=True)
         per_view: dict[str, list[torch.Tensor]] = {}
-        for view in views:
+        for view in parsed:
             for k, v in _one_view(model, head, channels_last(view(x)), device, features, scores).items():
                 per_view.setdefault(k, []).append(v)
         for k, v in _combine_views(per_view, mode, keep_views).items():
@@ -162,18 +166,18 @@ def predict(model: nn.Module, loader: Iterable, device: torch.device, *, views: 
         if k in parts:
             result[k] = _cat(parts[k], 1 if k == "view_probs" else 0)
         elif wanted.get(k):  # an empty loader
-            result[k] = np.zeros((len(views), 0, 0) if k == "view_probs" else (0, 0), dtype=np.float32)
+            result[k] = np.zeros((len(parsed), 0, 0) if k == "view_probs" else (0, 0), dtype=np.float32)
     return result
 
 
-def _features(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
+def _features(model: Any, x: torch.Tensor) -> torch.Tensor:
     """Pooled features: a `Net`'s (fused over context views), or a plain timm model's pre-logits."""
     if hasattr(model, "features"):
         return model.features(x)
     return model.forward_head(model.forward_features(x), pre_logits=True)
 
 
-def _one_view(model: nn.Module, head: nn.Module | None, x: torch.Tensor, device: torch.device, features: bool,
+def _one_view(model: Any, head: Any, x: torch.Tensor, device: torch.device, features: bool,
               scores: Scores | None) -> dict[str, torch.Tensor]:
     """One forward pass of one view of a batch: float32 probs, embeddings, head_probs (B, H, C), scores."""
     with autocast(device):
@@ -196,7 +200,7 @@ def _combine_views(per_view: dict[str, list[torch.Tensor]], mode: Mode, keep_vie
     got = {}
     for k, v in per_view.items():
         stacked = torch.stack(v)
-        got[k] = combine(stacked, mode).cpu() if k in ("probs", "head_probs") else stacked.mean(0).cpu()
+        got[k] = _combine(stacked.float(), mode).cpu() if k in ("probs", "head_probs") else stacked.mean(0).cpu()
         if k == "probs" and keep_views:
             got["view_probs"] = stacked.cpu()
     return got
@@ -234,7 +238,7 @@ def predict_folds_tta(fold_dirs: Sequence, inputs: Sequence, cfg, taxonomy, devi
         model = load_fold_model(d, cfg, taxonomy, device)
         mean, std = mean_std(model)
         if decoded is not None and decoded[0] == (tuple(mean), tuple(std)):
-            batches = decoded[1]
+            batches: Iterable[Any] = decoded[1]
         else:
             batches = make_loader(inputs, img_size=cfg.model.img_size, mean=mean, std=std, batch_size=cfg.train.eval_batch_size,
                                   num_workers=cfg.train.num_workers, device=device)

@@ -51,7 +51,10 @@ def embeddings(cfg: Config, stage: Stage, paths: list[str], tax: Taxonomy) -> It
         return
     for fold, d in enumerate(pipeline.fold_dirs(cfg, "01_train")):
         key = f"{inputs['00_prepare']}|{inputs['01_train']}|{d.name}|{cfg.model.img_size}"
-        compute = lambda d=d: embed(load_fold_model(d, cfg, tax, device), cfg.model.img_size, f"embed {d.name}")  # noqa: E731
+
+        def compute(d: Path = d) -> dict:
+            return embed(load_fold_model(d, cfg, tax, device), cfg.model.img_size, f"embed {d.name}")
+
         arrays, hit = cached_npz(stage.dir / f"embeddings_{d.name}.npz", key, compute)
         log.info("%s: %s embeddings %s", stage.name, d.name, "from cache" if hit else "computed")
         yield fold, arrays["embeddings"]

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
-from typing import Sequence
+from typing import Any, Sequence
 
 import numpy as np
 import pandas as pd
@@ -47,7 +47,8 @@ def select(cfg: Config, ids: np.ndarray, arrays: dict[str, np.ndarray], n_classe
     members = ensemble_members(arrays)
     mean = arrays["probs"].mean(0)
     g, u = gmu(members, p.gmu_sigma)
-    frames, info = [], {}
+    frames: list[pd.DataFrame] = []
+    info: dict[str, Any] = {}
     if "confidence" in p.methods:
         frames.append(select_confident(ids, mean, p.threshold))
     if "vote" in p.methods:
@@ -75,8 +76,9 @@ def run_round(cfg: Config, fold_dirs: Sequence[Path], test: pd.DataFrame, tax: T
     arrays = predict_folds_tta(fold_dirs, model_inputs(test, cfg.model.context), cfg, tax, device)
     pseudo, info, g, u = select(cfg, ids, arrays, tax.n_classes)
     with atomic_path(out_dir / "test_probs.npz") as tmp:
-        np.savez(tmp, annotation_id=ids, mean=arrays["probs"].mean(0), gmu=g, u=u,
-                 **{k: (v.astype(np.float16) if k == "embeddings" else v) for k, v in arrays.items()})
+        saved: dict[str, Any] = {"annotation_id": ids, "mean": arrays["probs"].mean(0), "gmu": g, "u": u,
+                                        **{k: (v.astype(np.float16) if k == "embeddings" else v) for k, v in arrays.items()}}
+        np.savez(tmp, **saved)
     pseudo.insert(2, "concept_name", [tax.names[i] for i in pseudo["label"]])
     with atomic_path(out_dir / "pseudo_labels.csv") as tmp:
         pseudo.to_csv(tmp, index=False)

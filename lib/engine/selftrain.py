@@ -80,12 +80,14 @@ def train_round(cfg: Config, stage: Stage, r: int, prep: Prepared, extra: pd.Dat
 
 def run_rounds(cfg: Config, stage: Stage, prep: Prepared, *, only: list[int] | None, force: bool, dry_run: bool) -> SelfTraining | None:
     """Rounds 1..pseudo.rounds, reusing those already trained; None while some fold is not done, and on a dry run."""
-    pseudo_csv, done = cfg.out_dir / "02_pseudo" / "pseudo_labels.csv", []
+    pseudo_csv = cfg.out_dir / "02_pseudo" / "pseudo_labels.csv"
+    done: list[RoundResult] = []
     for r in range(1, cfg.pseudo.rounds + 1):
         if r > 1:  # this round's pseudo-labels come from the previous round's fold ensemble
-            pseudo_csv = round_pseudo_labels(cfg, stage, r, done[-1].cv.folds, prep, force, dry_run)
-            if pseudo_csv is None:
+            found = round_pseudo_labels(cfg, stage, r, done[-1].cv.folds, prep, force, dry_run)
+            if found is None:
                 return None
+            pseudo_csv = found
         result = train_round(cfg, stage, r, prep, pseudo_rows(cfg, pseudo_csv, prep.rois), only, force, dry_run)
         if result is None:
             return None

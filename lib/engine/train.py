@@ -24,7 +24,7 @@ import numpy as np
 import pandas as pd
 import torch
 from torch import nn
-from torch.utils.data import DataLoader, DistributedSampler
+from torch.utils.data import DataLoader, DistributedSampler, Sampler
 from tqdm import tqdm
 
 from lib.config import Config
@@ -46,7 +46,7 @@ from lib.engine.results import CVSummary
 from lib.model import dist as ddp
 from lib.model.checkpoint import load_checkpoint
 from lib.model.device import autocast, channels_last, pick_device
-from lib.model.losses import build_loss
+from lib.model.losses import WeightedLoss, build_loss
 from lib.model.net import Net, build_net, mean_std
 from lib.model.optim import Ema, lr_factor, param_groups
 
@@ -155,8 +155,8 @@ class Setup:
     """Everything one fold trains with, built by `set_up`; built again whole when the fold starts afresh."""
 
     model: Net  # validated and checkpointed; `train_model` is what the training forward runs
-    train_model: nn.Module  # the model, or its DDP / torch.compile wrapper
-    criterion: nn.Module
+    train_model: Any  # the model, or its DDP / torch.compile wrapper (a callable module)
+    criterion: WeightedLoss
     optimizer: torch.optim.Optimizer
     ema: Ema | None
     train_tf: Any  # the training transform, reseeded every epoch
@@ -187,7 +187,8 @@ def set_up(cfg: Config, split: FoldSplit, taxonomy: Taxonomy, epochs: int) -> Se
     dist = taxonomy.distance_matrix()
     model = build_net(cfg, taxonomy).to(device)
     model = model.to(memory_format=torch.channels_last)  # faster on CUDA and on CPU alike
-    train_model, world = model, ddp.world_size()
+    train_model: Any = model
+    world = ddp.world_size()
     if world > 1:  # gradients averaged across torchrun processes; rank 0 validates and writes
         train_model = torch.nn.parallel.DistributedDataParallel(
             model, device_ids=[device.index] if device.type == "cuda" else None, find_unused_parameters=cfg.augment.mixing)
@@ -286,7 +287,8 @@ def train_one_epoch(run: Setup, cfg: Config, split: FoldSplit, name: str, epoch:
             out = run.train_model(channels_last(x), full=True)
         # Mixed (soft) targets train the leaf logits with soft cross-entropy; one-hot batches use the head's loss.
         soft = y_soft is not None and not a.mix_same_leaf
-        loss = soft_target_loss(out.logits, y_soft.to(run.device), w) if soft else run.model.head_module.loss(out, y, w, run.criterion)
+        loss = soft_target_loss(out.logits, y_soft.to(run.device), w) if soft and y_soft is not None else \
+            run.model.head_module.loss(out, y, w, run.criterion)
         (loss / t.accumulate).backward()
         losses.append(loss.item())
         if (i + 1) % t.accumulate == 0 or i + 1 == len(loader):
@@ -299,6 +301,7 @@ def train_one_epoch(run: Setup, cfg: Config, split: FoldSplit, name: str, epoch:
 def _epoch_loader(run: Setup, t, labels: np.ndarray, epoch_seed: int, gen: torch.Generator) -> DataLoader:
     """The epoch's batches: shuffled, or drawn by `train.sampler`; under torchrun each rank its own share."""
     world, ds = ddp.world_size(), run.ds
+    sampler: Sampler | None
     if world > 1 and t.sampler == "random":
         sampler = DistributedSampler(ds, num_replicas=world, rank=ddp.rank(), shuffle=True, seed=epoch_seed, drop_last=True)
     elif world > 1:  # each rank draws its own share of a weighted sample
@@ -346,8 +349,9 @@ def save_best(run: Setup, out: Path, split: FoldSplit, epoch: int, val_distance:
     with atomic_path(out / "best.pt") as tmp, open(tmp, "wb") as f:  # via a handle: the same weights, the same bytes
         torch.save({"model": run.judged.state_dict(), "epoch": epoch + 1, "val_distance": val_distance}, f)
     with atomic_path(out / "oof.npz") as tmp:
-        np.savez(tmp, annotation_id=split.val["annotation_id"].to_numpy(), label=split.val["label"].to_numpy(), probs=arrays["probs"],
-                 epoch=np.int64(epoch + 1), **{k: v for k, v in arrays.items() if k != "probs"})
+        saved: dict[str, Any] = {"annotation_id": split.val["annotation_id"].to_numpy(), "label": split.val["label"].to_numpy(),
+                                 "probs": arrays["probs"], "epoch": np.int64(epoch + 1), **{k: v for k, v in arrays.items() if k != "probs"}}
+        np.savez(tmp, **saved)
 
 
 def save_last(run: Setup, stage: Stage, progress: Progress, epoch: int) -> None:

@@ -16,9 +16,9 @@ def load_checkpoint(path: Path) -> dict:
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except FileNotFoundError:
-        raise StageError(f"Checkpoint '{path}' is missing; rerun the training stage.")
+        raise StageError(f"Checkpoint '{path}' is missing; rerun the training stage.") from None
     except Exception as e:
-        raise StageError(f"Checkpoint '{path}' cannot be loaded safely ({type(e).__name__}); delete it and rerun the training stage.")
+        raise StageError(f"Checkpoint '{path}' cannot be loaded safely ({type(e).__name__}); delete it and rerun the training stage.") from e
 
 
 def load_fold_model(fold_dir: Path, cfg, taxonomy, device: torch.device) -> nn.Module:
@@ -28,7 +28,7 @@ def load_fold_model(fold_dir: Path, cfg, taxonomy, device: torch.device) -> nn.M
     try:
         model.load_state_dict(ckpt["model"])
     except RuntimeError:
-        raise StageError(f"Checkpoint '{fold_dir / 'best.pt'}' does not fit the configured model or head; rerun the training stage.")
+        raise StageError(f"Checkpoint '{fold_dir / 'best.pt'}' does not fit the configured model or head; rerun the training stage.") from None
     model.to(device)
     model = model.to(memory_format=torch.channels_last)  # faster on CUDA and on CPU alike
     return model.eval()

