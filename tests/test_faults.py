@@ -32,6 +32,8 @@ import torch
 
 from lib.demo.__main__ import main as demo_main
 
+pytestmark = pytest.mark.slow  # real kills and resumes of the stages (make test-fast leaves them out)
+
 ROOT = Path(__file__).resolve().parent.parent
 STAGES = ["00_prepare_data.py", "01_train_folds.py", "02_pseudo_label.py", "03_retrain.py", "04_infer_submit.py"]
 FAST = [  # a tiny, fast, deterministic chain: 2 folds, 2 epochs (1 in 03), 32 px, timm's test backbone

@@ -9,6 +9,8 @@ import pytest
 
 from lib.demo.__main__ import main as demo_main
 
+pytestmark = pytest.mark.slow  # end-to-end stage runs (make test-fast leaves them out)
+
 ROOT = Path(__file__).resolve().parent.parent
 SCRIPTS = ["00_prepare_data.py", "01_train_folds.py", "02_pseudo_label.py", "03_retrain.py", "04_infer_submit.py", "knn_baseline.py"]
 
