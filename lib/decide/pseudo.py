@@ -194,6 +194,15 @@ def _pure_cluster_cores(coords: np.ndarray, pred: np.ndarray, probs: np.ndarray,
             "assigned": assigned}
 
 
+def _aligned(annotation_ids: np.ndarray, embeddings: np.ndarray, mean_probs: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The three inputs as arrays, checked to hold one row per annotation id."""
+    ids, emb, probs = np.asarray(annotation_ids), np.asarray(embeddings, dtype=float), np.asarray(mean_probs, dtype=float)
+    if emb.ndim != 2 or len(emb) != len(ids) or probs.shape[0] != len(ids):
+        raise ValueError(f"embeddings {emb.shape} and mean_probs {probs.shape} must have one row per annotation id ({len(ids)}); "
+                         "pass arrays aligned with annotation_ids.")
+    return ids, emb, probs
+
+
 def select_cluster_core(
     annotation_ids: np.ndarray,
     embeddings: np.ndarray,
@@ -224,16 +233,8 @@ def select_cluster_core(
     `kept_clusters`, `core` (bool over candidates) and `skipped` (None, or why nothing was tried).
     Clusters under `min_size` members are never kept: their purity says nothing.
     """
-    mean_probs = np.asarray(mean_probs, dtype=float)
-    embeddings = np.asarray(embeddings, dtype=float)
-    ids = np.asarray(annotation_ids)
-    n_items = len(ids)
-    if embeddings.ndim != 2 or len(embeddings) != n_items or mean_probs.shape[0] != n_items:
-        raise ValueError(
-            f"embeddings {embeddings.shape} and mean_probs {mean_probs.shape} must have one row per annotation id ({n_items}); "
-            "pass arrays aligned with annotation_ids."
-        )
-    mask = np.ones(n_items, bool) if candidates_mask is None else np.asarray(candidates_mask, bool)
+    ids, embeddings, mean_probs = _aligned(annotation_ids, embeddings, mean_probs)
+    mask = np.ones(len(ids), bool) if candidates_mask is None else np.asarray(candidates_mask, bool)
     rows = np.flatnonzero(mask)
     pred = mean_probs[rows].argmax(1) if len(rows) else np.zeros(0, np.int64)
     info: dict[str, Any] = {
