@@ -251,7 +251,7 @@ def test_resume_after_a_kill_gives_the_same_weights(tiny, tmp_path, caplog):
     whole = Stage.create("a/fold_0", tmp_path / "a", cfg, ["train"], ROOT / "01_train_folds.py", {})
     fit_fold(cfg, split, tax, whole, epochs=2)
     killed = Stage.create("b/fold_0", tmp_path / "b", cfg, ["train"], ROOT / "01_train_folds.py", {})
-    assert fit_fold(cfg, split, tax, killed, epochs=2, stop_after=1) == {"stopped_after": 1}
+    assert fit_fold(cfg, split, tax, killed, epochs=2, stop_after=1) is None  # stopped as a kill would
     caplog.set_level(logging.INFO)
     fit_fold(cfg, split, tax, killed, epochs=2)
     assert "resuming at epoch 2/2" in caplog.text
@@ -280,7 +280,7 @@ def test_early_stopping_keeps_the_best_epoch(tiny, tmp_path, monkeypatch, caplog
     caplog.set_level(logging.INFO)
     st = Stage.create("c/fold_0", tmp_path / "c", cfg, ["train"], ROOT / "01_train_folds.py", {})
     result = train_mod.fit_fold(cfg, split.__class__(split.fold, split.train, split.val.drop(columns="testlike_path")), tax, st, epochs=4)
-    assert result["best_epoch"] == 1 and result["val_distance"] == 3.0
+    assert result.best_epoch == 1 and result.val_distance == 3.0
     assert "early stop after epoch 2" in caplog.text
     assert len(pd.read_csv(tmp_path / "c" / "history.csv")) == 2
 
@@ -300,7 +300,7 @@ def test_starting_over_is_a_bounded_loop(tiny, tmp_path, monkeypatch, caplog):
     torch.save({"model": {"nope": torch.zeros(1)}, "optimizer": {}, "epoch": 0, "best": {}, "history": [], "digest": st.digest},
                st.dir / "last.pt")
     caplog.set_level(logging.INFO)
-    assert train_mod.fit_fold(cfg, split, tax, st, epochs=1)["best_epoch"] == 1
+    assert train_mod.fit_fold(cfg, split, tax, st, epochs=1).best_epoch == 1
     assert f"ignoring checkpoint {st.dir / 'last.pt'}" in caplog.text
     set_ups, real = [], train_mod.set_up
     monkeypatch.setattr(train_mod, "set_up", lambda *a: set_ups.append(1) or real(*a))
@@ -335,7 +335,7 @@ def test_every_head_trains_and_predicts(tiny, tmp_path, head):
     cfg, split, tax = _fold_setup(tiny, tmp_path, f"head.name={head}", "head.hidden=32", "head.n_heads=3")
     st = Stage.create("h/fold_0", tmp_path / "fold_0", cfg, ["head"], ROOT / "01_train_folds.py", {})
     result = fit_fold(cfg, split, tax, st, epochs=1)
-    assert 0 <= result["val_distance"] <= 12
+    assert 0 <= result.val_distance <= 12
     probs = predict_folds_tta([tmp_path / "fold_0"], split.val["crop_path"].tolist()[:5], cfg, tax, torch.device("cpu"))["probs"]
     assert probs.shape == (1, 5, 79) and np.allclose(probs.sum(-1), 1, atol=1e-4)
 
@@ -353,7 +353,7 @@ def test_context_views_train_and_predict(tiny, tmp_path, fusion):
     cfg, split, tax = _fold_setup(tiny, tmp_path, "model.context=[1, 3, full]", f"model.fusion={fusion}")
     st = Stage.create("c/fold_0", tmp_path / "fold_0", cfg, ["model"], ROOT / "01_train_folds.py", {})
     result = fit_fold(cfg, split, tax, st, epochs=1)
-    assert 0 <= result["val_distance"] <= 12 and 0 <= result["val_distance_testlike"] <= 12
+    assert 0 <= result.val_distance <= 12 and 0 <= result.scores["val_distance_testlike"] <= 12
     probs = predict_folds_tta([tmp_path / "fold_0"], model_inputs(split.val.head(5), cfg.model.context), cfg, tax,
                               torch.device("cpu"))["probs"]
     assert probs.shape == (1, 5, 79) and np.allclose(probs.sum(-1), 1, atol=1e-4)
@@ -371,7 +371,7 @@ def test_mixing_and_samplers_train(tiny, tmp_path, extra):
     cfg, split, tax = _fold_setup(tiny, tmp_path, *extra)
     st = Stage.create("m/fold_0", tmp_path / "fold_0", cfg, ["augment"], ROOT / "01_train_folds.py", {})
     result = fit_fold(cfg, split, tax, st, epochs=1)
-    assert 0 <= result["val_distance"] <= 12 and np.isfinite(pd.read_csv(tmp_path / "fold_0" / "history.csv")["train_loss"]).all()
+    assert 0 <= result.val_distance <= 12 and np.isfinite(pd.read_csv(tmp_path / "fold_0" / "history.csv")["train_loss"]).all()
 
 
 def test_detailed_metrics_against_hand_counts():

@@ -1,4 +1,4 @@
-"""What training stages hand on: the CV summary of a fold set (01, each round of 03) and 03's rounds.
+"""What training stages hand on: a fold's result, the CV summary of a fold set (01, each round of 03) and 03's rounds.
 
 Each has `to_record()`, the dict its stage writes as `record.json`'s result (the keys reports and
 later stages read).
@@ -7,6 +7,27 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass
 from typing import Any
+
+
+@dataclass(frozen=True)
+class FoldResult:
+    """One trained fold: its best epoch, that epoch's validation scores and the rows it trained and validated on.
+
+    `scores` holds every `val_*` figure of the best epoch: distance and top-1, accuracy per rank,
+    top-1 on head / middle / tail classes and, where 00 cut them, the test-like view's.
+    """
+
+    best_epoch: int
+    scores: dict[str, float]
+    n_train: int
+    n_val: int
+
+    @property
+    def val_distance(self) -> float:
+        return self.scores["val_distance"]
+
+    def to_record(self) -> dict[str, Any]:
+        return {"best_epoch": self.best_epoch, **self.scores, "n_train": self.n_train, "n_val": self.n_val}
 
 
 @dataclass(frozen=True)

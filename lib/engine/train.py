@@ -42,7 +42,7 @@ from lib.data.samplers import build_sampler
 from lib.data.taxonomy import RANKS, Taxonomy
 from lib.decide.metric import score_labels
 from lib.engine.inference import predict
-from lib.engine.results import CVSummary
+from lib.engine.results import CVSummary, FoldResult
 from lib.model import dist as ddp
 from lib.model.checkpoint import load_checkpoint
 from lib.model.device import autocast, channels_last, pick_device
@@ -98,12 +98,12 @@ def detailed_metrics(probs: np.ndarray, labels: np.ndarray, taxonomy: Taxonomy, 
 
 
 def fit_fold(cfg: Config, split: FoldSplit, taxonomy: Taxonomy, stage: Stage, epochs: int, stop_after: int | None = None,
-             fresh: bool = False) -> dict:
+             fresh: bool = False) -> FoldResult | None:
     """Train one fold to `epochs`, resuming from `last.pt` when it belongs to this same run (unless `fresh`).
 
     Every epoch reseeds all randomness from (seed, fold, epoch), so a run resumed from `last.pt`
     ends with the same weights as one never interrupted. `stop_after` ends the run after that
-    epoch as a kill would (tests use it). A fold whose last.pt does not fit the model, or whose
+    epoch as a kill would (tests use it; the result is then None, as on every rank but 0). A fold whose last.pt does not fit the model, or whose
     `best.pt` or `oof.npz` is missing, unreadable or from another epoch than the best one (files
     lost after a kill), trains again from scratch, with a warning naming the file; lost again
     right after training it from scratch, it is a StageError (a disk that loses what it writes).
@@ -135,7 +135,7 @@ def fit_fold(cfg: Config, split: FoldSplit, taxonomy: Taxonomy, stage: Stage, ep
                 log.info("%s epoch %d/%d: loss %.3f, val distance %.3f, top1 %.3f%s (%.1fs)", stage.name, epoch + 1, epochs,
                          row["train_loss"], metrics["val_distance"], metrics["val_top1"], tl, row["seconds"])
             if ddp.broadcast_flag(stop_after is not None and epoch + 1 >= stop_after):
-                return {"stopped_after": epoch + 1}
+                return None
         lost = _best_files_problem(stage.dir, int(progress.best["epoch"])) if main else None
         if not ddp.broadcast_flag(lost is not None):  # every rank starts over together, or none does
             break
@@ -144,7 +144,7 @@ def fit_fold(cfg: Config, split: FoldSplit, taxonomy: Taxonomy, stage: Stage, ep
         if main:
             log.warning("%s; training %s again from scratch", lost, stage.name)
         fresh = True
-    return finish(run, stage, progress, n_val=len(split.val)) if main else {}
+    return finish(run, stage, progress, n_val=len(split.val)) if main else None
 
 
 # ----------------------------------------------------------------------------- set up
@@ -364,7 +364,7 @@ def save_last(run: Setup, stage: Stage, progress: Progress, epoch: int) -> None:
         torch.save(state, f)
 
 
-def finish(run: Setup, stage: Stage, progress: Progress, n_val: int) -> dict:
+def finish(run: Setup, stage: Stage, progress: Progress, n_val: int) -> FoldResult:
     """history.csv and curves.png of a finished fold; the result its record.json keeps."""
     with atomic_path(stage.dir / "history.csv") as tmp:
         pd.DataFrame(progress.history).to_csv(tmp, index=False)
@@ -372,8 +372,7 @@ def finish(run: Setup, stage: Stage, progress: Progress, n_val: int) -> dict:
 
     plot_history(pd.DataFrame(progress.history), stage.dir / "curves.png", title=stage.name)
     best = progress.best
-    return {"best_epoch": best["epoch"], **{k: v for k, v in best.items() if k.startswith("val_")},
-            "n_train": len(run.ds), "n_val": n_val}
+    return FoldResult(best["epoch"], {k: v for k, v in best.items() if k.startswith("val_")}, len(run.ds), n_val)
 
 
 # ----------------------------------------------------------------------------- resume helpers
@@ -449,12 +448,13 @@ def run_folds(cfg: Config, stage: Stage, *, rois: pd.DataFrame, taxonomy: Taxono
             if ddp.is_main():
                 fold_stage.invalidate()
             result = fit_fold(cfg, split, taxonomy, fold_stage, epochs, fresh=force)
-            if not ddp.is_main():
+            if result is None:  # a rank other than 0
                 continue
-            fold_stage.finish(result, started)
-        tl = f", test-like view {result['val_distance_testlike']:.3f}" if "val_distance_testlike" in result else ""
-        log.info("%s: val distance %.3f, top1 %.3f%s at epoch %d (%.0fs)", fold_stage.name, result["val_distance"],
-                 result["val_top1"], tl, result["best_epoch"], time.time() - started)
+            fold_stage.finish(result.to_record(), started)
+        s = result.scores
+        tl = f", test-like view {s['val_distance_testlike']:.3f}" if "val_distance_testlike" in s else ""
+        log.info("%s: val distance %.3f, top1 %.3f%s at epoch %d (%.0fs)", fold_stage.name, s["val_distance"],
+                 s["val_top1"], tl, result.best_epoch, time.time() - started)
     if dry_run or not ddp.is_main():
         return None
     return cv_summary(stage, n_folds, taxonomy)
