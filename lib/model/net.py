@@ -82,17 +82,21 @@ def build_model(backbone: str, n_classes: int, pretrained: str, pretrained_file:
 
 
 class Net(nn.Module):
-    """A timm backbone (pooled features) and a head from lib.heads.
+    """A timm backbone (pooled features), the fusion of context views when the model reads several,
+    and a head from lib.model.heads.
 
-    `forward` returns leaf logits so inference code stays plain; training calls `forward_out`
-    for the head's full output (auxiliary logits, per-head logits) and `head_module.loss`.
+    `forward(x)` returns leaf logits. Training calls `forward(x, full=True)` (through the DDP or
+    compiled wrapper, which must see the forward) for the head's whole `HeadOutput` (auxiliary
+    and per-head logits) and scores it with `head_module.loss`. Inference (lib.engine.inference)
+    calls `features` and the head itself, so every TTA view shares one code path; `probs` is the
+    same computation in one call.
     """
 
     def __init__(self, backbone: nn.Module, head: Head, fusion: nn.Module | None = None):
         super().__init__()
         self.backbone = backbone
         self.head_module = head
-        self.fusion = fusion  # lib.context.ContextFusion when the model reads several views
+        self.fusion = fusion  # lib.model.fusion.ContextFusion when the model reads several views
         self.pretrained_cfg = getattr(backbone, "pretrained_cfg", {})
 
     def features(self, x: torch.Tensor) -> torch.Tensor:
