@@ -108,7 +108,7 @@ def test_pseudo_sources_gmu_and_umap(tiny, tmp_path):
     assert {"confidence", "vote"} <= sources
     assert (out / "02_pseudo" / "umap.png").is_file()
     summary = (out / "02_pseudo" / "summary.md").read_text()
-    assert "confidence" in summary and "precision" not in summary  # no stage reads the truth
+    assert "confidence" in summary and "precision" not in summary  # the stage never reads the truth
     from lib.config import load_config
     from lib.report.summary import pseudo_precision
 

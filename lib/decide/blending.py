@@ -104,7 +104,7 @@ def compare(cfg: Config, models: Sequence[ModelProbs], tax: Taxonomy, prior: np.
 
     Returns the options table (one row per option: weights, OOF distance per decoding), the blend
     weights per method, and per option and decoding the test labels, which a report may score
-    where the truth is known (lib.report; no stage reads it). The `fit` rows are scored on the
+    where the truth is known (lib.report; nothing here reads it). The `fit` rows are scored on the
     out-of-fold rows their weights were fitted on, so their OOF score is optimistic. `cache`: see `weights_for`.
     """
     dist = tax.distance_matrix()

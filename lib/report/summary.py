@@ -3,7 +3,7 @@
     python -m lib.report --config configs/demo.yaml
 
 prints the CV of phase 1 and 2, the kNN baseline's CV and, where the data folder holds a
-`solution.csv` (the demo does; no stage reads it, lib.report.truth does), the test score of each
+`solution.csv` (the demo does; read by lib.report.truth only, for reports), the test score of each
 submission and the precision of the pseudo-labels, saying which file they were scored against.
 """
 from __future__ import annotations
@@ -56,7 +56,7 @@ def submit_report(cfg: Config, records: dict[str, dict], weights: dict[str, floa
               f"Rows: {len(sub)}; answered by the train prior (no usable crop): {len(fell_back)}.", "",
               "## Options (distance, lower is better)", "",
               "Out-of-fold (OOF) scores are over the train ROIs; `blend fit` is scored on the rows it was fitted on, so its OOF "
-              "score is optimistic." + (f" Test columns: {truth.note} (no stage reads it)." if truth is not None else ""),
+              "score is optimistic." + (f" Test columns: {truth.note} (for this report only; it decides nothing)." if truth is not None else ""),
               ""]
     cols = [c for c in ("oof_argmax", "oof_min_risk", "test_argmax", "test_min_risk") if c in options]
     lines += ["| model | weights | " + " | ".join(cols) + " |", "|---|---|" + "---|" * len(cols)]
@@ -147,7 +147,7 @@ def summary(cfg: Config) -> list[str]:
             lines.append(f"{label}: {s:.4f}")
     truth = find_truth(cfg)
     if truth is not None:
-        lines.append(f"test scores         : {truth.note} (no stage reads it)")
+        lines.append(f"test scores         : {truth.note} (for reports only: it decides nothing)")
     lines.append(f"submission          : {sub if sub.is_file() else 'not written'}")
     return lines
 

@@ -1,8 +1,9 @@
 """Evaluation truth: the one reader of `solution.csv`, for reports only.
 
 The demo writes `<data.root>/solution.csv`; a user may put one beside their own data (a labelled
-hold-out). No stage reads it: its presence or absence changes no record, result or up-to-date
-decision. Reports score against it and say where it came from.
+hold-out). Only report code reads it (04's report.md and options.csv test columns, `python -m
+lib.report`): its presence or absence changes no record, result or up-to-date decision.
+Reports score against it and say where it came from.
 """
 from __future__ import annotations
 
