@@ -18,6 +18,7 @@ ALLOWED = {
     "report": FOUNDATION | {"data", "decide"},  # reports score with the metric; plots are drawn for engine's artifacts
     "engine": FOUNDATION | {"data", "model", "decide", "report"},
     "demo": FOUNDATION | {"data"},
+    "kaggle": FOUNDATION | {"data", "decide"},  # a tool: checks 04's submission again (decide) against the test JSON (data)
 }
 LIB = sorted(p for p in (ROOT / "lib").rglob("*.py") if "__pycache__" not in p.parts)
 
