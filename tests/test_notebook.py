@@ -1,0 +1,165 @@
+"""notebooks/kaggle_fathomnet2025.ipynb: its jupytext pair, its helpers (lib.kaggle.notebook), and a headless run of it.
+
+The run (slow) executes the notebook with nbclient on the tiny demo of tests/test_pipeline.py, its
+parameters pointed at temp folders and its own working directory elsewhere than the repository.
+"""
+import json
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+from lib.kaggle import notebook as nb
+
+ROOT = Path(__file__).resolve().parent.parent
+NOTEBOOK = ROOT / "notebooks" / "kaggle_fathomnet2025.ipynb"
+PAIR = NOTEBOOK.with_suffix(".py")
+TINY = ["demo.per_class=3", "demo.test_per_class=1", "demo.frame_width=160", "demo.frame_height=120", "prepare.n_folds=2",
+        "prepare.crop_size=32", "prepare.workers=1", "model.img_size=32", "knn.img_size=32", "train.epochs=1", "train.batch_size=64",
+        "pseudo.threshold=0.0"]
+
+
+def cells(notebook):
+    return [(c.cell_type, c.source.strip(), list(c.metadata.get("tags", []))) for c in notebook.cells]
+
+
+def test_the_notebook_and_its_py_pair_hold_the_same_cells():
+    """Review the .py, run the .ipynb: `jupytext --sync notebooks/kaggle_fathomnet2025.py` after editing either."""
+    import jupytext
+    import nbformat
+
+    ipynb, py = nbformat.read(NOTEBOOK, as_version=4), jupytext.read(PAIR)
+    assert cells(ipynb) == cells(py)
+    assert ipynb.metadata["kernelspec"]["name"] == "python3"
+
+
+def test_parameters_come_first_and_no_outputs_are_stored():
+    import nbformat
+
+    notebook = nbformat.read(NOTEBOOK, as_version=4)
+    code = [c for c in notebook.cells if c.cell_type == "code"]
+    assert code[0].metadata.get("tags") == ["parameters"]
+    for name in ("REPO_DIR", "CONFIG", "DATA_ROOT", "OUTPUT_ROOT", "OVERRIDES", "OFFLINE", "WHEELS_DIR", "RESUME_FROM"):
+        assert f"\n{name}" in "\n" + code[0].source, name
+    assert all(not c.outputs and c.execution_count is None for c in code)
+
+
+def test_runtime_requirements_leave_out_comments_and_the_dev_tools():
+    text = "# runtime\ntorch>=2.1\ntimm>=1.0,<2  # models\nPyYAML>=6\n\n# tests\npytest>=8\nruff>=0.6\nmypy>=1.10\nnbclient>=0.10\njupytext\n"
+    assert nb.runtime_requirements(text) == ["torch>=2.1", "timm>=1.0,<2", "PyYAML>=6"]
+    assert "pytest>=8" not in nb.runtime_requirements((ROOT / "requirements.txt").read_text())
+
+
+def test_offline_pip_never_reaches_for_the_network(tmp_path):
+    cmd = nb.pip_command(tmp_path / "r.txt", "/kaggle/input/wheels")
+    assert cmd[:4] == [sys.executable, "-m", "pip", "install"] and cmd[-3:] == ["--no-index", "--find-links", "/kaggle/input/wheels"]
+    assert "--no-index" not in nb.pip_command(tmp_path / "r.txt", None)
+    with pytest.raises(nb.NotebookError, match="WHEELS_DIR '/nowhere' is not a folder; attach a wheels dataset"):
+        nb.install(ROOT, offline=True, wheels_dir="/nowhere")
+
+
+def test_relay_passes_output_through_and_returns_the_exit_code(tmp_path, capsys):
+    code = "import os, sys; print(os.getcwd()); sys.stderr.write('bar 1/2\\rbar 2/2\\n'); sys.exit(3)"
+    assert nb.relay([sys.executable, "-c", code], cwd=tmp_path) == 3
+    assert capsys.readouterr().out == f"{tmp_path}\nbar 1/2\rbar 2/2\n"  # stderr too, carriage returns kept (progress bars)
+
+
+def test_a_failing_command_stops_with_one_sentence(tmp_path):
+    (tmp_path / "fails.py").write_text("import sys; sys.exit(2)\n")
+    with pytest.raises(nb.NotebookError, match=r"^fails.py stopped \(exit 2, its message is above\); .* finished stages and folds are kept"):
+        nb.Run(tmp_path, "c.yaml", ()).stage("fails.py")
+
+
+def test_doctor_is_optional_and_never_fatal(tmp_path, capsys):
+    run = nb.Run(tmp_path, "c.yaml", ())
+    assert run.doctor() is False
+    assert "no lib.doctor" in capsys.readouterr().out
+    (tmp_path / "lib" / "doctor").mkdir(parents=True)
+    (tmp_path / "lib" / "__init__.py").write_text("")
+    (tmp_path / "lib" / "doctor" / "__init__.py").write_text("")
+    (tmp_path / "lib" / "doctor" / "__main__.py").write_text("import sys; print('gpu: none', sys.argv[1:]); sys.exit(1)\n")
+    assert run.doctor() is False
+    out = capsys.readouterr().out
+    assert f"gpu: none ['--config', '{tmp_path / 'c.yaml'}']" in out and "lib.doctor reported problems (exit 1" in out
+
+
+def test_resume_copies_an_earlier_session_without_overwriting_this_one(tmp_path):
+    old = tmp_path / "input" / "prev" / "output" / "x"  # a notebook version's output: <name>/output/<exp>
+    (old / "01_train" / "fold_0").mkdir(parents=True)
+    (old / "01_train" / "fold_0" / "last.pt").write_text("old")
+    (old / "00_prepare").mkdir()
+    (old / "00_prepare" / "record.json").write_text("old")
+    (old / "00_prepare" / "record.json").chmod(0o444)  # attached datasets are read-only
+    new = tmp_path / "working" / "output" / "x" / "00_prepare"
+    new.mkdir(parents=True)
+    (new / "record.json").write_text("new")
+    assert nb.resume(tmp_path / "input" / "prev", tmp_path / "working" / "output", "x") == 1
+    assert (new / "record.json").read_text() == "new"
+    copied = tmp_path / "working" / "output" / "x" / "01_train" / "fold_0" / "last.pt"
+    assert copied.read_text() == "old" and os.access(copied, os.W_OK)
+    with pytest.raises(nb.NotebookError, match="holds no folder 'y'"):
+        nb.resume(tmp_path / "input" / "prev", tmp_path / "working" / "output", "y")
+
+
+def test_frames_to_download_go_to_a_writable_copy_of_a_read_only_data_root(tmp_path, monkeypatch):
+    given, writable = tmp_path / "input" / "comp", tmp_path / "working" / "data"
+    given.mkdir(parents=True)
+    (given / "dataset_test.json").write_text("{}")
+    assert nb.data_root(given, download=False, writable=writable) == given
+    monkeypatch.setattr(nb.os, "access", lambda path, mode: False)  # as /kaggle/input (root could write anywhere here)
+    assert nb.data_root(given, download=True, writable=writable) == writable
+    assert (writable / "dataset_test.json").read_text() == "{}"
+
+
+def fake_kaggle(tmp_path, monkeypatch):
+    """A kaggle CLI that records its arguments, first on the PATH the notebook's kernel inherits, with a token set."""
+    bin_dir, calls = tmp_path / "bin", tmp_path / "kaggle_calls.jsonl"
+    bin_dir.mkdir()
+    (bin_dir / "kaggle").write_text(f"#!{sys.executable}\nimport json, sys\nopen({str(calls)!r}, 'a').write(json.dumps(sys.argv[1:]) + '\\n')\n")
+    (bin_dir / "kaggle").chmod(0o755)
+    monkeypatch.setenv("PATH", f"{bin_dir}{os.pathsep}{os.environ.get('PATH', '')}")
+    monkeypatch.setenv("KAGGLE_USERNAME", "me")
+    monkeypatch.setenv("KAGGLE_KEY", "secret")
+    return calls
+
+
+def execute(tmp_path, params):
+    """The notebook with `params` injected after its parameters cell (as papermill does), run headless in tmp_path/elsewhere."""
+    import nbclient
+    import nbformat
+
+    notebook = nbformat.read(NOTEBOOK, as_version=4)
+    at = next(i for i, c in enumerate(notebook.cells) if "parameters" in c.metadata.get("tags", []))
+    source = "\n".join(f"{k} = {v!r}" for k, v in params.items())
+    notebook.cells.insert(at + 1, nbformat.v4.new_code_cell(source, metadata={"tags": ["injected-parameters"]}))
+    cwd = tmp_path / "elsewhere"
+    cwd.mkdir()
+    try:
+        nbclient.NotebookClient(notebook, timeout=900, kernel_name="python3", resources={"metadata": {"path": str(cwd)}}).execute()
+    finally:
+        nbformat.write(notebook, tmp_path / "executed.ipynb")  # kept for a look when it fails
+    return notebook, cwd
+
+
+@pytest.mark.slow
+def test_the_notebook_runs_every_stage_headless_on_the_tiny_demo(tmp_path, monkeypatch):
+    calls = fake_kaggle(tmp_path, monkeypatch)
+    params = {"REPO_DIR": str(ROOT), "CONFIG": "configs/demo.yaml", "DATA_ROOT": str(tmp_path / "data"), "OUTPUT_ROOT": str(tmp_path / "out"),
+              "OVERRIDES": ["exp=tiny", *TINY], "INSTALL": False, "MAKE_DEMO": True,
+              "SUBMISSION_OUT": str(tmp_path / "working" / "submission.csv"), "UPLOAD": True}
+    notebook, cwd = execute(tmp_path, params)
+    exp = tmp_path / "out" / "tiny"
+    assert (tmp_path / "working" / "submission.csv").read_bytes() == (exp / "04_submit" / "submission.csv").read_bytes()
+    outputs = [o for c in notebook.cells if c.cell_type == "code" for o in c.outputs]
+    text = "".join(o.get("text", "") for o in outputs if o.output_type == "stream")
+    for said in ("01_train", "03_retrain", "knn", "phase 1 CV distance", "lib.doctor", "uploaded; logged in"):
+        assert said in text, said
+    assert "\r" in text  # the stages' progress bars came through
+    images = [o for o in outputs if "image/png" in o.get("data", {})]
+    assert len(images) == 2 + 2 + 1  # 01's and 03's two folds' curves, the UMAP
+    assert any("# Submission report: tiny" in o.get("data", {}).get("text/markdown", "") for o in outputs)
+    [argv] = [json.loads(line) for line in calls.read_text().splitlines()]
+    assert argv[:4] == ["competitions", "submit", "-c", "fathomnet-2025"] and argv[7].startswith("tiny: phase1 + phase2")
+    assert len((exp / "submissions.csv").read_text().splitlines()) == 2
+    assert not any(cwd.iterdir())  # every path the notebook hands on is absolute: nothing lands in its own directory
