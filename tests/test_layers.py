@@ -18,6 +18,7 @@ ALLOWED = {
     "report": FOUNDATION | {"data", "decide"},  # reports score with the metric; plots are drawn for engine's artifacts
     "engine": FOUNDATION | {"data", "model", "decide", "report"},
     "demo": FOUNDATION | {"data"},
+    "doctor": FOUNDATION | {"model"},  # a tool: it asks the model layer which precision `auto` picks
 }
 LIB = sorted(p for p in (ROOT / "lib").rglob("*.py") if "__pycache__" not in p.parts)
 
