@@ -63,7 +63,7 @@ def birds_overrides(root: Path, out: Path) -> list[str]:
             "data.test_json=test.json", "data.train_images=images", "data.test_images=images",
             f"data.taxonomy_csv={root / 'taxonomy.csv'}", "data.taxonomy_source=csv", "prepare.n_folds=2", "prepare.crop_size=32",
             "prepare.workers=1", "prepare.test_like=false", "model.img_size=32", "knn.img_size=32", "train.epochs=1",
-            "pseudo.threshold=0.0", "tta.views=[identity]"]
+            "pseudo.threshold=0.0", "pseudo.methods=[confidence]", "tta.views=[identity]"]
 
 
 def load(script: str):
@@ -111,10 +111,11 @@ def test_metric_scores_another_dataset_with_taxonomy(tmp_path, capsys):
 
 @pytest.mark.slow
 def test_own_dataset_runs_to_a_submission(tmp_path):
-    """01, 04 (phase 1 alone) and the kNN baseline on the birds: every test annotation answered with one of its concepts."""
+    """Every stage on the birds (as make stages runs them): every test annotation answered with one of its concepts."""
     root = write_birds(tmp_path / "birds")
-    args = [*birds_overrides(root, tmp_path / "out"), "submit.models=[phase1]"]
-    for script in ("00_prepare_data.py", "01_train_folds.py", "04_infer_submit.py", "knn_baseline.py"):
+    args = birds_overrides(root, tmp_path / "out")
+    for script in ("00_prepare_data.py", "01_train_folds.py", "02_pseudo_label.py", "03_retrain.py", "04_infer_submit.py",
+                   "knn_baseline.py"):
         assert load(script).main(args) == 0, script
     for sub in ("04_submit", "knn"):
         frame = pd.read_csv(tmp_path / "out" / "birds" / sub / "submission.csv")
