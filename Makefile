@@ -8,7 +8,7 @@ ARGS   ?=
 export NO_ALBUMENTATIONS_UPDATE := 1
 export PYTHONUNBUFFERED := 1
 
-.PHONY: venv demo test test-fast lint stages submit bench clean-demo ablate ablate-quick
+.PHONY: venv demo test test-fast lint stages doctor submit bench clean-demo ablate ablate-quick
 
 # The venv is (re)built only when requirements.txt or constraints.txt change; the stamp makes it idempotent.
 # constraints.txt holds the versions the tests last passed with (torch left to the machine).
@@ -38,6 +38,10 @@ stages: venv
 # ARGS=--dry-run prints the command, ARGS="--competition SLUG --message TEXT" as needed.
 submit: venv
 	@$(PY) -m lib.kaggle.submit --config $(CONFIG) $(ARGS)
+
+# What this machine and CONFIG give the pipeline (python, torch, CUDA, GPUs, precision, faiss, cores, disk, data paths), in seconds.
+doctor: venv
+	@$(PY) -m lib.doctor --config $(CONFIG) $(ARGS)
 
 # ruff (pyflakes, pycodestyle, bugbear, security, import order) and mypy on lib/; settings in pyproject.toml.
 lint: venv

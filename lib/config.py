@@ -17,6 +17,7 @@ from typing import Any, Literal
 import yaml
 
 from lib.core.errors import UserError
+from lib.core.paths import ROOT
 from lib.views import check_view_names
 
 
@@ -24,9 +25,22 @@ class ConfigError(UserError, ValueError):
     """A user-facing configuration problem; its message is one sentence naming the fix."""
 
 
+def project_path(value: str | Path) -> Path:
+    """A path from a config: absolute as given, relative against the project root, never the current directory.
+
+    So a stage finds the same files from any working directory (a Kaggle notebook runs in
+    /kaggle/working with the repository under /kaggle/input). The data files are the exception:
+    `DataCfg.paths` resolves them against `data.root`.
+    """
+    p = Path(value).expanduser()
+    return p if p.is_absolute() else ROOT / p
+
+
 @dataclass
 class DataCfg:
-    """Where the competition files live (paths relative to the project root or absolute)."""
+    """Where the dataset lives. `root` and `taxonomy_csv`: absolute, or relative to the project root;
+    the JSON files and frame folders: absolute, or relative to `root` (the two folders may be one).
+    """
 
     root: str = "input/demo"
     train_json: str = "dataset_train.json"
@@ -36,15 +50,18 @@ class DataCfg:
     taxonomy_csv: str = "configs/taxonomy/fathomnet2025.csv"
     taxonomy_source: Literal["csv", "worms"] = "csv"  # worms: look lineages up online, cached into taxonomy_csv
 
+    def root_dir(self) -> Path:
+        return project_path(self.root)
+
     def paths(self) -> dict[str, Path]:
         """The input files and folders, resolved against `root` (the taxonomy CSV against the project)."""
-        root = Path(self.root)
+        root = self.root_dir()
         return {
             "train_json": root / self.train_json,
             "test_json": root / self.test_json,
             "train_images": root / self.train_images,
             "test_images": root / self.test_images,
-            "taxonomy_csv": Path(self.taxonomy_csv),
+            "taxonomy_csv": project_path(self.taxonomy_csv),
         }
 
 
@@ -341,8 +358,13 @@ class Config:
     knn: KnnCfg = field(default_factory=KnnCfg)
 
     @property
+    def out_root(self) -> Path:
+        """`output_root`, absolute or relative to the project root (lib.config.project_path)."""
+        return project_path(self.output_root)
+
+    @property
     def out_dir(self) -> Path:
-        return Path(self.output_root) / self.exp
+        return self.out_root / self.exp
 
     def section(self, name: str) -> Any:
         """A value or section by dotted name (`seed`, `train`, `pseudo.weight_power`)."""
@@ -471,10 +493,16 @@ def parse_override(text: str) -> dict:
 
 
 def load_config(path: str | Path | None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
-    """Defaults <- YAML file <- overrides, then validated."""
+    """Defaults <- YAML file <- overrides, then validated.
+
+    A relative `path` (a command-line argument) is looked up in the current directory, then in the
+    project, so `--config configs/demo.yaml` works from any working directory.
+    """
     raw: dict = {}
     if path is not None:
         p = Path(path)
+        if not p.is_file() and not p.is_absolute() and (ROOT / p).is_file():
+            p = ROOT / p
         if not p.is_file():
             raise ConfigError(f"Config file '{p}' does not exist; pass an existing YAML file with --config.")
         try:
@@ -607,8 +635,9 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"tta.views: {e}") from e
     for key, value in (("model.pretrained_file", cfg.model.pretrained_file), ("knn.pretrained_file", cfg.knn.pretrained_file)):
         section = key.split(".")[0]
-        if getattr(cfg, section).pretrained == "file" and not (value and Path(value).is_file()):
-            raise ConfigError(f"{key} '{value}' is not a file; set it to a local weights file or change {section}.pretrained.")
+        if getattr(cfg, section).pretrained == "file" and not (value and project_path(value).is_file()):
+            raise ConfigError(f"{key} '{value}' is not a file; set it to a local weights file (absolute, or relative to "
+                              f"the project root) or change {section}.pretrained.")
 
 
 def _model_ok(name: str, rounds: int) -> bool:

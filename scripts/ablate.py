@@ -210,7 +210,7 @@ def main(argv: list[str] | None = None) -> int:
     setup_logging()
     s = ab.setting(args.quick)
     cfg = load_config(args.config, [])
-    out_root = f"{cfg.output_root}/ablate{'_quick' if s.quick else ''}"
+    out_root = str(cfg.out_root / f"ablate{'_quick' if s.quick else ''}")
     report_dir = cfg.out_dir / "report"
     saved = report_dir / ("ablation_quick.json" if s.quick else "ablation.json")
     name = "ablation_quick.md" if s.quick else "ablation.md"
@@ -247,10 +247,10 @@ def truth_and_dist(s: ab.Setting, config: str):
     from lib.report.truth import find_truth
 
     cfg = load_config(config, [*s.base, *s.datasets["base"]])
-    tax = load_taxonomy_csv(cfg.data.taxonomy_csv or DEFAULT_TAXONOMY)
+    tax = load_taxonomy_csv(cfg.data.paths()["taxonomy_csv"] if cfg.data.taxonomy_csv else DEFAULT_TAXONOMY)
     known = find_truth(cfg)
     if known is None:
-        raise SystemExit(f"error: {cfg.data.root}/solution.csv is missing; the ablation scores the demo's test rows, run make demo first.")
+        raise SystemExit(f"error: {cfg.data.root_dir()}/solution.csv is missing; the ablation scores the demo's test rows, run make demo first.")
 
     def truth(ids: np.ndarray) -> np.ndarray:
         return known.labels(ids, tax.names)

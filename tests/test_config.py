@@ -1,7 +1,10 @@
 """Config loading: defaults, YAML, overrides, and one clear error per mistake."""
+from pathlib import Path
+
 import pytest
 
 from lib.config import ConfigError, flatten, load_config, parse_override
+from lib.core.paths import ROOT
 
 
 def test_demo_config_loads():
@@ -130,5 +133,27 @@ def test_missing_input_paths_are_caught_when_00_starts(tmp_path):
     with pytest.raises(ConfigError, match=r"data.train_images .* does not exist; rerun with --download"):
         preflight(cfg, "00_prepare")
     preflight(cfg, "00_prepare", frames=False)  # --download will fetch the frames
-    with pytest.raises(ConfigError, match="data.taxonomy_csv 'nope.csv' does not exist"):
+    with pytest.raises(ConfigError, match=f"data.taxonomy_csv '{ROOT / 'nope.csv'}' does not exist"):  # relative: to the project
         preflight(load_config(None, [f"data.root={tmp_path}", "data.taxonomy_csv=nope.csv"]), "00_prepare", frames=False)
+
+
+def test_relative_paths_resolve_against_the_project_not_the_working_directory(tmp_path, monkeypatch):
+    """One rule: data.root, data.taxonomy_csv, output_root and weights files against the project root; data files against data.root."""
+    from lib.config import project_path
+
+    monkeypatch.chdir(tmp_path)  # a Kaggle notebook's /kaggle/working
+    cfg = load_config("configs/demo.yaml", ["output_root=out", "model.pretrained=none"])  # --config: found in the project
+    p = cfg.data.paths()
+    assert cfg.data.root_dir() == ROOT / "input/demo" and p["train_json"] == ROOT / "input/demo/dataset_train.json"
+    assert p["taxonomy_csv"] == ROOT / "configs/taxonomy/fathomnet2025.csv" and p["taxonomy_csv"].is_file()
+    assert cfg.out_dir == ROOT / "out" / "demo"
+    absolute = load_config(None, [f"data.root={tmp_path / 'd'}", "data.train_images=frames", "data.test_images=frames",
+                                  f"output_root={tmp_path / 'o'}"])
+    q = absolute.data.paths()
+    assert q["train_images"] == q["test_images"] == tmp_path / "d" / "frames" and absolute.out_dir == tmp_path / "o" / "demo"
+    assert project_path("/abs/x") == Path("/abs/x") and project_path("~/x") == Path.home() / "x"
+    weights = tmp_path / "w.pth"
+    weights.write_bytes(b"")
+    assert load_config(None, ["model.pretrained=file", f"model.pretrained_file={weights}"]).model.pretrained_file == str(weights)
+    with pytest.raises(ConfigError, match="absolute, or relative to the project root"):
+        load_config(None, ["model.pretrained=file", "model.pretrained_file=w.pth"])  # w.pth is in the cwd, not the project

@@ -286,6 +286,33 @@ def test_offline_batch_stops_trying(server: Server, tmp_path: Path) -> None:
     assert rep.downloaded == 40 and all(r.startswith("network error") for _, r in rep.failed)
 
 
+def test_unresolvable_host_is_given_up_at_its_first_failure(server: Server, tmp_path: Path, monkeypatch) -> None:
+    """A host whose name does not resolve: one lookup per worker at most, no retries, its other frames fail at once;
+    frames of other hosts still download."""
+    lookups: list[str] = []
+    real = socket.getaddrinfo
+
+    def counting(host, *a, **kw):
+        lookups.append(str(host))
+        return real(host, *a, **kw)
+
+    monkeypatch.setattr(socket, "getaddrinfo", counting)
+    jobs = [DownloadJob(f"http://nonexistent.invalid/{i}.png", tmp_path / f"{i}.png") for i in range(40)]
+    jobs.append(DownloadJob(server.url_for("/ok/fine.png"), tmp_path / "fine.png"))
+    t0 = time.monotonic()
+    rep = fetch(jobs, workers=2, retries=3, backoff=1.0)  # with retries, 40 frames would back off for minutes
+    assert time.monotonic() - t0 < 5
+    assert rep.downloaded == 1 and len(rep.failed) == 40
+    assert lookups.count("nonexistent.invalid") <= 2  # one per worker in flight, never a retry
+    first = [r for _, r in rep.failed if not r.startswith("not tried")]
+    assert 1 <= len(first) <= 2 and all(r.startswith("host 'nonexistent.invalid' does not resolve") for r in first)
+    assert all(r == f"not tried: {first[0]}" or r in first or r.startswith("not tried: host 'nonexistent.invalid'")
+               for _, r in rep.failed)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["fine.png"]
+    message = missing_message(40, tmp_path, rep)
+    assert "nonexistent.invalid" in message and message.count(";") == 1
+
+
 def test_redirects_only_to_http(server: Server, tmp_path: Path) -> None:
     rep = fetch([DownloadJob(server.url_for("/redirect/r.png"), tmp_path / "r.png"),
                  DownloadJob(server.url_for("/redirect-ftp.png"), tmp_path / "f.png")])

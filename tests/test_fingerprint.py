@@ -51,7 +51,7 @@ def tree_copy(tmp_path, monkeypatch):
     for spec in SPECS.values():
         shutil.copy2(ROOT / spec.script, tmp_path / spec.script)
     monkeypatch.setattr(fingerprint, "ROOT", tmp_path)
-    monkeypatch.setattr("lib.core.io.ROOT", tmp_path)  # its own hash cache
+    monkeypatch.setattr("lib.core.io._cache_file", tmp_path / ".hash_cache.json")  # its own hash cache
     return tmp_path
 
 

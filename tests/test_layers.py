@@ -19,6 +19,7 @@ ALLOWED = {
     "engine": FOUNDATION | {"data", "model", "decide", "report"},
     "demo": FOUNDATION | {"data"},
     "kaggle": FOUNDATION | {"data", "decide"},  # a tool: checks 04's submission again (decide) against the test JSON (data)
+    "doctor": FOUNDATION | {"model"},  # a tool: it asks the model layer which precision `auto` picks
 }
 LIB = sorted(p for p in (ROOT / "lib").rglob("*.py") if "__pycache__" not in p.parts)
 

@@ -434,3 +434,102 @@ def test_knn_scores_every_vote_and_embeds_with_fold_models(tiny):
         assert len(pd.read_csv(out / "knn" / "submission.csv")) == 79
     finally:  # leave the default run's record for whoever reads the fixture next
         assert load("knn_baseline.py").main(["--config", "configs/demo.yaml", *overrides]) == 0
+
+
+def _decisions(caplog) -> dict[str, str]:
+    """Stage name -> its logged decision ('up to date', 'running (...)', 'would run (...)')."""
+    out = {}
+    for r in caplog.records:
+        msg = r.getMessage()
+        name, _, rest = msg.partition(": ")
+        if name in {"00_prepare", "01_train", "02_pseudo", "03_retrain", "04_submit", "knn"} and \
+                rest.startswith(("up to date", "running", "would run")):
+            out[name] = "up to date" if rest.startswith("up to date") else rest  # its folder aside
+    return out
+
+
+def test_data_moved_or_touched_reruns_nothing_new_pixels_rerun_00_and_what_follows(tiny, tmp_path, caplog):
+    """Inputs are digested by content: the frames copied to another folder (new mtimes, data.root elsewhere) or touched in
+    place leave every stage up to date; one frame's new pixels rerun 00, and 00's new fingerprint reruns every later stage."""
+    import os
+    import shutil
+
+    from PIL import Image
+
+    overrides, out = _copy_run(tiny, tmp_path)
+    for s in SCRIPTS:  # settle the copy: an earlier test may have left a stage on other settings (04 on argmax)
+        assert load(s).main(["--config", "configs/demo.yaml", *overrides]) == 0
+    moved = tmp_path / "elsewhere" / "data"
+    shutil.copytree(tiny[2], moved, copy_function=shutil.copy)  # shutil.copy: new mtimes, as a re-download would give
+    args = ["--config", "configs/demo.yaml", *overrides, f"data.root={moved}"]
+    records = {p: p.read_bytes() for p in out.rglob("record.json")}
+    caplog.set_level(logging.INFO)
+    for s in SCRIPTS:
+        assert load(s).main(args) == 0
+    assert set(_decisions(caplog).values()) == {"up to date"} and len(_decisions(caplog)) == len(SCRIPTS), caplog.text
+    frames = sorted(moved.rglob("*.png"))
+    later = frames[0].stat().st_mtime + 3600
+    for f in frames:  # touched in place: new mtimes, the same bytes
+        os.utime(f, (later, later))
+    caplog.clear()
+    for s in SCRIPTS:
+        assert load(s).main(args) == 0
+    assert set(_decisions(caplog).values()) == {"up to date"}, caplog.text
+    assert {p: p.read_bytes() for p in out.rglob("record.json")} == records
+    frame = sorted((moved / "train" / "images").glob("*.png"))[0]
+    with Image.open(frame) as im:
+        changed = im.convert("RGB")
+    changed.paste((255, 0, 255), (0, 0, changed.width, changed.height // 2))
+    changed.save(frame)
+    caplog.clear()
+    assert load("00_prepare_data.py").main(args) == 0
+    assert _decisions(caplog)["00_prepare"] == "running (changed input: train_images)"
+    caplog.clear()
+    for s in SCRIPTS[1:]:
+        assert load(s).main([*args, "--dry-run"]) == 0
+    decided = _decisions(caplog)
+    assert len(decided) == len(SCRIPTS) - 1 and all(d.startswith("would run") for d in decided.values()), decided
+    assert decided["01_train"] == "would run (changed input: 00_prepare)"
+
+
+def test_read_only_project_run_from_another_directory(tiny, tmp_path):
+    """The whole pipeline (demo data, every stage, the report) from a read-only copy of the project, the working directory
+    and output_root in a temp folder: relative paths resolve against the project, and nothing is written into it
+    (the digest cache goes under output_root)."""
+    import os
+    import shutil
+    import stat
+    import subprocess
+    import sys
+
+    repo, work = tmp_path / "repo", tmp_path / "work"
+    shutil.copytree(ROOT / "lib", repo / "lib", ignore=shutil.ignore_patterns("__pycache__"))
+    shutil.copytree(ROOT / "configs", repo / "configs")
+    for s in SCRIPTS:
+        shutil.copy2(ROOT / s, repo / s)
+    for p in [repo, *repo.rglob("*")]:
+        p.chmod(p.stat().st_mode & ~(stat.S_IWUSR | stat.S_IWGRP | stat.S_IWOTH))
+    work.mkdir()
+
+    def tree() -> dict[str, tuple[int, int]]:
+        return {str(p.relative_to(repo)): (p.stat().st_size, p.stat().st_mtime_ns) for p in repo.rglob("*")}
+
+    before = tree()
+    overrides = [o for o in tiny[0] if not o.startswith(("data.root=", "output_root="))]
+    overrides += [f"data.root={work / 'data'}", f"output_root={work / 'out'}",  # absolute: relative ones mean the project
+                  "pseudo.methods=[confidence]", "tta.views=[identity]"]  # paths are the point here, not UMAP's compile time
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "NO_ALBUMENTATIONS_UPDATE": "1", "PYTHONDONTWRITEBYTECODE": "1",
+           "PYTHONPATH": str(repo)}
+    commands = [["-m", "lib.demo"], *[[str(repo / s)] for s in SCRIPTS], ["-m", "lib.report"]]
+    try:
+        for cmd in commands:
+            r = subprocess.run([sys.executable, *cmd, "--config", "configs/demo.yaml", *overrides], cwd=work, env=env,
+                               capture_output=True, text=True, timeout=900)
+            assert r.returncode == 0, (cmd, r.stdout[-2000:], r.stderr[-3000:])
+        assert "kNN baseline CV" in r.stdout
+        assert len(pd.read_csv(work / "out" / "tiny" / "04_submit" / "submission.csv")) == 79
+        assert (work / "out" / ".hash_cache.json").is_file()
+        assert tree() == before
+    finally:
+        for p in [repo, *repo.rglob("*")]:
+            p.chmod(p.stat().st_mode | stat.S_IWUSR)

@@ -253,7 +253,13 @@ def test_categories_missing_from_taxonomy_listed(clean_data, tmp_path, capsys):
     save(root, train, test)
     assert run00(root, tmp_path / "out") == 2
     err = capsys.readouterr().err
-    assert "2 categories are missing from the taxonomy table (Nessie, Kraken)" in err
+    table = ROOT / "configs/taxonomy/fathomnet2025.csv"
+    assert f"2 categories of the train JSON (Nessie, Kraken) are missing from the taxonomy table '{table}' (data.taxonomy_csv); " \
+           "set data.taxonomy_csv to a table of your dataset's concepts" in err
+    train["categories"] = train["categories"][:-1]
+    save(root, train, test)
+    assert run00(root, tmp_path / "out") == 2
+    assert "error: 1 category of the train JSON (Nessie) is missing from the taxonomy table" in capsys.readouterr().err
 
 
 def test_download_without_network_is_one_sentence(clean_data, tmp_path, capsys):

@@ -11,7 +11,7 @@ from typing import Callable, Sequence
 
 from lib.config import Config, dump_yaml, load_config
 from lib.core.errors import UserError
-from lib.core.io import atomic_write_text
+from lib.core.io import atomic_write_text, use_hash_cache
 from lib.core.locks import release_locks
 from lib.core.records import Stage
 
@@ -20,7 +20,8 @@ log = logging.getLogger("pipeline")
 
 def stage_parser(description: str, folds: bool = False) -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(description=description)
-    ap.add_argument("--config", default="configs/demo.yaml", help="YAML config (default: configs/demo.yaml)")
+    ap.add_argument("--config", default="configs/demo.yaml",
+                    help="YAML config, found in the current directory or else in the project (default: configs/demo.yaml)")
     ap.add_argument("--force", action="store_true", help="redo the stage even if its record is up to date")
     ap.add_argument("--dry-run", action="store_true", help="say what would run and why, then stop")
     if folds:
@@ -84,6 +85,7 @@ def run_cli(run: Callable[[argparse.Namespace, Config], int], parser: argparse.A
     setup_logging()
     try:
         cfg = load_config(args.config, args.overrides)
+        use_hash_cache(cfg.out_root)  # beside the outputs: the project may be read-only
         return run(args, cfg)
     except UserError as e:  # ConfigError, StageError, TaxonomyError, MetricError ...
         print(f"error: {e}", file=sys.stderr)

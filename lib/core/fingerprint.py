@@ -12,7 +12,7 @@ that to what changes results:
   so a comment, a reflowed line or a reworded log message reruns nothing, while any real
   statement change reruns what uses it.
 
-Parsing is cached by (path, size, mtime) in `output/.hash_cache.json` (lib.core.io), so an
+Parsing is cached by (path, size, mtime) in `<output_root>/.hash_cache.json` (lib.core.io), so an
 up-to-date stage decides without parsing anything.
 """
 from __future__ import annotations

@@ -46,10 +46,14 @@ class Spec:
     folds: bool = False  # a training stage: its record also relies on its fold records
 
 
+# Where the data lives never decides a rerun, what it holds does: 00's inputs digest the JSON files and
+# the taxonomy table by content and the frame folders by names, sizes and content hashes.
+DATA_PATH_KEYS = ("!data.root", "!data.train_json", "!data.test_json", "!data.train_images", "!data.test_images", "!data.taxonomy_csv")
+
 SPECS: dict[str, Spec] = {
     s.name: s
     for s in (
-        Spec("00_prepare", "00_prepare_data.py", ("seed", "data", "prepare"), (), ("rois.csv", "taxonomy.json")),
+        Spec("00_prepare", "00_prepare_data.py", ("seed", "data", *DATA_PATH_KEYS, "prepare"), (), ("rois.csv", "taxonomy.json")),
         Spec("01_train", "01_train_folds.py", ("seed", "model", "head", "train", "augment", "loss"), ("00_prepare",), folds=True),
         Spec("02_pseudo", "02_pseudo_label.py", ("seed", "model", "head", "pseudo", "!pseudo.rounds", "!pseudo.weight_power", "tta"),
              ("00_prepare", "01_train"),

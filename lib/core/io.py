@@ -10,11 +10,10 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Iterator, Sequence
 
 from lib.core.errors import StageError
 from lib.core.faults import fault_point
-from lib.core.paths import ROOT
 
 log = logging.getLogger("pipeline")
 
@@ -112,38 +111,82 @@ def sha256_bytes(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
-HASH_CACHE_MAX = 5000
+HASH_CACHE = ".hash_cache.json"
+HASH_CACHE_MAX = 200_000  # entries (about 200 bytes each): every frame of a large dataset, the code, the outputs
 
 
 _hash_cache: dict[str, str] = {}
+_cache_file: Path | None = None
+
+
+def use_hash_cache(folder: str | Path | None) -> None:
+    """Keep the digest cache in `folder/.hash_cache.json` (the stages pass the output root); None keeps it in memory.
+
+    It lives beside the outputs, never in the project, which may be read-only (a Kaggle dataset).
+    """
+    global _cache_file
+    _cache_file = Path(folder) / HASH_CACHE if folder is not None else None
+
+
+def _stat_key(p: Path, kind: str) -> str:
+    st = p.stat()
+    return f"{kind}:{p.resolve()}|{st.st_size}|{st.st_mtime_ns}"
+
+
+def _load_cache() -> None:
+    """Merge what other processes cached (a missing or unreadable file is an empty cache)."""
+    if _cache_file is None:
+        return
+    try:
+        _hash_cache.update(json.loads(_cache_file.read_text()))
+    except (OSError, ValueError, TypeError):
+        pass
+
+
+def _save_cache() -> None:
+    """Trim the oldest entries (dicts keep insertion order) and write the cache; a failed write is skipped silently."""
+    if len(_hash_cache) > HASH_CACHE_MAX:
+        for k in list(_hash_cache)[: len(_hash_cache) - HASH_CACHE_MAX]:
+            del _hash_cache[k]
+    if _cache_file is not None:
+        with contextlib.suppress(OSError, StageError):
+            atomic_write_json(_cache_file, _hash_cache)
+
+
+def cached_by_stat_many(paths: Sequence[Path], kind: str, compute: Callable[[Path], str], workers: int = 1,
+                        what: str = "") -> list[str]:
+    """`compute(path)` for each path, cached by (kind, path, size, mtime): a file is read again only once it changed.
+
+    The cache is kept in memory and, after `use_hash_cache`, in a file shared by processes (last
+    writer wins), written once per call. A changed file has a new key: no stale hit. Misses are
+    computed by `workers` threads (hashlib releases the GIL); more than 100 of them are announced
+    as `what` (a long first hashing of a large folder should not look like a hang).
+    """
+    keys = [_stat_key(p, kind) for p in paths]
+    if any(k not in _hash_cache for k in keys):
+        _load_cache()
+    todo: dict[str, Path] = {}
+    for k, p in zip(keys, paths):
+        if k not in _hash_cache:
+            todo.setdefault(k, p)
+    if todo:
+        if what and len(todo) > 100:
+            log.info("hashing %d new or changed files in %s (once: each hash is cached by size and mtime)", len(todo), what)
+        if workers > 1 and len(todo) > 1:
+            from concurrent.futures import ThreadPoolExecutor
+
+            with ThreadPoolExecutor(max_workers=workers) as pool:
+                values = list(pool.map(compute, todo.values()))
+        else:
+            values = [compute(p) for p in todo.values()]
+        _hash_cache.update(zip(todo, values))
+        _save_cache()
+    return [_hash_cache[k] for k in keys]
 
 
 def cached_by_stat(path: str | Path, kind: str, compute: Callable[[Path], str]) -> str:
-    """`compute(path)`, cached by (kind, path, size, mtime) so a large input (or a parsed module) is read once.
-
-    The cache lives in `output/.hash_cache.json` (shared by processes, last writer wins) and in
-    memory, so checking many outputs reads it once. A changed file has a new key: no stale hit.
-    """
-    p = Path(path)
-    st = p.stat()
-    cache_file = ROOT / "output" / ".hash_cache.json"
-    key = f"{kind}:{p.resolve()}|{st.st_size}|{st.st_mtime_ns}"
-    if key in _hash_cache:
-        return _hash_cache[key]
-    try:
-        _hash_cache.update(json.loads(cache_file.read_text()))
-    except (OSError, ValueError, TypeError):
-        pass
-    if key in _hash_cache:
-        return _hash_cache[key]
-    value = compute(p)
-    _hash_cache[key] = value
-    if len(_hash_cache) > HASH_CACHE_MAX:  # oldest first: dicts keep insertion order
-        for k in list(_hash_cache)[: len(_hash_cache) - HASH_CACHE_MAX]:
-            del _hash_cache[k]
-    with contextlib.suppress(OSError, StageError):
-        atomic_write_json(cache_file, _hash_cache)
-    return value
+    """`compute(path)`, cached by (kind, path, size, mtime) so a large input (or a parsed module) is read once."""
+    return cached_by_stat_many([Path(path)], kind, compute)[0]
 
 
 def _sha256_file(p: Path) -> str:
@@ -159,17 +202,26 @@ def file_digest(path: str | Path) -> str:
     return cached_by_stat(path, "sha256", _sha256_file)
 
 
+def _is_temp(name: str) -> bool:
+    return name.startswith(".") and name.endswith((".part", TEMP_MARK))
+
 
 def dir_digest(path: str | Path) -> str:
-    """Cheap digest of a folder of frames: names, sizes and mtimes, not contents (a download's temp files aside)."""
+    """Digest of a folder of frames by content: each file's name, size and sha256 (a download's temp files aside).
+
+    Content, not timestamps: the same frames copied to another folder, downloaded again or touched
+    change nothing, so no stage reruns; new pixels do. Each file's hash is cached by (path, size,
+    mtime), so a folder is read in full once (and a touched file once more), then only listed.
+    """
     p = Path(path)
     if not p.is_dir():
         return "missing"
+    entries = sorted((e for e in os.scandir(p) if e.is_file() and not _is_temp(e.name)), key=lambda e: e.name)
+    digests = cached_by_stat_many([Path(e.path) for e in entries], "sha256", _sha256_file,
+                                  workers=min(8, os.cpu_count() or 1), what=str(p))
     h = hashlib.sha256()
-    for entry in sorted(os.scandir(p), key=lambda e: e.name):
-        if entry.is_file() and not (entry.name.startswith(".") and entry.name.endswith((".part", TEMP_MARK))):
-            st = entry.stat()
-            h.update(f"{entry.name}|{st.st_size}|{st.st_mtime_ns}\n".encode())
+    for e, d in zip(entries, digests):
+        h.update(f"{e.name}|{e.stat().st_size}|{d}\n".encode())
     return h.hexdigest()
 
 

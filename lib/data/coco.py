@@ -102,8 +102,12 @@ def safe_file_name(name: str) -> str | None:
 
 
 def frame_path(images_dir: Path, image_id: int, file_name: str) -> Path | None:
-    """The frame on disk: `<id>.png` (official download.py layout) or the JSON's file_name."""
-    for name in (f"{image_id}.png", safe_file_name(file_name)):
+    """The frame on disk: the JSON's file_name, else `<id>.png` (the official download.py layout, and --download's).
+
+    The file_name comes first: in one folder shared by train and test frames, image ids may repeat
+    across the two JSON files while file names do not.
+    """
+    for name in (safe_file_name(file_name), f"{image_id}.png"):
         if name and (images_dir / name).is_file():
             return images_dir / name
     return None

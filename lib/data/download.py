@@ -4,6 +4,8 @@ Each file lands in a temp file beside its destination, is fsynced and checked to
 only then renamed to its final name, so an interrupted or bad download never leaves a half frame
 that a later stage would trust. Per-file failures (network, HTTP status, size cap, bad body) are
 collected in the report and never raised: the stage decides what a missing frame means.
+A host whose name does not resolve (offline) is given up on its first failure: its other frames
+fail at once instead of being retried one by one.
 """
 from __future__ import annotations
 
@@ -12,6 +14,7 @@ import http.client
 import logging
 import os
 import random
+import socket
 import tempfile
 import threading
 import time
@@ -94,6 +97,30 @@ class _Breaker:
             return f"not tried: the last {self.run} downloads all failed ({self.last})"
 
 
+class _Unresolved(_Fail):
+    """The URL's host name did not resolve (offline, no DNS, a wrong host): no frame of that host is tried again."""
+
+
+class _DeadHosts:
+    """Hosts whose name did not resolve in this batch, with the reason.
+
+    A frame whose URL cannot resolve fails at once and takes its host with it: the thousands of
+    other frames of that host fail without a lookup or a retry, instead of 4 attempts each.
+    """
+
+    def __init__(self) -> None:
+        self.reasons: dict[str, str] = {}
+        self.lock = threading.Lock()
+
+    def add(self, url: str, reason: str) -> None:
+        with self.lock:
+            self.reasons.setdefault(_host(url), reason)
+
+    def reason(self, url: str) -> str | None:
+        with self.lock:
+            return self.reasons.get(_host(url))
+
+
 class _Cancelled(Exception):
     """The caller was interrupted; stop reading and clean up."""
 
@@ -131,6 +158,10 @@ def verify_image(path: Path) -> bool:
 
 
 # ----------------------------------------------------------------------------- fetching
+
+
+def _host(url: str) -> str:
+    return (urllib.parse.urlsplit(url or "").hostname or "").lower()
 
 
 def _is_http(url: str) -> bool:
@@ -199,6 +230,8 @@ def _fetch_once(opener: urllib.request.OpenerDirector, url: str, out: BinaryIO, 
             raise _Retry(reason) from e
         raise _Fail(reason) from e
     except urllib.error.URLError as e:
+        if isinstance(e.reason, socket.gaierror):  # no retry: a name that does not resolve now will not in a second
+            raise _Unresolved(f"host {_host(url)!r} does not resolve ({e.reason.strerror or e.reason})", exhausted=True) from e
         raise _Retry(f"network error: {e.reason}") from e
     except TimeoutError as e:
         raise _Retry("timed out") from e
@@ -223,7 +256,7 @@ def _fetch_with_retries(opener: urllib.request.OpenerDirector, url: str, out: Bi
 
 
 def _download_one(opener: urllib.request.OpenerDirector, job: DownloadJob, timeout: float, max_bytes: int,
-                  retries: int, backoff: float, cancel: threading.Event, breaker: _Breaker) -> tuple[str, str]:
+                  retries: int, backoff: float, cancel: threading.Event, breaker: _Breaker, dead: _DeadHosts) -> tuple[str, str]:
     """Returns ("skipped" | "downloaded" | "failed", reason). Never raises for per-file trouble."""
     dest = Path(job.dest)
     if dest.exists():
@@ -236,6 +269,8 @@ def _download_one(opener: urllib.request.OpenerDirector, job: DownloadJob, timeo
         return "failed", "cancelled"
     if (tripped := breaker.tripped()) is not None:
         return "failed", tripped
+    if (unresolved := dead.reason(job.url)) is not None:
+        return "failed", f"not tried: {unresolved}"
     tmp: str | None = None
     try:
         dest.parent.mkdir(parents=True, exist_ok=True)
@@ -245,6 +280,8 @@ def _download_one(opener: urllib.request.OpenerDirector, job: DownloadJob, timeo
                 _fetch_with_retries(opener, job.url, out, timeout, max_bytes, retries, backoff, cancel)
             except _Fail as e:
                 breaker.record(e.exhausted, str(e))
+                if isinstance(e, _Unresolved):
+                    dead.add(job.url, str(e))
                 raise
             breaker.record(False)  # the server answered: the network is up
             out.flush()
@@ -295,10 +332,10 @@ def download(jobs: Sequence[DownloadJob], workers: int = 8, retries: int = 3, ti
         return report
     opener = _opener()
     cancel = threading.Event()
-    breaker = _Breaker(max(BREAKER_MIN, 2 * workers))
+    breaker, dead = _Breaker(max(BREAKER_MIN, 2 * workers)), _DeadHosts()
     pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="download")
     try:
-        futures = {pool.submit(_download_one, opener, job, timeout, max_bytes, retries, backoff, cancel, breaker): job
+        futures = {pool.submit(_download_one, opener, job, timeout, max_bytes, retries, backoff, cancel, breaker, dead): job
                    for job in jobs}
         with tqdm(total=len(jobs), unit="img", desc="download", disable=not progress) as bar:
             for fut in as_completed(futures):

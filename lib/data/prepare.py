@@ -86,10 +86,10 @@ def path_column(kind: str) -> str:
     return "crop_path" if kind == "roi" else f"{kind}_path"
 
 
-def label_space(train: CocoSet, table: Taxonomy) -> Taxonomy:
-    """The dataset's concepts in category-id order, with lineages from the taxonomy table."""
+def label_space(train: CocoSet, table: Taxonomy, table_path: str | Path = "the taxonomy table") -> Taxonomy:
+    """The dataset's concepts in category-id order, with lineages from the taxonomy table (read from `table_path`)."""
     try:
-        return table.subset(list(train.categories["name"]))
+        return table.subset(list(train.categories["name"]), f"the taxonomy table '{table_path}' (data.taxonomy_csv)")
     except TaxonomyError as e:
         raise StageError(str(e)) from e
 
@@ -204,7 +204,7 @@ def prepare(cfg: Config, out_dir: Path) -> Preparation:
 
         worms_table(list(train.categories["name"]), paths["taxonomy_csv"])
     table = load_taxonomy_csv(paths["taxonomy_csv"])
-    tax = label_space(train, table)
+    tax = label_space(train, table, paths["taxonomy_csv"])
     unknown_test = compare_categories(train, test, paths["test_json"])
     spec = crop_spec(cfg)
     frames = []

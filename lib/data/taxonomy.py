@@ -96,13 +96,19 @@ class Taxonomy:
         pos: dict[str | None, int] = {v: i for i, v in enumerate(values)}
         return np.array([pos.get(lin[r], -1) for lin in self.lineages]), values
 
-    def subset(self, names: Sequence[str]) -> "Taxonomy":
-        """The taxonomy restricted to `names`, in that order (the dataset's label order)."""
+    def subset(self, names: Sequence[str], table: str | Path = "the taxonomy table") -> "Taxonomy":
+        """The taxonomy restricted to `names`, in that order (the dataset's label order).
+
+        `table` (where this taxonomy was read) is named in the error, with the key that picks another
+        table: a dataset of other species needs its own table, not edits to the shipped FathomNet one.
+        """
         missing = [n for n in names if n not in self]
         if missing:
+            shown = ", ".join(missing[:10]) + (f" and {len(missing) - 10} more" if len(missing) > 10 else "")
             raise TaxonomyError(
-                f"{len(missing)} categories are missing from the taxonomy table ({', '.join(missing[:10])}); "
-                f"add their lineage to the taxonomy CSV."
+                f"{plural(len(missing), 'category', 'categories')} of the train JSON ({shown}) {'is' if len(missing) == 1 else 'are'} "
+                f"missing from {table}; set data.taxonomy_csv to a table of your dataset's concepts "
+                f"(concept_name and the 7 rank columns), or data.taxonomy_source=worms to look them up online."
             )
         return Taxonomy(
             names=tuple(names),
@@ -127,6 +133,11 @@ class Taxonomy:
             lineages=tuple(tuple(c["lineage"]) for c in concepts),
             exceptions=frozenset(c["name"] for c in concepts if c["exception"]),
         )
+
+
+def plural(n: int, one: str, many: str) -> str:
+    """`1 category`, `2 categories`: counts in messages read as English."""
+    return f"{n} {one if n == 1 else many}"
 
 
 def load_taxonomy_csv(path: str | Path) -> Taxonomy:

@@ -14,7 +14,7 @@ from typing import Any, Callable, Sequence
 
 from lib.core.errors import StageError
 from lib.core.io import atomic_write_text
-from lib.data.taxonomy import RANKS
+from lib.data.taxonomy import RANKS, plural
 
 
 def _lineage_from_node(root: Any, name: str) -> tuple[dict[str, str], bool]:
@@ -67,6 +67,6 @@ def worms_table(names: Sequence[str], cache_csv: Path, lookup: Callable[[str], A
     if len(todo) > len(failed) or not cache_csv.is_file():
         atomic_write_text(cache_csv, "\n".join(lines) + "\n")  # keep what was found, even when some failed
     if failed:
-        raise StageError(f"WoRMS lookup failed for {len(failed)} of {len(todo)} categories ({', '.join(failed[:5])}); "
+        raise StageError(f"WoRMS lookup failed for {len(failed)} of {plural(len(todo), 'category', 'categories')} ({', '.join(failed[:5])}); "
                          f"go online, or add their lineage to {cache_csv} by hand.")
     return cache_csv

@@ -4,6 +4,9 @@
 
 Rows are joined on `annotation_id`, never by position. Missing or extra ids are an error; a
 submitted name that is not a known concept scores 12 with a warning, as on Kaggle.
+`--taxonomy CSV` is the table the distances come from (concept_name and the 7 rank columns, as
+`data.taxonomy_csv`); the default is the competition's, configs/taxonomy/fathomnet2025.csv, so
+another dataset's files are scored with `--taxonomy` naming that dataset's table.
 """
 from __future__ import annotations
 
@@ -17,7 +20,7 @@ import numpy as np
 import pandas as pd
 
 from lib.core.errors import UserError
-from lib.data.taxonomy import MAX_DISTANCE, Taxonomy, load_taxonomy_csv
+from lib.data.taxonomy import MAX_DISTANCE, Taxonomy, load_taxonomy_csv, plural
 
 DEFAULT_TAXONOMY = Path(__file__).resolve().parents[2] / "configs" / "taxonomy" / "fathomnet2025.csv"
 
@@ -58,8 +61,9 @@ def score_frames(solution: pd.DataFrame, submission: pd.DataFrame, taxonomy: Tax
         raise MetricError("Cannot score: " + " and ".join(parts) + "; submit exactly one row per solution annotation id.")
     unknown_sol = sorted(set(solution["concept_name"]) - set(taxonomy.names))
     if unknown_sol:
-        raise MetricError(f"The solution names {len(unknown_sol)} concepts not in the taxonomy (e.g. {', '.join(unknown_sol[:5])}); "
-                          "use the matching taxonomy table.")
+        raise MetricError(f"The solution names {plural(len(unknown_sol), 'concept', 'concepts')} not in the taxonomy table "
+                          f"(e.g. {', '.join(unknown_sol[:5])}); pass your dataset's table with --taxonomy CSV "
+                          "(python -m lib.decide.metric; data.taxonomy_csv in a config).")
     merged = solution.merge(submission, on="annotation_id", suffixes=("_solution", "_submission"))
     unknown = ~merged["concept_name_submission"].isin(taxonomy.names)
     if unknown.any():
@@ -98,7 +102,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("solution")
     ap.add_argument("submission")
     ap.add_argument("--per-row", help="write per-annotation distances with both concepts to this CSV")
-    ap.add_argument("--taxonomy", default=str(DEFAULT_TAXONOMY), help="taxonomy CSV (default: FathomNet 2025)")
+    ap.add_argument("--taxonomy", default=str(DEFAULT_TAXONOMY), metavar="CSV",
+                    help="the taxonomy table the distances come from: concept_name and the 7 rank columns, as data.taxonomy_csv "
+                         "(default: configs/taxonomy/fathomnet2025.csv, the competition's 79 concepts)")
     args = ap.parse_args(argv)
     try:
         taxonomy = load_taxonomy_csv(args.taxonomy)

@@ -88,8 +88,8 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as e:
         print(str(e), file=sys.stderr)
         return 2
-    root = Path(cfg.data.root)
-    tax_csv = Path(cfg.data.taxonomy_csv)
+    root = cfg.data.root_dir()
+    tax_csv = cfg.data.paths()["taxonomy_csv"]
     tax_hash = sha256_bytes(tax_csv.read_bytes()) if tax_csv.is_file() else None
     want = {"demo": dataclasses.asdict(cfg.demo), "seed": cfg.seed, "code": _code_hash(), "taxonomy": tax_hash}
     if not args.force and _up_to_date(root, want):

@@ -44,7 +44,8 @@ def embeddings(cfg: Config, stage: Stage, paths: list[str], tax: Taxonomy) -> It
     device = pick_device(cfg.train.device)
     if k.source == "backbone":
         key = f"{inputs['00_prepare']}|{k.backbone}|{k.pretrained}|{k.pretrained_file}|{k.img_size}"
-        compute = lambda: embed(build_model(k.backbone, 0, k.pretrained, k.pretrained_file).to(device), k.img_size, "embed")  # noqa: E731
+        compute = lambda: embed(build_model(k.backbone, 0, k.pretrained, k.pretrained_file, section="knn").to(device),  # noqa: E731
+                                k.img_size, "embed")
         arrays, hit = cached_npz(stage.dir / "embeddings.npz", key, compute)
         log.info("%s: %s embeddings %s", stage.name, k.backbone, "from cache" if hit else "computed")
         yield None, arrays["embeddings"]

