@@ -440,6 +440,15 @@ def test_two_process_ddp_with_gloo(tiny, tmp_path):
     rec = json.loads((out.parent / "ddp" / "01_train" / "record.json").read_text())
     assert rec["result"]["folds"] == 2 and 0 <= rec["result"]["cv_distance"] <= 12
     assert r.stdout.count("01_train: CV distance") == 1  # only rank 0 reports
+    assert "2 processes of 32 rows per step (global batch 64)" in r.stdout  # train.batch_size is the global batch
+    # 03 with two self-training rounds: rank 0 pseudo-labels round 2 while rank 1 waits, then both train it.
+    assert load("02_pseudo_label.py").main(["--config", "configs/demo.yaml", *ddp_over]) == 0
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                        "03_retrain.py", "--config", "configs/demo.yaml", *ddp_over, "pseudo.rounds=2"],
+                       cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
+    assert r.returncode == 0, r.stderr[-3000:]
+    rec = json.loads((out.parent / "ddp" / "03_retrain" / "record.json").read_text())
+    assert len(rec["result"]["per_round"]) == 2 and (out.parent / "ddp" / "03_retrain" / "round_2" / "pseudo" / "record.json").is_file()
 
 
 def test_knn_scores_every_vote_and_embeds_with_fold_models(tiny):
