@@ -105,11 +105,12 @@ def test_cuda_without_a_gpu_stops_with_one_sentence(monkeypatch):
         D.pick_device("cuda")
 
 
-def test_a_gpu_the_build_has_no_kernels_for_is_not_usable(monkeypatch):
-    """A P100 (sm_60) under a torch built for sm_75 and up: auto runs on the CPU, cuda stops and says why."""
+def test_a_gpu_the_build_has_no_kernels_for_is_not_usable(monkeypatch, caplog):
+    """A P100 (sm_60) under a torch built for sm_75 and up: auto runs on the CPU with a warning, cuda stops and says why."""
     simulate_gpu(monkeypatch, (6, 0), arches=["sm_75", "sm_80", "sm_90", "compute_90"])
     assert "no kernels for Tesla P100" in (D.cuda_problem() or "")
-    assert D.pick_device("auto").type == "cpu"
+    assert D.pick_device("auto").type == "cpu" and D.pick_device("auto").type == "cpu"
+    assert caplog.text.count("train.device=auto runs on the CPU: torch") == 1  # said once
     with pytest.raises(StageError, match="compute capability 6.0"):
         D.pick_device("cuda")
     simulate_gpu(monkeypatch, (8, 6), arches=["sm_75", "sm_80", "sm_90"])  # an sm_80 binary runs on 8.6

@@ -10,6 +10,7 @@ torch only when called, so a tool such as a doctor command can import this modul
 from __future__ import annotations
 
 import contextlib
+import logging
 from typing import TYPE_CHECKING, ContextManager
 
 from lib.core.errors import StageError
@@ -18,6 +19,8 @@ if TYPE_CHECKING:
     import torch
 
 PRECISIONS = ("auto", "bf16", "fp16", "fp32")  # train.precision's values (lib.config checks them)
+log = logging.getLogger("pipeline")
+_warned: set[str] = set()  # problems already reported by this process
 
 
 def choose_precision(requested: str, device_type: str, capability: tuple[int, int] | None = None,
@@ -141,6 +144,9 @@ def pick_device(name: str) -> "torch.device":
     problem = cuda_problem() if name in ("cuda", "auto") else None
     if name == "cuda" and problem:
         raise StageError(f"train.device is cuda but {problem}, or set train.device=auto to run on the CPU.")
+    if problem and torch.cuda.is_available() and problem not in _warned:  # a GPU is there but cannot run: say so once
+        _warned.add(problem)
+        log.warning("train.device=auto runs on the CPU: %s", problem)
     kind = ("cpu" if problem else "cuda") if name == "auto" else name
     if kind == "cuda" and dist.world_size() > 1:
         return torch.device(f"cuda:{dist.local_rank()}")  # one GPU per torchrun process
