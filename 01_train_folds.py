@@ -28,10 +28,14 @@ def run(args: argparse.Namespace, cfg: Config) -> int:
     started = time.time()
     from lib.data.artifacts import load_prepared
     from lib.engine.train import run_folds
+    from lib.model.dist import close
 
     prep = load_prepared(cfg)
-    cv = run_folds(cfg, stage, rois=prep.rois, taxonomy=prep.taxonomy, epochs=cfg.train.epochs, only=args.fold, force=args.force,
-                   dry_run=args.dry_run)
+    try:
+        cv = run_folds(cfg, stage, rois=prep.rois, taxonomy=prep.taxonomy, epochs=cfg.train.epochs, only=args.fold, force=args.force,
+                       dry_run=args.dry_run)
+    finally:
+        close()  # under torchrun: leave the process group
     if cv is None:
         if not args.dry_run:
             log.info("%s: some folds are not done yet; the stage record is written once all are", NAME)

@@ -30,8 +30,12 @@ def run(args: argparse.Namespace, cfg: Config) -> int:
     started = time.time()
     from lib.data.artifacts import load_prepared
     from lib.engine.selftrain import run_rounds
+    from lib.model.dist import close
 
-    rounds = run_rounds(cfg, stage, load_prepared(cfg), only=args.fold, force=args.force, dry_run=args.dry_run)
+    try:
+        rounds = run_rounds(cfg, stage, load_prepared(cfg), only=args.fold, force=args.force, dry_run=args.dry_run)
+    finally:
+        close()  # under torchrun: leave the process group
     if rounds is None:  # a dry run, or some fold not done yet
         return 0
     result = rounds.to_record()

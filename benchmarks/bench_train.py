@@ -3,7 +3,8 @@
     .venv/bin/python benchmarks/bench_train.py [--quick]
 
 "Alone": the model lib.engine.train builds (build_net, channels_last, AdamW groups, the configured loss)
-stepping on one preloaded augmented batch: forward under lib.model.device.autocast (bf16 on CUDA),
+stepping on one preloaded augmented batch: forward under lib.model.device.autocast at the precision
+the policy picks (bf16 on GPUs with native bf16, fp16 with a GradScaler on older ones, fp32 on CPU),
 the head's loss, backward, optimiser step. "Whole": lib.engine.train.fit_fold on the same model and
 settings with an EMA of the weights: a fresh DataLoader per epoch, augmentation, the step,
 EMA update, tqdm and loss logging, validation (32 rows) and the last.pt / best.pt / oof.npz
@@ -13,7 +14,7 @@ first-time set-up do not count. Ratio = whole's time per image / alone's (target
 loader's own rate, one EMA update, one checkpoint write, and torch's 2 threads against 1.
 
 CPU: the demo's settings (tf_efficientnet_lite0 at 64 px, batch 32, fp32, workers 0). CUDA: the recipe of configs/fathomnet2025.yaml (convnext_tiny
-at 224 px, batch 64, per_rank head, [1, 3] context views, bf16 autocast, channels_last) with
+at 224 px, batch 64, per_rank head, [1, 3] context views, the policy's precision, channels_last) with
 min(8, cores) workers, and `train.compile` as an option with its measured gain.
 """
 from __future__ import annotations
@@ -101,20 +102,22 @@ def sync(device) -> None:
 
 def step_rate(cfg, tax, labels, batch, device, steps: int, warmup: int, compile_: bool = False) -> tuple[float, float]:
     """Images per second of the bare training step on a preloaded batch; and the warm-up seconds (compile time)."""
-    from lib.model.device import autocast, channels_last
+    from lib.model.device import autocast, channels_last, grad_scaler, precision_policy
+    from lib.model.optim import optimizer_step
 
     model, train_model, optimizer, criterion = parts(cfg, tax, labels, device, compile_)
+    precision = precision_policy(device, cfg.train.precision)[0]
+    scaler = grad_scaler(device, precision)
     x, y, w = (v.to(device) for v in batch)
     x = channels_last(x)
     model.train()
 
     def step():
-        with autocast(device):
+        with autocast(device, precision):
             out = train_model(x, full=True)
         loss = model.head_module.loss(out, y, w, criterion)
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+        (scaler.scale(loss) if scaler is not None else loss).backward()
+        optimizer_step(optimizer, model.parameters(), 0.0, scaler)
 
     t0 = time.perf_counter()
     for _ in range(warmup):
@@ -165,7 +168,7 @@ def whole_rate(cfg, split, tax, out: Path, workers: int) -> tuple[float, float]:
 def run(quick: bool = False, work: Path | None = None) -> list[dict]:
     import torch
 
-    from lib.model.device import pick_device
+    from lib.model.device import pick_device, precision_policy
     from lib.model.optim import Ema
 
     work = Path(work or tempfile.mkdtemp(prefix="bench_train_"))
@@ -175,8 +178,9 @@ def run(quick: bool = False, work: Path | None = None) -> list[dict]:
     batch, ds = one_batch(cfg, split)
     labels = split.train["label"].to_numpy()
     t, m = cfg.train, cfg.model
+    precision = precision_policy(device, t.precision)[0]
     what = (f"{m.backbone} @{m.img_size}px, batch {t.batch_size}, head {cfg.head.name}, context {list(m.context)}, "
-            + ("bf16 autocast + channels_last" if cuda else "fp32 + channels_last, CPU"))
+            + (f"{precision} autocast + channels_last" if cuda else "fp32 + channels_last, CPU"))
     steps, warmup = (30, 10) if cuda else (3 if quick else 4, 2)
     workers = [min(8, B.cpus_available())] if cuda else [0]  # the demo's; 2 workers on 2 busy cores only compete with torch
     first, _ = step_rate(cfg, tax, labels, batch, device, steps, warmup)

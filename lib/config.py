@@ -152,6 +152,7 @@ class TrainCfg:
     num_workers: int = 0
     folds: list[int] = field(default_factory=list)  # empty = all folds
     device: Literal["auto", "cpu", "cuda"] = "auto"
+    precision: Literal["auto", "bf16", "fp16", "fp32"] = "auto"  # auto: bf16 on GPUs with native bf16, else fp16 + GradScaler; fp32 on CPU
     eval_batch_size: int = 128
     backbone_lr_mult: float = 0.1  # the pretrained backbone learns at this fraction of lr
     schedule: Literal["cosine", "cosine_restarts"] = "cosine"

@@ -1,4 +1,4 @@
-"""The benchmark rows and the results.md writer (benchmarks/benchlib.py); no benchmark is run here."""
+"""The benchmark rows and the results.md writer (benchmarks/benchlib.py); bench_gpu only as a CPU smoke run."""
 import sys
 from pathlib import Path
 
@@ -48,3 +48,26 @@ def test_results_file_has_header_table_sections_and_shortfalls(tmp_path):
     assert "## Not measured in this run\n\n- **d** (not measured on CPU): needs CUDA" in text
     short = text.split("## Rows that miss their target")[1].split("##")[0]
     assert "**a | b** (0.5 vs >= 0.9): loader bound" in short and "**c**" not in short
+
+
+def test_bench_gpu_without_cuda_reports_one_row_and_measures_nothing():
+    import bench_gpu
+
+    rows = bench_gpu.run(quick=True)
+    assert len(rows) == 1 and rows[0]["ratio"] is None and rows[0]["measured"] == "no CUDA device in this run"
+    B.check_row(rows[0])
+
+
+@pytest.mark.slow
+def test_bench_gpu_comparison_runs_on_the_cpu():
+    """The recipe's step (per_rank head, context [1, 3] with attention, clipping, EMA) and timm's loops, shrunk to 32 px:
+    the code a GPU run executes, at fp32 (the CPU's precision); fp16 and bf16 need the GPU."""
+    import bench_gpu
+    import torch
+
+    small = ["model.backbone=tf_efficientnet_lite0", "model.img_size=32", "train.batch_size=4", "train.eval_batch_size=4"]
+    rows = bench_gpu.compare(torch.device("cpu"), quick=True, overrides=small, timing=(1, 1))
+    assert len(rows) == 2 and all(r["ratio"] > 0 for r in rows)
+    assert "fp32" in rows[0]["what"] and "per_rank" in rows[0]["what"] and "['1', '3']" in rows[0]["what"]
+    for r in rows:
+        B.check_row(r)

@@ -1,11 +1,11 @@
-"""Parameter groups, the learning-rate schedule and the EMA of the trainer."""
+"""Parameter groups, the learning-rate schedule, the EMA of the trainer and its optimiser step (with an fp16 GradScaler)."""
 import math
 
 import pytest
 import torch
 from torch import nn
 
-from lib.model.optim import Ema, lr_factor, param_groups
+from lib.model.optim import Ema, lr_factor, optimizer_step, param_groups
 
 
 class Tiny(nn.Module):
@@ -54,3 +54,86 @@ def test_ema_follows_its_formula():
     w = "classifier.weight"
     assert torch.allclose(ema.state_dict()[w], 0.9 * before[w] + 0.1 * model.state_dict()[w])
     assert not any(p.requires_grad for p in ema.module.parameters())
+
+
+def _old_ema_update(ema: Ema, model: nn.Module) -> None:
+    """The EMA update before it became one fused _foreach_lerp_: a multiply and an add per tensor."""
+    with torch.no_grad():
+        for e, m in zip(ema.module.state_dict().values(), model.state_dict().values()):
+            if e.dtype.is_floating_point:
+                e.mul_(ema.decay).add_(m.detach(), alpha=1 - ema.decay)
+            else:
+                e.copy_(m)
+
+
+@pytest.mark.parametrize("decay", [0.5, 0.9, 0.999])
+def test_fused_ema_matches_the_old_formula(decay):
+    """Ten steps of the fused update give bitwise the per-tensor formula's EMA on the CPU, buffers included."""
+    torch.manual_seed(0)
+    model = Tiny()
+    fused, old = Ema(model, decay), Ema(model, decay)
+    for _ in range(10):
+        with torch.no_grad():
+            for p in model.parameters():
+                p.add_(torch.randn_like(p))
+        model.bn(torch.randn(4, 4, 5, 5))  # moves the running statistics and num_batches_tracked
+        fused.update(model)
+        _old_ema_update(old, model)
+    for k, v in fused.state_dict().items():
+        assert torch.equal(v, old.state_dict()[k]), k
+    assert fused.state_dict()["bn.num_batches_tracked"] == 10
+
+
+def test_fused_ema_survives_a_resume():
+    """After load_state_dict (a resume) the fused update still moves the EMA's own tensors."""
+    model = Tiny()
+    ema = Ema(model, 0.5)
+    ema.update(model)
+    ema.load_state_dict({k: torch.zeros_like(v) for k, v in ema.state_dict().items()})
+    ema.update(model)
+    w = "classifier.weight"
+    assert torch.allclose(ema.state_dict()[w], 0.5 * model.state_dict()[w])
+
+
+def _grads(seed: int = 0) -> tuple[nn.Module, torch.optim.Optimizer]:
+    torch.manual_seed(seed)
+    model = nn.Linear(6, 3)
+    opt = torch.optim.AdamW(model.parameters(), lr=0.1)
+    return model, opt
+
+
+def _loss(model: nn.Module) -> torch.Tensor:
+    g = torch.Generator().manual_seed(1)
+    return (model(torch.randn(8, 6, generator=g)) ** 2).mean() * 50  # gradients large enough to clip
+
+
+@pytest.mark.parametrize("clip", [0.0, 0.5])
+def test_scaled_step_equals_the_plain_step(clip):
+    """fp16's GradScaler on CPU: the loss scaled by 2^16, unscaled before clipping, steps exactly as the plain path."""
+    a, opt_a = _grads()
+    _loss(a).backward()
+    optimizer_step(opt_a, a.parameters(), clip)
+    b, opt_b = _grads()
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**16)
+    scaler.scale(_loss(b)).backward()
+    optimizer_step(opt_b, b.parameters(), clip, scaler)
+    for pa, pb in zip(a.parameters(), b.parameters()):
+        assert torch.equal(pa, pb)  # a power-of-two scale is undone exactly
+        assert pb.grad is None  # gradients cleared for the next accumulation
+    assert scaler.get_scale() == 2.0**16
+
+
+def test_a_step_with_inf_gradients_is_skipped_and_the_scale_backs_off():
+    model, opt = _grads()
+    before = [p.detach().clone() for p in model.parameters()]
+    scaler = torch.amp.GradScaler("cpu", init_scale=1024.0)
+    scaler.scale(_loss(model)).backward()
+    next(model.parameters()).grad[0, 0] = float("inf")
+    optimizer_step(opt, model.parameters(), 1.0, scaler)
+    assert all(torch.equal(p, q) for p, q in zip(model.parameters(), before))
+    assert scaler.get_scale() == 512.0
+    assert not opt.state  # AdamW never stepped: no moments were started
+    state = scaler.state_dict()  # what last.pt keeps under fp16
+    again = torch.amp.GradScaler("cpu")
+    again.load_state_dict(state)
+    assert again.get_scale() == 512.0 and again.state_dict() == state

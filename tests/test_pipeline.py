@@ -256,6 +256,7 @@ def test_resume_after_a_kill_gives_the_same_weights(tiny, tmp_path, caplog):
     fit_fold(cfg, split, tax, killed, epochs=2)
     assert "resuming at epoch 2/2" in caplog.text
     a, b = (torch.load(d / "last.pt", weights_only=True) for d in (tmp_path / "a", tmp_path / "b"))
+    assert set(a) == {"model", "optimizer", "epoch", "best", "history", "digest", "ema"}  # fp32 on the CPU: no scaler
     assert a["history"][0]["val_distance"] == b["history"][0]["val_distance"]
     for k in a["model"]:
         assert torch.equal(a["model"][k], b["model"][k]), k
@@ -263,6 +264,37 @@ def test_resume_after_a_kill_gives_the_same_weights(tiny, tmp_path, caplog):
         assert torch.equal(a["ema"][k], b["ema"][k]), k
     h = pd.read_csv(tmp_path / "b" / "history.csv")
     assert list(h["epoch"]) == [1, 2]
+
+
+def test_fp16_with_a_grad_scaler_resumes_exactly(tiny, tmp_path, monkeypatch, caplog):
+    """fp16 as a T4 gets it (autocast + GradScaler, clipping on unscaled gradients), simulated with the CPU's fp16
+    autocast: last.pt keeps the scaler's state, and a run killed after epoch 1 resumes to the uninterrupted run's weights."""
+    import torch
+
+    import lib.engine.inference as inference_mod
+    import lib.engine.train as train_mod
+    from lib.core.records import Stage
+
+    for mod in (train_mod, inference_mod):  # the policy a compute capability 7.5 GPU gets, here on the CPU
+        monkeypatch.setattr(mod, "precision_policy", lambda device, requested="auto": ("fp16", "simulated T4"))
+    cfg, split, tax = _fold_setup(tiny, tmp_path, "train.precision=fp16", "train.clip_grad=1.0", "train.ema_decay=0.5",
+                                  "train.batch_size=8")
+    split = split.__class__(split.fold, split.train.iloc[:24], split.val.iloc[:8])  # the CPU's fp16 kernels are slow
+    whole = Stage.create("f/fold_0", tmp_path / "f", cfg, ["train"], ROOT / "01_train_folds.py", {})
+    train_mod.fit_fold(cfg, split, tax, whole, epochs=2)
+    killed = Stage.create("g/fold_0", tmp_path / "g", cfg, ["train"], ROOT / "01_train_folds.py", {})
+    assert train_mod.fit_fold(cfg, split, tax, killed, epochs=2, stop_after=1) is None
+    caplog.set_level(logging.INFO)
+    train_mod.fit_fold(cfg, split, tax, killed, epochs=2)
+    assert "resuming at epoch 2/2" in caplog.text
+    a, b = (torch.load(d / "last.pt", weights_only=True) for d in (tmp_path / "f", tmp_path / "g"))
+    assert a["scaler"] == b["scaler"] and a["scaler"]["scale"] > 0
+    steps = [int(v["step"]) for v in a["optimizer"]["state"].values()]
+    assert steps and max(steps) >= 1  # not every step was skipped for inf gradients
+    assert np.isfinite([h["train_loss"] for h in a["history"]]).all()
+    for part in ("model", "ema"):
+        for k in a[part]:
+            assert torch.equal(a[part][k], b[part][k]), (part, k)
 
 
 def test_early_stopping_keeps_the_best_epoch(tiny, tmp_path, monkeypatch, caplog):
@@ -412,6 +444,15 @@ def test_two_process_ddp_with_gloo(tiny, tmp_path):
     rec = json.loads((out.parent / "ddp" / "01_train" / "record.json").read_text())
     assert rec["result"]["folds"] == 2 and 0 <= rec["result"]["cv_distance"] <= 12
     assert r.stdout.count("01_train: CV distance") == 1  # only rank 0 reports
+    assert "2 processes of 32 rows per step (global batch 64)" in r.stdout  # train.batch_size is the global batch
+    # 03 with two self-training rounds: rank 0 pseudo-labels round 2 while rank 1 waits, then both train it.
+    assert load("02_pseudo_label.py").main(["--config", "configs/demo.yaml", *ddp_over]) == 0
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                        "03_retrain.py", "--config", "configs/demo.yaml", *ddp_over, "pseudo.rounds=2"],
+                       cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
+    assert r.returncode == 0, r.stderr[-3000:]
+    rec = json.loads((out.parent / "ddp" / "03_retrain" / "record.json").read_text())
+    assert len(rec["result"]["per_round"]) == 2 and (out.parent / "ddp" / "03_retrain" / "round_2" / "pseudo" / "record.json").is_file()
 
 
 def test_knn_scores_every_vote_and_embeds_with_fold_models(tiny):

@@ -55,14 +55,16 @@ SPECS: dict[str, Spec] = {
     for s in (
         Spec("00_prepare", "00_prepare_data.py", ("seed", "data", *DATA_PATH_KEYS, "prepare"), (), ("rois.csv", "taxonomy.json")),
         Spec("01_train", "01_train_folds.py", ("seed", "model", "head", "train", "augment", "loss"), ("00_prepare",), folds=True),
-        Spec("02_pseudo", "02_pseudo_label.py", ("seed", "model", "head", "pseudo", "!pseudo.rounds", "!pseudo.weight_power", "tta"),
+        Spec("02_pseudo", "02_pseudo_label.py", ("seed", "model", "head", "pseudo", "!pseudo.rounds", "!pseudo.weight_power", "tta",
+                                                 "train.precision"),
              ("00_prepare", "01_train"),
              ("test_probs.npz", "pseudo_labels.csv")),
         Spec("03_retrain", "03_retrain.py", ("seed", "model", "head", "train", "augment", "loss", "retrain", "pseudo", "tta"),
              ("00_prepare", "02_pseudo"),
              folds=True),
-        Spec("04_submit", "04_infer_submit.py", ("seed", "model", "head", "submit", "tta"), ("00_prepare",), ("submission.csv",)),
-        Spec("knn", "knn_baseline.py", ("seed", "knn"), ("00_prepare",), ("submission.csv", "oof.npz")),
+        Spec("04_submit", "04_infer_submit.py", ("seed", "model", "head", "submit", "tta", "train.precision"), ("00_prepare",),
+             ("submission.csv",)),
+        Spec("knn", "knn_baseline.py", ("seed", "knn", "train.precision"), ("00_prepare",), ("submission.csv", "oof.npz")),
     )
 }
 PHASE_STAGES = {"phase1": "01_train", "phase2": "03_retrain"}
@@ -233,9 +235,12 @@ def begin(cfg: Config, name: str, force: bool, dry_run: bool, folds_only: bool =
         return st  # folds_only dry runs still list what each fold would do
     preflight(cfg, name)
     lock(cfg, name, shared=folds_only)
-    st.invalidate()
+    main = os.environ.get("RANK", "0") == "0"  # under torchrun rank 0 alone voids the record and writes config.yaml
+    if main:
+        st.invalidate()
     setup_logging(st.dir)
-    save_resolved_config(cfg, st.dir)
+    if main:
+        save_resolved_config(cfg, st.dir)
     return st
 
 

@@ -1,12 +1,21 @@
-"""Dataset over cached crops: image(s), label and a per-sample loss weight (pseudo-label confidence)."""
+"""Dataset over cached crops: image(s), label and a per-sample loss weight (pseudo-label confidence); its loaders.
+
+Loader workers: the training loader's workers persist across a fold's epochs, and each reseeds
+its augmentation (albumentations' own generator, numpy, random, torch) from (epoch seed, worker
+id) when the first item of a new epoch reaches it; `EpochSampler` tags every index with the
+epoch's seed for that. A transform seeded once and forked into every worker would repeat one
+sequence of random draws in each group of `num_workers` batches. Batches go to the workers in a
+fixed round-robin order, so a run is reproducible for a given seed and worker count.
+"""
 from __future__ import annotations
 
-from typing import Sequence
+import random
+from typing import Any, Iterable, Iterator, Sequence, Sized
 
 import cv2
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, Sampler, get_worker_info
 
 from lib.data.augment import build_transforms
 
@@ -31,11 +40,21 @@ class CropDataset(Dataset):
         self.labels = np.asarray(labels if labels is not None else [-1] * len(self.paths), dtype=np.int64)
         self.weights = np.asarray(weights if weights is not None else [1.0] * len(self.paths), dtype=np.float32)
         self.transform = transform
+        self._epoch_seed: int | None = None  # the epoch a loader worker last reseeded itself for
 
     def __len__(self) -> int:
         return len(self.paths)
 
-    def __getitem__(self, i: int) -> tuple[torch.Tensor | np.ndarray, int, float]:
+    def __getitem__(self, key: int | tuple[int, int]) -> tuple[torch.Tensor | np.ndarray, int, float]:
+        """Item `key`, or (epoch seed, i) from an `EpochSampler`: a worker then reseeds itself once per epoch."""
+        if isinstance(key, tuple):
+            epoch_seed, i = key
+            info = get_worker_info()
+            if info is not None and epoch_seed != self._epoch_seed:
+                seed_worker(worker_seed(epoch_seed, info.id), self.transform)
+                self._epoch_seed = epoch_seed
+        else:
+            i = key
         item = self.paths[i]
         if isinstance(item, (tuple, list)):
             imgs = [read_rgb(p) for p in item]
@@ -52,8 +71,57 @@ class CropDataset(Dataset):
 
 
 
-def make_loader(paths: Sequence, *, img_size: int, mean, std, batch_size: int, num_workers: int, device: torch.device) -> DataLoader:
-    """Eval loader over crop paths, or over tuples of view paths (lib.context.model_inputs)."""
+PREFETCH_FACTOR = 4  # batches each loader worker keeps ready (torch's default is 2): a GPU step outruns one batch's decode
+
+
+def worker_seed(epoch_seed: int, worker_id: int) -> int:
+    """A well-mixed 32-bit seed of (epoch seed, worker id): distinct for every worker of every epoch."""
+    return int(np.random.SeedSequence([epoch_seed, worker_id]).generate_state(1)[0])
+
+
+def seed_worker(seed: int, transform: Any = None) -> None:
+    """Seed every generator an augmentation may draw from in this process: random, numpy, torch and the
+    albumentations pipeline's own (which is seeded apart from numpy's)."""
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+    if transform is not None and hasattr(transform, "set_random_seed"):
+        transform.set_random_seed(seed)
+
+
+class EpochSampler(Sampler[tuple[int, int]]):
+    """The epoch's indices (another sampler's, or a sequence), each tagged with the epoch's seed, so that
+    persistent loader workers know when a new epoch starts and reseed their augmentation for it."""
+
+    def __init__(self) -> None:
+        self.seed = 0
+        self.indices: Iterable[int] = ()
+
+    def set_epoch(self, seed: int, indices: Iterable[int]) -> None:
+        self.seed, self.indices = seed, indices
+
+    def __iter__(self) -> Iterator[tuple[int, int]]:
+        return ((self.seed, int(i)) for i in self.indices)
+
+    def __len__(self) -> int:
+        return len(self.indices) if isinstance(self.indices, Sized) else 0
+
+
+def make_train_loader(ds: Dataset, *, batch_size: int, drop_last: bool, num_workers: int, pin_memory: bool) -> DataLoader:
+    """A fold's training loader over worker processes (num_workers > 0), kept for all its epochs: call
+    `loader.sampler.set_epoch(seed, order)` before each. Persistent workers skip the start-up every epoch."""
+    return DataLoader(ds, batch_size=batch_size, sampler=EpochSampler(), drop_last=drop_last, num_workers=num_workers,
+                      pin_memory=pin_memory, persistent_workers=True, prefetch_factor=PREFETCH_FACTOR)
+
+
+def make_loader(paths: Sequence, *, img_size: int, mean, std, batch_size: int, num_workers: int, device: torch.device,
+                persistent: bool = False) -> DataLoader:
+    """Eval loader over crop paths, or over tuples of view paths (lib.context.model_inputs).
+
+    `persistent` keeps its workers between passes (validation runs every epoch); with workers,
+    each keeps PREFETCH_FACTOR batches ready.
+    """
     n_views = len(paths[0]) if len(paths) and isinstance(paths[0], (tuple, list)) else 1
     ds = CropDataset(paths, transform=build_transforms(img_size, train=False, mean=mean, std=std, n_views=n_views))
-    return DataLoader(ds, batch_size=batch_size, shuffle=False, num_workers=num_workers, pin_memory=device.type == "cuda")
+    return DataLoader(ds, batch_size=batch_size, shuffle=False, num_workers=num_workers, pin_memory=device.type == "cuda",
+                      persistent_workers=persistent and num_workers > 0, prefetch_factor=PREFETCH_FACTOR if num_workers > 0 else None)

@@ -10,6 +10,7 @@ lib.views; the default, [identity], is plain inference.
 """
 from __future__ import annotations
 
+import logging
 import math
 from dataclasses import dataclass
 from typing import Any, Callable, Iterable, Literal, Sequence
@@ -20,11 +21,12 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
-from lib.model.device import autocast, channels_last
+from lib.model.device import autocast, channels_last, describe_device, precision_policy, prepare_device
 from lib.model.heads import HeadOutput
 from lib.views import Op, check_view_names
 
 Mode = Literal["prob", "log"]
+log = logging.getLogger("pipeline")
 
 
 # ----------------------------------------------------------------------------- views
@@ -134,7 +136,7 @@ Scores = Callable[[HeadOutput], dict[str, torch.Tensor]]
 @torch.no_grad()
 def predict(model: nn.Module, loader: Iterable, device: torch.device, *, views: Sequence[View | str] = ("identity",),
             mode: Mode = "prob", probs: bool = True, features: bool = True, keep_views: bool = False,
-            scores: Scores | None = None, desc: str = "predict") -> dict[str, np.ndarray]:
+            scores: Scores | None = None, precision: str = "auto", desc: str = "predict") -> dict[str, np.ndarray]:
     """Every view of every batch of `loader` through `model`, in one pass (images decoded once).
 
     Returns float32 arrays per item: `probs` (N, C) combined over views by `mode`; `embeddings`
@@ -145,10 +147,14 @@ def predict(model: nn.Module, loader: Iterable, device: torch.device, *, views: 
     `scores`, each array it computes from a view's head output (e.g. an energy), averaged over
     the views. With `probs=False` only the embeddings are computed, and `model` may then be a
     plain timm model without a head (its pre-logits features, as knn_baseline's backbone).
+    `precision` is a train.precision value (auto, bf16, fp16, fp32), resolved by the one policy
+    of lib.model.device, so prediction runs as training did on this device.
     """
     parsed = [v if isinstance(v, View) else parse_views([v])[0] for v in views]
     if not parsed:
         raise ValueError("No TTA view is listed; list at least one (e.g. [identity]).")
+    amp = precision_policy(device, precision)[0]
+    prepare_device(device)
     model.eval()
     head: Any = model.head_module if probs else None  # a lib.model.heads.Head
     parts: dict[str, list[torch.Tensor]] = {}
@@ -156,7 +162,7 @@ def predict(model: nn.Module, loader: Iterable, device: torch.device, *, views: 
         x = x.to(device, non_blocking=True)
         per_view: dict[str, list[torch.Tensor]] = {}
         for view in parsed:
-            for k, v in _one_view(model, head, channels_last(view(x)), device, features, scores).items():
+            for k, v in _one_view(model, head, channels_last(view(x)), device, amp, features, scores).items():
                 per_view.setdefault(k, []).append(v)
         for k, v in _combine_views(per_view, mode, keep_views).items():
             parts.setdefault(k, []).append(v)
@@ -177,10 +183,10 @@ def _features(model: Any, x: torch.Tensor) -> torch.Tensor:
     return model.forward_head(model.forward_features(x), pre_logits=True)
 
 
-def _one_view(model: Any, head: Any, x: torch.Tensor, device: torch.device, features: bool,
+def _one_view(model: Any, head: Any, x: torch.Tensor, device: torch.device, precision: str, features: bool,
               scores: Scores | None) -> dict[str, torch.Tensor]:
-    """One forward pass of one view of a batch: float32 probs, embeddings, head_probs (B, H, C), scores."""
-    with autocast(device):
+    """One forward pass of one view of a batch (autocast to `precision`): float32 probs, embeddings, head_probs (B, H, C), scores."""
+    with autocast(device, precision):
         f = _features(model, x)
         out = head(f) if head is not None else None
         p = head.probs(out) if out is not None else None
@@ -229,6 +235,7 @@ def predict_folds_tta(fold_dirs: Sequence, inputs: Sequence, cfg, taxonomy, devi
     from lib.model.net import mean_std
 
     views = parse_views(cfg.tta.views)
+    log.info("predicting with %d fold model(s) on %s", len(fold_dirs), describe_device(device, cfg.train.precision))
     inputs = list(inputs)
     n_views = len(inputs[0]) if inputs and isinstance(inputs[0], (tuple, list)) else 1
     fits = len(fold_dirs) > 1 and len(inputs) * n_views * 3 * cfg.model.img_size ** 2 * 4 <= DECODED_CAP_BYTES
@@ -245,7 +252,8 @@ def predict_folds_tta(fold_dirs: Sequence, inputs: Sequence, cfg, taxonomy, devi
             if fits:
                 batches = list(batches)
                 decoded = ((tuple(mean), tuple(std)), batches)
-        for k, v in predict(model, batches, device, views=views, mode=cfg.tta.mode, features=features, desc=f"predict {d.name}").items():
+        for k, v in predict(model, batches, device, views=views, mode=cfg.tta.mode, features=features, precision=cfg.train.precision,
+                            desc=f"predict {d.name}").items():
             out.setdefault(k, []).append(v)
     if not out:
         return {"probs": np.zeros((0, len(inputs), taxonomy.n_classes), dtype=np.float32)}

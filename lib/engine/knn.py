@@ -31,7 +31,7 @@ def embeddings(cfg: Config, stage: Stage, paths: list[str], tax: Taxonomy) -> It
     from lib.data.dataset import make_loader
     from lib.engine.inference import predict
     from lib.model.checkpoint import load_fold_model
-    from lib.model.device import pick_device
+    from lib.model.device import describe_device, pick_device
     from lib.model.net import build_model, mean_std
 
     k, inputs = cfg.knn, stage.fingerprint["inputs"]
@@ -39,11 +39,12 @@ def embeddings(cfg: Config, stage: Stage, paths: list[str], tax: Taxonomy) -> It
     def embed(model, img_size: int, desc: str) -> dict:
         mean, std = mean_std(model)
         loader = make_loader(paths, img_size=img_size, mean=mean, std=std, batch_size=k.batch_size, num_workers=cfg.train.num_workers, device=device)
-        return {"embeddings": predict(model, loader, device, probs=False, desc=desc)["embeddings"]}
+        return {"embeddings": predict(model, loader, device, probs=False, precision=cfg.train.precision, desc=desc)["embeddings"]}
 
     device = pick_device(cfg.train.device)
+    log.info("%s: embedding on %s", stage.name, describe_device(device, cfg.train.precision))
     if k.source == "backbone":
-        key = f"{inputs['00_prepare']}|{k.backbone}|{k.pretrained}|{k.pretrained_file}|{k.img_size}"
+        key = f"{inputs['00_prepare']}|{k.backbone}|{k.pretrained}|{k.pretrained_file}|{k.img_size}|{cfg.train.precision}"
         compute = lambda: embed(build_model(k.backbone, 0, k.pretrained, k.pretrained_file, section="knn").to(device),  # noqa: E731
                                 k.img_size, "embed")
         arrays, hit = cached_npz(stage.dir / "embeddings.npz", key, compute)
@@ -51,7 +52,7 @@ def embeddings(cfg: Config, stage: Stage, paths: list[str], tax: Taxonomy) -> It
         yield None, arrays["embeddings"]
         return
     for fold, d in enumerate(pipeline.fold_dirs(cfg, "01_train")):
-        key = f"{inputs['00_prepare']}|{inputs['01_train']}|{d.name}|{cfg.model.img_size}"
+        key = f"{inputs['00_prepare']}|{inputs['01_train']}|{d.name}|{cfg.model.img_size}|{cfg.train.precision}"
 
         def compute(d: Path = d) -> dict:
             return embed(load_fold_model(d, cfg, tax, device), cfg.model.img_size, f"embed {d.name}")

@@ -38,7 +38,7 @@ def model_probs(cfg: Config, stage: Stage, ref: ModelRef, test: pd.DataFrame, ta
     """One model's out-of-fold probabilities and test probabilities (from probs/<name>.npz, or computed once and stored)."""
     folds = ref.folds(cfg)
     ids = test["annotation_id"].to_numpy()
-    key = f"{stage.fingerprint['inputs'][ref.stage]}|{ref.name}|{cfg.tta.views}|{cfg.tta.mode}|{ids.tolist()}"
+    key = f"{stage.fingerprint['inputs'][ref.stage]}|{ref.name}|{cfg.tta.views}|{cfg.tta.mode}|{cfg.train.precision}|{ids.tolist()}"
 
     def compute() -> dict:
         probs = _from_02(cfg, stage, ids) if ref.name == "phase1" else None

@@ -26,6 +26,7 @@ from lib.data.artifacts import Prepared
 from lib.engine.results import RoundResult, SelfTraining
 from lib.engine.rounds import run_round
 from lib.engine.train import cv_summary, run_folds
+from lib.model import dist as ddp
 from lib.model.device import pick_device
 
 log = logging.getLogger("pipeline")
@@ -44,16 +45,20 @@ def round_pseudo_labels(cfg: Config, stage: Stage, r: int, n_folds: int, prep: P
     """Round r's (r > 1) pseudo_labels.csv, made from round r-1's `n_folds` fold models unless current.
 
     None when a dry run finds they would be made: this round and the ones after it would run.
+    Under torchrun rank 0 makes them while the other ranks wait.
     """
     rs = pipeline.round_stage(stage, r)
     ps = rs.child(f"{rs.name}/pseudo", rs.dir / "pseudo", {"step": "pseudo"})
     if check(ps, force, dry_run):
-        t0 = time.time()
-        ps.invalidate()
-        prev = pipeline.round_stage(stage, r - 1).dir
-        res = run_round(cfg, [prev / f"fold_{k}" for k in range(n_folds)], prep.test, prep.taxonomy, ps.dir,
-                        pick_device(cfg.train.device), f"{stage.name} round {r}")
-        ps.finish(res, t0)
+        ddp.barrier()  # every rank has decided before rank 0 voids the record
+        if ddp.is_main():
+            t0 = time.time()
+            ps.invalidate()
+            prev = pipeline.round_stage(stage, r - 1).dir
+            res = run_round(cfg, [prev / f"fold_{k}" for k in range(n_folds)], prep.test, prep.taxonomy, ps.dir,
+                            pick_device(cfg.train.device), f"{stage.name} round {r}")
+            ps.finish(res, t0)
+        ddp.barrier()  # the other ranks read rank 0's pseudo-labels
     elif dry_run and (force or ps.reasons()):
         return None
     return ps.dir / "pseudo_labels.csv"
@@ -79,20 +84,22 @@ def train_round(cfg: Config, stage: Stage, r: int, prep: Prepared, extra: pd.Dat
 
 
 def run_rounds(cfg: Config, stage: Stage, prep: Prepared, *, only: list[int] | None, force: bool, dry_run: bool) -> SelfTraining | None:
-    """Rounds 1..pseudo.rounds, reusing those already trained; None while some fold is not done, and on a dry run."""
+    """Rounds 1..pseudo.rounds, reusing those already trained; None while some fold is not done, on a dry run, and on
+    every torchrun rank but 0 (which go through the rounds with rank 0, as rank 0 decides)."""
     pseudo_csv = cfg.out_dir / "02_pseudo" / "pseudo_labels.csv"
     done: list[RoundResult] = []
     for r in range(1, cfg.pseudo.rounds + 1):
         if r > 1:  # this round's pseudo-labels come from the previous round's fold ensemble
-            found = round_pseudo_labels(cfg, stage, r, done[-1].cv.folds, prep, force, dry_run)
+            found = round_pseudo_labels(cfg, stage, r, prep.n_folds, prep, force, dry_run)
             if found is None:
                 return None
             pseudo_csv = found
         result = train_round(cfg, stage, r, prep, pseudo_rows(cfg, pseudo_csv, prep.rois), only, force, dry_run)
-        if result is None:
+        if not ddp.broadcast_flag(result is not None):  # rank 0's result decides; the other ranks never have one
             return None
-        done.append(result)
-    if dry_run:
+        if result is not None:
+            done.append(result)
+    if dry_run or not ddp.is_main():
         return None
     last = pipeline.round_stage(stage, cfg.pseudo.rounds)
     return SelfTraining(tuple(done), str(last.dir.relative_to(stage.dir)))

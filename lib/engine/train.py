@@ -2,9 +2,9 @@
 
 `fit_fold` reads top to bottom: set up (model, loss, optimiser, EMA, loaders, schedule), resume
 or start, then per epoch train, validate in the competition metric, checkpoint. `last.pt`
-(model, optimizer, epoch, best, history, digest, and ema when on: every random draw is reseeded
-from the seed, fold and epoch, so no RNG state is kept) is written atomically every epoch so a
-killed run resumes where it stopped; `best.pt` and `oof.npz` follow the best validation
+(model, optimizer, epoch, best, history, digest, ema when on, and the GradScaler's state under
+fp16: every random draw is reseeded from the seed, fold and epoch, so no RNG state is kept) is
+written atomically every epoch so a killed run resumes where it stopped; `best.pt` and `oof.npz` follow the best validation
 distance. A fold ends by writing its `record.json`, which vouches for `best.pt` and `oof.npz`:
 a fold whose files were lost or damaged runs again (alone).
 """
@@ -18,13 +18,13 @@ import random
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import pandas as pd
 import torch
 from torch import nn
-from torch.utils.data import DataLoader, DistributedSampler, Sampler
+from torch.utils.data import DataLoader, DistributedSampler, RandomSampler, Sampler
 from tqdm import tqdm
 
 from lib.config import Config
@@ -36,7 +36,7 @@ from lib.core.locks import locked
 from lib.core.records import Stage
 from lib.data.augment import build_transforms
 from lib.data.context import model_inputs
-from lib.data.dataset import CropDataset, make_loader
+from lib.data.dataset import CropDataset, EpochSampler, make_loader, make_train_loader
 from lib.data.mix import mix_batch, soft_target_loss
 from lib.data.samplers import build_sampler
 from lib.data.taxonomy import RANKS, Taxonomy
@@ -45,13 +45,14 @@ from lib.engine.inference import predict
 from lib.engine.results import CVSummary, FoldResult
 from lib.model import dist as ddp
 from lib.model.checkpoint import load_checkpoint
-from lib.model.device import autocast, channels_last, pick_device
+from lib.model.device import autocast, channels_last, describe_device, grad_scaler, pick_device, precision_policy, prepare_device
 from lib.model.losses import WeightedLoss, build_loss
 from lib.model.net import Net, build_net, mean_std
-from lib.model.optim import Ema, lr_factor, param_groups
+from lib.model.optim import Ema, lr_factor, optimizer_step, param_groups
 
 log = logging.getLogger("pipeline")
 FOLD_OUTPUTS = ("best.pt", "oof.npz")  # what a fold's record vouches for (last.pt may be deleted to save space)
+LOSS_EVERY = 20  # batch losses stay on the device and are read every this many batches (no sync per step)
 
 
 @dataclass
@@ -112,6 +113,10 @@ def fit_fold(cfg: Config, split: FoldSplit, taxonomy: Taxonomy, stage: Stage, ep
     t, main = cfg.train, ddp.is_main()
     while True:  # twice at most: the second pass is fresh, and a fresh pass ends or raises
         run = set_up(cfg, split, taxonomy, epochs)
+        if main:
+            log.info("%s: on %s%s", stage.name, describe_device(run.device, t.precision),
+                     f"; {ddp.world_size()} processes of {run.batch} rows per step (global batch {t.batch_size})"
+                     if ddp.world_size() > 1 else "")
         progress = resume_or_start(run, stage, epochs, fresh)
         if progress is None:
             fresh = True
@@ -164,6 +169,10 @@ class Setup:
     val_loader: DataLoader
     testlike_loader: DataLoader | None  # the same validation ROIs shrunk to test box sizes, when 00 cut them
     device: torch.device
+    precision: str  # bf16, fp16 or fp32: lib.model.device.precision_policy's answer for train.precision here
+    scaler: torch.amp.GradScaler | None  # fp16 only: scales the loss so small gradients do not underflow
+    train_loader: DataLoader | None  # with loader workers: one persistent loader for every epoch (else one per epoch)
+    batch: int  # rows per process in one step (train.batch_size split over the torchrun processes)
     seed: int  # the fold's seed; epoch e reseeds everything from seed * 1000 + e
     n_classes: int
     counts: np.ndarray  # training rows per class
@@ -182,6 +191,8 @@ class Setup:
 def set_up(cfg: Config, split: FoldSplit, taxonomy: Taxonomy, epochs: int) -> Setup:
     """Model, loss, optimiser, EMA, loaders and schedule of one fold, from the fold's seed."""
     t, device = cfg.train, pick_device(cfg.train.device)
+    prepare_device(device)
+    precision = precision_policy(device, t.precision)[0]
     seed = cfg.seed * 100 + split.fold
     seed_everything(seed)
     dist = taxonomy.distance_matrix()
@@ -203,17 +214,20 @@ def set_up(cfg: Config, split: FoldSplit, taxonomy: Taxonomy, epochs: int) -> Se
     train_tf = build_transforms(cfg.model.img_size, train=True, mean=mean, std=std, aug=cfg.augment, n_views=len(views))
     ds = CropDataset(model_inputs(split.train, views), split.train["label"], split.train["weight"], transform=train_tf)
     eval_loader = functools.partial(make_loader, img_size=cfg.model.img_size, mean=mean, std=std, batch_size=t.eval_batch_size,
-                                    num_workers=t.num_workers, device=device)
+                                    num_workers=t.num_workers, device=device, persistent=True)
     val_loader, testlike_loader = eval_loader(model_inputs(split.val, views)), None
     if "testlike_path" in split.val and (split.val["testlike_path"].fillna("") != "").all():
         # The test-like view shrinks the ROI only: 00 cuts no test-like context crops, so context views stay as they are.
         testlike_loader = eval_loader(model_inputs(split.val, views, roi_column="testlike_path"))
-    per_rank = len(ds) // world  # each torchrun process sees its share of every epoch
-    batches = max(1, per_rank // t.batch_size if per_rank > t.batch_size else 1)
+    per_rank, batch = len(ds) // world, ddp.rank_batch(t.batch_size, world)  # each process: its share of every epoch and batch
+    batches = max(1, per_rank // batch if per_rank > batch else 1)
+    train_loader = make_train_loader(ds, batch_size=batch, drop_last=per_rank > batch, num_workers=t.num_workers,
+                                     pin_memory=device.type == "cuda") if t.num_workers > 0 else None
     steps_per_epoch = max(1, math.ceil(batches / t.accumulate))
-    return Setup(model, train_model, criterion, optimizer, ema, train_tf, ds, val_loader, testlike_loader, device, seed,
-                 taxonomy.n_classes, counts, dist, steps_per_epoch, total=steps_per_epoch * epochs,
-                 warmup=int(t.warmup_epochs * steps_per_epoch), restart=max(1, int(round(t.restart_epochs * steps_per_epoch))))
+    return Setup(model, train_model, criterion, optimizer, ema, train_tf, ds, val_loader, testlike_loader, device, precision,
+                 grad_scaler(device, precision), train_loader, batch, seed, taxonomy.n_classes, counts, dist, steps_per_epoch,
+                 total=steps_per_epoch * epochs, warmup=int(t.warmup_epochs * steps_per_epoch),
+                 restart=max(1, int(round(t.restart_epochs * steps_per_epoch))))
 
 
 @dataclass
@@ -244,6 +258,8 @@ def resume_or_start(run: Setup, stage: Stage, epochs: int, fresh: bool) -> Progr
         run.optimizer.load_state_dict(ckpt["optimizer"])
         if run.ema is not None and "ema" in ckpt:
             run.ema.load_state_dict(ckpt["ema"])
+        if run.scaler is not None and "scaler" in ckpt:  # fp16: the loss scale it had reached, so the resumed steps match
+            run.scaler.load_state_dict(ckpt["scaler"])
         progress = Progress(int(ckpt["epoch"]) + 1, dict(ckpt["best"]), list(ckpt["history"]))
     except Exception as e:  # a checkpoint that loads but does not fit: start over on a clean model
         log.warning("ignoring checkpoint %s (%s: %s); starting the fold afresh", last, type(e).__name__, e)
@@ -265,7 +281,11 @@ def resume_or_start(run: Setup, stage: Stage, epochs: int, fresh: bool) -> Progr
 
 
 def train_one_epoch(run: Setup, cfg: Config, split: FoldSplit, name: str, epoch: int, epochs: int) -> list[float]:
-    """One pass over this rank's share of the training rows, every draw seeded from (seed, fold, epoch); the batch losses."""
+    """One pass over this rank's share of the training rows, every draw seeded from (seed, fold, epoch); the batch losses.
+
+    The losses stay on the device and are read every LOSS_EVERY batches (and at the end), so
+    the GPU is not made to wait for each one; they are the same numbers `loss.item()` would give.
+    """
     t, a = cfg.train, cfg.augment
     epoch_seed = run.seed * 1000 + epoch
     seed_everything(epoch_seed)
@@ -275,6 +295,7 @@ def train_one_epoch(run: Setup, cfg: Config, split: FoldSplit, name: str, epoch:
     loader = _epoch_loader(run, t, split.train["label"].to_numpy(), epoch_seed, gen)
     run.model.train()
     losses: list[float] = []
+    pending: list[torch.Tensor] = []
     bar = tqdm(loader, desc=f"{name} epoch {epoch + 1}/{epochs}", leave=False, unit="batch", disable=not ddp.is_main())
     run.optimizer.zero_grad(set_to_none=True)
     for i, (x, y, w) in enumerate(bar):
@@ -283,23 +304,32 @@ def train_one_epoch(run: Setup, cfg: Config, split: FoldSplit, name: str, epoch:
         if a.mixing:
             x, y_soft, w = mix_batch(x, y, w, n_classes=run.n_classes, mixup_alpha=a.mixup_alpha, cutmix_alpha=a.cutmix_alpha,
                                      prob=a.mix_prob, same_leaf=a.mix_same_leaf, generator=gen)
-        with autocast(run.device):
+        with autocast(run.device, run.precision):
             out = run.train_model(channels_last(x), full=True)
         # Mixed (soft) targets train the leaf logits with soft cross-entropy; one-hot batches use the head's loss.
         soft = y_soft is not None and not a.mix_same_leaf
         loss = soft_target_loss(out.logits, y_soft.to(run.device), w) if soft and y_soft is not None else \
             run.model.head_module.loss(out, y, w, run.criterion)
-        (loss / t.accumulate).backward()
-        losses.append(loss.item())
-        if (i + 1) % t.accumulate == 0 or i + 1 == len(loader):
+        scaled = loss / t.accumulate
+        (run.scaler.scale(scaled) if run.scaler is not None else scaled).backward()
+        pending.append(loss.detach())
+        last = i + 1 == len(loader)
+        if (i + 1) % t.accumulate == 0 or last:
             _step(run, t, epoch * run.steps_per_epoch + i // t.accumulate)
-        bar.set_postfix(loss=f"{np.mean(losses[-20:]):.3f}")
+        if len(pending) == LOSS_EVERY or last:
+            losses += torch.stack(pending).float().tolist()
+            pending.clear()
+            bar.set_postfix(loss=f"{np.mean(losses[-20:]):.3f}")
         fault_point(f"train_batch {name} epoch {epoch + 1}")
     return losses
 
 
 def _epoch_loader(run: Setup, t, labels: np.ndarray, epoch_seed: int, gen: torch.Generator) -> DataLoader:
-    """The epoch's batches: shuffled, or drawn by `train.sampler`; under torchrun each rank its own share."""
+    """The epoch's batches: shuffled, or drawn by `train.sampler`; under torchrun each rank its own share.
+
+    Without workers a fresh loader per epoch; with workers the fold's persistent loader, told
+    the epoch's order and seed (its workers reseed their augmentation from it).
+    """
     world, ds = ddp.world_size(), run.ds
     sampler: Sampler | None
     if world > 1 and t.sampler == "random":
@@ -308,19 +338,20 @@ def _epoch_loader(run: Setup, t, labels: np.ndarray, epoch_seed: int, gen: torch
         sampler = build_sampler(t.sampler, labels, len(ds) // world, torch.Generator().manual_seed(epoch_seed * world + ddp.rank()))
     else:
         sampler = build_sampler(t.sampler, labels, None, gen)
-    return DataLoader(ds, batch_size=t.batch_size, shuffle=sampler is None, sampler=sampler, generator=gen,
-                      drop_last=len(ds) > t.batch_size, num_workers=t.num_workers, pin_memory=run.device.type == "cuda")
+    if run.train_loader is not None:
+        cast(EpochSampler, run.train_loader.sampler).set_epoch(epoch_seed, sampler if sampler is not None else RandomSampler(ds, generator=gen))
+        return run.train_loader
+    return DataLoader(ds, batch_size=run.batch, shuffle=sampler is None, sampler=sampler, generator=gen,
+                      drop_last=len(ds) // world > run.batch, num_workers=0, pin_memory=run.device.type == "cuda")
 
 
 def _step(run: Setup, t, step: int) -> None:
-    """One optimiser step at position `step` of the schedule: learning rates, gradient clipping, EMA."""
+    """One optimiser step at position `step` of the schedule: learning rates, gradient clipping (fp16: on the
+    unscaled gradients, and a step with inf or NaN gradients is skipped), EMA."""
     factor = lr_factor(step, run.total, run.warmup, t.schedule, run.restart, t.min_lr_ratio)
     for g in run.optimizer.param_groups:
         g["lr"] = g["base_lr"] * factor
-    if t.clip_grad > 0:
-        torch.nn.utils.clip_grad_norm_(run.model.parameters(), t.clip_grad)
-    run.optimizer.step()
-    run.optimizer.zero_grad(set_to_none=True)
+    optimizer_step(run.optimizer, run.model.parameters(), t.clip_grad, run.scaler)
     if run.ema is not None:
         run.ema.update(run.model)
 
@@ -331,11 +362,12 @@ def _step(run: Setup, t, step: int) -> None:
 def validate(run: Setup, split: FoldSplit, taxonomy: Taxonomy) -> tuple[dict[str, float], dict[str, np.ndarray]]:
     """The judged model on the fold's validation rows (and their test-like view): metrics, and oof.npz's arrays."""
     labels = split.val["label"].to_numpy()
-    got = predict(run.judged, run.val_loader, run.device, desc="validate")
+    got = predict(run.judged, run.val_loader, run.device, precision=run.precision, desc="validate")
     metrics = {**evaluate(got["probs"], labels, run.dist), **detailed_metrics(got["probs"], labels, taxonomy, run.counts)}
     arrays = {"probs": got["probs"], "embeddings": got["embeddings"].astype(np.float16)}
     if run.testlike_loader is not None:
-        arrays["probs_testlike"] = predict(run.judged, run.testlike_loader, run.device, features=False, desc="validate test-like")["probs"]
+        arrays["probs_testlike"] = predict(run.judged, run.testlike_loader, run.device, features=False, precision=run.precision,
+                                           desc="validate test-like")["probs"]
         metrics.update({f"{k}_testlike": v for k, v in evaluate(arrays["probs_testlike"], labels, run.dist).items()})
     return metrics, arrays
 
@@ -355,11 +387,14 @@ def save_best(run: Setup, out: Path, split: FoldSplit, epoch: int, val_distance:
 
 
 def save_last(run: Setup, stage: Stage, progress: Progress, epoch: int) -> None:
-    """last.pt, atomically: model, optimizer, epoch (0-based, the last one done), best, history, digest, ema (when on)."""
+    """last.pt, atomically: model, optimizer, epoch (0-based, the last one done), best, history, digest, ema (when on),
+    scaler (fp16 only)."""
     state = {"model": run.model.state_dict(), "optimizer": run.optimizer.state_dict(), "epoch": epoch, "best": progress.best,
              "history": progress.history, "digest": stage.digest}
     if run.ema is not None:
         state["ema"] = run.ema.state_dict()
+    if run.scaler is not None:
+        state["scaler"] = run.scaler.state_dict()
     with atomic_path(stage.dir / "last.pt") as tmp, open(tmp, "wb") as f:
         torch.save(state, f)
 

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import copy
 import math
+from typing import Iterable
 
 import torch
 from torch import nn
@@ -55,22 +56,60 @@ def lr_factor(step: int, total: int, warmup: int, schedule: str, restart_steps: 
     return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * frac))
 
 
+def optimizer_step(optimizer: torch.optim.Optimizer, params: Iterable[nn.Parameter], clip_grad: float,
+                   scaler: torch.amp.GradScaler | None = None) -> None:
+    """Clip and step, then clear the gradients. With an fp16 GradScaler the gradients are unscaled before
+    clipping (the clip must see their true norm) and a step whose gradients hold inf or NaN is skipped
+    (the scaler then halves its scale); without one this is the plain clip and step."""
+    if scaler is not None:
+        scaler.unscale_(optimizer)
+    if clip_grad > 0:
+        torch.nn.utils.clip_grad_norm_(params, clip_grad)
+    if scaler is not None:
+        scaler.step(optimizer)
+        scaler.update()
+    else:
+        optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+
+
 class Ema:
-    """Exponential moving average of the weights (buffers copied), evaluated instead of the raw model when on."""
+    """Exponential moving average of the weights (buffers copied), evaluated instead of the raw model when on.
+
+    One update is a fused multiply and a fused add over all floating tensors at once (`torch._foreach_mul_`,
+    `torch._foreach_add_`: e = decay e + (1 - decay) m), not a multiply and an add per tensor: hundreds of
+    small kernels (and Python calls) per step become a few. A single `_foreach_lerp_` would round
+    differently; these two keep the EMA bitwise what the per-tensor formula gave.
+    """
 
     def __init__(self, model: nn.Module, decay: float):
         self.decay = decay
         self.module = copy.deepcopy(model).eval()
         for p in self.module.parameters():
             p.requires_grad_(False)
+        self._pairs: tuple[int, list[torch.Tensor], list[torch.Tensor], list[tuple[torch.Tensor, torch.Tensor]]] | None = None
+
+    def _tensors(self, model: nn.Module) -> tuple[list[torch.Tensor], list[torch.Tensor], list[tuple[torch.Tensor, torch.Tensor]]]:
+        """The EMA's and the model's floating tensors, and the other (integer) pairs; built once per model."""
+        if self._pairs is None or self._pairs[0] != id(model):
+            ema_f, model_f, other = [], [], []
+            for e, m in zip(self.module.state_dict().values(), model.state_dict().values()):
+                if e.dtype.is_floating_point:
+                    ema_f.append(e)
+                    model_f.append(m.detach())
+                else:
+                    other.append((e, m))
+            self._pairs = (id(model), ema_f, model_f, other)
+        return self._pairs[1], self._pairs[2], self._pairs[3]
 
     @torch.no_grad()
     def update(self, model: nn.Module) -> None:
-        for e, m in zip(self.module.state_dict().values(), model.state_dict().values()):
-            if e.dtype.is_floating_point:
-                e.mul_(self.decay).add_(m.detach(), alpha=1 - self.decay)
-            else:
-                e.copy_(m)
+        ema_f, model_f, other = self._tensors(model)
+        if ema_f:
+            torch._foreach_mul_(ema_f, self.decay)
+            torch._foreach_add_(ema_f, model_f, alpha=1 - self.decay)
+        for e, m in other:
+            e.copy_(m)
 
     def state_dict(self) -> dict:
         return self.module.state_dict()
