@@ -84,15 +84,17 @@ class PrepareCfg:
     """ROI and context crops, folds (00_prepare_data).
 
     `context_scales`: squares of s x the box's longer side around each box (e.g. [3, 5]);
-    `context_full`: the whole frame too; `fill`: RGB outside the frame. `test_like`: also cut
+    `context_full`: the whole frame too. Left unset (null), they are what `model.context` reads,
+    filled in when the config loads, so 00 cuts no crop that no model reads (the recorded values
+    are the ones used). `fill`: RGB outside the frame. `test_like`: also cut
     each train ROI downscaled to the test set's box sizes, for a test-like validation view.
     """
 
     pad: float = 0.1
     square: bool = True
     crop_size: int = 96
-    context_scales: list[float] = field(default_factory=lambda: [3.0, 5.0])
-    context_full: bool = True
+    context_scales: list[float] | None = None  # null: the numeric views of model.context
+    context_full: bool | None = None  # null: whether model.context reads `full`
     fill: list[int] = field(default_factory=lambda: [0, 0, 0])
     test_like: bool = True
     n_folds: int = 5
@@ -514,7 +516,17 @@ def load_config(path: str | Path | None, overrides: list[str] | tuple[str, ...] 
         raw = _merge(raw, parse_override(o))
     cfg = _build(Config, raw, "")
     validate(cfg)
+    _fill_context_crops(cfg)
     return cfg
+
+
+def _fill_context_crops(cfg: Config) -> None:
+    """Unset `prepare.context_scales` / `context_full` become the crops `model.context` reads (after validation)."""
+    p, views = cfg.prepare, cfg.model.context
+    if p.context_scales is None:
+        p.context_scales = [float(v) for v in views if v not in ("1", "full")]
+    if p.context_full is None:
+        p.context_full = "full" in views
 
 
 def _run_checks(cfg: Config) -> list[tuple[bool, str]]:
@@ -562,7 +574,7 @@ def _prepare_checks(cfg: Config) -> list[tuple[bool, str]]:
         (cfg.prepare.n_folds >= 2, "prepare.n_folds must be at least 2"),
         (cfg.prepare.pad >= 0, "prepare.pad must be 0 or more"),
         (cfg.prepare.workers >= 1, "prepare.workers must be at least 1"),
-        (all(s > 0 for s in cfg.prepare.context_scales), "prepare.context_scales must all be positive"),
+        (all(s > 0 for s in cfg.prepare.context_scales or []), "prepare.context_scales must all be positive"),
         (len(cfg.prepare.fill) == 3 and all(0 <= v <= 255 for v in cfg.prepare.fill), "prepare.fill must be three values in 0..255 (RGB)"),
         (0.0 <= cfg.prepare.max_reject_fraction <= 1.0, "prepare.max_reject_fraction must lie in [0, 1]"),
         (cfg.prepare.download_workers >= 1 and cfg.prepare.download_retries >= 0 and cfg.prepare.download_timeout > 0,

@@ -157,3 +157,16 @@ def test_relative_paths_resolve_against_the_project_not_the_working_directory(tm
     assert load_config(None, ["model.pretrained=file", f"model.pretrained_file={weights}"]).model.pretrained_file == str(weights)
     with pytest.raises(ConfigError, match="absolute, or relative to the project root"):
         load_config(None, ["model.pretrained=file", "model.pretrained_file=w.pth"])  # w.pth is in the cwd, not the project
+
+
+def test_context_crops_default_to_what_the_model_reads():
+    """00 cuts only the context crops model.context reads, unless prepare lists them; the recorded values are the ones used."""
+    cfg = load_config("configs/demo.yaml", ["model.context=[1, 3]"])
+    assert cfg.prepare.context_scales == [3.0] and cfg.prepare.context_full is False
+    cfg = load_config("configs/demo.yaml", ["model.context=[1, 5, full]"])
+    assert cfg.prepare.context_scales == [5.0] and cfg.prepare.context_full is True
+    cfg = load_config("configs/demo.yaml", [])
+    assert cfg.prepare.context_scales == [] and cfg.prepare.context_full is False  # the ROI alone
+    cfg = load_config("configs/demo.yaml", ["model.context=[1, 3]", "prepare.context_scales=[3, 5]", "prepare.context_full=true"])
+    assert cfg.prepare.context_scales == [3.0, 5.0] and cfg.prepare.context_full is True  # listed: kept as listed
+    assert flatten(cfg.section("prepare"), "prepare")["prepare.context_scales"] == [3.0, 5.0]

@@ -29,7 +29,7 @@ def tiny(tmp_path_factory):
     overrides = [
         f"data.root={tmp / 'data'}", f"output_root={tmp / 'out'}", "exp=tiny",
         "demo.per_class=3", "demo.test_per_class=1", "demo.frame_width=160", "demo.frame_height=120",
-        "prepare.n_folds=2", "prepare.crop_size=32", "prepare.workers=1",
+        "prepare.n_folds=2", "prepare.crop_size=32", "prepare.workers=1", "prepare.context_scales=[3]", "prepare.context_full=true",
         "model.img_size=32", "knn.img_size=32", "train.epochs=1", "train.batch_size=64", "pseudo.threshold=0.0",
     ]
     assert demo_main(["--config", "configs/demo.yaml", *overrides]) == 0

@@ -113,7 +113,7 @@ def test_folds_grouped_stratified_and_deterministic():
 
 
 def test_stage_writes_roi_context_and_testlike_crops(clean_data, tmp_path):
-    assert run00(clean_data, tmp_path) == 0
+    assert run00(clean_data, tmp_path, "prepare.context_scales=[3, 5]", "prepare.context_full=true") == 0
     d = tmp_path / "t" / "00_prepare"
     rois = pd.read_csv(d / "rois.csv", keep_default_na=False)
     for col in ("crop_path", "ctx3_path", "ctx5_path", "full_path"):
@@ -370,3 +370,9 @@ def test_holdout_keeps_concepts_out_of_train_only(clean_data, tmp_path, capsys):
     assert (rejects["reason"] == "held out of train (prepare.holdout)").sum() == 4
     assert run00(clean_data, tmp_path / "b", "prepare.holdout=[Kraken]") == 2
     assert "not concepts of the taxonomy" in error_line(capsys.readouterr().err)
+
+
+def test_default_cuts_only_the_crops_the_model_reads(clean_data, tmp_path):
+    assert run00(clean_data, tmp_path, "model.context=[1, 3]") == 0
+    rois = pd.read_csv(tmp_path / "t" / "00_prepare" / "rois.csv", keep_default_na=False)
+    assert {c for c in rois.columns if c.endswith("_path")} == {"crop_path", "ctx3_path", "testlike_path"}

@@ -77,8 +77,8 @@ class Preparation:
 
 def crop_spec(cfg: Config) -> CropSpec:
     p = cfg.prepare
-    return CropSpec(pad=p.pad, square=p.square, size=p.crop_size, context_scales=tuple(p.context_scales),
-                    context_full=p.context_full, fill=(p.fill[0], p.fill[1], p.fill[2]))
+    return CropSpec(pad=p.pad, square=p.square, size=p.crop_size, context_scales=tuple(p.context_scales or ()),
+                    context_full=bool(p.context_full), fill=(p.fill[0], p.fill[1], p.fill[2]))
 
 
 def path_column(kind: str) -> str:
