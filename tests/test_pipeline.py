@@ -362,11 +362,12 @@ def test_every_head_trains_and_predicts(tiny, tmp_path, head):
 
     from lib.core.records import Stage
     from lib.engine.inference import predict_folds_tta
-    from lib.engine.train import fit_fold
+    from lib.engine.train import FOLD_OUTPUTS, fit_fold
 
     cfg, split, tax = _fold_setup(tiny, tmp_path, f"head.name={head}", "head.hidden=32", "head.n_heads=3")
-    st = Stage.create("h/fold_0", tmp_path / "fold_0", cfg, ["head"], ROOT / "01_train_folds.py", {})
+    st = Stage.create("h/fold_0", tmp_path / "fold_0", cfg, ["head"], ROOT / "01_train_folds.py", {}, FOLD_OUTPUTS)
     result = fit_fold(cfg, split, tax, st, epochs=1)
+    st.finish(result.to_record(), 0.0)  # its record vouches for best.pt, which inference checks at load
     assert 0 <= result.val_distance <= 12
     probs = predict_folds_tta([tmp_path / "fold_0"], split.val["crop_path"].tolist()[:5], cfg, tax, torch.device("cpu"))["probs"]
     assert probs.shape == (1, 5, 79) and np.allclose(probs.sum(-1), 1, atol=1e-4)
@@ -380,11 +381,12 @@ def test_context_views_train_and_predict(tiny, tmp_path, fusion):
     from lib.core.records import Stage
     from lib.data.context import model_inputs
     from lib.engine.inference import predict_folds_tta
-    from lib.engine.train import fit_fold
+    from lib.engine.train import FOLD_OUTPUTS, fit_fold
 
     cfg, split, tax = _fold_setup(tiny, tmp_path, "model.context=[1, 3, full]", f"model.fusion={fusion}")
-    st = Stage.create("c/fold_0", tmp_path / "fold_0", cfg, ["model"], ROOT / "01_train_folds.py", {})
+    st = Stage.create("c/fold_0", tmp_path / "fold_0", cfg, ["model"], ROOT / "01_train_folds.py", {}, FOLD_OUTPUTS)
     result = fit_fold(cfg, split, tax, st, epochs=1)
+    st.finish(result.to_record(), 0.0)  # its record vouches for best.pt, which inference checks at load
     assert 0 <= result.val_distance <= 12 and 0 <= result.scores["val_distance_testlike"] <= 12
     probs = predict_folds_tta([tmp_path / "fold_0"], model_inputs(split.val.head(5), cfg.model.context), cfg, tax,
                               torch.device("cpu"))["probs"]

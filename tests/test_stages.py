@@ -230,6 +230,94 @@ def test_fold_runs_share_the_stage_lock(tmp_path):
         p.wait()
 
 
+READ = ("import sys, time; sys.path.insert(0, '.'); from lib.core.locks import acquire_read_lock; "
+        "acquire_read_lock(sys.argv[1], 'up', '04_submit'); print('held', flush=True); time.sleep(300)")
+WRITE = ("import sys, time; sys.path.insert(0, '.'); from lib.core.locks import acquire_lock; "
+         "acquire_lock(sys.argv[1], 'up', shared=sys.argv[2] == 'shared', readers=True); print('held', flush=True); time.sleep(300)")
+
+
+def _run_holder(code, *args):
+    import subprocess
+    import sys
+
+    p = subprocess.Popen([sys.executable, "-c", code, *map(str, args)], cwd=SCRIPT.parent, stdout=subprocess.PIPE, text=True)
+    assert p.stdout.readline().strip() == "held"
+    return p
+
+
+def test_a_reader_keeps_every_writer_of_its_upstream_out_and_readers_share(tmp_path):
+    """A downstream stage reading `up`: a whole-stage run and a --fold run of `up` refuse, naming the reader; other readers share."""
+    import pytest
+
+    from lib.core.errors import StageLocked
+    from lib.core.locks import acquire_lock, acquire_read_lock, release_locks
+
+    p = _run_holder(READ, tmp_path)
+    try:
+        for shared in (False, True):
+            with pytest.raises(StageLocked, match=rf"^up cannot run now: 04_submit \(pid {p.pid} on .*\) is reading {tmp_path}; wait"):
+                acquire_lock(tmp_path, "up", shared=shared, readers=True)
+        acquire_read_lock(tmp_path, "up", "02_pseudo")  # another reader: fine
+        release_locks()
+    finally:
+        p.kill()  # kill -9: the kernel drops the read lock; its note is swept by the next writer
+        p.wait()
+    acquire_lock(tmp_path, "up", readers=True)
+    assert not list((tmp_path / ".readers").glob("*.json"))
+    release_locks()
+
+
+def test_a_reader_refuses_while_its_upstream_is_written_and_fold_runs_share(tmp_path):
+    """A writer of `up` (whole stage or --fold runs) running: a reader refuses with one sentence naming it, not 'record missing'."""
+    import pytest
+
+    from lib.core.errors import StageLocked
+    from lib.core.locks import acquire_lock, acquire_read_lock, release_locks
+
+    p = _run_holder(WRITE, tmp_path, "exclusive")
+    try:
+        with pytest.raises(StageLocked, match=rf"^up is running \(pid {p.pid} on .*\) in {tmp_path}; wait for it to end, then rerun 04"):
+            acquire_read_lock(tmp_path, "up", "04_submit")
+    finally:
+        p.kill()
+        p.wait()
+    p = _run_holder(WRITE, tmp_path, "shared")
+    try:
+        acquire_lock(tmp_path, "up", shared=True, readers=True)  # fold runs side by side
+        release_locks()
+        with pytest.raises(StageLocked, match=r"^up has --fold runs going in .*; wait for it to end"):
+            acquire_read_lock(tmp_path, "up", "04_submit")
+    finally:
+        p.kill()
+        p.wait()
+    acquire_read_lock(tmp_path, "up", "04_submit")  # the writers gone: reading is fine
+    release_locks()
+    assert not list((tmp_path / ".readers").glob("*.json"))  # a clean release removes the reader's note
+
+
+def test_a_file_is_loaded_only_as_its_record_vouches(tmp_path):
+    """A checkpoint or npz replaced after its record was written (another run, a copy) is one sentence at load, never used."""
+    import pytest
+
+    from lib.core.errors import StageError
+    from lib.core.graph import check_vouched
+    from lib.core.records import Stage
+
+    fold = tmp_path / "01_train" / "fold_1"
+    fold.mkdir(parents=True)
+    (fold / "best.pt").write_bytes(b"model A")
+    with pytest.raises(StageError, match=r"best.pt cannot be loaded \(no record.json beside it: .*\); rerun 01_train_folds.py"):
+        check_vouched(fold / "best.pt")
+    st = Stage(name="01_train/fold_1", dir=fold, fingerprint={"config": {}}, outputs=("best.pt",))
+    st.finish({}, 0.0)
+    check_vouched(fold / "best.pt")
+    (fold / "best.pt").write_bytes(b"model B, retrained")
+    with pytest.raises(StageError, match=r"it is not the file its record.json vouches for \(18 bytes, recorded 7\)\); rerun 01_train"):
+        check_vouched(fold / "best.pt")
+    with pytest.raises(StageError, match=r"its record.json does not vouch for it"):
+        check_vouched(fold / "oof.npz")
+
+
 def test_run_cli_releases_the_lock_even_on_a_crash(tmp_path):
     import pytest
 

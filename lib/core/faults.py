@@ -1,4 +1,5 @@
-"""Fault points: `PIPELINE_KILL_AT=<point>` SIGKILLs a run at a named place, so the fault tests kill for real.
+"""Fault points: `PIPELINE_KILL_AT=<point>` SIGKILLs a run at a named place, so the fault tests kill for real;
+`PIPELINE_PAUSE_AT=<point>` SIGSTOPs it there, so the concurrency tests hold a run mid-way (SIGCONT resumes it).
 """
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ import signal
 import sys
 
 FAULT_ENV = "PIPELINE_KILL_AT"
+PAUSE_ENV = "PIPELINE_PAUSE_AT"
 
 
 _fault_counts: dict[str, int] = {}
@@ -20,6 +22,10 @@ def fault_point(name: str) -> None:
     `download_chunk` (after each chunk a download writes). A kill -9 cannot be caught, so this
     is the real fault, at a deterministic place.
     """
+    if os.environ.get(PAUSE_ENV) == name:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os.kill(os.getpid(), signal.SIGSTOP)
     spec = os.environ.get(FAULT_ENV)
     if not spec:
         return

@@ -20,7 +20,7 @@ from lib.config import Config, ConfigError
 from lib.core.cli import check, save_resolved_config, setup_logging
 from lib.core.errors import StageError
 from lib.core.io import dir_digest, file_digest, remove_temp_files
-from lib.core.locks import acquire_lock
+from lib.core.locks import acquire_lock, acquire_read_lock, release_lock
 from lib.core.paths import ROOT
 from lib.core.records import RECORD, Stage, read_record, upstream_digest
 
@@ -114,6 +114,40 @@ def upstream_of(cfg: Config, name: str) -> tuple[str, ...]:
     if name == "knn" and cfg.knn.source == "phase1":
         return SPECS[name].upstream + ("01_train",)
     return SPECS[name].upstream
+
+
+def reads_of(cfg: Config, name: str) -> tuple[str, ...]:
+    """The upstream folders a run of `name` loads files from: its direct upstream, and 02 for 04's phase 1
+    (its test probabilities are reused from 02's test_probs.npz when 02 is current)."""
+    extra = ("02_pseudo",) if name == "04_submit" and "phase1" in cfg.submit.models else ()
+    return tuple(dict.fromkeys(upstream_of(cfg, name) + extra))
+
+
+def ancestors(cfg: Config, name: str) -> list[str]:
+    """Every stage `name` depends on, directly or not (their records decide whether it may run)."""
+    out: list[str] = []
+    for u in upstream_of(cfg, name):
+        out += [a for a in [*ancestors(cfg, u), u] if a not in out]
+    return out
+
+
+def hold_upstream(cfg: Config, name: str) -> None:
+    """Read-lock every upstream stage folder before its records are read (under torchrun, rank 0 alone).
+
+    A run of an upstream stage (whole or `--fold K`) refuses while this holds, and this refuses
+    while one runs, naming it; so every record, checkpoint and npz this run reads comes from one
+    version. Call `release_unread` once the decision is made.
+    """
+    if os.environ.get("RANK", "0") != "0":
+        return
+    for u in [*ancestors(cfg, name), *reads_of(cfg, name)]:
+        acquire_read_lock(cfg.out_dir / u, u, name)
+
+
+def release_unread(cfg: Config, name: str) -> None:
+    """Drop the read locks on stages whose records only decided (03 never loads 01's files), so they may rerun meanwhile."""
+    for u in set(ancestors(cfg, name)) - set(reads_of(cfg, name)):
+        release_lock(cfg.out_dir / u, reader=True)
 
 
 def _prepare_inputs(cfg: Config) -> dict[str, str]:
@@ -211,12 +245,13 @@ def preflight(cfg: Config, name: str, frames: bool = True) -> None:
 def lock(cfg: Config, name: str, shared: bool = False) -> None:
     """Claim the stage's folder for this run (under torchrun, rank 0 claims it for all ranks).
 
-    An exclusive claim also sweeps the temp files an interrupted run left there.
+    An exclusive claim also sweeps the temp files an interrupted run left there. Either claim
+    refuses while a downstream stage reads the folder (`hold_upstream`).
     """
     if os.environ.get("RANK", "0") != "0":
         return
     folder = cfg.out_dir / name
-    acquire_lock(folder, name, shared=shared)
+    acquire_lock(folder, name, shared=shared, readers=True)
     if not shared:
         remove_temp_files(folder)
 
@@ -227,10 +262,15 @@ def begin(cfg: Config, name: str, force: bool, dry_run: bool, folds_only: bool =
 
     The old record goes first so that a run killed halfway is never mistaken for a finished one.
     `--fold K` runs (`folds_only`) share the stage's lock with each other; each fold is locked alone.
+    The upstream folders are read-locked first, so the records decided on are the ones loaded.
     """
+    if not dry_run:
+        hold_upstream(cfg, name)
     st = stage(cfg, name)
     if not decide(cfg, st, force, dry_run, folds_only):
         return None
+    if not dry_run:
+        release_unread(cfg, name)
     if dry_run:
         return st  # folds_only dry runs still list what each fold would do
     preflight(cfg, name)
@@ -265,3 +305,34 @@ def round_stage(stage: Stage, r: int) -> Stage:
     config = {k: v for k, v in stage.fingerprint["config"].items() if k != "pseudo.rounds"}
     name, folder = (stage.name, stage.dir) if r == 1 else (f"{stage.name}/round_{r}", stage.dir / f"round_{r}")
     return Stage(name=name, dir=folder, fingerprint={**stage.fingerprint, "config": {**config, "round": r}})
+
+
+def _owner(path: Path) -> tuple[str, str]:
+    """The stage folder name and script that wrote `path` (from the stage name in its path)."""
+    for part in reversed(path.parts):
+        if part in SPECS:
+            return part, SPECS[part].script
+    return path.parent.name, "the stage that wrote it"
+
+
+def check_vouched(path: Path) -> None:
+    """Refuse to load `path` unless it is the file the record beside it vouches for (size and sha256).
+
+    Called at load time on every checkpoint and npz a stage reads from an upstream stage: a file
+    replaced since its record was written (another run, a copy, a truncation) is one sentence,
+    never a silent mix of two versions. Cheap: the digest is cached by size and mtime.
+    """
+    rec = read_record(path.parent / RECORD)
+    meta = (rec or {}).get("outputs", {}).get(path.name)
+    name, script = _owner(path)
+    if rec is None:
+        why = f"no {RECORD} beside it: the run that wrote it did not finish, or one is rewriting it"
+    elif not isinstance(meta, dict):
+        why = f"its {RECORD} does not vouch for it"
+    elif not path.is_file():
+        why = "it is missing"
+    elif path.stat().st_size != meta.get("size") or file_digest(path) != meta.get("sha256"):
+        why = f"it is not the file its {RECORD} vouches for ({path.stat().st_size} bytes, recorded {meta.get('size')})"
+    else:
+        return
+    raise StageError(f"{path} cannot be loaded ({why}); rerun {script} (it redoes only what {name} lacks).")

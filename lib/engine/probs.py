@@ -27,6 +27,7 @@ def _from_02(cfg: Config, stage: Stage, ids: np.ndarray) -> np.ndarray | None:
     """Phase 1's test probabilities from 02's test_probs.npz when 02 is current and holds the same ROIs."""
     reuse = cfg.out_dir / "02_pseudo" / "test_probs.npz"
     if reuse.is_file() and not pipeline.stage(cfg, "02_pseudo").reasons():
+        pipeline.check_vouched(reuse)
         with np.load(reuse) as z:
             if np.array_equal(z["annotation_id"], ids):
                 log.info("%s: phase1 test probabilities taken from 02_pseudo", stage.name)
@@ -53,6 +54,8 @@ def model_probs(cfg: Config, stage: Stage, ref: ModelRef, test: pd.DataFrame, ta
 
     arrays, hit = cached_npz(stage.dir / "probs" / f"{ref.name}.npz", key, compute)
     log.info("%s: %s test probabilities %s", stage.name, ref.name, "from cache" if hit else f"stored in probs/{ref.name}.npz")
+    for d in folds:  # the out-of-fold rows of the very models predicted above
+        pipeline.check_vouched(d / "oof.npz")
     oof_ids, oof_labels, oof = load_oof(folds)
     record = ref.result(cfg)  # for round<r>, that round's own CV (03's per_round)
     return ModelProbs(ref.name, float(record.get("cv_distance", float("nan"))), oof_ids, oof_labels, oof, arrays["probs"].mean(0), record)

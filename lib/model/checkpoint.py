@@ -8,6 +8,7 @@ import torch
 from torch import nn
 
 from lib.core.errors import StageError
+from lib.core.graph import check_vouched
 from lib.model.net import build_net
 
 
@@ -22,7 +23,11 @@ def load_checkpoint(path: Path) -> dict:
 
 
 def load_fold_model(fold_dir: Path, cfg, taxonomy, device: torch.device) -> nn.Module:
-    """The best model of one fold, ready for inference (architecture from `cfg.model` and `cfg.head`)."""
+    """The best model of one fold, ready for inference (architecture from `cfg.model` and `cfg.head`).
+
+    `best.pt` must be the file the fold's record vouches for: never a model another run is rewriting.
+    """
+    check_vouched(fold_dir / "best.pt")
     ckpt = load_checkpoint(fold_dir / "best.pt")
     model = build_net(cfg, taxonomy, pretrained=False)
     try:
