@@ -58,11 +58,17 @@ def args_for(run, exp: str | None = None, output_root: Path | None = None, *extr
     return ["--config", "configs/demo.yaml", *over, f"exp={exp or run.exp}", f"output_root={output_root or run.output_root}", *extra]
 
 
-def sub(script: str, args: list[str], kill_at: str | None = None, preexec=None, timeout: int = 300) -> subprocess.CompletedProcess:
-    """Run a stage in a fresh process (optionally to be killed with SIGKILL at a named point)."""
+def stage_env() -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if k.lower() not in ("http_proxy", "https_proxy", "all_proxy")}
     env.update({"NO_ALBUMENTATIONS_UPDATE": "1", "PYTHONDONTWRITEBYTECODE": "1", "no_proxy": "127.0.0.1,localhost"})
     env.pop("PIPELINE_KILL_AT", None)
+    env.pop("PIPELINE_PAUSE_AT", None)
+    return env
+
+
+def sub(script: str, args: list[str], kill_at: str | None = None, preexec=None, timeout: int = 300) -> subprocess.CompletedProcess:
+    """Run a stage in a fresh process (optionally to be killed with SIGKILL at a named point)."""
+    env = stage_env()
     if kill_at:
         env["PIPELINE_KILL_AT"] = kill_at
     return subprocess.run([sys.executable, script, *args], cwd=ROOT, env=env, capture_output=True, text=True,
@@ -473,6 +479,71 @@ def test_second_run_of_a_stage_refuses_at_once_and_a_dead_lock_is_taken_over(ref
     acquire_lock(folder, "04_submit")
     release_locks()
     assert "taking over the lock" in caplog.text and f"pid {holder.pid}" in caplog.text
+
+
+def paused(script: str, args: list[str], at: str) -> subprocess.Popen:
+    """A stage started in a fresh process that stops itself (SIGSTOP) at fault point `at`; returned once stopped."""
+    p = subprocess.Popen([sys.executable, script, *args], cwd=ROOT, env={**stage_env(), "PIPELINE_PAUSE_AT": at},
+                         stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 300
+    while time.time() < deadline and p.poll() is None:
+        if Path(f"/proc/{p.pid}/stat").read_text().rsplit(")", 1)[1].split()[0] in ("T", "t"):
+            return p
+        time.sleep(0.2)
+    p.kill()
+    raise AssertionError(f"{script} never reached {at} (rc {p.wait()}): {p.stderr.read()[-2000:] if p.stderr else ''}")
+
+
+def resume(p: subprocess.Popen) -> int:
+    p.send_signal(signal.SIGCONT)
+    _, err = p.communicate(timeout=300)
+    assert p.returncode == 0, err[-2000:]
+    return p.returncode
+
+
+@pytest.mark.skipif(not Path("/proc/self/stat").is_file(), reason="reads a process's state from /proc")
+def test_an_upstream_rerun_refuses_while_04_reads_it(ref, copy):
+    """Issue 16's probe: 04 predicting (paused mid-way) and `01 --force train.lr=0.005` started beside it: 01 (and a --fold run)
+    refuses with one sentence naming 04, touches nothing, and 04 ends with the probabilities of one version of the models."""
+    shutil.rmtree(copy.out / "04_submit" / "probs")  # 04 computes its probabilities again, and stops before storing them
+    best = {p: p.read_bytes() for p in (copy.out / "01_train").glob("fold_*/best.pt")}
+    p = paused("04_infer_submit.py", args_for(copy, None, None, "--force"), at="write:phase1.npz")
+    try:
+        for extra in (["--force", "train.lr=0.005"], ["--fold", "0", "--force"]):
+            r = timed("01 refused beside 04", lambda extra=extra: sub("01_train_folds.py", args_for(copy, None, None, *extra)))
+            err = r.stderr.strip().splitlines()[-1]
+            assert r.returncode == 2 and err.startswith(f"error: 01_train cannot run now: 04_submit (pid {p.pid} on "), r.stderr
+            assert f"is reading {copy.out / '01_train'}; wait for that run to end" in err
+        assert resume(p) == 0
+    finally:
+        if p.poll() is None:
+            p.kill()
+            p.wait()
+    assert {q: q.read_bytes() for q in best} == best  # 01 never started
+    assert same_npz(copy.out / "04_submit" / "probs" / "phase1.npz", ref.out / "04_submit" / "probs" / "phase1.npz")
+    assert (copy.out / "04_submit" / "submission.csv").read_bytes() == (ref.out / "04_submit" / "submission.csv").read_bytes()
+
+
+@pytest.mark.skipif(not Path("/proc/self/stat").is_file(), reason="reads a process's state from /proc")
+def test_readers_refuse_while_01_is_rewritten(ref, copy):
+    """`01 --force` training (paused mid-epoch): 02, 03, 04 and the kNN on 01's models each refuse at once with one sentence
+    naming the running 01 (not "record.json is missing"); once 01 is done the chain is whole again."""
+    p = paused("01_train_folds.py", args_for(copy, None, None, "--force"), at="train_batch 01_train/fold_0 epoch 1")
+    try:
+        for script, extra in (("02_pseudo_label.py", []), ("03_retrain.py", []), ("04_infer_submit.py", []),
+                              ("knn_baseline.py", ["knn.source=phase1"])):
+            t0 = time.time()
+            r = timed(f"{script} refused beside 01", lambda s=script, e=extra: sub(s, args_for(copy, None, None, *e)))
+            err = r.stderr.strip().splitlines()[-1]
+            assert r.returncode == 2 and time.time() - t0 < 60, r.stderr
+            assert err.startswith(f"error: 01_train is running (pid {p.pid} on ") and "wait for it to end, then rerun" in err, err
+        assert resume(p) == 0
+    finally:
+        if p.poll() is None:
+            p.kill()
+            p.wait()
+    for s in STAGES[2:]:  # on CPU the retrained folds are the same bytes: the rest of the chain stays up to date
+        assert sub(s, args_for(copy)).returncode == 0, s
 
 
 def test_missing_input_and_unknown_backbone_are_caught_before_any_work(ref, copy, capsys):

@@ -12,6 +12,7 @@ PAUSE_ENV = "PIPELINE_PAUSE_AT"
 
 
 _fault_counts: dict[str, int] = {}
+_paused: set[str] = set()
 
 
 def fault_point(name: str) -> None:
@@ -22,7 +23,8 @@ def fault_point(name: str) -> None:
     `download_chunk` (after each chunk a download writes). A kill -9 cannot be caught, so this
     is the real fault, at a deterministic place.
     """
-    if os.environ.get(PAUSE_ENV) == name:
+    if os.environ.get(PAUSE_ENV) == name and name not in _paused:  # the first time only
+        _paused.add(name)
         sys.stdout.flush()
         sys.stderr.flush()
         os.kill(os.getpid(), signal.SIGSTOP)
