@@ -285,7 +285,7 @@ def test_a_reader_refuses_while_its_upstream_is_written_and_fold_runs_share(tmp_
     try:
         acquire_lock(tmp_path, "up", shared=True, readers=True)  # fold runs side by side
         release_locks()
-        with pytest.raises(StageLocked, match=r"^up has --fold runs going in .*; wait for it to end"):
+        with pytest.raises(StageLocked, match=r"^up has --fold runs going in .*; wait for them to end, then rerun 04_submit\.$"):
             acquire_read_lock(tmp_path, "up", "04_submit")
     finally:
         p.kill()

@@ -201,7 +201,7 @@ def acquire_read_lock(folder: str | Path, what: str, reader: str) -> None:
             if _probe(wfd):
                 info = _lock_info(wfd)
                 who = f"is running ({_describe(info)})" if info else "has --fold runs going"
-                raise StageLocked(f"{what} {who} in {folder}; wait for it to end, then rerun {reader}.")
+                raise StageLocked(f"{what} {who} in {folder}; wait for {'it' if info else 'them'} to end, then rerun {reader}.")
         finally:
             os.close(wfd)
         fd = _open(folder / READERS)
