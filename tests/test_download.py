@@ -100,9 +100,9 @@ def make_handler(state: Server) -> type[BaseHTTPRequestHandler]:
                 self.send_header("Location", "/ok/" + self.path.rsplit("/", 1)[1])
                 self.send_header("Content-Length", "0")
                 self.end_headers()
-            elif self.path == "/redirect-ftp.png":
-                self.send_response(302)
-                self.send_header("Location", "ftp://127.0.0.1/x.png")
+            elif self.path in ("/redirect-ftp.png", "/redirect-file.png", "/redirect-file-301.png"):
+                self.send_response(301 if "301" in self.path else 302)
+                self.send_header("Location", "ftp://127.0.0.1/x.png" if "ftp" in self.path else "file:///etc/passwd")
                 self.send_header("Content-Length", "0")
                 self.end_headers()
             else:
@@ -314,12 +314,20 @@ def test_unresolvable_host_is_given_up_at_its_first_failure(server: Server, tmp_
 
 
 def test_redirects_only_to_http(server: Server, tmp_path: Path) -> None:
-    rep = fetch([DownloadJob(server.url_for("/redirect/r.png"), tmp_path / "r.png"),
-                 DownloadJob(server.url_for("/redirect-ftp.png"), tmp_path / "f.png")])
+    bad = ["/redirect-ftp.png", "/redirect-file.png", "/redirect-file-301.png"]
+    rep = fetch([DownloadJob(server.url_for("/redirect/r.png"), tmp_path / "r.png")]
+                + [DownloadJob(server.url_for(p), tmp_path / f"f{i}.png") for i, p in enumerate(bad)])
     assert rep.downloaded == 1 and verify_image(tmp_path / "r.png")
-    assert len(rep.failed) == 1 and rep.failed[0][1].startswith("refused: redirect to non-http(s) URL")
-    assert server.counts["/redirect-ftp.png"] == 1
+    reasons = dict(rep.failed)
+    assert len(reasons) == 3
+    for p in bad:  # never 'HTTP 302': the reason says it redirected to a refused scheme
+        r = reasons[server.url_for(p)]
+        assert r.startswith("refused: redirected to '") and "scheme that is not fetched" in r and "HTTP" not in r
+        assert ("ftp://" if "ftp" in p else "file:///etc/passwd") in r
+        assert server.counts[p] == 1  # no retry
     assert sorted(p.name for p in tmp_path.iterdir()) == ["r.png"]
+    msg = missing_message(3, tmp_path, DownloadReport(1, 0, rep.failed))
+    assert _one_sentence(msg) and "connect to the internet" not in msg and "images[].coco_url" in msg
 
 
 @pytest.mark.parametrize("path", ["/big.png", "/big-stream.png"])
@@ -370,6 +378,16 @@ def test_missing_message(tmp_path: Path) -> None:
     msg = missing_message(2, folder, rep)
     assert _one_sentence(msg) and "2 frames are missing" in msg and str(folder) in msg
     assert "network error" in msg and "connect to the internet" in msg
+
+    refused = DownloadReport(0, 0, [("ftp://a/1.png", REFUSED), ("file:///x.png", REFUSED)], 0.1)
+    msg = missing_message(2, folder, refused)
+    assert _one_sentence(msg) and "connect to the internet" not in msg
+    assert "only http(s) URLs" in msg and "images[].coco_url" in msg and "download.py" in msg
+
+    mixed = DownloadReport(0, 0, [("ftp://a/1.png", REFUSED), ("http://a/2.png", "network error: down")], 0.1)
+    msg = missing_message(2, folder, mixed)
+    assert _one_sentence(msg) and "network error: down" in msg and "connect to the internet" in msg
+    assert "1 refused: not http(s) URLs in images[].coco_url" in msg
 
     msg = missing_message(1, folder, DownloadReport(0, 0, [], 0.0))
     assert _one_sentence(msg) and msg.startswith("1 frame is missing")

@@ -34,7 +34,7 @@ from lib.core.faults import fault_point
 log = logging.getLogger("pipeline")
 
 USER_AGENT = "fathomnet2025-pipeline/1.0 (python urllib; frame download)"
-REFUSED = "refused: only http(s) URLs are fetched"
+REFUSED = "refused: only http(s) URLs in images[].coco_url are fetched"
 NOT_DECODABLE = "downloaded file does not decode"
 CHUNK = 1 << 20
 # A complete PNG ends with the IEND chunk: length 0, type, fixed CRC.
@@ -169,12 +169,25 @@ def _is_http(url: str) -> bool:
     return parts.scheme.lower() in ("http", "https") and bool(parts.netloc)
 
 
+def _redirect_refused(newurl: str) -> str:
+    return f"refused: redirected to {newurl!r}, a scheme that is not fetched (only http(s) URLs are)"
+
+
 class _HttpOnlyRedirects(urllib.request.HTTPRedirectHandler):
-    """urllib follows redirects to ftp:// too; a frame URL may only lead to http(s)."""
+    """urllib follows redirects to ftp:// too, and reports one to file: as 'HTTP 302'; a frame URL may only lead to http(s)."""
+
+    def http_error_302(self, req, fp, code, msg, headers):
+        newurl = headers.get("location") or headers.get("uri")
+        if newurl is not None and not _is_http(urllib.parse.urljoin(req.full_url, newurl)):
+            fp.close()
+            raise _Fail(_redirect_refused(newurl))
+        return super().http_error_302(req, fp, code, msg, headers)
+
+    http_error_301 = http_error_303 = http_error_307 = http_error_308 = http_error_302
 
     def redirect_request(self, req, fp, code, msg, headers, newurl):
         if not _is_http(urllib.parse.urljoin(req.full_url, newurl)):
-            raise _Fail(f"refused: redirect to non-http(s) URL {newurl!r}")
+            raise _Fail(_redirect_refused(newurl))
         return super().redirect_request(req, fp, code, msg, headers, newurl)
 
 
@@ -372,14 +385,21 @@ def _frames(n: int) -> str:
 
 
 def missing_message(n_missing: int, folder: Path, report: DownloadReport | None) -> str:
-    """One sentence for a StageError: how many frames are missing, where, why, and the fix."""
+    """One sentence for a StageError: how many frames are missing, where, why, and the fix.
+
+    URLs refused for their scheme (or redirected to one) need other URLs, not a network: the fix named differs.
+    """
     head = f"{_frames(n_missing)} missing from {folder}"
     tail = "or fetch them with the competition's download.py into that folder."
     if report is None:
         return f"{head}; rerun 00_prepare_data.py with --download, {tail}"
-    if report.failed:
-        reason = " ".join(report.failed[0][1].split()).rstrip(".")
-        why = f" (could not download {len(report.failed)}: {reason})"
-    else:
-        why = " (the download reported no failures)"
-    return f"{head}{why}; connect to the internet and rerun with --download, {tail}"
+    if not report.failed:
+        return f"{head} (the download reported no failures); connect to the internet and rerun with --download, {tail}"
+    reasons = [" ".join(r.split()).rstrip(".") for _, r in report.failed]
+    other = [r for r in reasons if not r.startswith("refused")]
+    if not other:
+        return (f"{head} (could not download {len(reasons)}: {reasons[0]}); put http(s) URLs in the JSON's images[].coco_url, "
+                f"{tail}")
+    refused = len(reasons) - len(other)
+    also = f", and {refused} refused: not http(s) URLs in images[].coco_url" if refused else ""
+    return f"{head} (could not download {len(reasons)}: {other[0]}{also}); connect to the internet and rerun with --download, {tail}"
