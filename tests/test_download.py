@@ -1,6 +1,7 @@
 """lib.download against a local HTTP server on 127.0.0.1 (the test machine has no internet)."""
 from __future__ import annotations
 
+import functools
 import io
 import logging
 import socket
@@ -33,6 +34,21 @@ def png_bytes(size: tuple[int, int] = (24, 16), color: tuple[int, int, int] = (1
     return buf.getvalue()
 
 
+@functools.lru_cache(maxsize=1)
+def bomb_png(w: int, h: int) -> bytes:
+    """A valid w x h 1-bit grey PNG of zeros, built row by row: ~100 KB, w * h * 3 bytes once decoded to BGR."""
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    z, row = zlib.compressobj(9), b"\0" * (1 + (w + 7) // 8)
+    idat = b"".join(z.compress(row) for _ in range(h)) + z.flush()
+    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", w, h, 1, 0, 0, 0, 0)) + chunk(b"IDAT", idat)
+            + chunk(b"IEND", b""))
+
+
 class Server:
     """Handle on the running test server: its base URL and a per-path request counter."""
 
@@ -43,6 +59,7 @@ class Server:
         self.png = png_bytes()
         self.big = png_bytes((256, 256), (1, 2, 3)) + b"\0" * 8192
         self.url = ""
+        self.bomb = bomb_png(30000, 30000)
 
     def url_for(self, path: str) -> str:
         return self.url + path
@@ -92,6 +109,8 @@ def make_handler(state: Server) -> type[BaseHTTPRequestHandler]:
             elif self.path == "/big-stream.png":  # no Content-Length: the cap must hit while reading
                 self.send_body(state.big, None)
                 self.close_connection = True
+            elif self.path == "/bomb.png":
+                self.send_body(state.bomb, len(state.bomb))
             elif self.path == "/slow.png":
                 time.sleep(0.6)
                 self.send_body(state.png, len(state.png))
@@ -348,6 +367,16 @@ def test_mixed_batch(server: Server, tmp_path: Path) -> None:
     assert rep.downloaded == 3 and rep.skipped == 0
     assert sorted(r for _, r in rep.failed) == sorted(["HTTP 404", NOT_DECODABLE, REFUSED])
     assert sorted(p.name for p in tmp_path.iterdir()) == ["0.png", "1.png", "2.png"]
+
+
+def test_oversize_frame_fails_undecoded(server: Server, tmp_path: Path) -> None:
+    """A fetched frame passes 00's size check: above max_pixels it is refused (and not kept); within it, kept."""
+    rep = fetch([DownloadJob(server.url_for("/bomb.png"), tmp_path / "b.png")], max_pixels=100_000_000)
+    assert rep.downloaded == 0 and len(rep.failed) == 1
+    assert rep.failed[0][1].startswith("the frame is 30000 x 30000 pixels") and "max_frame_pixels=100000000" in rep.failed[0][1]
+    assert server.counts["/bomb.png"] == 1 and list(tmp_path.iterdir()) == []
+    rep = fetch([DownloadJob(server.url_for("/bomb.png"), tmp_path / "b.png")], max_pixels=None)
+    assert rep.downloaded == 1 and verify_image(tmp_path / "b.png")  # Pillow's own bomb limit does not refuse it
 
 
 def test_bad_settings_raise() -> None:

@@ -20,6 +20,8 @@ import cv2
 import numpy as np
 from tqdm import tqdm
 
+from lib.data.frames import oversize_reason
+
 Box = tuple[float, float, float, float]
 
 
@@ -33,6 +35,7 @@ class CropSpec:
     context_scales: tuple[float, ...] = ()
     context_full: bool = False
     fill: tuple[int, int, int] = (0, 0, 0)  # RGB
+    max_frame_pixels: int | None = None  # a larger frame (from its header) is refused undecoded; None: no limit
 
     def kinds(self) -> list[str]:
         return ["roi", *[context_name(s) for s in self.context_scales], *(["full"] if self.context_full else [])]
@@ -177,12 +180,27 @@ def crop_one_frame(frame: np.ndarray, jobs: Sequence[BoxJob], spec: CropSpec) ->
     return errors
 
 
+def decode_frame(path: Path, max_pixels: int | None) -> np.ndarray | str:
+    """The frame as BGR, or why not: its header is read first, so a decompression bomb is refused undecoded,
+    and any decode error (cv2.error, MemoryError...) is a reason, never a traceback."""
+    reason = oversize_reason(path, max_pixels)
+    if reason is not None:
+        return reason
+    try:
+        frame = cv2.imread(str(path), cv2.IMREAD_COLOR)
+    except (cv2.error, MemoryError, ValueError, OverflowError) as e:
+        return f"frame {path.name} could not be decoded ({type(e).__name__})"
+    if frame is None:
+        return f"frame {path.name} could not be decoded (missing, corrupt or truncated)"
+    return frame
+
+
 def _process_frame(args: tuple[FrameJob, CropSpec]) -> list[str]:
     """Worker: decode one frame once, cut all its boxes."""
     job, spec = args
-    frame = cv2.imread(str(job.frame), cv2.IMREAD_COLOR)
-    if frame is None:
-        return [f"frame {job.frame.name} could not be decoded (missing, corrupt or truncated)"] * len(job.boxes)
+    frame = decode_frame(job.frame, spec.max_frame_pixels)
+    if isinstance(frame, str):
+        return [frame] * len(job.boxes)
     return crop_one_frame(frame, job.boxes, spec)
 
 

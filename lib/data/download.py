@@ -30,6 +30,7 @@ from PIL import Image
 from tqdm import tqdm
 
 from lib.core.faults import fault_point
+from lib.data.frames import frame_size, pillow_bomb_limit_lifted, too_large
 
 log = logging.getLogger("pipeline")
 
@@ -145,7 +146,7 @@ def verify_image(path: Path) -> bool:
     try:
         if not path.is_file() or path.stat().st_size == 0:
             return False
-        with Image.open(path) as im:
+        with pillow_bomb_limit_lifted(), Image.open(path) as im:  # verify() decodes no pixel; 00 checks the size
             fmt = im.format
             im.verify()
         if fmt == "PNG":
@@ -155,6 +156,16 @@ def verify_image(path: Path) -> bool:
         return True
     except Exception:  # PIL raises SyntaxError, OSError, struct.error, ValueError... for bad files
         return False
+
+
+def _too_large(path: Path, max_pixels: int | None) -> str | None:
+    """'the frame is W x H pixels ...' when its header says it is above `max_pixels`; a file without one is verify's."""
+    try:
+        w, h = frame_size(path)
+    except Exception:
+        return None
+    why = too_large(w, h, max_pixels)
+    return None if why is None else f"the frame is {why}"
 
 
 # ----------------------------------------------------------------------------- fetching
@@ -269,7 +280,8 @@ def _fetch_with_retries(opener: urllib.request.OpenerDirector, url: str, out: Bi
 
 
 def _download_one(opener: urllib.request.OpenerDirector, job: DownloadJob, timeout: float, max_bytes: int,
-                  retries: int, backoff: float, cancel: threading.Event, breaker: _Breaker, dead: _DeadHosts) -> tuple[str, str]:
+                  retries: int, backoff: float, cancel: threading.Event, breaker: _Breaker, dead: _DeadHosts,
+                  max_pixels: int | None = None) -> tuple[str, str]:
     """Returns ("skipped" | "downloaded" | "failed", reason). Never raises for per-file trouble."""
     dest = Path(job.dest)
     if dest.exists():
@@ -299,6 +311,8 @@ def _download_one(opener: urllib.request.OpenerDirector, job: DownloadJob, timeo
             breaker.record(False)  # the server answered: the network is up
             out.flush()
             os.fsync(out.fileno())
+        if (too_big := _too_large(Path(tmp), max_pixels)) is not None:
+            return "failed", too_big
         if not verify_image(Path(tmp)):
             return "failed", NOT_DECODABLE
         os.replace(tmp, dest)
@@ -331,8 +345,11 @@ def remove_partial(folder: Path) -> int:
 
 
 def download(jobs: Sequence[DownloadJob], workers: int = 8, retries: int = 3, timeout: float = 30.0,
-             max_bytes: int = 64 * 2**20, backoff: float = 1.0, progress: bool = True) -> DownloadReport:
+             max_bytes: int = 64 * 2**20, backoff: float = 1.0, progress: bool = True,
+             max_pixels: int | None = None) -> DownloadReport:
     """Fetch every job whose dest is missing or does not decode, `workers` connections at a time.
+
+    A fetched frame above `max_pixels` (width x height from its header; None: no limit) fails undecoded.
 
     `timeout` bounds each socket operation (connect, each read), not the whole file.
     """
@@ -348,7 +365,8 @@ def download(jobs: Sequence[DownloadJob], workers: int = 8, retries: int = 3, ti
     breaker, dead = _Breaker(max(BREAKER_MIN, 2 * workers)), _DeadHosts()
     pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="download")
     try:
-        futures = {pool.submit(_download_one, opener, job, timeout, max_bytes, retries, backoff, cancel, breaker, dead): job
+        futures = {pool.submit(_download_one, opener, job, timeout, max_bytes, retries, backoff, cancel, breaker, dead,
+                               max_pixels): job
                    for job in jobs}
         with tqdm(total=len(jobs), unit="img", desc="download", disable=not progress) as bar:
             for fut in as_completed(futures):

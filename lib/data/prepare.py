@@ -78,7 +78,8 @@ class Preparation:
 def crop_spec(cfg: Config) -> CropSpec:
     p = cfg.prepare
     return CropSpec(pad=p.pad, square=p.square, size=p.crop_size, context_scales=tuple(p.context_scales or ()),
-                    context_full=bool(p.context_full), fill=(p.fill[0], p.fill[1], p.fill[2]))
+                    context_full=bool(p.context_full), fill=(p.fill[0], p.fill[1], p.fill[2]),
+                    max_frame_pixels=p.max_frame_pixels)
 
 
 def path_column(kind: str) -> str:
@@ -331,7 +332,7 @@ def check_frames(cfg: Config, coco: CocoSet, folder: Path, split: str, download:
         log.info("downloading %d missing %s frames into %s", len(missing), split, folder)
         p = cfg.prepare
         report = fetch([DownloadJob(url, folder / f"{i}.png") for i, url in missing], workers=p.download_workers,
-                       retries=p.download_retries, timeout=p.download_timeout)
+                       retries=p.download_retries, timeout=p.download_timeout, max_pixels=p.max_frame_pixels)
         missing = missing_frames(coco, folder)
     if not missing:
         return
