@@ -452,3 +452,68 @@ def test_frame_size_limit_and_decode_errors_are_reasons(tmp_path, monkeypatch):
     assert isinstance(reason, str) and "could not be decoded (error)" in reason
     with pytest.raises(Exception, match="max_frame_pixels"):
         load_config(None, ["prepare.max_frame_pixels=0"])
+
+
+# ----------------------------------------------------------------------------- crop writes and the crop manifest
+
+
+@pytest.mark.parametrize("how,workers", [("empty", 1), ("enospc", 1), ("empty", 2)])
+def test_crop_write_that_fails_or_comes_up_empty_is_one_sentence(clean_data, tmp_path, capsys, monkeypatch, how, workers):
+    """A full disk where the encoder still reports success leaves an empty file: caught, never renamed into place."""
+    import errno
+
+    from lib.data import crops
+
+    def empty(path, data):
+        Path(path).write_bytes(b"")
+
+    def enospc(path, data):
+        raise OSError(errno.ENOSPC, "No space left on device", str(path))
+
+    monkeypatch.setattr(crops, "_write_file", empty if how == "empty" else enospc)
+    root, _, _ = mutate(clean_data, tmp_path)
+    assert run00(root, tmp_path / "out", f"prepare.workers={workers}") == 2  # 2: the sentence crosses the process pool
+    err = error_line(capsys.readouterr().err)
+    assert err.startswith("error: Could not write '") and "/crops/" in err and err.endswith("(earlier outputs are untouched).")
+    assert ("stopped short" in err) if how == "empty" else ("errno 28" in err)
+    d = tmp_path / "out" / "t" / "00_prepare"
+    assert not (d / "record.json").exists()
+    assert not [p for p in (d / "crops").rglob("*.png") if p.stat().st_size == 0]  # nothing empty under a final name
+
+
+def test_lost_or_emptied_crop_reruns_00_alone(clean_data, tmp_path, caplog):
+    """00's record vouches for every crop (names and sizes, via crops_manifest.json): a lost or empty crop reruns 00,
+    which cuts the same bytes, so its record (what later stages key on) is unchanged."""
+    import logging
+
+    from lib.core.records import read_record
+    from lib.data.manifest import MANIFEST, crop_problems
+
+    root, _, _ = mutate(clean_data, tmp_path)
+    assert run00(root, tmp_path / "out") == 0
+    d = tmp_path / "out" / "t" / "00_prepare"
+    rec = read_record(d / "record.json")
+    files = json.loads((d / MANIFEST).read_text())["files"]
+    rois = pd.read_csv(d / "rois.csv", keep_default_na=False)
+    assert set(files) == {p for c in rois.columns if c.endswith("_path") for p in rois[c] if p}
+    assert rec["result"]["crops"]["files"] == len(files) and crop_problems(d, rec["result"]) == []
+    lost, emptied = d / sorted(files)[0], d / sorted(files)[-1]
+    for damage in (lost.unlink, lambda: emptied.write_bytes(b"")):
+        damage()
+        assert crop_problems(d, rec["result"])
+        caplog.clear()
+        with caplog.at_level(logging.INFO, logger="pipeline"):
+            assert run00(root, tmp_path / "out") == 0
+        assert any("cutting them again" in m for m in caplog.messages), caplog.messages
+        assert lost.stat().st_size > 0 and emptied.stat().st_size > 0
+        again = read_record(d / "record.json")
+        assert again["result"] == rec["result"] and again["outputs"] == rec["outputs"]
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="pipeline"):
+        assert run00(root, tmp_path / "out") == 0
+    assert any("00_prepare: up to date" in m for m in caplog.messages)
+    (d / MANIFEST).write_text(json.dumps({"files": {**files, "crops/roi/train/x.png": 5}}))
+    assert crop_problems(d, rec["result"]) == [f"changed output: {MANIFEST}"]
+    (d / MANIFEST).unlink()
+    assert crop_problems(d, rec["result"]) == [f"missing output: {MANIFEST}"]
+    assert crop_problems(d, {"train_rois": 3}) == []  # a record of an older 00 vouches for no crop
