@@ -1,7 +1,7 @@
 """Stage 00: competition JSON + frames -> ROI crops, folds grouped by frame, the taxonomy.
 
 Reads:  data.root/{train_json,test_json,train_images,test_images}, data.taxonomy_csv
-Writes: output/<exp>/00_prepare/ rois.csv, crops/, taxonomy.json, rejects.csv, summary.json, record.json
+Writes: output/<exp>/00_prepare/ rois.csv, crops/, crops_manifest.json, taxonomy.json, rejects.csv, summary.json, record.json
 """
 from __future__ import annotations
 
@@ -27,7 +27,7 @@ def run(args: argparse.Namespace, cfg: Config) -> int:
         pipeline.preflight(cfg, NAME, frames=False)
         pipeline.lock(cfg, NAME)  # one download at a time into the same frames
         fetch_frames(cfg, download=True)  # before the fingerprint: downloads change the inputs
-    stage = pipeline.begin(cfg, NAME, args.force, args.dry_run)
+    stage = pipeline.begin(cfg, NAME, args.force or _crops_lost(cfg), args.dry_run)
     if stage is None:
         return 0
     started = time.time()
@@ -39,6 +39,18 @@ def run(args: argparse.Namespace, cfg: Config) -> int:
     prep.log_summary(NAME)
     log.info("%s: done in %.1fs", NAME, time.time() - started)
     return 0
+
+
+def _crops_lost(cfg: Config) -> bool:
+    """True (with a warning naming them) when crops 00's record vouches for are lost, emptied or changed: 00 runs again."""
+    from lib.core.records import read_record
+    from lib.data.manifest import crop_problems
+
+    folder = cfg.out_dir / NAME
+    problems = crop_problems(folder, (read_record(folder / "record.json") or {}).get("result"))
+    if problems:
+        log.warning("%s: the crops are not those its record vouches for (%s); cutting them again", NAME, "; ".join(problems))
+    return bool(problems)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -103,6 +103,7 @@ class PrepareCfg:
     download_workers: int = 8
     download_retries: int = 3
     download_timeout: float = 30.0
+    max_frame_pixels: int = 100_000_000  # a frame above this (width x height, read from its header) is refused undecoded
     holdout: list[str] = field(default_factory=list)  # concepts kept out of train (novelty experiments); test keeps them
 
 
@@ -579,6 +580,7 @@ def _prepare_checks(cfg: Config) -> list[tuple[bool, str]]:
         (0.0 <= cfg.prepare.max_reject_fraction <= 1.0, "prepare.max_reject_fraction must lie in [0, 1]"),
         (cfg.prepare.download_workers >= 1 and cfg.prepare.download_retries >= 0 and cfg.prepare.download_timeout > 0,
          "prepare.download_workers must be at least 1, download_retries 0 or more and download_timeout positive"),
+        (cfg.prepare.max_frame_pixels >= 1, "prepare.max_frame_pixels must be a positive number of pixels (e.g. 100000000)"),
     ]
 
 

@@ -215,8 +215,10 @@ def single_fold_vs_ensemble(out: Path, truth_of: Callable[[np.ndarray], np.ndarr
     path = out / "02_pseudo" / "test_probs.npz"
     if not path.is_file():
         return []
-    with np.load(path) as z:
-        probs, ids = z["probs"], z["annotation_id"]
+    from lib.core.io import load_npz
+
+    z = load_npz(path, "delete it and rerun 02_pseudo_label.py")
+    probs, ids = z["probs"], z["annotation_id"]
     truth = truth_of(ids)
     known = truth >= 0
     rows = [{"group": "ensemble", "variant": f"fold {k} alone",

@@ -1,6 +1,7 @@
 """lib.download against a local HTTP server on 127.0.0.1 (the test machine has no internet)."""
 from __future__ import annotations
 
+import functools
 import io
 import logging
 import socket
@@ -33,6 +34,21 @@ def png_bytes(size: tuple[int, int] = (24, 16), color: tuple[int, int, int] = (1
     return buf.getvalue()
 
 
+@functools.lru_cache(maxsize=1)
+def bomb_png(w: int, h: int) -> bytes:
+    """A valid w x h 1-bit grey PNG of zeros, built row by row: ~100 KB, w * h * 3 bytes once decoded to BGR."""
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    z, row = zlib.compressobj(9), b"\0" * (1 + (w + 7) // 8)
+    idat = b"".join(z.compress(row) for _ in range(h)) + z.flush()
+    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", w, h, 1, 0, 0, 0, 0)) + chunk(b"IDAT", idat)
+            + chunk(b"IEND", b""))
+
+
 class Server:
     """Handle on the running test server: its base URL and a per-path request counter."""
 
@@ -43,6 +59,7 @@ class Server:
         self.png = png_bytes()
         self.big = png_bytes((256, 256), (1, 2, 3)) + b"\0" * 8192
         self.url = ""
+        self.bomb = bomb_png(30000, 30000)
 
     def url_for(self, path: str) -> str:
         return self.url + path
@@ -92,6 +109,8 @@ def make_handler(state: Server) -> type[BaseHTTPRequestHandler]:
             elif self.path == "/big-stream.png":  # no Content-Length: the cap must hit while reading
                 self.send_body(state.big, None)
                 self.close_connection = True
+            elif self.path == "/bomb.png":
+                self.send_body(state.bomb, len(state.bomb))
             elif self.path == "/slow.png":
                 time.sleep(0.6)
                 self.send_body(state.png, len(state.png))
@@ -100,9 +119,9 @@ def make_handler(state: Server) -> type[BaseHTTPRequestHandler]:
                 self.send_header("Location", "/ok/" + self.path.rsplit("/", 1)[1])
                 self.send_header("Content-Length", "0")
                 self.end_headers()
-            elif self.path == "/redirect-ftp.png":
-                self.send_response(302)
-                self.send_header("Location", "ftp://127.0.0.1/x.png")
+            elif self.path in ("/redirect-ftp.png", "/redirect-file.png", "/redirect-file-301.png"):
+                self.send_response(301 if "301" in self.path else 302)
+                self.send_header("Location", "ftp://127.0.0.1/x.png" if "ftp" in self.path else "file:///etc/passwd")
                 self.send_header("Content-Length", "0")
                 self.end_headers()
             else:
@@ -314,12 +333,20 @@ def test_unresolvable_host_is_given_up_at_its_first_failure(server: Server, tmp_
 
 
 def test_redirects_only_to_http(server: Server, tmp_path: Path) -> None:
-    rep = fetch([DownloadJob(server.url_for("/redirect/r.png"), tmp_path / "r.png"),
-                 DownloadJob(server.url_for("/redirect-ftp.png"), tmp_path / "f.png")])
+    bad = ["/redirect-ftp.png", "/redirect-file.png", "/redirect-file-301.png"]
+    rep = fetch([DownloadJob(server.url_for("/redirect/r.png"), tmp_path / "r.png")]
+                + [DownloadJob(server.url_for(p), tmp_path / f"f{i}.png") for i, p in enumerate(bad)])
     assert rep.downloaded == 1 and verify_image(tmp_path / "r.png")
-    assert len(rep.failed) == 1 and rep.failed[0][1].startswith("refused: redirect to non-http(s) URL")
-    assert server.counts["/redirect-ftp.png"] == 1
+    reasons = dict(rep.failed)
+    assert len(reasons) == 3
+    for p in bad:  # never 'HTTP 302': the reason says it redirected to a refused scheme
+        r = reasons[server.url_for(p)]
+        assert r.startswith("refused: redirected to '") and "scheme that is not fetched" in r and "HTTP" not in r
+        assert ("ftp://" if "ftp" in p else "file:///etc/passwd") in r
+        assert server.counts[p] == 1  # no retry
     assert sorted(p.name for p in tmp_path.iterdir()) == ["r.png"]
+    msg = missing_message(3, tmp_path, DownloadReport(1, 0, rep.failed))
+    assert _one_sentence(msg) and "connect to the internet" not in msg and "images[].coco_url" in msg
 
 
 @pytest.mark.parametrize("path", ["/big.png", "/big-stream.png"])
@@ -340,6 +367,16 @@ def test_mixed_batch(server: Server, tmp_path: Path) -> None:
     assert rep.downloaded == 3 and rep.skipped == 0
     assert sorted(r for _, r in rep.failed) == sorted(["HTTP 404", NOT_DECODABLE, REFUSED])
     assert sorted(p.name for p in tmp_path.iterdir()) == ["0.png", "1.png", "2.png"]
+
+
+def test_oversize_frame_fails_undecoded(server: Server, tmp_path: Path) -> None:
+    """A fetched frame passes 00's size check: above max_pixels it is refused (and not kept); within it, kept."""
+    rep = fetch([DownloadJob(server.url_for("/bomb.png"), tmp_path / "b.png")], max_pixels=100_000_000)
+    assert rep.downloaded == 0 and len(rep.failed) == 1
+    assert rep.failed[0][1].startswith("the frame is 30000 x 30000 pixels") and "max_frame_pixels=100000000" in rep.failed[0][1]
+    assert server.counts["/bomb.png"] == 1 and list(tmp_path.iterdir()) == []
+    rep = fetch([DownloadJob(server.url_for("/bomb.png"), tmp_path / "b.png")], max_pixels=None)
+    assert rep.downloaded == 1 and verify_image(tmp_path / "b.png")  # Pillow's own bomb limit does not refuse it
 
 
 def test_bad_settings_raise() -> None:
@@ -370,6 +407,16 @@ def test_missing_message(tmp_path: Path) -> None:
     msg = missing_message(2, folder, rep)
     assert _one_sentence(msg) and "2 frames are missing" in msg and str(folder) in msg
     assert "network error" in msg and "connect to the internet" in msg
+
+    refused = DownloadReport(0, 0, [("ftp://a/1.png", REFUSED), ("file:///x.png", REFUSED)], 0.1)
+    msg = missing_message(2, folder, refused)
+    assert _one_sentence(msg) and "connect to the internet" not in msg
+    assert "only http(s) URLs" in msg and "images[].coco_url" in msg and "download.py" in msg
+
+    mixed = DownloadReport(0, 0, [("ftp://a/1.png", REFUSED), ("http://a/2.png", "network error: down")], 0.1)
+    msg = missing_message(2, folder, mixed)
+    assert _one_sentence(msg) and "network error: down" in msg and "connect to the internet" in msg
+    assert "1 refused: not http(s) URLs in images[].coco_url" in msg
 
     msg = missing_message(1, folder, DownloadReport(0, 0, [], 0.0))
     assert _one_sentence(msg) and msg.startswith("1 frame is missing")

@@ -197,3 +197,31 @@ def test_fit_weights_are_kept_across_blend_only_reruns(tmp_path, monkeypatch):
     models[1] = model("b", 2.0)
     blending.weights_for("fit", load_config(None, []), models, dist, cache)
     assert calls[-1] == "fit" and len(calls) == 4  # new out-of-fold probabilities fit again
+
+
+def test_load_oof_refuses_a_pickled_npz_in_one_sentence(tmp_path):
+    import pytest
+
+    from lib.core.errors import StageError
+    from lib.decide.blending import load_oof
+
+    good, bad = tmp_path / "fold_0", tmp_path / "fold_1"
+    for d in (good, bad):
+        d.mkdir()
+    np.savez(good / "oof.npz", annotation_id=np.arange(3), label=np.zeros(3, int), probs=np.ones((3, 2)))
+    np.savez(bad / "oof.npz", annotation_id=np.array([{"x": 1}], dtype=object), label=np.zeros(1, int), probs=np.ones((1, 2)))
+    with pytest.raises(StageError) as e:
+        load_oof([good, bad])
+    msg = str(e.value)
+    assert str(bad / "oof.npz") in msg and "pickled object array" in msg and msg.count(".") >= 1 and "\n" not in msg
+    (bad / "oof.npz").write_bytes(b"PK\x03\x04 not a zip")
+    with pytest.raises(StageError, match="cannot be read"):
+        load_oof([good, bad])
+    (bad / "oof.npz").unlink()
+    with pytest.raises(StageError, match="is missing"):
+        load_oof([good, bad])
+    np.savez(bad / "oof.npz", annotation_id=np.arange(3))
+    with pytest.raises(StageError, match="lacks the array"):
+        load_oof([good, bad])
+    ids, labels, probs = load_oof([good])
+    assert ids.tolist() == [0, 1, 2] and probs.shape == (3, 2)

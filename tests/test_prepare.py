@@ -376,3 +376,144 @@ def test_default_cuts_only_the_crops_the_model_reads(clean_data, tmp_path):
     assert run00(clean_data, tmp_path, "model.context=[1, 3]") == 0
     rois = pd.read_csv(tmp_path / "t" / "00_prepare" / "rois.csv", keep_default_na=False)
     assert {c for c in rois.columns if c.endswith("_path")} == {"crop_path", "ctx3_path", "testlike_path"}
+
+
+# ----------------------------------------------------------------------------- decompression bombs
+
+
+def bomb_png(w: int, h: int) -> bytes:
+    """A valid w x h 1-bit grey PNG of zeros, built row by row: ~100 KB on disk, w * h * 3 bytes once decoded to BGR."""
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    z, row = zlib.compressobj(9), b"\0" * (1 + (w + 7) // 8)
+    idat = b"".join(z.compress(row) for _ in range(h)) + z.flush()
+    ihdr = struct.pack(">IIBBBBB", w, h, 1, 0, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", idat) + chunk(b"IEND", b"")
+
+
+def test_decompression_bomb_frame_is_rejected_undecoded(clean_data, tmp_path):
+    """A 30000 x 30000 PNG of 109 KB among the train frames (and one among the test frames): rejected from its header
+    with the reason, the test rows kept with a placeholder, and 00's peak memory stays far below the 2.7 GB it decodes to."""
+    import subprocess
+    import sys
+    import time
+
+    root, train, test = mutate(clean_data, tmp_path)
+    t0 = time.monotonic()
+    bomb = bomb_png(30000, 30000)
+    assert len(bomb) < 200_000 and time.monotonic() - t0 < 10
+    per_frame: dict = {}
+    for a in train["annotations"]:
+        per_frame.setdefault(a["image_id"], []).append(a["id"])
+    big_train = next(i for i, ids in per_frame.items() if len(ids) == 1)
+    big_test = test["annotations"][0]["image_id"]
+    (root / "train/images" / f"{big_train}.png").write_bytes(bomb)
+    (root / "test/images" / f"{big_test}.png").write_bytes(bomb)
+    code = ("import resource, subprocess, sys; r = subprocess.run(sys.argv[1:]); "
+            "print(r.returncode, resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss)")
+    args = [sys.executable, str(ROOT / "00_prepare_data.py"), *overrides(root, tmp_path / "out", "prepare.max_reject_fraction=0.5")]
+    r = subprocess.run([sys.executable, "-c", code, *args], cwd=ROOT, capture_output=True, text=True, timeout=600)
+    rc, peak_kib = map(int, r.stdout.split()[-2:])
+    assert rc == 0, r.stderr[-2000:]
+    assert peak_kib < 2 * 2**20, f"00 peaked at {peak_kib / 2**20:.2f} GiB"
+    print(f"00 peak RSS {peak_kib / 2**10:.0f} MiB")
+    d = tmp_path / "out" / "t" / "00_prepare"
+    rejects = pd.read_csv(d / "rejects.csv")
+    rois = pd.read_csv(d / "rois.csv", keep_default_na=False)
+    why = rejects[rejects["image_id"] == big_train]["reason"].tolist()
+    assert len(why) == 1 and "30000 x 30000 pixels" in why[0] and "prepare.max_frame_pixels=100000000" in why[0]
+    assert big_train not in set(rois[rois["split"] == "train"]["image_id"])
+    t = rois[(rois["split"] == "test") & (rois["image_id"] == big_test)]
+    assert len(t) == sum(a["image_id"] == big_test for a in test["annotations"]) and (t["ok"] == 0).all()
+    assert all((d / p).is_file() for p in t["crop_path"])
+    assert (rejects[(rejects["split"] == "test") & (rejects["image_id"] == big_test)]["reason"].str.contains("30000 x 30000")).all()
+
+
+def test_frame_size_limit_and_decode_errors_are_reasons(tmp_path, monkeypatch):
+    """The limit is the config's; a frame cv2 throws on is a rejected frame, never a traceback."""
+    from lib.data import crops
+    from lib.data.crops import decode_frame
+
+    p = tmp_path / "f.png"
+    cv2.imwrite(str(p), np.zeros((100, 200, 3), np.uint8))
+    assert isinstance(decode_frame(p, 20_000), np.ndarray)
+    reason = decode_frame(p, 19_999)
+    assert isinstance(reason, str) and "200 x 100 pixels" in reason and "max_frame_pixels=19999" in reason
+
+    def boom(*a, **k):
+        raise cv2.error("OpenCV(4.x) imgcodecs: image too large")
+
+    monkeypatch.setattr(crops.cv2, "imread", boom)
+    reason = decode_frame(p, None)
+    assert isinstance(reason, str) and "could not be decoded (error)" in reason
+    with pytest.raises(Exception, match="max_frame_pixels"):
+        load_config(None, ["prepare.max_frame_pixels=0"])
+
+
+# ----------------------------------------------------------------------------- crop writes and the crop manifest
+
+
+@pytest.mark.parametrize("how,workers", [("empty", 1), ("enospc", 1), ("empty", 2)])
+def test_crop_write_that_fails_or_comes_up_empty_is_one_sentence(clean_data, tmp_path, capsys, monkeypatch, how, workers):
+    """A full disk where the encoder still reports success leaves an empty file: caught, never renamed into place."""
+    import errno
+
+    from lib.data import crops
+
+    def empty(path, data):
+        Path(path).write_bytes(b"")
+
+    def enospc(path, data):
+        raise OSError(errno.ENOSPC, "No space left on device", str(path))
+
+    monkeypatch.setattr(crops, "_write_file", empty if how == "empty" else enospc)
+    root, _, _ = mutate(clean_data, tmp_path)
+    assert run00(root, tmp_path / "out", f"prepare.workers={workers}") == 2  # 2: the sentence crosses the process pool
+    err = error_line(capsys.readouterr().err)
+    assert err.startswith("error: Could not write '") and "/crops/" in err and err.endswith("(earlier outputs are untouched).")
+    assert ("stopped short" in err) if how == "empty" else ("errno 28" in err)
+    d = tmp_path / "out" / "t" / "00_prepare"
+    assert not (d / "record.json").exists()
+    assert not [p for p in (d / "crops").rglob("*.png") if p.stat().st_size == 0]  # nothing empty under a final name
+
+
+def test_lost_or_emptied_crop_reruns_00_alone(clean_data, tmp_path, caplog):
+    """00's record vouches for every crop (names and sizes, via crops_manifest.json): a lost or empty crop reruns 00,
+    which cuts the same bytes, so its record (what later stages key on) is unchanged."""
+    import logging
+
+    from lib.core.records import read_record
+    from lib.data.manifest import MANIFEST, crop_problems
+
+    root, _, _ = mutate(clean_data, tmp_path)
+    assert run00(root, tmp_path / "out") == 0
+    d = tmp_path / "out" / "t" / "00_prepare"
+    rec = read_record(d / "record.json")
+    files = json.loads((d / MANIFEST).read_text())["files"]
+    rois = pd.read_csv(d / "rois.csv", keep_default_na=False)
+    assert set(files) == {p for c in rois.columns if c.endswith("_path") for p in rois[c] if p}
+    assert rec["result"]["crops"]["files"] == len(files) and crop_problems(d, rec["result"]) == []
+    lost, emptied = d / sorted(files)[0], d / sorted(files)[-1]
+    for damage in (lost.unlink, lambda: emptied.write_bytes(b"")):
+        damage()
+        assert crop_problems(d, rec["result"])
+        caplog.clear()
+        with caplog.at_level(logging.INFO, logger="pipeline"):
+            assert run00(root, tmp_path / "out") == 0
+        assert any("cutting them again" in m for m in caplog.messages), caplog.messages
+        assert lost.stat().st_size > 0 and emptied.stat().st_size > 0
+        again = read_record(d / "record.json")
+        assert again["result"] == rec["result"] and again["outputs"] == rec["outputs"]
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="pipeline"):
+        assert run00(root, tmp_path / "out") == 0
+    assert any("00_prepare: up to date" in m for m in caplog.messages)
+    (d / MANIFEST).write_text(json.dumps({"files": {**files, "crops/roi/train/x.png": 5}}))
+    assert crop_problems(d, rec["result"]) == [f"changed output: {MANIFEST}"]
+    (d / MANIFEST).unlink()
+    assert crop_problems(d, rec["result"]) == [f"missing output: {MANIFEST}"]
+    assert crop_problems(d, {"train_rois": 3}) == []  # a record of an older 00 vouches for no crop

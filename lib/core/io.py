@@ -245,3 +245,20 @@ def cached_npz(path: Path, key: str, compute: Callable[[], dict[str, Any]]) -> t
         with open(tmp, "wb") as f:
             np.savez(f, _key=np.array(key), **arrays)
     return arrays, False
+
+
+def load_npz(path: str | Path, fix: str = "delete it and rerun the stage that wrote it") -> dict[str, Any]:
+    """Every array of an npz, read without pickle; a missing, corrupt or pickled file is one sentence naming it."""
+    import numpy as np
+
+    path = Path(path)
+    if not path.is_file():
+        raise StageError(f"'{path}' is missing; {fix.replace('delete it and ', '')}.")
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            return {k: z[k] for k in z.files}
+    except ValueError as e:
+        why = "it holds a pickled object array, which is never loaded" if "allow_pickle" in str(e) else f"ValueError: {e}"
+        raise StageError(f"'{path}' cannot be loaded safely ({why}); {fix}.") from None
+    except Exception as e:  # truncated or corrupt: BadZipFile, EOFError, zlib.error, OSError...
+        raise StageError(f"'{path}' cannot be read ({type(e).__name__}); {fix}.") from None

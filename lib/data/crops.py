@@ -10,6 +10,7 @@ Per box, cached as PNG at the cache size so the loader never touches the (large)
 """
 from __future__ import annotations
 
+import contextlib
 import math
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
@@ -19,6 +20,9 @@ from typing import Sequence
 import cv2
 import numpy as np
 from tqdm import tqdm
+
+from lib.core.io import write_error
+from lib.data.frames import oversize_reason
 
 Box = tuple[float, float, float, float]
 
@@ -33,6 +37,7 @@ class CropSpec:
     context_scales: tuple[float, ...] = ()
     context_full: bool = False
     fill: tuple[int, int, int] = (0, 0, 0)  # RGB
+    max_frame_pixels: int | None = None  # a larger frame (from its header) is refused undecoded; None: no limit
 
     def kinds(self) -> list[str]:
         return ["roi", *[context_name(s) for s in self.context_scales], *(["full"] if self.context_full else [])]
@@ -130,14 +135,37 @@ def down_up(img: np.ndarray, factor: float) -> np.ndarray:
     return cv2.resize(small, (w, h), interpolation=cv2.INTER_LINEAR)
 
 
-def write_png(path: Path, img_bgr: np.ndarray) -> bool:
-    """Write via a temp name then rename, so a killed run never leaves half a crop."""
-    path.parent.mkdir(parents=True, exist_ok=True)
+class ShortWrite(Exception):
+    """A crop file on disk holds fewer bytes than were written (a full disk that reported success)."""
+
+
+def _write_file(path: Path, data: bytes) -> None:
+    """Plain write (no fsync: a crop is cheap to cut again, and 00's record vouches for every crop's size)."""
+    with open(path, "wb") as f:
+        f.write(data)
+
+
+def write_png(path: Path, img_bgr: np.ndarray) -> None:
+    """Encode in memory, write via a temp name, check the file holds every byte, then rename.
+
+    A write that fails or comes up short (a full disk where the encoder still reports success) is
+    one sentence naming the file (`write_error`), never a crop vouched for; a killed run never
+    leaves half a crop under its final name.
+    """
     tmp = path.with_name(f".{path.stem}.tmp.png")
-    if not cv2.imwrite(str(tmp), img_bgr, [cv2.IMWRITE_PNG_COMPRESSION, 1]):
-        return False
-    tmp.replace(path)
-    return True
+    try:
+        ok, buf = cv2.imencode(".png", img_bgr, [cv2.IMWRITE_PNG_COMPRESSION, 1])
+        if not ok or buf.size == 0:
+            raise ValueError(f"the PNG encoder gave no bytes for a {img_bgr.shape} crop")
+        path.parent.mkdir(parents=True, exist_ok=True)
+        _write_file(tmp, buf.tobytes())
+        if tmp.stat().st_size != buf.size:
+            raise ShortWrite(f"{tmp.stat().st_size} of {buf.size} bytes written")
+        tmp.replace(path)
+    except (OSError, ShortWrite) as e:
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+        raise write_error(path, e) from None
 
 
 def placeholder(size: int, fill: Sequence[int]) -> np.ndarray:
@@ -165,40 +193,56 @@ def crop_one_frame(frame: np.ndarray, jobs: Sequence[BoxJob], spec: CropSpec) ->
             crops["full"] = full
         if job.testlike is not None:
             crops["testlike"] = down_up(roi, job.testlike)
-        bad = []
         for k, img in crops.items():
             dst = job.outputs.get(k)
             if dst is None or dst in written:
                 continue
-            if not write_png(dst, img):
-                bad.append(k)
+            write_png(dst, img)  # a failed write stops the stage (one sentence): it is the disk's fault, not the box's
             written.add(dst)
-        errors.append(f"could not write {job.outputs[bad[0]]}" if bad else "")
+        errors.append("")
     return errors
+
+
+def decode_frame(path: Path, max_pixels: int | None) -> np.ndarray | str:
+    """The frame as BGR, or why not: its header is read first, so a decompression bomb is refused undecoded,
+    and any decode error (cv2.error, MemoryError...) is a reason, never a traceback."""
+    reason = oversize_reason(path, max_pixels)
+    if reason is not None:
+        return reason
+    try:
+        frame = cv2.imread(str(path), cv2.IMREAD_COLOR)
+    except (cv2.error, MemoryError, ValueError, OverflowError) as e:
+        return f"frame {path.name} could not be decoded ({type(e).__name__})"
+    if frame is None:
+        return f"frame {path.name} could not be decoded (missing, corrupt or truncated)"
+    return frame
 
 
 def _process_frame(args: tuple[FrameJob, CropSpec]) -> list[str]:
     """Worker: decode one frame once, cut all its boxes."""
     job, spec = args
-    frame = cv2.imread(str(job.frame), cv2.IMREAD_COLOR)
-    if frame is None:
-        return [f"frame {job.frame.name} could not be decoded (missing, corrupt or truncated)"] * len(job.boxes)
+    frame = decode_frame(job.frame, spec.max_frame_pixels)
+    if isinstance(frame, str):
+        return [frame] * len(job.boxes)
     return crop_one_frame(frame, job.boxes, spec)
 
 
 def crop_frames(jobs: list[FrameJob], spec: CropSpec, workers: int, desc: str = "crop frames") -> list[list[str]]:
     """Crop every job's boxes; returns, per job, an error string per box ('' when written)."""
     args = [(j, spec) for j in jobs]
-    bar = tqdm(total=len(jobs), desc=desc, unit="frame", leave=False)
     results: list[list[str]] = []
-    if workers <= 1 or len(jobs) < 2:
-        for a in args:
-            results.append(_process_frame(a))
-            bar.update()
-    else:
-        with ProcessPoolExecutor(max_workers=workers) as ex:
-            for res in ex.map(_process_frame, args, chunksize=max(1, len(args) // (workers * 16))):
-                results.append(res)
+    with tqdm(total=len(jobs), desc=desc, unit="frame", leave=False) as bar:  # closed (cleared) on an error too
+        if workers <= 1 or len(jobs) < 2:
+            for a in args:
+                results.append(_process_frame(a))
                 bar.update()
-    bar.close()
+            return results
+        with ProcessPoolExecutor(max_workers=workers) as ex:
+            try:
+                for res in ex.map(_process_frame, args, chunksize=max(1, len(args) // (workers * 16))):
+                    results.append(res)
+                    bar.update()
+            except BaseException:  # a write error (disk full) stops the stage: the frames not started are not cut
+                ex.shutdown(wait=True, cancel_futures=True)
+                raise
     return results

@@ -30,11 +30,12 @@ from PIL import Image
 from tqdm import tqdm
 
 from lib.core.faults import fault_point
+from lib.data.frames import frame_size, pillow_bomb_limit_lifted, too_large
 
 log = logging.getLogger("pipeline")
 
 USER_AGENT = "fathomnet2025-pipeline/1.0 (python urllib; frame download)"
-REFUSED = "refused: only http(s) URLs are fetched"
+REFUSED = "refused: only http(s) URLs in images[].coco_url are fetched"
 NOT_DECODABLE = "downloaded file does not decode"
 CHUNK = 1 << 20
 # A complete PNG ends with the IEND chunk: length 0, type, fixed CRC.
@@ -145,7 +146,7 @@ def verify_image(path: Path) -> bool:
     try:
         if not path.is_file() or path.stat().st_size == 0:
             return False
-        with Image.open(path) as im:
+        with pillow_bomb_limit_lifted(), Image.open(path) as im:  # verify() decodes no pixel; 00 checks the size
             fmt = im.format
             im.verify()
         if fmt == "PNG":
@@ -155,6 +156,16 @@ def verify_image(path: Path) -> bool:
         return True
     except Exception:  # PIL raises SyntaxError, OSError, struct.error, ValueError... for bad files
         return False
+
+
+def _too_large(path: Path, max_pixels: int | None) -> str | None:
+    """'the frame is W x H pixels ...' when its header says it is above `max_pixels`; a file without one is verify's."""
+    try:
+        w, h = frame_size(path)
+    except Exception:
+        return None
+    why = too_large(w, h, max_pixels)
+    return None if why is None else f"the frame is {why}"
 
 
 # ----------------------------------------------------------------------------- fetching
@@ -169,12 +180,25 @@ def _is_http(url: str) -> bool:
     return parts.scheme.lower() in ("http", "https") and bool(parts.netloc)
 
 
+def _redirect_refused(newurl: str) -> str:
+    return f"refused: redirected to {newurl!r}, a scheme that is not fetched (only http(s) URLs are)"
+
+
 class _HttpOnlyRedirects(urllib.request.HTTPRedirectHandler):
-    """urllib follows redirects to ftp:// too; a frame URL may only lead to http(s)."""
+    """urllib follows redirects to ftp:// too, and reports one to file: as 'HTTP 302'; a frame URL may only lead to http(s)."""
+
+    def http_error_302(self, req, fp, code, msg, headers):
+        newurl = headers.get("location") or headers.get("uri")
+        if newurl is not None and not _is_http(urllib.parse.urljoin(req.full_url, newurl)):
+            fp.close()
+            raise _Fail(_redirect_refused(newurl))
+        return super().http_error_302(req, fp, code, msg, headers)
+
+    http_error_301 = http_error_303 = http_error_307 = http_error_308 = http_error_302
 
     def redirect_request(self, req, fp, code, msg, headers, newurl):
         if not _is_http(urllib.parse.urljoin(req.full_url, newurl)):
-            raise _Fail(f"refused: redirect to non-http(s) URL {newurl!r}")
+            raise _Fail(_redirect_refused(newurl))
         return super().redirect_request(req, fp, code, msg, headers, newurl)
 
 
@@ -256,7 +280,8 @@ def _fetch_with_retries(opener: urllib.request.OpenerDirector, url: str, out: Bi
 
 
 def _download_one(opener: urllib.request.OpenerDirector, job: DownloadJob, timeout: float, max_bytes: int,
-                  retries: int, backoff: float, cancel: threading.Event, breaker: _Breaker, dead: _DeadHosts) -> tuple[str, str]:
+                  retries: int, backoff: float, cancel: threading.Event, breaker: _Breaker, dead: _DeadHosts,
+                  max_pixels: int | None = None) -> tuple[str, str]:
     """Returns ("skipped" | "downloaded" | "failed", reason). Never raises for per-file trouble."""
     dest = Path(job.dest)
     if dest.exists():
@@ -286,6 +311,8 @@ def _download_one(opener: urllib.request.OpenerDirector, job: DownloadJob, timeo
             breaker.record(False)  # the server answered: the network is up
             out.flush()
             os.fsync(out.fileno())
+        if (too_big := _too_large(Path(tmp), max_pixels)) is not None:
+            return "failed", too_big
         if not verify_image(Path(tmp)):
             return "failed", NOT_DECODABLE
         os.replace(tmp, dest)
@@ -318,8 +345,11 @@ def remove_partial(folder: Path) -> int:
 
 
 def download(jobs: Sequence[DownloadJob], workers: int = 8, retries: int = 3, timeout: float = 30.0,
-             max_bytes: int = 64 * 2**20, backoff: float = 1.0, progress: bool = True) -> DownloadReport:
+             max_bytes: int = 64 * 2**20, backoff: float = 1.0, progress: bool = True,
+             max_pixels: int | None = None) -> DownloadReport:
     """Fetch every job whose dest is missing or does not decode, `workers` connections at a time.
+
+    A fetched frame above `max_pixels` (width x height from its header; None: no limit) fails undecoded.
 
     `timeout` bounds each socket operation (connect, each read), not the whole file.
     """
@@ -335,7 +365,8 @@ def download(jobs: Sequence[DownloadJob], workers: int = 8, retries: int = 3, ti
     breaker, dead = _Breaker(max(BREAKER_MIN, 2 * workers)), _DeadHosts()
     pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="download")
     try:
-        futures = {pool.submit(_download_one, opener, job, timeout, max_bytes, retries, backoff, cancel, breaker, dead): job
+        futures = {pool.submit(_download_one, opener, job, timeout, max_bytes, retries, backoff, cancel, breaker, dead,
+                               max_pixels): job
                    for job in jobs}
         with tqdm(total=len(jobs), unit="img", desc="download", disable=not progress) as bar:
             for fut in as_completed(futures):
@@ -372,14 +403,21 @@ def _frames(n: int) -> str:
 
 
 def missing_message(n_missing: int, folder: Path, report: DownloadReport | None) -> str:
-    """One sentence for a StageError: how many frames are missing, where, why, and the fix."""
+    """One sentence for a StageError: how many frames are missing, where, why, and the fix.
+
+    URLs refused for their scheme (or redirected to one) need other URLs, not a network: the fix named differs.
+    """
     head = f"{_frames(n_missing)} missing from {folder}"
     tail = "or fetch them with the competition's download.py into that folder."
     if report is None:
         return f"{head}; rerun 00_prepare_data.py with --download, {tail}"
-    if report.failed:
-        reason = " ".join(report.failed[0][1].split()).rstrip(".")
-        why = f" (could not download {len(report.failed)}: {reason})"
-    else:
-        why = " (the download reported no failures)"
-    return f"{head}{why}; connect to the internet and rerun with --download, {tail}"
+    if not report.failed:
+        return f"{head} (the download reported no failures); connect to the internet and rerun with --download, {tail}"
+    reasons = [" ".join(r.split()).rstrip(".") for _, r in report.failed]
+    other = [r for r in reasons if not r.startswith("refused")]
+    if not other:
+        return (f"{head} (could not download {len(reasons)}: {reasons[0]}); put http(s) URLs in the JSON's images[].coco_url, "
+                f"{tail}")
+    refused = len(reasons) - len(other)
+    also = f", and {refused} refused: not http(s) URLs in images[].coco_url" if refused else ""
+    return f"{head} (could not download {len(reasons)}: {other[0]}{also}); connect to the internet and rerun with --download, {tail}"

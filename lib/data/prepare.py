@@ -8,7 +8,7 @@ placeholder crop (`ok = 0`), so 04 still writes a row for it.
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -17,6 +17,7 @@ import pandas as pd
 from lib.config import Config
 from lib.core.errors import StageError
 from lib.core.io import atomic_path, atomic_write_json
+from lib.data import manifest
 from lib.data.coco import CocoSet, frame_path, read_coco, safe_file_name
 from lib.data.crops import (
     BoxJob,
@@ -43,9 +44,11 @@ class Preparation:
     rejects: pd.DataFrame
     taxonomy: Taxonomy
     summary: dict
+    crops: dict[str, int] = field(default_factory=dict)  # every crop rois.csv names -> its size (crops_manifest.json)
 
     def write(self, folder: Path) -> None:
-        """rois.csv, rejects.csv, taxonomy.json and summary.json into the stage folder, each atomically."""
+        """rois.csv, rejects.csv, taxonomy.json, summary.json and crops_manifest.json into the stage folder, each atomically."""
+        atomic_write_json(folder / manifest.MANIFEST, {"files": self.crops})
         with atomic_path(folder / "rois.csv") as tmp:
             self.rois.to_csv(tmp, index=False)
         with atomic_path(folder / "rejects.csv") as tmp:
@@ -63,6 +66,7 @@ class Preparation:
             "test_rois_without_crop": int(test.get("size", 0) - test.get("sum", 0)),
             "rejects": len(self.rejects),
             "classes": self.taxonomy.n_classes,
+            "crops": manifest.summary(self.crops),  # the record vouches for every crop file (lib.data.manifest)
         }
 
     def log_summary(self, name: str) -> None:
@@ -78,7 +82,8 @@ class Preparation:
 def crop_spec(cfg: Config) -> CropSpec:
     p = cfg.prepare
     return CropSpec(pad=p.pad, square=p.square, size=p.crop_size, context_scales=tuple(p.context_scales or ()),
-                    context_full=bool(p.context_full), fill=(p.fill[0], p.fill[1], p.fill[2]))
+                    context_full=bool(p.context_full), fill=(p.fill[0], p.fill[1], p.fill[2]),
+                    max_frame_pixels=p.max_frame_pixels)
 
 
 def path_column(kind: str) -> str:
@@ -251,7 +256,8 @@ def prepare(cfg: Config, out_dir: Path) -> Preparation:
             rois[c] = [str(Path(p).relative_to(out_dir)) if p else "" for p in rois[c]]
     summary = summarize(rois, rejects, train, test, tax)
     summary["test_categories_not_in_train"] = unknown_test
-    return Preparation(rois=rois, rejects=rejects, taxonomy=tax, summary=summary)
+    crops = manifest.build(out_dir, (p for c in cols if c.endswith("_path") for p in rois[c]))
+    return Preparation(rois=rois, rejects=rejects, taxonomy=tax, summary=summary, crops=crops)
 
 
 def compare_categories(train: CocoSet, test: CocoSet, test_json: Path) -> list[str]:
@@ -331,7 +337,7 @@ def check_frames(cfg: Config, coco: CocoSet, folder: Path, split: str, download:
         log.info("downloading %d missing %s frames into %s", len(missing), split, folder)
         p = cfg.prepare
         report = fetch([DownloadJob(url, folder / f"{i}.png") for i, url in missing], workers=p.download_workers,
-                       retries=p.download_retries, timeout=p.download_timeout)
+                       retries=p.download_retries, timeout=p.download_timeout, max_pixels=p.max_frame_pixels)
         missing = missing_frames(coco, folder)
     if not missing:
         return

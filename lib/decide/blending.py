@@ -40,8 +40,18 @@ class ModelProbs:
 
 
 def load_oof(fold_dirs: Sequence[Path]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """The folds' out-of-fold (ids, labels, probs), sorted by annotation id so models line up."""
-    parts = [np.load(d / "oof.npz") for d in fold_dirs]
+    """The folds' out-of-fold (ids, labels, probs), sorted by annotation id so models line up.
+
+    A missing, corrupt or pickled `oof.npz`, or one without these arrays, is one sentence naming it.
+    """
+    from lib.core.io import load_npz
+
+    fix = "delete it and rerun the training stage (its fold runs again)"
+    parts = [load_npz(d / "oof.npz", fix) for d in fold_dirs]
+    for d, p in zip(fold_dirs, parts):
+        lacking = [k for k in ("annotation_id", "label", "probs") if k not in p]
+        if lacking:
+            raise StageError(f"'{d / 'oof.npz'}' lacks the array(s) {', '.join(lacking)}; {fix}.")
     ids = np.concatenate([p["annotation_id"] for p in parts])
     order = np.argsort(ids, kind="stable")
     return ids[order], np.concatenate([p["label"] for p in parts])[order], np.concatenate([p["probs"] for p in parts])[order]

@@ -31,7 +31,7 @@ from lib.config import Config
 from lib.core.cli import check
 from lib.core.errors import StageError
 from lib.core.faults import fault_point
-from lib.core.io import atomic_path
+from lib.core.io import atomic_path, load_npz
 from lib.core.locks import locked
 from lib.core.records import Stage
 from lib.data.augment import build_transforms
@@ -502,7 +502,7 @@ def cv_summary(stage: Stage, n_folds: int, taxonomy: Taxonomy) -> CVSummary | No
         fold_stage = stage.child(f"{stage.name}/fold_{k}", stage.dir / f"fold_{k}", {"fold": k})
         if fold_stage.reasons() or not (fold_stage.dir / "oof.npz").is_file():
             return None
-        oofs.append(np.load(fold_stage.dir / "oof.npz"))
+        oofs.append(load_npz(fold_stage.dir / "oof.npz", "delete it and rerun the training stage (its fold runs again)"))
     labels = np.concatenate([o["label"] for o in oofs])
     dist = taxonomy.distance_matrix()
     m = evaluate(np.concatenate([o["probs"] for o in oofs]), labels, dist)
