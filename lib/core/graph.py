@@ -53,7 +53,8 @@ DATA_PATH_KEYS = ("!data.root", "!data.train_json", "!data.test_json", "!data.tr
 SPECS: dict[str, Spec] = {
     s.name: s
     for s in (
-        Spec("00_prepare", "00_prepare_data.py", ("seed", "data", *DATA_PATH_KEYS, "prepare"), (), ("rois.csv", "taxonomy.json")),
+        Spec("00_prepare", "00_prepare_data.py", ("seed", "data", *DATA_PATH_KEYS, "prepare"), (),
+             ("rois.csv", "taxonomy.json", "crops_manifest.json")),
         Spec("01_train", "01_train_folds.py", ("seed", "model", "head", "train", "augment", "loss"), ("00_prepare",), folds=True),
         Spec("02_pseudo", "02_pseudo_label.py", ("seed", "model", "head", "pseudo", "!pseudo.rounds", "!pseudo.weight_power", "tta",
                                                  "train.precision"),

@@ -15,7 +15,7 @@ import pandas as pd
 from lib.config import Config
 from lib.core import graph as pipeline
 from lib.core.graph import ModelRef
-from lib.core.io import cached_npz
+from lib.core.io import cached_npz, load_npz
 from lib.core.records import Stage
 from lib.data.taxonomy import Taxonomy
 from lib.decide.blending import ModelProbs, check_aligned, load_oof
@@ -28,10 +28,10 @@ def _from_02(cfg: Config, stage: Stage, ids: np.ndarray) -> np.ndarray | None:
     reuse = cfg.out_dir / "02_pseudo" / "test_probs.npz"
     if reuse.is_file() and not pipeline.stage(cfg, "02_pseudo").reasons():
         pipeline.check_vouched(reuse)
-        with np.load(reuse) as z:
-            if np.array_equal(z["annotation_id"], ids):
-                log.info("%s: phase1 test probabilities taken from 02_pseudo", stage.name)
-                return z["probs"]
+        z = load_npz(reuse, "delete it and rerun 02_pseudo_label.py")
+        if np.array_equal(z["annotation_id"], ids):
+            log.info("%s: phase1 test probabilities taken from 02_pseudo", stage.name)
+            return z["probs"]
     return None
 
 
