@@ -1,6 +1,7 @@
-"""Stage 02: the phase-1 fold ensemble on the test ROIs (with TTA) -> pseudo-labels (round 1).
+"""Stage 02: the fold ensembles of pseudo.members (phase 1 by default) on the test ROIs (with TTA) -> pseudo-labels (round 1).
 
-Reads:  output/<exp>/00_prepare/ (rois.csv, crops, taxonomy.json), 01_train/fold_<k>/best.pt
+Reads:  output/<exp>/00_prepare/ (rois.csv, crops, taxonomy.json), 01_train/fold_<k>/ (best.pt; oof.npz under pseudo.calibrate),
+        and for a member <exp2>/<model> of pseudo.members output/<exp2>/00_prepare/ and its training stage's folds
 Writes: output/<exp>/02_pseudo/ test_probs.npz, pseudo_labels.csv, umap.png, summary.md, record.json
 Selection: pseudo.methods (confidence, vote with GMU, cluster_core); see lib/decide/pseudo.py.
 """
@@ -27,12 +28,13 @@ def run(args: argparse.Namespace, cfg: Config) -> int:
         return 0
     started = time.time()
     from lib.data.artifacts import load_prepared
+    from lib.engine.members import load_members
     from lib.engine.rounds import run_round
     from lib.model.device import pick_device
 
     prep = load_prepared(cfg)
-    result = run_round(cfg, pipeline.fold_dirs(cfg, "01_train"), prep.test, prep.taxonomy, stage.dir, pick_device(cfg.train.device),
-                       f"{NAME} (round 1)")
+    members = load_members(cfg, cfg.pseudo.members, prep)
+    result = run_round(cfg, members, prep.test, prep.taxonomy, stage.dir, pick_device(cfg.train.device), f"{NAME} (round 1)")
     stage.finish(result, started)
     return 0
 

@@ -1,7 +1,9 @@
 """Stage 04: every model's test probabilities (cached per model, with TTA) -> blend -> decode -> submission.csv.
 
-Reads:  output/<exp>/00_prepare/, 01_train/ and 03_retrain/ folds (best.pt, oof.npz), 02_pseudo/test_probs.npz, data.test_json
-Writes: output/<exp>/04_submit/ probs/<model>.npz, probs/blend_fit.npz, submission.csv, fallbacks.csv, options.csv, report.md, record.json
+Reads:  output/<exp>/00_prepare/, 01_train/ and 03_retrain/ folds (best.pt, oof.npz), 02_pseudo/test_probs.npz, data.test_json;
+        for a member <exp2>/<model> of submit.models output/<exp2>/00_prepare/ and its training stage's folds
+Writes: output/<exp>/04_submit/ probs/<model>.npz, probs/blend_fit*.npz, submission.csv, fallbacks.csv, options.csv, report.md,
+        error_correlation.png (two or more models), record.json
 Changing only submit.* (blend, decoding) reuses probs/ and reruns in seconds.
 """
 from __future__ import annotations
@@ -34,15 +36,16 @@ def run(args: argparse.Namespace, cfg: Config) -> int:
 
     prep, fit_cache = load_prepared(cfg), stage.dir / "probs" / "blend_fit.npz"  # the fit weights, kept across blend-only reruns
     tax, counts, ids = prep.taxonomy, prep.train_counts, prep.test["annotation_id"].to_numpy()
-    models = load_models(cfg, stage, prep.test, tax)
+    models = load_models(cfg, stage, prep)
     blended = blend_models(cfg, models, tax, counts, fit_cache)
     sub = write_full_submission(cfg, dict(zip(ids.tolist(), blended.labels.tolist())), tax, counts, stage.dir / "submission.csv",
                                 fallbacks_csv=stage.dir / "fallbacks.csv")
     options = blend_options(cfg, models, tax, counts, fit_cache)
-    write_submit_report(cfg, stage.dir, models, blended.weights, options, sub, ids, tax)
+    write_submit_report(cfg, stage.dir, models, blended, options, sub, ids, tax)
     s = cfg.submit
     result = {"rows": sub.rows, "fallbacks": len(sub.fell_back), "models": list(s.models), "weights": blended.weights.round(4).tolist(),
-              "blend": s.blend, "decode": s.decode, f"oof_distance_{s.decode}": options.oof_distance, "submission": str(stage.dir / "submission.csv")}
+              "blend": s.blend, "decode": s.decode, "calibrate": s.calibrate,
+              "temperatures": [round(t, 4) for t in blended.temperatures], "blend_temperature": round(blended.blend_temperature, 4), f"oof_distance_{s.decode}": options.oof_distance, "submission": str(stage.dir / "submission.csv")}
     stage.finish(result, started)
     log.info("%s: %s blend (weights %s), %s decoding, OOF distance %.4f; wrote %s (%d rows, %d answered by the prior)", NAME,
              s.blend, result["weights"], s.decode, options.oof_distance, stage.dir / "submission.csv", sub.rows, len(sub.fell_back))

@@ -273,6 +273,8 @@ class PseudoCfg:
     core_fraction: float = 0.5  # cluster_core: share of a pure cluster, nearest its centroid, that is labelled
     min_cluster_size: int = 3  # cluster_core: smaller clusters are skipped (a cluster of one is always "pure")
     rounds: int = 1
+    members: list[str] = field(default_factory=lambda: ["phase1"])  # the fold ensembles that label: phase1, <exp>/<model>
+    calibrate: Literal["none", "temperature"] = "none"  # a log-loss temperature per member, fitted on its out-of-fold rows
 
 
 @dataclass
@@ -286,18 +288,29 @@ class RetrainCfg:
 class SubmitCfg:
     """Blend and decoding (04; lib.ensemble).
 
+    `models`: phase1, phase2, round<r> of this experiment and <exp>/<one of those> of another
+    experiment under output_root trained on the same folds. `calibrate`: temperature fits one
+    temperature per model on its out-of-fold rows (and one more on the blend) to
+    `calibrate_objective` (logloss, or distance: the out-of-fold min-risk distance) before blending.
     `blend`: uniform; cv, softmax(-CV distance / cv_temperature); fit, simplex weights fitted on
     the models' out-of-fold probabilities to `fit_objective` (distance: a smooth min-risk
-    distance; logloss). `logit_tau` > 0 divides out the train prior (post-hoc logit
-    adjustment). `backoff_rank` (empty = off): rows whose top probability is below
-    `backoff_tau` are answered by min-risk among concepts at or above that rank.
+    distance; logloss); greedy, Caruana's forward selection with replacement (`greedy_rounds`
+    additions, `greedy_bags` bagged repetitions over `greedy_bag_fraction` of the models, 0 = no
+    bagging). `logit_tau` > 0 divides out the train prior (post-hoc logit adjustment).
+    `backoff_rank` (empty = off): rows whose top probability is below `backoff_tau` are answered
+    by min-risk among concepts at or above that rank.
     """
 
     decode: Literal["argmax", "min_risk"] = "argmax"
     models: list[str] = field(default_factory=lambda: ["phase1", "phase2"])
-    blend: Literal["uniform", "cv", "fit"] = "uniform"
+    calibrate: Literal["none", "temperature"] = "none"
+    calibrate_objective: Literal["logloss", "distance"] = "distance"
+    blend: Literal["uniform", "cv", "fit", "greedy"] = "uniform"
     cv_temperature: float = 0.1
     fit_objective: Literal["distance", "logloss"] = "distance"
+    greedy_rounds: int = 20
+    greedy_bags: int = 0
+    greedy_bag_fraction: float = 0.5
     logit_tau: float = 0.0
     backoff_rank: Literal["", "kingdom", "phylum", "class", "order", "family", "genus", "species"] = ""
     backoff_tau: float = 0.5
@@ -618,11 +631,19 @@ def _knn_submit_checks(cfg: Config) -> list[tuple[bool, str]]:
         (cfg.submit.cv_temperature > 0, "submit.cv_temperature must be positive"),
         (cfg.submit.logit_tau >= 0, "submit.logit_tau must be 0 (off) or more"),
         (0.0 <= cfg.submit.backoff_tau <= 1.0, "submit.backoff_tau must lie in [0, 1]"),
-        (len(cfg.submit.models) >= 1, "submit.models must name at least one model (phase1, phase2, round<r>)"),
+        (len(cfg.submit.models) >= 1, "submit.models must name at least one model (phase1, phase2, round<r>, <exp>/<model>)"),
+        (cfg.submit.greedy_rounds >= 0 and cfg.submit.greedy_bags >= 0, "submit.greedy_rounds and submit.greedy_bags must be 0 or more"),
+        (0.0 < cfg.submit.greedy_bag_fraction <= 1.0, "submit.greedy_bag_fraction must lie in (0, 1]"),
         (all(0 <= f < cfg.prepare.n_folds for f in cfg.train.folds), "train.folds must list fold numbers below prepare.n_folds"),
         (all(_model_ok(m, cfg.pseudo.rounds) for m in cfg.submit.models),
-         "submit.models may only name phase1, phase2 and round<r> with r from 1 to pseudo.rounds"),
+         "submit.models may only name phase1, phase2, round<r> with r from 1 to pseudo.rounds, and <exp>/<one of those> "
+         "of another experiment"),
         (len(set(cfg.submit.models)) == len(cfg.submit.models), "submit.models must name each model once"),
+        (all(not m.startswith(f"{cfg.exp}/") for m in [*cfg.submit.models, *cfg.pseudo.members]),
+         f"submit.models and pseudo.members name this experiment's own models without the '{cfg.exp}/' prefix"),
+        (len(cfg.pseudo.members) >= 1 and all(_model_ok(m, cfg.pseudo.rounds) and (m == "phase1" or "/" in m) for m in cfg.pseudo.members),
+         "pseudo.members may only name phase1 (this experiment's) and <exp>/<model> of other experiments"),
+        (len(set(cfg.pseudo.members)) == len(cfg.pseudo.members), "pseudo.members must name each model once"),
     ]
 
 
@@ -656,14 +677,14 @@ def validate(cfg: Config) -> None:
 
 
 def _model_ok(name: str, rounds: int) -> bool:
-    """A `submit.models` name that lib.core.graph.ModelRef reads, its round (if any) within 1..rounds."""
+    """A model name that lib.core.graph.ModelRef reads, its round (if any, of this experiment) within 1..rounds."""
     from lib.core.graph import ModelRef  # the one reader of model names (it imports this module)
 
     try:
         ref = ModelRef.parse(name)
     except ValueError:
         return False
-    return ref.round is None or 1 <= ref.round <= rounds
+    return ref.round is None or 1 <= ref.round <= rounds or (ref.exp is not None and ref.round >= 1)
 
 
 def _is_number(text: str) -> bool:

@@ -12,9 +12,11 @@ from __future__ import annotations
 
 import difflib
 import logging
+import functools
 import os
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Sequence
 
 from lib.config import Config, ConfigError
 from lib.core.cli import check, save_resolved_config, setup_logging
@@ -73,54 +75,143 @@ PHASE_STAGES = {"phase1": "01_train", "phase2": "03_retrain"}
 
 @dataclass(frozen=True)
 class ModelRef:
-    """A `submit.models` name: `phase1` (01's folds), `phase2` (03's last round) or `round<r>` (03's round r).
+    """A model name of `submit.models` / `pseudo.members`: `phase1` (01's folds), `phase2` (03's last round) or
+    `round<r>` (03's round r) of this experiment, or `<exp>/<one of those>` of another experiment under output_root.
 
-    `parse` is the one reader of these names (the config's check, the stage graph and 04 all ask it).
+    `parse` is the one reader of these names (the config's check, the stage graph, 02 and 04 all ask it).
     """
 
-    name: str
+    name: str  # as written
     phase: str  # phase1, phase2 or round
     round: int | None = None  # r of round<r>
+    exp: str | None = None  # another experiment under output_root; None: this one
 
     @classmethod
     def parse(cls, name: str) -> "ModelRef":
-        if name in PHASE_STAGES:
-            return cls(name, name)
-        if name.startswith("round") and name[5:].isdigit():
-            return cls(name, "round", int(name[5:]))
-        raise ValueError(f"'{name}' is not a model name (phase1, phase2 or round<r>)")
+        exp, sep, local = name.rpartition("/")
+        if sep and (not exp or "/" in exp or exp in (".", "..") or exp.startswith(".")):
+            raise ValueError(f"'{name}' is not a model name (phase1, phase2, round<r>, or <exp>/<one of those>)")
+        if local in PHASE_STAGES:
+            return cls(name, local, None, exp or None)
+        if local.startswith("round") and local[5:].isdigit():
+            return cls(name, "round", int(local[5:]), exp or None)
+        raise ValueError(f"'{name}' is not a model name (phase1, phase2, round<r>, or <exp>/<one of those>)")
 
     @property
     def stage(self) -> str:
         """The training stage behind it: phase1 -> 01, phase2 and round<r> -> 03."""
         return PHASE_STAGES.get(self.phase, "03_retrain")
 
+    @property
+    def key(self) -> str:
+        """Its training stage as an upstream key of the stage graph: `01_train`, or `<exp>/01_train` for another experiment."""
+        return f"{self.exp}/{self.stage}" if self.exp else self.stage
+
+    @property
+    def file_stem(self) -> str:
+        """A file name for it (04's probs/<stem>.npz): `b/phase2` -> `b__phase2`."""
+        return self.name.replace("/", "__")
+
+    def config(self, cfg: Config) -> Config:
+        """The config it was trained with: `cfg` for this experiment's phases, the other experiment's saved one otherwise."""
+        return resolve(cfg, self.key)[0]
+
     def folds(self, cfg: Config) -> list[Path]:
         """Its fold folders; round1 is 03's own folds, round<r> for r > 1 those in 03's round_<r>/."""
         if self.round is None:
-            return fold_dirs(cfg, self.stage)
-        root = cfg.out_dir / "03_retrain" / ("." if self.round == 1 else f"round_{self.round}")
-        return [root / d.name for d in fold_dirs(cfg, "03_retrain")]
+            return fold_dirs(cfg, self.key)
+        root = stage_dir(cfg, self.key) / ("." if self.round == 1 else f"round_{self.round}")
+        return [root / d.name for d in fold_dirs(cfg, self.key)]
 
     def result(self, cfg: Config) -> dict:
         """Its training record's result (CV figures); for round<r>, round r's entry of 03's `per_round`."""
-        res = (read_record(cfg.out_dir / self.stage / RECORD) or {}).get("result", {})
-        return res.get("per_round", [{}])[self.round - 1] if self.round is not None else res
+        res = (read_record(stage_dir(cfg, self.key) / RECORD) or {}).get("result", {})
+        if self.round is None:
+            return res
+        rounds = res.get("per_round", [])
+        return rounds[self.round - 1] if 0 < self.round <= len(rounds) else {}
+
+
+def stage_dir(cfg: Config, key: str) -> Path:
+    """The folder of an upstream key: `<output_root>/<exp>/<stage>`, for `<exp>/<stage>` another experiment's."""
+    exp, sep, name = key.rpartition("/")
+    return (cfg.out_root / exp if sep else cfg.out_dir) / name
+
+
+def base_name(key: str) -> str:
+    """The stage name of an upstream key (`b/03_retrain` -> `03_retrain`)."""
+    return key.rpartition("/")[2]
+
+
+def rerun_hint(cfg: Config, key: str) -> str:
+    """The command that brings an upstream key up to date: its script, for another experiment with that experiment's config."""
+    exp, sep, name = key.rpartition("/")
+    if not sep:
+        return SPECS[name].script
+    return f"{SPECS[name].script} --config {stage_dir(cfg, key) / 'config.yaml'} (member experiment '{exp}')"
+
+
+@functools.lru_cache(maxsize=64)
+def _load_member_config(path: str, stamp: tuple[int, int], output_root: str, exp: str) -> Config:
+    from lib.config import load_config
+
+    mcfg = load_config(path)
+    mcfg.output_root, mcfg.exp = output_root, exp  # read where it lies, whatever root it was written with
+    return mcfg
+
+
+def resolve(cfg: Config, key: str) -> tuple[Config, str]:
+    """(config, stage name) of an upstream key; another experiment's stage is judged by the config it last ran with
+    (its saved `config.yaml`), so `b/03_retrain` is out of date exactly when b's own 03 would rerun."""
+    exp, sep, name = key.rpartition("/")
+    if not sep:
+        return cfg, key
+    path = stage_dir(cfg, key) / "config.yaml"
+    if not path.is_file() or not (path.parent / RECORD).is_file():
+        raise StageError(f"Member experiment '{exp}' has no finished {name} ({path.parent} lacks {RECORD}); train it first "
+                         f"(python {SPECS[name].script} --config <its config> exp={exp}) or leave it out of the members.")
+    st = path.stat()
+    try:
+        return _load_member_config(str(path), (st.st_size, st.st_mtime_ns), cfg.output_root, exp), name
+    except ConfigError as e:
+        raise StageError(f"Member experiment '{exp}''s {path} cannot be read ({e}); rerun its stages with this code.") from None
+
+
+def member_keys(cfg: Config, names: Sequence[str]) -> tuple[str, ...]:
+    """The upstream keys of model names (their training stages), in order, each once."""
+    return tuple(dict.fromkeys(ModelRef.parse(m).key for m in names))
+
+
+def _foreign_prepares(names: Sequence[str]) -> tuple[str, ...]:
+    """`<exp>/00_prepare` of every other experiment among model names: their test crops are read."""
+    return tuple(dict.fromkeys(f"{r.exp}/00_prepare" for r in map(ModelRef.parse, names) if r.exp))
 
 
 def upstream_of(cfg: Config, name: str) -> tuple[str, ...]:
-    """Direct upstream stages; 04 depends on whichever phases `submit.models` blends, knn on 01 when it embeds with 01's models."""
+    """Direct upstream keys: 02 depends on `pseudo.members`' training stages, 04 on `submit.models`', knn on 01 when it
+    embeds with 01's models; another experiment's stage (`b/03_retrain`) on that experiment's own upstream."""
+    exp, sep, base = name.rpartition("/")
+    if sep:
+        mcfg, _ = resolve(cfg, name)
+        return tuple(f"{exp}/{u}" for u in upstream_of(mcfg, base))
+    if name == "02_pseudo":
+        return ("00_prepare",) + member_keys(cfg, cfg.pseudo.members)
     if name == "04_submit":
-        return SPECS[name].upstream + tuple(dict.fromkeys(ModelRef.parse(m).stage for m in cfg.submit.models))
+        return SPECS[name].upstream + member_keys(cfg, cfg.submit.models)
     if name == "knn" and cfg.knn.source == "phase1":
         return SPECS[name].upstream + ("01_train",)
     return SPECS[name].upstream
 
 
 def reads_of(cfg: Config, name: str) -> tuple[str, ...]:
-    """The upstream folders a run of `name` loads files from: its direct upstream, and 02 for 04's phase 1
-    (its test probabilities are reused from 02's test_probs.npz when 02 is current)."""
-    extra = ("02_pseudo",) if name == "04_submit" and "phase1" in cfg.submit.models else ()
+    """The upstream folders a run of `name` loads files from: its direct upstream, the 00_prepare of every other
+    experiment it predicts with (their test crops), and 02 for 04's phase 1 (its test probabilities are reused from
+    02's test_probs.npz when 02 is current)."""
+    extra: tuple[str, ...] = ()
+    if name == "04_submit":
+        extra = (("02_pseudo",) if "phase1" in cfg.submit.models else ()) + _foreign_prepares(cfg.submit.models)
+    elif name == "02_pseudo":
+        extra = _foreign_prepares(cfg.pseudo.members)
     return tuple(dict.fromkeys(upstream_of(cfg, name) + extra))
 
 
@@ -142,13 +233,13 @@ def hold_upstream(cfg: Config, name: str) -> None:
     if os.environ.get("RANK", "0") != "0":
         return
     for u in [*ancestors(cfg, name), *reads_of(cfg, name)]:
-        acquire_read_lock(cfg.out_dir / u, u, name)
+        acquire_read_lock(stage_dir(cfg, u), u, name)
 
 
 def release_unread(cfg: Config, name: str) -> None:
     """Drop the read locks on stages whose records only decided (03 never loads 01's files), so they may rerun meanwhile."""
     for u in set(ancestors(cfg, name)) - set(reads_of(cfg, name)):
-        release_lock(cfg.out_dir / u, reader=True)
+        release_lock(stage_dir(cfg, u), reader=True)
 
 
 def _prepare_inputs(cfg: Config) -> dict[str, str]:
@@ -162,12 +253,16 @@ def _prepare_inputs(cfg: Config) -> dict[str, str]:
 
 
 def stage(cfg: Config, name: str) -> Stage:
-    """The Stage of `name` under `cfg`; upstream records must exist (else: which script to run)."""
+    """The Stage of `name` (an upstream key: another experiment's under its own config) under `cfg`; upstream records
+    must exist (else: which script to run)."""
+    if "/" in name:
+        mcfg, base = resolve(cfg, name)
+        return stage(mcfg, base)
     spec = SPECS[name]
     if name == "00_prepare":
         inputs = _prepare_inputs(cfg)
     else:
-        inputs = {u: upstream_digest(cfg.out_dir / u, SPECS[u].script, fold_records if SPECS[u].folds else None)
+        inputs = {u: upstream_digest(stage_dir(cfg, u), rerun_hint(cfg, u), fold_records if SPECS[base_name(u)].folds else None)
                   for u in upstream_of(cfg, name)}
     return Stage.create(name, cfg.out_dir / name, cfg, spec.sections, ROOT / spec.script, inputs, spec.outputs,
                         fold_records if spec.folds else None)
@@ -205,7 +300,7 @@ def decide(cfg: Config, st: Stage, force: bool, dry_run: bool, folds_only: bool 
         if dry_run:
             log.info("%s: would run (upstream %s would run)", st.name, ", ".join(u for u, _ in stale))
             return False
-        raise StageError(f"{first} is out of date ({'; '.join(reasons)}); run {SPECS[first].script} first (or make stages).")
+        raise StageError(f"{first} is out of date ({'; '.join(reasons)}); run {rerun_hint(cfg, first)} first (or make stages).")
     return True if folds_only else check(st, force, dry_run)
 
 
@@ -290,10 +385,11 @@ def fold_dirs(cfg: Config, name: str) -> list:
 
     For 03 with several self-training rounds these are the last round's (`result.fold_root`).
     """
-    rec = read_record(cfg.out_dir / name / "record.json")
+    folder = stage_dir(cfg, name)
+    rec = read_record(folder / "record.json")
     if rec is None or "folds" not in rec.get("result", {}):
-        raise StageError(f"{cfg.out_dir / name / 'record.json'} is missing or incomplete; run {SPECS[name].script} first.")
-    root = cfg.out_dir / name / rec["result"].get("fold_root", ".")
+        raise StageError(f"{folder / 'record.json'} is missing or incomplete; run {rerun_hint(cfg, name)} first.")
+    root = folder / rec["result"].get("fold_root", ".")
     return [root / f"fold_{k}" for k in range(int(rec["result"]["folds"]))]
 
 

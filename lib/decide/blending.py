@@ -1,12 +1,16 @@
 """04's decisions on cached probabilities: each model's out-of-fold and test probabilities ->
-blend weights -> logit adjustment -> decoding, and the comparison of the options for report.md.
+calibration -> blend weights -> logit adjustment -> decoding, and the comparison of the options for report.md.
+
+Calibration (`submit.calibrate: temperature`) scales each model by a temperature fitted on its
+out-of-fold rows only (never the test rows), and the blend by one more; min-risk decoding trusts
+the probabilities, so the `distance` objective fits the temperature that min-risk decoding needs.
 
 Nothing here loads a model: once `probs/<model>.npz` exist, changing the blend or the decoding
 costs seconds (the point of caching per model).
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -37,6 +41,7 @@ class ModelProbs:
     oof: np.ndarray  # (n_train, C)
     test: np.ndarray  # (n_test, C), mean over its folds
     record: dict = field(default_factory=dict)  # its training record's result (CV figures for the report)
+    temperature: float = 1.0  # the calibration temperature its oof and test were scaled by (1: none)
 
 
 def load_oof(fold_dirs: Sequence[Path]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -75,6 +80,34 @@ def apply_decoding(cfg: Config, probs: np.ndarray, tax: Taxonomy, prior: np.ndar
     return decode(probs, dist, method)
 
 
+CALIBRATIONS = ("none", "temperature")
+
+
+def calibrate_models(cfg: Config, models: Sequence[ModelProbs], dist: np.ndarray, calibration: str) -> list[ModelProbs]:
+    """Each model scaled by a temperature fitted on its own out-of-fold rows to `submit.calibrate_objective` (`none`: as is)."""
+    from lib.decide.calibration import apply_temperature, fit_temperature
+
+    if calibration == "none":
+        return list(models)
+    out = []
+    for m in models:
+        t = fit_temperature(m.oof, m.oof_labels, cfg.submit.calibrate_objective, dist)
+        out.append(replace(m, oof=apply_temperature(m.oof, t), test=apply_temperature(m.test, t), temperature=float(t)))
+    return out
+
+
+def blended(cfg: Config, models: Sequence[ModelProbs], weights: np.ndarray, dist: np.ndarray, calibration: str
+            ) -> tuple[np.ndarray, np.ndarray, float]:
+    """(out-of-fold, test, temperature) of a blend; under calibration a blend of two or more models gets its own temperature."""
+    from lib.decide.calibration import apply_temperature, fit_temperature
+
+    oof, test = blend([m.oof for m in models], weights), blend([m.test for m in models], weights)
+    if calibration == "none" or np.count_nonzero(weights) < 2:
+        return oof, test, 1.0
+    t = float(fit_temperature(oof, models[0].oof_labels, cfg.submit.calibrate_objective, dist))
+    return apply_temperature(oof, t), apply_temperature(test, t), t
+
+
 def fit_key(cfg: Config, models: Sequence[ModelProbs], dist: np.ndarray) -> str:
     """What the `fit` weights depend on: the objective, the distances, the labels and every model's
     out-of-fold probabilities in order (a content hash: the blend settings do not enter it)."""
@@ -91,14 +124,21 @@ def fit_key(cfg: Config, models: Sequence[ModelProbs], dist: np.ndarray) -> str:
 
 
 def weights_for(method: str, cfg: Config, models: Sequence[ModelProbs], dist: np.ndarray, cache: Path | None = None) -> np.ndarray:
-    """The blend weights of `method`. `uniform` and `cv` are closed-form; `fit` (an SLSQP over every
-    out-of-fold row, the one costly part of 04 after prediction) is kept in `cache` (an npz keyed by
-    `fit_key`), so a rerun that changes only submit.* never fits again, and the options table reuses
-    the fit of the submission.
+    """The blend weights of `method`. `uniform` and `cv` are closed-form; `greedy` is Caruana's selection on the
+    out-of-fold `submit.decode` distance; `fit` (an SLSQP over every out-of-fold row, the one costly part of 04 after
+    prediction) is kept in `cache` (an npz keyed by `fit_key`), so a rerun that changes only submit.* never fits
+    again, and the options table reuses the fit of the submission.
     """
+    s = cfg.submit
+    if method == "greedy":
+        from lib.decide.ensemble import greedy_weights
+
+        return greedy_weights([m.oof for m in models], models[0].oof_labels, dist, rounds=s.greedy_rounds, bags=s.greedy_bags,
+                              bag_fraction=s.greedy_bag_fraction, seed=cfg.seed, decode_method=s.decode)
+
     def compute() -> dict:
         return {"weights": blend_weights(method, [m.oof for m in models], models[0].oof_labels, dist, [m.cv for m in models],
-                                         cfg.submit.cv_temperature, cfg.submit.fit_objective)}
+                                         s.cv_temperature, s.fit_objective)}
 
     if method != "fit" or cache is None:
         return compute()["weights"]
@@ -108,50 +148,77 @@ def weights_for(method: str, cfg: Config, models: Sequence[ModelProbs], dist: np
     return np.asarray(arrays["weights"], dtype=np.float64)
 
 
+def _fit_cache(cache: Path | None, calibration: str) -> Path | None:
+    """One fit cache per calibration (their out-of-fold inputs differ): blend_fit.npz, blend_fit_temperature.npz."""
+    return None if cache is None or calibration == "none" else cache.with_name(f"{cache.stem}_{calibration}{cache.suffix}")
+
+
+def option_key(model: str, calibration: str) -> str:
+    """The key of an option's test labels: its model (or blend) and its calibration."""
+    return f"{model}|{calibration}"
+
+
+BLENDS = ("uniform", "cv", "fit", "greedy")
+
+
 def compare(cfg: Config, models: Sequence[ModelProbs], tax: Taxonomy, prior: np.ndarray,
             cache: Path | None = None) -> tuple[pd.DataFrame, dict[str, np.ndarray], dict[str, dict[str, np.ndarray]]]:
-    """Every single model and every blend option, scored out of fold; with each option's decoded test labels.
+    """Every single model and every blend, without and with calibration, scored out of fold; with each option's decoded test labels.
 
-    Returns the options table (one row per option: weights, OOF distance per decoding), the blend
-    weights per method, and per option and decoding the test labels, which a report may score
-    where the truth is known (lib.report; nothing here reads it). The `fit` rows are scored on the
-    out-of-fold rows their weights were fitted on, so their OOF score is optimistic. `cache`: see `weights_for`.
+    Returns the options table (one row per option and calibration: weights, temperature, OOF
+    distance per decoding), the blend weights per method (under `submit.calibrate`), and per
+    `option_key` and decoding the test labels, which a report may score where the truth is known
+    (lib.report; nothing here reads it). The `fit` and `greedy` rows, and calibrated rows, are
+    scored on the out-of-fold rows they were fitted on, so their OOF score is optimistic. `cache`: see `weights_for`.
     """
     dist = tax.distance_matrix()
     labels = models[0].oof_labels
-    options: list[tuple[str, np.ndarray]] = [(m.name, np.eye(len(models))[i]) for i, m in enumerate(models)]
-    weights: dict[str, np.ndarray] = {}
-    if len(models) > 1:
-        for method in ("uniform", "cv", "fit"):
-            weights[method] = weights_for(method, cfg, models, dist, cache)
-            options.append((f"blend {method}", weights[method]))
     rows: list[dict[str, Any]] = []
     test_labels: dict[str, dict[str, np.ndarray]] = {}
-    for name, w in options:
-        oof, test = blend([m.oof for m in models], w), blend([m.test for m in models], w)
-        row: dict[str, Any] = {"model": name, "weights": " ".join(f"{x:.2f}" for x in w)}
-        test_labels[name] = {}
-        for method in ("argmax", "min_risk"):
-            row[f"oof_{method}"] = score_labels(labels, apply_decoding(cfg, oof, tax, prior, dist, method), dist)
-            test_labels[name][method] = apply_decoding(cfg, test, tax, prior, dist, method)
-        rows.append(row)
-    return pd.DataFrame(rows), weights, test_labels
+    submitted: dict[str, np.ndarray] = {}
+    for calibration in CALIBRATIONS:
+        ms = calibrate_models(cfg, models, dist, calibration)
+        options: list[tuple[str, np.ndarray]] = [(m.name, np.eye(len(ms))[i]) for i, m in enumerate(ms)]
+        if len(ms) > 1:
+            for method in BLENDS:
+                w = weights_for(method, cfg, ms, dist, _fit_cache(cache, calibration))
+                options.append((f"blend {method}", w))
+                if calibration == cfg.submit.calibrate:
+                    submitted[method] = w
+        for name, w in options:
+            oof, test, t = blended(cfg, ms, w, dist, calibration)
+            if np.count_nonzero(w) == 1:
+                t = ms[int(np.flatnonzero(w)[0])].temperature
+            row: dict[str, Any] = {"model": name, "calibration": calibration, "temperature": round(t, 4),
+                                   "weights": " ".join(f"{x:.2f}" for x in w)}
+            key = option_key(name, calibration)
+            test_labels[key] = {}
+            for method in ("argmax", "min_risk"):
+                row[f"oof_{method}"] = score_labels(labels, apply_decoding(cfg, oof, tax, prior, dist, method), dist)
+                test_labels[key][method] = apply_decoding(cfg, test, tax, prior, dist, method)
+            rows.append(row)
+    return pd.DataFrame(rows), submitted, test_labels
 
 
 @dataclass(frozen=True)
 class Blended:
-    """The submission's blend: one weight per model (in `submit.models` order) and the decoded test labels."""
+    """The submission's blend: one weight per model (in `submit.models` order), the decoded test labels, the temperatures."""
 
     weights: np.ndarray
     labels: np.ndarray  # one concept label per test row of the models
+    temperatures: tuple[float, ...] = ()  # per model (all 1 without calibration)
+    blend_temperature: float = 1.0
 
 
 def blend_models(cfg: Config, models: Sequence[ModelProbs], tax: Taxonomy, train_counts: np.ndarray, cache: Path | None = None) -> Blended:
-    """`submit.blend` weights (one model: weight 1), then logit adjustment and `submit.decode` on the blended test probabilities."""
+    """`submit.calibrate`, `submit.blend` weights (one model: weight 1), then logit adjustment and `submit.decode` on the blended test probabilities."""
     dist = tax.distance_matrix()
-    weights = weights_for(cfg.submit.blend, cfg, models, dist, cache) if len(models) > 1 else np.ones(1)
+    calibration = cfg.submit.calibrate
+    ms = calibrate_models(cfg, models, dist, calibration)
+    weights = weights_for(cfg.submit.blend, cfg, ms, dist, _fit_cache(cache, calibration)) if len(ms) > 1 else np.ones(1)
+    _, test, t = blended(cfg, ms, weights, dist, calibration)
     prior = train_counts / train_counts.sum()
-    return Blended(weights, apply_decoding(cfg, blend([m.test for m in models], weights), tax, prior, dist))
+    return Blended(weights, apply_decoding(cfg, test, tax, prior, dist), tuple(m.temperature for m in ms), t)
 
 
 @dataclass(frozen=True)
@@ -160,11 +227,12 @@ class Options:
 
     table: pd.DataFrame
     test_labels: dict[str, dict[str, np.ndarray]]
-    oof_distance: float  # the submitted option (the single model, or `blend <submit.blend>`) under `submit.decode`
+    oof_distance: float  # the submitted option (the single model, or `blend <submit.blend>`, under `submit.calibrate`) under `submit.decode`
 
 
 def blend_options(cfg: Config, models: Sequence[ModelProbs], tax: Taxonomy, train_counts: np.ndarray, cache: Path | None = None) -> Options:
     """The options table of report.md and options.csv, with the submitted option's out-of-fold distance."""
     table, _, test_labels = compare(cfg, models, tax, train_counts / train_counts.sum(), cache)
-    chosen = table.iloc[-1] if len(models) == 1 else table[table["model"] == f"blend {cfg.submit.blend}"].iloc[0]
+    mine = table[table["calibration"] == cfg.submit.calibrate]
+    chosen = mine.iloc[0] if len(models) == 1 else mine[mine["model"] == f"blend {cfg.submit.blend}"].iloc[0]
     return Options(table, test_labels, float(chosen[f"oof_{cfg.submit.decode}"]))

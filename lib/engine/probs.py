@@ -1,7 +1,8 @@
 """04's per-model probabilities: each `submit.models` entry's out-of-fold and test probabilities.
 
 The test probabilities (every fold model with TTA, the costly part of 04) are cached per model in
-`probs/<model>.npz`, keyed by what they depend on (the model's training stage, TTA, the test ROIs),
+`probs/<model>.npz` (`probs/<exp>__<model>.npz` for another experiment's), keyed by what they
+depend on (the model's training record, its TTA and precision, the test ROIs),
 so changing only submit.* (blend, decoding) reuses them and reruns in seconds. Phase 1's come
 from 02's test_probs.npz when 02 is current (same folds, same TTA).
 """
@@ -10,15 +11,16 @@ from __future__ import annotations
 import logging
 
 import numpy as np
-import pandas as pd
 
 from lib.config import Config
 from lib.core import graph as pipeline
 from lib.core.graph import ModelRef
 from lib.core.io import cached_npz, load_npz
 from lib.core.records import Stage
+from lib.data.artifacts import Prepared
 from lib.data.taxonomy import Taxonomy
 from lib.decide.blending import ModelProbs, check_aligned, load_oof
+from lib.engine.members import Member, load_members
 
 log = logging.getLogger("pipeline")
 
@@ -29,17 +31,23 @@ def _from_02(cfg: Config, stage: Stage, ids: np.ndarray) -> np.ndarray | None:
     if reuse.is_file() and not pipeline.stage(cfg, "02_pseudo").reasons():
         pipeline.check_vouched(reuse)
         z = load_npz(reuse, "delete it and rerun 02_pseudo_label.py")
-        if np.array_equal(z["annotation_id"], ids):
+        names = [str(n) for n in z["member_names"]] if "member_names" in z else ["phase1"]
+        if np.array_equal(z["annotation_id"], ids) and "phase1" in names:
             log.info("%s: phase1 test probabilities taken from 02_pseudo", stage.name)
-            return z["probs"]
+            probs = z["probs"]
+            return probs[z["member_of"] == names.index("phase1")] if "member_of" in z else probs
     return None
 
 
-def model_probs(cfg: Config, stage: Stage, ref: ModelRef, test: pd.DataFrame, tax: Taxonomy) -> ModelProbs:
-    """One model's out-of-fold probabilities and test probabilities (from probs/<name>.npz, or computed once and stored)."""
-    folds = ref.folds(cfg)
-    ids = test["annotation_id"].to_numpy()
-    key = f"{stage.fingerprint['inputs'][ref.stage]}|{ref.name}|{cfg.tta.views}|{cfg.tta.mode}|{cfg.train.precision}|{ids.tolist()}"
+def model_probs(cfg: Config, stage: Stage, member: Member, tax: Taxonomy) -> ModelProbs:
+    """One member's out-of-fold probabilities and test probabilities (from probs/<name>.npz, or computed once and stored).
+
+    A member of another experiment predicts with the config it was trained with (backbone, image
+    size, context views, TTA, precision) on its own crops of the test ROIs.
+    """
+    ref, mcfg = ModelRef.parse(member.name), member.cfg
+    ids = member.test["annotation_id"].to_numpy()
+    key = f"{stage.fingerprint['inputs'][ref.key]}|{ref.name}|{mcfg.tta.views}|{mcfg.tta.mode}|{mcfg.train.precision}|{ids.tolist()}"
 
     def compute() -> dict:
         probs = _from_02(cfg, stage, ids) if ref.name == "phase1" else None
@@ -48,21 +56,22 @@ def model_probs(cfg: Config, stage: Stage, ref: ModelRef, test: pd.DataFrame, ta
             from lib.engine.inference import predict_folds_tta
             from lib.model.device import pick_device
 
-            probs = predict_folds_tta(folds, model_inputs(test, cfg.model.context), cfg, tax, pick_device(cfg.train.device),
-                                      features=False)["probs"]
+            probs = predict_folds_tta(member.folds, model_inputs(member.test, mcfg.model.context), mcfg, tax,
+                                      pick_device(cfg.train.device), features=False)["probs"]
         return {"annotation_id": ids, "probs": probs}
 
-    arrays, hit = cached_npz(stage.dir / "probs" / f"{ref.name}.npz", key, compute)
-    log.info("%s: %s test probabilities %s", stage.name, ref.name, "from cache" if hit else f"stored in probs/{ref.name}.npz")
-    for d in folds:  # the out-of-fold rows of the very models predicted above
+    arrays, hit = cached_npz(stage.dir / "probs" / f"{ref.file_stem}.npz", key, compute)
+    log.info("%s: %s test probabilities %s", stage.name, ref.name, "from cache" if hit else f"stored in probs/{ref.file_stem}.npz")
+    for d in member.folds:  # the out-of-fold rows of the very models predicted above
         pipeline.check_vouched(d / "oof.npz")
-    oof_ids, oof_labels, oof = load_oof(folds)
+    oof_ids, oof_labels, oof = load_oof(member.folds)
     record = ref.result(cfg)  # for round<r>, that round's own CV (03's per_round)
     return ModelProbs(ref.name, float(record.get("cv_distance", float("nan"))), oof_ids, oof_labels, oof, arrays["probs"].mean(0), record)
 
 
-def load_models(cfg: Config, stage: Stage, test: pd.DataFrame, tax: Taxonomy) -> list[ModelProbs]:
-    """Every `submit.models` entry, in order, checked to share the same out-of-fold rows."""
-    models = [model_probs(cfg, stage, ModelRef.parse(name), test, tax) for name in cfg.submit.models]
+def load_models(cfg: Config, stage: Stage, prep: Prepared) -> list[ModelProbs]:
+    """Every `submit.models` entry, in order, checked to share the same folds (other experiments' too) and out-of-fold rows."""
+    members = load_members(cfg, cfg.submit.models, prep)
+    models = [model_probs(cfg, stage, m, prep.taxonomy) for m in members]
     check_aligned(models)
     return models

@@ -1,7 +1,7 @@
 """03's self-training: rounds 1..R of k-fold retraining on train + pseudo-labels (phase 2).
 
 Round 1 trains on 02's pseudo-labels in 03's own folder; round r > 1 first labels the test ROIs
-with round r-1's fold ensemble (`round_<r>/pseudo/`, as 02 does) and trains in `round_<r>/`.
+with round r-1's fold ensemble (and the other experiments' members of pseudo.members) (`round_<r>/pseudo/`, as 02 does) and trains in `round_<r>/`.
 Each round and each fold decides for itself (lib.core.graph.round_stage), so raising
 `pseudo.rounds` trains only the new rounds, and a `--fold K` run trains fold K of every round.
 Pseudo-labelled rows only ever join training folds, never validation (lib.engine.train.fold_splits).
@@ -24,6 +24,7 @@ from lib.core.cli import check
 from lib.core.records import Stage
 from lib.data.artifacts import Prepared
 from lib.engine.results import RoundResult, SelfTraining
+from lib.engine.members import Member, load_members
 from lib.engine.rounds import run_round
 from lib.engine.train import cv_summary, run_folds
 from lib.model import dist as ddp
@@ -55,8 +56,10 @@ def round_pseudo_labels(cfg: Config, stage: Stage, r: int, n_folds: int, prep: P
             t0 = time.time()
             ps.invalidate()
             prev = pipeline.round_stage(stage, r - 1).dir
-            res = run_round(cfg, [prev / f"fold_{k}" for k in range(n_folds)], prep.test, prep.taxonomy, ps.dir,
-                            pick_device(cfg.train.device), f"{stage.name} round {r}")
+            own = Member(f"round{r - 1}", cfg, [prev / f"fold_{k}" for k in range(n_folds)], prep.test)
+            others = load_members(cfg, [m for m in cfg.pseudo.members if "/" in m], prep)  # other experiments label every round
+            res = run_round(cfg, [own, *others], prep.test, prep.taxonomy, ps.dir, pick_device(cfg.train.device),
+                            f"{stage.name} round {r}")
             ps.finish(res, t0)
         ddp.barrier()  # the other ranks read rank 0's pseudo-labels
     elif dry_run and (force or ps.reasons()):

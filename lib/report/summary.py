@@ -20,6 +20,7 @@ import pandas as pd
 from lib.config import Config, load_config
 from lib.core.errors import UserError
 from lib.core.records import read_record
+from lib.decide.blending import option_key
 from lib.decide.metric import score_labels
 from lib.report.truth import Truth, find_truth
 
@@ -34,20 +35,32 @@ def score_options(cfg: Config, options: pd.DataFrame, test_labels: dict[str, dic
     out = options.copy()
     rows = known >= 0
     for method in ("argmax", "min_risk"):
-        out[f"test_{method}"] = [score_labels(known[rows], test_labels[m][method][rows], dist) for m in out["model"]]
+        out[f"test_{method}"] = [score_labels(known[rows], test_labels[option_key(m, c)][method][rows], dist)
+                                 for m, c in zip(out["model"], out["calibration"])]
     return out, truth
 
 
-def submit_report(cfg: Config, records: dict[str, dict], weights: dict[str, float], options: pd.DataFrame, sub: pd.DataFrame,
-                  fell_back: list[int], truth: Truth | None = None) -> str:
-    """04's report.md: the models and their weights, every blend and decoding option, the predicted classes."""
+def submit_report(cfg: Config, members: list[dict], options: pd.DataFrame, sub: pd.DataFrame, fell_back: list[int],
+                  truth: Truth | None = None, corr: np.ndarray | None = None, blend_temperature: float = 1.0) -> str:
+    """04's report.md: the members (origin, CV, temperature, ECE, weight), their error correlation, every blend, calibration
+    and decoding option, the predicted classes."""
     s = cfg.submit
-    lines = [f"# Submission report: {cfg.exp}", "", "## Models", "", "| model | CV distance | CV top-1 | test-like CV | weight |",
-             "|---|---|---|---|---|"]
-    for m, r in records.items():
-        lines.append(f"| {m} | {r.get('cv_distance', float('nan')):.4f} | {r.get('cv_top1', float('nan')):.3f} | "
-                     f"{r.get('cv_distance_testlike', float('nan')):.4f} | {weights.get(m, float('nan')):.3f} |")
+    lines = [f"# Submission report: {cfg.exp}", "", "## Members", "",
+             "Temperature: fitted on the member's out-of-fold rows to the `" + s.calibrate_objective + "` objective (applied only "
+             "under `submit.calibrate: temperature`); ECE: expected calibration error of its out-of-fold probabilities (15 bins).", "",
+             "| member | origin | CV distance | CV top-1 | test-like CV | temperature | ECE before | ECE after | weight |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for r in members:
+        lines.append(f"| {r['member']} | {r['origin']} | {r['cv_distance']:.4f} | {r['cv_top1']:.3f} | {r['cv_distance_testlike']:.4f} | "
+                     f"{r['temperature']:.3f} | {r['ece_before']:.4f} | {r['ece_after']:.4f} | {r['weight']:.3f} |")
+    if corr is not None and len(members) > 1:
+        names = [r["member"] for r in members]
+        lines += ["", f"Correlation of the members' out-of-fold errors (`{s.decode}` distance per row; lower means more "
+                      "diverse; error_correlation.png):", "", "| | " + " | ".join(names) + " |", "|---|" + "---|" * len(names)]
+        lines += [f"| {n} | " + " | ".join(f"{v:.2f}" for v in row) + " |" for n, row in zip(names, corr)]
     post = []
+    if s.calibrate != "none":
+        post.append(f"{s.calibrate} calibration ({s.calibrate_objective}; blend temperature {blend_temperature:.3f})")
     if s.logit_tau > 0:
         post.append(f"logit adjustment tau {s.logit_tau:g}")
     if s.backoff_rank:
@@ -55,34 +68,74 @@ def submit_report(cfg: Config, records: dict[str, dict], weights: dict[str, floa
     lines += ["", f"Submitted: `{s.blend}` blend, `{s.decode}` decoding" + (f", {', '.join(post)}" if post else "") + ".",
               f"Rows: {len(sub)}; answered by the train prior (no usable crop): {len(fell_back)}.", "",
               "## Options (distance, lower is better)", "",
-              "Out-of-fold (OOF) scores are over the train ROIs; `blend fit` is scored on the rows it was fitted on, so its OOF "
-              "score is optimistic." + (f" Test columns: {truth.note} (for this report only; it decides nothing)." if truth is not None else ""),
-              ""]
+              "Out-of-fold (OOF) scores are over the train ROIs; `blend fit`, `blend greedy` and every calibrated row are scored "
+              "on the rows they were fitted on, so their OOF score is optimistic." +
+              (f" Test columns: {truth.note} (for this report only; it decides nothing)." if truth is not None else ""), ""]
     cols = [c for c in ("oof_argmax", "oof_min_risk", "test_argmax", "test_min_risk") if c in options]
-    lines += ["| model | weights | " + " | ".join(cols) + " |", "|---|---|" + "---|" * len(cols)]
+    lines += ["| model | calibration | temperature | weights | " + " | ".join(cols) + " |", "|---|---|---|---|" + "---|" * len(cols)]
     for _, r in options.iterrows():
-        lines.append(f"| {r['model']} | {r['weights']} | " + " | ".join(f"{r[c]:.4f}" for c in cols) + " |")
+        lines.append(f"| {r['model']} | {r['calibration']} | {r['temperature']:.3f} | {r['weights']} | "
+                     + " | ".join(f"{r[c]:.4f}" for c in cols) + " |")
     lines += ["", "## Predicted class distribution (top 15)", "", "| concept | rows |", "|---|---|"]
     for name, n in sub["concept_name"].value_counts().head(15).items():
         lines.append(f"| {name} | {n} |")
     return "\n".join(lines) + "\n"
 
 
-def write_submit_report(cfg: Config, folder: Path, models: Sequence, weights: np.ndarray, options, sub, test_ids: np.ndarray,
-                        taxonomy) -> None:
-    """04's options.csv (with test columns where a truth is known) and report.md.
+def write_submit_report(cfg: Config, folder: Path, models: Sequence, chosen, options, sub, test_ids: np.ndarray, taxonomy) -> None:
+    """04's options.csv (with test columns where a truth is known), report.md and, for two or more models, error_correlation.png.
 
-    `models`: lib.decide.blending.ModelProbs in `submit.models` order, blended with `weights`;
-    `options`: lib.decide.blending.Options; `sub`: lib.decide.submission.SubmissionResult.
+    `models`: lib.decide.blending.ModelProbs in `submit.models` order (uncalibrated); `chosen`: the
+    submitted lib.decide.blending.Blended; `options`: lib.decide.blending.Options; `sub`:
+    lib.decide.submission.SubmissionResult.
     """
     from lib.core.io import atomic_path, atomic_write_text
+    from lib.report.plots import plot_matrix
 
-    table, truth = score_options(cfg, options.table, options.test_labels, test_ids, taxonomy.names, taxonomy.distance_matrix())
+    dist = taxonomy.distance_matrix()
+    table, truth = score_options(cfg, options.table, options.test_labels, test_ids, taxonomy.names, dist)
     with atomic_path(folder / "options.csv") as tmp:
         table.to_csv(tmp, index=False)
-    records = {m.name: m.record for m in models}
-    report = submit_report(cfg, records, dict(zip(cfg.submit.models, weights.tolist())), table, sub.frame, sub.fell_back, truth)
+    members = member_rows(cfg, models, chosen, table)
+    corr = error_correlation(models, dist, cfg.submit.decode)
+    if len(models) > 1:
+        plot_matrix(corr, [m.name for m in models], folder / "error_correlation.png",
+                    f"correlation of out-of-fold {cfg.submit.decode} errors (distance per row)")
+    report = submit_report(cfg, members, table, sub.frame, sub.fell_back, truth, corr, chosen.blend_temperature)
     atomic_write_text(folder / "report.md", report)
+
+
+def member_rows(cfg: Config, models: Sequence, chosen, table: pd.DataFrame) -> list[dict]:
+    """One row per member: origin, CV figures, its calibration temperature, ECE out of fold before and after, its weight."""
+    from lib.core.graph import ModelRef, stage_dir
+    from lib.decide.calibration import apply_temperature, expected_calibration_error
+
+    rows = []
+    for i, m in enumerate(models):
+        ref = ModelRef.parse(m.name)
+        fitted = table[(table["model"] == m.name) & (table["calibration"] == "temperature")]["temperature"]
+        t = float(fitted.iloc[0]) if len(fitted) else 1.0
+        origin = f"experiment {ref.exp} ({stage_dir(cfg, ref.key)})" if ref.exp else f"this experiment ({ref.stage})"
+        rows.append({"member": m.name, "origin": origin, **{k: m.record.get(k, float("nan")) for k in
+                                                            ("cv_distance", "cv_top1", "cv_distance_testlike")},
+                     "temperature": t, "ece_before": expected_calibration_error(m.oof, m.oof_labels),
+                     "ece_after": expected_calibration_error(apply_temperature(m.oof, t), m.oof_labels),
+                     "weight": float(chosen.weights[i])})
+    return rows
+
+
+def error_correlation(models: Sequence, dist: np.ndarray, method: str) -> np.ndarray:
+    """Pairwise Pearson correlation of the members' out-of-fold errors (each row's distance under `method`); diversity
+    shows as low values. A member with constant errors correlates 0 with the others."""
+    from lib.decide.ensemble import decode
+
+    errs = np.stack([dist[m.oof_labels, decode(m.oof, dist, method)] for m in models]).astype(np.float64)
+    errs -= errs.mean(1, keepdims=True)
+    norm = np.linalg.norm(errs, axis=1)
+    safe = np.where(norm > 0, norm, 1.0)
+    corr = (errs @ errs.T) / np.outer(safe, safe)
+    np.fill_diagonal(corr, 1.0)
+    return corr
 
 
 def test_score(cfg: Config, submission: Path) -> float | None:
