@@ -94,6 +94,10 @@ def test_blend_weights_greedy_and_errors():
         greedy_weights([X, Y], LABELS5, ZERO_ONE, decode_method="mode")
     with pytest.raises(ValueError, match="one label per row"):
         greedy_weights([X, Y], LABELS4, ZERO_ONE)
+    with pytest.raises(ValueError, match="differ in shape"):
+        greedy_weights([X, Y[:4]], LABELS5, ZERO_ONE)
+    with pytest.raises(ValueError, match=r"integers in \[0, 2\)"):
+        greedy_weights([X, Y], LABELS5 + 2, ZERO_ONE)
     with pytest.raises(ValueError, match="bag fraction"):
         greedy_weights([X, Y], LABELS5, ZERO_ONE, bags=2, bag_fraction=0.0)
     with pytest.raises(ValueError, match="non-negative"):

@@ -197,10 +197,13 @@ def greedy_weights(oof_probs: Sequence[np.ndarray], labels: np.ndarray, dist: np
     repeats the selection on random subsets of round(bag_fraction * M) members (rng `seed`) and
     sums the counts, which damps a member that wins by chance. Ties go to the lowest index.
     """
-    stack = np.stack([np.asarray(p, dtype=np.float64) for p in oof_probs]) if len(oof_probs) else np.empty((0, 0, 0))
-    m = len(stack)
-    if m == 0:
+    if len(oof_probs) == 0:
         raise ValueError("Greedy selection needs at least one model's out-of-fold probabilities; pass oof_probs.")
+    shapes = {np.shape(p) for p in oof_probs}
+    if len(shapes) > 1:
+        raise ValueError(f"Out-of-fold probabilities differ in shape ({', '.join(map(str, sorted(shapes)))}); pass the same rows and classes.")
+    stack = np.stack([np.asarray(p, dtype=np.float64) for p in oof_probs])
+    m = len(stack)
     if stack.ndim != 3:
         raise ValueError(f"Greedy selection needs (rows, classes) probabilities per model, got {stack.shape[1:]}; pass 2-D arrays.")
     labels = np.asarray(labels)
@@ -210,6 +213,8 @@ def greedy_weights(oof_probs: Sequence[np.ndarray], labels: np.ndarray, dist: np
         raise ValueError(f"Greedy selection got {n} probability rows but labels of shape {labels.shape}; pass one label per row.")
     if d.shape != (c, c):
         raise ValueError(f"The distance matrix has shape {d.shape} but the probabilities have {c} classes; pass the (C, C) matrix.")
+    if not np.issubdtype(labels.dtype, np.integer) or (n and (labels.min() < 0 or labels.max() >= c)):
+        raise ValueError(f"Greedy selection labels must be integers in [0, {c}); pass the rows' class indices.")
     if rounds < 0 or bags < 0:
         raise ValueError(f"Greedy selection needs rounds >= 0 and bags >= 0, got rounds={rounds}, bags={bags}; pass non-negative counts.")
     if not 0 < bag_fraction <= 1:
