@@ -5,7 +5,8 @@ rather than the most probable one: under taxonomic scoring a confident genus-lev
 beats a coin-flip between two species.
 
 Blend weights (`blend_weights`): `uniform`; `cv`, a softmax of the models' CV distances; `fit`,
-weights on the simplex fitted to out-of-fold probabilities. Before decoding, `logit_adjust`
+weights on the simplex fitted to out-of-fold probabilities; `greedy`, Caruana's forward selection
+with replacement on the decoded out-of-fold distance. Before decoding, `logit_adjust`
 removes the train prior (long-tail correction) and `backoff_decode` answers uncertain rows at a
 coarse rank only.
 """
@@ -156,10 +157,91 @@ def fit_weights(oof_probs: Sequence[np.ndarray], labels: np.ndarray, dist: np.nd
     return best_w
 
 
+def _selection_counts(scores: np.ndarray, truth_rows: np.ndarray, members: np.ndarray, rounds: int) -> np.ndarray:
+    """Selection counts over all M members of one forward selection among `members` (sorted indices).
+
+    `scores[m]` is member m's (N, C) array whose row argmin is its decision; a blend's is the sum
+    over its selected members (risk and probability are linear in the weights, and scaling by the
+    count total moves no argmin), so a candidate costs one addition, not a matmul.
+    """
+    rows = np.arange(truth_rows.shape[0])
+
+    def distance(s: np.ndarray) -> float:
+        return float(truth_rows[rows, s.argmin(1)].mean())
+
+    counts = np.zeros(len(scores), dtype=np.int64)
+    first = [distance(scores[m]) for m in members]
+    best = int(members[int(np.argmin(first))])  # argmin: the lowest index among ties
+    counts[best], current, total = 1, min(first), scores[best].copy()
+    for _ in range(rounds):
+        trial = [distance(total + scores[m]) for m in members]
+        k = int(np.argmin(trial))
+        if not trial[k] < current - 1e-12:  # stop when no addition strictly lowers the distance
+            break
+        m = int(members[k])
+        counts[m] += 1
+        current = trial[k]
+        total += scores[m]
+    return counts
+
+
+def greedy_weights(oof_probs: Sequence[np.ndarray], labels: np.ndarray, dist: np.ndarray, rounds: int = 20, bags: int = 0,
+                   bag_fraction: float = 0.5, seed: int = 0, decode_method: str = "min_risk") -> np.ndarray:
+    """Ensemble selection (Caruana et al. 2004): greedy forward selection with replacement on out-of-fold rows.
+
+    Starts from the member of least decoded distance (`decode_method`, scored by D[y, answer]),
+    then adds, up to `rounds` times, the member (possibly again) whose addition lowers the blend's
+    decoded distance most, stopping early when none lowers it strictly; weights are the selection
+    counts over their total. It optimises the competition's score itself rather than a
+    surrogate, and the counts act as a regulariser against over-fitting many weights. `bags` > 0
+    repeats the selection on random subsets of round(bag_fraction * M) members (rng `seed`) and
+    sums the counts, which damps a member that wins by chance. Ties go to the lowest index.
+    """
+    if len(oof_probs) == 0:
+        raise ValueError("Greedy selection needs at least one model's out-of-fold probabilities; pass oof_probs.")
+    shapes = {np.shape(p) for p in oof_probs}
+    if len(shapes) > 1:
+        raise ValueError(f"Out-of-fold probabilities differ in shape ({', '.join(map(str, sorted(shapes)))}); pass the same rows and classes.")
+    stack = np.stack([np.asarray(p, dtype=np.float64) for p in oof_probs])
+    m = len(stack)
+    if stack.ndim != 3:
+        raise ValueError(f"Greedy selection needs (rows, classes) probabilities per model, got {stack.shape[1:]}; pass 2-D arrays.")
+    labels = np.asarray(labels)
+    d = np.asarray(dist, dtype=np.float64)
+    n, c = stack.shape[1:]
+    if labels.shape != (n,):
+        raise ValueError(f"Greedy selection got {n} probability rows but labels of shape {labels.shape}; pass one label per row.")
+    if d.shape != (c, c):
+        raise ValueError(f"The distance matrix has shape {d.shape} but the probabilities have {c} classes; pass the (C, C) matrix.")
+    if not np.issubdtype(labels.dtype, np.integer) or (n and (labels.min() < 0 or labels.max() >= c)):
+        raise ValueError(f"Greedy selection labels must be integers in [0, {c}); pass the rows' class indices.")
+    if rounds < 0 or bags < 0:
+        raise ValueError(f"Greedy selection needs rounds >= 0 and bags >= 0, got rounds={rounds}, bags={bags}; pass non-negative counts.")
+    if not 0 < bag_fraction <= 1:
+        raise ValueError(f"The greedy bag fraction must lie in (0, 1], got {bag_fraction}; pass a fraction of the models.")
+    if decode_method == "min_risk":
+        scores = stack @ d  # (M, N, C): each member's risk, computed once
+    elif decode_method == "argmax":
+        scores = -stack
+    else:
+        raise ValueError(f"Unknown decoding '{decode_method}' for greedy selection; choose argmax or min_risk.")
+    truth_rows = d[labels]
+    if bags == 0:
+        counts = _selection_counts(scores, truth_rows, np.arange(m), rounds)
+    else:
+        rng = np.random.default_rng(seed)
+        size = max(1, int(round(bag_fraction * m)))
+        counts = np.zeros(m, dtype=np.int64)
+        for _ in range(bags):
+            counts += _selection_counts(scores, truth_rows, np.sort(rng.choice(m, size=size, replace=False)), rounds)
+    return counts / counts.sum()
+
+
 def blend_weights(method: str, oof_probs: Sequence[np.ndarray] | None = None, labels: np.ndarray | None = None,
                   dist: np.ndarray | None = None, cv_scores: Sequence[float] | None = None, temperature: float = 0.1,
-                  objective: str = "distance") -> np.ndarray:
-    """The blend's weights (non-negative, summing to one) by `uniform`, `cv` or `fit`."""
+                  objective: str = "distance", *, rounds: int = 20, bags: int = 0, bag_fraction: float = 0.5, seed: int = 0,
+                  decode_method: str = "min_risk") -> np.ndarray:
+    """The blend's weights (non-negative, summing to one) by `uniform`, `cv`, `fit` or `greedy` (`greedy_weights`'s keywords)."""
     if method == "uniform":
         n = len(oof_probs) if oof_probs is not None else len(cv_scores) if cv_scores is not None else 0
         if n == 0:
@@ -173,7 +255,11 @@ def blend_weights(method: str, oof_probs: Sequence[np.ndarray] | None = None, la
         if not oof_probs or labels is None:
             raise ValueError("The fit blend needs out-of-fold probabilities and their labels; pass oof_probs and labels.")
         return fit_weights(oof_probs, labels, dist, objective)
-    raise ValueError(f"Unknown blend method '{method}'; choose uniform, cv or fit.")
+    if method == "greedy":
+        if not oof_probs or labels is None or dist is None:
+            raise ValueError("The greedy blend needs out-of-fold probabilities, labels and the distance matrix; pass oof_probs, labels and dist.")
+        return greedy_weights(oof_probs, labels, dist, rounds, bags, bag_fraction, seed, decode_method)
+    raise ValueError(f"Unknown blend method '{method}'; choose uniform, cv, fit or greedy.")
 
 
 # ----------------------------------------------------------------------------- adjustments before decoding
