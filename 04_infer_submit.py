@@ -44,8 +44,9 @@ def run(args: argparse.Namespace, cfg: Config) -> int:
     write_submit_report(cfg, stage.dir, models, blended, options, sub, ids, tax)
     s = cfg.submit
     result = {"rows": sub.rows, "fallbacks": len(sub.fell_back), "models": list(s.models), "weights": blended.weights.round(4).tolist(),
-              "blend": s.blend, "decode": s.decode, "calibrate": s.calibrate,
-              "temperatures": [round(t, 4) for t in blended.temperatures], "blend_temperature": round(blended.blend_temperature, 4), f"oof_distance_{s.decode}": options.oof_distance, "submission": str(stage.dir / "submission.csv")}
+              "blend": s.blend, "decode": s.decode, "calibrate": s.calibrate, "temperatures": [round(t, 4) for t in blended.temperatures],
+              "blend_temperature": round(blended.blend_temperature, 4), f"oof_distance_{s.decode}": options.oof_distance,
+              "submission": str(stage.dir / "submission.csv")}
     stage.finish(result, started)
     log.info("%s: %s blend (weights %s), %s decoding, OOF distance %.4f; wrote %s (%d rows, %d answered by the prior)", NAME,
              s.blend, result["weights"], s.decode, options.oof_distance, stage.dir / "submission.csv", sub.rows, len(sub.fell_back))

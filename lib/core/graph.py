@@ -11,8 +11,8 @@ files a killed run left behind.
 from __future__ import annotations
 
 import difflib
-import logging
 import functools
+import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path

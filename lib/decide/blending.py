@@ -211,7 +211,8 @@ class Blended:
 
 
 def blend_models(cfg: Config, models: Sequence[ModelProbs], tax: Taxonomy, train_counts: np.ndarray, cache: Path | None = None) -> Blended:
-    """`submit.calibrate`, `submit.blend` weights (one model: weight 1), then logit adjustment and `submit.decode` on the blended test probabilities."""
+    """`submit.calibrate`, `submit.blend` weights (one model: weight 1), then logit adjustment and `submit.decode` on the
+    blended test probabilities."""
     dist = tax.distance_matrix()
     calibration = cfg.submit.calibrate
     ms = calibrate_models(cfg, models, dist, calibration)

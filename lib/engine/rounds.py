@@ -26,7 +26,6 @@ import pandas as pd
 from lib.config import Config
 from lib.core.io import atomic_path, atomic_write_text
 from lib.data.taxonomy import Taxonomy
-from lib.engine.members import Member
 from lib.decide.pseudo import (
     combine_sources,
     format_summary,
@@ -36,6 +35,7 @@ from lib.decide.pseudo import (
     select_vote,
     summarize,
 )
+from lib.engine.members import Member
 
 log = logging.getLogger("pipeline")
 
@@ -76,9 +76,12 @@ def select(cfg: Config, ids: np.ndarray, arrays: dict[str, np.ndarray], n_classe
 
 def member_temperature(member: Member) -> float:
     """A log-loss temperature fitted on the member's out-of-fold rows (never on test rows)."""
+    from lib.core.graph import check_vouched
     from lib.decide.blending import load_oof
     from lib.decide.calibration import fit_temperature
 
+    for d in member.folds:
+        check_vouched(d / "oof.npz")
     _, labels, oof = load_oof(member.folds)
     return fit_temperature(oof, labels, "logloss")
 

@@ -23,8 +23,8 @@ from lib.core import graph as pipeline
 from lib.core.cli import check
 from lib.core.records import Stage
 from lib.data.artifacts import Prepared
-from lib.engine.results import RoundResult, SelfTraining
 from lib.engine.members import Member, load_members
+from lib.engine.results import RoundResult, SelfTraining
 from lib.engine.rounds import run_round
 from lib.engine.train import cv_summary, run_folds
 from lib.model import dist as ddp
