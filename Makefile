@@ -8,7 +8,7 @@ ARGS   ?=
 export NO_ALBUMENTATIONS_UPDATE := 1
 export PYTHONUNBUFFERED := 1
 
-.PHONY: venv demo test test-fast lint stages doctor submit bench clean-demo ablate ablate-quick
+.PHONY: venv demo test test-fast lint stages ensemble doctor submit bench clean-demo ablate ablate-quick
 
 # The venv is (re)built only when requirements.txt or constraints.txt change; the stamp makes it idempotent.
 # constraints.txt holds the versions the tests last passed with (torch left to the machine).
@@ -33,6 +33,11 @@ stages: venv
 	@$(PY) 04_infer_submit.py --config $(CONFIG) $(ARGS)
 	@$(PY) knn_baseline.py    --config $(CONFIG) $(ARGS)
 	@$(PY) -m lib.report      --config $(CONFIG) $(ARGS)
+
+# An ensemble config's member experiments (ensemble.recipes: the stages each member needs), then its own 00 and 04
+# (e.g. make ensemble CONFIG=configs/demo_ensemble.yaml; ARGS=--dry-run says what would run).
+ensemble: venv
+	@$(PY) scripts/ensemble.py --config $(CONFIG) $(ARGS)
 
 # Upload output/<exp>/04_submit/submission.csv with the kaggle CLI after checking it again (lib/kaggle/submit.py);
 # ARGS=--dry-run prints the command, ARGS="--competition SLUG --message TEXT" as needed.

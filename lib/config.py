@@ -354,6 +354,14 @@ class KnnCfg:
 
 
 @dataclass
+class EnsembleCfg:
+    """`make ensemble` (scripts/ensemble.py): the config files of the member experiments this one blends, each trained
+    (the stages its members need) before this experiment's own stages. Read by no stage: it decides no rerun."""
+
+    recipes: list[str] = field(default_factory=list)
+
+
+@dataclass
 class Config:
     """The whole experiment. `output_root/exp` holds every stage's folder."""
 
@@ -373,6 +381,7 @@ class Config:
     submit: SubmitCfg = field(default_factory=SubmitCfg)
     tta: TtaCfg = field(default_factory=TtaCfg)
     knn: KnnCfg = field(default_factory=KnnCfg)
+    ensemble: EnsembleCfg = field(default_factory=EnsembleCfg)
 
     @property
     def out_root(self) -> Path:
@@ -509,23 +518,36 @@ def parse_override(text: str) -> dict:
     return out
 
 
+def _read_yaml(path: str | Path, chain: tuple[Path, ...] = ()) -> dict:
+    """A config file's settings, on top of those of the file its `base:` names (relative to the project root or to the
+    file), recursively: a member recipe states only what differs from the recipe it starts from."""
+    p = Path(path)
+    if not p.is_file() and not p.is_absolute() and (ROOT / p).is_file():
+        p = ROOT / p
+    if not p.is_file():
+        raise ConfigError(f"Config file '{p}' does not exist; pass an existing YAML file with --config.")
+    if p.resolve() in chain:
+        raise ConfigError(f"Config file '{p}' names itself as a base (through base:); break the cycle.")
+    try:
+        raw = yaml.safe_load(p.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"Config file '{p}' is not valid YAML ({e.__class__.__name__}); fix its syntax.") from e
+    if not isinstance(raw, dict):
+        raise ConfigError(f"Config file '{p}' must be a mapping of settings; fix its contents.")
+    base = raw.pop("base", None)
+    if base is None:
+        return raw
+    near = p.parent / str(base)
+    return _merge(_read_yaml(near if near.is_file() else str(base), (*chain, p.resolve())), raw)
+
+
 def load_config(path: str | Path | None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
-    """Defaults <- YAML file <- overrides, then validated.
+    """Defaults <- YAML file (on top of its `base:` file, if any) <- overrides, then validated.
 
     A relative `path` (a command-line argument) is looked up in the current directory, then in the
     project, so `--config configs/demo.yaml` works from any working directory.
     """
-    raw: dict = {}
-    if path is not None:
-        p = Path(path)
-        if not p.is_file() and not p.is_absolute() and (ROOT / p).is_file():
-            p = ROOT / p
-        if not p.is_file():
-            raise ConfigError(f"Config file '{p}' does not exist; pass an existing YAML file with --config.")
-        try:
-            raw = yaml.safe_load(p.read_text()) or {}
-        except yaml.YAMLError as e:
-            raise ConfigError(f"Config file '{p}' is not valid YAML ({e.__class__.__name__}); fix its syntax.") from e
+    raw: dict = _read_yaml(path) if path is not None else {}
     for o in overrides:
         raw = _merge(raw, parse_override(o))
     cfg = _build(Config, raw, "")
