@@ -37,7 +37,7 @@ stages: venv
 # An ensemble config's member experiments (ensemble.recipes: the stages each member needs), then its own 00 and 04
 # (e.g. make ensemble CONFIG=configs/demo_ensemble.yaml; ARGS=--dry-run says what would run).
 ensemble: venv
-	@$(PY) scripts/ensemble.py --config $(CONFIG) $(ARGS)
+	@$(PY) scripts/train_ensemble.py --config $(CONFIG) $(ARGS)
 
 # Upload output/<exp>/04_submit/submission.csv with the kaggle CLI after checking it again (lib/kaggle/submit.py);
 # ARGS=--dry-run prints the command, ARGS="--competition SLUG --message TEXT" as needed.

@@ -355,7 +355,7 @@ class KnnCfg:
 
 @dataclass
 class EnsembleCfg:
-    """`make ensemble` (scripts/ensemble.py): the config files of the member experiments this one blends, each trained
+    """`make ensemble` (scripts/train_ensemble.py): the config files of the member experiments this one blends, each trained
     (the stages its members need) before this experiment's own stages. Read by no stage: it decides no rerun."""
 
     recipes: list[str] = field(default_factory=list)

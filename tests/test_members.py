@@ -182,3 +182,38 @@ def test_pseudo_labels_from_two_experiments(two, tmp_path):
     assert load("04_infer_submit.py").main(["--config", "configs/demo.yaml", *base, "exp=a", "submit.models=[phase1]"]) == 0
     p1 = np.load(tmp_path / "out" / "a" / "04_submit" / "probs" / "phase1.npz")
     assert np.allclose(p1["probs"], z["probs"][:2])
+
+
+def test_config_base_is_merged_under_the_file(tmp_path):
+    from lib.config import ConfigError, load_config
+
+    (tmp_path / "parent.yaml").write_text("exp: p\ntrain:\n  epochs: 7\n  lr: 0.5\n")
+    (tmp_path / "child.yaml").write_text("base: parent.yaml\nexp: c\ntrain:\n  lr: 0.1\n")
+    cfg = load_config(tmp_path / "child.yaml")
+    assert (cfg.exp, cfg.train.epochs, cfg.train.lr) == ("c", 7, 0.1)
+    (tmp_path / "loop.yaml").write_text("base: loop.yaml\n")
+    with pytest.raises(ConfigError, match="names itself as a base"):
+        load_config(tmp_path / "loop.yaml")
+    member = load_config("configs/demo_member.yaml")
+    assert (member.exp, member.loss.name, member.data.root, member.prepare.n_folds) == ("demo_focal", "focal", "input/demo", 3)
+
+
+def test_make_ensemble_plans_the_stages_each_member_needs():
+    import sys
+
+    sys.path.insert(0, str(ROOT / "scripts"))
+    import train_ensemble as ensemble
+
+    from lib.config import ConfigError, load_config
+
+    cfg = load_config("configs/demo_ensemble.yaml")
+    full = ["00_prepare_data.py", "01_train_folds.py", "02_pseudo_label.py", "03_retrain.py"]
+    assert ensemble.plan(cfg) == [("configs/demo.yaml", full), ("configs/demo_member.yaml", full)]
+    assert ensemble.own_stages(cfg) == ["00_prepare_data.py", "04_infer_submit.py"]
+    cfg = load_config("configs/demo_ensemble.yaml", ["submit.models=[phase2, demo_focal/phase1]", "ensemble.recipes=[configs/demo_member.yaml]"])
+    assert ensemble.plan(cfg) == [("configs/demo_member.yaml", full[:2])]
+    assert ensemble.own_stages(cfg) == [*full, "04_infer_submit.py"]
+    big = load_config("configs/fathomnet2025_ensemble.yaml")
+    assert [stages for _, stages in ensemble.plan(big)] == [full, full[:2], full[:2]]
+    with pytest.raises(ConfigError, match="which no model of submit.models"):
+        ensemble.plan(load_config("configs/demo_ensemble.yaml", ["submit.models=[demo/phase1]"]))

@@ -1,6 +1,6 @@
 """`make ensemble CONFIG=...`: train every member experiment an ensemble config blends, then the ensemble's own stages.
 
-    python scripts/ensemble.py --config configs/demo_ensemble.yaml [--dry-run] [key=value ...]
+    python scripts/train_ensemble.py --config configs/demo_ensemble.yaml [--dry-run] [key=value ...]
 
 The config's `ensemble.recipes` lists the member experiments' config files. Each recipe runs only
 the stages its members need (`<exp>/phase1`: 00 and 01; phase2 or round<r>: 00 to 03), then the
