@@ -225,3 +225,41 @@ def test_load_oof_refuses_a_pickled_npz_in_one_sentence(tmp_path):
         load_oof([good, bad])
     ids, labels, probs = load_oof([good])
     assert ids.tolist() == [0, 1, 2] and probs.shape == (3, 2)
+
+
+def test_calibrated_options_fit_on_out_of_fold_rows_only(tmp_path):
+    """Every option with and without calibration; temperatures come from out-of-fold rows (new test rows change none),
+    the submission's blend uses the same temperatures, and each calibration keeps its own fit cache."""
+    from dataclasses import replace
+
+    import lib.decide.blending as blending
+
+    rng = np.random.default_rng(1)
+    tax = load_taxonomy_csv(DEFAULT_TAXONOMY)
+    labels = rng.integers(0, tax.n_classes, 200)
+
+    def model(name, sharp):  # overconfident: logits scaled by 3 after the labels were drawn
+        z = rng.standard_normal((200, tax.n_classes))
+        z[np.arange(200), labels] += sharp
+        z *= 3
+        p = np.exp(z - z.max(1, keepdims=True))
+        p /= p.sum(1, keepdims=True)
+        return blending.ModelProbs(name, 1.0, np.arange(200), labels, p, p[:20])
+
+    models = [model("phase1", 1.0), model("b/phase1", 0.7)]
+    cfg = load_config(None, ["submit.calibrate=temperature", "submit.calibrate_objective=logloss", "submit.blend=fit",
+                             "submit.models=[phase1, b/phase1]"])
+    cache = tmp_path / "probs" / "blend_fit.npz"
+    counts = np.ones(tax.n_classes)
+    opts = blending.blend_options(cfg, models, tax, counts, cache)
+    t = opts.table
+    assert len(t) == 12 and set(t["calibration"]) == {"none", "temperature"}
+    assert set(t["model"]) == {"phase1", "b/phase1", "blend uniform", "blend cv", "blend fit", "blend greedy"}
+    single = t[(t["calibration"] == "temperature") & t["model"].isin(["phase1", "b/phase1"])]["temperature"].to_numpy()
+    assert (single > 1.5).all() and (t[t["calibration"] == "none"]["temperature"] == 1.0).all()  # overconfident: T > 1
+    assert cache.is_file() and cache.with_name("blend_fit_temperature.npz").is_file()
+    chosen = blending.blend_models(cfg, models, tax, counts, cache)
+    np.testing.assert_allclose(chosen.temperatures, single, atol=1e-4)
+    other_test = [replace(m, test=rng.dirichlet(np.ones(tax.n_classes), 20)) for m in models]
+    np.testing.assert_array_equal(blending.blend_options(cfg, other_test, tax, counts, cache).table["temperature"], t["temperature"])
+    assert blending.blend_models(cfg, other_test, tax, counts, cache).temperatures == chosen.temperatures

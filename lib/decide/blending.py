@@ -150,7 +150,9 @@ def weights_for(method: str, cfg: Config, models: Sequence[ModelProbs], dist: np
 
 def _fit_cache(cache: Path | None, calibration: str) -> Path | None:
     """One fit cache per calibration (their out-of-fold inputs differ): blend_fit.npz, blend_fit_temperature.npz."""
-    return None if cache is None or calibration == "none" else cache.with_name(f"{cache.stem}_{calibration}{cache.suffix}")
+    if cache is None or calibration == "none":
+        return cache
+    return cache.with_name(f"{cache.stem}_{calibration}{cache.suffix}")
 
 
 def option_key(model: str, calibration: str) -> str:

@@ -192,7 +192,8 @@ def summary(cfg: Config) -> list[str]:
         opts = pd.read_csv(options)
         if "test_min_risk" in opts:
             for _, r in opts.iterrows():
-                lines.append(f"demo test, {r['model']:<13}: {r['test_min_risk']:.4f} min-risk, {r['test_argmax']:.4f} argmax")
+                name = r["model"] + (" +T" if r.get("calibration", "none") != "none" else "")  # +T: temperature-calibrated
+                lines.append(f"demo test, {name:<16}: {r['test_min_risk']:.4f} min-risk, {r['test_argmax']:.4f} argmax")
     sub, knn_sub = out / "04_submit" / "submission.csv", out / "knn" / "submission.csv"
     for label, path in (("demo test distance  ", sub), ("kNN test distance   ", knn_sub)):
         s = test_score(cfg, path)
