@@ -244,7 +244,7 @@ def test_calibrated_options_fit_on_out_of_fold_rows_only(tmp_path):
         z *= 3
         p = np.exp(z - z.max(1, keepdims=True))
         p /= p.sum(1, keepdims=True)
-        return blending.ModelProbs(name, 1.0, np.arange(200), labels, p, p[:20])
+        return blending.ModelProbs(name, 1.0, np.arange(200), labels, p, p[:20], oof_fold=np.arange(200) % 3)
 
     models = [model("phase1", 1.0), model("b/phase1", 0.7)]
     cfg = load_config(None, ["submit.calibrate=temperature", "submit.calibrate_objective=logloss", "submit.blend=fit",
@@ -263,3 +263,31 @@ def test_calibrated_options_fit_on_out_of_fold_rows_only(tmp_path):
     other_test = [replace(m, test=rng.dirichlet(np.ones(tax.n_classes), 20)) for m in models]
     np.testing.assert_array_equal(blending.blend_options(cfg, other_test, tax, counts, cache).table["temperature"], t["temperature"])
     assert blending.blend_models(cfg, other_test, tax, counts, cache).temperatures == chosen.temperatures
+    # Nested scores: what nothing fits equals its plain out-of-fold score; what is fitted is scored on rows it never saw.
+    plain = t[(t["calibration"] == "none") & t["model"].isin(["phase1", "b/phase1", "blend uniform", "blend cv"])]
+    np.testing.assert_array_equal(plain["nested_min_risk"], plain["oof_min_risk"])
+    np.testing.assert_array_equal(plain["nested_argmax"], plain["oof_argmax"])
+    fitted = t[t["calibration"] == "temperature"]
+    assert (fitted["nested_min_risk"] != fitted["oof_min_risk"]).any() and t["nested_min_risk"].notna().all()
+
+
+def test_nested_labels_refit_on_the_other_folds_only():
+    """For fold k, a temperature fitted on the other folds: changing fold k's rows changes no temperature used for fold k,
+    so fold k's nested labels move only through its own probabilities."""
+    import lib.decide.blending as blending
+
+    rng = np.random.default_rng(2)
+    tax = load_taxonomy_csv(DEFAULT_TAXONOMY)
+    labels = rng.integers(0, tax.n_classes, 90)
+    p = rng.dirichlet(np.full(tax.n_classes, 0.2), 90)
+    folds = np.arange(90) % 3
+    m = blending.ModelProbs("phase1", 1.0, np.arange(90), labels, p, p[:5], oof_fold=folds)
+    cfg = load_config(None, ["submit.models=[phase1]", "submit.calibrate_objective=logloss"])
+    opts = [("phase1", np.ones(1))]
+    a = blending.nested_labels(cfg, [m], opts, tax, np.full(tax.n_classes, 1 / tax.n_classes), "temperature")[0]["min_risk"]
+    from lib.decide.calibration import apply_temperature, fit_temperature
+    from lib.decide.ensemble import decode
+
+    for k in range(3):
+        t = fit_temperature(p[folds != k], labels[folds != k], "logloss")
+        np.testing.assert_array_equal(a[folds == k], decode(apply_temperature(p[folds == k], t), tax.distance_matrix(), "min_risk"))

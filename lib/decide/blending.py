@@ -42,6 +42,17 @@ class ModelProbs:
     test: np.ndarray  # (n_test, C), mean over its folds
     record: dict = field(default_factory=dict)  # its training record's result (CV figures for the report)
     temperature: float = 1.0  # the calibration temperature its oof and test were scaled by (1: none)
+    oof_fold: np.ndarray | None = None  # the fold each out-of-fold row was held out of (for the nested out-of-fold scores)
+
+
+def oof_folds(fold_dirs: Sequence[Path]) -> np.ndarray:
+    """The fold (position in `fold_dirs`) of each row `load_oof` returns, in the same order."""
+    from lib.core.io import load_npz
+
+    parts = [load_npz(d / "oof.npz", "delete it and rerun the training stage (its fold runs again)") for d in fold_dirs]
+    ids = np.concatenate([p["annotation_id"] for p in parts])
+    folds = np.concatenate([np.full(len(p["annotation_id"]), k) for k, p in enumerate(parts)])
+    return folds[np.argsort(ids, kind="stable")]
 
 
 def load_oof(fold_dirs: Sequence[Path]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -163,6 +174,31 @@ def option_key(model: str, calibration: str) -> str:
 BLENDS = ("uniform", "cv", "fit", "greedy")
 
 
+def nested_labels(cfg: Config, models: Sequence[ModelProbs], options: Sequence[tuple[str, np.ndarray]], tax: Taxonomy,
+                  prior: np.ndarray, calibration: str) -> list[dict[str, np.ndarray]]:
+    """Per option, the out-of-fold labels of a nested fit: for each fold k, the temperatures, the blend's weights (`fit`,
+    `greedy`; `uniform`, `cv` and single models keep theirs) and the blend temperature are fitted on the other folds'
+    out-of-fold rows and decode fold k's. The honest out-of-fold score of anything fitted on out-of-fold rows;
+    empty dicts when the fold of each row is unknown."""
+    dist = tax.distance_matrix()
+    folds = models[0].oof_fold
+    if folds is None or len(np.unique(folds)) < 2:
+        return [{} for _ in options]
+    out: list[dict[str, np.ndarray]] = [{k: np.empty(len(folds), dtype=np.int64) for k in ("argmax", "min_risk")} for _ in options]
+    for k in np.unique(folds):
+        tr, te = folds != k, folds == k
+        part = [replace(m, oof_ids=m.oof_ids[tr], oof_labels=m.oof_labels[tr], oof=m.oof[tr], test=m.oof[te]) for m in models]
+        part = calibrate_models(cfg, part, dist, calibration)
+        for i, (name, w) in enumerate(options):
+            method = name.removeprefix("blend ")
+            if name.startswith("blend ") and method in ("fit", "greedy"):
+                w = weights_for(method, cfg, part, dist)
+            _, held, _ = blended(cfg, part, w, dist, calibration)
+            for d in ("argmax", "min_risk"):
+                out[i][d][te] = apply_decoding(cfg, held, tax, prior, dist, d)
+    return out
+
+
 def compare(cfg: Config, models: Sequence[ModelProbs], tax: Taxonomy, prior: np.ndarray,
             cache: Path | None = None) -> tuple[pd.DataFrame, dict[str, np.ndarray], dict[str, dict[str, np.ndarray]]]:
     """Every single model and every blend, without and with calibration, scored out of fold; with each option's decoded test labels.
@@ -187,7 +223,8 @@ def compare(cfg: Config, models: Sequence[ModelProbs], tax: Taxonomy, prior: np.
                 options.append((f"blend {method}", w))
                 if calibration == cfg.submit.calibrate:
                     submitted[method] = w
-        for name, w in options:
+        nested = nested_labels(cfg, models, options, tax, prior, calibration)
+        for (name, w), nest in zip(options, nested):
             oof, test, t = blended(cfg, ms, w, dist, calibration)
             if np.count_nonzero(w) == 1:
                 t = ms[int(np.flatnonzero(w)[0])].temperature
@@ -198,6 +235,8 @@ def compare(cfg: Config, models: Sequence[ModelProbs], tax: Taxonomy, prior: np.
             for method in ("argmax", "min_risk"):
                 row[f"oof_{method}"] = score_labels(labels, apply_decoding(cfg, oof, tax, prior, dist, method), dist)
                 test_labels[key][method] = apply_decoding(cfg, test, tax, prior, dist, method)
+            for method in ("argmax", "min_risk"):
+                row[f"nested_{method}"] = score_labels(labels, nest[method], dist) if nest else float("nan")
             rows.append(row)
     return pd.DataFrame(rows), submitted, test_labels
 

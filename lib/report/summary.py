@@ -69,9 +69,12 @@ def submit_report(cfg: Config, members: list[dict], options: pd.DataFrame, sub: 
               f"Rows: {len(sub)}; answered by the train prior (no usable crop): {len(fell_back)}.", "",
               "## Options (distance, lower is better)", "",
               "Out-of-fold (OOF) scores are over the train ROIs; `blend fit`, `blend greedy` and every calibrated row are scored "
-              "on the rows they were fitted on, so their OOF score is optimistic." +
+              "on the rows they were fitted on, so their OOF score is optimistic. The nested columns are honest: for each fold, "
+              "temperatures, fitted weights and the blend temperature are fitted on the other folds' out-of-fold rows and "
+              "score that fold's (unfitted options equal their OOF score)." +
               (f" Test columns: {truth.note} (for this report only; it decides nothing)." if truth is not None else ""), ""]
-    cols = [c for c in ("oof_argmax", "oof_min_risk", "test_argmax", "test_min_risk") if c in options]
+    cols = [c for c in ("oof_argmax", "oof_min_risk", "nested_argmax", "nested_min_risk", "test_argmax", "test_min_risk")
+            if c in options]
     lines += ["| model | calibration | temperature | weights | " + " | ".join(cols) + " |", "|---|---|---|---|" + "---|" * len(cols)]
     for _, r in options.iterrows():
         lines.append(f"| {r['model']} | {r['calibration']} | {r['temperature']:.3f} | {r['weights']} | "
