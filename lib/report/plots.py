@@ -83,7 +83,7 @@ def plot_matrix(matrix: np.ndarray, names: Sequence[str], path: Path, title: str
     import matplotlib.pyplot as plt
 
     n = len(names)
-    fig, ax = plt.subplots(figsize=(1.2 + 0.9 * n, 1.0 + 0.8 * n))
+    fig, ax = plt.subplots(figsize=(max(4.0, 1.6 + 0.9 * n), max(3.2, 1.4 + 0.8 * n)))
     im = ax.imshow(matrix, vmin=-1, vmax=1, cmap="coolwarm")
     ax.set_xticks(range(n), names, rotation=45, ha="right")
     ax.set_yticks(range(n), names)

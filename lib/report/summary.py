@@ -103,7 +103,7 @@ def write_submit_report(cfg: Config, folder: Path, models: Sequence, chosen, opt
     corr = error_correlation(models, dist, cfg.submit.decode)
     if len(models) > 1:
         plot_matrix(corr, [m.name for m in models], folder / "error_correlation.png",
-                    f"correlation of out-of-fold {cfg.submit.decode} errors (distance per row)")
+                    f"out-of-fold error correlation\n({cfg.submit.decode} distance per row)")
     report = submit_report(cfg, members, table, sub.frame, sub.fell_back, truth, corr, chosen.blend_temperature)
     atomic_write_text(folder / "report.md", report)
 
