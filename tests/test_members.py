@@ -142,6 +142,13 @@ def test_two_experiments_blend_and_rerun_when_a_member_retrains(two, caplog, cap
     caplog.clear()
     assert submit(base, MODELS, "submit.blend=greedy", "--dry-run") == 0
     assert "04_submit: would run (changed input: b/03_retrain)" in caplog.text
+    # b's pseudo-labels change: its 03 is out of date, and a's 04 refuses in one sentence naming b's stage and its config.
+    assert load("02_pseudo_label.py").main([*b, "pseudo.threshold=0.5"]) == 0
+    capsys.readouterr()
+    assert submit(base, MODELS) == 2
+    err = capsys.readouterr().err
+    assert "b/03_retrain is out of date (changed input: 02_pseudo)" in err and "member experiment 'b'" in err, err
+    assert str(out / "b" / "03_retrain" / "config.yaml") in err and err.count("\n") == 1
     # A member that does not exist: one sentence naming it, before any work.
     capsys.readouterr()
     assert submit(base, "submit.models=[phase1, zzz/phase1]") == 2
