@@ -6,6 +6,7 @@ import typing
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 
 from lib.config import ConfigError, LossCfg, load_config
 from lib.model.losses import WeightedLoss, build_loss, effective_number_weights
@@ -69,6 +70,17 @@ def as_np(logits: torch.Tensor, target: torch.Tensor) -> tuple[np.ndarray, np.nd
     return logits.double().numpy(), target.numpy()
 
 
+def assert_value_and_grad(loss: WeightedLoss, reference, logits: torch.Tensor, target: torch.Tensor) -> None:
+    """The loss and its gradient in the logits equal the reference's (float32, to 1e-5)."""
+    a = logits.detach().clone().requires_grad_(True)
+    b = logits.detach().clone().requires_grad_(True)
+    got, ref = loss(a, target), reference(b)
+    got.backward()
+    ref.backward()
+    torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(a.grad, b.grad, rtol=1e-5, atol=1e-5)
+
+
 # ----------------------------------------------------------------------------- each loss vs its formula
 
 
@@ -78,10 +90,22 @@ def test_ce_with_label_smoothing(batch):
 
 
 def test_weighted_ce_inverse_frequency(batch):
+    """The weighted mean sum(w_y l) / sum(w_y), not the class-weighted sum over N."""
     z, y = as_np(*batch)
     w = 1.0 / np.array([100, 30, 10, 3, 1.0])  # the empty class counts as 1
     w = w / w.mean()
-    assert value(make("weighted_ce"), *batch) == pytest.approx((w[y] * np_ce(z, y)).mean(), rel=1e-5)
+    assert value(make("weighted_ce"), *batch) == pytest.approx((w[y] * np_ce(z, y)).sum() / w[y].sum(), rel=1e-5)
+    s = torch.tensor([0.2, 1.0, 0.5, 0.7, 0.1, 0.9])  # pseudo-label weights multiply the class weights
+    ref = (s.numpy() * w[y] * np_ce(z, y)).sum() / (s.numpy() * w[y]).sum()
+    assert value(make("weighted_ce"), *batch, s) == pytest.approx(ref, rel=1e-5)
+
+
+def test_weighted_ce_value_and_gradient_match_torch_weighted_cross_entropy(batch):
+    """Reference: PyTorch's F.cross_entropy(weight=w), mean reduction (sum of w_y l over sum of w_y)."""
+    logits, target = batch
+    w = torch.as_tensor(1.0 / np.maximum(COUNTS, 1), dtype=torch.float32)
+    w = w / w.mean()
+    assert_value_and_grad(make("weighted_ce"), lambda z: F.cross_entropy(z, target, weight=w), logits, target)
 
 
 def test_focal(batch):
@@ -148,6 +172,29 @@ def test_ldam(batch):
     assert got == pytest.approx(np_ce(30.0 * adjusted, y).mean(), rel=1e-5)
 
 
+def ldam_reference(z: torch.Tensor, y: torch.Tensor, counts: np.ndarray, max_m: float, s: float,
+                   weight: torch.Tensor | None) -> torch.Tensor:
+    """LDAMLoss.forward of kaidic/LDAM-DRW (losses.py), written here: m_c = n_c^-1/4 scaled to max_m,
+    the margin subtracted from the true logit only, then F.cross_entropy(s * x_m, y, weight=per_cls_weights)."""
+    m = 1.0 / np.sqrt(np.sqrt(np.maximum(counts, 1).astype(np.float64)))
+    m = torch.as_tensor(m * (max_m / m.max()), dtype=torch.float32)
+    is_target = F.one_hot(y, z.shape[1]).bool()
+    x_m = torch.where(is_target, z - m[y][:, None], z)
+    return F.cross_entropy(s * x_m, y, weight=weight)
+
+
+def test_ldam_drw_value_and_gradient_match_the_authors_code(batch):
+    """Reference: kaidic/LDAM-DRW losses.py LDAMLoss with DRW per_cls_weights (cifar_train.py), on cosine logits."""
+    logits, target = batch
+    cosine = torch.tanh(logits)  # logits in [-1, 1], as NormedLinear gives
+    loss = make("ldam", max_m=0.5, s=30.0, beta=0.999, drw_start_epoch=1)
+    loss.set_epoch(0)
+    assert_value_and_grad(loss, lambda z: ldam_reference(z, target, COUNTS, 0.5, 30.0, None), cosine, target)
+    loss.set_epoch(1)
+    w = torch.as_tensor(np_effective(COUNTS, 0.999), dtype=torch.float32)
+    assert_value_and_grad(loss, lambda z: ldam_reference(z, target, COUNTS, 0.5, 30.0, w), cosine, target)
+
+
 def test_ldam_without_margin_is_ce(batch):
     assert value(make("ldam", max_m=1e-12, s=1.0), *batch) == pytest.approx(value(make("ce"), *batch), rel=1e-6)
 
@@ -159,7 +206,7 @@ def test_ldam_drw_switches_on_at_start_epoch(batch):
     for epoch, weighted in ((0, False), (1, False), (2, True), (5, True)):
         loss.set_epoch(epoch)
         w = np_effective(COUNTS, 0.99) if weighted else np.ones(C)
-        assert value(loss, *batch) == pytest.approx((w[y] * ce).mean(), rel=1e-5), epoch
+        assert value(loss, *batch) == pytest.approx((w[y] * ce).sum() / w[y].sum(), rel=1e-5), epoch
     never = make("ldam", max_m=1e-12, s=1.0, drw_start_epoch=-1)
     never.set_epoch(100)
     assert value(never, *batch) == pytest.approx(ce.mean(), rel=1e-5)
@@ -305,3 +352,24 @@ def test_unknown_name_suggests():
 def test_shape_mismatch_rejected():
     with pytest.raises(ValueError, match="same taxonomy"):
         build_loss(LossCfg(), COUNTS, np.zeros((3, 3)))
+
+
+def test_lca_distance_by_hand():
+    """linnaeus' distance: 2 x (ranks below the lowest common ancestor), every concept a leaf under the 7 ranks."""
+    from lib.data.taxonomy import Taxonomy
+
+    k = "K"
+    tax = Taxonomy(names=("a", "b", "g", "x"), lineages=(
+        (k, "P", "C", "O", "F", "G", "G a"), (k, "P", "C", "O", "F", "G", "G b"),
+        (k, "P", "C", "O", "F", "G", None), (k, "Q", None, None, None, None, None)))
+    lca = tax.lca_distance_matrix()
+    expected = np.array([[0, 2, 2, 12], [2, 0, 2, 12], [2, 2, 0, 12], [12, 12, 12, 0]])
+    np.testing.assert_array_equal(lca, expected)
+    assert tax.distance_matrix()[0, 2] == 1  # the metric: a genus-level concept is 1 from its species
+    loss = build_loss(LossCfg(name="taxonomy_smoothing", ts_distance="lca", alpha=0.2, ts_beta=0.5), np.ones(4),
+                      tax.distance_matrix(), lca)
+    a = np.exp(-0.5 * expected[0].astype(float))
+    a[0] = 0
+    np.testing.assert_allclose(loss.soft_target[0].numpy(), np.r_[0.8, 0.2 * a[1:] / a.sum()], rtol=1e-6)
+    with pytest.raises(ValueError, match="lca_distance"):
+        build_loss(LossCfg(name="taxonomy_smoothing", ts_distance="lca"), np.ones(4), tax.distance_matrix())
