@@ -509,3 +509,14 @@ def test_coherent_answer_is_a_softmax_over_the_concepts_own_outputs(ce):
     mc = mc_loss(nodes, head.on_path[target], head.descendants, w)
     torch.testing.assert_close(head.loss(out, target, w, base), base(out.logits, target, w) + 0.5 * mc)
     assert head.on_path[4].tolist() == [1, 0, 1, 0, 0, 0, 0, 0, 0]  # L5's target: K and P2 only
+
+
+def test_mcloss_is_finite_where_float32_sigmoids_saturate(tax):
+    """The reference's BCE on probabilities has a 1 / (p (1 - p)) gradient; at logits of +-40 it is inf or NaN, MCLoss stays finite."""
+    nodes = taxonomy_nodes(tax)
+    target = targets(tax)
+    labels = torch.as_tensor(nodes.on_path[target.numpy()], dtype=torch.float32)
+    z = (40 * torch.sign(torch.randn(len(target), len(nodes.names)))).requires_grad_(True)
+    loss = mc_loss(z, labels, torch.as_tensor(nodes.descendants, dtype=torch.float32), None)
+    loss.backward()
+    assert torch.isfinite(loss) and torch.isfinite(z.grad).all() and float(z.grad.abs().max()) <= 1.0

@@ -479,13 +479,18 @@ def mc_loss(node_logits: torch.Tensor, node_target: torch.Tensor, descendants: t
 
     A node on the label's lineage (target 1) is scored by the max over its descendants of
     sigmoid * target, so only the true branch can raise it; a node off the lineage by the
-    max-constrained sigmoid, so any descendant's false positive is charged to it. BCE as torch's
-    BCELoss (log clamped at -100), averaged over nodes; samples weighted as `masked_ce`.
+    max-constrained sigmoid, so any descendant's false positive is charged to it. The sigmoid is
+    monotone, so each of those maxima is the sigmoid of the largest logit over the same nodes:
+    BCE is taken on that logit, the value and gradient of the authors' BCELoss on probabilities
+    wherever those are finite, and without its 1 / (p (1 - p)) blow-up (NaN or 1e12 steps) once a
+    float32 sigmoid rounds to 0 or 1. Averaged over nodes; samples weighted as `masked_ce`.
     """
-    p = node_logits.float().sigmoid()
-    y = node_target.to(p.dtype)
-    out = (1 - y) * max_constraint(p, descendants) + y * max_constraint(p * y, descendants)
-    bce = -(y * out.log().clamp_min(-100) + (1 - y) * (1 - out).log().clamp_min(-100)).mean(1)
+    z = node_logits.float()
+    y = node_target.to(z.dtype)
+    # allowed[b, i, j]: node j counts for node i: j is i or below it, and on the lineage when i is
+    allowed = descendants.unsqueeze(0) * torch.where(y.unsqueeze(2) > 0, y.unsqueeze(1), torch.ones_like(y).unsqueeze(1))
+    m = z.unsqueeze(1).expand(-1, z.shape[1], -1).masked_fill(allowed == 0, float("-inf")).amax(dim=2)
+    bce = F.binary_cross_entropy_with_logits(m, y, reduction="none").mean(1)
     if weight is None:
         return bce.mean()
     w = weight.float()
