@@ -131,7 +131,8 @@ class HeadCfg:
     thresholds; `routing` and `temperature` pick how conditional passes a parent level's
     distribution down. `normalized` makes the leaf classifier of linear, mlp, multi, per_rank and
     two_level a cosine one (normalised features times normalised weights, no bias): what LDAM's
-    margins and scale assume, so `loss.name: ldam` asks for it.
+    margins and scale assume, so `loss.name: ldam` asks for it (and only ldam scales cosines, by
+    `loss.s`, which the probabilities then use too).
     """
 
     name: Literal["linear", "mlp", "multi", "per_rank", "two_level", "hierarchical_softmax", "conditional", "coherent"] = "linear"
@@ -614,6 +615,9 @@ def _loss_head_checks(cfg: Config) -> list[tuple[bool, str]]:
         (not cfg.head.normalized or cfg.head.name in NORMALIZABLE_HEADS,
          f"head.normalized=true is for the heads {', '.join(NORMALIZABLE_HEADS)} (a cosine leaf classifier), not "
          f"head.name={cfg.head.name}; set head.normalized=false or pick one of them"),
+        (not cfg.head.normalized or cfg.loss.name == "ldam",
+         "head.normalized=true gives cosine logits in [-1, 1] that only loss.name=ldam scales (by loss.s); set "
+         "head.normalized=false or loss.name=ldam"),
         (cfg.loss.name != "ldam" or cfg.head.normalized,
          "loss.name=ldam assumes cosine logits in [-1, 1] (the LDAM authors' normalised classifier: its margins and "
          "loss.s=30 blow raw logits up); set head.normalized=true with a linear, mlp, multi, per_rank or two_level head"),

@@ -261,6 +261,9 @@ def run_rows(s: ab.Setting, config: str, out_root: str, report_dir: Path, names:
         print(f"[ablate] {n} (seed {v.seed})", flush=True)
         rows = ab.collect(s, v, out_root, ab.run_variant(s, v, config, out_root))
         saved["rows"] = [r for r in saved["rows"] if (r["group"], r["variant"], r["seed"]) != (v.group, v.name, v.seed)] + rows
+        if v.group == "novelty":  # the AUROCs and the two-level head's flags, as the full grid reports them
+            saved["nov"] = ab.novelty(s, v, config, out_root, truth_and_dist(s, config)[0])
+            print(json.dumps(saved["nov"], default=float))
         ab.write_json(path, saved)
         for r in rows:
             print(json.dumps({k: r.get(k) for k in ["group", "variant", "seed", "seconds", *KEYS] if r.get(k) is not None}, default=float))

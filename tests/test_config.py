@@ -88,6 +88,8 @@ def test_ldam_needs_the_cosine_classifier():
     assert "\n" not in str(e.value)
     with pytest.raises(ConfigError, match="head.normalized=true is for the heads"):
         load_config("configs/demo.yaml", ["head.name=hierarchical_softmax", "head.normalized=true"])
+    with pytest.raises(ConfigError, match="only loss.name=ldam scales"):
+        load_config("configs/demo.yaml", ["head.normalized=true"])
     assert load_config("configs/demo.yaml", ["loss.name=ldam", "head.normalized=true", "head.name=per_rank"]).head.normalized
 
 

@@ -413,10 +413,13 @@ def test_normed_linear_matches_the_ldam_authors_value_and_gradient():
 @pytest.mark.parametrize("name", ["linear", "mlp", "multi", "per_rank", "two_level"])
 def test_normalized_heads_give_cosine_logits(tax, name):
     torch.manual_seed(0)
-    head = build_head(cfg(name, normalized=True), IN, tax).eval()
+    head = build_head(cfg(name, normalized=True), IN, tax, logit_scale=30.0).eval()
     out = head(100 * torch.randn(4, IN))
     assert float(out.logits.detach().abs().max()) <= 1.0 + 1e-6
     assert any(isinstance(m, NormedLinear) for m in head.modules())
+    # the probabilities are the softmax LDAM trains: s x cosine, not a near-uniform softmax of cosines
+    torch.testing.assert_close(head.probs(out), (30.0 * out.logits).softmax(-1))
+    assert build_head(cfg(name), IN, tax, logit_scale=30.0).logit_scale == 1.0  # a plain head ignores the scale
 
 
 def test_normalized_refused_where_there_is_no_leaf_linear(tax):

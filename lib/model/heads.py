@@ -104,13 +104,20 @@ def classifier(in_features: int, out_features: int, normalized: bool = False) ->
 
 
 class Head(nn.Module):
-    """Base: softmax probabilities of the leaf logits and the base loss alone."""
+    """Base: softmax probabilities of the leaf logits and the base loss alone.
+
+    `logit_scale` multiplies the logits before the softmax of `probs`: 1, except for a cosine
+    leaf classifier, where it is LDAM's s, so the probabilities are the softmax its loss trains
+    (s x cosine, margins aside) rather than a near-uniform softmax of values in [-1, 1].
+    """
+
+    logit_scale: float = 1.0
 
     def forward(self, feats: torch.Tensor) -> HeadOutput:
         raise NotImplementedError
 
     def probs(self, out: HeadOutput) -> torch.Tensor:
-        return out.logits.float().softmax(-1)
+        return (self.logit_scale * out.logits.float()).softmax(-1)
 
     def loss(self, out: HeadOutput, target: torch.Tensor, weight: torch.Tensor | None, base: nn.Module) -> torch.Tensor:
         return base(out.logits, target, weight)
@@ -166,7 +173,7 @@ class MultiHead(Head):
     def head_probs(self, out: HeadOutput) -> torch.Tensor:
         """(H, B, C) each head's softmax, for spread or marginal-uncertainty statistics."""
         assert out.heads is not None  # noqa: S101 (MultiHead.forward always sets them)
-        return out.heads.float().softmax(-1)
+        return (self.logit_scale * out.heads.float()).softmax(-1)
 
     def loss(self, out: HeadOutput, target: torch.Tensor, weight: torch.Tensor | None, base: nn.Module) -> torch.Tensor:
         assert out.heads is not None  # noqa: S101 (MultiHead.forward always sets them)
@@ -542,8 +549,19 @@ class CoherentHead(Head):
 # ----------------------------------------------------------------------------- factory
 
 
-def build_head(cfg: HeadCfg, in_features: int, taxonomy: Taxonomy) -> Head:
-    """The configured head for `in_features`-wide pooled features and the taxonomy's concepts."""
+def build_head(cfg: HeadCfg, in_features: int, taxonomy: Taxonomy, logit_scale: float = 1.0) -> Head:
+    """The configured head for `in_features`-wide pooled features and the taxonomy's concepts.
+
+    `logit_scale` (LDAM's `loss.s`) scales a cosine head's logits in its probabilities; other
+    heads ignore it.
+    """
+    head = _build_head(cfg, in_features, taxonomy)
+    if cfg.normalized:
+        head.logit_scale = float(logit_scale)
+    return head
+
+
+def _build_head(cfg: HeadCfg, in_features: int, taxonomy: Taxonomy) -> Head:
     n = taxonomy.n_classes
     name = cfg.name
     cos = cfg.normalized
