@@ -247,7 +247,9 @@ class LossCfg:
     seql_lambda: float = 0.00177  # seql: frequency threshold of tail classes (fraction of samples)
     alpha: float = 0.1  # taxonomy_smoothing: mass spread over the other classes
     ts_beta: float = 1.0  # taxonomy_smoothing: exp(-ts_beta * distance)
-    ts_distance: Literal["metric", "lca"] = "metric"  # taxonomy_smoothing: the competition's distance, or 2 x levels to the LCA
+    # taxonomy_smoothing's distance: lca (linnaeus: 2 x levels to the lowest common ancestor), the default because it scored
+    # better out of fold on the demo (CV 2.114 against 2.195, OOF min-risk 2.210 against 2.246, seed 42), or metric (the competition's)
+    ts_distance: Literal["metric", "lca"] = "lca"
     ed_lambda: float = 0.1  # ce_expected_distance
 
 

@@ -80,7 +80,8 @@ def grid(s: Setting) -> list[Variant]:
     losses = ["ce", "dwce", "ce_expected_distance"] if s.quick else ["ce", "dwce", "focal", "balanced_softmax", "ce_expected_distance",
                                                                       "taxonomy_smoothing"]
     for loss in losses:
-        extra = ["loss.focal_class_weights=true", "loss.beta=0.999"] if loss == "focal" else []
+        extra = {"focal": ["loss.focal_class_weights=true", "loss.beta=0.999"],
+                 "taxonomy_smoothing": ["loss.ts_distance=metric"]}.get(loss, [])
         for seed in (s.seeds if loss in ("ce", "dwce") or not s.quick else s.seeds[:1]):
             if not s.quick and loss not in ("ce", "dwce") and seed != s.seeds[0]:
                 continue  # 3 seeds for ce and dwce, one for the others: the spread of ce says how far a single run can be trusted

@@ -76,7 +76,7 @@ def test_flatten_names_keys():
 def test_loss_section():
     cfg = load_config("configs/fathomnet2025.yaml", ["loss.name=ldam", "loss.drw_start_epoch=10", "head.normalized=true"])
     assert cfg.loss.name == "ldam" and cfg.loss.drw_start_epoch == 10 and cfg.loss.label_smoothing == 0.1
-    assert cfg.head.normalized and cfg.loss.ts_distance == "metric"
+    assert cfg.head.normalized and cfg.loss.ts_distance == "lca"  # the default: better out of fold on the demo
     with pytest.raises(ConfigError, match="Unknown config key 'train.label_smoothing'"):
         load_config(None, ["train.label_smoothing=0.1"])
 

@@ -119,7 +119,7 @@ def test_loss_backpropagates(tax, ce, name, kw):
 @pytest.mark.parametrize("loss_name", ["focal", "ldam", "seql", "taxonomy_smoothing", "ce_expected_distance"])
 def test_any_base_loss(tax, name, loss_name):
     counts = np.arange(1, tax.n_classes + 1)
-    base = build_loss(LossCfg(name=loss_name), counts, tax.distance_matrix())
+    base = build_loss(LossCfg(name=loss_name), counts, tax.distance_matrix(), tax.lca_distance_matrix())
     head = build_head(cfg(name), IN, tax)
     loss = head.loss(head(torch.randn(4, IN)), targets(tax), None, base)
     assert torch.isfinite(loss)

@@ -35,6 +35,9 @@ def batch() -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def make(name: str, counts: np.ndarray = COUNTS, distance: np.ndarray = D, **kw) -> WeightedLoss:
+    """The loss over the test's own distance matrix D (so taxonomy smoothing spreads by D: ts_distance metric)."""
+    if name == "taxonomy_smoothing":
+        kw.setdefault("ts_distance", "metric")
     return build_loss(LossCfg(name=name, **kw), counts, distance)
 
 
