@@ -283,6 +283,37 @@ def test_hierarchical_loss_terms(ce):
     assert head.level_labels.tolist() == [[0, 0, 0, 1, 1], [0, 0, 1, 2, 3], [0, 1, 3, 2, 4]]
 
 
+def test_hierarchical_softmax_matches_the_product_of_conditionals_value_and_gradient():
+    """Reference: hierarchical softmax (Morin & Bengio 2005; YOLO9000's WordTree): P(leaf) is the product down its path of
+    P(node | parent), each a softmax over that parent's children, written here as a loop over the tree in float64."""
+    torch.manual_seed(0)
+    head = HierarchicalSoftmaxHead(IN, toy(), 1.0)
+    with torch.no_grad():
+        for p in head.parameters():
+            p.normal_(std=0.3)
+    feats = torch.randn(3, IN)
+    target = torch.tensor([0, 2, 4])
+    fa, fb = feats.clone().requires_grad_(True), feats.double().requires_grad_(True)
+    got = head(fa).logits.log_softmax(-1)  # float32
+    conditionals = []
+    for i, lv in enumerate(head.levels):
+        fc = head.classifiers[i]
+        z = F.linear(fb, fc.weight.detach().double(), fc.bias.detach().double())
+        groups = lv.parent if i > 0 else np.zeros(len(lv.nodes), dtype=np.int64)
+        cond = torch.zeros_like(z)
+        for g in np.unique(groups):
+            members = np.flatnonzero(groups == g)
+            cond[:, members] = z[:, members].softmax(-1)
+        conditionals.append(cond)
+    ref = torch.ones(3, 5, dtype=torch.float64)
+    for i, lv in enumerate(head.levels):
+        ref = ref * conditionals[i][:, lv.of_concept]
+    torch.testing.assert_close(got.exp().double(), ref, rtol=1e-5, atol=1e-7)
+    got.gather(1, target[:, None]).sum().backward()
+    ref.log().gather(1, target[:, None]).sum().backward()
+    torch.testing.assert_close(fa.grad.double(), fb.grad, rtol=1e-5, atol=1e-5)
+
+
 # ----------------------------------------------------------------------------- conditional routing
 
 
