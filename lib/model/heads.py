@@ -403,7 +403,8 @@ class ConditionalHead(HierarchicalSoftmaxHead):
     """The hierarchical head with a choice of how the parent distribution is routed down.
 
     soft: softmax(Z / temperature); hard: one-hot of the argmax parent, gradients through the
-    soft distribution (straight-through), so only the chosen branch keeps mass; gumbel:
+    soft distribution (straight-through), so only the chosen branch keeps mass, in training as
+    in eval (deliberately: training sees the branch inference takes); gumbel:
     F.gumbel_softmax(Z, tau=temperature) in training (a sampled, differentiable branch choice),
     the soft route in eval.
     """

@@ -273,7 +273,8 @@ class DistanceWeightedCrossEntropy(WeightedLoss):
     cost = D + I, row-normalised; per sample -(cost[y,y] log p_y + sum_{j!=y} cost[y,j] log(1 - p_j)):
     probability on a taxonomically distant class costs more than on a sibling, which is what the
     metric charges. log(1 - p_j) is taken as logsumexp over the other logits minus the
-    normaliser, exact and with a live gradient even when p_j rounds to 1.
+    normaliser, exact and with a live gradient even when p_j rounds to 1; deliberately without
+    the epsilon of a log(1 - p + eps) form, which would bias the loss and cut the gradient.
     """
 
     cost: torch.Tensor
