@@ -122,7 +122,7 @@ def ours_train(cfg, tax, device, precision: str, warmup: int, steps: int) -> flo
 
     t, m = cfg.train, cfg.model
     model = build_net(cfg, tax).to(device).to(memory_format=torch.channels_last).train()
-    criterion = build_loss(cfg.loss, np.ones(tax.n_classes), tax.distance_matrix()).to(device)
+    criterion = build_loss(cfg.loss, np.ones(tax.n_classes), tax.distance_matrix(), tax.lca_distance_matrix()).to(device)
     optimizer = torch.optim.AdamW(param_groups(model, t.lr, t.weight_decay, t.backbone_lr_mult))
     ema = Ema(model, t.ema_decay) if t.ema_decay > 0 else None
     scaler = grad_scaler(device, precision)

@@ -72,7 +72,7 @@ def parts(cfg, tax, labels, device, compile_: bool = False):
     t = cfg.train
     model = build_net(cfg, tax).to(device).to(memory_format=torch.channels_last)
     counts = np.bincount(np.asarray(labels), minlength=tax.n_classes)
-    criterion = build_loss(cfg.loss, counts, tax.distance_matrix()).to(device)
+    criterion = build_loss(cfg.loss, counts, tax.distance_matrix(), tax.lca_distance_matrix()).to(device)
     optimizer = torch.optim.AdamW(param_groups(model, t.lr, t.weight_decay, t.backbone_lr_mult))
     return model, (torch.compile(model) if compile_ else model), optimizer, criterion
 

@@ -8,6 +8,7 @@ a rerun (or a resumed, interrupted grid) only does what is missing. See scripts/
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 import time
 from pathlib import Path
@@ -206,6 +207,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--quick", action="store_true", help="the small grid (about 10 minutes on 2 cores)")
     ap.add_argument("--only", default="", help="run only these groups (comma-separated: loss,head,context,pseudo,knn,long_tail)")
     ap.add_argument("--report-only", action="store_true", help="rewrite the report from the saved measures (ablation[_quick].json)")
+    ap.add_argument("--variants", default="", help="run only these rows (comma-separated group/name, e.g. head/coherent); their "
+                    "measures go to report/ablation_variants.json, the saved grid and its report stay as they are")
     args = ap.parse_args(argv)
     setup_logging()
     s = ab.setting(args.quick)
@@ -221,6 +224,8 @@ def main(argv: list[str] | None = None) -> int:
         atomic_write_text(report_dir / name, report(d["rows"], d["extra"], d["nov"], s, d["minutes"], report_dir))
         print(f"wrote {report_dir / name} from {saved}")
         return 0
+    if args.variants:
+        return run_rows(s, args.config, out_root, report_dir, args.variants.split(","))
     started = time.time()
     ab.ensure_data(s, args.config)
     rows, extra, nov = [], [], []
@@ -237,6 +242,32 @@ def main(argv: list[str] | None = None) -> int:
     minutes = (time.time() - started) / 60
     atomic_write_text(report_dir / name, report(rows, extra, nov, s, minutes, report_dir))
     print(f"wrote {report_dir / name} ({minutes:.1f} min)")
+    return 0
+
+
+def run_rows(s: ab.Setting, config: str, out_root: str, report_dir: Path, names: list[str]) -> int:
+    """Rerun single rows of the grid (same base overrides and seed as in the full grid) and save their measures."""
+    grid: dict[str, ab.Variant] = {}
+    for v in ab.grid(s):
+        grid.setdefault(f"{v.group}/{v.name}", v)  # the first seed of a row run with several
+    unknown = [n for n in names if n not in grid]
+    if unknown:
+        raise SystemExit(f"error: no grid row {', '.join(unknown)}; name rows as group/name, one of: {', '.join(grid)}.")
+    ab.ensure_data(s, config)
+    path = report_dir / "ablation_variants.json"
+    saved = ab.read_json(path) if path.is_file() else {"rows": []}
+    for n in names:
+        v = grid[n]
+        print(f"[ablate] {n} (seed {v.seed})", flush=True)
+        rows = ab.collect(s, v, out_root, ab.run_variant(s, v, config, out_root))
+        saved["rows"] = [r for r in saved["rows"] if (r["group"], r["variant"], r["seed"]) != (v.group, v.name, v.seed)] + rows
+        if v.group == "novelty":  # the AUROCs and the two-level head's flags, as the full grid reports them
+            saved["nov"] = ab.novelty(s, v, config, out_root, truth_and_dist(s, config)[0])
+            print(json.dumps(saved["nov"], default=float))
+        ab.write_json(path, saved)
+        for r in rows:
+            print(json.dumps({k: r.get(k) for k in ["group", "variant", "seed", "seconds", *KEYS] if r.get(k) is not None}, default=float))
+    print(f"wrote {path}")
     return 0
 
 

@@ -80,12 +80,15 @@ def grid(s: Setting) -> list[Variant]:
     losses = ["ce", "dwce", "ce_expected_distance"] if s.quick else ["ce", "dwce", "focal", "balanced_softmax", "ce_expected_distance",
                                                                       "taxonomy_smoothing"]
     for loss in losses:
-        extra = ["loss.focal_class_weights=true", "loss.beta=0.999"] if loss == "focal" else []
+        extra = {"focal": ["loss.focal_class_weights=true", "loss.beta=0.999"],
+                 "taxonomy_smoothing": ["loss.ts_distance=metric"]}.get(loss, [])
         for seed in (s.seeds if loss in ("ce", "dwce") or not s.quick else s.seeds[:1]):
             if not s.quick and loss not in ("ce", "dwce") and seed != s.seeds[0]:
                 continue  # 3 seeds for ce and dwce, one for the others: the spread of ce says how far a single run can be trusted
             out.append(Variant("loss", loss, [f"loss.name={loss}", *extra, *phase1_only], p1, seed))
-    for head in ([] if s.quick else ["per_rank", "hierarchical_softmax"]):
+    if not s.quick:  # taxonomy smoothing by linnaeus' LCA distance beside the metric's (loss.ts_distance)
+        out.append(Variant("loss", "taxonomy_smoothing lca", ["loss.name=taxonomy_smoothing", "loss.ts_distance=lca", *phase1_only], p1))
+    for head in ([] if s.quick else ["per_rank", "hierarchical_softmax", "coherent"]):
         out.append(Variant("head", head, [f"head.name={head}", *phase1_only], p1))
     out.append(Variant("context", "roi+3x", ["model.context=[1, 3]", "model.fusion=attention", *phase1_only], p1))
     # Pseudo-labelling on the base (ce, first seed): 02 -> 03 -> 04 in its folder, 01 reused.
@@ -106,7 +109,7 @@ def grid(s: Setting) -> list[Variant]:
     lt_losses = ["ce", "balanced_softmax"] if s.quick else ["ce", "weighted_ce", "focal", "class_balanced", "balanced_softmax", "ldam", "seql"]
     for loss in lt_losses:
         extra = {"focal": ["loss.focal_class_weights=true", "loss.beta=0.999"], "class_balanced": ["loss.beta=0.999"],
-                 "ldam": ["loss.drw_start_epoch=2"]}.get(loss, [])
+                 "ldam": ["loss.drw_start_epoch=2", "head.normalized=true"]}.get(loss, [])  # LDAM on its cosine classifier
         out.append(Variant("long_tail", loss, [f"loss.name={loss}", *extra, *phase1_only], p1, dataset="long_tail"))
     return out
 

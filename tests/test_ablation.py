@@ -25,7 +25,11 @@ def test_grid_covers_every_group_and_reuses_the_base(quick):
     if not quick:
         assert {"ce", "dwce", "focal", "balanced_softmax", "ce_expected_distance", "taxonomy_smoothing"} <= {v.name for v in g if v.group == "loss"}
         assert {"ce", "weighted_ce", "focal", "class_balanced", "balanced_softmax", "ldam", "seql"} == {v.name for v in g if v.group == "long_tail"}
-        assert {"per_rank", "hierarchical_softmax"} <= {v.name for v in g if v.group == "head"}
+        assert {"per_rank", "hierarchical_softmax", "coherent"} <= {v.name for v in g if v.group == "head"}
+        ldam = next(v for v in g if v.group == "long_tail" and v.name == "ldam")
+        assert "head.normalized=true" in ldam.overrides  # LDAM on its cosine classifier (the config refuses it otherwise)
+        ts = {v.name: v.overrides for v in g if v.group == "loss" and v.name.startswith("taxonomy_smoothing")}
+        assert "loss.ts_distance=metric" in ts["taxonomy_smoothing"] and "loss.ts_distance=lca" in ts["taxonomy_smoothing lca"]
         assert any("pseudo.rounds=3" in v.overrides for v in g)
 
 
@@ -81,3 +85,11 @@ def test_report_rebuilt_from_saved_measures_states_what_the_numbers_say(tmp_path
     assert "energy 0.750 (0.5 is chance)" in md
     assert "| kNN min_risk (chosen by CV) | 1 | 2.600 | 2.700 |" in md  # no CV top-1 given: the column is left out
     assert (tmp_path / "report" / "ablation_quick.png").is_file()
+
+
+def test_single_rows_are_named_group_slash_name(tmp_path):
+    """`ablate.py --variants` reruns single rows; an unknown name stops with the list of names."""
+    import ablate
+
+    with pytest.raises(SystemExit, match="no grid row head/nope; name rows as group/name"):
+        ablate.run_rows(ab.setting(False), "configs/demo.yaml", str(tmp_path), tmp_path, ["head/nope"])

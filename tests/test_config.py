@@ -74,10 +74,23 @@ def test_flatten_names_keys():
 
 
 def test_loss_section():
-    cfg = load_config("configs/fathomnet2025.yaml", ["loss.name=ldam", "loss.drw_start_epoch=10"])
+    cfg = load_config("configs/fathomnet2025.yaml", ["loss.name=ldam", "loss.drw_start_epoch=10", "head.normalized=true"])
     assert cfg.loss.name == "ldam" and cfg.loss.drw_start_epoch == 10 and cfg.loss.label_smoothing == 0.1
+    assert cfg.head.normalized and cfg.loss.ts_distance == "lca"  # the default: better out of fold on the demo
     with pytest.raises(ConfigError, match="Unknown config key 'train.label_smoothing'"):
         load_config(None, ["train.label_smoothing=0.1"])
+
+
+def test_ldam_needs_the_cosine_classifier():
+    """LDAM's margins and s = 30 assume NormedLinear's cosine logits (kaidic/LDAM-DRW); raw logits are refused, with the fix."""
+    with pytest.raises(ConfigError, match="set head.normalized=true") as e:
+        load_config("configs/demo.yaml", ["loss.name=ldam"])
+    assert "\n" not in str(e.value)
+    with pytest.raises(ConfigError, match="head.normalized=true is for the heads"):
+        load_config("configs/demo.yaml", ["head.name=hierarchical_softmax", "head.normalized=true"])
+    with pytest.raises(ConfigError, match="only loss.name=ldam scales"):
+        load_config("configs/demo.yaml", ["head.normalized=true"])
+    assert load_config("configs/demo.yaml", ["loss.name=ldam", "head.normalized=true", "head.name=per_rank"]).head.normalized
 
 
 @pytest.mark.parametrize(

@@ -10,20 +10,25 @@ from torch import nn
 from lib.config import ConfigError, HeadCfg, LossCfg, load_config
 from lib.data.taxonomy import Taxonomy, load_taxonomy_csv
 from lib.model.heads import (
+    CoherentHead,
     ConditionalHead,
     HeadOutput,
     HierarchicalSoftmaxHead,
     MLPHead,
     MultiHead,
+    NormedLinear,
     PerRankHead,
     TwoLevelHead,
     build_head,
+    max_constraint,
+    mc_loss,
     split_ranks,
     taxonomy_levels,
+    taxonomy_nodes,
 )
 from lib.model.losses import build_loss
 
-NAMES = ["linear", "mlp", "multi", "per_rank", "two_level", "hierarchical_softmax", "conditional"]
+NAMES = ["linear", "mlp", "multi", "per_rank", "two_level", "hierarchical_softmax", "conditional", "coherent"]
 IN = 16
 
 
@@ -90,6 +95,8 @@ def test_shapes(tax, name):
     elif name in ("hierarchical_softmax", "conditional"):
         assert list(out.aux) == ranks
         assert [v.shape[1] for v in out.aux.values()] == [len(lv.nodes) for lv in head.levels[:-1]]
+    elif name == "coherent":
+        assert list(out.aux) == ["nodes"] and out.aux["nodes"].shape == (4, len(head.nodes.names))
     else:
         assert out.aux == {} and out.heads is None
 
@@ -112,7 +119,7 @@ def test_loss_backpropagates(tax, ce, name, kw):
 @pytest.mark.parametrize("loss_name", ["focal", "ldam", "seql", "taxonomy_smoothing", "ce_expected_distance"])
 def test_any_base_loss(tax, name, loss_name):
     counts = np.arange(1, tax.n_classes + 1)
-    base = build_loss(LossCfg(name=loss_name), counts, tax.distance_matrix())
+    base = build_loss(LossCfg(name=loss_name), counts, tax.distance_matrix(), tax.lca_distance_matrix())
     head = build_head(cfg(name), IN, tax)
     loss = head.loss(head(torch.randn(4, IN)), targets(tax), None, base)
     assert torch.isfinite(loss)
@@ -276,6 +283,37 @@ def test_hierarchical_loss_terms(ce):
     assert head.level_labels.tolist() == [[0, 0, 0, 1, 1], [0, 0, 1, 2, 3], [0, 1, 3, 2, 4]]
 
 
+def test_hierarchical_softmax_matches_the_product_of_conditionals_value_and_gradient():
+    """Reference: hierarchical softmax (Morin & Bengio 2005; YOLO9000's WordTree): P(leaf) is the product down its path of
+    P(node | parent), each a softmax over that parent's children, written here as a loop over the tree in float64."""
+    torch.manual_seed(0)
+    head = HierarchicalSoftmaxHead(IN, toy(), 1.0)
+    with torch.no_grad():
+        for p in head.parameters():
+            p.normal_(std=0.3)
+    feats = torch.randn(3, IN)
+    target = torch.tensor([0, 2, 4])
+    fa, fb = feats.clone().requires_grad_(True), feats.double().requires_grad_(True)
+    got = head(fa).logits.log_softmax(-1)  # float32
+    conditionals = []
+    for i, lv in enumerate(head.levels):
+        fc = head.classifiers[i]
+        z = F.linear(fb, fc.weight.detach().double(), fc.bias.detach().double())
+        groups = lv.parent if i > 0 else np.zeros(len(lv.nodes), dtype=np.int64)
+        cond = torch.zeros_like(z)
+        for g in np.unique(groups):
+            members = np.flatnonzero(groups == g)
+            cond[:, members] = z[:, members].softmax(-1)
+        conditionals.append(cond)
+    ref = torch.ones(3, 5, dtype=torch.float64)
+    for i, lv in enumerate(head.levels):
+        ref = ref * conditionals[i][:, lv.of_concept]
+    torch.testing.assert_close(got.exp().double(), ref, rtol=1e-5, atol=1e-7)
+    got.gather(1, target[:, None]).sum().backward()
+    ref.log().gather(1, target[:, None]).sum().backward()
+    torch.testing.assert_close(fa.grad.double(), fb.grad, rtol=1e-5, atol=1e-5)
+
+
 # ----------------------------------------------------------------------------- conditional routing
 
 
@@ -339,7 +377,7 @@ def test_two_level_novelty(coarse, fine, level):
     assert torch.allclose(nov["coarse_prob"], torch.tensor(max(coarse)).expand(2))
     assert nov["coarse_label"].tolist() == [int(np.argmax(coarse))] * 2
     assert torch.allclose(nov["fine_prob"], torch.tensor(max(fine)).expand(2)) and nov["fine_label"].tolist() == [0, 0]
-    assert nov["novel"].tolist() == [level != "fine"] * 2
+    assert nov["novel"].tolist() == [level == "novel"] * 2  # a row answered at the coarse rank is known there, not novel
 
 
 def test_two_level_loss_ignores_concepts_without_coarse_rank():
@@ -376,3 +414,143 @@ def test_config_head_name_typo_suggests():
 def test_config_head_value_checks(override, msg):
     with pytest.raises(ConfigError, match=msg):
         load_config(None, [override])
+
+
+# ----------------------------------------------------------------------------- cosine classifier (LDAM's NormedLinear)
+
+
+def normed_linear_reference(x: torch.Tensor, weight_in_out: torch.Tensor) -> torch.Tensor:
+    """NormedLinear.forward of kaidic/LDAM-DRW (models/resnet_cifar.py), written here: the weight is
+    stored (in, out) and normalised per column; the features per row."""
+    return (x / x.norm(dim=1, keepdim=True).clamp_min(1e-12)) @ (weight_in_out / weight_in_out.norm(dim=0, keepdim=True).clamp_min(1e-12))
+
+
+def test_normed_linear_matches_the_ldam_authors_value_and_gradient():
+    torch.manual_seed(0)
+    layer = NormedLinear(IN, 7)
+    x = torch.randn(5, IN) * 3
+    ref_w = layer.weight.detach().t().clone().requires_grad_(True)
+    xa, xb = x.clone().requires_grad_(True), x.clone().requires_grad_(True)
+    got, ref = layer(xa), normed_linear_reference(xb, ref_w)
+    torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5)
+    g = torch.randn_like(got)
+    (got * g).sum().backward()
+    (ref * g).sum().backward()
+    torch.testing.assert_close(xa.grad, xb.grad, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(layer.weight.grad, ref_w.grad.t(), rtol=1e-5, atol=1e-5)
+    assert float(got.detach().abs().max()) <= 1.0 + 1e-6 and not any(n == "bias" for n, _ in layer.named_parameters())
+
+
+@pytest.mark.parametrize("name", ["linear", "mlp", "multi", "per_rank", "two_level"])
+def test_normalized_heads_give_cosine_logits(tax, name):
+    torch.manual_seed(0)
+    head = build_head(cfg(name, normalized=True), IN, tax, logit_scale=30.0).eval()
+    out = head(100 * torch.randn(4, IN))
+    assert float(out.logits.detach().abs().max()) <= 1.0 + 1e-6
+    assert any(isinstance(m, NormedLinear) for m in head.modules())
+    # the probabilities are the softmax LDAM trains: s x cosine, not a near-uniform softmax of cosines
+    torch.testing.assert_close(head.probs(out), (30.0 * out.logits).softmax(-1))
+    assert build_head(cfg(name), IN, tax, logit_scale=30.0).logit_scale == 1.0  # a plain head ignores the scale
+
+
+def test_normalized_refused_where_there_is_no_leaf_linear(tax):
+    with pytest.raises(ValueError, match="set head.normalized=false"):
+        build_head(cfg("hierarchical_softmax", normalized=True), IN, tax)
+
+
+# ----------------------------------------------------------------------------- coherent (C-HMCNN)
+
+
+def test_toy_nodes_and_descendants():
+    nodes = taxonomy_nodes(toy())
+    assert nodes.names == ("kingdom:K", "phylum:P1", "phylum:P2", "class:C1", "class:C2", "class:C3", "order:O1", "order:O2",
+                           "order:O3")
+    idx = {n: i for i, n in enumerate(nodes.names)}
+    assert [nodes.names[i] for i in nodes.of_concept] == ["order:O1", "order:O2", "class:C2", "order:O3", "phylum:P2"]
+    below_p2 = {nodes.names[j] for j in np.flatnonzero(nodes.descendants[idx["phylum:P2"]])}
+    assert below_p2 == {"phylum:P2", "class:C3", "order:O3"}
+    assert nodes.descendants[idx["kingdom:K"]].all() and nodes.descendants.sum() == 9 + 5 + 3 + 3 + 1 + 2 + 3  # K, P1, P2, C1, C2, C3, the orders
+    assert {nodes.names[j] for j in np.flatnonzero(nodes.on_path[3])} == {"kingdom:K", "phylum:P2", "class:C3", "order:O3"}
+
+
+def test_real_nodes_every_rank_and_exceptions_below(tax):
+    nodes = taxonomy_nodes(tax)
+    n_values = sum(len({lin[r] for lin in tax.lineages if lin[r] is not None}) for r in range(7))
+    assert len(nodes.names) == n_values + len(tax.exceptions)
+    assert len(set(nodes.of_concept.tolist())) == tax.n_classes  # every concept its own node
+    act, tun = nodes.of_concept[tax.index("Actinopterygii")], nodes.of_concept[tax.index("Tunicata")]
+    chordata = nodes.names.index("phylum:Chordata")
+    assert nodes.descendants[chordata, act] and nodes.descendants[chordata, tun] and act != tun
+
+
+def reference_constrained(x: torch.Tensor, below: list[list[int]]) -> torch.Tensor:
+    """get_constr_out of EGiunchiglia/C-HMCNN (main.py), written here as a loop: node i's output is the
+    max of x over i and its descendants (`below[i]`), in float64 as there."""
+    return torch.stack([x.double()[:, b].max(dim=1).values for b in below], dim=1)
+
+
+def reference_mcloss(logits: torch.Tensor, labels: torch.Tensor, below: list[list[int]]) -> torch.Tensor:
+    """The training step of EGiunchiglia/C-HMCNN (main.py): MCLoss = BCELoss of
+    (1 - y) * constr(sigmoid) + y * constr(y * sigmoid), mean over samples and nodes."""
+    out = logits.sigmoid()
+    y = labels.double()
+    train = (1 - y) * reference_constrained(out, below) + y * reference_constrained(y * out, below)
+    return F.binary_cross_entropy(train, y)
+
+
+def test_mcloss_matches_the_c_hmcnn_code_value_and_gradient(tax):
+    torch.manual_seed(0)
+    nodes = taxonomy_nodes(tax)
+    below = [np.flatnonzero(row).tolist() for row in nodes.descendants]
+    target = targets(tax)
+    labels = torch.as_tensor(nodes.on_path[target.numpy()], dtype=torch.float32)
+    z = 2 * torch.randn(len(target), len(nodes.names))
+    a, b = z.clone().requires_grad_(True), z.clone().requires_grad_(True)
+    got = mc_loss(a, labels, torch.as_tensor(nodes.descendants, dtype=torch.float32), None)
+    ref = reference_mcloss(b, labels, below)
+    got.backward()
+    ref.backward()
+    assert float(got.detach()) == pytest.approx(float(ref.detach()), rel=1e-5, abs=1e-6)
+    torch.testing.assert_close(a.grad, b.grad.float(), rtol=1e-5, atol=1e-6)
+    w = torch.tensor([1.0, 0.0, 0.0, 0.0])  # sample weights: the weighted mean over samples
+    alone = mc_loss(z[:1], labels[:1], torch.as_tensor(nodes.descendants, dtype=torch.float32), None)
+    torch.testing.assert_close(mc_loss(z, labels, torch.as_tensor(nodes.descendants, dtype=torch.float32), w), alone)
+
+
+def test_max_constraint_parent_never_below_child(tax):
+    torch.manual_seed(1)
+    head = build_head(cfg("coherent"), IN, tax)
+    assert isinstance(head, CoherentHead)
+    p = head.coherent(head(3 * torch.randn(64, IN))).detach()
+    parent, child = np.nonzero(head.nodes.descendants)
+    assert bool((p[:, parent] >= p[:, child]).all())
+    raw = head(3 * torch.randn(64, IN)).aux["nodes"].detach().sigmoid()
+    np.testing.assert_allclose(max_constraint(raw, head.descendants).numpy(),
+                               reference_constrained(raw, [np.flatnonzero(r).tolist() for r in head.nodes.descendants]).numpy(),
+                               rtol=1e-6)
+
+
+def test_coherent_answer_is_a_softmax_over_the_concepts_own_outputs(ce):
+    t = toy()
+    head = build_head(cfg("coherent", aux_weight=0.5), IN, t)
+    out = head(torch.randn(3, IN))
+    nodes = out.aux["nodes"]
+    # L5 is phylum P2, an inner node with L4 below it: its own output, not the max over its subtree
+    assert torch.equal(out.logits, nodes[:, [6, 7, 4, 8, 2]])
+    torch.testing.assert_close(head.probs(out), nodes[:, [6, 7, 4, 8, 2]].softmax(-1))
+    target, w = torch.tensor([0, 4, 3]), torch.tensor([1.0, 2.0, 0.5])
+    base = build_loss(LossCfg(), np.ones(5), t.distance_matrix())
+    mc = mc_loss(nodes, head.on_path[target], head.descendants, w)
+    torch.testing.assert_close(head.loss(out, target, w, base), base(out.logits, target, w) + 0.5 * mc)
+    assert head.on_path[4].tolist() == [1, 0, 1, 0, 0, 0, 0, 0, 0]  # L5's target: K and P2 only
+
+
+def test_mcloss_is_finite_where_float32_sigmoids_saturate(tax):
+    """The reference's BCE on probabilities has a 1 / (p (1 - p)) gradient; at logits of +-40 it is inf or NaN, MCLoss stays finite."""
+    nodes = taxonomy_nodes(tax)
+    target = targets(tax)
+    labels = torch.as_tensor(nodes.on_path[target.numpy()], dtype=torch.float32)
+    z = (40 * torch.sign(torch.randn(len(target), len(nodes.names)))).requires_grad_(True)
+    loss = mc_loss(z, labels, torch.as_tensor(nodes.descendants, dtype=torch.float32), None)
+    loss.backward()
+    assert torch.isfinite(loss) and torch.isfinite(z.grad).all() and float(z.grad.abs().max()) <= 1.0

@@ -6,6 +6,7 @@ import typing
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 
 from lib.config import ConfigError, LossCfg, load_config
 from lib.model.losses import WeightedLoss, build_loss, effective_number_weights
@@ -34,6 +35,9 @@ def batch() -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def make(name: str, counts: np.ndarray = COUNTS, distance: np.ndarray = D, **kw) -> WeightedLoss:
+    """The loss over the test's own distance matrix D (so taxonomy smoothing spreads by D: ts_distance metric)."""
+    if name == "taxonomy_smoothing":
+        kw.setdefault("ts_distance", "metric")
     return build_loss(LossCfg(name=name, **kw), counts, distance)
 
 
@@ -69,6 +73,17 @@ def as_np(logits: torch.Tensor, target: torch.Tensor) -> tuple[np.ndarray, np.nd
     return logits.double().numpy(), target.numpy()
 
 
+def assert_value_and_grad(loss: WeightedLoss, reference, logits: torch.Tensor, target: torch.Tensor) -> None:
+    """The loss and its gradient in the logits equal the reference's (float32, to 1e-5)."""
+    a = logits.detach().clone().requires_grad_(True)
+    b = logits.detach().clone().requires_grad_(True)
+    got, ref = loss(a, target), reference(b)
+    got.backward()
+    ref.backward()
+    torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(a.grad, b.grad, rtol=1e-5, atol=1e-5)
+
+
 # ----------------------------------------------------------------------------- each loss vs its formula
 
 
@@ -78,10 +93,22 @@ def test_ce_with_label_smoothing(batch):
 
 
 def test_weighted_ce_inverse_frequency(batch):
+    """The weighted mean sum(w_y l) / sum(w_y), not the class-weighted sum over N."""
     z, y = as_np(*batch)
     w = 1.0 / np.array([100, 30, 10, 3, 1.0])  # the empty class counts as 1
     w = w / w.mean()
-    assert value(make("weighted_ce"), *batch) == pytest.approx((w[y] * np_ce(z, y)).mean(), rel=1e-5)
+    assert value(make("weighted_ce"), *batch) == pytest.approx((w[y] * np_ce(z, y)).sum() / w[y].sum(), rel=1e-5)
+    s = torch.tensor([0.2, 1.0, 0.5, 0.7, 0.1, 0.9])  # pseudo-label weights multiply the class weights
+    ref = (s.numpy() * w[y] * np_ce(z, y)).sum() / (s.numpy() * w[y]).sum()
+    assert value(make("weighted_ce"), *batch, s) == pytest.approx(ref, rel=1e-5)
+
+
+def test_weighted_ce_value_and_gradient_match_torch_weighted_cross_entropy(batch):
+    """Reference: PyTorch's F.cross_entropy(weight=w), mean reduction (sum of w_y l over sum of w_y)."""
+    logits, target = batch
+    w = torch.as_tensor(1.0 / np.maximum(COUNTS, 1), dtype=torch.float32)
+    w = w / w.mean()
+    assert_value_and_grad(make("weighted_ce"), lambda z: F.cross_entropy(z, target, weight=w), logits, target)
 
 
 def test_focal(batch):
@@ -148,6 +175,29 @@ def test_ldam(batch):
     assert got == pytest.approx(np_ce(30.0 * adjusted, y).mean(), rel=1e-5)
 
 
+def ldam_reference(z: torch.Tensor, y: torch.Tensor, counts: np.ndarray, max_m: float, s: float,
+                   weight: torch.Tensor | None) -> torch.Tensor:
+    """LDAMLoss.forward of kaidic/LDAM-DRW (losses.py), written here: m_c = n_c^-1/4 scaled to max_m,
+    the margin subtracted from the true logit only, then F.cross_entropy(s * x_m, y, weight=per_cls_weights)."""
+    m = 1.0 / np.sqrt(np.sqrt(np.maximum(counts, 1).astype(np.float64)))
+    m = torch.as_tensor(m * (max_m / m.max()), dtype=torch.float32)
+    is_target = F.one_hot(y, z.shape[1]).bool()
+    x_m = torch.where(is_target, z - m[y][:, None], z)
+    return F.cross_entropy(s * x_m, y, weight=weight)
+
+
+def test_ldam_drw_value_and_gradient_match_the_authors_code(batch):
+    """Reference: kaidic/LDAM-DRW losses.py LDAMLoss with DRW per_cls_weights (cifar_train.py), on cosine logits."""
+    logits, target = batch
+    cosine = torch.tanh(logits)  # logits in [-1, 1], as NormedLinear gives
+    loss = make("ldam", max_m=0.5, s=30.0, beta=0.999, drw_start_epoch=1)
+    loss.set_epoch(0)
+    assert_value_and_grad(loss, lambda z: ldam_reference(z, target, COUNTS, 0.5, 30.0, None), cosine, target)
+    loss.set_epoch(1)
+    w = torch.as_tensor(np_effective(COUNTS, 0.999), dtype=torch.float32)
+    assert_value_and_grad(loss, lambda z: ldam_reference(z, target, COUNTS, 0.5, 30.0, w), cosine, target)
+
+
 def test_ldam_without_margin_is_ce(batch):
     assert value(make("ldam", max_m=1e-12, s=1.0), *batch) == pytest.approx(value(make("ce"), *batch), rel=1e-6)
 
@@ -159,7 +209,7 @@ def test_ldam_drw_switches_on_at_start_epoch(batch):
     for epoch, weighted in ((0, False), (1, False), (2, True), (5, True)):
         loss.set_epoch(epoch)
         w = np_effective(COUNTS, 0.99) if weighted else np.ones(C)
-        assert value(loss, *batch) == pytest.approx((w[y] * ce).mean(), rel=1e-5), epoch
+        assert value(loss, *batch) == pytest.approx((w[y] * ce).sum() / w[y].sum(), rel=1e-5), epoch
     never = make("ldam", max_m=1e-12, s=1.0, drw_start_epoch=-1)
     never.set_epoch(100)
     assert value(never, *batch) == pytest.approx(ce.mean(), rel=1e-5)
@@ -305,3 +355,101 @@ def test_unknown_name_suggests():
 def test_shape_mismatch_rejected():
     with pytest.raises(ValueError, match="same taxonomy"):
         build_loss(LossCfg(), COUNTS, np.zeros((3, 3)))
+
+
+def test_lca_distance_by_hand():
+    """linnaeus' distance: 2 x (ranks below the lowest common ancestor), every concept a leaf under the 7 ranks."""
+    from lib.data.taxonomy import Taxonomy
+
+    k = "K"
+    tax = Taxonomy(names=("a", "b", "g", "x"), lineages=(
+        (k, "P", "C", "O", "F", "G", "G a"), (k, "P", "C", "O", "F", "G", "G b"),
+        (k, "P", "C", "O", "F", "G", None), (k, "Q", None, None, None, None, None)))
+    lca = tax.lca_distance_matrix()
+    expected = np.array([[0, 2, 2, 12], [2, 0, 2, 12], [2, 2, 0, 12], [12, 12, 12, 0]])
+    np.testing.assert_array_equal(lca, expected)
+    assert tax.distance_matrix()[0, 2] == 1  # the metric: a genus-level concept is 1 from its species
+    loss = build_loss(LossCfg(name="taxonomy_smoothing", ts_distance="lca", alpha=0.2, ts_beta=0.5), np.ones(4),
+                      tax.distance_matrix(), lca)
+    a = np.exp(-0.5 * expected[0].astype(float))
+    a[0] = 0
+    np.testing.assert_allclose(loss.soft_target[0].numpy(), np.r_[0.8, 0.2 * a[1:] / a.sum()], rtol=1e-6)
+    with pytest.raises(ValueError, match="lca_distance"):
+        build_loss(LossCfg(name="taxonomy_smoothing", ts_distance="lca"), np.ones(4), tax.distance_matrix())
+
+
+# ----------------------------------------------------------------------------- value and gradient against written-out references
+# Each reference is the formula of the source named beside it, written here in float64 torch so autograd gives its
+# gradient; the project's float32 loss must match value and gradient in the logits to 1e-5.
+
+
+def _t(a: np.ndarray) -> torch.Tensor:
+    return torch.as_tensor(a, dtype=torch.float64)
+
+
+def _ref_focal(z, y, gamma, w=None):  # Lin et al. 2017 (ICCV), eq. 5 with the class weight alpha_t; mean over the batch
+    logp = z.log_softmax(1).gather(1, y[:, None]).squeeze(1)
+    loss = -((1 - logp.exp()) ** gamma) * logp
+    return (loss if w is None else w[y] * loss).mean()
+
+
+def _ref_cb_sigmoid(z, y, w, gamma):  # Cui et al. 2019, class-balanced-loss (TF) focal_loss / sigmoid: sum over classes, / N
+    onehot = F.one_hot(y, z.shape[1]).double()
+    p = z.sigmoid()
+    bce = -(onehot * p.log() + (1 - onehot) * (1 - p).log())
+    p_t = torch.where(onehot == 1, p, 1 - p)
+    return (w[y] * ((1 - p_t) ** gamma * bce).sum(1)).mean()
+
+
+def _ref_seql_all(z, y, tail):  # Tan et al. 2020 softmax EQL with every tail negative dropped (gamma 1)
+    keep = (~tail)[None, :] | F.one_hot(y, z.shape[1]).bool()
+    return (torch.logsumexp(z.masked_fill(~keep, float("-inf")), 1) - z.gather(1, y[:, None]).squeeze(1)).mean()
+
+
+def _ref_dwce(z, y, d):  # 3rd place FathomNet 2025: -(c_yy log p_y + sum_j c_yj log(1 - p_j)), c = (D + I) row-normalised
+    cost = _t(d) + torch.eye(len(d), dtype=torch.float64)
+    cost = cost / cost.sum(1, keepdim=True)
+    p = z.softmax(1)
+    onehot = F.one_hot(y, z.shape[1]).bool()
+    return -(cost[y] * torch.where(onehot, p.log(), (1 - p).log())).sum(1).mean()
+
+
+def _ref_ts(z, y, d, alpha, beta):  # Bertinetto et al. 2020 soft labels: (1 - alpha) on y, alpha by exp(-beta D) elsewhere
+    a = torch.exp(-beta * _t(d)).fill_diagonal_(0.0)
+    q = (1 - alpha) * torch.eye(len(d), dtype=torch.float64) + alpha * a / a.sum(1, keepdim=True)
+    return -(q[y] * z.log_softmax(1)).sum(1).mean()
+
+
+def _ref_ced(z, y, d, lam):  # 2nd place FathomNet 2025: CE + lambda sum_j p_j D[y, j]
+    return (F.cross_entropy(z, y, reduction="none") + lam * (z.softmax(1) * _t(d)[y]).sum(1)).mean()
+
+
+PRIOR = np.log(np.maximum(COUNTS, 1) / np.maximum(COUNTS, 1).sum())
+REFERENCES = {
+    "ce": ({"label_smoothing": 0.1}, lambda z, y: F.cross_entropy(z, y, label_smoothing=0.1)),
+    "focal": ({"gamma": 2.0, "beta": 0.99, "focal_class_weights": True}, lambda z, y: _ref_focal(z, y, 2.0, _t(np_effective(COUNTS, 0.99)))),
+    "class_balanced": ({"beta": 0.99},  # softmax base: Cui et al.'s code weights each sample and divides by N
+                       lambda z, y: (_t(np_effective(COUNTS, 0.99))[y] * F.cross_entropy(z, y, reduction="none")).mean()),
+    "class_balanced-focal": ({"beta": 0.99, "cb_base": "focal", "gamma": 1.5},
+                             lambda z, y: _ref_cb_sigmoid(z, y, _t(np_effective(COUNTS, 0.99)), 1.5)),
+    "balanced_softmax": ({}, lambda z, y: F.cross_entropy(z + _t(PRIOR), y)),  # Ren et al. 2020: logits + log prior
+    "logit_adjusted": ({"tau": 0.5}, lambda z, y: F.cross_entropy(z + 0.5 * _t(PRIOR), y)),  # Menon et al. 2021, loss form
+    "seql": ({"seql_gamma": 1.0, "seql_lambda": 0.05}, lambda z, y: _ref_seql_all(z, y, torch.as_tensor(COUNTS / COUNTS.sum() < 0.05))),
+    "dwce": ({}, lambda z, y: _ref_dwce(z, y, D)),
+    "taxonomy_smoothing": ({"alpha": 0.2, "ts_beta": 0.5}, lambda z, y: _ref_ts(z, y, D, 0.2, 0.5)),
+    "ce_expected_distance": ({"ed_lambda": 0.3}, lambda z, y: _ref_ced(z, y, D, 0.3)),
+}
+
+
+@pytest.mark.parametrize("key", list(REFERENCES))
+def test_value_and_gradient_match_the_reference(key, batch):
+    logits, target = batch
+    kw, ref = REFERENCES[key]
+    loss = make(key.split("-")[0], **kw)
+    a = logits.detach().clone().requires_grad_(True)
+    b = logits.detach().double().requires_grad_(True)
+    got, want = loss(a, target), ref(b, target)
+    got.backward()
+    want.backward()
+    assert float(got.detach()) == pytest.approx(float(want.detach()), rel=1e-5)
+    torch.testing.assert_close(a.grad.double(), b.grad, rtol=1e-5, atol=1e-6)

@@ -21,27 +21,49 @@ from lib.decide.pseudo import (
 from lib.report.plots import plot_umap
 
 # ----------------------------------------------------------------------------- GMU, by hand
-# One item, 3 models x 3 classes:
-#   class 0: 0.7 0.5 0.6 -> mu 0.6, var (0.01 + 0.01 + 0) / 3 = 0.02/3, sigma s = sqrt(0.02/3) = 0.0816497
+# One item, 3 models x 3 classes; sigma is the unbiased (ddof=1) standard deviation over the models,
+# as the 3rd place's GMU code (FathomNet 2025) computes it with torch's default std:
+#   class 0: 0.7 0.5 0.6 -> mu 0.6, var (0.01 + 0.01 + 0) / (3 - 1) = 0.01, sigma s = 0.1
 #   class 1: 0.3 0.3 0.3 -> mu 0.3, var 0,                              sigma 0
-#   class 2: 0.0 0.2 0.1 -> mu 0.1, var 0.02/3,                         sigma s
+#   class 2: 0.0 0.2 0.1 -> mu 0.1, var 0.01,                           sigma s
 # Top-2 by mu: classes 0 and 1, margin 0.6 - 0.3 = 0.3.
-#   top2:     sigma_0 + sigma_1 = s       -> GMU = 0.3 / 0.0816497 = 3.674235, U = 0.6 (1 - e^-3.674235) = 0.584779
-#   largest2: sigma_0 + sigma_2 = 2 s     -> GMU = 0.3 / 0.1632993 = 1.837117, U = 0.6 (1 - e^-1.837117) = 0.504434
+#   top2:     sigma_0 + sigma_1 = s   -> GMU = 0.3 / 0.1 = 3, U = 0.6 (1 - e^-3)   = 0.570128
+#   largest2: sigma_0 + sigma_2 = 2 s -> GMU = 0.3 / 0.2 = 1.5, U = 0.6 (1 - e^-1.5) = 0.466122
+# With the population sigma (ddof=0: var 0.02/3) GMU is sqrt(3/2) times larger.
 HAND = np.array([[[0.7, 0.3, 0.0]], [[0.5, 0.3, 0.2]], [[0.6, 0.3, 0.1]]])
 
 
-def test_ensemble_stats_mean_and_population_variance():
+def test_ensemble_stats_mean_and_unbiased_variance():
     mu, var = ensemble_stats(HAND)
     assert mu[0] == pytest.approx([0.6, 0.3, 0.1])
-    assert var[0] == pytest.approx([0.02 / 3, 0.0, 0.02 / 3])
+    assert var[0] == pytest.approx([0.01, 0.0, 0.01])
+    assert ensemble_stats(HAND, ddof=0)[1][0] == pytest.approx([0.02 / 3, 0.0, 0.02 / 3])
 
 
-@pytest.mark.parametrize("mode,g,u", [("top2", 3.674235, 0.584779), ("largest2", 1.837117, 0.504434)])
+@pytest.mark.parametrize("mode,g,u", [("top2", 3.0, 0.570128), ("largest2", 1.5, 0.466122)])
 def test_gmu_hand_computed(mode, g, u):
     got_g, got_u = gmu(HAND, mode)
     assert got_g[0] == pytest.approx(g, rel=1e-5) and got_u[0] == pytest.approx(u, rel=1e-5)
     assert got_u[0] == pytest.approx(0.6 * (1 - math.exp(-got_g[0])))  # U = mu_max (1 - exp(-GMU))
+    assert gmu(HAND, mode, ddof=0)[0][0] == pytest.approx(g * math.sqrt(3 / 2), rel=1e-5)
+
+
+def test_gmu_two_members_matches_torch_std():
+    """Reference: the 3rd place's GMU (FathomNet 2025) takes torch.std over the members (unbiased);
+    with 2 members the population sigma would make GMU sqrt(2) times larger."""
+    import torch
+
+    rng = np.random.default_rng(0)
+    probs = rng.dirichlet(np.ones(5), size=(2, 7))
+    t = torch.as_tensor(probs, dtype=torch.float32)
+    mu, sigma = t.mean(0), t.std(0)
+    top = mu.topk(2, dim=1).values
+    ref_g = (top[:, 0] - top[:, 1]) / (sigma.topk(2, dim=1).values.sum(1) + 1e-12)
+    ref_u = top[:, 0] * (1 - torch.exp(-ref_g))
+    g, u = gmu(probs, "largest2")
+    np.testing.assert_allclose(g, ref_g.numpy(), rtol=1e-5)
+    np.testing.assert_allclose(u, ref_u.numpy(), rtol=1e-5)
+    np.testing.assert_allclose(gmu(probs, "largest2", ddof=0)[0], g * math.sqrt(2), rtol=1e-6)
 
 
 def test_gmu_single_model_is_finite():

@@ -89,6 +89,29 @@ class Taxonomy:
             object.__setattr__(self, "_dist", cached)
         return cached
 
+    def lca_distance_matrix(self) -> np.ndarray:
+        """L[i, j] = 2 x (ranks below the lowest common ancestor of i and j), 0 on the diagonal.
+
+        The distance of linnaeus' taxonomy smoothing: every concept a leaf at the same depth below
+        the 7 ranks, two concepts meeting at the deepest rank where both lineages have the same
+        value (up to 12 apart, like the metric). Unlike the metric it ignores where a concept stops:
+        a genus-level concept and a species of that genus are 2 apart (the metric: 1), two
+        concepts listed with one lineage (Actinopterygii, Tunicata) 10 (the metric: 2).
+        """
+        n = self.n_classes
+        out = np.zeros((n, n), dtype=np.float32)
+        for i in range(n):
+            for j in range(n):
+                if i != j:
+                    shared = 0
+                    for a, b in zip(self.lineages[i], self.lineages[j]):
+                        if a is None or a != b:
+                            break
+                        shared += 1
+                    out[i, j] = 2 * (len(RANKS) - shared)
+        out.setflags(write=False)
+        return out
+
     def rank_labels(self, rank: str) -> tuple[np.ndarray, list[str]]:
         """Per-concept index of its value at `rank` (-1 where absent), and the rank's values."""
         r = RANKS.index(rank)

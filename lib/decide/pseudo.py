@@ -51,31 +51,38 @@ def _check_probs(probs: np.ndarray) -> np.ndarray:
 # ----------------------------------------------------------------------------- ensemble statistics
 
 
-def ensemble_stats(probs: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Per item and class, the mean mu and the (population, ddof=0) variance sigma^2 over models.
+def ensemble_stats(probs: np.ndarray, ddof: int = 1) -> tuple[np.ndarray, np.ndarray]:
+    """Per item and class, the mean mu and the variance sigma^2 over models (unbiased, ddof=1, by default).
 
-    `probs` is (models, items, classes); models may be folds x heads flattened. ddof=0 so a
-    single model has zero variance rather than NaN.
+    `probs` is (models, items, classes); models may be folds x heads flattened. ddof=1 is what the
+    3rd place's GMU code computes (torch's default `std`); with fewer than ddof + 1 models there
+    is no spread to estimate and the variance is 0 rather than NaN.
     """
     probs = _check_probs(probs)
-    return probs.mean(0), probs.var(0)
+    if probs.shape[0] <= ddof:
+        return probs.mean(0), np.zeros(probs.shape[1:])
+    return probs.mean(0), probs.var(0, ddof=ddof)
 
 
 def gmu(
-    probs: np.ndarray, sigma_mode: Literal["top2", "largest2"] = "largest2", eps: float = 1e-12
+    probs: np.ndarray, sigma_mode: Literal["top2", "largest2"] = "largest2", eps: float = 1e-12, ddof: int = 1
 ) -> tuple[np.ndarray, np.ndarray]:
     """Gated marginal uncertainty: (GMU, U) per item.
 
     GMU = (mu_max - mu_2nd) / (sigma_a + sigma_b + eps) is the top-2 margin of the ensemble mean in
     units of model disagreement, and U = mu_max * (1 - exp(-GMU)) gates the top probability by it:
-    a high mean that the models disagree on is discounted. sigma = sqrt(variance over models);
-    `top2` takes sigma of the two classes with the highest mu, `largest2` the two largest sigma over
-    all classes (as FathomNet 2025's 3rd place code does; never smaller than top2, so stricter).
-    With one model sigma is 0: eps keeps GMU finite (huge unless the margin is 0), so U -> mu_max.
+    a high mean that the models disagree on is discounted. sigma = sqrt(variance over models) with
+    the unbiased ddof=1, as the 3rd place's code (FathomNet 2025) in both modes: with M members the
+    population sigma (ddof=0) is sqrt((M - 1) / M) of it, so GMU would be sqrt(M / (M - 1)) times
+    larger (sqrt(2) for 2 members) and a given `u_floor` would let more rows through. `ddof=0` is
+    kept as an argument only, to measure that difference; no config key picks it. `top2` takes
+    sigma of the two classes with the highest mu, `largest2` the two largest sigma over all classes
+    (as the 3rd place's code; never smaller than top2, so stricter). With one model sigma is 0:
+    eps keeps GMU finite (huge unless the margin is 0), so U -> mu_max.
     """
     if sigma_mode not in ("top2", "largest2"):
         raise ValueError(f"sigma_mode {sigma_mode!r} is unknown; use 'top2' or 'largest2'.")
-    mu, var = ensemble_stats(probs)
+    mu, var = ensemble_stats(probs, ddof)
     sigma = np.sqrt(var)
     rows = np.arange(mu.shape[0])
     order = np.argsort(-mu, axis=1, kind="stable")

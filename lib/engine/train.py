@@ -207,7 +207,7 @@ def set_up(cfg: Config, split: FoldSplit, taxonomy: Taxonomy, epochs: int) -> Se
         train_model = torch.compile(train_model)
     mean, std = mean_std(model)
     counts = np.bincount(split.train["label"].to_numpy(), minlength=taxonomy.n_classes)
-    criterion = build_loss(cfg.loss, counts, dist).to(device)
+    criterion = build_loss(cfg.loss, counts, dist, taxonomy.lca_distance_matrix() if cfg.loss.ts_distance == "lca" else None).to(device)
     optimizer = torch.optim.AdamW(param_groups(model, t.lr, t.weight_decay, t.backbone_lr_mult))
     ema = Ema(model, t.ema_decay) if t.ema_decay > 0 else None
     views = cfg.model.context

@@ -13,6 +13,11 @@ know the taxonomy add auxiliary logits (`aux`) and terms to `loss`:
 - hierarchical_softmax, conditional: per-level classifiers refined top-down so that a leaf's
   probability is its parent's times its share among siblings (hierarchical softmax, Morin &
   Bengio 2005; the WordTree of YOLO9000), with soft, hard or Gumbel routing in `conditional`.
+- coherent: one sigmoid per taxonomy node with the max constraint and MCLoss (C-HMCNN,
+  Giunchiglia & Lukasiewicz 2020), a softmax over the concepts' own outputs for the answer.
+
+`head.normalized` makes the leaf classifier of the flat and rank-aware heads a cosine one
+(`NormedLinear`, the classifier LDAM's margins and scale are defined on).
 
 Logits leave every head in float32 (features may arrive in bf16 under autocast), and the
 taxonomy tables are buffers so `.to(device)` moves them.
@@ -76,14 +81,43 @@ def _long(values: np.ndarray) -> torch.Tensor:
 # ----------------------------------------------------------------------------- base and flat heads
 
 
+class NormedLinear(nn.Module):
+    """Cosine classifier: normalised features times normalised class weights, no bias; logits in [-1, 1].
+
+    The LDAM-DRW authors' NormedLinear (kaidic/LDAM-DRW, models/resnet_cifar.py): LDAM's margins
+    (at most `max_m` = 0.5) and its scale s = 30 are set for cosine logits; on raw linear logits
+    they mean nothing and s blows them up. Weights start as unit vectors of a uniform draw.
+    """
+
+    def __init__(self, in_features: int, out_features: int):
+        super().__init__()
+        w = torch.empty(out_features, in_features).uniform_(-1.0, 1.0)
+        self.weight = nn.Parameter(F.normalize(w, dim=1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.normalize(x, dim=1) @ F.normalize(self.weight, dim=1).t()
+
+
+def classifier(in_features: int, out_features: int, normalized: bool = False) -> nn.Module:
+    """The leaf classifier: a Linear, or with `normalized` the cosine `NormedLinear`."""
+    return NormedLinear(in_features, out_features) if normalized else nn.Linear(in_features, out_features)
+
+
 class Head(nn.Module):
-    """Base: softmax probabilities of the leaf logits and the base loss alone."""
+    """Base: softmax probabilities of the leaf logits and the base loss alone.
+
+    `logit_scale` multiplies the logits before the softmax of `probs`: 1, except for a cosine
+    leaf classifier, where it is LDAM's s, so the probabilities are the softmax its loss trains
+    (s x cosine, margins aside) rather than a near-uniform softmax of values in [-1, 1].
+    """
+
+    logit_scale: float = 1.0
 
     def forward(self, feats: torch.Tensor) -> HeadOutput:
         raise NotImplementedError
 
     def probs(self, out: HeadOutput) -> torch.Tensor:
-        return out.logits.float().softmax(-1)
+        return (self.logit_scale * out.logits.float()).softmax(-1)
 
     def loss(self, out: HeadOutput, target: torch.Tensor, weight: torch.Tensor | None, base: nn.Module) -> torch.Tensor:
         return base(out.logits, target, weight)
@@ -92,9 +126,9 @@ class Head(nn.Module):
 class LinearHead(Head):
     """One Linear: the baseline."""
 
-    def __init__(self, in_features: int, n_classes: int):
+    def __init__(self, in_features: int, n_classes: int, normalized: bool = False):
         super().__init__()
-        self.fc = nn.Linear(in_features, n_classes)
+        self.fc = classifier(in_features, n_classes, normalized)
 
     def forward(self, feats: torch.Tensor) -> HeadOutput:
         return HeadOutput(self.fc(feats).float())
@@ -106,10 +140,11 @@ class MLPHead(Head):
     BatchNorm1d needs more than one sample per batch in training (drop_last the train loader).
     """
 
-    def __init__(self, in_features: int, n_classes: int, hidden: int, dropout: float):
+    def __init__(self, in_features: int, n_classes: int, hidden: int, dropout: float, normalized: bool = False):
         super().__init__()
         self.net = nn.Sequential(
-            nn.Linear(in_features, hidden), nn.BatchNorm1d(hidden), nn.GELU(), nn.Dropout(dropout), nn.Linear(hidden, n_classes)
+            nn.Linear(in_features, hidden), nn.BatchNorm1d(hidden), nn.GELU(), nn.Dropout(dropout),
+            classifier(hidden, n_classes, normalized)
         )
         for m in self.net:
             if isinstance(m, nn.Linear):
@@ -127,9 +162,9 @@ class MultiHead(Head):
     uncertain predictions; each head is trained on its own by the base loss.
     """
 
-    def __init__(self, in_features: int, n_classes: int, n_heads: int):
+    def __init__(self, in_features: int, n_classes: int, n_heads: int, normalized: bool = False):
         super().__init__()
-        self.fcs = nn.ModuleList(nn.Linear(in_features, n_classes) for _ in range(n_heads))
+        self.fcs = nn.ModuleList(classifier(in_features, n_classes, normalized) for _ in range(n_heads))
 
     def forward(self, feats: torch.Tensor) -> HeadOutput:
         heads = torch.stack([fc(feats).float() for fc in self.fcs])
@@ -138,7 +173,7 @@ class MultiHead(Head):
     def head_probs(self, out: HeadOutput) -> torch.Tensor:
         """(H, B, C) each head's softmax, for spread or marginal-uncertainty statistics."""
         assert out.heads is not None  # noqa: S101 (MultiHead.forward always sets them)
-        return out.heads.float().softmax(-1)
+        return (self.logit_scale * out.heads.float()).softmax(-1)
 
     def loss(self, out: HeadOutput, target: torch.Tensor, weight: torch.Tensor | None, base: nn.Module) -> torch.Tensor:
         assert out.heads is not None  # noqa: S101 (MultiHead.forward always sets them)
@@ -154,15 +189,17 @@ class PerRankHead(Head):
     aux[rank] are logits over `taxonomy.rank_labels(rank)[1]`; the label of a sample at a rank
     is its target concept's value there, and concepts without one (-1) are left out of that
     rank's CE. Loss = base(leaf) + aux_weight * mean over the ranks present in the batch.
+    With `normalized` the leaf classifier is cosine (the rank classifiers stay linear: they
+    train by plain CE).
     """
 
     rank_labels: torch.Tensor
 
-    def __init__(self, in_features: int, taxonomy: Taxonomy, aux_weight: float):
+    def __init__(self, in_features: int, taxonomy: Taxonomy, aux_weight: float, normalized: bool = False):
         super().__init__()
         self.ranks = split_ranks(taxonomy)
         self.aux_weight = aux_weight
-        self.fc = nn.Linear(in_features, taxonomy.n_classes)
+        self.fc = classifier(in_features, taxonomy.n_classes, normalized)
         tables = [taxonomy.rank_labels(r) for r in self.ranks]
         self.rank_fcs = nn.ModuleDict({r: nn.Linear(in_features, len(values)) for r, (_, values) in zip(self.ranks, tables)})
         self.register_buffer("rank_labels", _long(np.stack([labels for labels, _ in tables])))  # (n_ranks, C)
@@ -183,21 +220,22 @@ class TwoLevelHead(Head):
 
     After two-headed novelty detection: a sample whose coarse confidence is below `tau_coarse`
     is novel; one whose coarse passes but whose fine confidence is below `tau_fine` is known
-    only to the coarse rank. Loss = base(leaf) + aux_weight * CE(coarse), concepts without a
+    only to the coarse rank (answered there, not novel). Loss = base(leaf) + aux_weight * CE(coarse), concepts without a
     value at `coarse_rank` left out of the CE. aux["coarse"] are logits over
     `taxonomy.rank_labels(coarse_rank)[1]` (also in `self.coarse_values`).
     """
 
     coarse_labels: torch.Tensor
 
-    def __init__(self, in_features: int, taxonomy: Taxonomy, coarse_rank: str, aux_weight: float, tau_coarse: float, tau_fine: float):
+    def __init__(self, in_features: int, taxonomy: Taxonomy, coarse_rank: str, aux_weight: float, tau_coarse: float, tau_fine: float,
+                 normalized: bool = False):
         super().__init__()
         labels, values = taxonomy.rank_labels(coarse_rank)
         if not values:
             raise ValueError(f"No concept has a value at rank '{coarse_rank}'; choose another head.coarse_rank.")
         self.coarse_rank, self.coarse_values = coarse_rank, values
         self.aux_weight, self.tau_coarse, self.tau_fine = aux_weight, tau_coarse, tau_fine
-        self.fc = nn.Linear(in_features, taxonomy.n_classes)
+        self.fc = classifier(in_features, taxonomy.n_classes, normalized)
         self.coarse_fc = nn.Linear(in_features, len(values))
         self.register_buffer("coarse_labels", _long(labels))  # (C,)
 
@@ -215,14 +253,15 @@ class TwoLevelHead(Head):
         """Per sample: coarse_label, coarse_prob, fine_label, fine_prob, novel (bool) and level.
 
         level is "fine" when both confidences pass, "coarse" when only the coarse one does,
-        "novel" when the coarse one fails (whatever the fine one says).
+        "novel" when the coarse one fails (whatever the fine one says); `novel` is true exactly
+        for level "novel": a row answered at the coarse rank is known to that rank, not novel.
         """
         coarse_prob, coarse_label = out.aux["coarse"].float().softmax(-1).max(-1)
         fine_prob, fine_label = self.probs(out).max(-1)
         coarse_ok, fine_ok = coarse_prob >= self.tau_coarse, fine_prob >= self.tau_fine
         level = ["fine" if c and f else "coarse" if c else "novel" for c, f in zip(coarse_ok.tolist(), fine_ok.tolist())]
         return {"coarse_label": coarse_label, "coarse_prob": coarse_prob, "fine_label": fine_label, "fine_prob": fine_prob,
-                "novel": ~(coarse_ok & fine_ok), "level": level}
+                "novel": ~coarse_ok, "level": level}
 
 
 # ----------------------------------------------------------------------------- the taxonomy as a tree of levels
@@ -364,7 +403,8 @@ class ConditionalHead(HierarchicalSoftmaxHead):
     """The hierarchical head with a choice of how the parent distribution is routed down.
 
     soft: softmax(Z / temperature); hard: one-hot of the argmax parent, gradients through the
-    soft distribution (straight-through), so only the chosen branch keeps mass; gumbel:
+    soft distribution (straight-through), so only the chosen branch keeps mass, in training as
+    in eval (deliberately: training sees the branch inference takes); gumbel:
     F.gumbel_softmax(Z, tau=temperature) in training (a sampled, differentiable branch choice),
     the soft route in eval.
     """
@@ -385,25 +425,163 @@ class ConditionalHead(HierarchicalSoftmaxHead):
         return p
 
 
+# ----------------------------------------------------------------------------- coherent (C-HMCNN)
+
+
+@dataclass(frozen=True)
+class TaxonomyNodes:
+    """Every node of the concepts' lineages, for one sigmoid output each.
+
+    names: "<rank>:<value>" for each (rank, value) on some lineage, in rank then label order, then
+    "concept:<name>" for concepts that need a node of their own (below); descendants[i, j] is
+    True when node j is node i or lies below it (C-HMCNN's R, a DAG if a value has two parents);
+    of_concept: each concept's own node; on_path[c, i]: node i is the concept's node or above it.
+    A concept is the node of its deepest rank (a genus-level concept is that genus, species below
+    it or not), except an exception concept or one sharing its deepest node with another concept
+    (Actinopterygii and Tunicata both stop at Chordata): it hangs one node below, as the metric
+    counts it.
+    """
+
+    names: tuple[str, ...]
+    descendants: np.ndarray
+    of_concept: np.ndarray
+    on_path: np.ndarray
+
+
+def taxonomy_nodes(taxonomy: Taxonomy) -> TaxonomyNodes:
+    """The taxonomy as C-HMCNN's node set and descendant matrix (see `TaxonomyNodes`)."""
+    paths = [[(r, v) for r, v in zip(RANKS, lin) if v is not None] for lin in taxonomy.lineages]
+    deepest = [p[-1] if p else ("kingdom", "(none)") for p in paths]
+    shared = {k for k in deepest if deepest.count(k) > 1}
+    own = [name in taxonomy.exceptions or k in shared for name, k in zip(taxonomy.names, deepest)]
+    ranked = sorted({k for p in paths for k in p}, key=lambda k: (RANKS.index(k[0]), k[1]))
+    keys = ranked + [("concept", name) for name, o in zip(taxonomy.names, own) if o]
+    index = {k: i for i, k in enumerate(keys)}
+    n, c = len(keys), taxonomy.n_classes
+    descendants = np.eye(n, dtype=bool)
+    on_path = np.zeros((c, n), dtype=bool)
+    of_concept = np.zeros(c, dtype=np.int64)
+    for ci, (name, p, o) in enumerate(zip(taxonomy.names, paths, own)):
+        chain = [index[k] for k in p] + ([index[("concept", name)]] if o else [])
+        if not chain:
+            raise ValueError(f"Concept '{name}' has an empty lineage; give it at least its kingdom in the taxonomy table.")
+        for i, a in enumerate(chain):
+            descendants[a, chain[i + 1:]] = True
+        on_path[ci, chain] = True
+        of_concept[ci] = chain[-1]
+    return TaxonomyNodes(tuple(f"{r}:{v}" for r, v in keys), descendants, of_concept, on_path)
+
+
+def max_constraint(scores: torch.Tensor, descendants: torch.Tensor) -> torch.Tensor:
+    """C-HMCNN's max-constraint module: each node's score becomes the max over itself and its descendants.
+
+    scores (B, n) in [0, 1]; descendants (n, n) 0/1. So a parent's score is never below a
+    child's (Giunchiglia & Lukasiewicz 2020, `get_constr_out` of EGiunchiglia/C-HMCNN).
+    """
+    return (scores.unsqueeze(1) * descendants.unsqueeze(0)).amax(dim=2)
+
+
+def mc_loss(node_logits: torch.Tensor, node_target: torch.Tensor, descendants: torch.Tensor,
+            weight: torch.Tensor | None) -> torch.Tensor:
+    """MCLoss (C-HMCNN): binary CE of the max-constrained outputs, weighted mean over samples.
+
+    A node on the label's lineage (target 1) is scored by the max over its descendants of
+    sigmoid * target, so only the true branch can raise it; a node off the lineage by the
+    max-constrained sigmoid, so any descendant's false positive is charged to it. The sigmoid is
+    monotone, so each of those maxima is the sigmoid of the largest logit over the same nodes:
+    BCE is taken on that logit, the value and gradient of the authors' BCELoss on probabilities
+    wherever those are finite, and without its 1 / (p (1 - p)) blow-up (NaN or 1e12 steps) once a
+    float32 sigmoid rounds to 0 or 1. Averaged over nodes; samples weighted as `masked_ce`.
+    """
+    z = node_logits.float()
+    y = node_target.to(z.dtype)
+    # allowed[b, i, j]: node j counts for node i: j is i or below it, and on the lineage when i is
+    allowed = descendants.unsqueeze(0) * torch.where(y.unsqueeze(2) > 0, y.unsqueeze(1), torch.ones_like(y).unsqueeze(1))
+    m = z.unsqueeze(1).expand(-1, z.shape[1], -1).masked_fill(allowed == 0, float("-inf")).amax(dim=2)
+    bce = F.binary_cross_entropy_with_logits(m, y, reduction="none").mean(1)
+    if weight is None:
+        return bce.mean()
+    w = weight.float()
+    return (bce * w).sum() / w.sum().clamp_min(1e-12)
+
+
+class CoherentHead(Head):
+    """Coherent hierarchical classification (C-HMCNN, Giunchiglia & Lukasiewicz 2020, NeurIPS).
+
+    One Linear gives a logit per taxonomy node (`taxonomy_nodes`: every rank of every lineage);
+    sigmoid and the max constraint (`coherent`) make the node scores consistent with the tree,
+    and MCLoss (`mc_loss`) trains them with the label's lineage as the multi-label target.
+    ROIs carry one concept, so the answer over the concepts is, as the 3rd place (FathomNet
+    2025) did, a softmax over the concepts' own node logits: logits = those (B, C), trained by
+    the base loss, probs = their softmax for every later stage (pseudo-labels, blends, min-risk).
+    A concept that is an inner node (a genus with species below) uses its own output, not the
+    max over its subtree. aux["nodes"] are the raw node logits. Loss = base(concept logits) +
+    aux_weight * MCLoss.
+    """
+
+    descendants: torch.Tensor
+    on_path: torch.Tensor
+    of_concept: torch.Tensor
+
+    def __init__(self, in_features: int, taxonomy: Taxonomy, aux_weight: float):
+        super().__init__()
+        self.nodes = taxonomy_nodes(taxonomy)
+        self.aux_weight = aux_weight
+        self.fc = nn.Linear(in_features, len(self.nodes.names))
+        self.register_buffer("descendants", torch.as_tensor(self.nodes.descendants, dtype=torch.float32))
+        self.register_buffer("on_path", torch.as_tensor(self.nodes.on_path, dtype=torch.float32))
+        self.register_buffer("of_concept", _long(self.nodes.of_concept))
+
+    def forward(self, feats: torch.Tensor) -> HeadOutput:
+        z = self.fc(feats).float()
+        return HeadOutput(z[:, self.of_concept], aux={"nodes": z})
+
+    def coherent(self, out: HeadOutput) -> torch.Tensor:
+        """(B, n) the max-constrained node probabilities: a parent's is never below a child's."""
+        return max_constraint(out.aux["nodes"].float().sigmoid(), self.descendants)
+
+    def loss(self, out: HeadOutput, target: torch.Tensor, weight: torch.Tensor | None, base: nn.Module) -> torch.Tensor:
+        total = base(out.logits, target, weight)
+        if self.aux_weight == 0:
+            return total
+        return total + self.aux_weight * mc_loss(out.aux["nodes"], self.on_path[target], self.descendants, weight)
+
+
 # ----------------------------------------------------------------------------- factory
 
 
-def build_head(cfg: HeadCfg, in_features: int, taxonomy: Taxonomy) -> Head:
-    """The configured head for `in_features`-wide pooled features and the taxonomy's concepts."""
+def build_head(cfg: HeadCfg, in_features: int, taxonomy: Taxonomy, logit_scale: float = 1.0) -> Head:
+    """The configured head for `in_features`-wide pooled features and the taxonomy's concepts.
+
+    `logit_scale` (LDAM's `loss.s`) scales a cosine head's logits in its probabilities; other
+    heads ignore it.
+    """
+    head = _build_head(cfg, in_features, taxonomy)
+    if cfg.normalized:
+        head.logit_scale = float(logit_scale)
+    return head
+
+
+def _build_head(cfg: HeadCfg, in_features: int, taxonomy: Taxonomy) -> Head:
     n = taxonomy.n_classes
     name = cfg.name
+    cos = cfg.normalized
     if name == "linear":
-        return LinearHead(in_features, n)
+        return LinearHead(in_features, n, cos)
     if name == "mlp":
-        return MLPHead(in_features, n, cfg.hidden, cfg.dropout)
+        return MLPHead(in_features, n, cfg.hidden, cfg.dropout, cos)
     if name == "multi":
-        return MultiHead(in_features, n, cfg.n_heads)
+        return MultiHead(in_features, n, cfg.n_heads, cos)
     if name == "per_rank":
-        return PerRankHead(in_features, taxonomy, cfg.aux_weight)
+        return PerRankHead(in_features, taxonomy, cfg.aux_weight, cos)
     if name == "two_level":
-        return TwoLevelHead(in_features, taxonomy, cfg.coarse_rank, cfg.aux_weight, cfg.tau_coarse, cfg.tau_fine)
+        return TwoLevelHead(in_features, taxonomy, cfg.coarse_rank, cfg.aux_weight, cfg.tau_coarse, cfg.tau_fine, cos)
+    if cos:
+        raise ValueError(f"head.normalized=true has no cosine classifier in head '{name}'; set head.normalized=false.")
     if name == "hierarchical_softmax":
         return HierarchicalSoftmaxHead(in_features, taxonomy, cfg.aux_weight)
     if name == "conditional":
         return ConditionalHead(in_features, taxonomy, cfg.aux_weight, cfg.routing, cfg.temperature)
+    if name == "coherent":
+        return CoherentHead(in_features, taxonomy, cfg.aux_weight)
     raise ValueError(f"Unknown head '{name}'; choose one of the names listed in lib.config.HeadCfg.")

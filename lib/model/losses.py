@@ -2,8 +2,10 @@
 
 Each loss is a module whose `forward(logits, target, weight=None)` returns the mean loss, with
 `weight` a per-sample factor (pseudo-label confidence) so phase 2 can trust labels unequally.
-Subclasses only say what one sample costs (`per_sample`); the base does the float32 cast and
-the weighting. FathomNet 2025 is long-tailed (a few classes hold most ROIs) and scored by
+Subclasses only say what one sample costs (`per_sample`) and, for the losses whose reference
+divides by the weight of the batch's targets (weighted_ce, LDAM after its DRW switch; PyTorch's
+`cross_entropy(weight=w)`), which class weight each sample carries (`target_weight`); the base
+does the float32 cast and the weighted mean sum(w l) / sum(w). FathomNet 2025 is long-tailed (a few classes hold most ROIs) and scored by
 taxonomic distance, so the losses fall in two families: long-tail corrections that read
 `class_counts` (weighted_ce, focal, class_balanced, balanced_softmax, logit_adjusted, ldam,
 seql) and taxonomy-aware ones that read the distance matrix (dwce, taxonomy_smoothing,
@@ -53,20 +55,31 @@ def _buffer(values: np.ndarray) -> torch.Tensor:
 
 
 class WeightedLoss(nn.Module):
-    """Base: subclasses give per-sample losses; this applies the sample weights and the mean."""
+    """Base: subclasses give per-sample losses; this applies the sample weights and the mean.
+
+    The mean is sum(w * l) / sum(w) with w the per-sample weight times `target_weight`, so a
+    class-weighted loss is the weighted mean of `F.cross_entropy(weight=...)` (LDAM-DRW's code),
+    not the class-weighted sum over the batch size; with neither it is the plain mean.
+    """
 
     def per_sample(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
+
+    def target_weight(self, target: torch.Tensor) -> torch.Tensor | None:
+        """Per-sample class weight that also enters the denominator of the mean; None: no such weight."""
+        return None
 
     def set_epoch(self, epoch: int) -> None:
         """Called at the start of each epoch (0-based); losses with a schedule (LDAM-DRW) override it."""
 
     def forward(self, logits: torch.Tensor, target: torch.Tensor, weight: torch.Tensor | None = None) -> torch.Tensor:
         loss = self.per_sample(logits.float(), target)
-        if weight is None:
+        w = self.target_weight(target)
+        if weight is not None:
+            w = weight.to(loss.dtype) if w is None else weight.to(loss.dtype) * w
+        if w is None:
             return loss.mean()
-        weight = weight.to(loss.dtype)
-        return (loss * weight).sum() / weight.sum().clamp_min(1e-12)
+        return (loss * w).sum() / w.sum().clamp_min(1e-12)
 
 
 # ----------------------------------------------------------------------------- softmax CE family
@@ -87,20 +100,26 @@ class WeightedCrossEntropy(WeightedLoss):
     """Cross-entropy scaled by a per-class weight of the true class.
 
     With inverse-frequency weights (`weighted_ce`) each class contributes about equally to the
-    gradient, so the rare deep-sea taxa are not drowned by the common ones; with effective-number
-    weights it is the softmax class-balanced loss (Cui et al. 2019, CVPR).
+    gradient, so the rare deep-sea taxa are not drowned by the common ones; it is PyTorch's
+    `F.cross_entropy(weight=w)`: the weighted mean sum(w_y l) / sum(w_y) over the batch
+    (`weighted_mean`). With effective-number weights and `weighted_mean=False` it is the softmax
+    class-balanced loss (Cui et al. 2019, CVPR), whose code divides by the batch size instead.
     """
 
     class_weight: torch.Tensor
 
-    def __init__(self, class_weight: np.ndarray, label_smoothing: float = 0.0):
+    def __init__(self, class_weight: np.ndarray, label_smoothing: float = 0.0, weighted_mean: bool = True):
         super().__init__()
         self.register_buffer("class_weight", _buffer(class_weight))
         self.label_smoothing = label_smoothing
+        self.weighted_mean = weighted_mean
+
+    def target_weight(self, target: torch.Tensor) -> torch.Tensor | None:
+        return self.class_weight[target] if self.weighted_mean else None
 
     def per_sample(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         ce = F.cross_entropy(logits, target, reduction="none", label_smoothing=self.label_smoothing)
-        return self.class_weight[target] * ce
+        return ce if self.weighted_mean else self.class_weight[target] * ce
 
 
 class FocalLoss(WeightedLoss):
@@ -150,7 +169,10 @@ class LDAMLoss(WeightedLoss):
     Rare classes get larger margins (m_c proportional to n_c^-1/4, largest = max_m), which
     tightens the generalisation bound where the data are thinnest; from `drw_start_epoch` on,
     effective-number class weights are switched on (DRW), after the features have been learned
-    with uniform weights. The true logit minus its margin, times s, goes through CE.
+    with uniform weights. The true logit minus its margin, times s, goes through CE; with DRW
+    on it is `F.cross_entropy(s * z_m, y, weight=w)`, the weighted mean over the batch, as the
+    authors' code (kaidic/LDAM-DRW, losses.py). The margins and s = 30 assume cosine logits in
+    [-1, 1] (their NormedLinear), so the config asks for `head.normalized=true` with this loss.
     """
 
     margin: torch.Tensor
@@ -169,10 +191,12 @@ class LDAMLoss(WeightedLoss):
     def set_epoch(self, epoch: int) -> None:
         self.drw_active = 0 <= self.drw_start_epoch <= epoch
 
+    def target_weight(self, target: torch.Tensor) -> torch.Tensor | None:
+        return self.drw_weight[target] if self.drw_active else None
+
     def per_sample(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         onehot = F.one_hot(target, logits.shape[1]).to(logits.dtype)
-        ce = F.cross_entropy(self.s * (logits - onehot * self.margin[target][:, None]), target, reduction="none")
-        return self.drw_weight[target] * ce if self.drw_active else ce
+        return F.cross_entropy(self.s * (logits - onehot * self.margin[target][:, None]), target, reduction="none")
 
 
 class SoftmaxEqualizationLoss(WeightedLoss):
@@ -249,7 +273,8 @@ class DistanceWeightedCrossEntropy(WeightedLoss):
     cost = D + I, row-normalised; per sample -(cost[y,y] log p_y + sum_{j!=y} cost[y,j] log(1 - p_j)):
     probability on a taxonomically distant class costs more than on a sibling, which is what the
     metric charges. log(1 - p_j) is taken as logsumexp over the other logits minus the
-    normaliser, exact and with a live gradient even when p_j rounds to 1.
+    normaliser, exact and with a live gradient even when p_j rounds to 1; deliberately without
+    the epsilon of a log(1 - p + eps) form, which would bias the loss and cut the gradient.
     """
 
     cost: torch.Tensor
@@ -273,7 +298,10 @@ class DistanceWeightedCrossEntropy(WeightedLoss):
 class TaxonomySmoothing(WeightedLoss):
     """Label smoothing along the taxonomy: 1 - alpha on the true class, alpha spread over the
     others in proportion to exp(-beta * D[y, j]), so a near relative is a softer mistake than a
-    distant phylum (Bertinetto et al. 2020, CVPR, "Making better mistakes", soft labels)."""
+    distant phylum (Bertinetto et al. 2020, CVPR, "Making better mistakes", soft labels).
+
+    D is the competition's distance (`loss.ts_distance: metric`) or linnaeus' 2 x levels to the
+    lowest common ancestor (`lca`, `Taxonomy.lca_distance_matrix`)."""
 
     soft_target: torch.Tensor
 
@@ -312,8 +340,12 @@ class CrossEntropyExpectedDistance(WeightedLoss):
 # ----------------------------------------------------------------------------- factory
 
 
-def build_loss(cfg: LossCfg, class_counts: np.ndarray, distance: np.ndarray) -> WeightedLoss:
-    """The configured loss; `class_counts` and `distance` serve the long-tail and taxonomy-aware ones."""
+def build_loss(cfg: LossCfg, class_counts: np.ndarray, distance: np.ndarray, lca_distance: np.ndarray | None = None) -> WeightedLoss:
+    """The configured loss; `class_counts` and `distance` serve the long-tail and taxonomy-aware ones.
+
+    `lca_distance` (`Taxonomy.lca_distance_matrix`) is what taxonomy_smoothing spreads by with
+    `loss.ts_distance: lca`.
+    """
     counts = np.asarray(class_counts)
     dist = np.asarray(distance)
     if dist.shape != (len(counts), len(counts)):
@@ -329,7 +361,7 @@ def build_loss(cfg: LossCfg, class_counts: np.ndarray, distance: np.ndarray) -> 
     if name == "class_balanced":
         weight = effective_number_weights(counts, cfg.beta)
         if cfg.cb_base == "softmax":
-            return WeightedCrossEntropy(weight)
+            return WeightedCrossEntropy(weight, weighted_mean=False)
         if cfg.cb_base == "sigmoid":
             return ClassBalancedSigmoid(weight)
         return ClassBalancedSigmoidFocal(weight, cfg.gamma)
@@ -344,6 +376,11 @@ def build_loss(cfg: LossCfg, class_counts: np.ndarray, distance: np.ndarray) -> 
     if name == "dwce":
         return DistanceWeightedCrossEntropy(dist)
     if name == "taxonomy_smoothing":
+        if cfg.ts_distance == "lca":
+            if lca_distance is None or np.shape(lca_distance) != dist.shape:
+                raise ValueError("loss.ts_distance=lca needs the taxonomy's LCA distances; pass "
+                                 "lca_distance=taxonomy.lca_distance_matrix() to build_loss.")
+            dist = np.asarray(lca_distance)
         return TaxonomySmoothing(dist, cfg.alpha, cfg.ts_beta)
     if name == "ce_expected_distance":
         return CrossEntropyExpectedDistance(dist, cfg.ed_lambda, cfg.label_smoothing)
