@@ -2,7 +2,7 @@
 
 Reads:  output/<exp>/00_prepare/, 01_train/ and 03_retrain/ folds (best.pt, oof.npz), 02_pseudo/test_probs.npz, data.test_json;
         for a member <exp2>/<model> of submit.models output/<exp2>/00_prepare/ and its training stage's folds
-Writes: output/<exp>/04_submit/ probs/<model>.npz, probs/blend_fit*.npz, submission.csv, fallbacks.csv, options.csv, report.md,
+Writes: output/<exp>/04_submit/ probs/<model>.npz, probs/blend_*.npz, probs/temperatures.json, submission.csv, fallbacks.csv, options.csv, report.md,
         error_correlation.png (two or more models), record.json
 Changing only submit.* (blend, decoding) reuses probs/ and reruns in seconds.
 """
@@ -34,7 +34,7 @@ def run(args: argparse.Namespace, cfg: Config) -> int:
     from lib.engine.probs import load_models
     from lib.report.summary import write_submit_report
 
-    prep, fit_cache = load_prepared(cfg), stage.dir / "probs" / "blend_fit.npz"  # the fit weights, kept across blend-only reruns
+    prep, fit_cache = load_prepared(cfg), stage.dir / "probs" / "blend_fit.npz"  # fitted weights, temperatures beside it
     tax, counts, ids = prep.taxonomy, prep.train_counts, prep.test["annotation_id"].to_numpy()
     models = load_models(cfg, stage, prep)
     blended = blend_models(cfg, models, tax, counts, fit_cache)

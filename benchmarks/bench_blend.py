@@ -70,6 +70,7 @@ def blend_only(cfg, tax, dirs: list[Path], test_ids: list[int], out: Path) -> di
         check_aligned,
         compare,
         load_oof,
+        oof_folds,
         weights_for,
     )
     from lib.decide.ensemble import blend, prior_answer
@@ -79,10 +80,11 @@ def blend_only(cfg, tax, dirs: list[Path], test_ids: list[int], out: Path) -> di
     t = {"start": time.perf_counter()}
     models = []
     for i, d in enumerate(dirs):
-        oof_ids, oof_labels, oof = load_oof(sorted(d.glob("fold_*")))
+        folds = sorted(d.glob("fold_*"))
+        oof_ids, oof_labels, oof = load_oof(folds)
         with np.load(d / "probs.npz") as z:
             test = z["probs"].mean(0)
-        models.append(ModelProbs(f"model_{i}", 1.5 + 0.01 * i, oof_ids, oof_labels, oof, test))
+        models.append(ModelProbs(f"model_{i}", 1.5 + 0.01 * i, oof_ids, oof_labels, oof, test, oof_fold=oof_folds(folds)))
     check_aligned(models)
     t["load"] = time.perf_counter()
     dist = tax.distance_matrix()
@@ -100,8 +102,9 @@ def blend_only(cfg, tax, dirs: list[Path], test_ids: list[int], out: Path) -> di
     options, _, _ = compare(cfg, models, tax, prior, cache)
     with atomic_path(out / "options.csv") as tmp:
         options.to_csv(tmp, index=False)
-    records = {m.name: {"cv_distance": m.cv} for m in models}
-    atomic_write_text(out / "report.md", submit_report(cfg, records, {m.name: float(w) for m, w in zip(models, weights)}, options, sub, fell_back))
+    members = [{"member": m.name, "origin": "synthetic", "cv_distance": m.cv, "cv_top1": float("nan"), "cv_distance_testlike": float("nan"),
+                "temperature": 1.0, "ece_before": float("nan"), "ece_after": float("nan"), "weight": float(w)} for m, w in zip(models, weights)]
+    atomic_write_text(out / "report.md", submit_report(cfg, members, options, sub, fell_back))
     t["end"] = time.perf_counter()
     return {"load": t["load"] - t["start"], "weights": t["weights"] - t["load"], "submission": t["submission"] - t["weights"],
             "options": t["end"] - t["submission"], "total": t["end"] - t["start"]}
@@ -129,15 +132,17 @@ def measure(quick: bool, work: Path) -> list[dict]:
         detail = ", ".join(f"{k} {v:.2f}s" for k, v in p.items() if k != "total")
         rows.append(B.row(f"blend-only rerun, submit.blend={method} ({size})", f"{p['total']:.2f} s", f"target {TARGET_S:g} s",
                           p["total"] / TARGET_S, "< 1.0",
-                          f"{detail}; options = every model and blend, argmax and min-risk, as 04 writes them; "
-                          "the fit weights come from probs/blend_fit.npz (keyed by a hash of the out-of-fold probabilities)"))
+                          f"{detail}; options = every model and blend (uniform, cv, fit, greedy), without and with calibration, argmax and "
+                          "min-risk, out of fold and nested, as 04 writes them; fitted weights (blend_<method>*.npz, the nested folds' too) "
+                          "and temperatures (temperatures.json) come from probs/, keyed by a hash of the out-of-fold probabilities"))
     first = parts[("first", "uniform")]
     fit = first["options"]
     rows.append(B.row(f"04's first blend (after prediction): fits the `fit` weights once (SLSQP, {n_models} models x {N_OOF:,} OOF rows)",
                       f"{first['total']:.2f} s", f"rerun {parts[('rerun', 'uniform')]['total']:.2f} s",
                       first["total"] / max(parts[("rerun", "uniform")]["total"], 1e-9), "report",
                       f"options {fit:.2f}s of it, mostly SLSQP from {n_models + 1} starts (uniform and each single model) "
-                      f"on a soft min-risk loss over {N_OOF:,} x 79 x {n_models}, exact gradients; paid once per set of models"))
+                      f"on a soft min-risk loss over {N_OOF:,} x 79 x {n_models}, exact gradients, for both calibrations and "
+                      f"every nested fold, with greedy selection and the temperatures; paid once per set of models"))
     loaded = sorted(m for m in ("torch", "timm") if m in sys.modules)
     rows.append(B.row("blend-only rerun loads no model", "torch/timm imported: " + (", ".join(loaded) or "none"),
                       "04 with only submit.* changed", 0.0 if not loaded else 1.0, "<= 0",

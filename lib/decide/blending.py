@@ -43,6 +43,7 @@ class ModelProbs:
     record: dict = field(default_factory=dict)  # its training record's result (CV figures for the report)
     temperature: float = 1.0  # the calibration temperature its oof and test were scaled by (1: none)
     oof_fold: np.ndarray | None = None  # the fold each out-of-fold row was held out of (for the nested out-of-fold scores)
+    digest: str = ""  # a content key of its out-of-fold rows (labels, probabilities), filled by `digest_of`; derived models carry theirs
 
 
 def oof_folds(fold_dirs: Sequence[Path]) -> np.ndarray:
@@ -94,76 +95,143 @@ def apply_decoding(cfg: Config, probs: np.ndarray, tax: Taxonomy, prior: np.ndar
 CALIBRATIONS = ("none", "temperature")
 
 
-def calibrate_models(cfg: Config, models: Sequence[ModelProbs], dist: np.ndarray, calibration: str) -> list[ModelProbs]:
-    """Each model scaled by a temperature fitted on its own out-of-fold rows to `submit.calibrate_objective` (`none`: as is)."""
-    from lib.decide.calibration import apply_temperature, fit_temperature
-
-    if calibration == "none":
-        return list(models)
-    out = []
-    for m in models:
-        t = fit_temperature(m.oof, m.oof_labels, cfg.submit.calibrate_objective, dist)
-        out.append(replace(m, oof=apply_temperature(m.oof, t), test=apply_temperature(m.test, t), temperature=float(t)))
-    return out
-
-
-def blended(cfg: Config, models: Sequence[ModelProbs], weights: np.ndarray, dist: np.ndarray, calibration: str
-            ) -> tuple[np.ndarray, np.ndarray, float]:
-    """(out-of-fold, test, temperature) of a blend; under calibration a blend of two or more models gets its own temperature."""
-    from lib.decide.calibration import apply_temperature, fit_temperature
-
-    oof, test = blend([m.oof for m in models], weights), blend([m.test for m in models], weights)
-    if calibration == "none" or np.count_nonzero(weights) < 2:
-        return oof, test, 1.0
-    t = float(fit_temperature(oof, models[0].oof_labels, cfg.submit.calibrate_objective, dist))
-    return apply_temperature(oof, t), apply_temperature(test, t), t
-
-
-def fit_key(cfg: Config, models: Sequence[ModelProbs], dist: np.ndarray) -> str:
-    """What the `fit` weights depend on: the objective, the distances, the labels and every model's
-    out-of-fold probabilities in order (a content hash: the blend settings do not enter it)."""
+def content_key(prefix: str, arrays: Sequence[np.ndarray]) -> str:
+    """A sha256 of `prefix` and the arrays' dtypes, shapes and bytes: what a fitted quantity depends on, never paths or times."""
     import hashlib
 
-    from lib.decide.ensemble import SOFT_BETA
-
-    h = hashlib.sha256(f"{cfg.submit.fit_objective}|{SOFT_BETA}|{len(models)}".encode())
-    for a in (dist, models[0].oof_labels, *(m.oof for m in models)):
+    h = hashlib.sha256(prefix.encode())
+    for a in arrays:
         a = np.ascontiguousarray(a)
         h.update(f"{a.dtype}{a.shape}".encode())
         h.update(a.data)
     return h.hexdigest()
 
 
+def digest_of(m: ModelProbs) -> str:
+    """The model's content key (its out-of-fold labels and probabilities), hashed once and kept on it: the keys of
+    everything fitted from it derive from this string, not from hashing its arrays again."""
+    if not m.digest:
+        m.digest = content_key("model", [m.oof_labels, m.oof])
+    return m.digest
+
+
+def derived(m: ModelProbs, how: str, **changes) -> ModelProbs:
+    """A model made from `m` (calibrated, a nested fold's rows) whose digest says how: no array is hashed again."""
+    import hashlib
+
+    return replace(m, **changes, digest=hashlib.sha256(f"{digest_of(m)}|{how}".encode()).hexdigest())
+
+
+TEMPERATURE_CACHE_ENTRIES = 512
+
+
+def temperature(probs: np.ndarray, labels: np.ndarray, objective: str, dist: np.ndarray, cache: Path | None = None,
+                key: str | None = None) -> float:
+    """`fit_temperature` on out-of-fold rows, remembered in `cache` (a JSON file of content key -> T) when given:
+    a blend-only rerun of 04 (and every nested fold's refit) reads the temperatures back instead of fitting again."""
+    import json
+
+    from lib.decide.calibration import fit_temperature
+
+    if cache is None:
+        return float(fit_temperature(probs, labels, objective, dist))
+    key = content_key(f"T|{objective}|{key or ''}", [dist if objective == "distance" else np.zeros(0)] + ([] if key else [labels, probs]))
+    try:
+        table = json.loads(cache.read_text()) if cache.is_file() else {}
+    except (OSError, ValueError):
+        table = {}  # unreadable: fit again and rewrite it
+    if not isinstance(table, dict):
+        table = {}
+    if key in table:
+        return float(table[key])
+    t = float(fit_temperature(probs, labels, objective, dist))
+    table[key] = t
+    from lib.core.io import atomic_write_text
+
+    cache.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(cache, json.dumps(dict(list(table.items())[-TEMPERATURE_CACHE_ENTRIES:])))
+    return t
+
+
+def calibrate_models(cfg: Config, models: Sequence[ModelProbs], dist: np.ndarray, calibration: str,
+                     cache: Path | None = None) -> list[ModelProbs]:
+    """Each model scaled by a temperature fitted on its own out-of-fold rows to `submit.calibrate_objective` (`none`: as is)."""
+    from lib.decide.calibration import apply_temperature
+
+    if calibration == "none":
+        return list(models)
+    out = []
+    for m in models:
+        t = temperature(m.oof, m.oof_labels, cfg.submit.calibrate_objective, dist, cache, key=digest_of(m))
+        out.append(derived(m, f"T={t!r}", oof=apply_temperature(m.oof, t), test=apply_temperature(m.test, t), temperature=t))
+    return out
+
+
+def blended(cfg: Config, models: Sequence[ModelProbs], weights: np.ndarray, dist: np.ndarray, calibration: str,
+            cache: Path | None = None) -> tuple[np.ndarray, np.ndarray, float]:
+    """(out-of-fold, test, temperature) of a blend; under calibration a blend of two or more models gets its own temperature."""
+    from lib.decide.calibration import apply_temperature
+
+    oof, test = blend([m.oof for m in models], weights), blend([m.test for m in models], weights)
+    if calibration == "none" or np.count_nonzero(weights) < 2:
+        return oof, test, 1.0
+    key = "blend|" + "|".join(digest_of(m) for m in models) + "|" + np.asarray(weights, dtype=np.float64).tobytes().hex()
+    t = temperature(oof, models[0].oof_labels, cfg.submit.calibrate_objective, dist, cache, key=key)
+    return apply_temperature(oof, t), apply_temperature(test, t), t
+
+
+def fit_key(cfg: Config, models: Sequence[ModelProbs], dist: np.ndarray, method: str = "fit") -> str:
+    """What fitted weights depend on: the method's settings, the distances and every model's out-of-fold labels and
+    probabilities in order (their digests: `submit.blend` does not enter it)."""
+    from lib.decide.ensemble import SOFT_BETA
+
+    s = cfg.submit
+    settings = (f"{s.fit_objective}|{SOFT_BETA}" if method == "fit" else
+                f"greedy|{s.decode}|{s.greedy_rounds}|{s.greedy_bags}|{s.greedy_bag_fraction}|{cfg.seed}")
+    return content_key(f"{settings}|{len(models)}|" + "|".join(digest_of(m) for m in models), [dist])
+
+
+FITTED = ("fit", "greedy")  # the blend methods fitted on out-of-fold rows (their weights are cached)
+
+
 def weights_for(method: str, cfg: Config, models: Sequence[ModelProbs], dist: np.ndarray, cache: Path | None = None) -> np.ndarray:
-    """The blend weights of `method`. `uniform` and `cv` are closed-form; `greedy` is Caruana's selection on the
-    out-of-fold `submit.decode` distance; `fit` (an SLSQP over every out-of-fold row, the one costly part of 04 after
-    prediction) is kept in `cache` (an npz keyed by `fit_key`), so a rerun that changes only submit.* never fits
+    """The blend weights of `method`. `uniform` and `cv` are closed-form; `fit` (an SLSQP over every out-of-fold row,
+    the one costly part of 04 after prediction) and `greedy` (Caruana's selection on the out-of-fold `submit.decode`
+    distance) are kept in `cache` (an npz keyed by `fit_key`), so a rerun that changes only submit.blend never fits
     again, and the options table reuses the fit of the submission.
     """
     s = cfg.submit
-    if method == "greedy":
-        from lib.decide.ensemble import greedy_weights
-
-        return greedy_weights([m.oof for m in models], models[0].oof_labels, dist, rounds=s.greedy_rounds, bags=s.greedy_bags,
-                              bag_fraction=s.greedy_bag_fraction, seed=cfg.seed, decode_method=s.decode)
 
     def compute() -> dict:
+        if method == "greedy":
+            from lib.decide.ensemble import greedy_weights
+
+            return {"weights": greedy_weights([m.oof for m in models], models[0].oof_labels, dist, rounds=s.greedy_rounds,
+                                              bags=s.greedy_bags, bag_fraction=s.greedy_bag_fraction, seed=cfg.seed,
+                                              decode_method=s.decode)}
         return {"weights": blend_weights(method, [m.oof for m in models], models[0].oof_labels, dist, [m.cv for m in models],
                                          s.cv_temperature, s.fit_objective)}
 
-    if method != "fit" or cache is None:
+    if method not in FITTED or cache is None:
         return compute()["weights"]
     from lib.core.io import cached_npz
 
-    arrays, _ = cached_npz(cache, fit_key(cfg, models, dist), compute)
+    arrays, _ = cached_npz(cache, fit_key(cfg, models, dist, method), compute)
     return np.asarray(arrays["weights"], dtype=np.float64)
 
 
-def _fit_cache(cache: Path | None, calibration: str) -> Path | None:
-    """One fit cache per calibration (their out-of-fold inputs differ): blend_fit.npz, blend_fit_temperature.npz."""
-    if cache is None or calibration == "none":
-        return cache
-    return cache.with_name(f"{cache.stem}_{calibration}{cache.suffix}")
+def cache_file(cache: Path | None, method: str, calibration: str, fold: int | None = None) -> Path | None:
+    """Where fitted weights are kept beside 04's `probs/blend_fit.npz`: one file per method, calibration and nested fold
+    (blend_fit.npz, blend_greedy_temperature.npz, blend_fit_temperature_fold2.npz ...)."""
+    if cache is None:
+        return None
+    name = f"blend_{method}" + ("" if calibration == "none" else f"_{calibration}") + ("" if fold is None else f"_fold{fold}")
+    return cache.with_name(name + cache.suffix)
+
+
+def temperature_file(cache: Path | None) -> Path | None:
+    """The temperatures' cache beside the weights' (probs/temperatures.json)."""
+    return None if cache is None else cache.with_name("temperatures.json")
 
 
 def option_key(model: str, calibration: str) -> str:
@@ -175,7 +243,7 @@ BLENDS = ("uniform", "cv", "fit", "greedy")
 
 
 def nested_labels(cfg: Config, models: Sequence[ModelProbs], options: Sequence[tuple[str, np.ndarray]], tax: Taxonomy,
-                  prior: np.ndarray, calibration: str) -> list[dict[str, np.ndarray]]:
+                  prior: np.ndarray, calibration: str, cache: Path | None = None) -> list[dict[str, np.ndarray]]:
     """Per option, the out-of-fold labels of a nested fit: for each fold k, the temperatures, the blend's weights (`fit`,
     `greedy`; `uniform`, `cv` and single models keep theirs) and the blend temperature are fitted on the other folds'
     out-of-fold rows and decode fold k's. The honest out-of-fold score of anything fitted on out-of-fold rows;
@@ -185,15 +253,17 @@ def nested_labels(cfg: Config, models: Sequence[ModelProbs], options: Sequence[t
     if folds is None or len(np.unique(folds)) < 2:
         return [{} for _ in options]
     out: list[dict[str, np.ndarray]] = [{k: np.empty(len(folds), dtype=np.int64) for k in ("argmax", "min_risk")} for _ in options]
+    temps = temperature_file(cache)
     for k in np.unique(folds):
         tr, te = folds != k, folds == k
-        part = [replace(m, oof_ids=m.oof_ids[tr], oof_labels=m.oof_labels[tr], oof=m.oof[tr], test=m.oof[te]) for m in models]
-        part = calibrate_models(cfg, part, dist, calibration)
+        part = [derived(m, f"fold {k} held out", oof_ids=m.oof_ids[tr], oof_labels=m.oof_labels[tr], oof=m.oof[tr], test=m.oof[te])
+                for m in models]
+        part = calibrate_models(cfg, part, dist, calibration, temps)
         for i, (name, w) in enumerate(options):
             method = name.removeprefix("blend ")
-            if name.startswith("blend ") and method in ("fit", "greedy"):
-                w = weights_for(method, cfg, part, dist)
-            _, held, _ = blended(cfg, part, w, dist, calibration)
+            if name.startswith("blend ") and method in FITTED:
+                w = weights_for(method, cfg, part, dist, cache_file(cache, method, calibration, int(k)))
+            _, held, _ = blended(cfg, part, w, dist, calibration, temps)
             for d in ("argmax", "min_risk"):
                 out[i][d][te] = apply_decoding(cfg, held, tax, prior, dist, d)
     return out
@@ -214,18 +284,19 @@ def compare(cfg: Config, models: Sequence[ModelProbs], tax: Taxonomy, prior: np.
     rows: list[dict[str, Any]] = []
     test_labels: dict[str, dict[str, np.ndarray]] = {}
     submitted: dict[str, np.ndarray] = {}
+    temps = temperature_file(cache)
     for calibration in CALIBRATIONS:
-        ms = calibrate_models(cfg, models, dist, calibration)
+        ms = calibrate_models(cfg, models, dist, calibration, temps)
         options: list[tuple[str, np.ndarray]] = [(m.name, np.eye(len(ms))[i]) for i, m in enumerate(ms)]
         if len(ms) > 1:
             for method in BLENDS:
-                w = weights_for(method, cfg, ms, dist, _fit_cache(cache, calibration))
+                w = weights_for(method, cfg, ms, dist, cache_file(cache, method, calibration))
                 options.append((f"blend {method}", w))
                 if calibration == cfg.submit.calibrate:
                     submitted[method] = w
-        nested = nested_labels(cfg, models, options, tax, prior, calibration)
+        nested = nested_labels(cfg, models, options, tax, prior, calibration, cache)
         for (name, w), nest in zip(options, nested):
-            oof, test, t = blended(cfg, ms, w, dist, calibration)
+            oof, test, t = blended(cfg, ms, w, dist, calibration, temps)
             if np.count_nonzero(w) == 1:
                 t = ms[int(np.flatnonzero(w)[0])].temperature
             row: dict[str, Any] = {"model": name, "calibration": calibration, "temperature": round(t, 4),
@@ -256,9 +327,9 @@ def blend_models(cfg: Config, models: Sequence[ModelProbs], tax: Taxonomy, train
     blended test probabilities."""
     dist = tax.distance_matrix()
     calibration = cfg.submit.calibrate
-    ms = calibrate_models(cfg, models, dist, calibration)
-    weights = weights_for(cfg.submit.blend, cfg, ms, dist, _fit_cache(cache, calibration)) if len(ms) > 1 else np.ones(1)
-    _, test, t = blended(cfg, ms, weights, dist, calibration)
+    ms = calibrate_models(cfg, models, dist, calibration, temperature_file(cache))
+    weights = weights_for(cfg.submit.blend, cfg, ms, dist, cache_file(cache, cfg.submit.blend, calibration)) if len(ms) > 1 else np.ones(1)
+    _, test, t = blended(cfg, ms, weights, dist, calibration, temperature_file(cache))
     prior = train_counts / train_counts.sum()
     return Blended(weights, apply_decoding(cfg, test, tax, prior, dist), tuple(m.temperature for m in ms), t)
 
