@@ -1,5 +1,6 @@
 """Blend weights, min-risk decoding, logit adjustment and the coarse back-off, on hand-made cases."""
 import numpy as np
+import pandas as pd
 import pytest
 
 from lib.config import ConfigError, load_config
@@ -291,3 +292,30 @@ def test_nested_labels_refit_on_the_other_folds_only():
     for k in range(3):
         t = fit_temperature(p[folds != k], labels[folds != k], "logloss")
         np.testing.assert_array_equal(a[folds == k], decode(apply_temperature(p[folds == k], t), tax.distance_matrix(), "min_risk"))
+
+
+def test_blend_only_rerun_fits_nothing_again(tmp_path, monkeypatch):
+    """Temperatures, fit and greedy weights (the nested folds' too) are kept in probs/ by content: a rerun that changes
+    only submit.blend calls neither the temperature fit nor SLSQP nor the greedy selection, and gives the same table."""
+    import lib.decide.blending as blending
+    import lib.decide.calibration as calibration
+    import lib.decide.ensemble as ensemble
+
+    rng = np.random.default_rng(3)
+    tax = load_taxonomy_csv(DEFAULT_TAXONOMY)
+    labels = rng.integers(0, tax.n_classes, 120)
+    models = [blending.ModelProbs(n, 1.0, np.arange(120), labels, rng.dirichlet(np.full(tax.n_classes, 0.3), 120),
+                                  rng.dirichlet(np.ones(tax.n_classes), 7), oof_fold=np.arange(120) % 3) for n in ("phase1", "b/phase1")]
+    cache = tmp_path / "probs" / "blend_fit.npz"
+    counts = np.ones(tax.n_classes)
+    first = blending.blend_options(load_config(None, ["submit.blend=fit"]), models, tax, counts, cache).table
+    assert (tmp_path / "probs" / "temperatures.json").is_file() and (tmp_path / "probs" / "blend_greedy_temperature_fold2.npz").is_file()
+    calls = []
+    monkeypatch.setattr(calibration, "fit_temperature", lambda *a, **k: calls.append("T"))
+    real = blending.blend_weights
+    monkeypatch.setattr(blending, "blend_weights", lambda *a, **k: calls.append(a[0]) or real(*a, **k))
+    monkeypatch.setattr(ensemble, "greedy_weights", lambda *a, **k: calls.append("greedy"))
+    fresh = [blending.ModelProbs(m.name, m.cv, m.oof_ids, m.oof_labels, m.oof.copy(), m.test, oof_fold=m.oof_fold) for m in models]
+    again = blending.blend_options(load_config(None, ["submit.blend=greedy"]), fresh, tax, counts, cache).table
+    assert set(calls) <= {"uniform", "cv"}  # the closed-form weights only
+    pd.testing.assert_frame_equal(first, again)
