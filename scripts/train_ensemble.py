@@ -5,8 +5,9 @@
 The config's `ensemble.recipes` lists the member experiments' config files. Each recipe runs only
 the stages its members need (`<exp>/phase1`: 00 and 01; phase2 or round<r>: 00 to 03), then the
 ensemble config runs 00, the phases of its own that it names, and 04. Every stage decides for
-itself, so a second run retrains nothing that is current. Overrides (key=value) apply to the
-ensemble config only; `--dry-run` is passed to every stage (a stage whose upstream would run says so).
+itself, so a second run retrains nothing that is current. Overrides (key=value, such as output_root=
+or data.root= on Kaggle) apply to every config, the members' and the ensemble's, except `exp`, which
+names each experiment; `--dry-run` is passed to every stage (a stage whose upstream would run says so).
 """
 from __future__ import annotations
 
@@ -32,14 +33,15 @@ def needed(refs: list[ModelRef]) -> list[str]:
     return TRAIN + (SELF_TRAIN if any(r.phase != "phase1" for r in refs) else [])
 
 
-def plan(cfg: Config) -> list[tuple[str, list[str]]]:
-    """(config file, stage scripts) per recipe in `ensemble.recipes`, in order; the ensemble's own run is not included."""
+def plan(cfg: Config, overrides: list[str] | None = None) -> list[tuple[str, list[str]]]:
+    """(config file, stage scripts) per recipe in `ensemble.recipes`, in order; the ensemble's own run is not included.
+    Each recipe is read with `overrides` (they must leave it valid)."""
     refs = [ModelRef.parse(m) for m in [*cfg.submit.models, *cfg.pseudo.members]]
     out: list[tuple[str, list[str]]] = []
     named = {r.exp for r in refs if r.exp}
     seen = set()
     for recipe in cfg.ensemble.recipes:
-        exp = load_config(recipe).exp
+        exp = load_config(recipe, overrides or []).exp
         if exp not in named:
             raise ConfigError(f"ensemble.recipes lists {recipe} (experiment '{exp}'), which no model of submit.models or "
                               f"pseudo.members names; name one of its models (e.g. {exp}/phase1) or drop the recipe.")
@@ -65,8 +67,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("overrides", nargs="*")
     args = ap.parse_args(argv)
     try:
+        if any(o.split("=", 1)[0].strip() == "exp" for o in args.overrides):
+            raise ConfigError("make ensemble takes no exp= override: each recipe names its experiment; set exp in the ensemble "
+                              "config or drop the override.")
         cfg = load_config(args.config, args.overrides)
-        runs = [(r, stages, []) for r, stages in plan(cfg)] + [(args.config, own_stages(cfg), args.overrides)]
+        runs = [(r, stages, list(args.overrides)) for r, stages in plan(cfg, args.overrides)]
+        runs.append((args.config, own_stages(cfg), list(args.overrides)))
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

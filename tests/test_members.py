@@ -224,3 +224,13 @@ def test_make_ensemble_plans_the_stages_each_member_needs():
     assert [stages for _, stages in ensemble.plan(big)] == [full, full[:2], full[:2]]
     with pytest.raises(ConfigError, match="which no model of submit.models"):
         ensemble.plan(load_config("configs/demo_ensemble.yaml", ["submit.models=[demo/phase1]"]))
+
+
+def test_make_ensemble_passes_overrides_to_every_recipe_but_refuses_exp(capsys):
+    import sys
+
+    sys.path.insert(0, str(ROOT / "scripts"))
+    import train_ensemble
+
+    assert train_ensemble.main(["--config", "configs/demo_ensemble.yaml", "exp=x"]) == 2
+    assert "takes no exp= override" in capsys.readouterr().err
