@@ -69,11 +69,10 @@ def blend_only(cfg, tax, dirs: list[Path], test_ids: list[int], out: Path) -> di
         apply_decoding,
         check_aligned,
         compare,
-        load_oof,
-        oof_folds,
         weights_for,
     )
     from lib.decide.ensemble import blend, prior_answer
+    from lib.decide.oof import load_oof
     from lib.decide.submission import assemble, write_submission
     from lib.report.summary import submit_report
 
@@ -81,10 +80,10 @@ def blend_only(cfg, tax, dirs: list[Path], test_ids: list[int], out: Path) -> di
     models = []
     for i, d in enumerate(dirs):
         folds = sorted(d.glob("fold_*"))
-        oof_ids, oof_labels, oof = load_oof(folds)
+        oof = load_oof(folds)
         with np.load(d / "probs.npz") as z:
             test = z["probs"].mean(0)
-        models.append(ModelProbs(f"model_{i}", 1.5 + 0.01 * i, oof_ids, oof_labels, oof, test, oof_fold=oof_folds(folds)))
+        models.append(ModelProbs(f"model_{i}", 1.5 + 0.01 * i, oof.ids, oof.labels, oof.probs, test, oof_fold=oof.folds))
     check_aligned(models)
     t["load"] = time.perf_counter()
     dist = tax.distance_matrix()

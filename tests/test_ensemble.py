@@ -204,7 +204,7 @@ def test_load_oof_refuses_a_pickled_npz_in_one_sentence(tmp_path):
     import pytest
 
     from lib.core.errors import StageError
-    from lib.decide.blending import load_oof
+    from lib.decide.oof import load_oof
 
     good, bad = tmp_path / "fold_0", tmp_path / "fold_1"
     for d in (good, bad):
@@ -224,8 +224,8 @@ def test_load_oof_refuses_a_pickled_npz_in_one_sentence(tmp_path):
     np.savez(bad / "oof.npz", annotation_id=np.arange(3))
     with pytest.raises(StageError, match="lacks the array"):
         load_oof([good, bad])
-    ids, labels, probs = load_oof([good])
-    assert ids.tolist() == [0, 1, 2] and probs.shape == (3, 2)
+    oof = load_oof([good])
+    assert oof.ids.tolist() == [0, 1, 2] and oof.probs.shape == (3, 2) and oof.folds.tolist() == [0, 0, 0]
 
 
 def test_calibrated_options_fit_on_out_of_fold_rows_only(tmp_path):

@@ -81,3 +81,13 @@ def test_a_statement_in_the_losses_reruns_the_training_stages_only(tree_copy):
     changed = {name for name in before if before[name] != after[name]}
     assert {"01_train", "03_retrain"} <= changed
     assert "00_prepare" not in changed and "knn" not in changed
+
+
+def test_how_04_blends_never_retrains_phase_2():
+    """02 and 03 read out-of-fold rows and temperatures (lib.decide.oof, lib.decide.calibration) but not 04's blend code:
+    a change to blending or greedy selection reruns 04 alone."""
+    from lib.core.fingerprint import code_digests
+
+    for script in ("02_pseudo_label.py", "03_retrain.py"):
+        assert not {"lib/decide/blending.py", "lib/decide/ensemble.py"} & set(code_digests(ROOT / script)), script
+    assert "lib/decide/blending.py" in code_digests(ROOT / "04_infer_submit.py")

@@ -46,34 +46,6 @@ class ModelProbs:
     digest: str = ""  # a content key of its out-of-fold rows (labels, probabilities), filled by `digest_of`; derived models carry theirs
 
 
-def oof_folds(fold_dirs: Sequence[Path]) -> np.ndarray:
-    """The fold (position in `fold_dirs`) of each row `load_oof` returns, in the same order."""
-    from lib.core.io import load_npz
-
-    parts = [load_npz(d / "oof.npz", "delete it and rerun the training stage (its fold runs again)") for d in fold_dirs]
-    ids = np.concatenate([p["annotation_id"] for p in parts])
-    folds = np.concatenate([np.full(len(p["annotation_id"]), k) for k, p in enumerate(parts)])
-    return folds[np.argsort(ids, kind="stable")]
-
-
-def load_oof(fold_dirs: Sequence[Path]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """The folds' out-of-fold (ids, labels, probs), sorted by annotation id so models line up.
-
-    A missing, corrupt or pickled `oof.npz`, or one without these arrays, is one sentence naming it.
-    """
-    from lib.core.io import load_npz
-
-    fix = "delete it and rerun the training stage (its fold runs again)"
-    parts = [load_npz(d / "oof.npz", fix) for d in fold_dirs]
-    for d, p in zip(fold_dirs, parts):
-        lacking = [k for k in ("annotation_id", "label", "probs") if k not in p]
-        if lacking:
-            raise StageError(f"'{d / 'oof.npz'}' lacks the array(s) {', '.join(lacking)}; {fix}.")
-    ids = np.concatenate([p["annotation_id"] for p in parts])
-    order = np.argsort(ids, kind="stable")
-    return ids[order], np.concatenate([p["label"] for p in parts])[order], np.concatenate([p["probs"] for p in parts])[order]
-
-
 def check_aligned(models: Sequence[ModelProbs]) -> None:
     for m in models[1:]:
         if not np.array_equal(m.oof_ids, models[0].oof_ids):

@@ -19,7 +19,8 @@ from lib.core.io import cached_npz, load_npz
 from lib.core.records import Stage
 from lib.data.artifacts import Prepared
 from lib.data.taxonomy import Taxonomy
-from lib.decide.blending import ModelProbs, check_aligned, load_oof, oof_folds
+from lib.decide.blending import ModelProbs, check_aligned
+from lib.decide.oof import load_oof
 from lib.engine.members import Member, load_members
 
 log = logging.getLogger("pipeline")
@@ -64,10 +65,10 @@ def model_probs(cfg: Config, stage: Stage, member: Member, tax: Taxonomy) -> Mod
     log.info("%s: %s test probabilities %s", stage.name, ref.name, "from cache" if hit else f"stored in probs/{ref.file_stem}.npz")
     for d in member.folds:  # the out-of-fold rows of the very models predicted above
         pipeline.check_vouched(d / "oof.npz")
-    oof_ids, oof_labels, oof = load_oof(member.folds)
+    oof = load_oof(member.folds)
     record = ref.result(cfg)  # for round<r>, that round's own CV (03's per_round)
-    return ModelProbs(ref.name, float(record.get("cv_distance", float("nan"))), oof_ids, oof_labels, oof, arrays["probs"].mean(0), record,
-                      oof_fold=oof_folds(member.folds))
+    return ModelProbs(ref.name, float(record.get("cv_distance", float("nan"))), oof.ids, oof.labels, oof.probs, arrays["probs"].mean(0),
+                      record, oof_fold=oof.folds)
 
 
 def load_models(cfg: Config, stage: Stage, prep: Prepared) -> list[ModelProbs]:

@@ -77,13 +77,13 @@ def select(cfg: Config, ids: np.ndarray, arrays: dict[str, np.ndarray], n_classe
 def member_temperature(member: Member) -> float:
     """A log-loss temperature fitted on the member's out-of-fold rows (never on test rows)."""
     from lib.core.graph import check_vouched
-    from lib.decide.blending import load_oof
     from lib.decide.calibration import fit_temperature
+    from lib.decide.oof import load_oof
 
     for d in member.folds:
         check_vouched(d / "oof.npz")
-    _, labels, oof = load_oof(member.folds)
-    return fit_temperature(oof, labels, "logloss")
+    oof = load_oof(member.folds)
+    return fit_temperature(oof.probs, oof.labels, "logloss")
 
 
 def predict_members(cfg: Config, members: Sequence[Member], tax: Taxonomy, device) -> dict[str, np.ndarray]:
