@@ -98,7 +98,7 @@ def blend_only(cfg, tax, dirs: list[Path], test_ids: list[int], out: Path) -> di
     with atomic_path(out / "fallbacks.csv") as tmp:
         pd.DataFrame({"annotation_id": fell_back}).to_csv(tmp, index=False)
     t["submission"] = time.perf_counter()
-    options, _, _ = compare(cfg, models, tax, prior, cache)
+    options, _ = compare(cfg, models, tax, prior, cache)
     with atomic_path(out / "options.csv") as tmp:
         options.to_csv(tmp, index=False)
     members = [{"member": m.name, "origin": "synthetic", "cv_distance": m.cv, "cv_top1": float("nan"), "cv_distance_testlike": float("nan"),

@@ -44,11 +44,15 @@ def test_selection_with_replacement():
     assert np.allclose(greedy_weights([X, Y], LABELS5, ZERO_ONE, rounds=1), [0.5, 0.5])  # stops after one addition
 
 
-def test_stops_when_no_addition_lowers_the_distance():
+def real_case(seed: int, rows: int):
+    """The real taxonomy's concept count and distances, a seeded generator and `rows` labels drawn from it."""
     tax = load_taxonomy_csv(DEFAULT_TAXONOMY)
-    d = tax.distance_matrix()
-    rng = np.random.default_rng(0)
-    labels = rng.integers(0, tax.n_classes, 100)
+    rng = np.random.default_rng(seed)
+    return tax, tax.distance_matrix(), rng, rng.integers(0, tax.n_classes, rows)
+
+
+def test_stops_when_no_addition_lowers_the_distance():
+    tax, d, rng, labels = real_case(0, 100)
     perfect = np.eye(tax.n_classes)[labels]
     random = rng.dirichlet(np.full(tax.n_classes, 0.3), size=100)
     # perfect alone scores 0; nothing can lower that, so it stays alone however many rounds are allowed.
@@ -57,10 +61,7 @@ def test_stops_when_no_addition_lowers_the_distance():
 
 def test_the_greedy_blend_scores_what_it_selected_for_on_the_real_taxonomy():
     """The weights decode (through blend and decode, as 04 does) to a distance no worse than the best single member."""
-    tax = load_taxonomy_csv(DEFAULT_TAXONOMY)
-    d = tax.distance_matrix()
-    rng = np.random.default_rng(3)
-    labels = rng.integers(0, tax.n_classes, 300)
+    tax, d, rng, labels = real_case(3, 300)
     truth = np.eye(tax.n_classes)[labels]
     members = [0.1 * truth + 0.9 * rng.dirichlet(np.full(tax.n_classes, 0.2), size=300) for _ in range(4)]
     for method in ("min_risk", "argmax"):

@@ -242,20 +242,18 @@ def nested_labels(cfg: Config, models: Sequence[ModelProbs], options: Sequence[t
 
 
 def compare(cfg: Config, models: Sequence[ModelProbs], tax: Taxonomy, prior: np.ndarray,
-            cache: Path | None = None) -> tuple[pd.DataFrame, dict[str, np.ndarray], dict[str, dict[str, np.ndarray]]]:
+            cache: Path | None = None) -> tuple[pd.DataFrame, dict[str, dict[str, np.ndarray]]]:
     """Every single model and every blend, without and with calibration, scored out of fold; with each option's decoded test labels.
 
-    Returns the options table (one row per option and calibration: weights, temperature, OOF
-    distance per decoding), the blend weights per method (under `submit.calibrate`), and per
-    `option_key` and decoding the test labels, which a report may score where the truth is known
-    (lib.report; nothing here reads it). The `fit` and `greedy` rows, and calibrated rows, are
+    Returns the options table (one row per option and calibration: weights, temperature, OOF and
+    nested OOF distance per decoding) and, per `option_key` and decoding, the test labels, which a
+    report may score where the truth is known (lib.report; nothing here reads it). The `fit` and `greedy` rows, and calibrated rows, are
     scored on the out-of-fold rows they were fitted on, so their OOF score is optimistic. `cache`: see `weights_for`.
     """
     dist = tax.distance_matrix()
     labels = models[0].oof_labels
     rows: list[dict[str, Any]] = []
     test_labels: dict[str, dict[str, np.ndarray]] = {}
-    submitted: dict[str, np.ndarray] = {}
     temps = temperature_file(cache)
     for calibration in CALIBRATIONS:
         ms = calibrate_models(cfg, models, dist, calibration, temps)
@@ -264,8 +262,6 @@ def compare(cfg: Config, models: Sequence[ModelProbs], tax: Taxonomy, prior: np.
             for method in BLENDS:
                 w = weights_for(method, cfg, ms, dist, cache_file(cache, method, calibration))
                 options.append((f"blend {method}", w))
-                if calibration == cfg.submit.calibrate:
-                    submitted[method] = w
         nested = nested_labels(cfg, models, options, tax, prior, calibration, cache)
         for (name, w), nest in zip(options, nested):
             oof, test, t = blended(cfg, ms, w, dist, calibration, temps)
@@ -281,7 +277,7 @@ def compare(cfg: Config, models: Sequence[ModelProbs], tax: Taxonomy, prior: np.
             for method in ("argmax", "min_risk"):
                 row[f"nested_{method}"] = score_labels(labels, nest[method], dist) if nest else float("nan")
             rows.append(row)
-    return pd.DataFrame(rows), submitted, test_labels
+    return pd.DataFrame(rows), test_labels
 
 
 @dataclass(frozen=True)
@@ -317,7 +313,7 @@ class Options:
 
 def blend_options(cfg: Config, models: Sequence[ModelProbs], tax: Taxonomy, train_counts: np.ndarray, cache: Path | None = None) -> Options:
     """The options table of report.md and options.csv, with the submitted option's out-of-fold distance."""
-    table, _, test_labels = compare(cfg, models, tax, train_counts / train_counts.sum(), cache)
+    table, test_labels = compare(cfg, models, tax, train_counts / train_counts.sum(), cache)
     mine = table[table["calibration"] == cfg.submit.calibrate]
     chosen = mine.iloc[0] if len(models) == 1 else mine[mine["model"] == f"blend {cfg.submit.blend}"].iloc[0]
     return Options(table, test_labels, float(chosen[f"oof_{cfg.submit.decode}"]))

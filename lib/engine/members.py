@@ -12,7 +12,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
-import numpy as np
 import pandas as pd
 
 from lib.config import Config
@@ -74,8 +73,3 @@ def load_member(cfg: Config, name: str, prep: Prepared) -> Member:
 def load_members(cfg: Config, names: Sequence[str], prep: Prepared) -> list[Member]:
     """Every named member, in order (each name once: the config checks it)."""
     return [load_member(cfg, n, prep) for n in names]
-
-
-def member_index(members: Sequence[Member], fold_counts: Sequence[int]) -> np.ndarray:
-    """For stacked fold models (member after member), the member each belongs to."""
-    return np.repeat(np.arange(len(members)), fold_counts)
