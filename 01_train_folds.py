@@ -27,7 +27,7 @@ def run(args: argparse.Namespace, cfg: Config) -> int:
         return 0
     started = time.time()
     from lib.data.artifacts import load_prepared
-    from lib.engine.train import run_folds
+    from lib.engine.folds import run_folds
     from lib.model.dist import close
 
     prep = load_prepared(cfg)

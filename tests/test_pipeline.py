@@ -145,7 +145,7 @@ def test_rounds_reuse_earlier_rounds(tiny, tmp_path, caplog):
 
 
 def test_pseudo_rows_only_join_training_folds():
-    from lib.engine.train import fold_splits
+    from lib.engine.folds import fold_splits
 
     rois = pd.DataFrame({"split": ["train"] * 6 + ["test"] * 2, "ok": 1, "annotation_id": range(8), "label": [0, 1, 0, 1, 0, 1, -1, -1],
                          "fold": [0, 0, 1, 1, 2, 2, -1, -1], "crop_path": [f"c{i}" for i in range(8)]})
@@ -232,7 +232,7 @@ def _fold_setup(tiny, tmp_path, *extra):
     from lib.config import load_config
     from lib.data.artifacts import load_rois
     from lib.data.taxonomy import load_taxonomy_json
-    from lib.engine.train import fold_splits
+    from lib.engine.folds import fold_splits
 
     cfg = load_config("configs/demo.yaml", [*overrides, *extra])
     prep = out / "00_prepare"
@@ -334,9 +334,9 @@ def test_starting_over_is_a_bounded_loop(tiny, tmp_path, monkeypatch, caplog):
     caplog.set_level(logging.INFO)
     assert train_mod.fit_fold(cfg, split, tax, st, epochs=1).best_epoch == 1
     assert f"ignoring checkpoint {st.dir / 'last.pt'}" in caplog.text
-    set_ups, real = [], train_mod.set_up
-    monkeypatch.setattr(train_mod, "set_up", lambda *a: set_ups.append(1) or real(*a))
-    monkeypatch.setattr(train_mod, "_best_files_problem", lambda out, epoch: f"{out / 'best.pt'} vanished")
+    set_ups, real = [], train_mod.build_kit
+    monkeypatch.setattr(train_mod, "build_kit", lambda *a: set_ups.append(1) or real(*a))
+    monkeypatch.setattr(train_mod, "best_files_problem", lambda out, epoch: f"{out / 'best.pt'} vanished")
     with pytest.raises(StageError, match="vanished right after training it"):
         train_mod.fit_fold(cfg, split, tax, st, epochs=1)
     assert "vanished; training r/fold_0 again from scratch" in caplog.text and len(set_ups) == 2
@@ -361,8 +361,9 @@ def test_every_head_trains_and_predicts(tiny, tmp_path, head):
     import torch
 
     from lib.core.records import Stage
+    from lib.engine.folds import FOLD_OUTPUTS
     from lib.engine.inference import predict_folds_tta
-    from lib.engine.train import FOLD_OUTPUTS, fit_fold
+    from lib.engine.train import fit_fold
 
     cfg, split, tax = _fold_setup(tiny, tmp_path, f"head.name={head}", "head.hidden=32", "head.n_heads=3")
     st = Stage.create("h/fold_0", tmp_path / "fold_0", cfg, ["head"], ROOT / "01_train_folds.py", {}, FOLD_OUTPUTS)
@@ -380,8 +381,9 @@ def test_context_views_train_and_predict(tiny, tmp_path, fusion):
 
     from lib.core.records import Stage
     from lib.data.context import model_inputs
+    from lib.engine.folds import FOLD_OUTPUTS
     from lib.engine.inference import predict_folds_tta
-    from lib.engine.train import FOLD_OUTPUTS, fit_fold
+    from lib.engine.train import fit_fold
 
     cfg, split, tax = _fold_setup(tiny, tmp_path, "model.context=[1, 3, full]", f"model.fusion={fusion}")
     st = Stage.create("c/fold_0", tmp_path / "fold_0", cfg, ["model"], ROOT / "01_train_folds.py", {}, FOLD_OUTPUTS)

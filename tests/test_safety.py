@@ -79,7 +79,7 @@ class Evil:
 
 @pytest.mark.parametrize("obj", [{"model": NeedsPickle(), "epoch": 1}, {"model": Evil()}])
 def test_checkpoint_that_needs_pickle_is_refused(tmp_path, obj, caplog):
-    from lib.engine.train import _try_resume
+    from lib.engine.resume import try_resume
     from lib.model.checkpoint import load_checkpoint
     from lib.model.net import load_state_file
 
@@ -91,7 +91,7 @@ def test_checkpoint_that_needs_pickle_is_refused(tmp_path, obj, caplog):
     with pytest.raises(StageError, match=rf"Weights file '{p}' cannot be loaded safely"):
         load_state_file(p)
     caplog.set_level(logging.INFO)
-    assert _try_resume(p, "digest") is None and f"ignoring unreadable checkpoint {p}" in caplog.text
+    assert try_resume(p, "digest") is None and f"ignoring unreadable checkpoint {p}" in caplog.text
     assert not Path("/tmp/pwned_by_checkpoint").exists()
 
 

@@ -4,7 +4,7 @@ Round 1 trains on 02's pseudo-labels in 03's own folder; round r > 1 first label
 with round r-1's fold ensemble (and the other experiments' members of pseudo.members) (`round_<r>/pseudo/`, as 02 does) and trains in `round_<r>/`.
 Each round and each fold decides for itself (lib.core.graph.round_stage), so raising
 `pseudo.rounds` trains only the new rounds, and a `--fold K` run trains fold K of every round.
-Pseudo-labelled rows only ever join training folds, never validation (lib.engine.train.fold_splits).
+Pseudo-labelled rows only ever join training folds, never validation (lib.engine.folds.fold_splits).
 
 Kept apart from lib.engine.rounds (one pseudo-labelling round, which 02 runs too) so that 02's code
 digest does not take in the trainer.
@@ -23,10 +23,10 @@ from lib.core import graph as pipeline
 from lib.core.cli import check
 from lib.core.records import Stage
 from lib.data.artifacts import Prepared
+from lib.engine.folds import cv_summary, run_folds
 from lib.engine.members import Member, load_members
 from lib.engine.results import RoundResult, SelfTraining
 from lib.engine.rounds import run_round
-from lib.engine.train import cv_summary, run_folds
 from lib.model import dist as ddp
 from lib.model.device import pick_device
 

@@ -13,7 +13,7 @@ from lib.model.net import build_net
 
 
 def load_checkpoint(path: Path) -> dict:
-    """A checkpoint saved by lib.engine.train; loaded with weights_only=True (no pickle)."""
+    """A checkpoint saved by lib.engine.resume; loaded with weights_only=True (no pickle)."""
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except FileNotFoundError:

@@ -1,0 +1,96 @@
+"""The fold loop shared by 01 (phase 1) and 03 (phase 2): each fold's rows, its record, and the CV over all folds.
+
+A fold ends by writing its `record.json`, which vouches for `best.pt` and `oof.npz`: a fold whose
+files were lost or damaged runs again (alone), and a fold whose record matches is skipped.
+"""
+from __future__ import annotations
+
+import contextlib
+import logging
+import time
+
+import numpy as np
+import pandas as pd
+
+from lib.config import Config
+from lib.core.cli import check
+from lib.core.io import load_npz
+from lib.core.locks import locked
+from lib.core.records import Stage
+from lib.data.taxonomy import Taxonomy
+from lib.engine.results import CVSummary
+from lib.engine.train import FoldSplit, evaluate, fit_fold
+from lib.model import dist as ddp
+from lib.model.device import pick_device
+
+log = logging.getLogger("pipeline")
+FOLD_OUTPUTS = ("best.pt", "oof.npz")  # what a fold's record vouches for (last.pt may be deleted to save space)
+
+
+def fold_splits(rois: pd.DataFrame, folds: list[int], extra: pd.DataFrame | None = None) -> list[FoldSplit]:
+    """Per fold: train on the other folds (+ `extra` rows, e.g. pseudo-labels, never validated on)."""
+    train = rois[(rois["split"] == "train") & (rois["ok"] == 1)].assign(weight=1.0)
+    views = [c for c in train.columns if c.endswith("_path") and c != "testlike_path"]  # the ROI and every context crop
+    out = []
+    for k in folds:
+        tr = train[train["fold"] != k][views + ["label", "weight"]]
+        if extra is not None and len(extra):
+            tr = pd.concat([tr, extra[[c for c in views if c in extra] + ["label", "weight"]]], ignore_index=True)
+        cols = ["annotation_id", "label"] + views + (["testlike_path"] if "testlike_path" in train else [])
+        val = train[train["fold"] == k][cols].reset_index(drop=True)
+        out.append(FoldSplit(fold=k, train=tr.reset_index(drop=True), val=val))
+    return out
+
+
+def fold_stage(stage: Stage, k: int) -> Stage:
+    """The record of fold `k` of a training stage: its own folder, the stage's fingerprint plus the fold."""
+    return stage.child(f"{stage.name}/fold_{k}", stage.dir / f"fold_{k}", {"fold": k}, outputs=FOLD_OUTPUTS)
+
+
+def run_folds(cfg: Config, stage: Stage, *, rois: pd.DataFrame, taxonomy: Taxonomy, epochs: int, only: list[int] | None = None,
+              force: bool = False, dry_run: bool = False, extra: pd.DataFrame | None = None) -> CVSummary | None:
+    """Train every fold that is not up to date (`only` these folds, else `train.folds` or all), adding `extra`
+    training rows (phase 2's pseudo-labels); returns the CV summary once all folds are done (None on a dry run)."""
+    ddp.init(pick_device(cfg.train.device).type)
+    n_folds = int(rois.loc[rois["split"] == "train", "fold"].max()) + 1
+    wanted = only or cfg.train.folds or list(range(n_folds))
+    for split in fold_splits(rois, wanted, extra):
+        fs = fold_stage(stage, split.fold)
+        if not check(fs, force, dry_run):
+            continue
+        started = time.time()
+        ddp.barrier()  # every rank has decided before rank 0 voids the old record
+        # Rank 0 holds the fold's lock (a --fold run of the same fold elsewhere refuses) and sweeps temp files.
+        with locked(fs.dir, fs.name) if ddp.is_main() else contextlib.nullcontext():
+            if ddp.is_main():
+                fs.invalidate()
+            result = fit_fold(cfg, split, taxonomy, fs, epochs, fresh=force)
+            if result is None:  # a rank other than 0
+                continue
+            fs.finish(result.to_record(), started)
+        s = result.scores
+        tl = f", test-like view {s['val_distance_testlike']:.3f}" if "val_distance_testlike" in s else ""
+        log.info("%s: val distance %.3f, top1 %.3f%s at epoch %d (%.0fs)", fs.name, s["val_distance"],
+                 s["val_top1"], tl, result.best_epoch, time.time() - started)
+    if dry_run or not ddp.is_main():
+        return None
+    return cv_summary(stage, n_folds, taxonomy)
+
+
+def cv_summary(stage: Stage, n_folds: int, taxonomy: Taxonomy) -> CVSummary | None:
+    """Out-of-fold score over all folds, or None while some fold is missing or stale."""
+    oofs = []
+    for k in range(n_folds):
+        fs = fold_stage(stage, k)
+        if fs.reasons() or not (fs.dir / "oof.npz").is_file():
+            return None
+        oofs.append(load_npz(fs.dir / "oof.npz", "delete it and rerun the training stage (its fold runs again)"))
+    labels = np.concatenate([o["label"] for o in oofs])
+    dist = taxonomy.distance_matrix()
+    m = evaluate(np.concatenate([o["probs"] for o in oofs]), labels, dist)
+    per_fold = [evaluate(o["probs"], o["label"], dist)["val_distance"] for o in oofs]
+    t = {}
+    if all("probs_testlike" in o for o in oofs):
+        t = evaluate(np.concatenate([o["probs_testlike"] for o in oofs]), labels, dist)
+    return CVSummary(m["val_distance"], m["val_top1"], n_folds, int(len(labels)), float(np.mean(per_fold)), float(np.std(per_fold)),
+                     t.get("val_distance"), t.get("val_top1"))
