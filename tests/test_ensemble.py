@@ -228,6 +228,32 @@ def test_load_oof_refuses_a_pickled_npz_in_one_sentence(tmp_path):
     assert oof.ids.tolist() == [0, 1, 2] and oof.probs.shape == (3, 2) and oof.folds.tolist() == [0, 0, 0]
 
 
+def _npy_bytes() -> bytes:
+    import io
+
+    buf = io.BytesIO()
+    np.save(buf, np.arange(3))
+    return buf.getvalue()
+
+
+@pytest.mark.parametrize("content", [b"annotation_id,label\n1,2\n", bytes(range(256)) * 4, b"", _npy_bytes()],
+                         ids=["text", "random bytes", "empty", "a bare npy"])
+def test_a_file_that_is_no_npz_is_named_so_not_called_pickled(tmp_path, content):
+    """Text, random bytes, an empty file or a bare .npy under the name oof.npz: np.load would try to unpickle them."""
+    from lib.core.errors import StageError
+    from lib.core.io import load_npz
+    from lib.decide.oof import load_oof
+
+    (tmp_path / "fold_0").mkdir()
+    path = tmp_path / "fold_0" / "oof.npz"
+    path.write_bytes(content)
+    for load in (lambda: load_npz(path), lambda: load_oof([tmp_path / "fold_0"])):
+        with pytest.raises(StageError) as e:
+            load()
+        msg = str(e.value)
+        assert msg.startswith(f"'{path}' is not a valid npz file (not a zip archive") and "pickled" not in msg and "\n" not in msg
+
+
 def test_calibrated_options_fit_on_out_of_fold_rows_only(tmp_path):
     """Every option with and without calibration; temperatures come from out-of-fold rows (new test rows change none),
     the submission's blend uses the same temperatures, and each calibration keeps its own fit cache."""

@@ -123,3 +123,21 @@ def test_cli_error_exit_code(tmp_path):
                        capture_output=True, text=True, cwd=str(DEFAULT_TAXONOMY.parents[2]))
     assert r.returncode == 2
     assert "1 solution ids missing" in r.stderr and "Traceback" not in r.stderr
+
+
+@pytest.mark.parametrize("text,problem", [
+    ("", "is empty; write the header annotation_id,concept_name"),
+    ("\n\n", "is empty; write the header annotation_id,concept_name"),
+    ('annotation_id,concept_name\n1,"Sebastes\n', "is not a well-formed CSV (EOF inside string starting at row 1); fix that line"),
+    (b"\xff\xfe\x00annotation_id", "is not UTF-8 text"),
+])
+@pytest.mark.parametrize("which", ["solution", "submission"])
+def test_cli_unparsable_csv_is_one_sentence_naming_the_file(tmp_path, capsys, text, problem, which):
+    files = {"solution": tmp_path / "sol.csv", "submission": tmp_path / "sub.csv"}
+    for path in files.values():
+        path.write_text("annotation_id,concept_name\n1,Sebastes\n")
+    bad = files[which]
+    bad.write_bytes(text if isinstance(text, bytes) else text.encode())
+    assert main([str(files["solution"]), str(files["submission"])]) == 2
+    err = capsys.readouterr().err
+    assert err.splitlines() == [err.strip()] and err.startswith(f"error: The {which} file '{bad}' {problem}"), err

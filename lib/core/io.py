@@ -247,18 +247,31 @@ def cached_npz(path: Path, key: str, compute: Callable[[], dict[str, Any]]) -> t
     return arrays, False
 
 
+ZIP_MAGIC = (b"PK\x03\x04", b"PK\x05\x06")  # the first bytes of a zip archive (the second: an empty one), as numpy tells an npz
+
+
+def _starts_as_zip(path: Path) -> bool:
+    """Whether the file begins as a zip archive, as every npz does. np.load hands anything else (text, random bytes) to
+    pickle, so its refusal under allow_pickle=False would call any such file a pickled array."""
+    with open(path, "rb") as f:
+        return f.read(4) in ZIP_MAGIC
+
+
 def load_npz(path: str | Path, fix: str = "delete it and rerun the stage that wrote it") -> dict[str, Any]:
-    """Every array of an npz, read without pickle; a missing, corrupt or pickled file is one sentence naming it."""
+    """Every array of an npz, read without pickle; a missing, corrupt, non-npz or pickled file is one sentence naming it."""
     import numpy as np
 
     path = Path(path)
     if not path.is_file():
         raise StageError(f"'{path}' is missing; {fix.replace('delete it and ', '')}.")
     try:
-        with np.load(path, allow_pickle=False) as z:
-            return {k: z[k] for k in z.files}
+        if _starts_as_zip(path):
+            with np.load(path, allow_pickle=False) as z:
+                return {k: z[k] for k in z.files}
     except ValueError as e:
         why = "it holds a pickled object array, which is never loaded" if "allow_pickle" in str(e) else f"ValueError: {e}"
         raise StageError(f"'{path}' cannot be loaded safely ({why}); {fix}.") from None
     except Exception as e:  # truncated or corrupt: BadZipFile, EOFError, zlib.error, OSError...
         raise StageError(f"'{path}' cannot be read ({type(e).__name__}); {fix}.") from None
+    raise StageError(f"'{path}' is not a valid npz file (not a zip archive of arrays: text, another format or random "
+                     f"bytes); {fix}.")

@@ -44,8 +44,95 @@ def upstream_digest(stage_dir: str | Path, hint: str, sub_records: Callable[[dic
     return sha256_bytes(json.dumps(content, sort_keys=True, default=str).encode())
 
 
+@dataclass(frozen=True)
+class _Kind:
+    """What one result field must hold: a test, and the words a warning uses for it."""
+
+    expected: str
+    ok: Callable[[Any], bool]
+
+
+def _is_int(v: Any) -> bool:
+    """An integer as the writers write one; bool is an int to Python but never a count."""
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _is_number(v: Any) -> bool:
+    """An int or a float. NaN and infinity pass: json writes them (a fold that never improved keeps val_distance inf)."""
+    return _is_int(v) or isinstance(v, float)
+
+
+def _is_strings(v: Any) -> bool:
+    return isinstance(v, list) and all(isinstance(x, str) for x in v)
+
+
+INT = _Kind("an integer", _is_int)
+NUMBER = _Kind("a number", _is_number)
+TEXT = _Kind("a string", lambda v: isinstance(v, str))
+OBJECT = _Kind("an object", lambda v: isinstance(v, dict))
+NUMBERS = _Kind("a list of numbers", lambda v: isinstance(v, list) and all(_is_number(x) for x in v))
+STRINGS = _Kind("a list of strings", _is_strings)
+OBJECTS = _Kind("a list of objects", lambda v: isinstance(v, list) and all(isinstance(x, dict) for x in v))
+NAMED_OBJECTS = _Kind("an object of objects", lambda v: isinstance(v, dict) and all(isinstance(x, dict) for x in v.values()))
+
+# The result fields later stages, reports and tools read, with what their writers put there (00's
+# Preparation, lib/engine/results.py, lib/engine/rounds.run_round, 04 and knn's finish calls).
+# Unknown keys pass: a newer writer may add some.
+RESULT_FIELDS: dict[str, _Kind] = {
+    # 00
+    "train_rois": INT, "test_rois": INT, "test_rois_without_crop": INT, "rejects": INT, "classes": INT, "crops": OBJECT,
+    # a fold; 01 and 03 (their CV summaries), 03's rounds
+    "best_epoch": INT, "n_train": INT, "n_val": INT, "folds": INT, "oof_rows": INT, "fold_distance_mean": NUMBER,
+    "fold_distance_std": NUMBER, "pseudo_rows": INT, "rounds": INT, "fold_root": TEXT,
+    "per_round": OBJECTS,
+    # 02 (and 03's per-round pseudo-labels): `models` counts the fold models there, names them in 04
+    "pseudo_labels": INT, "methods": STRINGS, "mean_weight": _Kind("a number or null", lambda v: v is None or _is_number(v)),
+    "by_source": OBJECT, "members": STRINGS, "temperatures": NUMBERS,
+    "models": _Kind("an integer or a list of strings", lambda v: _is_int(v) or _is_strings(v)),
+    # 04 and knn
+    "rows": INT, "fallbacks": INT, "weights": NUMBERS, "blend": TEXT, "decode": TEXT, "calibrate": TEXT,
+    "blend_temperature": NUMBER, "submission": TEXT, "votes": NAMED_OBJECTS, "vote": TEXT, "k": INT, "source": TEXT, "index": TEXT,
+}
+# Score families named per view, rank or decoding: val_distance, val_acc_genus, cv_top1_testlike, oof_distance_min_risk.
+RESULT_PREFIXES: tuple[tuple[str, _Kind], ...] = (("val_", NUMBER), ("cv_", NUMBER), ("oof_distance_", NUMBER))
+
+
+def _kind(key: str) -> _Kind | None:
+    """What a result field must hold, or None for a field no reader knows."""
+    return RESULT_FIELDS.get(key) or next((k for prefix, k in RESULT_PREFIXES if key.startswith(prefix)), None)
+
+
+def _nested(key: str, value: Any) -> list[tuple[str, dict]]:
+    """The results a field holds in turn (03's per_round entries, knn's votes), each with its name in a warning."""
+    if key == "per_round":
+        return [(f"[{i}]", x) for i, x in enumerate(value)]
+    if key == "votes":
+        return [(f".{name}", x) for name, x in value.items()]
+    return []
+
+
+def result_problem(result: dict, where: str = "result") -> str | None:
+    """The first result field that does not hold what its writer writes, in words; None when every one does.
+
+    Readers use these values as they are (range(folds), f"{cv_distance:.4f}"), so a hand-edited
+    wrong type would otherwise end in a traceback far from the record that holds it.
+    """
+    for key, value in result.items():
+        kind, name = _kind(key), f"{where}.{key}"
+        if kind is None:
+            continue
+        if not kind.ok(value):
+            return f"{name} is {_short(value)}, expected {kind.expected}"
+        for suffix, sub in _nested(key, value):
+            problem = result_problem(sub, name + suffix)
+            if problem:
+                return problem
+    return None
+
+
 def read_record(path: str | Path) -> dict | None:
-    """A record, or None if absent or unreadable (a corrupt record is treated as absent, with a warning)."""
+    """A record, or None if absent or unreadable (a corrupt record, or one whose result holds a value of the wrong type,
+    is treated as absent, with a warning naming the file and the field)."""
     p = Path(path)
     if not p.is_file():
         return None
@@ -55,6 +142,9 @@ def read_record(path: str | Path) -> dict | None:
             raise ValueError("no fingerprint")
         if not isinstance(rec.get("result", {}), dict) or not isinstance(rec.get("outputs", {}), dict):
             raise ValueError("malformed result or outputs")
+        problem = result_problem(rec.get("result", {}))
+        if problem:
+            raise ValueError(problem)
         return rec
     except (OSError, ValueError) as e:
         log.warning("ignoring unreadable record %s (%s); the stage will run again", p, e)

@@ -87,13 +87,27 @@ def score_frames(solution: pd.DataFrame, submission: pd.DataFrame, taxonomy: Tax
     return float(d.mean()) if len(d) else float("nan"), per_row.reset_index(drop=True)
 
 
+def read_labels(what: str, path: str | Path) -> pd.DataFrame:
+    """One annotation_id,concept_name CSV as read; a file pandas cannot parse is one MetricError naming it (not a parser
+    traceback), since these files are often written by hand or by another tool."""
+    p = Path(path)
+    if not p.is_file():
+        raise MetricError(f"The {what} file '{p}' does not exist; pass the path of an annotation_id,concept_name CSV.")
+    try:
+        return pd.read_csv(p, dtype={"concept_name": str}, keep_default_na=False)
+    except pd.errors.EmptyDataError:
+        raise MetricError(f"The {what} file '{p}' is empty; write the header annotation_id,concept_name and one row per "
+                          "annotation.") from None
+    except pd.errors.ParserError as e:
+        detail = str(e).strip().splitlines()[0].removeprefix("Error tokenizing data. C error: ")
+        raise MetricError(f"The {what} file '{p}' is not a well-formed CSV ({detail}); fix that line (an unclosed quote or "
+                          "a stray comma) and score again.") from None
+    except UnicodeDecodeError:
+        raise MetricError(f"The {what} file '{p}' is not UTF-8 text; save it as a UTF-8 annotation_id,concept_name CSV.") from None
+
+
 def score_files(solution_csv: str | Path, submission_csv: str | Path, taxonomy: Taxonomy) -> tuple[float, pd.DataFrame]:
-    frames = []
-    for what, path in (("solution", solution_csv), ("submission", submission_csv)):
-        p = Path(path)
-        if not p.is_file():
-            raise MetricError(f"The {what} file '{p}' does not exist; pass the path of an annotation_id,concept_name CSV.")
-        frames.append(pd.read_csv(p, dtype={"concept_name": str}, keep_default_na=False))
+    frames = [read_labels(what, path) for what, path in (("solution", solution_csv), ("submission", submission_csv))]
     return score_frames(frames[0], frames[1], taxonomy)
 
 
