@@ -11,8 +11,8 @@ import sys
 import time
 
 from lib.config import Config
-from lib.core import graph as pipeline
-from lib.core.cli import run_cli, stage_parser
+from lib.pipeline import graph
+from lib.pipeline.cli import run_cli, stage_parser
 
 log = logging.getLogger("pipeline")
 
@@ -24,10 +24,10 @@ def run(args: argparse.Namespace, cfg: Config) -> int:
     if args.download and not args.dry_run:
         from lib.data.prepare import fetch_frames
 
-        pipeline.preflight(cfg, NAME, frames=False)
-        pipeline.lock(cfg, NAME)  # one download at a time into the same frames
+        graph.preflight(cfg, NAME, frames=False)
+        graph.lock(cfg, NAME)  # one download at a time into the same frames
         fetch_frames(cfg, download=True)  # before the fingerprint: downloads change the inputs
-    stage = pipeline.begin(cfg, NAME, args.force or _crops_lost(cfg), args.dry_run)
+    stage = graph.begin(cfg, NAME, args.force or _crops_lost(cfg), args.dry_run)
     if stage is None:
         return 0
     started = time.time()
@@ -43,8 +43,8 @@ def run(args: argparse.Namespace, cfg: Config) -> int:
 
 def _crops_lost(cfg: Config) -> bool:
     """True (with a warning naming them) when crops 00's record vouches for are lost, emptied or changed: 00 runs again."""
-    from lib.core.records import read_record
     from lib.data.manifest import crop_problems
+    from lib.pipeline.records import read_record
 
     folder = cfg.out_dir / NAME
     problems = crop_problems(folder, (read_record(folder / "record.json") or {}).get("result"))

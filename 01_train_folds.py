@@ -12,8 +12,8 @@ import sys
 import time
 
 from lib.config import Config
-from lib.core import graph as pipeline
-from lib.core.cli import run_cli, stage_parser
+from lib.pipeline import graph
+from lib.pipeline.cli import run_cli, stage_parser
 
 log = logging.getLogger("pipeline")
 
@@ -22,7 +22,7 @@ NAME = "01_train"
 
 def run(args: argparse.Namespace, cfg: Config) -> int:
     """The stage body: decide, train the folds not up to date, record the CV once every fold is done."""
-    stage = pipeline.begin(cfg, NAME, args.force, args.dry_run, folds_only=bool(args.fold))
+    stage = graph.begin(cfg, NAME, args.force, args.dry_run, folds_only=bool(args.fold))
     if stage is None:
         return 0
     started = time.time()

@@ -13,8 +13,8 @@ import sys
 import time
 
 from lib.config import Config
-from lib.core import graph as pipeline
-from lib.core.cli import run_cli, stage_parser
+from lib.pipeline import graph
+from lib.pipeline.cli import run_cli, stage_parser
 
 log = logging.getLogger("pipeline")
 
@@ -23,7 +23,7 @@ NAME = "02_pseudo"
 
 def run(args: argparse.Namespace, cfg: Config) -> int:
     """The stage body: decide, label the test ROIs with 01's fold ensemble, record."""
-    stage = pipeline.begin(cfg, NAME, args.force, args.dry_run)
+    stage = graph.begin(cfg, NAME, args.force, args.dry_run)
     if stage is None:
         return 0
     started = time.time()

@@ -14,8 +14,9 @@ import sys
 import time
 
 from lib.config import Config
-from lib.core import graph as pipeline
-from lib.core.cli import run_cli, stage_parser
+from lib.modelref import ModelRef
+from lib.pipeline import graph
+from lib.pipeline.cli import run_cli, stage_parser
 
 log = logging.getLogger("pipeline")
 
@@ -24,7 +25,7 @@ NAME = "03_retrain"
 
 def run(args: argparse.Namespace, cfg: Config) -> int:
     """The stage body: decide, run the self-training rounds not up to date, record the last round's CV."""
-    stage = pipeline.begin(cfg, NAME, args.force, args.dry_run, folds_only=bool(args.fold))
+    stage = graph.begin(cfg, NAME, args.force, args.dry_run, folds_only=bool(args.fold))
     if stage is None:
         return 0
     started = time.time()
@@ -40,7 +41,7 @@ def run(args: argparse.Namespace, cfg: Config) -> int:
         return 0
     result = rounds.to_record()
     stage.finish(result, started)
-    phase1 = pipeline.ModelRef.parse("phase1").result(cfg)
+    phase1 = graph.member_result(cfg, ModelRef.parse("phase1"))
     log.info("%s: CV distance %.4f (phase 1: %.4f), top1 %.3f (phase 1: %.3f), test-like view %.4f (phase 1: %.4f), after %d round(s)",
              NAME, result["cv_distance"], phase1.get("cv_distance", math.nan), result["cv_top1"], phase1.get("cv_top1", math.nan),
              result.get("cv_distance_testlike", math.nan), phase1.get("cv_distance_testlike", math.nan), len(rounds.rounds))

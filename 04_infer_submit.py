@@ -14,8 +14,8 @@ import sys
 import time
 
 from lib.config import Config
-from lib.core import graph as pipeline
-from lib.core.cli import run_cli, stage_parser
+from lib.pipeline import graph
+from lib.pipeline.cli import run_cli, stage_parser
 
 log = logging.getLogger("pipeline")
 
@@ -24,7 +24,7 @@ NAME = "04_submit"
 
 def run(args: argparse.Namespace, cfg: Config) -> int:
     """The stage body: decide, each model's probabilities, blend and decode, write the submission and its report, record."""
-    stage = pipeline.begin(cfg, NAME, args.force, args.dry_run)
+    stage = graph.begin(cfg, NAME, args.force, args.dry_run)
     if stage is None:
         return 0
     started = time.time()

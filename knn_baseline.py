@@ -7,7 +7,7 @@ Writes: output/<exp>/knn/ embeddings*.npz, oof.npz, table.md, submission.csv, re
 CV: each train fold's queries against an index of the other folds. With knn.source=phase1,
 fold k's queries and index are embedded by fold k's model (which never saw fold k), and the
 test's label distribution is the mean over the fold models, each with an index of all train ROIs
-(lib/engine/knn.py; the votes are lib/decide/knn.py's).
+(lib/engine/neighbours.py; the votes are lib/decide/knn.py's).
 """
 from __future__ import annotations
 
@@ -17,8 +17,8 @@ import sys
 import time
 
 from lib.config import Config
-from lib.core import graph as pipeline
-from lib.core.cli import run_cli, stage_parser
+from lib.pipeline import graph
+from lib.pipeline.cli import run_cli, stage_parser
 
 log = logging.getLogger("pipeline")
 
@@ -27,7 +27,7 @@ NAME = "knn"
 
 def run(args: argparse.Namespace, cfg: Config) -> int:
     """The stage body: decide, neighbour distributions by CV, choose the vote, write table and submission, record."""
-    stage = pipeline.begin(cfg, NAME, args.force, args.dry_run)
+    stage = graph.begin(cfg, NAME, args.force, args.dry_run)
     if stage is None:
         return 0
     started = time.time()
@@ -35,7 +35,7 @@ def run(args: argparse.Namespace, cfg: Config) -> int:
     from lib.data.artifacts import load_prepared
     from lib.decide.knn import choose_vote, vote
     from lib.decide.submission import write_full_submission
-    from lib.engine.knn import knn_cv
+    from lib.engine.neighbours import knn_cv
 
     prep, k = load_prepared(cfg), cfg.knn
     cv = knn_cv(cfg, stage, prep)

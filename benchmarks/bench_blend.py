@@ -5,7 +5,7 @@
 When only `submit.*` changes, 04 reads every model's cached test probabilities (`probs/<model>.npz`)
 and out-of-fold probabilities (`fold_<k>/oof.npz`), computes the blend weights, decodes, writes
 submission.csv, fallbacks.csv, options.csv (every single model and blend, argmax and min-risk)
-and report.md. This times that sequence with lib.blending / lib.ensemble / lib.submission
+and report.md. This times that sequence with lib.decide.blending / weights / decode / submission
 directly on synthetic probabilities of the real shape: 788 test rows, 79 classes, 10 models,
 23,699 out-of-fold rows in 5 folds (--quick: 4 models). Target: under 5 s per blend method.
 It runs in a fresh process and reports whether torch was imported (it must not be: no model).
@@ -71,9 +71,10 @@ def blend_only(cfg, tax, dirs: list[Path], test_ids: list[int], out: Path) -> di
         compare,
         weights_for,
     )
-    from lib.decide.ensemble import blend, prior_answer
+    from lib.decide.decode import prior_answer
     from lib.decide.oof import load_oof
     from lib.decide.submission import assemble, write_submission
+    from lib.decide.weights import blend
     from lib.report.summary import submit_report
 
     t = {"start": time.perf_counter()}

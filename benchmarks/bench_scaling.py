@@ -27,7 +27,7 @@ STAGES = {"00_prepare": "00_prepare_data.py", "04_submit": "04_infer_submit.py",
 IMPORTS = {  # what each stage imports before its work: the floor under its time
     "00_prepare": "import lib.data.prepare, lib.data.coco, lib.data.taxonomy",
     "04_submit": "import torch, timm, lib.engine.probs, lib.engine.inference, lib.decide.blending, lib.report.summary, lib.decide.submission",
-    "knn": "import torch, timm, faiss, lib.engine.knn, lib.decide.knn, lib.engine.inference, lib.decide.submission",
+    "knn": "import torch, timm, faiss, lib.engine.neighbours, lib.decide.knn, lib.engine.inference, lib.decide.submission",
 }
 ONE_THREAD = {"OMP_NUM_THREADS": "1"}
 details: dict[str, str] = {}

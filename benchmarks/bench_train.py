@@ -145,8 +145,8 @@ def whole_rate(cfg, split, tax, out: Path, workers: int) -> tuple[float, float]:
     """Images per second of fit_fold's second epoch (log line to log line) and the whole call's seconds."""
     import dataclasses
 
-    from lib.core.records import Stage
     from lib.engine.train import fit_fold
+    from lib.pipeline.records import Stage
 
     cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, num_workers=workers))
     stage = Stage.create(f"bench/fold_w{workers}", out / f"fold_w{workers}", cfg, ["train"], B.ROOT / "01_train_folds.py", {})

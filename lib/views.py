@@ -1,7 +1,7 @@
 """The grammar of test-time augmentation view names (`tta.views`), free of torch.
 
 Kept apart from lib.engine.inference so config validation can check the names without importing torch, and
-so that every stage's code digest (lib.stages finds imports statically, lib.config is reached by
+so that every stage's code digest (lib.core.fingerprint follows imports statically, lib.config is reached by
 all stages) does not depend on lib.engine.inference's tensor code.
 
 A name is one or more transforms joined by '+', applied left to right:

@@ -20,8 +20,8 @@ import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
 from lib.config import load_config  # noqa: E402
-from lib.core.cli import setup_logging  # noqa: E402
 from lib.core.io import atomic_write_text
+from lib.pipeline.cli import setup_logging  # noqa: E402
 
 KEYS = ["cv_distance", "cv_distance_testlike", "cv_top1", "oof_argmax", "oof_min_risk", "test_argmax", "test_min_risk", "test_distance",
         "pseudo_labels", "pseudo_precision", *ab.RANK_KEYS, "val_top1_head", "val_top1_middle", "val_top1_tail"]

@@ -24,7 +24,7 @@ import numpy as np
 import pandas as pd
 
 from lib.core.paths import ROOT
-from lib.core.records import read_record
+from lib.pipeline.records import read_record
 
 log = logging.getLogger("pipeline")
 HOLDOUT = ["Abyssocucumis abyssorum", "Chorilia longipes", "Heteropolypus ritteri", "Metridium farcimen", "Pandalus platyceros",
@@ -212,7 +212,7 @@ def collect(s: Setting, v: Variant, out_root: str, seconds: float) -> list[dict[
 
 def single_fold_vs_ensemble(out: Path, truth_of: Callable[[np.ndarray], np.ndarray], dist: np.ndarray) -> list[dict[str, Any]]:
     """Test distance (min-risk) of each phase-1 fold model alone and of their mean (02's per-model probabilities)."""
-    from lib.decide.ensemble import decode
+    from lib.decide.decode import decode
     from lib.decide.metric import score_labels
 
     path = out / "02_pseudo" / "test_probs.npz"
@@ -274,7 +274,6 @@ def novelty(s: Setting, v: Variant, config: str, out_root: str, truth_of: Callab
     from sklearn.metrics import roc_auc_score
 
     from lib.config import load_config
-    from lib.core import graph as pipeline
     from lib.data.artifacts import load_prepared
     from lib.data.context import model_inputs
     from lib.data.dataset import make_loader
@@ -282,6 +281,7 @@ def novelty(s: Setting, v: Variant, config: str, out_root: str, truth_of: Callab
     from lib.engine.inference import predict
     from lib.model.checkpoint import load_fold_model
     from lib.model.net import mean_std
+    from lib.pipeline import graph
 
     cfg = load_config(config, overrides_of(s, v, config, out_root)[2:])
     prep = load_prepared(cfg)
@@ -291,7 +291,7 @@ def novelty(s: Setting, v: Variant, config: str, out_root: str, truth_of: Callab
     is_novel = np.isin(truth, [tax.index(n) for n in cfg.prepare.holdout])
     probs, energy, flags = [], [], []
     device = torch.device("cpu")
-    for d in pipeline.fold_dirs(cfg, "01_train"):
+    for d in graph.fold_dirs(cfg, "01_train"):
         model = load_fold_model(d, cfg, tax, device)
         mean, std = mean_std(model)
         loader = make_loader(model_inputs(test, cfg.model.context), img_size=cfg.model.img_size, mean=mean, std=std,

@@ -20,7 +20,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from lib.config import Config, ConfigError, load_config  # noqa: E402
-from lib.core.graph import ModelRef  # noqa: E402
+from lib.modelref import ModelRef  # noqa: E402
 
 TRAIN = ["00_prepare_data.py", "01_train_folds.py"]
 SELF_TRAIN = ["02_pseudo_label.py", "03_retrain.py"]

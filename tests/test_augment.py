@@ -1,4 +1,4 @@
-"""Augmentation: the config section, the albumentations pipelines, and batch mixing (lib.mix)."""
+"""Augmentation: the config section, the albumentations pipelines, and batch mixing (lib.data.mix)."""
 import dataclasses
 
 import albumentations as A

@@ -126,7 +126,7 @@ def test_missing_weights_file_is_caught_at_load():
 
 def test_unknown_backbone_is_caught_when_the_stage_starts():
     """timm's name list needs torch (seconds to import), so the check runs when a model stage starts, not at load."""
-    from lib.core.graph import preflight
+    from lib.pipeline.graph import preflight
 
     cfg = load_config(None, ["model.backbone=convnext_tinny"])
     with pytest.raises(ConfigError, match=r"model.backbone 'convnext_tinny' is not a timm model \(did you mean 'convnext_tiny'\?\)"):
@@ -136,7 +136,7 @@ def test_unknown_backbone_is_caught_when_the_stage_starts():
 
 
 def test_missing_input_paths_are_caught_when_00_starts(tmp_path):
-    from lib.core.graph import preflight
+    from lib.pipeline.graph import preflight
 
     cfg = load_config(None, [f"data.root={tmp_path}"])
     with pytest.raises(ConfigError, match=rf"data.train_json '{tmp_path}/dataset_train.json' does not exist; set data.root"):

@@ -67,13 +67,13 @@ def test_explicit_precisions_are_honoured_on_a_gpu(monkeypatch):
 
 def test_train_precision_is_a_checked_config_value_in_every_predicting_stage():
     """A typo is one sentence; the value is recorded by every stage that trains or predicts (01, 02, 03, 04, knn)."""
-    from lib.core.graph import SPECS
+    from lib.pipeline.graph import SPECS
 
     assert load_config("configs/demo.yaml").train.precision == "auto"
     with pytest.raises(ConfigError, match="train.precision.*(bf16|fp16)"):
         load_config("configs/demo.yaml", ["train.precision=fp61"])
     cfg = load_config("configs/demo.yaml", ["train.precision=fp16"])
-    from lib.core.records import Stage
+    from lib.pipeline.records import Stage
 
     for name in ("01_train", "02_pseudo", "03_retrain", "04_submit", "knn"):
         st = Stage.create(name, "/tmp/x", cfg, SPECS[name].sections, "01_train_folds.py")

@@ -1,4 +1,4 @@
-"""lib.download against a local HTTP server on 127.0.0.1 (the test machine has no internet)."""
+"""lib.data.download against a local HTTP server on 127.0.0.1 (the test machine has no internet)."""
 from __future__ import annotations
 
 import functools

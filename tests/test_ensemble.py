@@ -5,17 +5,9 @@ import pytest
 
 from lib.config import ConfigError, load_config
 from lib.data.taxonomy import Taxonomy, load_taxonomy_csv
-from lib.decide.ensemble import (
-    at_or_above,
-    backoff_decode,
-    blend,
-    blend_weights,
-    cv_weights,
-    decode,
-    logit_adjust,
-    soft_min_risk_distance,
-)
+from lib.decide.decode import at_or_above, backoff_decode, decode, logit_adjust
 from lib.decide.metric import DEFAULT_TAXONOMY
+from lib.decide.weights import blend, blend_weights, cv_weights, soft_min_risk_distance
 
 TAX = load_taxonomy_csv(DEFAULT_TAXONOMY)
 D = TAX.distance_matrix()
@@ -313,7 +305,7 @@ def test_nested_labels_refit_on_the_other_folds_only():
     opts = [("phase1", np.ones(1))]
     a = blending.nested_labels(cfg, [m], opts, tax, np.full(tax.n_classes, 1 / tax.n_classes), "temperature")[0]["min_risk"]
     from lib.decide.calibration import apply_temperature, fit_temperature
-    from lib.decide.ensemble import decode
+    from lib.decide.decode import decode
 
     for k in range(3):
         t = fit_temperature(p[folds != k], labels[folds != k], "logloss")
@@ -325,7 +317,7 @@ def test_blend_only_rerun_fits_nothing_again(tmp_path, monkeypatch):
     only submit.blend calls neither the temperature fit nor SLSQP nor the greedy selection, and gives the same table."""
     import lib.decide.blending as blending
     import lib.decide.calibration as calibration
-    import lib.decide.ensemble as ensemble
+    import lib.decide.weights as weights
 
     rng = np.random.default_rng(3)
     tax = load_taxonomy_csv(DEFAULT_TAXONOMY)
@@ -340,7 +332,7 @@ def test_blend_only_rerun_fits_nothing_again(tmp_path, monkeypatch):
     monkeypatch.setattr(calibration, "fit_temperature", lambda *a, **k: calls.append("T"))
     real = blending.blend_weights
     monkeypatch.setattr(blending, "blend_weights", lambda *a, **k: calls.append(a[0]) or real(*a, **k))
-    monkeypatch.setattr(ensemble, "greedy_weights", lambda *a, **k: calls.append("greedy"))
+    monkeypatch.setattr(weights, "greedy_weights", lambda *a, **k: calls.append("greedy"))
     fresh = [blending.ModelProbs(m.name, m.cv, m.oof_ids, m.oof_labels, m.oof.copy(), m.test, oof_fold=m.oof_fold) for m in models]
     again = blending.blend_options(load_config(None, ["submit.blend=greedy"]), fresh, tax, counts, cache).table
     assert set(calls) <= {"uniform", "cv"}  # the closed-form weights only

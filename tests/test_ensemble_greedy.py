@@ -3,8 +3,9 @@ import numpy as np
 import pytest
 
 from lib.data.taxonomy import load_taxonomy_csv
-from lib.decide.ensemble import blend, blend_weights, decode, greedy_weights
+from lib.decide.decode import decode
 from lib.decide.metric import DEFAULT_TAXONOMY, score_labels
+from lib.decide.weights import blend, blend_weights, greedy_weights
 
 ZERO_ONE = 1.0 - np.eye(2)  # distance 1 for a wrong class: min-risk is argmax and the distance is the error rate
 

@@ -7,8 +7,8 @@ import pytest
 
 from lib.core import fingerprint
 from lib.core.fingerprint import code_digests, lib_imports, meaning_digest
-from lib.core.graph import SPECS
 from lib.core.paths import ROOT
+from lib.pipeline.graph import SPECS
 
 SCRIPT = ROOT / "01_train_folds.py"
 
@@ -20,7 +20,7 @@ def test_digests_follow_imports_to_the_code_that_computes_results():
                 "lib/data/augment.py"):
         assert mod in digests
     # Infrastructure is neither hashed nor followed.
-    assert not [m for m in digests if m.startswith(("lib/core/", "lib/report/")) or m == "lib/config.py"]
+    assert not [m for m in digests if m.startswith(("lib/core/", "lib/pipeline/", "lib/report/", "lib/config/"))]
 
 
 def test_meaning_ignores_comments_docstrings_formatting_and_logging():
@@ -70,7 +70,9 @@ def test_comments_everywhere_and_plot_statements_rerun_nothing(tree_copy):
         _append(p, "\n# a comment a user appended\n")
     _append(tree_copy / "lib" / "report" / "plots.py", "\nEXTRA_DPI = 300\n")
     _append(tree_copy / "lib" / "core" / "locks.py", "\nLOCK_NOTE = 'x'\n")
-    _append(tree_copy / "lib" / "config.py", "\nNOTE = 1\n")
+    for part in ("schema", "load", "checks", "output"):  # the config's code: its defaults sit in the recorded values
+        _append(tree_copy / "lib" / "config" / f"{part}.py", "\nNOTE = 1\n")
+    _append(tree_copy / "lib" / "pipeline" / "graph.py", "\nGRAPH_NOTE = 1\n")
     assert _all(tree_copy) == before
 
 
@@ -89,5 +91,5 @@ def test_how_04_blends_never_retrains_phase_2():
     from lib.core.fingerprint import code_digests
 
     for script in ("02_pseudo_label.py", "03_retrain.py"):
-        assert not {"lib/decide/blending.py", "lib/decide/ensemble.py"} & set(code_digests(ROOT / script)), script
+        assert not {"lib/decide/blending.py", "lib/decide/weights.py"} & set(code_digests(ROOT / script)), script
     assert "lib/decide/blending.py" in code_digests(ROOT / "04_infer_submit.py")

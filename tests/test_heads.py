@@ -9,24 +9,10 @@ from torch import nn
 
 from lib.config import ConfigError, HeadCfg, LossCfg, load_config
 from lib.data.taxonomy import Taxonomy, load_taxonomy_csv
-from lib.model.heads import (
-    CoherentHead,
-    ConditionalHead,
-    HeadOutput,
-    HierarchicalSoftmaxHead,
-    MLPHead,
-    MultiHead,
-    NormedLinear,
-    PerRankHead,
-    TwoLevelHead,
-    build_head,
-    max_constraint,
-    mc_loss,
-    split_ranks,
-    taxonomy_levels,
-    taxonomy_nodes,
-)
+from lib.model.head_base import HeadOutput, NormedLinear, split_ranks
+from lib.model.heads import MLPHead, MultiHead, PerRankHead, TwoLevelHead, build_head
 from lib.model.losses import build_loss
+from lib.model.tree_heads import CoherentHead, ConditionalHead, HierarchicalSoftmaxHead, max_constraint, mc_loss, taxonomy_levels, taxonomy_nodes
 
 NAMES = ["linear", "mlp", "multi", "per_rank", "two_level", "hierarchical_softmax", "conditional", "coherent"]
 IN = 16

@@ -179,7 +179,7 @@ def test_knn_config_checks():
 
 
 def test_phase1_source_makes_01_an_upstream():
-    from lib.core.graph import upstream_of
+    from lib.pipeline.graph import upstream_of
 
     assert upstream_of(load_config(None), "knn") == ("00_prepare",)
     assert upstream_of(load_config(None, ["knn.source=phase1"]), "knn") == ("00_prepare", "01_train")

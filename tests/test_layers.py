@@ -5,22 +5,26 @@ from pathlib import Path
 
 from lib.core.paths import ROOT
 
-# What each part of lib/ may import (besides itself). Foundation (core, config, views) is one
-# layer: config raises core's UserError and the stage graph reads the config.
-FOUNDATION = {"core", "config", "views"}
+# What each part of lib/ may import (besides itself), lowest first. core holds the leaves (errors, paths, io, locks,
+# faults, fingerprint); views and modelref are the name grammars (TTA views, model names), leaves too; config reads
+# them; pipeline (records, CLI, the stage graph) is the stage machinery over the config.
+BASE = {"core", "views", "modelref", "config", "pipeline"}
 ALLOWED = {
-    "core": FOUNDATION,
-    "config": FOUNDATION,
+    "core": set(),
     "views": set(),
-    "data": FOUNDATION,
-    "model": FOUNDATION | {"data"},
-    "decide": FOUNDATION | {"data"},
-    "report": FOUNDATION | {"data", "decide"},  # reports score with the metric; plots are drawn for engine's artifacts
-    "engine": FOUNDATION | {"data", "model", "decide", "report"},
-    "demo": FOUNDATION | {"data"},
-    "kaggle": FOUNDATION | {"data", "decide"},  # a tool: checks 04's submission again (decide) against the test JSON (data)
-    "doctor": FOUNDATION | {"model"},  # a tool: it asks the model layer which precision `auto` picks
+    "modelref": set(),
+    "config": {"core", "views", "modelref"},
+    "pipeline": {"core", "config", "modelref"},
+    "data": BASE,
+    "model": BASE | {"data"},
+    "decide": BASE | {"data"},
+    "report": BASE | {"data", "decide"},  # reports score with the metric; plots are drawn for engine's artifacts
+    "engine": BASE | {"data", "model", "decide", "report"},
+    "demo": BASE | {"data"},
+    "kaggle": BASE | {"data", "decide"},  # a tool: checks 04's submission again (decide) against the test JSON (data)
+    "doctor": BASE | {"model"},  # a tool: it asks the model layer which precision `auto` picks
 }
+MAX_LINES = 450  # a module longer than this says why in its docstring, in a line starting "Over 450 lines:"
 LIB = sorted(p for p in (ROOT / "lib").rglob("*.py") if "__pycache__" not in p.parts)
 
 
@@ -31,18 +35,84 @@ def part(path: Path) -> str:
 
 
 def imported(path: Path) -> set[str]:
-    """Dotted names of every lib module (or package) imported anywhere in the file."""
+    """Dotted names of every lib module (or package) imported anywhere in the file, function-level imports included."""
     found = set()
     for node in ast.walk(ast.parse(path.read_text())):
         if isinstance(node, ast.Import):
             found.update(a.name for a in node.names if a.name.startswith("lib."))
         elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module and node.module.startswith("lib"):
             found.update([node.module] if node.module != "lib" else [f"lib.{a.name}" for a in node.names])
+            found.update(f"{node.module}.{a.name}" for a in node.names if _module_file(f"{node.module}.{a.name}"))
     return found
+
+
+def _module_file(dotted: str) -> Path | None:
+    base = ROOT.joinpath(*dotted.split("."))
+    return next((p for p in (base.with_suffix(".py"), base / "__init__.py") if p.is_file()), None)
+
+
+def module_graph() -> dict[str, set[str]]:
+    """lib module -> the lib modules it imports (a package stands for its __init__)."""
+    def name(p: Path) -> str:
+        rel = p.relative_to(ROOT).with_suffix("")
+        return ".".join(rel.parts[:-1] if rel.name == "__init__" else rel.parts)
+
+    return {name(p): {m for m in imported(p) if _module_file(m)} - {name(p)} for p in LIB}
+
+
+def cycles(graph: dict[str, set[str]]) -> list[list[str]]:
+    """The strongly connected components of more than one module (Tarjan): each is an import cycle."""
+    index: dict[str, int] = {}
+    low: dict[str, int] = {}
+    stack: list[str] = []
+    out: list[list[str]] = []
+
+    def visit(v: str) -> None:
+        index[v] = low[v] = len(index)
+        stack.append(v)
+        for w in graph.get(v, ()):
+            if w not in index:
+                visit(w)
+                low[v] = min(low[v], low[w])
+            elif w in stack:
+                low[v] = min(low[v], index[w])
+        if low[v] == index[v]:
+            comp = []
+            while True:
+                w = stack.pop()
+                comp.append(w)
+                if w == v:
+                    break
+            if len(comp) > 1:
+                out.append(sorted(comp))
+
+    for v in sorted(graph):
+        if v not in index:
+            visit(v)
+    return out
 
 
 def test_every_lib_module_belongs_to_a_known_part():
     assert {part(p) for p in LIB} - {"__init__"} <= set(ALLOWED), {part(p) for p in LIB}
+
+
+def test_the_cycle_finder_finds_a_cycle_and_only_cycles():
+    assert cycles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == [["a", "b", "c"]]
+    assert cycles({"a": {"b"}, "b": set(), "c": {"a", "b"}}) == []
+
+
+def test_no_module_import_cycle():
+    """No lib module reaches itself through imports, function-level imports included: a cycle dodged inside a
+    function is still a cycle. A package stands for its __init__ (which may re-export its own modules)."""
+    graph = module_graph()
+    assert not cycles(graph), cycles(graph)
+
+
+def test_long_modules_say_why():
+    """A lib module over MAX_LINES lines gives its reason in its docstring ("Over 450 lines: ...")."""
+    long = [p for p in LIB if len(p.read_text().splitlines()) > MAX_LINES]
+    unexplained = [str(p.relative_to(ROOT)) for p in long if f"Over {MAX_LINES} lines:" not in (ast.get_docstring(ast.parse(p.read_text())) or "")]
+    assert not unexplained, unexplained
 
 
 def test_no_import_runs_upward():

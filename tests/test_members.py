@@ -51,7 +51,7 @@ def test_another_taxonomy_is_refused():
 
 
 def test_model_names_with_experiments():
-    from lib.core.graph import ModelRef
+    from lib.modelref import ModelRef
 
     r = ModelRef.parse("b/round2")
     assert (r.exp, r.phase, r.round, r.stage, r.key, r.file_stem) == ("b", "round", 2, "03_retrain", "b/03_retrain", "b__round2")
@@ -71,7 +71,7 @@ def test_config_refuses_duplicates_own_prefix_and_later_phases_as_pseudo_members
         with pytest.raises(ConfigError, match=words):
             load_config("configs/demo.yaml", bad)
     cfg = load_config("configs/demo.yaml", ["submit.models=[phase1, b/phase2, c/round3]", "pseudo.members=[phase1, b/phase1]"])
-    from lib.core.graph import reads_of, upstream_of
+    from lib.pipeline.graph import reads_of, upstream_of
 
     assert upstream_of(cfg, "04_submit") == ("00_prepare", "01_train", "b/03_retrain", "c/03_retrain")
     assert upstream_of(cfg, "02_pseudo") == ("00_prepare", "01_train", "b/01_train")

@@ -5,7 +5,7 @@ import pytest
 
 from lib.config import load_config
 from lib.core.errors import StageError
-from lib.core.graph import upstream_of
+from lib.pipeline.graph import upstream_of
 
 
 def offline_hub(monkeypatch) -> None:

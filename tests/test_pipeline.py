@@ -121,7 +121,7 @@ def test_rounds_reuse_earlier_rounds(tiny, tmp_path, caplog):
     import json
 
     from lib.config import load_config
-    from lib.core import graph as pipeline
+    from lib.pipeline import graph
 
     overrides, out = _copy_run(tiny, tmp_path)
     caplog.set_level(logging.INFO)
@@ -132,7 +132,7 @@ def test_rounds_reuse_earlier_rounds(tiny, tmp_path, caplog):
     assert rec["rounds"] == 2 and rec["fold_root"] == "round_2" and len(rec["per_round"]) == 2
     assert rec["oof_rows"] == 79 * 3  # pseudo rows never reach validation
     cfg = load_config("configs/demo.yaml", [*overrides, "pseudo.rounds=2"])
-    assert pipeline.fold_dirs(cfg, "03_retrain") == [out / "03_retrain" / "round_2" / f"fold_{k}" for k in (0, 1)]
+    assert graph.fold_dirs(cfg, "03_retrain") == [out / "03_retrain" / "round_2" / f"fold_{k}" for k in (0, 1)]
     caplog.clear()
     assert load("03_retrain.py").main(["--config", "configs/demo.yaml", *overrides, "pseudo.rounds=2"]) == 0
     assert "03_retrain: up to date" in caplog.text
@@ -244,8 +244,8 @@ def test_resume_after_a_kill_gives_the_same_weights(tiny, tmp_path, caplog):
     """A fold killed after epoch 1 of 2 resumes from last.pt and ends with the uninterrupted run's weights."""
     import torch
 
-    from lib.core.records import Stage
     from lib.engine.train import fit_fold
+    from lib.pipeline.records import Stage
 
     cfg, split, tax = _fold_setup(tiny, tmp_path, "train.ema_decay=0.5")
     whole = Stage.create("a/fold_0", tmp_path / "a", cfg, ["train"], ROOT / "01_train_folds.py", {})
@@ -273,7 +273,7 @@ def test_fp16_with_a_grad_scaler_resumes_exactly(tiny, tmp_path, monkeypatch, ca
 
     import lib.engine.inference as inference_mod
     import lib.engine.train as train_mod
-    from lib.core.records import Stage
+    from lib.pipeline.records import Stage
 
     for mod in (train_mod, inference_mod):  # the policy a compute capability 7.5 GPU gets, here on the CPU
         monkeypatch.setattr(mod, "precision_policy", lambda device, requested="auto": ("fp16", "simulated T4"))
@@ -300,7 +300,7 @@ def test_fp16_with_a_grad_scaler_resumes_exactly(tiny, tmp_path, monkeypatch, ca
 def test_early_stopping_keeps_the_best_epoch(tiny, tmp_path, monkeypatch, caplog):
     """With patience 1, a run whose val distance only worsens stops after 2 epochs and keeps epoch 1."""
     import lib.engine.train as train_mod
-    from lib.core.records import Stage
+    from lib.pipeline.records import Stage
 
     cfg, split, tax = _fold_setup(tiny, tmp_path, "train.patience=1")
     scores = iter([3.0, 4.0, 5.0, 6.0])
@@ -324,7 +324,7 @@ def test_starting_over_is_a_bounded_loop(tiny, tmp_path, monkeypatch, caplog):
 
     import lib.engine.train as train_mod
     from lib.core.errors import StageError
-    from lib.core.records import Stage
+    from lib.pipeline.records import Stage
 
     cfg, split, tax = _fold_setup(tiny, tmp_path)
     st = Stage.create("r/fold_0", tmp_path / "r", cfg, ["train"], ROOT / "01_train_folds.py", {})
@@ -360,10 +360,10 @@ def test_every_head_trains_and_predicts(tiny, tmp_path, head):
     """One epoch of each head through the trainer, then its checkpoint back through inference."""
     import torch
 
-    from lib.core.records import Stage
     from lib.engine.folds import FOLD_OUTPUTS
     from lib.engine.inference import predict_folds_tta
     from lib.engine.train import fit_fold
+    from lib.pipeline.records import Stage
 
     cfg, split, tax = _fold_setup(tiny, tmp_path, f"head.name={head}", "head.hidden=32", "head.n_heads=3")
     st = Stage.create("h/fold_0", tmp_path / "fold_0", cfg, ["head"], ROOT / "01_train_folds.py", {}, FOLD_OUTPUTS)
@@ -379,11 +379,11 @@ def test_context_views_train_and_predict(tiny, tmp_path, fusion):
     """A model reading the ROI, its 3x context and the frame trains, validates (test-like view too) and predicts."""
     import torch
 
-    from lib.core.records import Stage
     from lib.data.context import model_inputs
     from lib.engine.folds import FOLD_OUTPUTS
     from lib.engine.inference import predict_folds_tta
     from lib.engine.train import fit_fold
+    from lib.pipeline.records import Stage
 
     cfg, split, tax = _fold_setup(tiny, tmp_path, "model.context=[1, 3, full]", f"model.fusion={fusion}")
     st = Stage.create("c/fold_0", tmp_path / "fold_0", cfg, ["model"], ROOT / "01_train_folds.py", {}, FOLD_OUTPUTS)
@@ -401,8 +401,8 @@ def test_context_views_train_and_predict(tiny, tmp_path, fusion):
     ("augment.mixup_alpha=0.4", "augment.mix_same_leaf=true", "head.name=per_rank", "train.sampler=sqrt"),
 ])
 def test_mixing_and_samplers_train(tiny, tmp_path, extra):
-    from lib.core.records import Stage
     from lib.engine.train import fit_fold
+    from lib.pipeline.records import Stage
 
     cfg, split, tax = _fold_setup(tiny, tmp_path, *extra)
     st = Stage.create("m/fold_0", tmp_path / "fold_0", cfg, ["augment"], ROOT / "01_train_folds.py", {})

@@ -486,8 +486,8 @@ def test_lost_or_emptied_crop_reruns_00_alone(clean_data, tmp_path, caplog):
     which cuts the same bytes, so its record (what later stages key on) is unchanged."""
     import logging
 
-    from lib.core.records import read_record
     from lib.data.manifest import MANIFEST, crop_problems
+    from lib.pipeline.records import read_record
 
     root, _, _ = mutate(clean_data, tmp_path)
     assert run00(root, tmp_path / "out") == 0

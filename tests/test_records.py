@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from lib.config import load_config
-from lib.core.records import read_record, result_problem
+from lib.pipeline.records import read_record, result_problem
 
 ROOT = Path(__file__).resolve().parent.parent
 

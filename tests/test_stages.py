@@ -4,7 +4,7 @@ from pathlib import Path
 
 from lib.config import load_config
 from lib.core.io import atomic_write_json
-from lib.core.records import Stage, compare, read_record
+from lib.pipeline.records import Stage, compare, read_record
 
 SCRIPT = Path(__file__).resolve().parent.parent / "01_train_folds.py"
 
@@ -99,7 +99,7 @@ def test_same_size_corruption_is_caught_by_the_hash(tmp_path):
 
 
 def test_stage_record_relies_on_its_fold_records(tmp_path):
-    from lib.core.graph import fold_records
+    from lib.pipeline.graph import fold_records
 
     st = make(tmp_path)
     st.sub_records = fold_records
@@ -300,8 +300,8 @@ def test_a_file_is_loaded_only_as_its_record_vouches(tmp_path):
     import pytest
 
     from lib.core.errors import StageError
-    from lib.core.graph import check_vouched
-    from lib.core.records import Stage
+    from lib.pipeline.graph import check_vouched
+    from lib.pipeline.records import Stage
 
     fold = tmp_path / "01_train" / "fold_1"
     fold.mkdir(parents=True)
@@ -321,8 +321,8 @@ def test_a_file_is_loaded_only_as_its_record_vouches(tmp_path):
 def test_run_cli_releases_the_lock_even_on_a_crash(tmp_path):
     import pytest
 
-    from lib.core.cli import run_cli, stage_parser
     from lib.core.locks import _locks, acquire_lock
+    from lib.pipeline.cli import run_cli, stage_parser
 
     def run(args, cfg):
         acquire_lock(tmp_path, "st")
@@ -334,7 +334,7 @@ def test_run_cli_releases_the_lock_even_on_a_crash(tmp_path):
 
 
 def test_run_cli_turns_an_os_error_into_one_line(tmp_path, capsys):
-    from lib.core.cli import run_cli, stage_parser
+    from lib.pipeline.cli import run_cli, stage_parser
 
     def run(args, cfg):
         open(tmp_path / "missing" / "x.csv")
@@ -361,7 +361,8 @@ def test_model_names_are_parsed_in_one_place(tmp_path):
     import pytest
 
     from lib.config import ConfigError
-    from lib.core.graph import ModelRef
+    from lib.modelref import ModelRef
+    from lib.pipeline.graph import member_folds, member_result
 
     assert ModelRef.parse("phase1") == ModelRef("phase1", "phase1") and ModelRef.parse("phase1").stage == "01_train"
     assert ModelRef.parse("phase2").stage == "03_retrain" and ModelRef.parse("phase2").round is None
@@ -372,9 +373,10 @@ def test_model_names_are_parsed_in_one_place(tmp_path):
     cfg = load_config("configs/demo.yaml", [f"output_root={tmp_path}", "exp=e", "pseudo.rounds=2"])
     atomic_write_json(cfg.out_dir / "03_retrain" / "record.json", {"fingerprint": {}, "result": {
         "folds": 2, "fold_root": "round_2", "cv_distance": 2.0, "per_round": [{"cv_distance": 3.0}, {"cv_distance": 2.0}]}})
-    assert ModelRef.parse("round1").folds(cfg) == [cfg.out_dir / "03_retrain" / "." / f"fold_{k}" for k in (0, 1)]
-    assert ModelRef.parse("round2").folds(cfg) == ModelRef.parse("phase2").folds(cfg)
-    assert ModelRef.parse("round1").result(cfg) == {"cv_distance": 3.0} and ModelRef.parse("phase2").result(cfg)["cv_distance"] == 2.0
+    ref = ModelRef.parse
+    assert member_folds(cfg, ref("round1")) == [cfg.out_dir / "03_retrain" / "." / f"fold_{k}" for k in (0, 1)]
+    assert member_folds(cfg, ref("round2")) == member_folds(cfg, ref("phase2"))
+    assert member_result(cfg, ref("round1")) == {"cv_distance": 3.0} and member_result(cfg, ref("phase2"))["cv_distance"] == 2.0
     with pytest.raises(ConfigError, match="round<r> with r from 1 to pseudo.rounds"):
         load_config("configs/demo.yaml", ["submit.models=[phase1, round3]", "pseudo.rounds=2"])
 

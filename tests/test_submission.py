@@ -58,7 +58,7 @@ def test_full_submission_answers_every_test_id_and_lists_the_fallbacks(tmp_path)
 
     from lib.config import load_config
     from lib.data.taxonomy import load_taxonomy_csv
-    from lib.decide.ensemble import prior_answer
+    from lib.decide.decode import prior_answer
     from lib.decide.submission import write_full_submission
 
     anns = [{"id": i, "image_id": 1, "bbox": [0, 0, 4, 4]} for i in (5, 3, 9, 3)]

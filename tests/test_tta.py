@@ -7,10 +7,10 @@ import torch
 from torch.utils.data import DataLoader, TensorDataset
 
 from lib.config import Config, ConfigError, HeadCfg, ModelCfg, load_config
-from lib.core.graph import SPECS
 from lib.data.taxonomy import Taxonomy
 from lib.engine.inference import View, combine, parse_views, predict
 from lib.model.net import build_model, build_net
+from lib.pipeline.graph import SPECS
 from lib.views import view_ops
 
 SIZE = 32

@@ -4,8 +4,9 @@ A stage's record holds one digest per source file it runs: its script and every 
 script reaches through imports (function-level imports included), transitively. Two rules keep
 that to what changes results:
 
-- Infrastructure never decides a rerun: `lib/core/` (records, locks, CLI, io, the stage graph),
-  `lib/report/` (reports and plots) and `lib/config.py` (typed config: its defaults already sit in
+- Infrastructure never decides a rerun: `lib/core/` (io, locks, paths, errors, this module),
+  `lib/pipeline/` (records, the CLI, the stage graph), `lib/report/` (reports and plots) and
+  `lib/config/` (typed config: its defaults already sit in
   the recorded config values) are neither hashed nor followed.
 - Code is hashed by meaning, not bytes: the digest of a file is the sha256 of its AST with
   docstrings and logging statements (`log.info(...)`, `print(...)` as whole statements) dropped,
@@ -24,7 +25,7 @@ from pathlib import Path
 from lib.core.io import cached_by_stat, sha256_bytes
 from lib.core.paths import ROOT
 
-INFRASTRUCTURE = ("lib/core/", "lib/report/", "lib/config.py")
+INFRASTRUCTURE = ("lib/core/", "lib/pipeline/", "lib/report/", "lib/config/")
 _LOG_NAMES = {"log", "logger", "logging"}
 _LOG_LEVELS = {"debug", "info", "warning", "error", "exception", "critical"}
 

@@ -3,7 +3,7 @@
 Train = resize, then the ops of `AugmentCfg` whose probability is above 0, in the order
 geometry -> resolution -> blur -> colour -> water -> occlusion, then normalise. Eval = resize
 and normalise only, so validation and test see the plain crop. Batch-level mixing (mixup,
-cutmix) is not here: it needs two samples, see `lib.mix`.
+cutmix) is not here: it needs two samples, see `lib.data.mix`.
 """
 from __future__ import annotations
 

@@ -116,7 +116,7 @@ def make_train_loader(ds: Dataset, *, batch_size: int, drop_last: bool, num_work
 
 def make_loader(paths: Sequence, *, img_size: int, mean, std, batch_size: int, num_workers: int, device: torch.device,
                 persistent: bool = False) -> DataLoader:
-    """Eval loader over crop paths, or over tuples of view paths (lib.context.model_inputs).
+    """Eval loader over crop paths, or over tuples of view paths (lib.data.context.model_inputs).
 
     `persistent` keeps its workers between passes (validation runs every epoch); with workers,
     each keeps PREFETCH_FACTOR batches ready.

@@ -9,9 +9,9 @@ both halves of the image by their own confidence.
 image is regularised while the label stays a leaf, which a taxonomic-distance metric prefers
 to a blend of two distant taxa.
 
-Soft targets and the losses of `lib.losses`: those take class indices. When mixing is on the
+Soft targets and the losses of `lib.model.losses`: those take class indices. When mixing is on the
 trainer uses `soft_target_loss` (soft cross-entropy, with per-sample weights as in
-lib.losses) instead of the configured loss; the taxonomy-aware and long-tail losses
+lib.model.losses) instead of the configured loss; the taxonomy-aware and long-tail losses
 (dwce, taxonomy_smoothing, ce_expected_distance, ldam, ...) then fall back to this soft CE.
 """
 from __future__ import annotations
@@ -108,7 +108,7 @@ def mix_batch(x: torch.Tensor, y: torch.Tensor, w: torch.Tensor | None, *, n_cla
 
 
 def soft_target_loss(logits: torch.Tensor, y_soft: torch.Tensor, weight: torch.Tensor | None = None) -> torch.Tensor:
-    """Mean over samples of -sum_c y_soft * log_softmax(logits); weighted as in lib.losses: (l * w).sum() / w.sum()."""
+    """Mean over samples of -sum_c y_soft * log_softmax(logits); weighted as in lib.model.losses: (l * w).sum() / w.sum()."""
     loss = -(y_soft.float() * F.log_softmax(logits.float(), dim=1)).sum(dim=1)
     if weight is None:
         return loss.mean()

@@ -20,14 +20,9 @@ import pandas as pd
 from lib.config import Config
 from lib.core.errors import StageError
 from lib.data.taxonomy import Taxonomy
-from lib.decide.ensemble import (
-    backoff_decode,
-    blend,
-    blend_weights,
-    decode,
-    logit_adjust,
-)
+from lib.decide.decode import backoff_decode, decode, logit_adjust
 from lib.decide.metric import score_labels
+from lib.decide.weights import blend, blend_weights
 
 
 @dataclass
@@ -155,7 +150,7 @@ def blended(cfg: Config, models: Sequence[ModelProbs], weights: np.ndarray, dist
 def fit_key(cfg: Config, models: Sequence[ModelProbs], dist: np.ndarray, method: str = "fit") -> str:
     """What fitted weights depend on: the method's settings, the distances and every model's out-of-fold labels and
     probabilities in order (their digests: `submit.blend` does not enter it)."""
-    from lib.decide.ensemble import SOFT_BETA
+    from lib.decide.weights import SOFT_BETA
 
     s = cfg.submit
     settings = (f"{s.fit_objective}|{SOFT_BETA}" if method == "fit" else
@@ -176,7 +171,7 @@ def weights_for(method: str, cfg: Config, models: Sequence[ModelProbs], dist: np
 
     def compute() -> dict:
         if method == "greedy":
-            from lib.decide.ensemble import greedy_weights
+            from lib.decide.weights import greedy_weights
 
             return {"weights": greedy_weights([m.oof for m in models], models[0].oof_labels, dist, rounds=s.greedy_rounds,
                                               bags=s.greedy_bags, bag_fraction=s.greedy_bag_fraction, seed=cfg.seed,

@@ -12,7 +12,7 @@ several fold models' indexes. The protocols (`VOTES`), each always answering a c
   weight (so the answer's node is supported by a strict majority of the neighbours); answer
   the concept at the deepest node reached, else the nearest ancestor that is a concept, else
   the concept of least expected distance.
-- min_risk: the concept of least expected competition distance (lib.ensemble.decode).
+- min_risk: the concept of least expected competition distance (lib.decide.decode).
 
 The tree is the metric's: each concept sits at its deepest rank, and an exception concept one
 edge below its listed node (Actinopterygii and Tunicata are two children of Chordata, not
@@ -26,7 +26,7 @@ import faiss
 import numpy as np
 
 from lib.data.taxonomy import RANKS, Taxonomy
-from lib.decide.ensemble import decode, expected_distance
+from lib.decide.decode import decode, expected_distance
 
 VOTES: tuple[str, ...] = ("flat", "hierarchical", "strict", "min_risk")
 MIN_PER_LIST = 39  # FAISS k-means wants >= 39 training points per centroid

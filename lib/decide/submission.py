@@ -71,7 +71,7 @@ def write_full_submission(cfg: Config, predicted: dict[int, int], taxonomy: Taxo
     `fallbacks_csv`, when given, lists the ids it answered.
     """
     from lib.data.coco import read_coco
-    from lib.decide.ensemble import prior_answer
+    from lib.decide.decode import prior_answer
 
     fallback = prior_answer(train_counts, taxonomy.distance_matrix())
     test_ids = read_coco(cfg.data.paths()["test_json"]).annotations["id"].astype(int).tolist()

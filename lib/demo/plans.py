@@ -1,6 +1,8 @@
 """Body plans: one function per plan draws the organism's shape with a `Pen` in unit coordinates.
 
 Each returns the main axis (tail, head) that sprites.py lays patterns and marks along.
+Over 450 lines: one short drawing function per body plan of the taxonomy, side by side so that the plans stay
+comparable; the demo's generator is a tool beside the pipeline, and no stage imports it.
 """
 from __future__ import annotations
 

@@ -13,15 +13,15 @@ import numpy as np
 import pandas as pd
 
 from lib.config import Config
-from lib.core.cli import check
 from lib.core.io import load_npz
 from lib.core.locks import locked
-from lib.core.records import Stage
 from lib.data.taxonomy import Taxonomy
 from lib.engine.results import CVSummary
 from lib.engine.train import FoldSplit, evaluate, fit_fold
 from lib.model import dist as ddp
 from lib.model.device import pick_device
+from lib.pipeline.cli import check
+from lib.pipeline.records import Stage
 
 log = logging.getLogger("pipeline")
 FOLD_OUTPUTS = ("best.pt", "oof.npz")  # what a fold's record vouches for (last.pt may be deleted to save space)

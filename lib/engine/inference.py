@@ -22,7 +22,7 @@ from torch import nn
 from tqdm import tqdm
 
 from lib.model.device import autocast, channels_last, describe_device, precision_policy, prepare_device
-from lib.model.heads import HeadOutput
+from lib.model.head_base import HeadOutput
 from lib.views import Op, check_view_names
 
 Mode = Literal["prob", "log"]

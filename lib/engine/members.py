@@ -16,8 +16,9 @@ import pandas as pd
 
 from lib.config import Config
 from lib.core.errors import StageError
-from lib.core.graph import ModelRef, stage_dir
 from lib.data.artifacts import Prepared
+from lib.modelref import ModelRef
+from lib.pipeline.graph import member_config, member_folds, stage_dir
 
 
 @dataclass(frozen=True, eq=False)
@@ -58,12 +59,12 @@ def load_member(cfg: Config, name: str, prep: Prepared) -> Member:
     """A member by name, checked against this experiment's prepared data (`prep`)."""
     ref = ModelRef.parse(name)
     if ref.exp is None:
-        return Member(name, cfg, ref.folds(cfg), prep.test)
-    mcfg = ref.config(cfg)
+        return Member(name, cfg, member_folds(cfg, ref), prep.test)
+    mcfg = member_config(cfg, ref)
     theirs = Prepared.load(stage_dir(cfg, f"{ref.exp}/00_prepare"))
     check_same_folds(name, prep, theirs)
     order = theirs.test.set_index("annotation_id").loc[prep.test["annotation_id"].to_numpy()].reset_index()
-    folds = ref.folds(cfg)
+    folds = member_folds(cfg, ref)
     missing = [d for d in folds if not d.is_dir()]
     if missing:
         raise StageError(f"Member {name} lacks {missing[0]}; train that round in experiment {ref.exp} first.")

@@ -13,15 +13,15 @@ import logging
 import numpy as np
 
 from lib.config import Config
-from lib.core import graph as pipeline
-from lib.core.graph import ModelRef
 from lib.core.io import cached_npz, load_npz
-from lib.core.records import Stage
 from lib.data.artifacts import Prepared
 from lib.data.taxonomy import Taxonomy
 from lib.decide.blending import ModelProbs, check_aligned
 from lib.decide.oof import load_oof
 from lib.engine.members import Member, load_members
+from lib.modelref import ModelRef
+from lib.pipeline import graph
+from lib.pipeline.records import Stage
 
 log = logging.getLogger("pipeline")
 
@@ -29,8 +29,8 @@ log = logging.getLogger("pipeline")
 def _from_02(cfg: Config, stage: Stage, ids: np.ndarray) -> np.ndarray | None:
     """Phase 1's test probabilities from 02's test_probs.npz when 02 is current and holds the same ROIs."""
     reuse = cfg.out_dir / "02_pseudo" / "test_probs.npz"
-    if reuse.is_file() and not pipeline.stage(cfg, "02_pseudo").reasons():
-        pipeline.check_vouched(reuse)
+    if reuse.is_file() and not graph.stage(cfg, "02_pseudo").reasons():
+        graph.check_vouched(reuse)
         z = load_npz(reuse, "delete it and rerun 02_pseudo_label.py")
         names = [str(n) for n in z["member_names"]] if "member_names" in z else ["phase1"]
         if np.array_equal(z["annotation_id"], ids) and "phase1" in names:
@@ -64,9 +64,9 @@ def model_probs(cfg: Config, stage: Stage, member: Member, tax: Taxonomy) -> Mod
     arrays, hit = cached_npz(stage.dir / "probs" / f"{ref.file_stem}.npz", key, compute)
     log.info("%s: %s test probabilities %s", stage.name, ref.name, "from cache" if hit else f"stored in probs/{ref.file_stem}.npz")
     for d in member.folds:  # the out-of-fold rows of the very models predicted above
-        pipeline.check_vouched(d / "oof.npz")
+        graph.check_vouched(d / "oof.npz")
     oof = load_oof(member.folds)
-    record = ref.result(cfg)  # for round<r>, that round's own CV (03's per_round)
+    record = graph.member_result(cfg, ref)  # for round<r>, that round's own CV (03's per_round)
     return ModelProbs(ref.name, float(record.get("cv_distance", float("nan"))), oof.ids, oof.labels, oof.probs, arrays["probs"].mean(0),
                       record, oof_fold=oof.folds)
 

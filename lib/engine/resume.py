@@ -19,10 +19,10 @@ from torch import nn
 
 from lib.core.errors import StageError
 from lib.core.io import atomic_path
-from lib.core.records import Stage
 from lib.model import dist as ddp
 from lib.model.checkpoint import load_checkpoint
 from lib.model.optim import Ema
+from lib.pipeline.records import Stage
 
 log = logging.getLogger("pipeline")
 

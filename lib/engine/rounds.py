@@ -76,9 +76,9 @@ def select(cfg: Config, ids: np.ndarray, arrays: dict[str, np.ndarray], n_classe
 
 def member_temperature(member: Member) -> float:
     """A log-loss temperature fitted on the member's out-of-fold rows (never on test rows)."""
-    from lib.core.graph import check_vouched
     from lib.decide.calibration import fit_temperature
     from lib.decide.oof import load_oof
+    from lib.pipeline.graph import check_vouched
 
     for d in member.folds:
         check_vouched(d / "oof.npz")

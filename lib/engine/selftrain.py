@@ -2,7 +2,7 @@
 
 Round 1 trains on 02's pseudo-labels in 03's own folder; round r > 1 first labels the test ROIs
 with round r-1's fold ensemble (and the other experiments' members of pseudo.members) (`round_<r>/pseudo/`, as 02 does) and trains in `round_<r>/`.
-Each round and each fold decides for itself (lib.core.graph.round_stage), so raising
+Each round and each fold decides for itself (lib.pipeline.graph.round_stage), so raising
 `pseudo.rounds` trains only the new rounds, and a `--fold K` run trains fold K of every round.
 Pseudo-labelled rows only ever join training folds, never validation (lib.engine.folds.fold_splits).
 
@@ -19,9 +19,6 @@ from pathlib import Path
 import pandas as pd
 
 from lib.config import Config
-from lib.core import graph as pipeline
-from lib.core.cli import check
-from lib.core.records import Stage
 from lib.data.artifacts import Prepared
 from lib.engine.folds import cv_summary, run_folds
 from lib.engine.members import Member, load_members
@@ -29,6 +26,9 @@ from lib.engine.results import RoundResult, SelfTraining
 from lib.engine.rounds import run_round
 from lib.model import dist as ddp
 from lib.model.device import pick_device
+from lib.pipeline import graph
+from lib.pipeline.cli import check
+from lib.pipeline.records import Stage
 
 log = logging.getLogger("pipeline")
 
@@ -48,14 +48,14 @@ def round_pseudo_labels(cfg: Config, stage: Stage, r: int, n_folds: int, prep: P
     None when a dry run finds they would be made: this round and the ones after it would run.
     Under torchrun rank 0 makes them while the other ranks wait.
     """
-    rs = pipeline.round_stage(stage, r)
+    rs = graph.round_stage(stage, r)
     ps = rs.child(f"{rs.name}/pseudo", rs.dir / "pseudo", {"step": "pseudo"})
     if check(ps, force, dry_run):
         ddp.barrier()  # every rank has decided before rank 0 voids the record
         if ddp.is_main():
             t0 = time.time()
             ps.invalidate()
-            prev = pipeline.round_stage(stage, r - 1).dir
+            prev = graph.round_stage(stage, r - 1).dir
             own = Member(f"round{r - 1}", cfg, [prev / f"fold_{k}" for k in range(n_folds)], prep.test)
             others = load_members(cfg, [m for m in cfg.pseudo.members if "/" in m], prep)  # other experiments label every round
             res = run_round(cfg, [own, *others], prep.test, prep.taxonomy, ps.dir, pick_device(cfg.train.device),
@@ -70,7 +70,7 @@ def round_pseudo_labels(cfg: Config, stage: Stage, r: int, n_folds: int, prep: P
 def train_round(cfg: Config, stage: Stage, r: int, prep: Prepared, extra: pd.DataFrame, only: list[int] | None, force: bool,
                 dry_run: bool) -> RoundResult | None:
     """Round r's folds, trained where not current; its result once every fold is done (in a dry run: once current)."""
-    rs = pipeline.round_stage(stage, r)
+    rs = graph.round_stage(stage, r)
     epochs = cfg.retrain.epochs or cfg.train.epochs
     cv = run_folds(cfg, rs, rois=prep.rois, taxonomy=prep.taxonomy, epochs=epochs, only=only, force=force, dry_run=dry_run,
                    extra=extra)
@@ -104,5 +104,5 @@ def run_rounds(cfg: Config, stage: Stage, prep: Prepared, *, only: list[int] | N
             done.append(result)
     if dry_run or not ddp.is_main():
         return None
-    last = pipeline.round_stage(stage, cfg.pseudo.rounds)
+    last = graph.round_stage(stage, cfg.pseudo.rounds)
     return SelfTraining(tuple(done), str(last.dir.relative_to(stage.dir)))

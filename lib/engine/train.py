@@ -26,7 +26,6 @@ from lib.config import Config
 from lib.core.errors import StageError
 from lib.core.faults import fault_point
 from lib.core.io import atomic_path
-from lib.core.records import Stage
 from lib.data.augment import build_transforms
 from lib.data.context import model_inputs
 from lib.data.dataset import CropDataset, EpochSampler, make_loader, make_train_loader
@@ -42,6 +41,7 @@ from lib.model.device import autocast, channels_last, describe_device, grad_scal
 from lib.model.losses import WeightedLoss, build_loss
 from lib.model.net import Net, build_net, mean_std
 from lib.model.optim import Ema, lr_factor, optimizer_step, param_groups
+from lib.pipeline.records import Stage
 
 log = logging.getLogger("pipeline")
 LOSS_EVERY = 20  # batch losses stay on the device and are read every this many batches (no sync per step)

@@ -26,13 +26,14 @@ from typing import Any, Mapping, Sequence
 import pandas as pd
 
 from lib.config import Config
-from lib.core.cli import run_cli
 from lib.core.errors import StageError, UserError
-from lib.core.graph import ModelRef
 from lib.core.io import atomic_write_text, sha256_bytes
-from lib.core.records import RECORD, read_record
 from lib.data.coco import read_coco
 from lib.decide.submission import validate_submission
+from lib.modelref import ModelRef
+from lib.pipeline.cli import run_cli
+from lib.pipeline.graph import member_result
+from lib.pipeline.records import RECORD, read_record
 
 COMPETITION = "fathomnet-2025"
 LOG_NAME = "submissions.csv"
@@ -120,7 +121,7 @@ def checked_submission(cfg: Config) -> tuple[Path, dict[str, Any], str]:
 def model_cv(cfg: Config, name: str) -> float | None:
     """A blended model's CV distance from its training record (01 for phase1, 03 for phase2 and round<r>), if known."""
     try:
-        value = ModelRef.parse(name).result(cfg).get("cv_distance")
+        value = member_result(cfg, ModelRef.parse(name)).get("cv_distance")
     except (ValueError, IndexError, AttributeError):
         return None
     return float(value) if isinstance(value, (int, float)) else None

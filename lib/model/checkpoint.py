@@ -8,8 +8,8 @@ import torch
 from torch import nn
 
 from lib.core.errors import StageError
-from lib.core.graph import check_vouched
 from lib.model.net import build_net
+from lib.pipeline.graph import check_vouched
 
 
 def load_checkpoint(path: Path) -> dict:

@@ -18,7 +18,7 @@ from lib.core.errors import StageError
 from lib.model.device import channels_last
 
 if TYPE_CHECKING:  # the heads are imported where a Net is built, not at import time
-    from lib.model.heads import Head
+    from lib.model.head_base import Head
 
 
 def pypi_lite0_path() -> Path:

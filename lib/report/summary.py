@@ -19,9 +19,9 @@ import pandas as pd
 
 from lib.config import Config, load_config
 from lib.core.errors import UserError
-from lib.core.records import read_record
 from lib.decide.blending import option_key
 from lib.decide.metric import score_labels
+from lib.pipeline.records import read_record
 from lib.report.truth import Truth, find_truth
 
 
@@ -110,8 +110,9 @@ def write_submit_report(cfg: Config, folder: Path, models: Sequence, chosen, opt
 
 def member_rows(cfg: Config, models: Sequence, chosen, table: pd.DataFrame) -> list[dict]:
     """One row per member: origin, CV figures, its calibration temperature, ECE out of fold before and after, its weight."""
-    from lib.core.graph import ModelRef, stage_dir
     from lib.decide.calibration import apply_temperature, expected_calibration_error
+    from lib.modelref import ModelRef
+    from lib.pipeline.graph import stage_dir
 
     rows = []
     for i, m in enumerate(models):
@@ -130,7 +131,7 @@ def member_rows(cfg: Config, models: Sequence, chosen, table: pd.DataFrame) -> l
 def error_correlation(models: Sequence, dist: np.ndarray, method: str) -> np.ndarray:
     """Pairwise Pearson correlation of the members' out-of-fold errors (each row's distance under `method`); diversity
     shows as low values. A member with constant errors correlates 0 with the others."""
-    from lib.decide.ensemble import decode
+    from lib.decide.decode import decode
 
     errs = np.stack([dist[m.oof_labels, decode(m.oof, dist, method)] for m in models]).astype(np.float64)
     errs -= errs.mean(1, keepdims=True)

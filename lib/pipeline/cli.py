@@ -13,7 +13,7 @@ from lib.config import Config, dump_yaml, load_config
 from lib.core.errors import UserError
 from lib.core.io import atomic_write_text, use_hash_cache
 from lib.core.locks import release_locks
-from lib.core.records import Stage
+from lib.pipeline.records import Stage
 
 log = logging.getLogger("pipeline")
 

@@ -19,12 +19,13 @@ from pathlib import Path
 from typing import Sequence
 
 from lib.config import Config, ConfigError
-from lib.core.cli import check, save_resolved_config, setup_logging
 from lib.core.errors import StageError
 from lib.core.io import dir_digest, file_digest, remove_temp_files
 from lib.core.locks import acquire_lock, acquire_read_lock, release_lock
 from lib.core.paths import ROOT
-from lib.core.records import RECORD, Stage, read_record, upstream_digest
+from lib.modelref import ModelRef
+from lib.pipeline.cli import check, save_resolved_config, setup_logging
+from lib.pipeline.records import RECORD, Stage, read_record, upstream_digest
 
 log = logging.getLogger("pipeline")
 
@@ -70,68 +71,6 @@ SPECS: dict[str, Spec] = {
         Spec("knn", "knn_baseline.py", ("seed", "knn", "train.precision"), ("00_prepare",), ("submission.csv", "oof.npz")),
     )
 }
-PHASE_STAGES = {"phase1": "01_train", "phase2": "03_retrain"}
-
-
-@dataclass(frozen=True)
-class ModelRef:
-    """A model name of `submit.models` / `pseudo.members`: `phase1` (01's folds), `phase2` (03's last round) or
-    `round<r>` (03's round r) of this experiment, or `<exp>/<one of those>` of another experiment under output_root.
-
-    `parse` is the one reader of these names (the config's check, the stage graph, 02 and 04 all ask it).
-    """
-
-    name: str  # as written
-    phase: str  # phase1, phase2 or round
-    round: int | None = None  # r of round<r>
-    exp: str | None = None  # another experiment under output_root; None: this one
-
-    @classmethod
-    def parse(cls, name: str) -> "ModelRef":
-        exp, sep, local = name.rpartition("/")
-        if sep and (not exp or "/" in exp or exp in (".", "..") or exp.startswith(".")):
-            raise ValueError(f"'{name}' is not a model name (phase1, phase2, round<r>, or <exp>/<one of those>)")
-        if local in PHASE_STAGES:
-            return cls(name, local, None, exp or None)
-        if local.startswith("round") and local[5:].isdigit():
-            return cls(name, "round", int(local[5:]), exp or None)
-        raise ValueError(f"'{name}' is not a model name (phase1, phase2, round<r>, or <exp>/<one of those>)")
-
-    @property
-    def stage(self) -> str:
-        """The training stage behind it: phase1 -> 01, phase2 and round<r> -> 03."""
-        return PHASE_STAGES.get(self.phase, "03_retrain")
-
-    @property
-    def key(self) -> str:
-        """Its training stage as an upstream key of the stage graph: `01_train`, or `<exp>/01_train` for another experiment."""
-        return f"{self.exp}/{self.stage}" if self.exp else self.stage
-
-    @property
-    def file_stem(self) -> str:
-        """A file name for it (04's probs/<stem>.npz): `b/phase2` -> `b__phase2`."""
-        return self.name.replace("/", "__")
-
-    def config(self, cfg: Config) -> Config:
-        """The config it was trained with: `cfg` for this experiment's phases, the other experiment's saved one otherwise."""
-        return resolve(cfg, self.key)[0]
-
-    def folds(self, cfg: Config) -> list[Path]:
-        """Its fold folders; round1 is 03's own folds, round<r> for r > 1 those in 03's round_<r>/."""
-        if self.round is None:
-            return fold_dirs(cfg, self.key)
-        root = stage_dir(cfg, self.key) / ("." if self.round == 1 else f"round_{self.round}")
-        return [root / d.name for d in fold_dirs(cfg, self.key)]
-
-    def result(self, cfg: Config) -> dict:
-        """Its training record's result (CV figures); for round<r>, round r's entry of 03's `per_round`."""
-        res = (read_record(stage_dir(cfg, self.key) / RECORD) or {}).get("result", {})
-        if self.round is None:
-            return res
-        rounds = res.get("per_round", [])
-        return rounds[self.round - 1] if 0 < self.round <= len(rounds) else {}
-
-
 def stage_dir(cfg: Config, key: str) -> Path:
     """The folder of an upstream key: `<output_root>/<exp>/<stage>`, for `<exp>/<stage>` another experiment's."""
     exp, sep, name = key.rpartition("/")
@@ -380,7 +319,29 @@ def begin(cfg: Config, name: str, force: bool, dry_run: bool, folds_only: bool =
     return st
 
 
-def fold_dirs(cfg: Config, name: str) -> list:
+def member_config(cfg: Config, ref: ModelRef) -> Config:
+    """The config a model was trained with: `cfg` for this experiment's phases, the other experiment's saved one otherwise."""
+    return resolve(cfg, ref.key)[0]
+
+
+def member_folds(cfg: Config, ref: ModelRef) -> list[Path]:
+    """A model's fold folders; round1 is 03's own folds, round<r> for r > 1 those in 03's round_<r>/."""
+    if ref.round is None:
+        return fold_dirs(cfg, ref.key)
+    root = stage_dir(cfg, ref.key) / ("." if ref.round == 1 else f"round_{ref.round}")
+    return [root / d.name for d in fold_dirs(cfg, ref.key)]
+
+
+def member_result(cfg: Config, ref: ModelRef) -> dict:
+    """A model's training record's result (CV figures); for round<r>, round r's entry of 03's `per_round`."""
+    res = (read_record(stage_dir(cfg, ref.key) / RECORD) or {}).get("result", {})
+    if ref.round is None:
+        return res
+    rounds = res.get("per_round", [])
+    return rounds[ref.round - 1] if 0 < ref.round <= len(rounds) else {}
+
+
+def fold_dirs(cfg: Config, name: str) -> list[Path]:
     """The fold folders a training stage's record vouches for (never stale leftovers of another n_folds).
 
     For 03 with several self-training rounds these are the last round's (`result.fold_root`).

@@ -15,13 +15,13 @@ from typing import Iterator
 import numpy as np
 
 from lib.config import Config
-from lib.core import graph as pipeline
 from lib.core.errors import StageError
 from lib.core.io import atomic_path, cached_npz
-from lib.core.records import Stage
 from lib.data.artifacts import Prepared
 from lib.data.taxonomy import Taxonomy
 from lib.decide.knn import gpu_available, neighbour_distribution
+from lib.pipeline import graph
+from lib.pipeline.records import Stage
 
 log = logging.getLogger("pipeline")
 
@@ -51,7 +51,7 @@ def embeddings(cfg: Config, stage: Stage, paths: list[str], tax: Taxonomy) -> It
         log.info("%s: %s embeddings %s", stage.name, k.backbone, "from cache" if hit else "computed")
         yield None, arrays["embeddings"]
         return
-    for fold, d in enumerate(pipeline.fold_dirs(cfg, "01_train")):
+    for fold, d in enumerate(graph.fold_dirs(cfg, "01_train")):
         key = f"{inputs['00_prepare']}|{inputs['01_train']}|{d.name}|{cfg.model.img_size}|{cfg.train.precision}"
 
         def compute(d: Path = d) -> dict:

@@ -1,0 +1,213 @@
+"""Value checks that types cannot express, across fields and sections; each failure is one sentence naming the fix."""
+from __future__ import annotations
+
+from lib.config.schema import PSEUDO_METHODS, AugmentCfg, Config, ConfigError, PseudoCfg, project_path
+from lib.modelref import ModelRef
+from lib.views import check_view_names
+
+
+def _run_checks(cfg: Config) -> list[tuple[bool, str]]:
+    """The experiment's name and folders, and the data paths."""
+    return [
+        (bool(cfg.exp) and cfg.exp not in (".", "..") and not any(c in cfg.exp for c in "/\\"),
+         f"exp {cfg.exp!r} must be a plain folder name (no slashes), the experiment's folder under output_root"),
+        (bool(cfg.output_root.strip()), "output_root must name a folder"),
+        (all(getattr(cfg.data, k).strip() for k in ("root", "train_json", "test_json", "train_images", "test_images", "taxonomy_csv")),
+         "data.root, data.train_json, data.test_json, data.train_images, data.test_images and data.taxonomy_csv must not be empty"),
+    ]
+
+
+def _train_checks(cfg: Config) -> list[tuple[bool, str]]:
+    """Training, retraining and the model's input."""
+    return [
+        (cfg.train.lr > 0, "train.lr must be positive"),
+        (cfg.train.weight_decay >= 0, "train.weight_decay must be 0 or more"),
+        (cfg.train.warmup_epochs >= 0, "train.warmup_epochs must be 0 or more"),
+        (cfg.train.eval_batch_size >= 1, "train.eval_batch_size must be at least 1"),
+        (cfg.train.num_workers >= 0, "train.num_workers must be 0 (load in the main process) or more"),
+        (0.0 <= cfg.model.drop_path_rate < 1.0, "model.drop_path_rate must lie in [0, 1)"),
+        (cfg.train.epochs >= 1, "train.epochs must be at least 1"),
+        (cfg.train.batch_size >= 1, "train.batch_size must be at least 1"),
+        (cfg.train.backbone_lr_mult >= 0, "train.backbone_lr_mult must be 0 or more"),
+        (cfg.train.restart_epochs > 0, "train.restart_epochs must be positive"),
+        (0 <= cfg.train.min_lr_ratio <= 1, "train.min_lr_ratio must lie in [0, 1]"),
+        (cfg.train.accumulate >= 1, "train.accumulate must be at least 1"),
+        (cfg.train.clip_grad >= 0, "train.clip_grad must be 0 (off) or more"),
+        (0 <= cfg.train.ema_decay < 1, "train.ema_decay must lie in [0, 1)"),
+        (cfg.train.patience >= 0 and cfg.train.min_delta >= 0, "train.patience and train.min_delta must be 0 or more"),
+        (cfg.retrain.epochs >= 0, "retrain.epochs must be 0 (reuse train.epochs) or more"),
+        (cfg.model.img_size >= 16, "model.img_size must be at least 16"),
+        (len(cfg.model.context) >= 1 and cfg.model.context[0] == "1" and len(set(cfg.model.context)) == len(cfg.model.context),
+         "model.context must start with 1 (the ROI itself) and name each view once, e.g. [1, 3, 5, full]"),
+        (all(c in ("1", "full") or _is_number(c) for c in cfg.model.context),
+         "model.context may only hold 1, context scales such as 3 or 5, and full"),
+    ]
+
+
+def _prepare_checks(cfg: Config) -> list[tuple[bool, str]]:
+    """Crops, folds and downloads of 00."""
+    return [
+        (cfg.prepare.crop_size >= 16, "prepare.crop_size must be at least 16"),
+        (cfg.prepare.n_folds >= 2, "prepare.n_folds must be at least 2"),
+        (cfg.prepare.pad >= 0, "prepare.pad must be 0 or more"),
+        (cfg.prepare.workers >= 1, "prepare.workers must be at least 1"),
+        (all(s > 0 for s in cfg.prepare.context_scales or []), "prepare.context_scales must all be positive"),
+        (len(cfg.prepare.fill) == 3 and all(0 <= v <= 255 for v in cfg.prepare.fill), "prepare.fill must be three values in 0..255 (RGB)"),
+        (0.0 <= cfg.prepare.max_reject_fraction <= 1.0, "prepare.max_reject_fraction must lie in [0, 1]"),
+        (cfg.prepare.download_workers >= 1 and cfg.prepare.download_retries >= 0 and cfg.prepare.download_timeout > 0,
+         "prepare.download_workers must be at least 1, download_retries 0 or more and download_timeout positive"),
+        (cfg.prepare.max_frame_pixels >= 1, "prepare.max_frame_pixels must be a positive number of pixels (e.g. 100000000)"),
+    ]
+
+
+NORMALIZABLE_HEADS = ("linear", "mlp", "multi", "per_rank", "two_level")  # heads whose leaf logits come from one Linear
+
+
+def _loss_head_checks(cfg: Config) -> list[tuple[bool, str]]:
+    """Loss and head parameters."""
+    return [
+        (0.0 <= cfg.loss.label_smoothing < 1.0, "loss.label_smoothing must lie in [0, 1)"),
+        (cfg.loss.gamma >= 0, "loss.gamma must be 0 or more"),
+        (0.0 <= cfg.loss.beta < 1.0, "loss.beta must lie in [0, 1)"),
+        (cfg.loss.tau >= 0, "loss.tau must be 0 or more"),
+        (cfg.loss.max_m > 0, "loss.max_m must be positive"),
+        (cfg.loss.s > 0, "loss.s must be positive"),
+        (0.0 <= cfg.loss.seql_gamma <= 1.0, "loss.seql_gamma must lie in [0, 1]"),
+        (cfg.loss.seql_lambda >= 0, "loss.seql_lambda must be 0 or more"),
+        (0.0 <= cfg.loss.alpha < 1.0, "loss.alpha must lie in [0, 1)"),
+        (cfg.loss.ed_lambda >= 0, "loss.ed_lambda must be 0 or more"),
+        (0.0 <= cfg.head.dropout < 1.0, "head.dropout must lie in [0, 1)"),
+        (cfg.head.hidden >= 1, "head.hidden must be at least 1"),
+        (cfg.head.n_heads >= 1, "head.n_heads must be at least 1"),
+        (cfg.head.aux_weight >= 0, "head.aux_weight must be 0 or more"),
+        (0.0 <= cfg.head.tau_coarse <= 1.0 and 0.0 <= cfg.head.tau_fine <= 1.0, "head.tau_coarse and head.tau_fine must lie in [0, 1]"),
+        (cfg.head.temperature > 0, "head.temperature must be positive"),
+        (not cfg.head.normalized or cfg.head.name in NORMALIZABLE_HEADS,
+         f"head.normalized=true is for the heads {', '.join(NORMALIZABLE_HEADS)} (a cosine leaf classifier), not "
+         f"head.name={cfg.head.name}; set head.normalized=false or pick one of them"),
+        (not cfg.head.normalized or cfg.loss.name == "ldam",
+         "head.normalized=true gives cosine logits in [-1, 1] that only loss.name=ldam scales (by loss.s); set "
+         "head.normalized=false or loss.name=ldam"),
+        (cfg.loss.name != "ldam" or cfg.head.normalized,
+         "loss.name=ldam assumes cosine logits in [-1, 1] (the LDAM authors' normalised classifier: its margins and "
+         "loss.s=30 blow raw logits up); set head.normalized=true with a linear, mlp, multi, per_rank or two_level head"),
+    ]
+
+
+def _knn_submit_checks(cfg: Config) -> list[tuple[bool, str]]:
+    """The kNN baseline, the folds to train and the submission's models and blend."""
+    return [
+        (cfg.knn.img_size >= 16, "knn.img_size must be at least 16"),
+        (cfg.knn.k >= 1, "knn.k must be at least 1"),
+        (cfg.knn.nlist >= 1 and cfg.knn.nprobe >= 1, "knn.nlist and knn.nprobe must be at least 1"),
+        (cfg.knn.batch_size >= 1, "knn.batch_size must be at least 1"),
+        (len(cfg.knn.votes) >= 1 and len(set(cfg.knn.votes)) == len(cfg.knn.votes), "knn.votes must list at least one protocol, each once"),
+        (cfg.knn.vote == "best" or cfg.knn.vote in cfg.knn.votes, f"knn.vote '{cfg.knn.vote}' must be best or one of knn.votes"),
+        (cfg.submit.cv_temperature > 0, "submit.cv_temperature must be positive"),
+        (cfg.submit.logit_tau >= 0, "submit.logit_tau must be 0 (off) or more"),
+        (0.0 <= cfg.submit.backoff_tau <= 1.0, "submit.backoff_tau must lie in [0, 1]"),
+        (len(cfg.submit.models) >= 1, "submit.models must name at least one model (phase1, phase2, round<r>, <exp>/<model>)"),
+        (cfg.submit.greedy_rounds >= 0 and cfg.submit.greedy_bags >= 0, "submit.greedy_rounds and submit.greedy_bags must be 0 or more"),
+        (0.0 < cfg.submit.greedy_bag_fraction <= 1.0, "submit.greedy_bag_fraction must lie in (0, 1]"),
+        (all(0 <= f < cfg.prepare.n_folds for f in cfg.train.folds), "train.folds must list fold numbers below prepare.n_folds"),
+        (all(_model_ok(m, cfg.pseudo.rounds) for m in cfg.submit.models),
+         "submit.models may only name phase1, phase2, round<r> with r from 1 to pseudo.rounds, and <exp>/<one of those> "
+         "of another experiment"),
+        (len(set(cfg.submit.models)) == len(cfg.submit.models), "submit.models must name each model once"),
+        (all(not m.startswith(f"{cfg.exp}/") for m in [*cfg.submit.models, *cfg.pseudo.members]),
+         f"submit.models and pseudo.members name this experiment's own models without the '{cfg.exp}/' prefix"),
+        (len(cfg.pseudo.members) >= 1 and all(_model_ok(m, cfg.pseudo.rounds) and (m == "phase1" or "/" in m) for m in cfg.pseudo.members),
+         "pseudo.members may only name phase1 (this experiment's) and <exp>/<model> of other experiments"),
+        (len(set(cfg.pseudo.members)) == len(cfg.pseudo.members), "pseudo.members must name each model once"),
+    ]
+
+
+def _demo_checks(cfg: Config) -> list[tuple[bool, str]]:
+    """The synthetic dataset."""
+    return [
+        (cfg.demo.per_class >= 1 and cfg.demo.test_per_class >= 1, "demo.per_class and demo.test_per_class must be at least 1"),
+        (1 <= cfg.demo.min_objects <= cfg.demo.max_objects, "demo.min_objects must be at least 1 and at most demo.max_objects"),
+        (cfg.demo.imbalance_factor >= 1, "demo.imbalance_factor must be at least 1"),
+    ]
+
+
+def validate(cfg: Config) -> None:
+    """Value checks that types cannot express; each failure is one sentence."""
+    checks = [*_run_checks(cfg), *_train_checks(cfg), *_prepare_checks(cfg), *_loss_head_checks(cfg), *_knn_submit_checks(cfg),
+              *_demo_checks(cfg)]
+    checks += _augment_checks(cfg.augment)
+    checks += _pseudo_checks(cfg.pseudo)
+    for ok, msg in checks:
+        if not ok:
+            raise ConfigError(f"{msg}; fix it in the config or on the command line.")
+    try:
+        check_view_names(cfg.tta.views)
+    except ValueError as e:
+        raise ConfigError(f"tta.views: {e}") from e
+    for key, value in (("model.pretrained_file", cfg.model.pretrained_file), ("knn.pretrained_file", cfg.knn.pretrained_file)):
+        section = key.split(".")[0]
+        if getattr(cfg, section).pretrained == "file" and not (value and project_path(value).is_file()):
+            raise ConfigError(f"{key} '{value}' is not a file; set it to a local weights file (absolute, or relative to "
+                              f"the project root) or change {section}.pretrained.")
+
+
+def _model_ok(name: str, rounds: int) -> bool:
+    """A model name that lib.modelref.ModelRef reads, its round (if any, of this experiment) within 1..rounds."""
+
+    try:
+        ref = ModelRef.parse(name)
+    except ValueError:
+        return False
+    return ref.round is None or 1 <= ref.round <= rounds or (ref.exp is not None and ref.round >= 1)
+
+
+def _is_number(text: str) -> bool:
+    try:
+        return float(text) > 0
+    except ValueError:
+        return False
+
+
+def _ordered(values: list[float], lo: float, hi: float) -> bool:
+    """Two values, low <= high, both in [lo, hi]."""
+    return len(values) == 2 and lo <= values[0] <= values[1] <= hi
+
+
+def _augment_checks(a: AugmentCfg) -> list[tuple[bool, str]]:
+    checks = [(0.0 <= p <= 1.0, f"augment.{name} is a probability and must lie in [0, 1], got {p:g}")
+              for name, p in a.probabilities().items()]
+    return checks + [
+        (len(a.scale) == 2 and 0 < a.scale[0] <= a.scale[1], "augment.scale must be two positive numbers [low, high] with low <= high"),
+        (0.0 <= a.translate < 1.0, "augment.translate must lie in [0, 1) (a fraction of the side)"),
+        (0.0 <= a.rotate <= 180.0, "augment.rotate must lie in [0, 180] degrees"),
+        (0.0 <= a.shear < 90.0, "augment.shear must lie in [0, 90) degrees"),
+        (0.0 <= a.brightness <= 1.0 and 0.0 <= a.contrast <= 1.0, "augment.brightness and augment.contrast must lie in [0, 1]"),
+        (0.0 <= a.hue <= 180.0, "augment.hue must lie in [0, 180]"),
+        (0.0 <= a.saturation <= 255.0, "augment.saturation must lie in [0, 255]"),
+        (all(_ordered(r, -255.0, 255.0) for r in (a.r_shift, a.g_shift, a.b_shift)),
+         "augment.r_shift, g_shift and b_shift must each be [low, high] with -255 <= low <= high <= 255"),
+        (len(a.downscale_range) == 2 and 0 < a.downscale_range[0] <= a.downscale_range[1] <= 1,
+         "augment.downscale_range must be [low, high] with 0 < low <= high <= 1"),
+        (a.mixup_alpha >= 0 and a.cutmix_alpha >= 0, "augment.mixup_alpha and augment.cutmix_alpha must be 0 (off) or more"),
+    ]
+
+
+def _pseudo_checks(p: PseudoCfg) -> list[tuple[bool, str]]:
+    unknown = [m for m in p.methods if m not in PSEUDO_METHODS]
+    return [
+        (0.0 <= p.threshold <= 1.0, "pseudo.threshold must lie in [0, 1]"),
+        (p.weight_power >= 0, "pseudo.weight_power must be 0 (equal weights) or more"),
+        (len(p.methods) >= 1 and not unknown,
+         f"pseudo.methods must list one or more of {', '.join(PSEUDO_METHODS)}"
+         + (f" (unknown: {', '.join(map(repr, unknown))})" if unknown else "")),
+        (len(set(p.methods)) == len(p.methods), "pseudo.methods must not repeat a method"),
+        (p.min_agree >= 0, "pseudo.min_agree must be 0 (all models) or a positive number of models"),
+        (0.0 <= p.u_floor <= 1.0, "pseudo.u_floor must lie in [0, 1]"),
+        (p.umap_components >= 2, "pseudo.umap_components must be at least 2 (the plot draws two)"),
+        (p.umap_neighbors >= 2, "pseudo.umap_neighbors must be at least 2"),
+        (0.0 <= p.umap_min_dist <= 1.0, "pseudo.umap_min_dist must lie in [0, 1] (UMAP's spread is 1)"),
+        (0.0 < p.purity <= 1.0, "pseudo.purity must lie in (0, 1]"),
+        (0.0 < p.core_fraction <= 1.0, "pseudo.core_fraction must lie in (0, 1]"),
+        (p.min_cluster_size >= 1, "pseudo.min_cluster_size must be at least 1"),
+        (p.rounds >= 1, "pseudo.rounds must be at least 1"),
+    ]
