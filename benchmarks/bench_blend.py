@@ -17,7 +17,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-import benchlib as B  # noqa: E402
+import benchlib as B
 
 N_OOF, N_TEST, N_CLASSES, N_FOLDS = 23_699, 788, 79, 5
 TARGET_S = 5.0

@@ -17,7 +17,7 @@ import tempfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-import benchlib as B  # noqa: E402
+import benchlib as B
 
 SECTION = "Demo end to end (make demo on a small config)"
 STEPS = [("demo data", ["-m", "lib.demo"]), ("00_prepare", ["00_prepare_data.py"]), ("01_train", ["01_train_folds.py"]),
@@ -67,7 +67,7 @@ def run(quick: bool = False, work: Path | None = None) -> list[dict]:
     again = run_all_steps(ov)
     blend = run_all_steps(ov + ["submit.blend=cv"])
     floor = import_floor()
-    total = lambda r: sum(v["seconds"] for v in r.values())  # noqa: E731
+    total = lambda r: sum(v["seconds"] for v in r.values())
     t1, t2, t3 = total(first), total(again), total(blend)
     lines = ["| step | first run s | peak RSS MiB | rerun, nothing changed: s / what it did "
              "| rerun, submit.blend=cv: s / what it did | peak RSS MiB |",

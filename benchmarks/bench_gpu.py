@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-import benchlib as B  # noqa: E402
+import benchlib as B
 
 SECTION = "GPU: the recipe's step and inference against timm's benchmark loop"
 RECIPE = "configs/fathomnet2025.yaml"

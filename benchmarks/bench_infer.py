@@ -22,7 +22,7 @@ import tempfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-import benchlib as B  # noqa: E402
+import benchlib as B
 
 SECTION = "Inference (02/04): the prediction path against a bare model(x) loop"
 VIEWS = ["hflip", "rot90", "rotate10", "scale0.9"]
@@ -126,7 +126,7 @@ def run(quick: bool = False, work: Path | None = None) -> list[dict]:
                            **{v: preloaded(v) for v in ["identity", *VIEWS]}}, repeats)
     rate = {k: n / v for k, v in times.items()}
     what = f"{cfg.model.backbone} @{cfg.model.img_size}px, {n} ROIs, batch {t.eval_batch_size}, {t.num_workers} workers"
-    s = lambda v: f"{v:.0f} img/s"  # noqa: E731
+    s = lambda v: f"{v:.0f} img/s"
     out = [
         B.row(f"infer: predict [identity] over the crop loader vs bare model(x) on the same tensors ({what})",
               s(rate["loader"]), s(rate["bare"]), rate["loader"] / rate["bare"], ">= 0.9",

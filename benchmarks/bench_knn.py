@@ -21,11 +21,11 @@ from typing import Callable
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-import faiss  # noqa: E402
-import numpy as np  # noqa: E402
-from sklearn.neighbors import NearestNeighbors  # noqa: E402
+import faiss
+import numpy as np
+from sklearn.neighbors import NearestNeighbors
 
-from lib.decide.knn import build_index, effective_nlist, gpu_available, normalize  # noqa: E402
+from lib.decide.knn import build_index, effective_nlist, gpu_available, normalize
 
 DIM, QUERIES, K = 512, 788, 10
 REAL = 23_699

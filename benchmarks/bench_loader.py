@@ -16,7 +16,7 @@ import tempfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-import benchlib as B  # noqa: E402
+import benchlib as B
 
 IMAGENET = ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
 BATCH = 32
@@ -76,7 +76,7 @@ def run(quick: bool = False, work: Path | None = None) -> list[dict]:
     train_tf = build_transforms(img, train=True, mean=IMAGENET[0], std=IMAGENET[1], aug=cfg.augment)
     eval_tf = build_transforms(img, train=False, mean=IMAGENET[0], std=IMAGENET[1])
     n, n_frames, repeats = (96, 24, 1) if quick else (128, 32, 2)
-    cycle = lambda xs, k: [xs[i % len(xs)] for i in range(k)]  # noqa: E731
+    cycle = lambda xs, k: [xs[i % len(xs)] for i in range(k)]
     cached = CropDataset(cycle(paths, n), [0] * n, transform=train_tf)
     plain = CropDataset(cycle(paths, n), [0] * n, transform=eval_tf)
     from_frames = FrameCrops(cycle(items, n_frames), 256, train_tf)
@@ -87,7 +87,7 @@ def run(quick: bool = False, work: Path | None = None) -> list[dict]:
     ops = [type(t).__name__ for t in train_tf.transforms]
     sec = "Loader: samples per second through the train augmentation"
     load = f"{B.cpus_available()} cores, load average {B.load_average()}"
-    s = lambda v: f"{v:.0f} samples/s"  # noqa: E731
+    s = lambda v: f"{v:.0f} samples/s"
     return [
         B.row(f"loader, cached 256 px crops -> train aug @{img} (configs/fathomnet2025.yaml), 0 workers, vs eval transform",
               s(rate[0]), s(rate_eval) + " (resize + normalise)", rate[0] / rate_eval, "report",

@@ -21,11 +21,11 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
 
-import cv2  # noqa: E402
+import cv2
 
-from lib.config import DemoCfg  # noqa: E402
-from lib.data.crops import BoxJob, CropSpec, FrameJob, crop_frames, crop_roi, write_png  # noqa: E402
-from lib.demo.dataset import generate  # noqa: E402
+from lib.config import DemoCfg
+from lib.data.crops import BoxJob, CropSpec, FrameJob, crop_frames, crop_roi, write_png
+from lib.demo.dataset import generate
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -113,7 +113,7 @@ def run(quick: bool = False, work: Path | None = None) -> list[dict]:
     size = f"{len(jobs)} frames 1920x1080, {n_boxes} boxes"
     load = f"{B.cpus_available()} cores, load average {B.load_average()}"
     sec = "Prepare (00): crops per second"
-    r = lambda k: f"{rate[k]:.1f} crops/s"  # noqa: E731
+    r = lambda k: f"{rate[k]:.1f} crops/s"
     return [
         B.row(f"00 cropping, 1 worker vs naive decode per box (ROI, {size})", r("stage, 1 worker, ROI"), r("naive: decode per box, ROI"),
               rate["stage, 1 worker, ROI"] / rate["naive: decode per box, ROI"], ">= 2.0",

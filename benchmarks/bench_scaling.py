@@ -20,7 +20,7 @@ import tempfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-import benchlib as B  # noqa: E402
+import benchlib as B
 
 SECTION = "Scaling: 00, 04 and the kNN baseline at 1x, 4x, 16x the demo"
 STAGES = {"00_prepare": "00_prepare_data.py", "04_submit": "04_infer_submit.py", "knn": "knn_baseline.py"}

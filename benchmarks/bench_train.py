@@ -26,7 +26,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-import benchlib as B  # noqa: E402
+import benchlib as B
 
 SECTION = "Training step (01/03): the step alone against the whole fit loop"
 
@@ -188,7 +188,7 @@ def run(quick: bool = False, work: Path | None = None) -> list[dict]:
     again, _ = step_rate(cfg, tax, labels, batch, device, steps, warmup)
     alone = max(first, again)  # before and after the loop; the less disturbed of the two
     rows = []
-    s = lambda v: f"{v:.1f} img/s"  # noqa: E731
+    s = lambda v: f"{v:.1f} img/s"
     for w, (whole, total) in wholes.items():
         rows.append(B.row(f"train: whole fit loop vs step alone, {w} workers ({what})", s(whole), s(alone) + " alone", alone / whole,
                           "<= 1.10" if cuda else "report (1.10 on a GPU)",

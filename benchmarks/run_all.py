@@ -20,7 +20,7 @@ import traceback
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-import benchlib as B  # noqa: E402
+import benchlib as B
 
 # (name, module): the items 1..8, then the GPU comparison.
 BENCHES = [("prepare", "bench_prepare"), ("loader", "bench_loader"), ("train", "bench_train"), ("infer", "bench_infer"),

@@ -15,13 +15,13 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-import ablation as ab  # noqa: E402  (beside this script)
-import numpy as np  # noqa: E402
-import pandas as pd  # noqa: E402
+import ablation as ab  # beside this script
+import numpy as np
+import pandas as pd
 
-from lib.config import load_config  # noqa: E402
+from lib.config import load_config
 from lib.core.io import atomic_write_text
-from lib.pipeline.cli import setup_logging  # noqa: E402
+from lib.pipeline.cli import setup_logging
 
 KEYS = ["cv_distance", "cv_distance_testlike", "cv_top1", "oof_argmax", "oof_min_risk", "test_argmax", "test_min_risk", "test_distance",
         "pseudo_labels", "pseudo_precision", *ab.RANK_KEYS, "val_top1_head", "val_top1_middle", "val_top1_tail"]

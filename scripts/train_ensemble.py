@@ -12,7 +12,7 @@ names each experiment; `--dry-run` is passed to every stage (a stage whose upstr
 from __future__ import annotations
 
 import argparse
-import subprocess  # noqa: S404 - runs this project's own stage scripts
+import subprocess  # runs this project's own stage scripts
 import sys
 from pathlib import Path
 
@@ -81,7 +81,7 @@ def main(argv: list[str] | None = None) -> int:
         for script in stages:
             cmd = [sys.executable, str(ROOT / script), "--config", recipe, *overrides, *flags]
             print("+ " + " ".join(cmd[1:]), flush=True)
-            rc = subprocess.call(cmd, cwd=ROOT)  # noqa: S603 - our own scripts, arguments from the command line
+            rc = subprocess.call(cmd, cwd=ROOT)  # our own scripts, arguments from the command line
             if rc != 0:
                 return rc
     return 0

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
-import ablation as ab  # noqa: E402  (scripts/ablation.py)
+import ablation as ab  # scripts/ablation.py
 
 
 @pytest.mark.parametrize("quick", [False, True])

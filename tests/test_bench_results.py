@@ -5,7 +5,7 @@ from pathlib import Path
 import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
-import benchlib as B  # noqa: E402
+import benchlib as B
 
 
 def test_targets_are_judged_against_the_ratio():

@@ -10,11 +10,11 @@ from __future__ import annotations
 import os
 from typing import Callable, Sequence
 
-import albumentations as A  # noqa: E402
-import cv2  # noqa: E402
-from albumentations.pytorch import ToTensorV2  # noqa: E402
+import albumentations as A
+import cv2
+from albumentations.pytorch import ToTensorV2
 
-from lib.config import AugmentCfg  # noqa: E402
+from lib.config import AugmentCfg
 
 os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
 

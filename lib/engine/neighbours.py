@@ -45,7 +45,7 @@ def embeddings(cfg: Config, stage: Stage, paths: list[str], tax: Taxonomy) -> It
     log.info("%s: embedding on %s", stage.name, describe_device(device, cfg.train.precision))
     if k.source == "backbone":
         key = f"{inputs['00_prepare']}|{k.backbone}|{k.pretrained}|{k.pretrained_file}|{k.img_size}|{cfg.train.precision}"
-        compute = lambda: embed(build_model(k.backbone, 0, k.pretrained, k.pretrained_file, section="knn").to(device),  # noqa: E731
+        compute = lambda: embed(build_model(k.backbone, 0, k.pretrained, k.pretrained_file, section="knn").to(device),
                                 k.img_size, "embed")
         arrays, hit = cached_npz(stage.dir / "embeddings.npz", key, compute)
         log.info("%s: %s embeddings %s", stage.name, k.backbone, "from cache" if hit else "computed")

@@ -125,7 +125,7 @@ def best_files_problem(out: Path, best_epoch: int) -> str | None:
         with np.load(out / "oof.npz", allow_pickle=False) as z:
             if "epoch" in z.files and int(z["epoch"]) != best_epoch:
                 return f"{out / 'oof.npz'} holds epoch {int(z['epoch'])}, not the best epoch {best_epoch}"
-            z["probs"]  # noqa: B018 (reads the array: a truncated file fails here)
+            z["probs"]  # reads the array: a truncated file fails here
     except Exception as e:
         return f"{out / 'oof.npz'} cannot be read ({type(e).__name__})"
     return None

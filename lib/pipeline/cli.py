@@ -45,7 +45,7 @@ class _Console(logging.StreamHandler):
 class _LogFile(logging.FileHandler):
     """`<stage>/log.txt`; on a full disk it says so once and stops, instead of a traceback per message."""
 
-    def handleError(self, record: logging.LogRecord) -> None:  # noqa: N802 (logging's name)
+    def handleError(self, record: logging.LogRecord) -> None:  # logging's name
         e = sys.exc_info()[1]
         print(f"warning: cannot write {self.baseFilename} ({getattr(e, 'strerror', None) or e}); logging to the console only",
               file=sys.stderr)
