@@ -512,8 +512,33 @@ def test_lost_or_emptied_crop_reruns_00_alone(clean_data, tmp_path, caplog):
     with caplog.at_level(logging.INFO, logger="pipeline"):
         assert run00(root, tmp_path / "out") == 0
     assert any("00_prepare: up to date" in m for m in caplog.messages)
-    (d / MANIFEST).write_text(json.dumps({"files": {**files, "crops/roi/train/x.png": 5}}))
+    (d / MANIFEST).write_text(json.dumps({"files": {**files, "crops/roi/train/x.png": {"size": 5, "sha256": "0" * 64}}}))
     assert crop_problems(d, rec["result"]) == [f"changed output: {MANIFEST}"]
+    (d / MANIFEST).write_text(json.dumps({"files": {rel: f["size"] for rel, f in files.items()}}))  # an older 00's: sizes only
+    assert crop_problems(d, rec["result"]) == [f"outdated output: {MANIFEST} (sizes only, no content digests: written by an older 00)"]
     (d / MANIFEST).unlink()
     assert crop_problems(d, rec["result"]) == [f"missing output: {MANIFEST}"]
     assert crop_problems(d, {"train_rois": 3}) == []  # a record of an older 00 vouches for no crop
+
+
+def test_manifest_holds_the_size_and_sha256_of_every_crop_00_wrote(clean_data, tmp_path):
+    """The digests are taken from the bytes in memory as each crop is written (through the process pool too):
+    they are those of the files on disk, placeholders and full frames included, and 00's record covers them."""
+    import hashlib
+
+    from lib.pipeline.records import read_record
+    from lib.data.manifest import MANIFEST, digest, load
+
+    root, train, test = mutate(clean_data, tmp_path)
+    test["annotations"][0]["bbox"] = [5000, 5000, 10, 10]  # wholly outside its frame: a placeholder crop
+    save(root, train, test)
+    assert run00(root, tmp_path / "out", "prepare.workers=2", "prepare.context_full=true") == 0
+    d = tmp_path / "out" / "t" / "00_prepare"
+    files = load(d)
+    assert all(any(f"/{kind}/" in rel for rel in files) for kind in ("roi", "full", "testlike", "placeholder"))
+    for rel, f in files.items():
+        data = (d / rel).read_bytes()
+        assert (len(data), hashlib.sha256(data).hexdigest()) == (f.size, f.sha256), rel
+    assert read_record(d / "record.json")["result"]["crops"]["digest"] == digest(files)
+    raw = json.loads((d / MANIFEST).read_text())["files"]
+    assert set(next(iter(raw.values()))) == {"size", "sha256"}

@@ -23,6 +23,7 @@ from tqdm import tqdm
 
 from lib.core.io import write_error
 from lib.data.frames import oversize_reason
+from lib.data.manifest import CropFile, entry
 
 Box = tuple[float, float, float, float]
 
@@ -62,6 +63,15 @@ class FrameJob:
 
     frame: Path
     boxes: list[BoxJob] = field(default_factory=list)
+
+
+@dataclass
+class FrameCrops:
+    """What one frame's job gave: an error or '' per box, and each crop file written with its size and digest
+    (carried back from the worker, so 00's manifest never reads a crop again)."""
+
+    errors: list[str]
+    files: dict[Path, CropFile] = field(default_factory=dict)
 
 
 def roi_window(bbox: Box, width: int, height: int, pad: float, square: bool) -> tuple[int, int, int, int] | None:
@@ -145,8 +155,9 @@ def _write_file(path: Path, data: bytes) -> None:
         f.write(data)
 
 
-def write_png(path: Path, img_bgr: np.ndarray) -> None:
-    """Encode in memory, write via a temp name, check the file holds every byte, then rename.
+def write_png(path: Path, img_bgr: np.ndarray) -> CropFile:
+    """Encode in memory, write via a temp name, check the file holds every byte, then rename; returns the
+    size and sha256 of the bytes written (hashed here, in memory: the manifest never reads a crop back).
 
     A write that fails or comes up short (a full disk where the encoder still reports success) is
     one sentence naming the file (`write_error`), never a crop vouched for; a killed run never
@@ -158,10 +169,12 @@ def write_png(path: Path, img_bgr: np.ndarray) -> None:
         if not ok or buf.size == 0:
             raise ValueError(f"the PNG encoder gave no bytes for a {img_bgr.shape} crop")
         path.parent.mkdir(parents=True, exist_ok=True)
-        _write_file(tmp, buf.tobytes())
-        if tmp.stat().st_size != buf.size:
-            raise ShortWrite(f"{tmp.stat().st_size} of {buf.size} bytes written")
+        data = buf.tobytes()
+        _write_file(tmp, data)
+        if tmp.stat().st_size != len(data):
+            raise ShortWrite(f"{tmp.stat().st_size} of {len(data)} bytes written")
         tmp.replace(path)
+        return entry(data)
     except (OSError, ShortWrite) as e:
         with contextlib.suppress(OSError):
             tmp.unlink()
@@ -175,11 +188,11 @@ def placeholder(size: int, fill: Sequence[int]) -> np.ndarray:
     return img
 
 
-def crop_one_frame(frame: np.ndarray, jobs: Sequence[BoxJob], spec: CropSpec) -> list[str]:
-    """Cut every crop of every box of a decoded (BGR) frame; returns an error or '' per box."""
+def crop_one_frame(frame: np.ndarray, jobs: Sequence[BoxJob], spec: CropSpec) -> FrameCrops:
+    """Cut every crop of every box of a decoded (BGR) frame; returns an error or '' per box and the files written."""
     fill_bgr = tuple(int(v) for v in spec.fill[::-1])
     full = crop_full(frame, spec.size, fill_bgr) if spec.context_full else None
-    written: set[Path] = set()  # the full-frame crop is one file per frame, shared by its boxes
+    written: dict[Path, CropFile] = {}  # the full-frame crop is one file per frame, shared by its boxes
     errors = []
     for job in jobs:
         roi = crop_roi(frame, job.bbox, spec.pad, spec.square, spec.size)
@@ -197,10 +210,9 @@ def crop_one_frame(frame: np.ndarray, jobs: Sequence[BoxJob], spec: CropSpec) ->
             dst = job.outputs.get(k)
             if dst is None or dst in written:
                 continue
-            write_png(dst, img)  # a failed write stops the stage (one sentence): it is the disk's fault, not the box's
-            written.add(dst)
+            written[dst] = write_png(dst, img)  # a failed write stops the stage (one sentence): the disk's fault, not the box's
         errors.append("")
-    return errors
+    return FrameCrops(errors, written)
 
 
 def decode_frame(path: Path, max_pixels: int | None) -> np.ndarray | str:
@@ -218,19 +230,19 @@ def decode_frame(path: Path, max_pixels: int | None) -> np.ndarray | str:
     return frame
 
 
-def _process_frame(args: tuple[FrameJob, CropSpec]) -> list[str]:
+def _process_frame(args: tuple[FrameJob, CropSpec]) -> FrameCrops:
     """Worker: decode one frame once, cut all its boxes."""
     job, spec = args
     frame = decode_frame(job.frame, spec.max_frame_pixels)
     if isinstance(frame, str):
-        return [frame] * len(job.boxes)
+        return FrameCrops([frame] * len(job.boxes))
     return crop_one_frame(frame, job.boxes, spec)
 
 
-def crop_frames(jobs: list[FrameJob], spec: CropSpec, workers: int, desc: str = "crop frames") -> list[list[str]]:
-    """Crop every job's boxes; returns, per job, an error string per box ('' when written)."""
+def crop_frames(jobs: list[FrameJob], spec: CropSpec, workers: int, desc: str = "crop frames") -> list[FrameCrops]:
+    """Crop every job's boxes; returns, per job, an error string per box ('' when written) and the files written."""
     args = [(j, spec) for j in jobs]
-    results: list[list[str]] = []
+    results: list[FrameCrops] = []
     with tqdm(total=len(jobs), desc=desc, unit="frame", leave=False) as bar:  # closed (cleared) on an error too
         if workers <= 1 or len(jobs) < 2:
             for a in args:

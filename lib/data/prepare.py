@@ -28,6 +28,7 @@ from lib.data.crops import (
     write_png,
 )
 from lib.data.folds import assign_folds
+from lib.data.manifest import CropFile
 from lib.data.taxonomy import Taxonomy, TaxonomyError, load_taxonomy_csv
 
 log = logging.getLogger("pipeline")
@@ -44,11 +45,11 @@ class Preparation:
     rejects: pd.DataFrame
     taxonomy: Taxonomy
     summary: dict
-    crops: dict[str, int] = field(default_factory=dict)  # every crop rois.csv names -> its size (crops_manifest.json)
+    crops: dict[str, CropFile] = field(default_factory=dict)  # every crop rois.csv names -> size, sha256 (crops_manifest.json)
 
     def write(self, folder: Path) -> None:
         """rois.csv, rejects.csv, taxonomy.json, summary.json and crops_manifest.json into the stage folder, each atomically."""
-        atomic_write_json(folder / manifest.MANIFEST, {"files": self.crops})
+        atomic_write_json(folder / manifest.MANIFEST, manifest.to_json(self.crops))
         with atomic_path(folder / "rois.csv") as tmp:
             self.rois.to_csv(tmp, index=False)
         with atomic_path(folder / "rejects.csv") as tmp:
@@ -167,8 +168,9 @@ def _check_rows(split: str, coco: CocoSet, tax: Taxonomy, images_dir: Path) -> t
 
 
 def _crop_split(split: str, rows: list[dict], by_frame: dict[Path, list[int]], spec: CropSpec, crops_dir: Path,
-                factors: dict[int, float], workers: int) -> list[dict]:
-    """Cut the crops of one split; fills the path columns of `rows`; returns new rejects."""
+                factors: dict[int, float], workers: int) -> tuple[list[dict], dict[Path, CropFile]]:
+    """Cut the crops of one split; fills the path columns of `rows`; returns new rejects and every crop written
+    (its size and digest, for the manifest)."""
     kinds = spec.kinds() + (["testlike"] if factors else [])
 
     def outputs(i: int) -> dict[str, Path]:
@@ -179,10 +181,11 @@ def _crop_split(split: str, rows: list[dict], by_frame: dict[Path, list[int]], s
     jobs = [FrameJob(frame=p, boxes=[BoxJob(bbox=(rows[i]["x"], rows[i]["y"], rows[i]["w"], rows[i]["h"]),
                                             outputs=outputs(i), testlike=factors.get(i)) for i in idx])
             for p, idx in by_frame.items()]
-    errors = crop_frames(jobs, spec, workers, desc=f"crop {split} frames")
+    results = crop_frames(jobs, spec, workers, desc=f"crop {split} frames")
+    written = {p: f for res in results for p, f in res.files.items()}
     rejects = []
-    for idx, errs in zip(by_frame.values(), errors):
-        for i, err in zip(idx, errs):
+    for idx, res in zip(by_frame.values(), results):
+        for i, err in zip(idx, res.errors):
             if err:
                 rows[i]["ok"] = 0
                 rejects.append({"split": split, "annotation_id": rows[i]["annotation_id"], "image_id": rows[i]["image_id"], "reason": err})
@@ -195,9 +198,9 @@ def _crop_split(split: str, rows: list[dict], by_frame: dict[Path, list[int]], s
             if not r["ok"]:
                 for k in spec.kinds():
                     p = crops_dir / "placeholder" / k / f"{r['annotation_id']}.png"
-                    write_png(p, flat)
+                    written[p] = write_png(p, flat)
                     r[path_column(k)] = str(p)
-    return rejects
+    return rejects, written
 
 
 def prepare(cfg: Config, out_dir: Path) -> Preparation:
@@ -214,6 +217,7 @@ def prepare(cfg: Config, out_dir: Path) -> Preparation:
     spec = crop_spec(cfg)
     frames = []
     all_rejects: list[dict] = []
+    written: dict[Path, CropFile] = {}
     for split, coco in (("train", train), ("test", test)):
         images_dir = paths[f"{split}_images"]
         if not images_dir.is_dir():
@@ -226,7 +230,9 @@ def prepare(cfg: Config, out_dir: Path) -> Preparation:
             sides = np.array([np.sqrt(rows[i]["w"] * rows[i]["h"]) for i in idx])
             windows = np.array([max(rows[i]["w"], rows[i]["h"]) * (1 + 2 * cfg.prepare.pad) for i in idx])
             factors = dict(zip(idx, small_box_factors(sides, box_sides(test), windows, spec.size)))
-        rejects += _crop_split(split, rows, by_frame, spec, out_dir / "crops", factors, cfg.prepare.workers)
+        cut, files = _crop_split(split, rows, by_frame, spec, out_dir / "crops", factors, cfg.prepare.workers)
+        rejects += cut
+        written.update(files)
         frames.append(pd.DataFrame(rows))
         all_rejects += [{"split": split, **r} for r in coco.bad_ids] + rejects
     rois = pd.concat(frames, ignore_index=True)
@@ -256,7 +262,8 @@ def prepare(cfg: Config, out_dir: Path) -> Preparation:
             rois[c] = [str(Path(p).relative_to(out_dir)) if p else "" for p in rois[c]]
     summary = summarize(rois, rejects, train, test, tax)
     summary["test_categories_not_in_train"] = unknown_test
-    crops = manifest.build(out_dir, (p for c in cols if c.endswith("_path") for p in rois[c]))
+    crops = manifest.build({str(p.relative_to(out_dir)): f for p, f in written.items()},
+                           (p for c in cols if c.endswith("_path") for p in rois[c]))
     return Preparation(rois=rois, rejects=rejects, taxonomy=tax, summary=summary, crops=crops)
 
 
