@@ -16,9 +16,9 @@ import torch
 import torch.distributed as dist
 
 from lib.config import load_config
-from lib.core import graph
 from lib.core.errors import StageError
 from lib.model import dist as ddp
+from lib.pipeline import graph
 
 ROOT = Path(__file__).resolve().parent.parent
 

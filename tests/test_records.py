@@ -87,7 +87,7 @@ def test_what_the_writers_write_stays_readable(tmp_path):
 @pytest.fixture
 def run(tmp_path):
     """A miniature output folder: 00 to 03 recorded (no stage ran; 00 up to date), 01 and 03 claiming `folds: null`."""
-    from lib.core import graph
+    from lib.pipeline import graph
 
     overrides = [f"data.root={tmp_path / 'data'}", f"output_root={tmp_path / 'out'}", "exp=x"]
     out = tmp_path / "out" / "x"
@@ -99,7 +99,7 @@ def run(tmp_path):
 
 
 def test_a_training_stage_with_a_bad_fold_count_must_run_again(run, caplog):
-    from lib.core import graph
+    from lib.pipeline import graph
 
     overrides, out = run
     cfg = load_config("configs/demo.yaml", overrides)
