@@ -1,5 +1,4 @@
 """00_prepare_data on good and bad input: crops, context, folds, rejects, placeholders, the real test JSON."""
-import importlib.util
 import json
 import shutil
 from pathlib import Path
@@ -15,15 +14,10 @@ from lib.data.folds import assign_folds
 from lib.data.prepare import small_box_factors
 from lib.demo import dataset as demo_data
 
+from conftest import load_script  # tests/conftest.py
+
 ROOT = Path(__file__).resolve().parent.parent
 REAL_TEST_JSON = ROOT / "tests" / "data" / "fathomnet2025_dataset_test.json"
-
-
-def stage00():
-    spec = importlib.util.spec_from_file_location("stage00", ROOT / "00_prepare_data.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
 
 
 @pytest.fixture(scope="module")
@@ -47,7 +41,7 @@ def error_line(err: str) -> str:
 
 
 def run00(root: Path, out: Path, *extra: str) -> int:
-    return stage00().main(overrides(root, out, *extra))
+    return load_script("00_prepare_data.py").main(overrides(root, out, *extra))
 
 
 # ----------------------------------------------------------------------------- crops
