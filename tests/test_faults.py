@@ -459,7 +459,7 @@ def test_second_run_of_a_stage_refuses_at_once_and_a_dead_lock_is_taken_over(ref
                                "acquire_lock(sys.argv[1], '04_submit'); print('held', flush=True); time.sleep(300)", str(folder)],
                               cwd=ROOT, stdout=subprocess.PIPE, text=True)
     try:
-        assert holder.stdout.readline().strip() == "held"
+        assert holder.stdout is not None and holder.stdout.readline().strip() == "held"
         t0 = time.time()
         rc = load_script("04_infer_submit.py").main(args_for(copy, None, None, "submit.decode=min_risk"))
         err = capsys.readouterr().err.strip()

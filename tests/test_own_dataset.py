@@ -36,7 +36,8 @@ def write_birds(root: Path, train_per_class: int = 4, test_per_class: int = 2) -
     truth = []
     for split, per_class in (("train", train_per_class), ("test", test_per_class)):
         labels = rng.permutation(np.repeat(np.arange(len(BIRDS)), per_class))
-        images, annotations = [], []
+        images: list[dict] = []
+        annotations: list[dict] = []
         for f, pair in enumerate(labels.reshape(-1, 2), 1):  # image ids 1.. in both files: they repeat across splits
             name = f"garden_{split}_{f:03d}.jpg"
             im = Image.new("RGB", (128, 96), (90, 140, 90))

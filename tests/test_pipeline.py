@@ -306,6 +306,7 @@ def test_early_stopping_keeps_the_best_epoch(tiny, tmp_path, monkeypatch, caplog
     caplog.set_level(logging.INFO)
     st = Stage.create("c/fold_0", tmp_path / "c", cfg, ["train"], ROOT / "01_train_folds.py", {})
     result = train_mod.fit_fold(cfg, split.__class__(split.fold, split.train, split.val.drop(columns="testlike_path")), tax, st, epochs=4)
+    assert result is not None  # None only for a stop_after run or a rank but 0
     assert result.best_epoch == 1 and result.val_distance == 3.0
     assert "early stop after epoch 2" in caplog.text
     assert len(pd.read_csv(tmp_path / "c" / "history.csv")) == 2
@@ -326,10 +327,17 @@ def test_starting_over_is_a_bounded_loop(tiny, tmp_path, monkeypatch, caplog):
     torch.save({"model": {"nope": torch.zeros(1)}, "optimizer": {}, "epoch": 0, "best": {}, "history": [], "digest": st.digest},
                st.dir / "last.pt")
     caplog.set_level(logging.INFO)
-    assert train_mod.fit_fold(cfg, split, tax, st, epochs=1).best_epoch == 1
+    first = train_mod.fit_fold(cfg, split, tax, st, epochs=1)
+    assert first is not None and first.best_epoch == 1
     assert f"ignoring checkpoint {st.dir / 'last.pt'}" in caplog.text
-    set_ups, real = [], train_mod.build_kit
-    monkeypatch.setattr(train_mod, "build_kit", lambda *a: set_ups.append(1) or real(*a))
+    set_ups: list[int] = []
+    real = train_mod.build_kit
+
+    def counted_build_kit(*a):
+        set_ups.append(1)
+        return real(*a)
+
+    monkeypatch.setattr(train_mod, "build_kit", counted_build_kit)
     monkeypatch.setattr(train_mod, "best_files_problem", lambda out, epoch: f"{out / 'best.pt'} vanished")
     with pytest.raises(StageError, match="vanished right after training it"):
         train_mod.fit_fold(cfg, split, tax, st, epochs=1)
@@ -362,6 +370,7 @@ def test_every_head_trains_and_predicts(tiny, tmp_path, head):
     cfg, split, tax = _fold_setup(tiny, tmp_path, f"head.name={head}", "head.hidden=32", "head.n_heads=3")
     st = Stage.create("h/fold_0", tmp_path / "fold_0", cfg, ["head"], ROOT / "01_train_folds.py", {}, FOLD_OUTPUTS)
     result = fit_fold(cfg, split, tax, st, epochs=1)
+    assert result is not None
     st.finish(result.to_record(), 0.0)  # its record vouches for best.pt, which inference checks at load
     assert 0 <= result.val_distance <= 12
     probs = predict_folds_tta([tmp_path / "fold_0"], split.val["crop_path"].tolist()[:5], cfg, tax, torch.device("cpu"))["probs"]
@@ -382,6 +391,7 @@ def test_context_views_train_and_predict(tiny, tmp_path, fusion):
     cfg, split, tax = _fold_setup(tiny, tmp_path, "model.context=[1, 3, full]", f"model.fusion={fusion}")
     st = Stage.create("c/fold_0", tmp_path / "fold_0", cfg, ["model"], ROOT / "01_train_folds.py", {}, FOLD_OUTPUTS)
     result = fit_fold(cfg, split, tax, st, epochs=1)
+    assert result is not None
     st.finish(result.to_record(), 0.0)  # its record vouches for best.pt, which inference checks at load
     assert 0 <= result.val_distance <= 12 and 0 <= result.scores["val_distance_testlike"] <= 12
     probs = predict_folds_tta([tmp_path / "fold_0"], model_inputs(split.val.head(5), cfg.model.context), cfg, tax,
@@ -401,6 +411,7 @@ def test_mixing_and_samplers_train(tiny, tmp_path, extra):
     cfg, split, tax = _fold_setup(tiny, tmp_path, *extra)
     st = Stage.create("m/fold_0", tmp_path / "fold_0", cfg, ["augment"], ROOT / "01_train_folds.py", {})
     result = fit_fold(cfg, split, tax, st, epochs=1)
+    assert result is not None
     assert 0 <= result.val_distance <= 12 and np.isfinite(pd.read_csv(tmp_path / "fold_0" / "history.csv")["train_loss"]).all()
 
 
