@@ -48,7 +48,8 @@ submit: venv
 doctor: venv
 	@$(PY) -m lib.doctor --config $(CONFIG) $(ARGS)
 
-# ruff (pyflakes, pycodestyle, bugbear, security, import order) and mypy on lib/; settings in pyproject.toml.
+# ruff (pyflakes, pycodestyle, bugbear, security, import order) and mypy on every Python file: lib/, the stage scripts,
+# scripts/, benchmarks/, tests/ and the notebook's jupytext pair; settings in pyproject.toml.
 lint: venv
 	$(PY) -m ruff check .
 	$(PY) -m mypy

@@ -25,7 +25,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import benchlib as B
@@ -62,7 +62,7 @@ def precisions(device) -> list[str]:
     return (["bf16"] if precision_policy(device, "auto")[0] == "bf16" else []) + ["fp16"]
 
 
-def recipe(overrides: list[str] = ()) -> Any:
+def recipe(overrides: Sequence[str] = ()) -> Any:
     """The recipe's config without hub weights (random weights time the same)."""
     from lib.config import load_config
 
@@ -163,7 +163,7 @@ def ours_infer(cfg, tax, device, precision: str, warmup: int, steps: int) -> flo
     return steps * t.eval_batch_size / (time.perf_counter() - t0)
 
 
-def compare(device, quick: bool, overrides: list[str] = (), precision_list: list[str] | None = None,
+def compare(device, quick: bool, overrides: Sequence[str] = (), precision_list: list[str] | None = None,
             timing: tuple[int, int] | None = None) -> list[dict]:
     """Rows for each precision: the recipe's train step and inference against timm's loops on as many backbone images
     (`timing`: warm-up and timed steps, instead of the defaults)."""

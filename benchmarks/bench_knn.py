@@ -17,7 +17,7 @@ import os
 import sys
 import time
 from pathlib import Path
-from typing import Callable
+from typing import Callable, TypeVar
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
@@ -54,8 +54,14 @@ def numpy_brute(base: np.ndarray, queries: np.ndarray, k: int, chunk: int = 128)
     return out
 
 
-def best_of(fn: Callable[[], object], repeats: int) -> tuple[float, object]:
-    best, result = float("inf"), None
+T = TypeVar("T")
+
+
+def best_of(fn: Callable[[], T], repeats: int) -> tuple[float, T]:
+    """The fastest of `repeats` calls (seconds) and what the last call returned."""
+    if repeats < 1:
+        raise ValueError(f"--repeats must be at least 1, not {repeats}")
+    best = float("inf")
     for _ in range(repeats):
         t = time.perf_counter()
         result = fn()
@@ -90,6 +96,8 @@ def bench(n: int, clustered: bool, repeats: int, nlist: int, nprobes: list[int])
 
     lists = effective_nlist(nlist, n)
     t_b, ivf = best_of(lambda: build_index(base, "ivf", nlist=lists, nprobe=1, use_gpu=False), repeats)
+    if not isinstance(ivf, faiss.IndexIVF):  # the CPU index build_index makes for "ivf"; nprobe is set on it below
+        raise TypeError(f"build_index(..., 'ivf', use_gpu=False) gave a {type(ivf).__name__}, not an IndexIVF")
     for p in nprobes:
         ivf.nprobe = min(p, lists)
         t_s, (_, iv_idx) = best_of(lambda: ivf.search(queries, K), repeats)

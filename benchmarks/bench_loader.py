@@ -37,7 +37,11 @@ class FrameCrops:
         from lib.data.crops import crop_roi
 
         frame, bbox = self.items[i]
-        img = cv2.cvtColor(crop_roi(cv2.imread(frame, cv2.IMREAD_COLOR), bbox, 0.1, True, self.size), cv2.COLOR_BGR2RGB)
+        bgr = cv2.imread(frame, cv2.IMREAD_COLOR)
+        crop = None if bgr is None else crop_roi(bgr, bbox, 0.1, True, self.size)
+        if crop is None:
+            raise ValueError(f"no ROI crop from {frame}: the frame cannot be read or the box lies outside it")
+        img = cv2.cvtColor(crop, cv2.COLOR_BGR2RGB)
         return self.transform(image=img)["image"], 0, 1.0
 
 

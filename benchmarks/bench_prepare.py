@@ -59,7 +59,10 @@ def naive(jobs: list[FrameJob], spec: CropSpec, dst: Path) -> None:
     for j in jobs:
         for i, b in enumerate(j.boxes):
             frame = cv2.imread(str(j.frame), cv2.IMREAD_COLOR)
-            write_png(dst / f"{j.frame.stem}_{i}.png", crop_roi(frame, b.bbox, spec.pad, spec.square, spec.size))
+            crop = None if frame is None else crop_roi(frame, b.bbox, spec.pad, spec.square, spec.size)
+            if crop is None:
+                raise ValueError(f"no ROI crop from {j.frame}: the frame cannot be read or the box lies outside it")
+            write_png(dst / f"{j.frame.stem}_{i}.png", crop)
 
 
 def timed(fn) -> float:

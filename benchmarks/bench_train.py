@@ -211,7 +211,12 @@ def run(quick: bool = False, work: Path | None = None) -> list[dict]:
     ema = Ema(model, 0.999)
     ema.update(model)
     sync(device)
-    ema_s = B.best_of(lambda: (ema.update(model), sync(device)), 5)
+
+    def ema_step() -> None:
+        ema.update(model)
+        sync(device)
+
+    ema_s = B.best_of(ema_step, 5)
     step_s = t.batch_size / alone
     note = "lib.model.optim.Ema: a multiply-add per tensor of the state dict"
     if not cuda:

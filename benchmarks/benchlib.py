@@ -268,6 +268,8 @@ def prepared_demo(work: Path, name: str, per_class: int, test_per_class: int, ex
         if demo_main(quiet) != 0:
             raise RuntimeError(f"demo data for {name} could not be generated")
         spec = importlib.util.spec_from_file_location("stage00", ROOT / "00_prepare_data.py")
+        if spec is None or spec.loader is None:
+            raise ImportError(f"cannot load {ROOT / '00_prepare_data.py'} as a module")
         mod = importlib.util.module_from_spec(spec)
         spec.loader.exec_module(mod)
         if mod.main(quiet) != 0:

@@ -228,7 +228,9 @@ def main(argv: list[str] | None = None) -> int:
         return run_rows(s, args.config, out_root, report_dir, args.variants.split(","))
     started = time.time()
     ab.ensure_data(s, args.config)
-    rows, extra, nov = [], [], []
+    rows: list[dict] = []
+    extra: list[dict] = []
+    nov: list[dict] = []
     variants = [v for v in ab.grid(s) if not args.only or v.group in args.only.split(",")]
     for i, v in enumerate(variants, 1):
         print(f"[ablate {i}/{len(variants)}] {v.group}: {v.name} (seed {v.seed})", flush=True)

@@ -18,6 +18,7 @@ import logging
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from types import ModuleType
 from typing import Any, Callable, Sequence
 
 import numpy as np
@@ -117,8 +118,10 @@ def grid(s: Setting) -> list[Variant]:
 # ----------------------------------------------------------------------------- running
 
 
-def _load(script: str):
+def _load(script: str) -> ModuleType:
     spec = importlib.util.spec_from_file_location(script[:-3].replace(".", "_"), ROOT / script)
+    if spec is None or spec.loader is None:
+        raise ImportError(f"cannot load {ROOT / script} as a module")
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
     return mod
@@ -289,7 +292,7 @@ def novelty(s: Setting, v: Variant, config: str, out_root: str, truth_of: Callab
     truth = truth_of(test["annotation_id"].to_numpy())
     known = truth >= 0
     is_novel = np.isin(truth, [tax.index(n) for n in cfg.prepare.holdout])
-    probs, energy, flags = [], [], []
+    fold_probs, energy, flags = [], [], []
     device = torch.device("cpu")
     for d in graph.fold_dirs(cfg, "01_train"):
         model = load_fold_model(d, cfg, tax, device)
@@ -297,11 +300,11 @@ def novelty(s: Setting, v: Variant, config: str, out_root: str, truth_of: Callab
         loader = make_loader(model_inputs(test, cfg.model.context), img_size=cfg.model.img_size, mean=mean, std=std,
                              batch_size=cfg.train.eval_batch_size, num_workers=0, device=device)
         got = predict(model, loader, device, features=False, scores=functools.partial(novelty_scores, model.head_module), desc=d.name)
-        probs.append(got["probs"])
+        fold_probs.append(got["probs"])
         energy.append(got["energy"])
         if "novel" in got:
             flags.append(got["novel"] > 0.5)
-    probs = np.stack(probs)
+    probs = np.stack(fold_probs)
     _, u = gmu(probs, cfg.pseudo.gmu_sigma)
     scores = {"1 - max probability": 1 - probs.mean(0).max(1), "energy": np.mean(energy, 0), "1 - U (GMU)": 1 - u}
     y = is_novel[known]

@@ -5,6 +5,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from conftest import load_script  # tests/conftest.py
+
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
 import ablation as ab  # scripts/ablation.py
 
@@ -50,19 +52,9 @@ def test_summarize_means_and_spread_over_seeds():
     assert np.isnan(df[df["variant"] == "dwce"].iloc[0]["cv_distance_std"])  # one seed: no spread claimed
 
 
-def _ablate_script():
-    import importlib.util
-    from pathlib import Path
-
-    spec = importlib.util.spec_from_file_location("ablate_script", Path(__file__).resolve().parent.parent / "scripts" / "ablate.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
-
-
 def test_report_rebuilt_from_saved_measures_states_what_the_numbers_say(tmp_path):
     """--report-only rebuilds ablation.md from ablation.json; the findings are read off the rows."""
-    script = _ablate_script()
+    script = load_script("scripts/ablate.py")
     rows = [{"group": "loss", "variant": "ce", "seed": s, "cv_distance": d, "oof_argmax": d, "oof_min_risk": d - 0.1,
              "test_min_risk": d + 0.2} for s, d in ((42, 2.0), (43, 2.2))]
     rows += [{"group": "loss", "variant": "dwce", "seed": 42, "cv_distance": 1.8, "test_min_risk": 2.5},

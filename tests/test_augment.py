@@ -1,5 +1,6 @@
 """Augmentation: the config section, the albumentations pipelines, and batch mixing (lib.data.mix)."""
 import dataclasses
+from typing import Any
 
 import albumentations as A
 import cv2
@@ -26,8 +27,8 @@ OP_TYPES = {
 FRAME = [A.Resize, A.Normalize, ToTensorV2]
 
 
-def only(**probs: float) -> AugmentCfg:
-    """A config with every op off except `probs`."""
+def only(**probs: Any) -> AugmentCfg:
+    """A config with every op off except `probs` (which may also set an op's parameters, such as downscale_range)."""
     return dataclasses.replace(AugmentCfg(), **{**{k: 0.0 for k in OP_TYPES}, **probs})
 
 

@@ -1,4 +1,6 @@
 """Context views: which columns a model reads, consistent augmentation of the views, fusion shapes."""
+from typing import Any
+
 import numpy as np
 import pandas as pd
 import pytest
@@ -43,7 +45,7 @@ def test_fusion_shapes_and_gradients(mode, out_dim):
     y = fusion(f)
     assert fusion.out_dim == out_dim and y.shape == (4, out_dim)
     y.sum().backward()
-    assert f.grad[:, 1:].abs().sum() > 0  # the context views reach the output
+    assert f.grad is not None and f.grad[:, 1:].abs().sum() > 0  # the context views reach the output
 
 
 def test_concat_keeps_views_in_order():
@@ -64,7 +66,7 @@ def test_views_share_one_random_augmentation(tmp_path):
         p = tmp_path / f"{name}.png"
         cv2.imwrite(str(p), img)
         paths.append(str(p))
-    off = {k: 0.0 for k in AugmentCfg().probabilities()}
+    off: dict[str, Any] = {k: 0.0 for k in AugmentCfg().probabilities()}
     aug = AugmentCfg(**{**off, "hflip": 1.0})
     tf = build_transforms(16, train=True, mean=(0, 0, 0), std=(1, 1, 1), aug=aug, n_views=2)
     x, _, _ = CropDataset([tuple(paths)], transform=tf)[0]
@@ -102,5 +104,6 @@ def test_fusion_learns_at_the_head_rate():
     net = build_net(cfg, load_taxonomy_csv(DEFAULT_TAXONOMY), pretrained=False)
     groups = param_groups(net, lr=1.0, weight_decay=0.1, backbone_lr_mult=0.1)
     head_params = {id(p) for g in groups if g["name"].startswith("head") for p in g["params"]}
+    assert net.fusion is not None
     assert all(id(p) in head_params for p in net.fusion.parameters())
     assert not any(id(p) in head_params for p in net.backbone.parameters())

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import csv
+import inspect
 import json
 from pathlib import Path
 
@@ -240,4 +241,4 @@ def test_code_stamp_ignores_comments_and_docstrings(tmp_path: Path) -> None:
 
 def test_code_stamp_covers_every_generator_module() -> None:
     demo = ROOT / "lib" / "demo"
-    assert {Path(m.__file__).name for m in STAMPED} == {p.name for p in demo.glob("*.py")} - {"__init__.py", "__main__.py"}
+    assert {Path(inspect.getfile(m)).name for m in STAMPED} == {p.name for p in demo.glob("*.py")} - {"__init__.py", "__main__.py"}

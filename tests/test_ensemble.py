@@ -46,9 +46,9 @@ def test_decode_restricted_to_allowed_concepts():
 
 
 def test_cv_weights_formula():
-    s = np.array([2.0, 2.1, 2.5])
+    s = [2.0, 2.1, 2.5]  # CV distances, a list as blending passes them
     w = cv_weights(s, 0.1)
-    e = np.exp(-s / 0.1)
+    e = np.exp(-np.array(s) / 0.1)
     assert np.allclose(w, e / e.sum()) and np.isclose(w.sum(), 1)
     assert np.allclose(cv_weights([3.0, 3.0], 0.1), [0.5, 0.5])
     assert cv_weights(s, 1e-4)[0] > 0.999 and np.allclose(cv_weights(s, 1e4), 1 / 3, atol=1e-4)
@@ -176,9 +176,14 @@ def test_fit_weights_are_kept_across_blend_only_reruns(tmp_path, monkeypatch):
         return blending.ModelProbs(name, 1.0, np.arange(60), labels, p, p[:5])
 
     models = [model("a", 3.0), model("b", 1.0)]
-    calls = []
+    calls: list[str] = []
     real = blending.blend_weights
-    monkeypatch.setattr(blending, "blend_weights", lambda *a, **k: calls.append(a[0]) or real(*a, **k))
+
+    def counted_blend_weights(*a, **k):
+        calls.append(a[0])
+        return real(*a, **k)
+
+    monkeypatch.setattr(blending, "blend_weights", counted_blend_weights)
     cache = tmp_path / "probs" / "blend_fit.npz"
     fitted = blending.weights_for("fit", load_config(None, ["submit.blend=fit"]), models, dist, cache)
     assert calls == ["fit"] and cache.is_file()
@@ -328,10 +333,15 @@ def test_blend_only_rerun_fits_nothing_again(tmp_path, monkeypatch):
     counts = np.ones(tax.n_classes)
     first = blending.blend_options(load_config(None, ["submit.blend=fit"]), models, tax, counts, cache).table
     assert (tmp_path / "probs" / "temperatures.json").is_file() and (tmp_path / "probs" / "blend_greedy_temperature_fold2.npz").is_file()
-    calls = []
+    calls: list[str] = []
     monkeypatch.setattr(calibration, "fit_temperature", lambda *a, **k: calls.append("T"))
     real = blending.blend_weights
-    monkeypatch.setattr(blending, "blend_weights", lambda *a, **k: calls.append(a[0]) or real(*a, **k))
+
+    def counted_blend_weights(*a, **k):
+        calls.append(a[0])
+        return real(*a, **k)
+
+    monkeypatch.setattr(blending, "blend_weights", counted_blend_weights)
     monkeypatch.setattr(weights, "greedy_weights", lambda *a, **k: calls.append("greedy"))
     fresh = [blending.ModelProbs(m.name, m.cv, m.oof_ids, m.oof_labels, m.oof.copy(), m.test, oof_fold=m.oof_fold) for m in models]
     again = blending.blend_options(load_config(None, ["submit.blend=greedy"]), fresh, tax, counts, cache).table

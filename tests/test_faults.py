@@ -10,7 +10,6 @@ bad config) and check that each costs one fold or one stage, never the run.
 """
 from __future__ import annotations
 
-import importlib.util
 import json
 import logging
 import os
@@ -32,6 +31,8 @@ import torch
 
 from lib.demo.__main__ import main as demo_main
 
+from conftest import load_script  # tests/conftest.py
+
 pytestmark = pytest.mark.slow  # real kills and resumes of the stages (make test-fast leaves them out)
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -44,13 +45,6 @@ FAST = [  # a tiny, fast, deterministic chain: 2 folds, 2 epochs (1 in 03), 32 p
     "pseudo.methods=[confidence]", "pseudo.threshold=0.0", "tta.views=[identity]", "submit.decode=argmax",
 ]
 COSTS: dict[str, float] = {}  # seconds per step, printed at the end of the module (pytest -s)
-
-
-def load(script: str):
-    spec = importlib.util.spec_from_file_location(script[:-3].replace(".", "_") + "_faults", ROOT / script)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
 
 
 def args_for(run, exp: str | None = None, output_root: Path | None = None, *extra: str) -> list[str]:
@@ -190,7 +184,7 @@ def ref(tmp_path_factory):
     run = SimpleNamespace(overrides=overrides, exp="ref", output_root=tmp / "out", out=tmp / "out" / "ref", data=tmp / "data",
                           tmp=tmp, expect=expect)
     for s in STAGES:
-        assert timed(f"uninterrupted {s}", lambda s=s: load(s).main(args_for(run))) == 0, s
+        assert timed(f"uninterrupted {s}", lambda s=s: load_script(s).main(args_for(run))) == 0, s
     yield run
     print("\nseconds per step:", json.dumps(COSTS, indent=1))
 
@@ -229,7 +223,7 @@ def faulted(ref):
     assert_whole(d)
     seen["03_on_half_02"] = sub("03_retrain.py", a)
     seen["02_rerun"] = timed("02 rerun", lambda: sub("02_pseudo_label.py", a))
-    assert timed("03 (not faulted)", lambda: load("03_retrain.py").main(a)) == 0
+    assert timed("03 (not faulted)", lambda: load_script("03_retrain.py").main(a)) == 0
     # 04: killed after phase 1's probabilities were cached, while storing phase 2's.
     r = timed("04 killed mid-stage", lambda: sub("04_infer_submit.py", a, kill_at="write:phase2.npz"))
     d = out / "04_submit"
@@ -376,7 +370,7 @@ def test_kill_mid_download_then_rerun_completes(ref, tmp_path):
 def test_deleted_best_pt_reruns_only_that_fold(ref, copy, caplog):
     (copy.out / "01_train" / "fold_1" / "best.pt").unlink()
     caplog.set_level(logging.INFO)
-    assert timed("01 after deleting fold_1/best.pt", lambda: load("01_train_folds.py").main(args_for(copy))) == 0
+    assert timed("01 after deleting fold_1/best.pt", lambda: load_script("01_train_folds.py").main(args_for(copy))) == 0
     text = caplog.text
     assert "01_train: running (missing output: fold_1/best.pt)" in text
     assert "01_train/fold_0: up to date" in text and "01_train/fold_1: running (missing output: best.pt)" in text
@@ -384,7 +378,7 @@ def test_deleted_best_pt_reruns_only_that_fold(ref, copy, caplog):
     assert same_weights(copy.out / "01_train" / "fold_1" / "best.pt", ref.out / "01_train" / "fold_1" / "best.pt")
     caplog.clear()  # the retrained fold is the same bytes on CPU, so nothing downstream reruns: the loss cost one fold
     for s in STAGES[2:]:
-        assert load(s).main(args_for(copy, None, None, "--dry-run")) == 0
+        assert load_script(s).main(args_for(copy, None, None, "--dry-run")) == 0
     ups = [f"{n}: up to date ({copy.out / n})" for n in ("02_pseudo", "03_retrain", "04_submit")]
     assert [m for m in caplog.messages if "up to date" in m] == ups
 
@@ -395,7 +389,7 @@ def test_truncated_record_and_checkpoint_are_absent_with_a_warning(ref, copy, ca
     for p in (f0 / "record.json", f0 / "last.pt", f1 / "best.pt"):
         p.write_bytes(p.read_bytes()[: p.stat().st_size // 3])
     caplog.set_level(logging.INFO)
-    assert timed("01 after truncating 3 files", lambda: load("01_train_folds.py").main(args_for(copy))) == 0
+    assert timed("01 after truncating 3 files", lambda: load_script("01_train_folds.py").main(args_for(copy))) == 0
     text = caplog.text
     assert f"ignoring unreadable record {f0 / 'record.json'}" in text
     assert f"ignoring unreadable checkpoint {f0 / 'last.pt'}" in text
@@ -410,7 +404,7 @@ def test_damaged_stage_outputs_and_caches_are_redone(ref, copy, caplog):
 
     caplog.set_level(logging.INFO)
     (copy.out / "02_pseudo" / "record.json").write_text("{not json")
-    assert load("02_pseudo_label.py").main(args_for(copy, None, None, "--dry-run")) == 0
+    assert load_script("02_pseudo_label.py").main(args_for(copy, None, None, "--dry-run")) == 0
     assert f"ignoring unreadable record {copy.out / '02_pseudo' / 'record.json'}" in caplog.text
     assert "02_pseudo: would run (no record)" in caplog.text
     cache = copy.out / "04_submit" / "probs" / "phase1.npz"
@@ -420,13 +414,13 @@ def test_damaged_stage_outputs_and_caches_are_redone(ref, copy, caplog):
     assert f"ignoring unreadable cache {cache}" in caplog.text
     p = copy.out / "00_prepare" / "rois.csv"
     p.write_bytes(p.read_bytes()[:100])
-    assert load("00_prepare_data.py").main(args_for(copy)) == 0
+    assert load_script("00_prepare_data.py").main(args_for(copy)) == 0
     assert "00_prepare: running (changed output: rois.csv)" in caplog.text
     assert f"{p} is not the file its record vouches for" in caplog.text
     assert p.read_text() == (ref.out / "00_prepare" / "rois.csv").read_text()
     caplog.clear()  # 00 made the same files again: 01 stays up to date (04 waits for the 02 whose record went bad)
     for s in ("01_train_folds.py", "04_infer_submit.py"):
-        assert load(s).main(args_for(copy, None, None, "--dry-run")) == 0
+        assert load_script(s).main(args_for(copy, None, None, "--dry-run")) == 0
     assert "01_train: up to date" in caplog.text and "04_submit: would run (upstream 02_pseudo, 03_retrain would run)" in caplog.text
 
 
@@ -452,7 +446,7 @@ def test_full_disk_names_the_file_and_loses_nothing(ref, copy, caplog):
         assert (fold / name).read_bytes() == before[name]
     assert not temp_files(fold) and not (fold / "record.json").exists()  # voided: never mistaken for a finished run
     caplog.set_level(logging.INFO)  # with room again, the rerun finds last.pt complete: nothing to train
-    assert timed("01 rerun after the full disk", lambda: load("01_train_folds.py").main(args_for(copy))) == 0
+    assert timed("01 rerun after the full disk", lambda: load_script("01_train_folds.py").main(args_for(copy))) == 0
     assert "01_train/fold_0: last.pt is complete" in caplog.text and "01_train/fold_1: up to date" in caplog.text
     assert (fold / "best.pt").read_bytes() == before["best.pt"]
 
@@ -465,9 +459,9 @@ def test_second_run_of_a_stage_refuses_at_once_and_a_dead_lock_is_taken_over(ref
                                "acquire_lock(sys.argv[1], '04_submit'); print('held', flush=True); time.sleep(300)", str(folder)],
                               cwd=ROOT, stdout=subprocess.PIPE, text=True)
     try:
-        assert holder.stdout.readline().strip() == "held"
+        assert holder.stdout is not None and holder.stdout.readline().strip() == "held"
         t0 = time.time()
-        rc = load("04_infer_submit.py").main(args_for(copy, None, None, "submit.decode=min_risk"))
+        rc = load_script("04_infer_submit.py").main(args_for(copy, None, None, "submit.decode=min_risk"))
         err = capsys.readouterr().err.strip()
         assert rc == 2 and time.time() - t0 < 15
         assert err.startswith(f"error: 04_submit is already running in {folder} (pid {holder.pid} on ") and err.count("\n") == 0
@@ -547,13 +541,13 @@ def test_readers_refuse_while_01_is_rewritten(ref, copy):
 
 
 def test_missing_input_and_unknown_backbone_are_caught_before_any_work(ref, copy, capsys):
-    rc = load("00_prepare_data.py").main(args_for(copy, "fresh", None, "data.train_json=nope.json"))
+    rc = load_script("00_prepare_data.py").main(args_for(copy, "fresh", None, "data.train_json=nope.json"))
     assert rc == 2
     err = capsys.readouterr().err.strip()
     assert err == f"error: data.train_json '{ref.data / 'nope.json'}' does not exist; set data.root (now '{ref.data}') or data.train_json."
     assert not (copy.output_root / "fresh").exists()
     rec = (copy.out / "01_train" / "record.json").read_bytes()
-    assert load("01_train_folds.py").main(args_for(copy, None, None, "model.backbone=resnet5O")) == 2
+    assert load_script("01_train_folds.py").main(args_for(copy, None, None, "model.backbone=resnet5O")) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("error: model.backbone 'resnet5O' is not a timm model (did you mean 'resnet50'?)")
     assert (copy.out / "01_train" / "record.json").read_bytes() == rec  # the old record was not voided

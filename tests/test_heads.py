@@ -7,14 +7,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lib.config import ConfigError, HeadCfg, LossCfg, load_config
+from lib.config import ConfigError, HeadCfg, HeadName, LossCfg, load_config
 from lib.data.taxonomy import Taxonomy, load_taxonomy_csv
 from lib.model.head_base import HeadOutput, NormedLinear, split_ranks
 from lib.model.heads import MLPHead, MultiHead, PerRankHead, TwoLevelHead, build_head
 from lib.model.losses import build_loss
 from lib.model.tree_heads import CoherentHead, ConditionalHead, HierarchicalSoftmaxHead, max_constraint, mc_loss, taxonomy_levels, taxonomy_nodes
 
-NAMES = ["linear", "mlp", "multi", "per_rank", "two_level", "hierarchical_softmax", "conditional", "coherent"]
+NAMES: list[HeadName] = ["linear", "mlp", "multi", "per_rank", "two_level", "hierarchical_softmax", "conditional", "coherent"]
 IN = 16
 
 
@@ -49,6 +49,13 @@ def zero_(head: nn.Module) -> None:
             p.zero_()
 
 
+def level_fc(head: HierarchicalSoftmaxHead, i: int) -> nn.Linear:
+    """The Linear classifier of level `i` (an item of an nn.ModuleList, which types it as any Module)."""
+    fc = head.classifiers[i]
+    assert isinstance(fc, nn.Linear)
+    return fc
+
+
 def targets(tax: Taxonomy) -> torch.Tensor:
     """A species-level concept, a genus-level one, Actinopterygii (phylum only) and another species."""
     species = [i for i, lin in enumerate(tax.lineages) if lin[-1] is not None]
@@ -56,7 +63,7 @@ def targets(tax: Taxonomy) -> torch.Tensor:
     return torch.tensor([species[0], genus, tax.index("Actinopterygii"), species[1]])
 
 
-def cfg(name: str, **kw) -> HeadCfg:
+def cfg(name: HeadName, **kw) -> HeadCfg:
     return HeadCfg(name=name, **kw)
 
 
@@ -73,15 +80,17 @@ def test_shapes(tax, name):
     assert probs.shape == (4, 79) and torch.allclose(probs.sum(1), torch.ones(4), atol=1e-5)
     ranks = split_ranks(tax)
     if name == "multi":
-        assert out.heads.shape == (8, 4, 79)
+        assert out.heads is not None and out.heads.shape == (8, 4, 79)
     elif name == "per_rank":
         assert {r: v.shape[1] for r, v in out.aux.items()} == {r: len(tax.rank_labels(r)[1]) for r in ranks}
     elif name == "two_level":
         assert out.aux["coarse"].shape == (4, len(tax.rank_labels("order")[1]))
     elif name in ("hierarchical_softmax", "conditional"):
+        assert isinstance(head, HierarchicalSoftmaxHead)  # ConditionalHead is one too
         assert list(out.aux) == ranks
         assert [v.shape[1] for v in out.aux.values()] == [len(lv.nodes) for lv in head.levels[:-1]]
     elif name == "coherent":
+        assert isinstance(head, CoherentHead)
         assert list(out.aux) == ["nodes"] and out.aux["nodes"].shape == (4, len(head.nodes.names))
     else:
         assert out.aux == {} and out.heads is None
@@ -122,7 +131,7 @@ def test_bf16_features_give_float32(tax, name):
 
 def test_unknown_head_raises(tax):
     with pytest.raises(ValueError, match="Unknown head"):
-        build_head(HeadCfg(name="nope"), IN, tax)  # type: ignore[arg-type]
+        build_head(HeadCfg(name="nope"), IN, tax)  # type: ignore[arg-type]  # an unknown head on purpose: build_head must refuse it
 
 
 # ----------------------------------------------------------------------------- flat heads
@@ -151,6 +160,7 @@ def test_mlp_layers_and_init(tax):
     assert isinstance(head, MLPHead)
     assert [type(m) for m in head.net] == [nn.Linear, nn.BatchNorm1d, nn.GELU, nn.Dropout, nn.Linear]
     first, last = head.net[0], head.net[4]
+    assert isinstance(first, nn.Linear) and isinstance(last, nn.Linear)
     assert (first.in_features, first.out_features, last.out_features) == (IN, 32, 79)
     assert head.net[3].p == 0.25
     for lin in (first, last):
@@ -253,7 +263,7 @@ def test_confident_upper_level_suppresses_other_branch():
     head = HierarchicalSoftmaxHead(IN, toy(), 1.0)
     zero_(head)
     with torch.no_grad():
-        head.classifiers[0].bias.copy_(torch.tensor([8.0, -8.0]))  # P1
+        level_fc(head, 0).bias.copy_(torch.tensor([8.0, -8.0]))  # P1
     p = head.probs(head(torch.randn(2, IN)))
     assert (p[:, 3:] < 1e-6).all()  # L4, L5 sit under P2
     assert torch.allclose(p[0, :3], torch.tensor([0.25, 0.25, 0.5]), atol=1e-5)
@@ -283,7 +293,7 @@ def test_hierarchical_softmax_matches_the_product_of_conditionals_value_and_grad
     got = head(fa).logits.log_softmax(-1)  # float32
     conditionals = []
     for i, lv in enumerate(head.levels):
-        fc = head.classifiers[i]
+        fc = level_fc(head, i)
         z = F.linear(fb, fc.weight.detach().double(), fc.bias.detach().double())
         groups = lv.parent if i > 0 else np.zeros(len(lv.nodes), dtype=np.int64)
         cond = torch.zeros_like(z)
@@ -297,6 +307,7 @@ def test_hierarchical_softmax_matches_the_product_of_conditionals_value_and_grad
     torch.testing.assert_close(got.exp().double(), ref, rtol=1e-5, atol=1e-7)
     got.gather(1, target[:, None]).sum().backward()
     ref.log().gather(1, target[:, None]).sum().backward()
+    assert fa.grad is not None and fb.grad is not None
     torch.testing.assert_close(fa.grad.double(), fb.grad, rtol=1e-5, atol=1e-5)
 
 
@@ -307,17 +318,18 @@ def test_hard_routing_keeps_mass_under_argmax_parent():
     soft, hard = ConditionalHead(IN, toy(), 1.0, "soft", 1.0), ConditionalHead(IN, toy(), 1.0, "hard", 1.0)
     zero_(soft)
     with torch.no_grad():
-        soft.classifiers[0].bias.copy_(torch.tensor([0.3, 0.0]))  # P1 just ahead
-        soft.classifiers[1].bias.copy_(torch.tensor([0.0, 0.5, 0.0, 0.0]))  # and C2 within P1
+        level_fc(soft, 0).bias.copy_(torch.tensor([0.3, 0.0]))  # P1 just ahead
+        level_fc(soft, 1).bias.copy_(torch.tensor([0.0, 0.5, 0.0, 0.0]))  # and C2 within P1
     hard.load_state_dict(soft.state_dict())
     feats = torch.randn(2, IN)
     ps, ph = soft.probs(soft(feats)), hard.probs(hard(feats))
     assert (ps[:, 3:] > 0.1).all()  # soft routing leaves P2's leaves real mass
     assert (ph[:, 3:] < 1e-6).all() and torch.allclose(ph[:, :3].sum(1), torch.ones(2), atol=1e-5)
     assert torch.allclose(ph, torch.tensor([0.0, 0.0, 1.0, 0.0, 0.0]).expand(2, 5), atol=1e-5)  # argmax at every level: P1, C2, L3
-    hard.classifiers[0].bias.grad = None
+    top = level_fc(hard, 0)
+    top.bias.grad = None
     ph[:, 2].sum().backward()  # straight-through: the chosen branch still trains the top level
-    assert hard.classifiers[0].bias.grad.abs().sum() > 0
+    assert top.bias.grad is not None and top.bias.grad.abs().sum() > 0
 
 
 def test_gumbel_random_in_train_soft_in_eval():
@@ -354,6 +366,7 @@ def test_conditional_soft_temperature_one_is_hierarchical():
 def test_two_level_novelty(coarse, fine, level):
     head = build_head(cfg("two_level", coarse_rank="class", tau_coarse=0.6, tau_fine=0.5), IN, toy())
     assert isinstance(head, TwoLevelHead) and head.coarse_values == ["C1", "C2", "C3"]
+    assert isinstance(head.fc, nn.Linear)  # not normalized: a plain Linear with a bias
     zero_(head)
     with torch.no_grad():
         head.coarse_fc.bias.copy_(torch.tensor(coarse).log())
@@ -423,6 +436,7 @@ def test_normed_linear_matches_the_ldam_authors_value_and_gradient():
     (got * g).sum().backward()
     (ref * g).sum().backward()
     torch.testing.assert_close(xa.grad, xb.grad, rtol=1e-5, atol=1e-5)
+    assert ref_w.grad is not None
     torch.testing.assert_close(layer.weight.grad, ref_w.grad.t(), rtol=1e-5, atol=1e-5)
     assert float(got.detach().abs().max()) <= 1.0 + 1e-6 and not any(n == "bias" for n, _ in layer.named_parameters())
 
@@ -497,6 +511,7 @@ def test_mcloss_matches_the_c_hmcnn_code_value_and_gradient(tax):
     got.backward()
     ref.backward()
     assert float(got.detach()) == pytest.approx(float(ref.detach()), rel=1e-5, abs=1e-6)
+    assert b.grad is not None
     torch.testing.assert_close(a.grad, b.grad.float(), rtol=1e-5, atol=1e-6)
     w = torch.tensor([1.0, 0.0, 0.0, 0.0])  # sample weights: the weighted mean over samples
     alone = mc_loss(z[:1], labels[:1], torch.as_tensor(nodes.descendants, dtype=torch.float32), None)
@@ -519,6 +534,7 @@ def test_max_constraint_parent_never_below_child(tax):
 def test_coherent_answer_is_a_softmax_over_the_concepts_own_outputs(ce):
     t = toy()
     head = build_head(cfg("coherent", aux_weight=0.5), IN, t)
+    assert isinstance(head, CoherentHead)
     out = head(torch.randn(3, IN))
     nodes = out.aux["nodes"]
     # L5 is phylum P2, an inner node with L4 below it: its own output, not the max over its subtree
@@ -539,4 +555,5 @@ def test_mcloss_is_finite_where_float32_sigmoids_saturate(tax):
     z = (40 * torch.sign(torch.randn(len(target), len(nodes.names)))).requires_grad_(True)
     loss = mc_loss(z, labels, torch.as_tensor(nodes.descendants, dtype=torch.float32), None)
     loss.backward()
+    assert z.grad is not None
     assert torch.isfinite(loss) and torch.isfinite(z.grad).all() and float(z.grad.abs().max()) <= 1.0

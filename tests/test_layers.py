@@ -36,7 +36,7 @@ def part(path: Path) -> str:
 
 def imported(path: Path) -> set[str]:
     """Dotted names of every lib module (or package) imported anywhere in the file, function-level imports included."""
-    found = set()
+    found: set[str] = set()
     for node in ast.walk(ast.parse(path.read_text())):
         if isinstance(node, ast.Import):
             found.update(a.name for a in node.names if a.name.startswith("lib."))

@@ -2,14 +2,15 @@
 the long-tail and taxonomy-aware losses back to plain cross-entropy."""
 import math
 import typing
+from typing import Any, Callable
 
 import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
 
-from lib.config import ConfigError, LossCfg, load_config
-from lib.model.losses import WeightedLoss, build_loss, effective_number_weights
+from lib.config import ConfigError, LossCfg, LossName, load_config
+from lib.model.losses import CrossEntropyExpectedDistance, TaxonomySmoothing, WeightedLoss, build_loss, effective_number_weights
 
 B, C = 6, 5
 COUNTS = np.array([100, 30, 10, 3, 0])
@@ -34,7 +35,7 @@ def batch() -> tuple[torch.Tensor, torch.Tensor]:
     return logits, target
 
 
-def make(name: str, counts: np.ndarray = COUNTS, distance: np.ndarray = D, **kw) -> WeightedLoss:
+def make(name: LossName, counts: np.ndarray = COUNTS, distance: np.ndarray = D, **kw) -> WeightedLoss:
     """The loss over the test's own distance matrix D (so taxonomy smoothing spreads by D: ts_distance metric)."""
     if name == "taxonomy_smoothing":
         kw.setdefault("ts_distance", "metric")
@@ -100,7 +101,8 @@ def test_weighted_ce_inverse_frequency(batch):
     assert value(make("weighted_ce"), *batch) == pytest.approx((w[y] * np_ce(z, y)).sum() / w[y].sum(), rel=1e-5)
     s = torch.tensor([0.2, 1.0, 0.5, 0.7, 0.1, 0.9])  # pseudo-label weights multiply the class weights
     ref = (s.numpy() * w[y] * np_ce(z, y)).sum() / (s.numpy() * w[y]).sum()
-    assert value(make("weighted_ce"), *batch, s) == pytest.approx(ref, rel=1e-5)
+    logits, target = batch
+    assert value(make("weighted_ce"), logits, target, s) == pytest.approx(ref, rel=1e-5)
 
 
 def test_weighted_ce_value_and_gradient_match_torch_weighted_cross_entropy(batch):
@@ -269,6 +271,7 @@ def test_dwce_confident_mistake_is_finite():
     loss = make("dwce", counts=np.ones(3), distance=np.array([[0, 1, 2], [1, 0, 3], [2, 3, 0]], dtype=np.float64))
     out = loss(logits, torch.tensor([0]))
     out.backward()
+    assert logits.grad is not None
     assert torch.isfinite(out) and torch.isfinite(logits.grad).all() and logits.grad[0, 1] > 0
 
 
@@ -290,6 +293,7 @@ def test_ce_expected_distance(batch):
     p = np.exp(np_log_softmax(z))
     expected = (p * D[y]).sum(1)
     loss = make("ce_expected_distance", ed_lambda=0.3, label_smoothing=0.1)
+    assert isinstance(loss, CrossEntropyExpectedDistance)
     np.testing.assert_allclose(loss.expected_distance(*batch).numpy(), expected, rtol=1e-5)
     assert value(loss, *batch) == pytest.approx((np_ce(z, y, 0.1) + 0.3 * expected).mean(), rel=1e-5)
     assert value(make("ce_expected_distance", ed_lambda=0.0), *batch) == pytest.approx(value(make("ce"), *batch), rel=1e-6)
@@ -298,7 +302,7 @@ def test_ce_expected_distance(batch):
 # ----------------------------------------------------------------------------- every loss through the factory
 
 # seql with gamma 1 is deterministic, so sample-weight comparisons do not depend on the random draw
-DETERMINISTIC = {"seql": {"seql_gamma": 1.0, "seql_lambda": 0.05}}
+DETERMINISTIC: dict[str, dict[str, Any]] = {"seql": {"seql_gamma": 1.0, "seql_lambda": 0.05}}
 
 
 @pytest.mark.parametrize("name", NAMES)
@@ -311,7 +315,7 @@ def test_sample_weights(name, batch):
     assert value(loss, logits, target, torch.full((B,), 0.3)) == pytest.approx(value(loss, logits, target), rel=1e-5)
 
 
-CASES = [(n, {}) for n in NAMES] + [
+CASES: list[tuple[str, dict[str, Any]]] = [(n, {}) for n in NAMES] + [
     ("focal", {"focal_class_weights": True}), ("class_balanced", {"cb_base": "sigmoid"}),
     ("class_balanced", {"cb_base": "focal"}), ("ldam", {"drw_start_epoch": 0}),
 ]
@@ -371,6 +375,7 @@ def test_lca_distance_by_hand():
     assert tax.distance_matrix()[0, 2] == 1  # the metric: a genus-level concept is 1 from its species
     loss = build_loss(LossCfg(name="taxonomy_smoothing", ts_distance="lca", alpha=0.2, ts_beta=0.5), np.ones(4),
                       tax.distance_matrix(), lca)
+    assert isinstance(loss, TaxonomySmoothing)
     a = np.exp(-0.5 * expected[0].astype(float))
     a[0] = 0
     np.testing.assert_allclose(loss.soft_target[0].numpy(), np.r_[0.8, 0.2 * a[1:] / a.sum()], rtol=1e-6)
@@ -425,7 +430,7 @@ def _ref_ced(z, y, d, lam):  # 2nd place FathomNet 2025: CE + lambda sum_j p_j D
 
 
 PRIOR = np.log(np.maximum(COUNTS, 1) / np.maximum(COUNTS, 1).sum())
-REFERENCES = {
+REFERENCES: dict[str, tuple[dict[str, Any], Callable[[torch.Tensor, torch.Tensor], torch.Tensor]]] = {  # loss keywords, formula
     "ce": ({"label_smoothing": 0.1}, lambda z, y: F.cross_entropy(z, y, label_smoothing=0.1)),
     "focal": ({"gamma": 2.0, "beta": 0.99, "focal_class_weights": True}, lambda z, y: _ref_focal(z, y, 2.0, _t(np_effective(COUNTS, 0.99)))),
     "class_balanced": ({"beta": 0.99},  # softmax base: Cui et al.'s code weights each sample and divides by N

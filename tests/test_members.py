@@ -1,6 +1,5 @@
 """Ensembles of several experiments: the fold check (fast, on synthetic prepared data) and, on a tiny demo,
 experiments a and b (another loss) blended by 04, pseudo-labels from both, and the refusals (slow)."""
-import importlib.util
 import json
 import logging
 from pathlib import Path
@@ -13,6 +12,8 @@ from lib.core.errors import StageError
 from lib.data.artifacts import Prepared
 from lib.data.taxonomy import load_taxonomy_csv
 from lib.engine.members import check_same_folds
+
+from conftest import load_script  # tests/conftest.py
 
 ROOT = Path(__file__).resolve().parent.parent
 TAXONOMY = ROOT / "configs" / "taxonomy" / "fathomnet2025.csv"
@@ -81,13 +82,6 @@ def test_config_refuses_duplicates_own_prefix_and_later_phases_as_pseudo_members
 # ----------------------------------------------------------------------------- two experiments on a tiny demo
 
 
-def load(script: str):
-    spec = importlib.util.spec_from_file_location(script[:-3].replace(".", "_"), ROOT / script)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
-
-
 STAGES = ["00_prepare_data.py", "01_train_folds.py", "02_pseudo_label.py", "03_retrain.py"]
 
 
@@ -104,12 +98,12 @@ def two(tmp_path_factory):
     assert demo_main(["--config", "configs/demo.yaml", *base]) == 0
     for exp, extra in (("a", []), ("b", ["loss.name=focal"])):
         for s in STAGES:
-            assert load(s).main(["--config", "configs/demo.yaml", *base, f"exp={exp}", *extra]) == 0, (exp, s)
+            assert load_script(s).main(["--config", "configs/demo.yaml", *base, f"exp={exp}", *extra]) == 0, (exp, s)
     return base, tmp / "out"
 
 
 def submit(base, *extra):
-    return load("04_infer_submit.py").main(["--config", "configs/demo.yaml", *base, "exp=a", *extra])
+    return load_script("04_infer_submit.py").main(["--config", "configs/demo.yaml", *base, "exp=a", *extra])
 
 
 MODELS = "submit.models=[phase1, phase2, b/phase1, b/phase2]"
@@ -138,12 +132,12 @@ def test_two_experiments_blend_and_rerun_when_a_member_retrains(two, caplog, cap
     assert "b/phase2 test probabilities from cache" in caplog.text
     # b retrains: a's 04 would run, naming b's stage.
     b = ["--config", "configs/demo.yaml", *base, "exp=b", "loss.name=focal"]
-    assert load("03_retrain.py").main([*b, "retrain.epochs=2"]) == 0
+    assert load_script("03_retrain.py").main([*b, "retrain.epochs=2"]) == 0
     caplog.clear()
     assert submit(base, MODELS, "submit.blend=greedy", "--dry-run") == 0
     assert "04_submit: would run (changed input: b/03_retrain)" in caplog.text
     # b's pseudo-labels change: its 03 is out of date, and a's 04 refuses in one sentence naming b's stage and its config.
-    assert load("02_pseudo_label.py").main([*b, "pseudo.threshold=0.5"]) == 0
+    assert load_script("02_pseudo_label.py").main([*b, "pseudo.threshold=0.5"]) == 0
     capsys.readouterr()
     assert submit(base, MODELS) == 2
     err = capsys.readouterr().err
@@ -161,7 +155,7 @@ def test_a_member_on_other_folds_is_refused(two, capsys):
     base, out = two
     c = ["--config", "configs/demo.yaml", *base, "exp=c", "prepare.n_folds=3"]
     for s in STAGES[:2]:
-        assert load(s).main(c) == 0
+        assert load_script(s).main(c) == 0
     capsys.readouterr()
     assert submit(base, "submit.models=[phase1, c/phase1]") == 2
     err = capsys.readouterr().err
@@ -177,7 +171,7 @@ def test_pseudo_labels_from_two_experiments(two, tmp_path):
     base = [*base, f"output_root={tmp_path / 'out'}"]
     args = ["--config", "configs/demo.yaml", *base, "exp=a", "pseudo.members=[phase1, b/phase1]", "pseudo.calibrate=temperature",
             "pseudo.methods=[confidence, vote, cluster_core]", "pseudo.min_agree=1", "pseudo.purity=0.5"]
-    assert load("02_pseudo_label.py").main(args) == 0
+    assert load_script("02_pseudo_label.py").main(args) == 0
     folder = tmp_path / "out" / "a" / "02_pseudo"
     z = np.load(folder / "test_probs.npz")
     assert z["probs"].shape == (4, 79, 79) and z["member_of"].tolist() == [0, 0, 1, 1]
@@ -186,7 +180,7 @@ def test_pseudo_labels_from_two_experiments(two, tmp_path):
     assert rec["result"]["members"] == ["phase1", "b/phase1"] and rec["result"]["models"] == 4
     assert "b/01_train" in rec["fingerprint"]["inputs"] and all(t > 0 for t in rec["result"]["temperatures"])
     # 04's phase 1 reuses 02's phase-1 rows only.
-    assert load("04_infer_submit.py").main(["--config", "configs/demo.yaml", *base, "exp=a", "submit.models=[phase1]"]) == 0
+    assert load_script("04_infer_submit.py").main(["--config", "configs/demo.yaml", *base, "exp=a", "submit.models=[phase1]"]) == 0
     p1 = np.load(tmp_path / "out" / "a" / "04_submit" / "probs" / "phase1.npz")
     assert np.allclose(p1["probs"], z["probs"][:2])
 

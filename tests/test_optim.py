@@ -128,7 +128,9 @@ def test_a_step_with_inf_gradients_is_skipped_and_the_scale_backs_off():
     before = [p.detach().clone() for p in model.parameters()]
     scaler = torch.amp.GradScaler("cpu", init_scale=1024.0)
     scaler.scale(_loss(model)).backward()
-    next(model.parameters()).grad[0, 0] = float("inf")
+    grad = next(model.parameters()).grad
+    assert grad is not None
+    grad[0, 0] = float("inf")
     optimizer_step(opt, model.parameters(), 1.0, scaler)
     assert all(torch.equal(p, q) for p, q in zip(model.parameters(), before))
     assert scaler.get_scale() == 512.0

@@ -2,7 +2,6 @@
 test frames in one folder (JPEGs named by file_name, image ids repeating across the two JSON files)."""
 from __future__ import annotations
 
-import importlib.util
 import json
 from pathlib import Path
 
@@ -13,6 +12,8 @@ from PIL import Image, ImageDraw
 
 from lib.core.paths import ROOT
 from lib.decide.metric import main as metric_main
+
+from conftest import load_script  # tests/conftest.py
 
 RANKS = ["kingdom", "phylum", "class", "order", "family", "genus", "species"]
 BIRDS = [  # (concept, family, genus, species); Corvus is a genus-level concept: its species is empty
@@ -35,7 +36,8 @@ def write_birds(root: Path, train_per_class: int = 4, test_per_class: int = 2) -
     truth = []
     for split, per_class in (("train", train_per_class), ("test", test_per_class)):
         labels = rng.permutation(np.repeat(np.arange(len(BIRDS)), per_class))
-        images, annotations = [], []
+        images: list[dict] = []
+        annotations: list[dict] = []
         for f, pair in enumerate(labels.reshape(-1, 2), 1):  # image ids 1.. in both files: they repeat across splits
             name = f"garden_{split}_{f:03d}.jpg"
             im = Image.new("RGB", (128, 96), (90, 140, 90))
@@ -66,16 +68,9 @@ def birds_overrides(root: Path, out: Path) -> list[str]:
             "pseudo.threshold=0.0", "pseudo.methods=[confidence]", "tta.views=[identity]"]
 
 
-def load(script: str):
-    spec = importlib.util.spec_from_file_location(script[:-3].replace(".", "_"), ROOT / script)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
-
-
 def test_own_dataset_prepares_with_its_own_table(tmp_path):
     root = write_birds(tmp_path / "birds")
-    assert load("00_prepare_data.py").main(birds_overrides(root, tmp_path / "out")) == 0
+    assert load_script("00_prepare_data.py").main(birds_overrides(root, tmp_path / "out")) == 0
     prep = tmp_path / "out" / "birds" / "00_prepare"
     rois = pd.read_csv(prep / "rois.csv")
     assert (rois["split"] == "train").sum() == 40 and (rois["split"] == "test").sum() == 20 and rois["ok"].all()
@@ -88,7 +83,7 @@ def test_own_dataset_prepares_with_its_own_table(tmp_path):
 def test_categories_missing_from_the_default_table_name_the_table_and_the_key(tmp_path, capsys):
     root = write_birds(tmp_path / "birds")
     args = [a for a in birds_overrides(root, tmp_path / "out") if not a.startswith("data.taxonomy_csv=")]
-    assert load("00_prepare_data.py").main(args) == 2
+    assert load_script("00_prepare_data.py").main(args) == 2
     err = capsys.readouterr().err.strip().splitlines()[-1]
     assert err.startswith("error: 10 categories of the train JSON (Parus major, Cyanistes caeruleus,")
     assert f"are missing from the taxonomy table '{ROOT / 'configs/taxonomy/fathomnet2025.csv'}' (data.taxonomy_csv); " \
@@ -116,7 +111,7 @@ def test_own_dataset_runs_to_a_submission(tmp_path):
     args = birds_overrides(root, tmp_path / "out")
     for script in ("00_prepare_data.py", "01_train_folds.py", "02_pseudo_label.py", "03_retrain.py", "04_infer_submit.py",
                    "knn_baseline.py"):
-        assert load(script).main(args) == 0, script
+        assert load_script(script).main(args) == 0, script
     for sub in ("04_submit", "knn"):
         frame = pd.read_csv(tmp_path / "out" / "birds" / sub / "submission.csv")
         assert sorted(frame["annotation_id"]) == sorted(pd.read_csv(root / "solution.csv")["annotation_id"])

@@ -1,5 +1,4 @@
 """A smoke run of every stage on a tiny demo, then the rerun decisions a user relies on."""
-import importlib.util
 import logging
 from pathlib import Path
 
@@ -9,17 +8,12 @@ import pytest
 
 from lib.demo.__main__ import main as demo_main
 
+from conftest import load_script  # tests/conftest.py
+
 pytestmark = pytest.mark.slow  # end-to-end stage runs (make test-fast leaves them out)
 
 ROOT = Path(__file__).resolve().parent.parent
 SCRIPTS = ["00_prepare_data.py", "01_train_folds.py", "02_pseudo_label.py", "03_retrain.py", "04_infer_submit.py", "knn_baseline.py"]
-
-
-def load(script: str):
-    spec = importlib.util.spec_from_file_location(script[:-3].replace(".", "_"), ROOT / script)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
 
 
 @pytest.fixture(scope="module")
@@ -34,7 +28,7 @@ def tiny(tmp_path_factory):
     ]
     assert demo_main(["--config", "configs/demo.yaml", *overrides]) == 0
     for s in SCRIPTS:
-        assert load(s).main(["--config", "configs/demo.yaml", *overrides]) == 0, s
+        assert load_script(s).main(["--config", "configs/demo.yaml", *overrides]) == 0, s
     return overrides, tmp / "out" / "tiny", tmp / "data"
 
 
@@ -97,7 +91,7 @@ def test_pseudo_sources_gmu_and_umap(tiny, tmp_path):
     overrides, out = _copy_run(tiny, tmp_path)
     args = ["--config", "configs/demo.yaml", *overrides, "pseudo.methods=[confidence, vote, cluster_core]", "pseudo.threshold=0.0",
             "pseudo.min_agree=1", "pseudo.u_floor=0.0", "pseudo.purity=0.5", "tta.views=[identity, hflip]"]
-    assert load("02_pseudo_label.py").main(args) == 0
+    assert load_script("02_pseudo_label.py").main(args) == 0
     z = np.load(out / "02_pseudo" / "test_probs.npz")
     assert z["probs"].shape == (2, 79, 79) and z["embeddings"].shape == (2, 79, 1280)
     assert np.allclose(z["mean"], z["probs"].mean(0)) and z["gmu"].shape == z["u"].shape == (79,)
@@ -125,7 +119,7 @@ def test_rounds_reuse_earlier_rounds(tiny, tmp_path, caplog):
 
     overrides, out = _copy_run(tiny, tmp_path)
     caplog.set_level(logging.INFO)
-    assert load("03_retrain.py").main(["--config", "configs/demo.yaml", *overrides, "pseudo.rounds=2"]) == 0
+    assert load_script("03_retrain.py").main(["--config", "configs/demo.yaml", *overrides, "pseudo.rounds=2"]) == 0
     assert "03_retrain/fold_0: up to date" in caplog.text and "03_retrain/round_2/fold_0: running" in caplog.text
     assert (out / "03_retrain" / "round_2" / "pseudo" / "pseudo_labels.csv").is_file()
     rec = json.loads((out / "03_retrain" / "record.json").read_text())["result"]
@@ -134,11 +128,11 @@ def test_rounds_reuse_earlier_rounds(tiny, tmp_path, caplog):
     cfg = load_config("configs/demo.yaml", [*overrides, "pseudo.rounds=2"])
     assert graph.fold_dirs(cfg, "03_retrain") == [out / "03_retrain" / "round_2" / f"fold_{k}" for k in (0, 1)]
     caplog.clear()
-    assert load("03_retrain.py").main(["--config", "configs/demo.yaml", *overrides, "pseudo.rounds=2"]) == 0
+    assert load_script("03_retrain.py").main(["--config", "configs/demo.yaml", *overrides, "pseudo.rounds=2"]) == 0
     assert "03_retrain: up to date" in caplog.text
     # Every round can enter the blend as its own model.
     args = ["--config", "configs/demo.yaml", *overrides, "pseudo.rounds=2", "submit.models=[phase1, round1, round2]", "submit.blend=cv"]
-    assert load("04_infer_submit.py").main(args) == 0
+    assert load_script("04_infer_submit.py").main(args) == 0
     options = pd.read_csv(out / "04_submit" / "options.csv")
     assert options["model"].tolist()[:3] == ["phase1", "round1", "round2"] and "blend cv" in options["model"].tolist()
     assert json.loads((out / "04_submit" / "record.json").read_text())["result"]["blend"] == "cv"
@@ -174,7 +168,7 @@ def test_rerun_is_up_to_date(tiny, caplog):
     overrides, _, _ = tiny
     caplog.set_level(logging.INFO)
     for s in SCRIPTS:
-        assert load(s).main(["--config", "configs/demo.yaml", *overrides]) == 0
+        assert load_script(s).main(["--config", "configs/demo.yaml", *overrides]) == 0
     ups = [r.getMessage() for r in caplog.records if "up to date" in r.getMessage()]
     assert len(ups) == len(SCRIPTS), caplog.text
     assert "running" not in caplog.text
@@ -194,12 +188,12 @@ def test_truth_never_decides_a_rerun(tiny, caplog):
     solution.rename(hidden)
     try:
         for s in SCRIPTS:
-            assert load(s).main(["--config", "configs/demo.yaml", *overrides]) == 0
+            assert load_script(s).main(["--config", "configs/demo.yaml", *overrides]) == 0
         assert not any("scored against" in line for line in summary(load_config("configs/demo.yaml", overrides)))
     finally:
         hidden.rename(solution)
     for s in SCRIPTS:
-        assert load(s).main(["--config", "configs/demo.yaml", *overrides]) == 0
+        assert load_script(s).main(["--config", "configs/demo.yaml", *overrides]) == 0
     assert "running" not in caplog.text, caplog.text
     assert len([r for r in caplog.records if "up to date" in r.getMessage()]) == 2 * len(SCRIPTS)
     assert {p: p.read_bytes() for p in out.rglob("record.json")} == records
@@ -211,9 +205,9 @@ def test_truth_never_decides_a_rerun(tiny, caplog):
 def test_dry_run_names_the_changed_key_and_only_downstream(tiny, caplog):
     overrides, _, _ = tiny
     caplog.set_level(logging.INFO)
-    load("00_prepare_data.py").main(["--config", "configs/demo.yaml", "--dry-run", *overrides, "train.epochs=2"])
-    load("01_train_folds.py").main(["--config", "configs/demo.yaml", "--dry-run", *overrides, "train.epochs=2"])
-    load("knn_baseline.py").main(["--config", "configs/demo.yaml", "--dry-run", *overrides, "train.epochs=2"])
+    load_script("00_prepare_data.py").main(["--config", "configs/demo.yaml", "--dry-run", *overrides, "train.epochs=2"])
+    load_script("01_train_folds.py").main(["--config", "configs/demo.yaml", "--dry-run", *overrides, "train.epochs=2"])
+    load_script("knn_baseline.py").main(["--config", "configs/demo.yaml", "--dry-run", *overrides, "train.epochs=2"])
     text = caplog.text
     assert "00_prepare: up to date" in text and "knn: up to date" in text
     assert "01_train: would run (changed: train.epochs 1 -> 2)" in text
@@ -222,7 +216,7 @@ def test_dry_run_names_the_changed_key_and_only_downstream(tiny, caplog):
 def test_blend_only_change_reuses_cached_probs(tiny, caplog):
     overrides, out, _ = tiny
     caplog.set_level(logging.INFO)
-    assert load("04_infer_submit.py").main(["--config", "configs/demo.yaml", *overrides, "submit.decode=argmax"]) == 0
+    assert load_script("04_infer_submit.py").main(["--config", "configs/demo.yaml", *overrides, "submit.decode=argmax"]) == 0
     assert "phase1 test probabilities from cache" in caplog.text
     assert "phase2 test probabilities from cache" in caplog.text
 
@@ -312,6 +306,7 @@ def test_early_stopping_keeps_the_best_epoch(tiny, tmp_path, monkeypatch, caplog
     caplog.set_level(logging.INFO)
     st = Stage.create("c/fold_0", tmp_path / "c", cfg, ["train"], ROOT / "01_train_folds.py", {})
     result = train_mod.fit_fold(cfg, split.__class__(split.fold, split.train, split.val.drop(columns="testlike_path")), tax, st, epochs=4)
+    assert result is not None  # None only for a stop_after run or a rank but 0
     assert result.best_epoch == 1 and result.val_distance == 3.0
     assert "early stop after epoch 2" in caplog.text
     assert len(pd.read_csv(tmp_path / "c" / "history.csv")) == 2
@@ -332,10 +327,17 @@ def test_starting_over_is_a_bounded_loop(tiny, tmp_path, monkeypatch, caplog):
     torch.save({"model": {"nope": torch.zeros(1)}, "optimizer": {}, "epoch": 0, "best": {}, "history": [], "digest": st.digest},
                st.dir / "last.pt")
     caplog.set_level(logging.INFO)
-    assert train_mod.fit_fold(cfg, split, tax, st, epochs=1).best_epoch == 1
+    first = train_mod.fit_fold(cfg, split, tax, st, epochs=1)
+    assert first is not None and first.best_epoch == 1
     assert f"ignoring checkpoint {st.dir / 'last.pt'}" in caplog.text
-    set_ups, real = [], train_mod.build_kit
-    monkeypatch.setattr(train_mod, "build_kit", lambda *a: set_ups.append(1) or real(*a))
+    set_ups: list[int] = []
+    real = train_mod.build_kit
+
+    def counted_build_kit(*a):
+        set_ups.append(1)
+        return real(*a)
+
+    monkeypatch.setattr(train_mod, "build_kit", counted_build_kit)
     monkeypatch.setattr(train_mod, "best_files_problem", lambda out, epoch: f"{out / 'best.pt'} vanished")
     with pytest.raises(StageError, match="vanished right after training it"):
         train_mod.fit_fold(cfg, split, tax, st, epochs=1)
@@ -344,13 +346,13 @@ def test_starting_over_is_a_bounded_loop(tiny, tmp_path, monkeypatch, caplog):
 
 def test_user_errors_are_one_line(tiny, capsys):
     overrides, _, _ = tiny
-    assert load("01_train_folds.py").main(["--config", "configs/demo.yaml", *overrides, "train.epoch=2"]) == 2
+    assert load_script("01_train_folds.py").main(["--config", "configs/demo.yaml", *overrides, "train.epoch=2"]) == 2
     err = capsys.readouterr().err
     assert err.strip() == "error: Unknown config key 'train.epoch'; did you mean 'train.epochs'?"
-    assert load("02_pseudo_label.py").main(["--config", "configs/demo.yaml", *overrides, "exp=never_run"]) == 2
+    assert load_script("02_pseudo_label.py").main(["--config", "configs/demo.yaml", *overrides, "exp=never_run"]) == 2
     assert "00_prepare/record.json is missing; run 00_prepare_data.py first." in capsys.readouterr().err.replace("\\", "/")
     # A downstream stage refuses to run on an upstream that is stale under the current config.
-    assert load("02_pseudo_label.py").main(["--config", "configs/demo.yaml", *overrides, "train.epochs=2"]) == 2
+    assert load_script("02_pseudo_label.py").main(["--config", "configs/demo.yaml", *overrides, "train.epochs=2"]) == 2
     err = capsys.readouterr().err
     assert "01_train is out of date (changed: train.epochs 1 -> 2); run 01_train_folds.py first" in err
 
@@ -368,6 +370,7 @@ def test_every_head_trains_and_predicts(tiny, tmp_path, head):
     cfg, split, tax = _fold_setup(tiny, tmp_path, f"head.name={head}", "head.hidden=32", "head.n_heads=3")
     st = Stage.create("h/fold_0", tmp_path / "fold_0", cfg, ["head"], ROOT / "01_train_folds.py", {}, FOLD_OUTPUTS)
     result = fit_fold(cfg, split, tax, st, epochs=1)
+    assert result is not None
     st.finish(result.to_record(), 0.0)  # its record vouches for best.pt, which inference checks at load
     assert 0 <= result.val_distance <= 12
     probs = predict_folds_tta([tmp_path / "fold_0"], split.val["crop_path"].tolist()[:5], cfg, tax, torch.device("cpu"))["probs"]
@@ -388,6 +391,7 @@ def test_context_views_train_and_predict(tiny, tmp_path, fusion):
     cfg, split, tax = _fold_setup(tiny, tmp_path, "model.context=[1, 3, full]", f"model.fusion={fusion}")
     st = Stage.create("c/fold_0", tmp_path / "fold_0", cfg, ["model"], ROOT / "01_train_folds.py", {}, FOLD_OUTPUTS)
     result = fit_fold(cfg, split, tax, st, epochs=1)
+    assert result is not None
     st.finish(result.to_record(), 0.0)  # its record vouches for best.pt, which inference checks at load
     assert 0 <= result.val_distance <= 12 and 0 <= result.scores["val_distance_testlike"] <= 12
     probs = predict_folds_tta([tmp_path / "fold_0"], model_inputs(split.val.head(5), cfg.model.context), cfg, tax,
@@ -407,6 +411,7 @@ def test_mixing_and_samplers_train(tiny, tmp_path, extra):
     cfg, split, tax = _fold_setup(tiny, tmp_path, *extra)
     st = Stage.create("m/fold_0", tmp_path / "fold_0", cfg, ["augment"], ROOT / "01_train_folds.py", {})
     result = fit_fold(cfg, split, tax, st, epochs=1)
+    assert result is not None
     assert 0 <= result.val_distance <= 12 and np.isfinite(pd.read_csv(tmp_path / "fold_0" / "history.csv")["train_loss"]).all()
 
 
@@ -439,7 +444,7 @@ def test_two_process_ddp_with_gloo(tiny, tmp_path):
 
     overrides, out, _ = tiny
     ddp_over = [o for o in overrides if not o.startswith("exp=")] + ["exp=ddp", "prepare.n_folds=2"]
-    assert load("00_prepare_data.py").main(["--config", "configs/demo.yaml", *ddp_over]) == 0
+    assert load_script("00_prepare_data.py").main(["--config", "configs/demo.yaml", *ddp_over]) == 0
     env = {**os.environ, "OMP_NUM_THREADS": "1", "NO_ALBUMENTATIONS_UPDATE": "1"}
     r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
                         "01_train_folds.py", "--config", "configs/demo.yaml", *ddp_over],
@@ -450,7 +455,7 @@ def test_two_process_ddp_with_gloo(tiny, tmp_path):
     assert r.stdout.count("01_train: CV distance") == 1  # only rank 0 reports
     assert "2 processes of 32 rows per step (global batch 64)" in r.stdout  # train.batch_size is the global batch
     # 03 with two self-training rounds: rank 0 pseudo-labels round 2 while rank 1 waits, then both train it.
-    assert load("02_pseudo_label.py").main(["--config", "configs/demo.yaml", *ddp_over]) == 0
+    assert load_script("02_pseudo_label.py").main(["--config", "configs/demo.yaml", *ddp_over]) == 0
     r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
                         "03_retrain.py", "--config", "configs/demo.yaml", *ddp_over, "pseudo.rounds=2"],
                        cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
@@ -470,7 +475,7 @@ def test_knn_scores_every_vote_and_embeds_with_fold_models(tiny):
     assert "| min_risk |" in (out / "knn" / "table.md").read_text()
     phase1 = [*overrides, "knn.source=phase1", "knn.index=ivf", "knn.nlist=4", "knn.vote=strict"]
     try:
-        assert load("knn_baseline.py").main(["--config", "configs/demo.yaml", *phase1]) == 0
+        assert load_script("knn_baseline.py").main(["--config", "configs/demo.yaml", *phase1]) == 0
         res = json.loads((out / "knn" / "record.json").read_text())["result"]
         assert res["source"] == "phase1" and res["vote"] == "strict" and 0 <= res["cv_distance"] <= 12
         for k in (0, 1):
@@ -478,7 +483,7 @@ def test_knn_scores_every_vote_and_embeds_with_fold_models(tiny):
             assert emb.shape[1] == 1280 and np.isfinite(emb).all()
         assert len(pd.read_csv(out / "knn" / "submission.csv")) == 79
     finally:  # leave the default run's record for whoever reads the fixture next
-        assert load("knn_baseline.py").main(["--config", "configs/demo.yaml", *overrides]) == 0
+        assert load_script("knn_baseline.py").main(["--config", "configs/demo.yaml", *overrides]) == 0
 
 
 def _decisions(caplog) -> dict[str, str]:
@@ -503,14 +508,14 @@ def test_data_moved_or_touched_reruns_nothing_new_pixels_rerun_00_and_what_follo
 
     overrides, out = _copy_run(tiny, tmp_path)
     for s in SCRIPTS:  # settle the copy: an earlier test may have left a stage on other settings (04 on argmax)
-        assert load(s).main(["--config", "configs/demo.yaml", *overrides]) == 0
+        assert load_script(s).main(["--config", "configs/demo.yaml", *overrides]) == 0
     moved = tmp_path / "elsewhere" / "data"
     shutil.copytree(tiny[2], moved, copy_function=shutil.copy)  # shutil.copy: new mtimes, as a re-download would give
     args = ["--config", "configs/demo.yaml", *overrides, f"data.root={moved}"]
     records = {p: p.read_bytes() for p in out.rglob("record.json")}
     caplog.set_level(logging.INFO)
     for s in SCRIPTS:
-        assert load(s).main(args) == 0
+        assert load_script(s).main(args) == 0
     assert set(_decisions(caplog).values()) == {"up to date"} and len(_decisions(caplog)) == len(SCRIPTS), caplog.text
     frames = sorted(moved.rglob("*.png"))
     later = frames[0].stat().st_mtime + 3600
@@ -518,7 +523,7 @@ def test_data_moved_or_touched_reruns_nothing_new_pixels_rerun_00_and_what_follo
         os.utime(f, (later, later))
     caplog.clear()
     for s in SCRIPTS:
-        assert load(s).main(args) == 0
+        assert load_script(s).main(args) == 0
     assert set(_decisions(caplog).values()) == {"up to date"}, caplog.text
     assert {p: p.read_bytes() for p in out.rglob("record.json")} == records
     frame = sorted((moved / "train" / "images").glob("*.png"))[0]
@@ -527,11 +532,11 @@ def test_data_moved_or_touched_reruns_nothing_new_pixels_rerun_00_and_what_follo
     changed.paste((255, 0, 255), (0, 0, changed.width, changed.height // 2))
     changed.save(frame)
     caplog.clear()
-    assert load("00_prepare_data.py").main(args) == 0
+    assert load_script("00_prepare_data.py").main(args) == 0
     assert _decisions(caplog)["00_prepare"] == "running (changed input: train_images)"
     caplog.clear()
     for s in SCRIPTS[1:]:
-        assert load(s).main([*args, "--dry-run"]) == 0
+        assert load_script(s).main([*args, "--dry-run"]) == 0
     decided = _decisions(caplog)
     assert len(decided) == len(SCRIPTS) - 1 and all(d.startswith("would run") for d in decided.values()), decided
     assert decided["01_train"] == "would run (changed input: 00_prepare)"

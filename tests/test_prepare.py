@@ -1,5 +1,4 @@
 """00_prepare_data on good and bad input: crops, context, folds, rejects, placeholders, the real test JSON."""
-import importlib.util
 import json
 import shutil
 from pathlib import Path
@@ -15,15 +14,10 @@ from lib.data.folds import assign_folds
 from lib.data.prepare import small_box_factors
 from lib.demo import dataset as demo_data
 
+from conftest import load_script  # tests/conftest.py
+
 ROOT = Path(__file__).resolve().parent.parent
 REAL_TEST_JSON = ROOT / "tests" / "data" / "fathomnet2025_dataset_test.json"
-
-
-def stage00():
-    spec = importlib.util.spec_from_file_location("stage00", ROOT / "00_prepare_data.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
 
 
 @pytest.fixture(scope="module")
@@ -47,7 +41,7 @@ def error_line(err: str) -> str:
 
 
 def run00(root: Path, out: Path, *extra: str) -> int:
-    return stage00().main(overrides(root, out, *extra))
+    return load_script("00_prepare_data.py").main(overrides(root, out, *extra))
 
 
 # ----------------------------------------------------------------------------- crops
@@ -57,7 +51,7 @@ def test_crop_roi_clips_and_rejects_outside():
     frame = np.zeros((100, 200, 3), np.uint8)
     frame[40:60, 90:110] = 255
     roi = crop_roi(frame, (90, 40, 20, 20), pad=0.0, square=True, size=20)
-    assert roi.shape == (20, 20, 3) and roi.min() == 255
+    assert roi is not None and roi.shape == (20, 20, 3) and roi.min() == 255
     part = crop_roi(frame, (190, 90, 30, 30), pad=0.0, square=True, size=16)  # partly outside: clipped
     assert part is not None and part.shape == (16, 16, 3)
     assert crop_roi(frame, (300, 300, 10, 10), pad=0.1, square=True, size=16) is None
@@ -121,7 +115,8 @@ def test_stage_writes_roi_context_and_testlike_crops(clean_data, tmp_path):
     train = rois[rois["split"] == "train"]
     assert all((d / p).is_file() for p in train["testlike_path"])
     assert (rois[rois["split"] == "test"]["testlike_path"] == "").all()
-    assert cv2.imread(str(d / rois["ctx5_path"][0])).shape == (32, 32, 3)
+    ctx5 = cv2.imread(str(d / rois["ctx5_path"][0]))
+    assert ctx5 is not None and ctx5.shape == (32, 32, 3)
     summary = json.loads((d / "summary.json").read_text())
     assert summary["rois"]["train"]["usable"] == 79 * 2 and summary["classes"] == 79
     q_train, q_test = summary["box_side_quantiles"]["train"], summary["box_side_quantiles"]["test"]
@@ -149,7 +144,7 @@ def frame_of(images: dict, data: dict, ann: dict) -> dict:
 def test_every_bad_input_case(clean_data, tmp_path):
     root, train, test = mutate(clean_data, tmp_path)
     anns = train["annotations"]
-    by_image = {}
+    by_image: dict[int, list[dict]] = {}
     for a in anns:
         by_image.setdefault(a["image_id"], []).append(a)
     # Pick distinct frames holding a single box each, so each case is isolated.
@@ -493,6 +488,7 @@ def test_lost_or_emptied_crop_reruns_00_alone(clean_data, tmp_path, caplog):
     assert run00(root, tmp_path / "out") == 0
     d = tmp_path / "out" / "t" / "00_prepare"
     rec = read_record(d / "record.json")
+    assert rec is not None
     files = json.loads((d / MANIFEST).read_text())["files"]
     rois = pd.read_csv(d / "rois.csv", keep_default_na=False)
     assert set(files) == {p for c in rois.columns if c.endswith("_path") for p in rois[c] if p}
@@ -507,7 +503,7 @@ def test_lost_or_emptied_crop_reruns_00_alone(clean_data, tmp_path, caplog):
         assert any("cutting them again" in m for m in caplog.messages), caplog.messages
         assert lost.stat().st_size > 0 and emptied.stat().st_size > 0
         again = read_record(d / "record.json")
-        assert again["result"] == rec["result"] and again["outputs"] == rec["outputs"]
+        assert again is not None and again["result"] == rec["result"] and again["outputs"] == rec["outputs"]
     caplog.clear()
     with caplog.at_level(logging.INFO, logger="pipeline"):
         assert run00(root, tmp_path / "out") == 0

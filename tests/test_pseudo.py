@@ -76,7 +76,7 @@ def test_gmu_single_model_is_finite():
 
 def test_gmu_rejects_bad_input():
     with pytest.raises(ValueError, match="sigma_mode"):
-        gmu(HAND, "top3")
+        gmu(HAND, "top3")  # type: ignore[arg-type]  # an unknown sigma_mode on purpose: gmu must refuse it
     with pytest.raises(ValueError, match=r"\(models, items, classes\)"):
         gmu(HAND[0], "top2")
 
@@ -179,7 +179,7 @@ def test_cluster_core_min_size_skips_small_pure_clusters():
 
 
 def test_cluster_core_tiny_input_is_skipped():
-    out, info = select_cluster_core([1, 2, 3], np.eye(3), np.eye(3), reducer=lambda x: x)
+    out, info = select_cluster_core(np.array([1, 2, 3]), np.eye(3), np.eye(3), reducer=lambda x: x)
     assert out.empty and list(out.columns) == COLUMNS
     assert "fewer than the 4" in info["skipped"]
 

@@ -3,7 +3,6 @@
 Hand-edited records (`folds: null`, `cv_distance: "abc"`) used to end in a TypeError or
 ValueError wherever the value was used: 02, 04, `--dry-run`, `python -m lib.report`.
 """
-import importlib.util
 import json
 import logging
 import math
@@ -14,7 +13,7 @@ import pytest
 from lib.config import load_config
 from lib.pipeline.records import read_record, result_problem
 
-ROOT = Path(__file__).resolve().parent.parent
+from conftest import load_script  # tests/conftest.py
 
 
 def write_record(folder: Path, result: dict, fingerprint: dict | None = None) -> Path:
@@ -109,25 +108,18 @@ def test_a_training_stage_with_a_bad_fold_count_must_run_again(run, caplog):
     assert "result.folds is null, expected an integer" in caplog.text
 
 
-def load(script: str):
-    spec = importlib.util.spec_from_file_location(script[:-3], ROOT / script)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
-
-
 @pytest.mark.parametrize("script,name", [("02_pseudo_label.py", "02_pseudo"), ("04_infer_submit.py", "04_submit")])
 def test_dry_run_says_the_stage_would_run(run, caplog, script, name):
     overrides, _ = run
     caplog.set_level(logging.INFO)
-    assert load(script).main(["--config", "configs/demo.yaml", *overrides, "--dry-run"]) == 0
+    assert load_script(script).main(["--config", "configs/demo.yaml", *overrides, "--dry-run"]) == 0
     assert any(m.startswith(f"{name}: would run (upstream ") for m in caplog.messages), caplog.text
     assert "result.folds is null, expected an integer" in caplog.text
 
 
 def test_a_stage_refuses_in_one_sentence_naming_what_to_run(run, capsys):
     overrides, _ = run
-    assert load("02_pseudo_label.py").main(["--config", "configs/demo.yaml", *overrides]) == 2
+    assert load_script("02_pseudo_label.py").main(["--config", "configs/demo.yaml", *overrides]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("error: ") and len(err.splitlines()) == 1, err
     assert "01_train is out of date (no record); run 01_train_folds.py first" in err

@@ -2,6 +2,7 @@
 import numpy as np
 import pytest
 import torch
+from torch.utils.data import WeightedRandomSampler
 
 from lib.config import ConfigError, load_config
 from lib.data.samplers import build_sampler
@@ -11,8 +12,15 @@ LABELS = np.repeat(np.arange(3), COUNTS)
 N = 20_000
 
 
+def weighted(name: str, num_samples: int | None, generator: torch.Generator | None) -> WeightedRandomSampler:
+    """build_sampler for a sampler that is not `random` (the one that gives None)."""
+    sampler = build_sampler(name, LABELS, num_samples, generator)
+    assert isinstance(sampler, WeightedRandomSampler)
+    return sampler
+
+
 def class_shares(name: str, seed: int = 0) -> np.ndarray:
-    sampler = build_sampler(name, LABELS, N, torch.Generator().manual_seed(seed))
+    sampler = weighted(name, N, torch.Generator().manual_seed(seed))
     idx = np.fromiter(iter(sampler), dtype=np.int64)
     assert len(idx) == N
     return np.bincount(LABELS[idx], minlength=3) / N
@@ -32,13 +40,13 @@ def test_random_is_left_to_the_loader():
 
 
 def test_default_length_is_the_dataset():
-    assert len(build_sampler("sqrt", LABELS, None, None)) == len(LABELS)
+    assert len(weighted("sqrt", None, None)) == len(LABELS)
 
 
 def test_same_seed_same_indices():
-    a = list(build_sampler("class_balanced", LABELS, 500, torch.Generator().manual_seed(3)))
-    b = list(build_sampler("class_balanced", LABELS, 500, torch.Generator().manual_seed(3)))
-    c = list(build_sampler("class_balanced", LABELS, 500, torch.Generator().manual_seed(4)))
+    a = list(weighted("class_balanced", 500, torch.Generator().manual_seed(3)))
+    b = list(weighted("class_balanced", 500, torch.Generator().manual_seed(3)))
+    c = list(weighted("class_balanced", 500, torch.Generator().manual_seed(4)))
     assert a == b and a != c
 
 

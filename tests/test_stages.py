@@ -19,7 +19,8 @@ def test_new_stage_runs_then_is_up_to_date(tmp_path):
     assert st.reasons() == ["no record"]
     st.finish({"cv_distance": 1.0}, started=0)
     assert make(tmp_path).reasons() == []
-    assert read_record(st.record_path)["result"] == {"cv_distance": 1.0}
+    rec = read_record(st.record_path)
+    assert rec is not None and rec["result"] == {"cv_distance": 1.0}
 
 
 def test_changed_key_is_named_with_old_and_new_value(tmp_path):
@@ -184,7 +185,7 @@ def _holder(folder, mode="exclusive"):
     import sys
 
     p = subprocess.Popen([sys.executable, "-c", HOLD, str(folder), mode], cwd=SCRIPT.parent, stdout=subprocess.PIPE, text=True)
-    assert p.stdout.readline().strip() == "held"
+    assert p.stdout is not None and p.stdout.readline().strip() == "held"
     return p
 
 
@@ -241,7 +242,7 @@ def _run_holder(code, *args):
     import sys
 
     p = subprocess.Popen([sys.executable, "-c", code, *map(str, args)], cwd=SCRIPT.parent, stdout=subprocess.PIPE, text=True)
-    assert p.stdout.readline().strip() == "held"
+    assert p.stdout is not None and p.stdout.readline().strip() == "held"
     return p
 
 

@@ -1,12 +1,13 @@
 """Inference and test-time augmentation: view algebra, combination rules, and the one loop (`predict`) against the model called directly."""
 import re
+from typing import Any
 
 import numpy as np
 import pytest
 import torch
 from torch.utils.data import DataLoader, TensorDataset
 
-from lib.config import Config, ConfigError, HeadCfg, ModelCfg, load_config
+from lib.config import Config, ConfigError, HeadCfg, HeadName, ModelCfg, load_config
 from lib.data.taxonomy import Taxonomy
 from lib.engine.inference import View, combine, parse_views, predict
 from lib.model.net import build_model, build_net
@@ -119,7 +120,7 @@ def test_combine_survives_zeros_and_rejects_unknown_mode():
     out = combine([np.array([[1.0, 0.0]]), np.array([[0.5, 0.5]])], "log")
     assert np.isfinite(out).all() and np.allclose(out, [[1.0, 0.0]], atol=1e-6)
     with pytest.raises(ValueError, match="prob or log"):
-        combine([np.array([[1.0, 0.0]])], "geo")
+        combine([np.array([[1.0, 0.0]])], "geo")  # type: ignore[arg-type]  # an unknown mode on purpose: combine must refuse it
 
 
 # ----------------------------------------------------------------------------- predict
@@ -139,7 +140,7 @@ def toy() -> Taxonomy:
     )
 
 
-def net(head: str = "linear", **kw):
+def net(head: HeadName = "linear", **kw):
     torch.manual_seed(0)
     cfg = Config(model=ModelCfg(backbone="resnet10t", pretrained="none", img_size=SIZE), head=HeadCfg(name=head, **kw))
     return build_net(cfg, toy(), pretrained=False).to(memory_format=torch.channels_last).eval()
@@ -181,7 +182,8 @@ def test_identity_equals_the_model_called_directly(images, linear):
     with torch.no_grad():
         assert np.allclose(model.probs(images).numpy(), probs, atol=1e-6)  # Net.probs: the same thing by another route
     for views in (None, ["identity"]):  # the default is [identity]
-        out = predict(model, loader(images), CPU, keep_views=True, **({"views": views} if views else {}))
+        given: dict[str, Any] = {"views": views} if views else {}  # none: predict's default
+        out = predict(model, loader(images), CPU, keep_views=True, **given)
         assert list(out) == ["probs", "embeddings", "view_probs"]
         assert out["probs"].shape == (6, 5) and out["embeddings"].shape == feats.shape and out["view_probs"].shape == (1, 6, 5)
         assert all(v.dtype == np.float32 for v in out.values())
@@ -298,9 +300,14 @@ def test_fold_models_share_one_decode_of_the_inputs(images, monkeypatch, cap):
     with torch.no_grad():
         for p in models["fold_1"].parameters():
             p.add_(0.05)  # a different model on the same inputs
-    decodes = []
+    decodes: list[int] = []
+
+    def counted_make_loader(*a, **k):
+        decodes.append(1)
+        return loader(images)
+
     monkeypatch.setattr(lib.model.checkpoint, "load_fold_model", lambda d, cfg, tax, device: models[d.name])
-    monkeypatch.setattr(lib.data.dataset, "make_loader", lambda *a, **k: decodes.append(1) or loader(images))
+    monkeypatch.setattr(lib.data.dataset, "make_loader", counted_make_loader)
     if cap is not None:
         monkeypatch.setattr(lib.engine.inference, "DECODED_CAP_BYTES", cap)
     from pathlib import Path

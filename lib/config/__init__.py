@@ -17,8 +17,10 @@ from lib.config.schema import (
     DemoCfg,
     EnsembleCfg,
     HeadCfg,
+    HeadName,
     KnnCfg,
     LossCfg,
+    LossName,
     ModelCfg,
     PrepareCfg,
     PseudoCfg,
@@ -31,6 +33,6 @@ from lib.config.schema import (
 
 __all__ = [
     "NORMALIZABLE_HEADS", "PSEUDO_METHODS", "AugmentCfg", "Config", "ConfigError", "DataCfg", "DemoCfg", "EnsembleCfg", "HeadCfg",
-    "KnnCfg", "LossCfg", "ModelCfg", "PrepareCfg", "PseudoCfg", "RetrainCfg", "SubmitCfg", "TrainCfg", "TtaCfg", "dump_yaml",
-    "flatten", "load_config", "parse_override", "project_path", "to_dict", "validate",
+    "HeadName", "KnnCfg", "LossCfg", "LossName", "ModelCfg", "PrepareCfg", "PseudoCfg", "RetrainCfg", "SubmitCfg", "TrainCfg",
+    "TtaCfg", "dump_yaml", "flatten", "load_config", "parse_override", "project_path", "to_dict", "validate",
 ]

@@ -17,6 +17,12 @@ class ConfigError(UserError, ValueError):
     """A user-facing configuration problem; its message is one sentence naming the fix."""
 
 
+# The choices of head.name and loss.name, named so that code building a HeadCfg or LossCfg from a variable can say so.
+HeadName = Literal["linear", "mlp", "multi", "per_rank", "two_level", "hierarchical_softmax", "conditional", "coherent"]
+LossName = Literal["ce", "weighted_ce", "focal", "class_balanced", "balanced_softmax", "logit_adjusted", "ldam", "seql", "dwce",
+                   "taxonomy_smoothing", "ce_expected_distance"]
+
+
 def project_path(value: str | Path) -> Path:
     """A path from a config: absolute as given, relative against the project root, never the current directory.
 
@@ -127,7 +133,7 @@ class HeadCfg:
     `loss.s`, which the probabilities then use too).
     """
 
-    name: Literal["linear", "mlp", "multi", "per_rank", "two_level", "hierarchical_softmax", "conditional", "coherent"] = "linear"
+    name: HeadName = "linear"
     dropout: float = 0.4  # mlp (and the hidden layer of others that use one)
     hidden: int = 512  # mlp hidden width
     n_heads: int = 8  # multi
@@ -224,8 +230,7 @@ class AugmentCfg:
 class LossCfg:
     """The training loss (lib.model.losses.build_loss); parameters unused by the chosen loss are ignored."""
 
-    name: Literal["ce", "weighted_ce", "focal", "class_balanced", "balanced_softmax", "logit_adjusted", "ldam", "seql", "dwce",
-                  "taxonomy_smoothing", "ce_expected_distance"] = "ce"
+    name: LossName = "ce"
     label_smoothing: float = 0.0  # ce, weighted_ce, ce_expected_distance
     gamma: float = 2.0  # focal; class_balanced with cb_base focal
     beta: float = 0.9999  # effective-number class weights (class_balanced, focal_class_weights, ldam DRW)

@@ -21,6 +21,7 @@ Chordata itself), so an exception is never anyone's ancestor.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Sequence
 
 import faiss
 import numpy as np
@@ -206,7 +207,7 @@ def vote(probs: np.ndarray, taxonomy: Taxonomy, protocol: str) -> np.ndarray:
 # ----------------------------------------------------------------------------- scoring the protocols
 
 
-def score_votes(probs: np.ndarray, labels: np.ndarray, taxonomy: Taxonomy, votes: list[str] | tuple[str, ...]) -> dict[str, dict]:
+def score_votes(probs: np.ndarray, labels: np.ndarray, taxonomy: Taxonomy, votes: Sequence[str]) -> dict[str, dict]:
     """CV distance and top-1 of each protocol on out-of-fold label distributions."""
     dist = taxonomy.distance_matrix()
     out = {}
@@ -241,7 +242,7 @@ class VoteChoice:
         return votes_table(self.scores, self.chosen)
 
 
-def choose_vote(probs: np.ndarray, labels: np.ndarray, taxonomy: Taxonomy, votes: list[str] | tuple[str, ...], vote: str) -> VoteChoice:
+def choose_vote(probs: np.ndarray, labels: np.ndarray, taxonomy: Taxonomy, votes: Sequence[str], vote: str) -> VoteChoice:
     """Score each protocol of `votes` on out-of-fold distributions; submit `vote`, or with `best` the lowest CV distance."""
     scores = score_votes(probs, labels, taxonomy, votes)
     return VoteChoice(scores, best_vote(scores) if vote == "best" else vote)
