@@ -3,7 +3,6 @@
 Training is faked (`fit_fold` writes a fold's files at once), so these run in seconds on 00's
 output of a tiny generated dataset.
 """
-import importlib.util
 import logging
 import shutil
 from pathlib import Path
@@ -16,14 +15,9 @@ from lib.core.errors import StageError
 from lib.demo import dataset as demo_data
 from lib.engine.results import FoldResult
 
+from conftest import load_script as script
+
 ROOT = Path(__file__).resolve().parent.parent
-
-
-def script(name: str):
-    spec = importlib.util.spec_from_file_location(name[:-3], ROOT / name)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
 
 
 def overrides(root: Path, out: Path) -> list[str]:
