@@ -31,9 +31,10 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 def make_frames(out: Path, n_frames: int, width: int, height: int) -> list[FrameJob]:
-    """Demo frames at full size with 3 to 6 boxes each."""
+    """Demo frames at full size with 3 to 6 boxes each (dealt at random: real frames are mostly of one box)."""
     per_class = max(1, round(n_frames * 4.5 / 79))
-    cfg = DemoCfg(per_class=per_class, test_per_class=1, frame_width=width, frame_height=height, min_objects=3, max_objects=6)
+    cfg = DemoCfg(per_class=per_class, test_per_class=1, frame_width=width, frame_height=height,
+                  frames="random", min_objects=3, max_objects=6)
     generate(out, cfg, ROOT / "configs/taxonomy/fathomnet2025.csv", seed=0)
     data = json.loads((out / "dataset_train.json").read_text())
     by_image: dict[int, list] = {}

@@ -1,4 +1,4 @@
-"""The synthetic FathomNet-format demo data: schema, boxes, counts, shift, determinism, CLI, looks."""
+"""The synthetic FathomNet-format demo data: schema, boxes, counts, shift, determinism, real and random frames, CLI, looks."""
 from __future__ import annotations
 
 import csv
@@ -11,9 +11,11 @@ import pytest
 from PIL import Image
 
 from lib.config import DemoCfg
+from lib.data.siblings import label_in_siblings, sibling_counts
 from lib.data.taxonomy import load_taxonomy_csv
-from lib.demo import dataset
+from lib.demo import compositions, dataset
 from lib.demo.__main__ import RECORD, STAMPED, code_stamp, main
+from lib.demo.compositions import composition_matrix, deal_real, frame_capacity, read_compositions
 from lib.demo.looks import Look, look_for, taxa_of
 from lib.demo.sprites import render_sprite
 
@@ -79,7 +81,7 @@ def test_boxes_inside_frames_and_frames_per_image(tiny: tuple[Path, dict]) -> No
             assert x >= 0 and y >= 0 and w >= 4 and h >= 4
             assert x + w <= TINY.frame_width and y + h <= TINY.frame_height
         per_image = np.bincount([a["image_id"] for a in js["annotations"]])[1:]
-        assert per_image.min() >= 1 and per_image.max() <= TINY.max_objects
+        assert per_image.min() >= 1 and per_image.max() <= dataset.real_cap(TINY) == 8
 
 
 def test_train_counts_and_test_balance(tiny: tuple[Path, dict]) -> None:
@@ -131,6 +133,105 @@ def test_class_counts_long_tail() -> None:
     assert dataset.class_counts(1, DemoCfg(per_class=3, long_tail=True)) == [3]
 
 
+def _frames_of(js: dict) -> list[list[int]]:
+    """Each frame's labels (category ids) of a train JSON, or annotation ids of a test JSON, by image."""
+    by: dict[int, list[int]] = {}
+    for a in js["annotations"]:
+        by.setdefault(a["image_id"], []).append(a["category_id"] if a["category_id"] is not None else a["id"])
+    return list(by.values())
+
+
+def test_real_frames_are_drawn_from_real_compositions(tiny: tuple[Path, dict]) -> None:
+    """demo.frames=real (the default): every frame's label multiset lies inside one real train frame's, and train
+    frames carry the real structure (siblings often share a label; dealt at random they almost never do)."""
+    out, _ = tiny
+    names = list(_taxonomy_names().values())
+    real = composition_matrix(read_compositions(), names)
+    truth = {int(r["annotation_id"]): names.index(r["concept_name"]) for r in csv.DictReader(open(out / dataset.SOLUTION_CSV))}
+    for fname in (dataset.TRAIN_JSON, dataset.TEST_JSON):
+        frames = _frames_of(_load(out, fname))
+        if fname == dataset.TEST_JSON:
+            frames = [[truth[i] + 1 for i in f] for f in frames]
+        for f in frames:
+            v = np.bincount(np.asarray(f) - 1, minlength=len(names))
+            assert (real >= v).all(1).any(), f
+    train = _load(out, dataset.TRAIN_JSON)["annotations"]
+    ids, labels = np.array([a["image_id"] for a in train]), np.array([a["category_id"] for a in train])
+    assert label_in_siblings(ids, labels)[sibling_counts(ids) > 0].mean() > 0.4  # about 0.7 here, 0.83 on the real data
+
+
+def test_deal_real_counts_cap_and_seed() -> None:
+    names = list(_taxonomy_names().values())
+    counts = dataset.class_counts(79, DemoCfg(per_class=12, long_tail=True))
+    real = composition_matrix(read_compositions(), names, np.asarray(counts))
+    frames = deal_real(np.random.default_rng(3), counts, real, cap=3)
+    assert np.bincount(np.concatenate(frames), minlength=79).tolist() == counts  # exact counts
+    assert max(map(len, frames)) == 3 and min(map(len, frames)) >= 1
+    assert frames == deal_real(np.random.default_rng(3), counts, real, cap=3)
+    assert frames != deal_real(np.random.default_rng(4), counts, real, cap=3)
+    # One big real frame of two species: capped, it keeps both (in expectation its mix), and every count is met.
+    one = np.zeros((1, 2), dtype=np.int32)
+    one[0] = [10, 10]
+    dealt = deal_real(np.random.default_rng(0), [7, 5], one, cap=4)
+    assert max(map(len, dealt)) <= 4 and np.bincount(np.concatenate(dealt)).tolist() == [7, 5]
+    assert sum(len(set(f)) == 2 for f in dealt) >= 1
+    assert frame_capacity(320, 240) == 8 and frame_capacity(160, 120) == 8 and frame_capacity(1920, 1080) == 10
+    with pytest.raises(ValueError, match="demo.frames=random"):
+        composition_matrix([("Sebastes",)], ["Sebastes", "Nessie"], np.array([1, 1]))
+
+
+def _old_layout_labels(counts: list[int], cfg: DemoCfg, seed: int, split_code: int) -> list[tuple[int, ...]]:
+    """The dealing of the demo before demo.frames existed, verbatim (lib/demo/dataset.py _layout at 6203a7a)."""
+    rng = np.random.default_rng(np.random.SeedSequence([seed % (1 << 63), split_code]))
+    labels = np.repeat(np.arange(len(counts)), counts)
+    labels = labels[rng.permutation(len(labels))]
+    out, pos = [], 0
+    while pos < len(labels):
+        k = int(rng.integers(cfg.min_objects, cfg.random_max_objects() + 1))  # was cfg.max_objects, 4 by default
+        chunk = tuple(int(i) for i in labels[pos:pos + k])
+        pos += len(chunk)
+        out.append(chunk)
+    return out
+
+
+def test_random_frames_deal_as_before(tmp_path: Path) -> None:
+    """demo.frames=random keeps the old dealing draw for draw (the whole old demo, JSONs and PNGs, was checked
+    byte-identical against the old code when the switch came in)."""
+    looks = [look_for(t) for t in taxa_of(load_taxonomy_csv(TAXONOMY))]
+    for cfg in (DemoCfg(frames="random"), DemoCfg(frames="random", per_class=30, long_tail=True, min_objects=2, max_objects=6)):
+        for split, counts in ((0, dataset.class_counts(79, cfg)), (1, [cfg.test_per_class] * 79)):
+            jobs = dataset._layout(tmp_path, split, looks, counts, cfg, SEED, None)
+            assert [j.labels for j in jobs] == _old_layout_labels(counts, cfg, SEED, split)
+            assert [j.image_id for j in jobs] == list(range(1, len(jobs) + 1))
+
+
+def test_cli_real_frames_regenerate(tmp_path: Path, capsys: pytest.CaptureFixture, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The record holds demo.frames and the compositions' digest: changing either regenerates; a missing table or a
+    concept it lacks stops with one sentence before anything is removed."""
+    table = tmp_path / "compositions.csv"
+    table.write_text(compositions.COMPOSITIONS_CSV.read_text())
+    monkeypatch.setattr(compositions, "COMPOSITIONS_CSV", table)
+    root = tmp_path / "data"
+    tax = _tiny_taxonomy(tmp_path)
+    args = [f"data.root={root}", f"data.taxonomy_csv={tax}", "demo.per_class=3", "demo.test_per_class=1",
+            "demo.frame_width=96", "demo.frame_height=72"]
+    assert main(args) == 0 and "train frames" in capsys.readouterr().out
+    record = json.loads((root / RECORD).read_text())
+    assert record["demo"]["frames"] == "real" and len(record["compositions"]) == 64
+    assert main(args) == 0 and "up to date" in capsys.readouterr().out
+    table.write_text(table.read_text() + "8981,Merluccius productus|Merluccius productus\n")
+    assert main(args) == 0 and "up to date" not in capsys.readouterr().out
+    assert main(args + ["demo.frames=random"]) == 0 and "up to date" not in capsys.readouterr().out
+    assert json.loads((root / RECORD).read_text())["compositions"] is None
+    table.unlink()
+    assert main(args + ["demo.frames=random"]) == 0 and "up to date" in capsys.readouterr().out  # random needs no table
+    assert main(args) == 2
+    assert "cannot be read" in capsys.readouterr().err and (root / dataset.TRAIN_JSON).exists()
+    table.write_text(compositions.compositions_csv_text([("Sebastes",), ("Merluccius productus",)]))
+    assert main(args + ["--force"]) == 2
+    assert "never appear" in capsys.readouterr().err and (root / dataset.TRAIN_JSON).exists()
+
+
 def _tiny_taxonomy(tmp_path: Path) -> Path:
     """Five categories from three phyla so the CLI tests run in well under a second."""
     lines = TAXONOMY.read_text().splitlines()
@@ -143,7 +244,7 @@ def _tiny_taxonomy(tmp_path: Path) -> Path:
 def test_cli_up_to_date_and_regenerates(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     root = tmp_path / "data"
     args = [f"data.root={root}", f"data.taxonomy_csv={_tiny_taxonomy(tmp_path)}", "demo.per_class=2",
-            "demo.test_per_class=1", "demo.frame_width=96", "demo.frame_height=72"]
+            "demo.test_per_class=1", "demo.frame_width=96", "demo.frame_height=72", "demo.frames=random"]
     assert main(args) == 0
     first = capsys.readouterr().out
     assert "train frames" in first and "up to date" not in first
@@ -177,6 +278,10 @@ def test_cli_errors(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     tax = _tiny_taxonomy(tmp_path)
     assert main([f"data.root={tmp_path / 'small'}", f"data.taxonomy_csv={tax}", "demo.frame_height=8"]) == 2
     assert "frame_height" in capsys.readouterr().err
+    assert main([f"data.root={tmp_path / 'small'}", f"data.taxonomy_csv={tax}", "demo.frames=dealt"]) == 2
+    assert "demo.frames" in capsys.readouterr().err
+    assert main([f"data.root={tmp_path / 'small'}", f"data.taxonomy_csv={tax}", "demo.min_objects=5"]) == 2
+    assert "at most demo.max_objects (4)" in capsys.readouterr().err
     bad = tmp_path / "bad_tax.csv"
     bad.write_text("category_id,concept_name,phylum\n1,Asteroidea,Echinodermata\n")  # no kingdom..species columns
     assert main([f"data.root={tmp_path / 'small'}", f"data.taxonomy_csv={bad}"]) == 2

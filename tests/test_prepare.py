@@ -419,7 +419,7 @@ def test_decompression_bomb_frame_is_rejected_undecoded(clean_data, tmp_path):
     d = tmp_path / "out" / "t" / "00_prepare"
     rejects = pd.read_csv(d / "rejects.csv")
     rois = pd.read_csv(d / "rois.csv", keep_default_na=False)
-    why = rejects[rejects["image_id"] == big_train]["reason"].tolist()
+    why = rejects[(rejects["split"] == "train") & (rejects["image_id"] == big_train)]["reason"].tolist()
     assert len(why) == 1 and "30000 x 30000 pixels" in why[0] and "prepare.max_frame_pixels=100000000" in why[0]
     assert big_train not in set(rois[rois["split"] == "train"]["image_id"])
     t = rois[(rois["split"] == "test") & (rois["image_id"] == big_test)]

@@ -126,7 +126,9 @@ def _demo_checks(cfg: Config) -> list[tuple[bool, str]]:
     """The synthetic dataset."""
     return [
         (cfg.demo.per_class >= 1 and cfg.demo.test_per_class >= 1, "demo.per_class and demo.test_per_class must be at least 1"),
-        (1 <= cfg.demo.min_objects <= cfg.demo.max_objects, "demo.min_objects must be at least 1 and at most demo.max_objects"),
+        (1 <= cfg.demo.min_objects <= cfg.demo.random_max_objects(),
+         f"demo.min_objects must be at least 1 and at most demo.max_objects ({cfg.demo.random_max_objects()})"),
+        (cfg.demo.max_objects is None or cfg.demo.max_objects >= 1, "demo.max_objects must be at least 1 (or null)"),
         (cfg.demo.imbalance_factor >= 1, "demo.imbalance_factor must be at least 1"),
     ]
 

@@ -63,9 +63,19 @@ class DataCfg:
         }
 
 
+RANDOM_MAX_OBJECTS = 4  # demo.frames=random with demo.max_objects unset: 1..4 boxes a frame, as ever
+
+
 @dataclass
 class DemoCfg:
-    """The synthetic FathomNet-format dataset written by `lib.demo`."""
+    """The synthetic FathomNet-format dataset written by `lib.demo`.
+
+    `frames`: what shares a frame. `real` draws each frame's labels from the real FathomNet 2025 train frames
+    (configs/taxonomy/fathomnet2025_train_frame_compositions.csv) until every class has its count; `random` deals the
+    boxes at random into frames of `min_objects`..`max_objects` (the demo of earlier versions, byte for byte).
+    `max_objects` caps a frame in both; unset, 4 when dealing at random and, for real frames, what a frame holds
+    (lib/demo/compositions.py frame_capacity: 8 at 4:3), a bigger real frame subsampled at random.
+    """
 
     per_class: int = 12
     test_per_class: int = 3
@@ -73,8 +83,13 @@ class DemoCfg:
     imbalance_factor: float = 100.0
     frame_width: int = 320
     frame_height: int = 240
-    min_objects: int = 1
-    max_objects: int = 4
+    frames: Literal["real", "random"] = "real"  # real: real frames' label mixes (siblings often share a label); random: dealt
+    min_objects: int = 1  # frames=random: fewest boxes a frame
+    max_objects: int | None = None  # most boxes a frame; null: 4 dealt at random, what a frame holds for real frames
+
+    def random_max_objects(self) -> int:
+        """The most boxes of a frame dealt at random (frames=random)."""
+        return RANDOM_MAX_OBJECTS if self.max_objects is None else self.max_objects
 
 
 @dataclass

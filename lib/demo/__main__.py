@@ -1,8 +1,9 @@
 """Write the synthetic FathomNet-format demo dataset unless the record says it is up to date.
 
 `python -m lib.demo --config configs/demo.yaml [--force] [key=value ...]`. The record
-(`demo_record.json`, written last) holds the demo settings, seed, taxonomy digest and a stamp of
-the generator's code; any change to one of them regenerates.
+(`demo_record.json`, written last) holds the demo settings (demo.frames among them), seed, taxonomy digest,
+the digest of the real frame compositions (with demo.frames=real) and a stamp of the generator's code; any change to
+one of them regenerates.
 """
 from __future__ import annotations
 
@@ -19,11 +20,11 @@ from lib.core.errors import StageError
 from lib.core.fingerprint import meaning_digest
 from lib.core.io import atomic_write_json, sha256_bytes
 from lib.data.taxonomy import load_taxonomy_csv
-from lib.demo import dataset, frames, looks, plans, sprites
+from lib.demo import compositions, dataset, frames, looks, plans, sprites
 from lib.demo.dataset import MARKER, SOLUTION_CSV, TEST_IMAGES, TEST_JSON, TRAIN_IMAGES, TRAIN_JSON, check_settings, generate
 
 RECORD = "demo_record.json"
-STAMPED = (looks, plans, sprites, frames, dataset)  # the modules whose code decides the data's bytes
+STAMPED = (looks, plans, sprites, frames, compositions, dataset)  # the modules whose code decides the data's bytes
 
 
 def code_stamp(paths: Iterable[Path]) -> str:
@@ -36,6 +37,15 @@ def code_stamp(paths: Iterable[Path]) -> str:
 
 def _code_hash() -> str:
     return code_stamp(Path(str(m.__file__)) for m in STAMPED)
+
+
+def _compositions_hash(frames_mode: str) -> str | None:
+    """The digest of the real frame compositions when the demo draws from them (demo.frames=real), else None; a
+    missing file is None too, and the generator then stops with the sentence that says so."""
+    path = compositions.COMPOSITIONS_CSV
+    if frames_mode != "real" or not path.is_file():
+        return None
+    return sha256_bytes(path.read_bytes())
 
 
 def _is_ours(root: Path) -> bool:
@@ -91,7 +101,8 @@ def main(argv: list[str] | None = None) -> int:
     root = cfg.data.root_dir()
     tax_csv = cfg.data.paths()["taxonomy_csv"]
     tax_hash = sha256_bytes(tax_csv.read_bytes()) if tax_csv.is_file() else None
-    want = {"demo": dataclasses.asdict(cfg.demo), "seed": cfg.seed, "code": _code_hash(), "taxonomy": tax_hash}
+    want = {"demo": dataclasses.asdict(cfg.demo), "seed": cfg.seed, "code": _code_hash(), "taxonomy": tax_hash,
+            "compositions": _compositions_hash(cfg.demo.frames)}
     if not args.force and _up_to_date(root, want):
         print(f"demo data: up to date ({root})")
         return 0
@@ -103,8 +114,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"Taxonomy file '{tax_csv}' does not exist; set data.taxonomy_csv.", file=sys.stderr)
         return 2
     try:
-        check_settings(cfg.demo)
         taxonomy = load_taxonomy_csv(tax_csv)  # a malformed table stops here, before anything is removed
+        check_settings(cfg.demo, taxonomy)  # so does a demo.frames=real that lacks its compositions
     except ValueError as e:  # TaxonomyError is a ValueError
         print(str(e), file=sys.stderr)
         return 2

@@ -1,5 +1,5 @@
-"""The dataset on disk: boxes dealt into frames, frames rendered (on several processes) and saved,
-the COCO JSONs and solution.csv.
+"""The dataset on disk: each frame's labels (real compositions, or boxes dealt at random), frames rendered (on
+several processes) and saved, the COCO JSONs and solution.csv.
 
 Output (under `out_dir`): `dataset_train.json`, `dataset_test.json` (COCO, test labels null),
 `train/images/<image_id>.png`, `test/images/<image_id>.png`, `solution.csv`.
@@ -21,6 +21,8 @@ from PIL import Image
 
 from lib.core.io import atomic_write_text
 from lib.data.taxonomy import Taxonomy, load_taxonomy_csv
+from lib.demo import compositions
+from lib.demo.compositions import composition_matrix, deal_real, frame_capacity, read_compositions
 from lib.demo.frames import render_frame
 from lib.demo.looks import Look, Taxon, look_for, taxa_of
 
@@ -93,23 +95,38 @@ def _render_job(job: _Job) -> tuple[str, list[tuple[int, int, int, int]]]:
     return file_name, boxes
 
 
-def _layout(out_dir: Path, split_code: int, taxa: list[Taxon], looks: list[Look], counts: list[int],
-            cfg: DemoCfg, seed: int) -> list[_Job]:
-    """Shuffle the split's boxes (each class exactly its count) and deal them into frames."""
-    rng = np.random.default_rng(_seed_seq(seed, split_code))
-    labels = np.repeat(np.arange(len(taxa)), counts)
+def _deal_random(rng: np.random.Generator, counts: list[int], cfg: DemoCfg) -> list[tuple[int, ...]]:
+    """Shuffle the split's boxes (each class exactly its count) and deal them into frames of
+    min_objects..max_objects boxes (demo.frames=random, the dealing of earlier versions, draw for draw)."""
+    labels = np.repeat(np.arange(len(counts)), counts)
     labels = labels[rng.permutation(len(labels))]
-    img_dir = out_dir / (TEST_IMAGES if split_code else TRAIN_IMAGES)
-    jobs: list[_Job] = []
+    frames: list[tuple[int, ...]] = []
     pos = 0
     while pos < len(labels):
-        k = int(rng.integers(cfg.min_objects, cfg.max_objects + 1))
+        k = int(rng.integers(cfg.min_objects, cfg.random_max_objects() + 1))
         chunk = tuple(int(i) for i in labels[pos:pos + k])
         pos += len(chunk)
-        image_id = len(jobs) + 1
-        jobs.append(_Job(seed, split_code, image_id, chunk, tuple(looks[i] for i in chunk),
-                         cfg.frame_width, cfg.frame_height, str(img_dir / f"{image_id}.png")))
-    return jobs
+        frames.append(chunk)
+    return frames
+
+
+def real_cap(cfg: DemoCfg) -> int:
+    """The most boxes of a real frame: demo.max_objects, or unset, what a frame holds (frame_capacity)."""
+    return frame_capacity(cfg.frame_width, cfg.frame_height) if cfg.max_objects is None else cfg.max_objects
+
+
+def _layout(out_dir: Path, split_code: int, looks: list[Look], counts: list[int], cfg: DemoCfg, seed: int,
+            matrix: np.ndarray | None) -> list[_Job]:
+    """The split's frames, each class exactly its count: real compositions drawn from `matrix` (frames x classes,
+    demo.frames=real) or boxes dealt at random (matrix None)."""
+    rng = np.random.default_rng(_seed_seq(seed, split_code))
+    if matrix is None:
+        frames = _deal_random(rng, counts, cfg)
+    else:
+        frames = deal_real(rng, counts, matrix, real_cap(cfg))
+    img_dir = out_dir / (TEST_IMAGES if split_code else TRAIN_IMAGES)
+    return [_Job(seed, split_code, i, chunk, tuple(looks[c] for c in chunk), cfg.frame_width, cfg.frame_height,
+                 str(img_dir / f"{i}.png")) for i, chunk in enumerate(frames, 1)]
 
 
 def _workers(n_jobs: int) -> int:
@@ -171,10 +188,21 @@ def _coco(split_code: int, taxa: list[Taxon], jobs: list[_Job],
     return coco, truth
 
 
-def check_settings(cfg: DemoCfg) -> None:
-    """Settings the config's own validation does not cover but drawing needs."""
+def _real_matrix(cfg: DemoCfg, names: list[str]) -> np.ndarray | None:
+    """With demo.frames=real, the real compositions as (frames x classes) counts in label order; None with random.
+    Raises ValueError (one sentence) when the table is missing or lacks a class the demo needs."""
+    if cfg.frames != "real":
+        return None
+    return composition_matrix(read_compositions(compositions.COMPOSITIONS_CSV), names, np.ones(len(names), dtype=np.int64))
+
+
+def check_settings(cfg: DemoCfg, taxonomy: Taxonomy | None = None) -> None:
+    """Settings the config's own validation does not cover but drawing needs; with a taxonomy, also that
+    demo.frames=real finds every class in the real compositions (a ValueError of one sentence otherwise)."""
     if min(cfg.frame_width, cfg.frame_height) < 32:
         raise ValueError("demo.frame_width and demo.frame_height must be at least 32 pixels; raise them in the config.")
+    if taxonomy is not None:
+        _real_matrix(cfg, list(taxonomy.names))
 
 
 def _solution_csv(truth: list[tuple[int, str]]) -> str:
@@ -194,8 +222,9 @@ def generate(out_dir: str | Path, cfg: DemoCfg, taxonomy: str | Path | Taxonomy,
     out_dir = Path(out_dir)
     taxa = taxa_of(taxonomy if isinstance(taxonomy, Taxonomy) else load_taxonomy_csv(taxonomy))
     looks = [look_for(t) for t in taxa]
-    train_jobs = _layout(out_dir, 0, taxa, looks, class_counts(len(taxa), cfg), cfg, seed)
-    test_jobs = _layout(out_dir, 1, taxa, looks, [cfg.test_per_class] * len(taxa), cfg, seed)
+    matrix = _real_matrix(cfg, [t.name for t in taxa])
+    train_jobs = _layout(out_dir, 0, looks, class_counts(len(taxa), cfg), cfg, seed, matrix)
+    test_jobs = _layout(out_dir, 1, looks, [cfg.test_per_class] * len(taxa), cfg, seed, matrix)
     for sub in (TRAIN_IMAGES, TEST_IMAGES):
         (out_dir / sub).mkdir(parents=True, exist_ok=True)
     results = _run_jobs(train_jobs + test_jobs)
