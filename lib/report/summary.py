@@ -226,15 +226,15 @@ def summary(cfg: Config) -> list[str]:
 
         facts = frame_facts(pd.read_csv(rois, keep_default_na=False), load_taxonomy_json(tax_json).distance_matrix())
         lines.append(f"frames              : {facts.train_share:.1%} of train ROIs and {facts.test_share:.1%} of test ROIs have siblings"
-                     + (f"; label-only sibling oracle {facts.oracle_distance:.4f} ({facts.oracle_top1:.1%} right) on {facts.oracle_rows}"
-                        if facts.oracle_rows else ""))
+                     + (f"; the label-only sibling oracle scores {facts.oracle_distance:.4f} ({facts.oracle_top1:.1%} right) on the "
+                        f"{facts.oracle_rows} train ROIs with siblings" if facts.oracle_rows else ""))
     options = out / "04_submit" / "options.csv"
     if options.is_file():
         opts = pd.read_csv(options)
         if "test_min_risk" in opts:
             for _, r in opts.iterrows():
                 name = r["model"] + (" +T" if r.get("calibration", "none") != "none" else "")  # +T: temperature-calibrated
-                name += " +F" if r.get("frame_context", "none") != "none" else ""  # +F: frame context
+                name += " +F" if r.get("frame_context", "none") != "none" else ""  # +F: frame context (stack)
                 lines.append(f"demo test, {name:<16}: {r['test_min_risk']:.4f} min-risk, {r['test_argmax']:.4f} argmax")
     sub, knn_sub = out / "04_submit" / "submission.csv", out / "knn" / "submission.csv"
     for label, path in (("demo test distance  ", sub), ("kNN test distance   ", knn_sub)):
