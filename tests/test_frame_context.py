@@ -345,12 +345,13 @@ def test_report_gives_sibling_shares_and_the_label_only_oracle():
 
     # Frames: A = (0, 0, 1), B = (2, 2), C = (3). Oracle: A's ROIs answer 0, 0 (the 1's siblings), and 0 for the 1;
     # B's answer 2, 2; C has no siblings.
-    rois = pd.DataFrame({"split": ["train"] * 6 + ["test"] * 2, "image_id": [1, 1, 1, 2, 2, 3, 1, 9],
-                         "label": [0, 0, 1, 2, 2, 3, -1, -1], "ok": 1})
+    rois = pd.DataFrame({"split": ["train"] * 6 + ["test"] * 3, "image_id": [1, 1, 1, 2, 2, 3, 1, 9, 1],
+                         "label": [0, 0, 1, 2, 2, 3, -1, -1, -1], "ok": [1] * 8 + [0]})  # the last: a placeholder beside test ROI 1
     rows, guess = majority_oracle(rois["image_id"][:6].to_numpy(), rois["label"][:6].to_numpy(), D)
     assert rows.tolist() == [0, 1, 2, 3, 4] and guess.tolist() == [0, 0, 0, 2, 2]
     facts = frame_facts(rois, D)
-    assert facts.train_share == pytest.approx(5 / 6) and facts.test_share == 0.0
+    assert facts.train_share == pytest.approx(5 / 6) and facts.test_share == pytest.approx(2 / 3) and facts.placeholder_siblings == 1
     assert facts.oracle_rows == 5 and facts.oracle_top1 == pytest.approx(4 / 5) and facts.oracle_distance == pytest.approx(D[1, 0] / 5)
     assert facts.label_among_siblings == pytest.approx(4 / 5)
-    assert "83.3% of train, 0.0% of test" in facts.lines()[0] and "top-1 80.0%" in facts.lines()[1]
+    assert "83.3% of train, 66.7% of test" in facts.lines()[0] and "top-1 80.0%" in facts.lines()[1]
+    assert facts.lines()[2].startswith("1 test ROI(s) without a crop")

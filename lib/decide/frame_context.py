@@ -170,9 +170,8 @@ class FrameIndex:
         if oof_fold is not None:
             check_grouped(frame, oof_fold)
         test = self.test_frames(test_ids)
-        return FrameRows(siblings(frame), siblings(test, self.placeholders), self.prior,
-                         _content_key([frame, np.asarray(oof_fold if oof_fold is not None else fold), test, self.placeholders,
-                                       self.prior]))
+        key = _content_key([frame, np.asarray(oof_fold if oof_fold is not None else fold)])  # what a fit reads: never the test rows
+        return FrameRows(siblings(frame), siblings(test, self.placeholders), self.prior, key)
 
 
 def frame_rows(index: FrameIndex, oof_ids: np.ndarray, oof_fold: np.ndarray | None, test_ids: np.ndarray, required: bool
@@ -202,7 +201,7 @@ def _content_key(arrays: Sequence[np.ndarray]) -> str:
 @dataclass(frozen=True, eq=False)
 class FrameRows:
     """The siblings of a model set's out-of-fold rows (train frames) and of its test rows (test frames, placeholders
-    with `prior`), and a content key of all of it (what a cached fit depends on)."""
+    with `prior`), and a content key of the out-of-fold rows' frames and folds (what a cached fit depends on)."""
 
     oof: Siblings
     test: Siblings

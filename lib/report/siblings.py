@@ -22,6 +22,7 @@ class FrameFacts:
     oracle_top1: float  # its accuracy there
     oracle_distance: float  # its mean competition distance there
     label_among_siblings: float  # share of those whose label is among their siblings' labels
+    placeholder_siblings: int = 0  # test ROIs without a crop that share a frame with a usable one (siblings with the prior)
 
     def lines(self) -> list[str]:
         """Report lines in words."""
@@ -30,6 +31,9 @@ class FrameFacts:
             out.append(f"Label-only oracle (the siblings' most common true label, no pixels) on the {self.oracle_rows} train ROIs with "
                        f"siblings: top-1 {self.oracle_top1:.1%}, distance {self.oracle_distance:.3f}; the label is among the "
                        f"siblings' labels for {self.label_among_siblings:.1%}.")
+        if self.placeholder_siblings:
+            out.append(f"{self.placeholder_siblings} test ROI(s) without a crop share a frame with usable ones: frame context counts "
+                       "each as a sibling carrying the train prior's distribution (the prior also answers it).")
         return out
 
 
@@ -63,9 +67,11 @@ def frame_facts(rois: pd.DataFrame, dist: np.ndarray) -> FrameFacts:
     y = train["label"].to_numpy(dtype=np.int64)
     rows, guess = majority_oracle(train["image_id"].to_numpy(), y, dist)
     among = _label_among_siblings(train["image_id"].to_numpy(), y)
+    usable_frames = set(test.loc[test["ok"] == 1, "image_id"])
+    placeholders = int(test.loc[test["ok"] != 1, "image_id"].isin(usable_frames).sum())
     return FrameFacts(share_with_siblings(train["image_id"].to_numpy()), share_with_siblings(test["image_id"].to_numpy()),
                       len(rows), float((guess == y[rows]).mean()) if len(rows) else float("nan"),
-                      float(dist[y[rows], guess].mean()) if len(rows) else float("nan"), among)
+                      float(dist[y[rows], guess].mean()) if len(rows) else float("nan"), among, placeholders)
 
 
 def _label_among_siblings(frame: np.ndarray, labels: np.ndarray) -> float:
