@@ -26,6 +26,7 @@ from lib.data.folds import assign_folds
 from lib.data.taxonomy import Taxonomy, load_taxonomy_csv
 from lib.decide import frame_context as fc
 from lib.decide.decode import decode
+from lib.report.siblings import share_with_siblings
 
 VARIANTS = (("none", None, 1), ("stack", fc.EDGES, 1), ("stack, b per count 1 / 2-3 / 4+", (1, 2, 4), 1),
             ("stack, second pass", fc.EDGES, 2))
@@ -105,7 +106,7 @@ def run_synthetic(args: argparse.Namespace) -> None:
         t = score_variants(probs, labels, frame, fold, dist)
         t.insert(0, "seed", seed)
         tables.append(t)
-        print(f"seed {seed}: {len(labels)} ROIs in {len(np.unique(frame))} frames, {fc.sibling_share(frame):.1%} with siblings")
+        print(f"seed {seed}: {len(labels)} ROIs in {len(np.unique(frame))} frames, {share_with_siblings(frame):.1%} with siblings")
     table = pd.concat(tables)
     print(table.to_string(index=False))
     print("\nmean over seeds:")
@@ -131,7 +132,7 @@ def run_experiment(args: argparse.Namespace) -> None:
             continue
         oof = load_oof(folds)
         frame, _ = index.train_frames(oof.ids)
-        print(f"{name}: {len(oof.ids)} out-of-fold rows, {fc.sibling_share(frame):.1%} with siblings")
+        print(f"{name}: {len(oof.ids)} out-of-fold rows, {share_with_siblings(frame):.1%} with siblings")
         print(score_variants(oof.probs, oof.labels, frame, oof.folds, dist).to_string(index=False))
 
 

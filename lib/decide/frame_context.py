@@ -314,9 +314,10 @@ def fit(probs: np.ndarray, labels: np.ndarray, sib: Siblings, prior: np.ndarray 
     # a threaded OpenBLAS, six times the whole fit on the demo's rows.
     res = minimize(_loss_and_grad, x0, args=args, jac=True, method="SLSQP", bounds=[(0.0, B_MAX)] * n_b + [LOG_EPS_BOUNDS],
                    options={"maxiter": 200})
-    if not res.fun < base - 1e-9:
+    x, f = min(((res.x, float(res.fun)), (x0, _loss_and_grad(x0, *args)[0])), key=lambda xf: xf[1])
+    if not f < base - 1e-9:
         return none
-    return FrameParams(tuple(float(v) for v in res.x[:n_b]), float(np.exp(res.x[n_b])), edges)
+    return FrameParams(tuple(float(v) for v in x[:n_b]), float(np.exp(x[n_b])), edges)
 
 
 def nested(probs: np.ndarray, labels: np.ndarray, sib: Siblings, fold: np.ndarray, edges: Sequence[int] = EDGES,
@@ -337,8 +338,3 @@ def nested(probs: np.ndarray, labels: np.ndarray, sib: Siblings, fold: np.ndarra
         out[te] = src_te
     return out
 
-
-def sibling_share(frame: np.ndarray) -> float:
-    """The share of ROIs that share their frame with at least one other (placeholders count as ROIs)."""
-    sib = siblings(np.asarray(frame))
-    return float((sib.count > 0).mean()) if sib.n_rows else 0.0
