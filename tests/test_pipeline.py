@@ -140,7 +140,8 @@ def test_rounds_reuse_earlier_rounds(tiny, tmp_path, caplog):
     args = ["--config", "configs/demo.yaml", *overrides, "pseudo.rounds=2", "submit.models=[phase1, round1, round2]", "submit.blend=cv"]
     assert load("04_infer_submit.py").main(args) == 0
     options = pd.read_csv(out / "04_submit" / "options.csv")
-    assert options["model"].tolist()[:3] == ["phase1", "round1", "round2"] and "blend cv" in options["model"].tolist()
+    alone = options[options["frame_context"] == "none"]  # each option without frame context, then with it
+    assert alone["model"].tolist()[:3] == ["phase1", "round1", "round2"] and "blend cv" in options["model"].tolist()
     assert json.loads((out / "04_submit" / "record.json").read_text())["result"]["blend"] == "cv"
 
 
