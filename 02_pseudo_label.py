@@ -3,7 +3,8 @@
 Reads:  output/<exp>/00_prepare/ (rois.csv, crops, taxonomy.json), 01_train/fold_<k>/ (best.pt; oof.npz under pseudo.calibrate),
         and for a member <exp2>/<model> of pseudo.members output/<exp2>/00_prepare/ and its training stage's folds
 Writes: output/<exp>/02_pseudo/ test_probs.npz, pseudo_labels.csv, umap.png, summary.md, record.json
-Selection: pseudo.methods (confidence, vote with GMU, cluster_core); see lib/decide/pseudo.py.
+Selection: pseudo.methods (confidence, vote with GMU, cluster_core); see lib/decide/pseudo.py. pseudo.frame_context: stack
+adjusts the test probabilities by the other ROIs of each frame first (lib/decide/frame_context.py).
 """
 from __future__ import annotations
 
@@ -28,13 +29,15 @@ def run(args: argparse.Namespace, cfg: Config) -> int:
         return 0
     started = time.time()
     from lib.data.artifacts import load_prepared
+    from lib.decide.frame_context import FrameIndex
     from lib.engine.members import load_members
     from lib.engine.rounds import run_round
     from lib.model.device import pick_device
 
     prep = load_prepared(cfg)
     members = load_members(cfg, cfg.pseudo.members, prep)
-    result = run_round(cfg, members, prep.test, prep.taxonomy, stage.dir, pick_device(cfg.train.device), f"{NAME} (round 1)")
+    result = run_round(cfg, members, prep.test, prep.taxonomy, stage.dir, pick_device(cfg.train.device), f"{NAME} (round 1)",
+                       FrameIndex.from_rois(prep.rois, prep.taxonomy.n_classes))
     stage.finish(result, started)
     return 0
 

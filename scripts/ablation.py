@@ -193,7 +193,7 @@ def collect(s: Setting, v: Variant, out_root: str, seconds: float) -> list[dict[
         o = pd.read_csv(opts)
         model = "phase2" if v.group == "pseudo" else "phase1"
         for _, x in o.iterrows():
-            if x["model"] == model:
+            if x["model"] == model and x.get("frame_context", "none") == "none":  # each ROI alone (options.csv has both)
                 row.update(oof_argmax=x["oof_argmax"], oof_min_risk=x["oof_min_risk"], test_argmax=x.get("test_argmax"),
                            test_min_risk=x.get("test_min_risk"))
         if v.group == "pseudo":

@@ -1,4 +1,4 @@
-"""Label-only frame yardsticks (lib/data/siblings, lib/report/frame_yardsticks) and the shipped real frame compositions:
+"""Label-only frame yardsticks (lib/data/siblings, lib/report/siblings) and the shipped real frame compositions:
 brute force agrees, a hand case, the real FathomNet numbers from the shipped table, the table rebuilt from its source."""
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ import pytest
 from lib.data.siblings import label_in_siblings, sibling_counts, sibling_majority, sibling_share
 from lib.data.taxonomy import load_taxonomy_csv
 from lib.demo.compositions import COMPOSITIONS_CSV, compositions_csv_text, compositions_from_labels, read_compositions
-from lib.report.frame_yardsticks import frame_yardsticks
+from lib.report.siblings import frame_yardsticks
 
 ROOT = Path(__file__).resolve().parents[1]
 TAXONOMY = load_taxonomy_csv(ROOT / "configs" / "taxonomy" / "fathomnet2025.csv")

@@ -134,7 +134,8 @@ def test_rounds_reuse_earlier_rounds(tiny, tmp_path, caplog):
     args = ["--config", "configs/demo.yaml", *overrides, "pseudo.rounds=2", "submit.models=[phase1, round1, round2]", "submit.blend=cv"]
     assert load_script("04_infer_submit.py").main(args) == 0
     options = pd.read_csv(out / "04_submit" / "options.csv")
-    assert options["model"].tolist()[:3] == ["phase1", "round1", "round2"] and "blend cv" in options["model"].tolist()
+    alone = options[options["frame_context"] == "none"]  # each option without frame context, then with it
+    assert alone["model"].tolist()[:3] == ["phase1", "round1", "round2"] and "blend cv" in options["model"].tolist()
     assert json.loads((out / "04_submit" / "record.json").read_text())["result"]["blend"] == "cv"
 
 
@@ -219,6 +220,38 @@ def test_blend_only_change_reuses_cached_probs(tiny, caplog):
     assert load_script("04_infer_submit.py").main(["--config", "configs/demo.yaml", *overrides, "submit.decode=argmax"]) == 0
     assert "phase1 test probabilities from cache" in caplog.text
     assert "phase2 test probabilities from cache" in caplog.text
+
+
+def test_frame_context_in_04_and_02(tiny, tmp_path, monkeypatch):
+    """submit.frame_context=stack: options.csv holds every option without and with it (test columns too), report.md its
+    section, the record its parameters; a rerun changing only submit.decode refits only the greedy blend's (its weights
+    read the decoding); pseudo.frame_context=stack: 02 records each member's parameters."""
+    import json
+
+    import lib.decide.frame_context as fc
+
+    overrides, out = _copy_run(tiny, tmp_path)
+    args = ["--config", "configs/demo.yaml", *overrides, "submit.frame_context=stack"]
+    assert load_script("04_infer_submit.py").main(args) == 0
+    options = pd.read_csv(out / "04_submit" / "options.csv")
+    assert set(options["frame_context"]) == {"none", "stack"} and options["test_min_risk"].notna().all()
+    report = (out / "04_submit" / "report.md").read_text()
+    assert "## Frame context" in report and "Label-only oracle" in report and "| stack (b " in report
+    result = json.loads((out / "04_submit" / "record.json").read_text())["result"]
+    assert result["frame_context"] == "stack" and set(result["frame_params"]) == {"b", "eps", "buckets"}
+    calls = []
+    real = fc.fit
+
+    def counted_fit(*a, **k):
+        calls.append(1)
+        return real(*a, **k)
+
+    monkeypatch.setattr(fc, "fit", counted_fit)
+    assert load_script("04_infer_submit.py").main([*args, "submit.decode=min_risk"]) == 0
+    assert len(calls) <= 2 * (1 + 2)  # the greedy blend under each calibration, whole and per nested fold
+    assert load_script("02_pseudo_label.py").main(["--config", "configs/demo.yaml", *overrides, "pseudo.frame_context=stack"]) == 0
+    pseudo = json.loads((out / "02_pseudo" / "record.json").read_text())["result"]
+    assert len(pseudo["frame_params"]) == 1 and len(pseudo["frame_params"][0]) == 2
 
 
 def _fold_setup(tiny, tmp_path, *extra):

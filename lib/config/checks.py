@@ -109,6 +109,9 @@ def _knn_submit_checks(cfg: Config) -> list[tuple[bool, str]]:
         (len(cfg.submit.models) >= 1, "submit.models must name at least one model (phase1, phase2, round<r>, <exp>/<model>)"),
         (cfg.submit.greedy_rounds >= 0 and cfg.submit.greedy_bags >= 0, "submit.greedy_rounds and submit.greedy_bags must be 0 or more"),
         (0.0 < cfg.submit.greedy_bag_fraction <= 1.0, "submit.greedy_bag_fraction must lie in (0, 1]"),
+        (len(cfg.submit.frame_context_buckets) >= 1 and cfg.submit.frame_context_buckets[0] == 1
+         and all(a < b for a, b in zip(cfg.submit.frame_context_buckets, cfg.submit.frame_context_buckets[1:])),
+         "submit.frame_context_buckets must be rising sibling counts starting at 1, e.g. [1] or [1, 2, 4]"),
         (all(0 <= f < cfg.prepare.n_folds for f in cfg.train.folds), "train.folds must list fold numbers below prepare.n_folds"),
         (all(_model_ok(m, cfg.pseudo.rounds) for m in cfg.submit.models),
          "submit.models may only name phase1, phase2, round<r> with r from 1 to pseudo.rounds, and <exp>/<one of those> "

@@ -295,6 +295,10 @@ class PseudoCfg:
     rounds: int = 1
     members: list[str] = field(default_factory=lambda: ["phase1"])  # the fold ensembles that label: phase1, <exp>/<model>
     calibrate: Literal["none", "temperature"] = "none"  # a log-loss temperature per member, fitted on its out-of-fold rows
+    # stack: each member's test probabilities (after pseudo.calibrate) adjusted by what the other ROIs of their frame say
+    # (lib.decide.frame_context: log q = log p + b log(eps + siblings' mean), b and eps fitted on its out-of-fold rows)
+    # before the selection; none: each ROI alone
+    frame_context: Literal["none", "stack"] = "none"
 
 
 @dataclass
@@ -318,7 +322,8 @@ class SubmitCfg:
     additions, `greedy_bags` bagged repetitions over `greedy_bag_fraction` of the models, 0 = no
     bagging). `logit_tau` > 0 divides out the train prior (post-hoc logit adjustment).
     `backoff_rank` (empty = off): rows whose top probability is below `backoff_tau` are answered
-    by min-risk among concepts at or above that rank.
+    by min-risk among concepts at or above that rank. `frame_context: stack` lets the other ROIs of
+    a frame adjust each ROI's blended probabilities before decoding (README: Frame context).
     """
 
     decode: Literal["argmax", "min_risk"] = "argmax"
@@ -334,6 +339,13 @@ class SubmitCfg:
     logit_tau: float = 0.0
     backoff_rank: Literal["", "kingdom", "phylum", "class", "order", "family", "genus", "species"] = ""
     backoff_tau: float = 0.5
+    # stack: after blending and calibration, before decoding, each ROI's probabilities adjusted by what the other ROIs of
+    # its frame say (lib.decide.frame_context: log q = log p + b log(eps + siblings' mean), b and eps fitted on out-of-fold
+    # rows); none: each ROI alone. options.csv scores both either way (nested out of fold) to choose by
+    frame_context: Literal["none", "stack"] = "none"
+    # stack's b per bucket of sibling counts, from these lower edges: [1] one b (two parameters in all); [1, 2, 4] a b for
+    # 1, 2-3 and 4+ siblings (nested out of fold it beat [1] on synthetic rows over the real frames, see README)
+    frame_context_buckets: list[int] = field(default_factory=lambda: [1])
 
 
 @dataclass

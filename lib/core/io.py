@@ -247,6 +247,30 @@ def cached_npz(path: Path, key: str, compute: Callable[[], dict[str, Any]]) -> t
     return arrays, False
 
 
+def cached_json(path: Path | None, key: str, compute: Callable[[], Any], max_entries: int = 512) -> tuple[Any, bool]:
+    """A JSON value kept in a table (key -> value) in the file at `path`, computed once per key; (value, from the cache).
+
+    For small fitted quantities keyed by the content they were fitted on (04's temperatures, frame-context
+    parameters): many keys share one file, the newest `max_entries` kept. An unreadable table is computed again and
+    rewritten; None keeps nothing.
+    """
+    if path is None:
+        return compute(), False
+    try:
+        table = json.loads(path.read_text()) if path.is_file() else {}
+    except (OSError, ValueError):
+        table = {}  # unreadable: compute again and rewrite it
+    if not isinstance(table, dict):
+        table = {}
+    if key in table:
+        return table[key], True
+    value = compute()
+    table[key] = value
+    path.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(path, json.dumps(dict(list(table.items())[-max_entries:])))
+    return value, False
+
+
 ZIP_MAGIC = (b"PK\x03\x04", b"PK\x05\x06")  # the first bytes of a zip archive (the second: an empty one), as numpy tells an npz
 
 

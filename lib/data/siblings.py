@@ -3,7 +3,7 @@
 Why: in the real FathomNet 2025 train set 78% of ROIs share their frame with another, and the siblings' most common
 label alone is right 68% of the time; these numbers, for the data at hand, say how much frame context could add
 before any model uses it. Pure numpy/pandas on (frame id, label) per ROI of one split; scoring the oracle by the
-competition's distance is lib/report/frame_yardsticks.py (this layer may not import the metric).
+competition's distance is lib/report/siblings.py (this layer may not import the metric).
 """
 from __future__ import annotations
 

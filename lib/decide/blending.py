@@ -1,9 +1,13 @@
 """04's decisions on cached probabilities: each model's out-of-fold and test probabilities ->
-calibration -> blend weights -> logit adjustment -> decoding, and the comparison of the options for report.md.
+calibration -> blend weights -> frame context -> logit adjustment -> decoding, and the comparison of the options for report.md.
 
 Calibration (`submit.calibrate: temperature`) scales each model by a temperature fitted on its
 out-of-fold rows only (never the test rows), and the blend by one more; min-risk decoding trusts
 the probabilities, so the `distance` objective fits the temperature that min-risk decoding needs.
+
+Frame context (`submit.frame_context: stack`, lib.decide.frame_context) adjusts the blend's probabilities by the
+other ROIs of each frame, with two parameters fitted on the blend's out-of-fold rows (a nested fold's: the other
+folds' rows) and cached by content in probs/frame_context.json; the options score every option without and with it.
 
 Nothing here loads a model: once `probs/<model>.npz` exist, changing the blend or the decoding
 costs seconds (the point of caching per model).
@@ -21,6 +25,7 @@ from lib.config import Config
 from lib.core.errors import StageError
 from lib.data.taxonomy import Taxonomy
 from lib.decide.decode import backoff_decode, decode, logit_adjust
+from lib.decide.frame_context import FrameParams, FrameRows, Siblings, adjust
 from lib.decide.metric import score_labels
 from lib.decide.weights import blend, blend_weights
 
@@ -96,28 +101,14 @@ def temperature(probs: np.ndarray, labels: np.ndarray, objective: str, dist: np.
                 key: str | None = None) -> float:
     """`fit_temperature` on out-of-fold rows, remembered in `cache` (a JSON file of content key -> T) when given:
     a blend-only rerun of 04 (and every nested fold's refit) reads the temperatures back instead of fitting again."""
-    import json
-
+    from lib.core.io import cached_json
     from lib.decide.calibration import fit_temperature
 
     if cache is None:
         return float(fit_temperature(probs, labels, objective, dist))
     key = content_key(f"T|{objective}|{key or ''}", [dist if objective == "distance" else np.zeros(0)] + ([] if key else [labels, probs]))
-    try:
-        table = json.loads(cache.read_text()) if cache.is_file() else {}
-    except (OSError, ValueError):
-        table = {}  # unreadable: fit again and rewrite it
-    if not isinstance(table, dict):
-        table = {}
-    if key in table:
-        return float(table[key])
-    t = float(fit_temperature(probs, labels, objective, dist))
-    table[key] = t
-    from lib.core.io import atomic_write_text
-
-    cache.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(cache, json.dumps(dict(list(table.items())[-TEMPERATURE_CACHE_ENTRIES:])))
-    return t
+    t, _ = cached_json(cache, key, lambda: float(fit_temperature(probs, labels, objective, dist)), TEMPERATURE_CACHE_ENTRIES)
+    return float(t)
 
 
 def calibrate_models(cfg: Config, models: Sequence[ModelProbs], dist: np.ndarray, calibration: str,
@@ -201,49 +192,83 @@ def temperature_file(cache: Path | None) -> Path | None:
     return None if cache is None else cache.with_name("temperatures.json")
 
 
-def option_key(model: str, calibration: str) -> str:
-    """The key of an option's test labels: its model (or blend) and its calibration."""
-    return f"{model}|{calibration}"
+def option_key(model: str, calibration: str, frame_context: str = "none") -> str:
+    """The key of an option's test labels: its model (or blend), its calibration and its frame context."""
+    return f"{model}|{calibration}" + ("" if frame_context == "none" else f"|{frame_context}")
+
+
+FRAME_CACHE_ENTRIES = 2048  # options x calibrations x (1 + folds) fits per set of models
+
+
+def frame_file(cache: Path | None) -> Path | None:
+    """The frame-context parameters' cache beside the weights' (probs/frame_context.json)."""
+    return None if cache is None else cache.with_name("frame_context.json")
+
+
+def frame_params(cfg: Config, ms: Sequence[ModelProbs], weights: np.ndarray, t: float, oof: np.ndarray, sib: Siblings,
+                 frames: FrameRows, cache: Path | None = None) -> FrameParams:
+    """Frame context's b and eps fitted on a blend's out-of-fold rows (lib.decide.frame_context.fit), kept in
+    probs/frame_context.json under a key of what they depend on: the models' digests (calibrated, a nested fold's rows),
+    the weights, the blend temperature, the frames and `submit.frame_context_buckets`; never `submit.decode`."""
+    from lib.core.io import cached_json
+    from lib.decide.frame_context import fit
+
+    edges = tuple(int(e) for e in cfg.submit.frame_context_buckets)
+    key = content_key(f"frame|{edges}|" + "|".join(digest_of(m) for m in ms) + f"|{t!r}|{frames.key}",
+                      [np.asarray(weights, dtype=np.float64)])
+    value, _ = cached_json(frame_file(cache), key, lambda: fit(oof, ms[0].oof_labels, sib, edges=edges).to_list(), FRAME_CACHE_ENTRIES)
+    return FrameParams.from_list(value)
 
 
 BLENDS = ("uniform", "cv", "fit", "greedy")
 
 
 def nested_labels(cfg: Config, models: Sequence[ModelProbs], options: Sequence[tuple[str, np.ndarray]], tax: Taxonomy,
-                  prior: np.ndarray, calibration: str, cache: Path | None = None) -> list[dict[str, np.ndarray]]:
+                  prior: np.ndarray, calibration: str, cache: Path | None = None, frames: FrameRows | None = None
+                  ) -> list[dict[str, np.ndarray]]:
     """Per option, the out-of-fold labels of a nested fit: for each fold k, the temperatures, the blend's weights (`fit`,
-    `greedy`; `uniform`, `cv` and single models keep theirs) and the blend temperature are fitted on the other folds'
-    out-of-fold rows and decode fold k's. The honest out-of-fold score of anything fitted on out-of-fold rows;
-    empty dicts when the fold of each row is unknown."""
+    `greedy`; `uniform`, `cv` and single models keep theirs), the blend temperature and, with `frames`, frame context's
+    parameters are fitted on the other folds' out-of-fold rows and decode fold k's (keys `argmax`, `min_risk`, and
+    `stack argmax`, `stack min_risk`). Folds grouped by frame keep fold k's siblings in fold k. The honest out-of-fold
+    score of anything fitted on out-of-fold rows; empty dicts when the fold of each row is unknown."""
     dist = tax.distance_matrix()
     folds = models[0].oof_fold
     if folds is None or len(np.unique(folds)) < 2:
         return [{} for _ in options]
-    out: list[dict[str, np.ndarray]] = [{k: np.empty(len(folds), dtype=np.int64) for k in ("argmax", "min_risk")} for _ in options]
+    keys = ("argmax", "min_risk") + (("stack argmax", "stack min_risk") if frames is not None else ())
+    out: list[dict[str, np.ndarray]] = [{k: np.empty(len(folds), dtype=np.int64) for k in keys} for _ in options]
     temps = temperature_file(cache)
     for k in np.unique(folds):
         tr, te = folds != k, folds == k
         part = [derived(m, f"fold {k} held out", oof_ids=m.oof_ids[tr], oof_labels=m.oof_labels[tr], oof=m.oof[tr], test=m.oof[te])
                 for m in models]
         part = calibrate_models(cfg, part, dist, calibration, temps)
+        sib_tr, sib_te = (frames.oof.subset(tr), frames.oof.subset(te)) if frames is not None else (None, None)
         for i, (name, w) in enumerate(options):
             method = name.removeprefix("blend ")
             if name.startswith("blend ") and method in FITTED:
                 w = weights_for(method, cfg, part, dist, cache_file(cache, method, calibration, int(k)))
-            _, held, _ = blended(cfg, part, w, dist, calibration, temps)
+            fitted, held, t = blended(cfg, part, w, dist, calibration, temps)
             for d in ("argmax", "min_risk"):
                 out[i][d][te] = apply_decoding(cfg, held, tax, prior, dist, d)
+            if frames is not None and sib_tr is not None and sib_te is not None:
+                params = frame_params(cfg, part, w, t, fitted, sib_tr, frames, cache)
+                held = adjust(held, sib_te, params)
+                for d in ("argmax", "min_risk"):
+                    out[i][f"stack {d}"][te] = apply_decoding(cfg, held, tax, prior, dist, d)
     return out
 
 
 def compare(cfg: Config, models: Sequence[ModelProbs], tax: Taxonomy, prior: np.ndarray,
-            cache: Path | None = None) -> tuple[pd.DataFrame, dict[str, dict[str, np.ndarray]]]:
-    """Every single model and every blend, without and with calibration, scored out of fold; with each option's decoded test labels.
+            cache: Path | None = None, frames: FrameRows | None = None) -> tuple[pd.DataFrame, dict[str, dict[str, np.ndarray]]]:
+    """Every single model and every blend, without and with calibration (and, with `frames`, without and with frame
+    context), scored out of fold; with each option's decoded test labels.
 
-    Returns the options table (one row per option and calibration: weights, temperature, OOF and
-    nested OOF distance per decoding) and, per `option_key` and decoding, the test labels, which a
-    report may score where the truth is known (lib.report; nothing here reads it). The `fit` and `greedy` rows, and calibrated rows, are
-    scored on the out-of-fold rows they were fitted on, so their OOF score is optimistic. `cache`: see `weights_for`.
+    Returns the options table (one row per option, calibration and frame context: weights, temperature, frame-context
+    parameters, OOF and nested OOF distance per decoding) and, per `option_key` and decoding, the test labels, which a
+    report may score where the truth is known (lib.report; nothing here reads it). The `fit` and `greedy` rows,
+    calibrated rows and frame-context rows are scored on the out-of-fold rows they were fitted on, so their OOF score is
+    optimistic; the nested columns are not. `cache`: see `weights_for`.
     """
     dist = tax.distance_matrix()
     labels = models[0].oof_labels
@@ -257,44 +282,62 @@ def compare(cfg: Config, models: Sequence[ModelProbs], tax: Taxonomy, prior: np.
             for method in BLENDS:
                 w = weights_for(method, cfg, ms, dist, cache_file(cache, method, calibration))
                 options.append((f"blend {method}", w))
-        nested = nested_labels(cfg, models, options, tax, prior, calibration, cache)
+        nested = nested_labels(cfg, models, options, tax, prior, calibration, cache, frames)
         for (name, w), nest in zip(options, nested):
             oof, test, t = blended(cfg, ms, w, dist, calibration, temps)
-            if np.count_nonzero(w) == 1:
-                t = ms[int(np.flatnonzero(w)[0])].temperature
-            row: dict[str, Any] = {"model": name, "calibration": calibration, "temperature": round(t, 4),
-                                   "weights": " ".join(f"{x:.2f}" for x in w)}
-            key = option_key(name, calibration)
-            test_labels[key] = {}
-            for method in ("argmax", "min_risk"):
-                row[f"oof_{method}"] = score_labels(labels, apply_decoding(cfg, oof, tax, prior, dist, method), dist)
-                test_labels[key][method] = apply_decoding(cfg, test, tax, prior, dist, method)
-            for method in ("argmax", "min_risk"):
-                row[f"nested_{method}"] = score_labels(labels, nest[method], dist) if nest else float("nan")
-            rows.append(row)
+            shown = ms[int(np.flatnonzero(w)[0])].temperature if np.count_nonzero(w) == 1 else t
+            base = {"model": name, "calibration": calibration, "temperature": round(shown, 4), "weights": " ".join(f"{x:.2f}" for x in w)}
+            variants = [("none", oof, test, "")]
+            if frames is not None:
+                params = frame_params(cfg, ms, w, t, oof, frames.oof, frames, cache)
+                variants.append(("stack", adjust(oof, frames.oof, params), adjust(test, frames.test, params, frames.prior),
+                                 params.describe()))
+            for context, o, te, described in variants:
+                row: dict[str, Any] = {**base, "frame_context": context, "frame_params": described}
+                key, prefix = option_key(name, calibration, context), "" if context == "none" else f"{context} "
+                test_labels[key] = {}
+                for method in ("argmax", "min_risk"):
+                    row[f"oof_{method}"] = score_labels(labels, apply_decoding(cfg, o, tax, prior, dist, method), dist)
+                    test_labels[key][method] = apply_decoding(cfg, te, tax, prior, dist, method)
+                for method in ("argmax", "min_risk"):
+                    row[f"nested_{method}"] = score_labels(labels, nest[prefix + method], dist) if nest else float("nan")
+                rows.append(row)
     return pd.DataFrame(rows), test_labels
 
 
 @dataclass(frozen=True)
 class Blended:
-    """The submission's blend: one weight per model (in `submit.models` order), the decoded test labels, the temperatures."""
+    """The submission's blend: one weight per model (in `submit.models` order), the decoded test labels, the temperatures
+    and, under `submit.frame_context: stack`, frame context's parameters."""
 
     weights: np.ndarray
     labels: np.ndarray  # one concept label per test row of the models
     temperatures: tuple[float, ...] = ()  # per model (all 1 without calibration)
     blend_temperature: float = 1.0
+    frame: FrameParams | None = None
 
 
-def blend_models(cfg: Config, models: Sequence[ModelProbs], tax: Taxonomy, train_counts: np.ndarray, cache: Path | None = None) -> Blended:
-    """`submit.calibrate`, `submit.blend` weights (one model: weight 1), then logit adjustment and `submit.decode` on the
-    blended test probabilities."""
+def _need_frames(cfg: Config, frames: FrameRows | None) -> None:
+    if cfg.submit.frame_context != "none" and frames is None:
+        raise ValueError(f"submit.frame_context={cfg.submit.frame_context} needs the frames of the rows; pass frames.")
+
+
+def blend_models(cfg: Config, models: Sequence[ModelProbs], tax: Taxonomy, train_counts: np.ndarray, cache: Path | None = None,
+                 frames: FrameRows | None = None) -> Blended:
+    """`submit.calibrate`, `submit.blend` weights (one model: weight 1), `submit.frame_context`, then logit adjustment
+    and `submit.decode` on the blended test probabilities."""
+    _need_frames(cfg, frames)
     dist = tax.distance_matrix()
     calibration = cfg.submit.calibrate
     ms = calibrate_models(cfg, models, dist, calibration, temperature_file(cache))
     weights = weights_for(cfg.submit.blend, cfg, ms, dist, cache_file(cache, cfg.submit.blend, calibration)) if len(ms) > 1 else np.ones(1)
-    _, test, t = blended(cfg, ms, weights, dist, calibration, temperature_file(cache))
+    oof, test, t = blended(cfg, ms, weights, dist, calibration, temperature_file(cache))
+    params = None
+    if cfg.submit.frame_context == "stack" and frames is not None:
+        params = frame_params(cfg, ms, weights, t, oof, frames.oof, frames, cache)
+        test = adjust(test, frames.test, params, frames.prior)
     prior = train_counts / train_counts.sum()
-    return Blended(weights, apply_decoding(cfg, test, tax, prior, dist), tuple(m.temperature for m in ms), t)
+    return Blended(weights, apply_decoding(cfg, test, tax, prior, dist), tuple(m.temperature for m in ms), t, params)
 
 
 @dataclass(frozen=True)
@@ -306,9 +349,11 @@ class Options:
     oof_distance: float  # the submitted option (the single model, or `blend <submit.blend>`, under `submit.calibrate`) under `submit.decode`
 
 
-def blend_options(cfg: Config, models: Sequence[ModelProbs], tax: Taxonomy, train_counts: np.ndarray, cache: Path | None = None) -> Options:
+def blend_options(cfg: Config, models: Sequence[ModelProbs], tax: Taxonomy, train_counts: np.ndarray, cache: Path | None = None,
+                  frames: FrameRows | None = None) -> Options:
     """The options table of report.md and options.csv, with the submitted option's out-of-fold distance."""
-    table, test_labels = compare(cfg, models, tax, train_counts / train_counts.sum(), cache)
-    mine = table[table["calibration"] == cfg.submit.calibrate]
+    _need_frames(cfg, frames)
+    table, test_labels = compare(cfg, models, tax, train_counts / train_counts.sum(), cache, frames)
+    mine = table[(table["calibration"] == cfg.submit.calibrate) & (table["frame_context"] == cfg.submit.frame_context)]
     chosen = mine.iloc[0] if len(models) == 1 else mine[mine["model"] == f"blend {cfg.submit.blend}"].iloc[0]
     return Options(table, test_labels, float(chosen[f"oof_{cfg.submit.decode}"]))

@@ -7,7 +7,8 @@ vote and GMU; each member predicts its own crops with its own config. With `pseu
 each member's probabilities are first scaled by a temperature fitted to its out-of-fold rows.
 Writes into `out_dir`:
   test_probs.npz     per-model probabilities (M, N, C) with TTA (uncalibrated), `member_of` (M,) and
-                     `member_names`, their (calibrated) mean, per-head probabilities of a single
+                     `member_names`, their mean (calibrated; frame-adjusted under pseudo.frame_context: stack, with
+                     each member's `frame_params`), per-head probabilities of a single
                      multi-head member (M, N, H, C), embeddings (M, N, D; with several members one
                      row: each member's fold mean, L2-normalised, concatenated), GMU and U
   pseudo_labels.csv  annotation_id, label, concept_name, weight, source
@@ -26,6 +27,8 @@ import pandas as pd
 from lib.config import Config
 from lib.core.io import atomic_path, atomic_write_text
 from lib.data.taxonomy import Taxonomy
+from lib.decide.frame_context import NOTHING_TO_USE, FrameIndex, FrameParams, FrameRows
+from lib.decide.oof import OutOfFold
 from lib.decide.pseudo import (
     combine_sources,
     format_summary,
@@ -74,41 +77,86 @@ def select(cfg: Config, ids: np.ndarray, arrays: dict[str, np.ndarray], n_classe
     return pseudo, info, g, u
 
 
-def member_temperature(member: Member) -> float:
-    """A log-loss temperature fitted on the member's out-of-fold rows (never on test rows)."""
-    from lib.decide.calibration import fit_temperature
+def member_oof(member: Member) -> OutOfFold:
+    """The member's out-of-fold rows, each fold's checked against its record."""
     from lib.decide.oof import load_oof
     from lib.pipeline.graph import check_vouched
 
     for d in member.folds:
         check_vouched(d / "oof.npz")
-    oof = load_oof(member.folds)
+    return load_oof(member.folds)
+
+
+def member_temperature(member: Member, oof: OutOfFold | None = None) -> float:
+    """A log-loss temperature fitted on the member's out-of-fold rows (never on test rows)."""
+    from lib.decide.calibration import fit_temperature
+
+    oof = oof if oof is not None else member_oof(member)
     return fit_temperature(oof.probs, oof.labels, "logloss")
 
 
-def predict_members(cfg: Config, members: Sequence[Member], tax: Taxonomy, device) -> dict[str, np.ndarray]:
+def member_frame_params(member: Member, oof: OutOfFold, t: float, frames: FrameIndex, ids: np.ndarray) -> tuple[FrameParams, FrameRows]:
+    """Frame context's b and eps fitted on the member's out-of-fold rows scaled by its temperature (never on test rows),
+    and the frames of its rows (folds checked to be grouped by frame)."""
+    from lib.decide.calibration import apply_temperature
+    from lib.decide.frame_context import fit
+
+    rows = frames.rows(oof.ids, oof.folds, ids)
+    return fit(apply_temperature(oof.probs, t), oof.labels, rows.oof), rows
+
+
+def frame_adjusted(stacks: Sequence[np.ndarray], params: Sequence[FrameParams], rows: FrameRows) -> list[np.ndarray]:
+    """Each member's (models, N, C) test probabilities, every model's adjusted by its test frames (placeholders carry
+    the train prior) with that member's parameters."""
+    from lib.decide.frame_context import adjust
+
+    return [np.stack([adjust(x, rows.test, p, rows.prior) for x in stack]) for stack, p in zip(stacks, params)]
+
+
+def predict_members(cfg: Config, members: Sequence[Member], tax: Taxonomy, device, frames: FrameIndex | None = None
+                    ) -> dict[str, np.ndarray]:
     """Every fold model of every member on its own crops (its config's TTA): the arrays `select` reads.
 
     `probs` (M, N, C) uncalibrated, member after member, and `member_of` (M,); `votes`, every
-    member's `ensemble_members`, scaled by its temperature under `pseudo.calibrate`; `calibrated`,
-    the scaled `probs`; `temperatures` per member; `embeddings` as the module docstring says.
+    member's `ensemble_members`, scaled by its temperature under `pseudo.calibrate` and adjusted by
+    frame context under `pseudo.frame_context: stack` (`frames`: 00's ROIs by frame); `calibrated`,
+    `probs` so scaled and adjusted; `temperatures` per member; `frame_params` (M', b and eps per
+    member) under stack; `embeddings` as the module docstring says.
     """
     from lib.data.context import model_inputs
     from lib.decide.calibration import apply_temperature
     from lib.engine.inference import predict_folds_tta
 
     parts = [predict_folds_tta(m.folds, model_inputs(m.test, m.cfg.model.context), m.cfg, tax, device) for m in members]
-    temps = np.array([member_temperature(m) if cfg.pseudo.calibrate == "temperature" else 1.0 for m in members])
+    stack = cfg.pseudo.frame_context == "stack"
+    if stack and frames is None:
+        raise ValueError("pseudo.frame_context=stack needs the frames of 00's ROIs; pass frames.")
+    oofs = [member_oof(m) if cfg.pseudo.calibrate == "temperature" or stack else None for m in members]
+    temps = np.array([member_temperature(m, o) if cfg.pseudo.calibrate == "temperature" else 1.0 for m, o in zip(members, oofs)])
     for m, t in zip(members, temps):
         if t != 1.0:
             log.info("pseudo.calibrate: %s's temperature %.3f (fitted on its out-of-fold rows)", m.name, t)
+    votes = [apply_temperature(ensemble_members(a), t) for a, t in zip(parts, temps)]
+    calibrated = [apply_temperature(a["probs"], t) for a, t in zip(parts, temps)]
+    extra: dict[str, np.ndarray] = {}
+    if stack and frames is not None:
+        ids = members[0].test["annotation_id"].to_numpy()
+        fitted = [member_frame_params(m, o, t, frames, ids) for m, o, t in zip(members, oofs, temps) if o is not None]
+        params, rows = [p for p, _ in fitted], fitted[0][1]
+        if rows.nothing_to_use:
+            log.info("pseudo.frame_context: %s", NOTHING_TO_USE)
+        for m, p in zip(members, params):
+            log.info("pseudo.frame_context: %s's %s (fitted on its out-of-fold rows)", m.name, p.describe())
+        votes, calibrated = frame_adjusted(votes, params, rows), frame_adjusted(calibrated, params, rows)
+        extra["frame_params"] = np.array([[*p.b, p.eps] for p in params])
     out: dict[str, np.ndarray] = {
         "probs": np.concatenate([a["probs"] for a in parts]),
         "member_of": np.repeat(np.arange(len(members)), [len(a["probs"]) for a in parts]),
         "member_names": np.array([m.name for m in members]),
         "temperatures": temps,
-        "votes": np.concatenate([apply_temperature(ensemble_members(a), t) for a, t in zip(parts, temps)]),
-        "calibrated": np.concatenate([apply_temperature(a["probs"], t) for a, t in zip(parts, temps)]),
+        "votes": np.concatenate(votes),
+        "calibrated": np.concatenate(calibrated),
+        **extra,
     }
     if len(parts) == 1:
         out.update({k: v for k, v in parts[0].items() if k in ("embeddings", "head_probs")})
@@ -119,13 +167,15 @@ def predict_members(cfg: Config, members: Sequence[Member], tax: Taxonomy, devic
 
 
 def run_round(cfg: Config, members: Sequence[Member], test: pd.DataFrame, tax: Taxonomy, out_dir: Path, device,
-              title: str) -> dict:
-    """Predict `test` (usable test ROIs) with every fold model of every member, select pseudo-labels, write the artifacts."""
+              title: str, frames: FrameIndex | None = None) -> dict:
+    """Predict `test` (usable test ROIs) with every fold model of every member, select pseudo-labels, write the artifacts.
+
+    `frames` (00's ROIs by frame) is what `pseudo.frame_context: stack` reads."""
     from lib.report.plots import plot_umap
 
     out_dir.mkdir(parents=True, exist_ok=True)
     ids = test["annotation_id"].to_numpy()
-    arrays = predict_members(cfg, members, tax, device)
+    arrays = predict_members(cfg, members, tax, device, frames)
     pseudo, info, g, u = select(cfg, ids, {**arrays, "probs": arrays["calibrated"]}, tax.n_classes)
     with atomic_path(out_dir / "test_probs.npz") as tmp:
         saved: dict[str, Any] = {"annotation_id": ids, "mean": arrays["calibrated"].mean(0), "gmu": g, "u": u,
@@ -145,4 +195,6 @@ def run_round(cfg: Config, members: Sequence[Member], test: pd.DataFrame, tax: T
     if len(members) > 1 or cfg.pseudo.calibrate != "none":
         result["members"] = [m.name for m in members]
         result["temperatures"] = [round(float(t), 4) for t in arrays["temperatures"]]
+    if "frame_params" in arrays:  # per member: b, eps
+        result["frame_params"] = [[round(float(v), 6) for v in row] for row in arrays["frame_params"]]
     return result

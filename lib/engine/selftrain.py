@@ -20,6 +20,7 @@ import pandas as pd
 
 from lib.config import Config
 from lib.data.artifacts import Prepared
+from lib.decide.frame_context import FrameIndex
 from lib.engine.folds import cv_summary, run_folds
 from lib.engine.members import Member, load_members
 from lib.engine.results import RoundResult, SelfTraining
@@ -59,7 +60,7 @@ def round_pseudo_labels(cfg: Config, stage: Stage, r: int, n_folds: int, prep: P
             own = Member(f"round{r - 1}", cfg, [prev / f"fold_{k}" for k in range(n_folds)], prep.test)
             others = load_members(cfg, [m for m in cfg.pseudo.members if "/" in m], prep)  # other experiments label every round
             res = run_round(cfg, [own, *others], prep.test, prep.taxonomy, ps.dir, pick_device(cfg.train.device),
-                            f"{stage.name} round {r}")
+                            f"{stage.name} round {r}", FrameIndex.from_rois(prep.rois, prep.taxonomy.n_classes))
             ps.finish(res, t0)
         ddp.barrier()  # the other ranks read rank 0's pseudo-labels
     elif dry_run and (force or ps.reasons()):

@@ -35,15 +35,18 @@ def score_options(cfg: Config, options: pd.DataFrame, test_labels: dict[str, dic
     out = options.copy()
     rows = known >= 0
     for method in ("argmax", "min_risk"):
-        out[f"test_{method}"] = [score_labels(known[rows], test_labels[option_key(m, c)][method][rows], dist)
-                                 for m, c in zip(out["model"], out["calibration"])]
+        contexts = out["frame_context"] if "frame_context" in out else ["none"] * len(out)
+        out[f"test_{method}"] = [score_labels(known[rows], test_labels[option_key(m, c, f)][method][rows], dist)
+                                 for m, c, f in zip(out["model"], out["calibration"], contexts)]
     return out, truth
 
 
 def submit_report(cfg: Config, members: list[dict], options: pd.DataFrame, sub: pd.DataFrame, fell_back: list[int],
-                  truth: Truth | None = None, corr: np.ndarray | None = None, blend_temperature: float = 1.0) -> str:
-    """04's report.md: the members (origin, CV, temperature, ECE, weight), their error correlation, every blend, calibration
-    and decoding option, the predicted classes."""
+                  truth: Truth | None = None, corr: np.ndarray | None = None, blend_temperature: float = 1.0,
+                  frames: list[str] | None = None) -> str:
+    """04's report.md: the members (origin, CV, temperature, ECE, weight), their error correlation, what the frames hold
+    (`frames`: lines of lib.report.siblings and frame context's note), every blend, calibration, frame context and
+    decoding option, the predicted classes."""
     s = cfg.submit
     lines = [f"# Submission report: {cfg.exp}", "", "## Members", "",
              "Temperature: fitted on the member's out-of-fold rows to the `" + s.calibrate_objective + "` objective (applied only "
@@ -63,21 +66,29 @@ def submit_report(cfg: Config, members: list[dict], options: pd.DataFrame, sub: 
         post.append(f"{s.calibrate} calibration ({s.calibrate_objective}; blend temperature {blend_temperature:.3f})")
     if s.logit_tau > 0:
         post.append(f"logit adjustment tau {s.logit_tau:g}")
+    if s.frame_context != "none":
+        post.append(f"frame context `{s.frame_context}`")
     if s.backoff_rank:
         post.append(f"back-off to {s.backoff_rank} or above below a top probability of {s.backoff_tau:g}")
     lines += ["", f"Submitted: `{s.blend}` blend, `{s.decode}` decoding" + (f", {', '.join(post)}" if post else "") + ".",
               f"Rows: {len(sub)}; answered by the train prior (no usable crop): {len(fell_back)}.", "",
+              *(["## Frame context", "", *frames, ""] if frames else []),
               "## Options (distance, lower is better)", "",
-              "Out-of-fold (OOF) scores are over the train ROIs; `blend fit`, `blend greedy` and every calibrated row are scored "
-              "on the rows they were fitted on, so their OOF score is optimistic. The nested columns are honest: for each fold, "
-              "temperatures, fitted weights and the blend temperature are fitted on the other folds' out-of-fold rows and "
-              "score that fold's (unfitted options equal their OOF score)." +
+              "Out-of-fold (OOF) scores are over the train ROIs; `blend fit`, `blend greedy`, every calibrated row and every "
+              "frame-context (`stack`) row are scored on the rows they were fitted on, so their OOF score is optimistic. The "
+              "nested columns are honest: for each fold, temperatures, fitted weights, the blend temperature and frame "
+              "context's b and eps are fitted on the other folds' out-of-fold rows and score that fold's (unfitted options "
+              "equal their OOF score)." +
               (f" Test columns: {truth.note} (for this report only; it decides nothing)." if truth is not None else ""), ""]
     cols = [c for c in ("oof_argmax", "oof_min_risk", "nested_argmax", "nested_min_risk", "test_argmax", "test_min_risk")
             if c in options]
-    lines += ["| model | calibration | temperature | weights | " + " | ".join(cols) + " |", "|---|---|---|---|" + "---|" * len(cols)]
+    lines += ["| model | calibration | temperature | weights | frame context | " + " | ".join(cols) + " |",
+              "|---|---|---|---|---|" + "---|" * len(cols)]
     for _, r in options.iterrows():
-        lines.append(f"| {r['model']} | {r['calibration']} | {r['temperature']:.3f} | {r['weights']} | "
+        context = r.get("frame_context", "none")
+        if context != "none" and isinstance(r.get("frame_params"), str) and r["frame_params"]:
+            context += f" ({r['frame_params']})"
+        lines.append(f"| {r['model']} | {r['calibration']} | {r['temperature']:.3f} | {r['weights']} | {context} | "
                      + " | ".join(f"{r[c]:.4f}" for c in cols) + " |")
     lines += ["", "## Predicted class distribution (top 15)", "", "| concept | rows |", "|---|---|"]
     for name, n in sub["concept_name"].value_counts().head(15).items():
@@ -85,12 +96,14 @@ def submit_report(cfg: Config, members: list[dict], options: pd.DataFrame, sub: 
     return "\n".join(lines) + "\n"
 
 
-def write_submit_report(cfg: Config, folder: Path, models: Sequence, chosen, options, sub, test_ids: np.ndarray, taxonomy) -> None:
+def write_submit_report(cfg: Config, folder: Path, models: Sequence, chosen, options, sub, test_ids: np.ndarray, taxonomy,
+                        rois: pd.DataFrame | None = None, frame_note: str = "") -> None:
     """04's options.csv (with test columns where a truth is known), report.md and, for two or more models, error_correlation.png.
 
     `models`: lib.decide.blending.ModelProbs in `submit.models` order (uncalibrated); `chosen`: the
     submitted lib.decide.blending.Blended; `options`: lib.decide.blending.Options; `sub`:
-    lib.decide.submission.SubmissionResult.
+    lib.decide.submission.SubmissionResult; `rois`: 00's rois.csv (what the frames hold); `frame_note`: frame
+    context's note (nothing to use, or left out).
     """
     from lib.core.io import atomic_path, atomic_write_text
     from lib.report.plots import plot_matrix
@@ -104,8 +117,23 @@ def write_submit_report(cfg: Config, folder: Path, models: Sequence, chosen, opt
     if len(models) > 1:
         plot_matrix(corr, [m.name for m in models], folder / "error_correlation.png",
                     f"out-of-fold error correlation\n({cfg.submit.decode} distance per row)")
-    report = submit_report(cfg, members, table, sub.frame, sub.fell_back, truth, corr, chosen.blend_temperature)
+    report = submit_report(cfg, members, table, sub.frame, sub.fell_back, truth, corr, chosen.blend_temperature,
+                           frame_lines(cfg, rois, taxonomy, chosen, frame_note))
     atomic_write_text(folder / "report.md", report)
+
+
+def frame_lines(cfg: Config, rois: pd.DataFrame | None, taxonomy, chosen=None, note: str = "") -> list[str]:
+    """What the frames hold (sibling shares, the label-only oracle), frame context's note and the submitted parameters."""
+    from lib.report.siblings import frame_facts
+
+    lines = frame_facts(rois, taxonomy.distance_matrix()).lines() if rois is not None else []
+    if note:
+        lines.append(note[0].upper() + note[1:] + ".")
+    frame = getattr(chosen, "frame", None)
+    if frame is not None:
+        lines.append(f"Submitted with `submit.frame_context: {cfg.submit.frame_context}`: {frame.describe()} (fitted on the "
+                     "blend's out-of-fold rows; log q = log p + b log(eps + siblings' mean)).")
+    return [line + "  " for line in lines[:-1]] + lines[-1:]  # markdown line breaks
 
 
 def member_rows(cfg: Config, models: Sequence, chosen, table: pd.DataFrame) -> list[dict]:
@@ -191,12 +219,23 @@ def summary(cfg: Config) -> list[str]:
         prec = (pseudo_precision(cfg, out / "02_pseudo") or {}).get("by_source", {})
         parts = [f"{k} {v}" + (f" ({prec[k]:.0%} right)" if prec.get(k) is not None else "") for k, v in pseudo.get("by_source", {}).items()]
         lines.append(f"pseudo-labels       : {pseudo['pseudo_labels']} of {pseudo['test_rois']} test ROIs; {', '.join(parts)}")
+    rois, tax_json = out / "00_prepare" / "rois.csv", out / "00_prepare" / "taxonomy.json"
+    if rois.is_file() and tax_json.is_file():
+        from lib.data.taxonomy import load_taxonomy_json
+        from lib.report.siblings import frame_facts
+
+        facts = frame_facts(pd.read_csv(rois, keep_default_na=False), load_taxonomy_json(tax_json).distance_matrix())
+        t = facts.train
+        lines.append(f"frames              : {t.with_siblings:.1%} of train ROIs and {facts.test_share:.1%} of test ROIs have siblings"
+                     + (f"; the label-only sibling oracle scores {t.majority_distance:.4f} ({t.majority_right:.1%} right) on the "
+                        f"{t.oracle_rows} train ROIs with siblings" if t.oracle_rows else ""))
     options = out / "04_submit" / "options.csv"
     if options.is_file():
         opts = pd.read_csv(options)
         if "test_min_risk" in opts:
             for _, r in opts.iterrows():
                 name = r["model"] + (" +T" if r.get("calibration", "none") != "none" else "")  # +T: temperature-calibrated
+                name += " +F" if r.get("frame_context", "none") != "none" else ""  # +F: frame context (stack)
                 lines.append(f"demo test, {name:<16}: {r['test_min_risk']:.4f} min-risk, {r['test_argmax']:.4f} argmax")
     sub, knn_sub = out / "04_submit" / "submission.csv", out / "knn" / "submission.csv"
     for label, path in (("demo test distance  ", sub), ("kNN test distance   ", knn_sub)):
