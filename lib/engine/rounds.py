@@ -93,11 +93,12 @@ def predict_members(cfg: Config, members: Sequence[Member], tax: Taxonomy, devic
     member's `ensemble_members`, scaled by its temperature under `pseudo.calibrate`; `calibrated`,
     the scaled `probs`; `temperatures` per member; `embeddings` as the module docstring says.
     """
-    from lib.data.context import model_inputs
+    from lib.data.context import frame_ids, model_inputs
     from lib.decide.calibration import apply_temperature
     from lib.engine.inference import predict_folds_tta
 
-    parts = [predict_folds_tta(m.folds, model_inputs(m.test, m.cfg.model.context), m.cfg, tax, device) for m in members]
+    parts = [predict_folds_tta(m.folds, model_inputs(m.test, m.cfg.model.context), m.cfg, tax, device,
+                               frames=frame_ids(m.test) if m.cfg.model.frame_context == "attention" else None) for m in members]
     temps = np.array([member_temperature(m) if cfg.pseudo.calibrate == "temperature" else 1.0 for m in members])
     for m, t in zip(members, temps):
         if t != 1.0:
