@@ -24,7 +24,7 @@ def trained_like(dim: int = 12, layers: int = 2) -> FrameAttention:
     """A frame attention with random weights everywhere (a fresh one is the identity), in float64 so that sums in another
     order agree to 1e-12: what is left is rounding, not leakage."""
     torch.manual_seed(0)
-    m = FrameAttention(dim, width=8, heads=2, layers=layers).double()
+    m = FrameAttention(dim, width=8, heads=2, layers=layers, dropout=0.5).double().eval()  # eval: every sibling seen
     with torch.no_grad():
         for p in m.parameters():
             p.normal_(0, 0.5)
@@ -65,6 +65,22 @@ def test_sibling_order_changes_nothing_and_rows_of_a_frame_need_not_be_adjacent(
         assert torch.allclose(m(f[perm], frames[perm]), out[perm], rtol=0, atol=1e-12)
     # Frame ids are labels only: renaming them changes nothing.
     assert torch.allclose(m(f, frames * 1000 - 7), out, rtol=0, atol=1e-12)
+
+
+def test_sibling_dropout_hides_siblings_never_the_roi_itself_nor_padding():
+    from lib.model.frame_attention import frame_layout, visible
+
+    _, _, real = frame_layout(torch.tensor([0] * 3 + [1] * 40))
+    assert torch.equal(visible(real), real[:, None, :].expand(-1, 40, -1))  # inference: every sibling, no padding
+    torch.manual_seed(0)
+    seen = visible(real, 0.5)
+    assert not seen[0, :, 3:].any()  # padded slots of the frame of 3: never seen
+    assert seen[1].diagonal().all() and seen[0].diagonal()[:3].all()  # each ROI sees itself
+    off = seen[1][~torch.eye(40, dtype=torch.bool)].float().mean()
+    assert 0.4 < off < 0.6  # about half of the siblings, per ROI
+    m = FrameAttention(12, width=8, heads=2, dropout=0.5).train()
+    f = torch.randn(6, 12)
+    assert torch.equal(m(f, torch.tensor([0, 0, 1, 1, 1, 1])), f)  # a fresh layer is the identity in training too
 
 
 def test_bad_shapes_are_refused():
@@ -170,7 +186,7 @@ def test_class_balanced_frames_draw_whole_frames_by_their_rows_weight():
 def test_torchrun_ranks_share_out_whole_frames():
     """Every rank packs the same batches from the same seed and takes every world-th: frames, not rows, are split across
     ranks, each rank gets as many batches, and the ranks never share a frame in one step."""
-    gen = lambda: torch.Generator().manual_seed(3)  # noqa: E731
+    gen = lambda: torch.Generator().manual_seed(3)
     whole = FrameBatchSampler(FRAMES, 8, generator=gen()).batches
     ranks = [FrameBatchSampler(FRAMES, 8, generator=gen(), rank=r, world=3).batches for r in range(3)]
     assert len({len(b) for b in ranks}) == 1 and len(ranks[0]) == len(whole) // 3
@@ -233,6 +249,8 @@ def test_config_keys():
     assert load_config(None, []).model.frame_context == "none"
     with pytest.raises(ConfigError, match="model.frame_width must be a positive multiple of model.frame_heads"):
         load_config(None, ["model.frame_width=30", "model.frame_heads=4"])
+    with pytest.raises(ConfigError, match=r"model.frame_dropout must lie in \[0, 1\)"):
+        load_config(None, ["model.frame_dropout=1.0"])
     with pytest.raises(ConfigError):
         load_config(None, ["model.frame_context=graph"])
 

@@ -44,6 +44,7 @@ def _train_checks(cfg: Config) -> list[tuple[bool, str]]:
         (cfg.model.frame_layers >= 1 and cfg.model.frame_heads >= 1, "model.frame_layers and model.frame_heads must be at least 1"),
         (cfg.model.frame_width >= 1 and cfg.model.frame_width % cfg.model.frame_heads == 0,
          "model.frame_width must be a positive multiple of model.frame_heads"),
+        (0.0 <= cfg.model.frame_dropout < 1.0, "model.frame_dropout must lie in [0, 1)"),
     ]
 
 

@@ -119,6 +119,7 @@ class ModelCfg:
     frame_layers: int = 1  # attention: transformer blocks over a frame's ROIs
     frame_heads: int = 4  # attention heads of each block
     frame_width: int = 256  # the blocks' inner width (a multiple of frame_heads; the backbone's features are projected down to it)
+    frame_dropout: float = 0.5  # training: each ROI sees each sibling with chance 1 - this (itself always), so no fixed context is memorised
 
 
 @dataclass

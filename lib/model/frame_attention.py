@@ -8,7 +8,9 @@ mask, then an MLP, each added back as a residual) over the embeddings of the ROI
 The blocks work at `model.frame_width` (smaller than the backbone's features: the attention costs
 a small fraction of the backbone), projected down and back up; both residual branches end in a
 zero-initialised projection, so a fresh layer is the identity and training starts from the plain
-ROI model.
+ROI model. In training, `model.frame_dropout` hides each sibling from each ROI with that chance
+(a fresh draw every batch; the ROI itself is always seen), so a training ROI never meets one fixed
+context it could memorise; inference sees every sibling.
 
 A batch holds the ROIs of several frames (rows of one frame together, `frames` their frame ids);
 `frame_layout` gathers them into a padded (frames, slots, D) tensor and a mask, so an ROI sees
@@ -40,6 +42,17 @@ def frame_layout(frames: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torc
     return group, slot, real
 
 
+def visible(real: torch.Tensor, dropout: float = 0.0) -> torch.Tensor:
+    """(G, S, S): which slots each slot attends to: the real slots of its frame; with `dropout` (training) each sibling is
+    hidden with that chance, the slot itself never, so an ROI does not learn to rely on one fixed set of siblings."""
+    s = real.shape[1]
+    seen = real[:, None, :].expand(-1, s, -1)
+    if dropout <= 0:
+        return seen
+    keep = torch.rand(real.shape[0], s, s, device=real.device) >= dropout
+    return seen & (keep | torch.eye(s, dtype=torch.bool, device=real.device))
+
+
 class FrameBlock(nn.Module):
     """One pre-norm transformer block over (G, S, D) sets: x + attn(norm(x)), then + mlp(norm(x)); masked slots are never attended."""
 
@@ -57,10 +70,11 @@ class FrameBlock(nn.Module):
             nn.init.zeros_(last.weight)
             nn.init.zeros_(last.bias)
 
-    def forward(self, x: torch.Tensor, real: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, seen: torch.Tensor) -> torch.Tensor:
+        """`seen` (G, S, S): which slots each slot may attend to (True = may)."""
         g, s, _ = x.shape
         q, k, v = self.qkv(self.norm1(x)).view(g, s, 3, self.heads, -1).permute(2, 0, 3, 1, 4)  # 3 x (G, H, S, W/H)
-        a = F.scaled_dot_product_attention(q, k, v, attn_mask=real[:, None, None, :])  # True = may be attended
+        a = F.scaled_dot_product_attention(q, k, v, attn_mask=seen[:, None])
         x = x + self.proj(a.transpose(1, 2).reshape(g, s, -1))
         return x + self.fc2(F.gelu(self.fc1(self.norm2(x))))
 
@@ -68,8 +82,9 @@ class FrameBlock(nn.Module):
 class FrameAttention(nn.Module):
     """(N, D) ROI features and their (N,) frame ids -> (N, D) features that have seen their frame's other ROIs."""
 
-    def __init__(self, dim: int, width: int = 256, heads: int = 4, layers: int = 1):
+    def __init__(self, dim: int, width: int = 256, heads: int = 4, layers: int = 1, dropout: float = 0.0):
         super().__init__()
+        self.dropout = dropout
         self.blocks = nn.ModuleList(FrameBlock(dim, width, heads) for _ in range(layers))
 
     def forward(self, f: torch.Tensor, frames: torch.Tensor) -> torch.Tensor:
@@ -78,6 +93,7 @@ class FrameAttention(nn.Module):
         group, slot, real = frame_layout(frames.to(f.device))
         x = f.new_zeros(real.shape[0], real.shape[1], f.shape[1])
         x[group, slot] = f
+        seen = visible(real, self.dropout if self.training else 0.0)
         for block in self.blocks:
-            x = block(x, real)
+            x = block(x, seen)
         return x[group, slot]

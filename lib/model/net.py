@@ -153,7 +153,7 @@ def build_net(cfg, taxonomy, pretrained: bool = True) -> Net:
     n_features = int(getattr(backbone, "num_features"))  # noqa: B009 (timm models have it; nn.Module's typing does not)
     fusion = ContextFusion(n_features, len(m.context), m.fusion) if len(m.context) > 1 else None
     dim = fusion.out_dim if fusion is not None else n_features
-    frames = FrameAttention(dim, m.frame_width, m.frame_heads, m.frame_layers) if m.frame_context == "attention" else None
+    frames = FrameAttention(dim, m.frame_width, m.frame_heads, m.frame_layers, m.frame_dropout) if m.frame_context == "attention" else None
     return Net(backbone, build_head(cfg.head, dim, taxonomy, logit_scale=cfg.loss.s), fusion, frames)
 
 
