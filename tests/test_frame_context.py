@@ -323,3 +323,14 @@ def test_the_attention_runs_in_autocast_and_the_head_gives_float32():
         p = model.head_module.probs(out)
     assert p.dtype == torch.float32 and torch.isfinite(p).all() and torch.allclose(p.sum(1), torch.ones(5), atol=1e-3)
     assert torch.allclose(out.logits[:2].float(), alone.logits.float(), atol=0.05)
+
+
+def test_too_few_frames_for_the_torchrun_processes_is_one_sentence(monkeypatch):
+    from lib.engine import train
+    from lib.model import dist as ddp
+
+    monkeypatch.setattr(ddp, "world_size", lambda: 4)
+    monkeypatch.setattr(ddp, "rank", lambda: 3)
+    with pytest.raises(StageError, match=r"^The training frames fill fewer batches than the 4 torchrun processes; start fewer "
+                                         r"processes or lower train.batch_size\.$"):
+        train.frame_batches(np.array([0, 0, 1, 2]), np.zeros(4, dtype=int), "random", 2, torch.Generator().manual_seed(0))

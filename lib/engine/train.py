@@ -304,7 +304,11 @@ def _epoch_loader(kit: FoldKit, t, labels: np.ndarray, epoch_seed: int, gen: tor
 def frame_batches(frames: np.ndarray, labels: np.ndarray, sampler: str, batch: int, gen: torch.Generator) -> FrameBatchSampler:
     """The epoch's batches of whole frames drawn by `train.sampler`; under torchrun every rank packs the same batches
     from the same seed and takes its own share of them (frames, not rows, are split across ranks)."""
-    return FrameBatchSampler(frames, batch, name=sampler, labels=labels, generator=gen, rank=ddp.rank(), world=ddp.world_size())
+    got = FrameBatchSampler(frames, batch, name=sampler, labels=labels, generator=gen, rank=ddp.rank(), world=ddp.world_size())
+    if not len(got):
+        raise StageError(f"The training frames fill fewer batches than the {ddp.world_size()} torchrun processes; start fewer "
+                         f"processes or lower train.batch_size.")
+    return got
 
 
 def describe_frames(frames: np.ndarray, sampler: str, batches: int) -> None:
