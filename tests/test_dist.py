@@ -155,3 +155,72 @@ def test_two_gloo_ranks_step_as_one_process_with_the_global_batch(tmp_path):
     optimizer_step(opt, model.parameters(), 1.0)
     for k, v in model.state_dict().items():
         assert torch.allclose(got["state"][k], v, atol=1e-6), k
+
+
+FRAME_WORKER = '''
+import sys
+import numpy as np
+import torch
+from types import SimpleNamespace
+from torch.utils.data import Dataset
+from lib.engine.train import _epoch_loader
+from lib.model import dist as ddp
+from lib.model.frame_attention import FrameAttention
+from lib.model.optim import optimizer_step
+
+class Rows(Dataset):
+    """Rows with frame ids, items as CropDataset gives them with frames: (x, label, weight, frame, row)."""
+    def __init__(self, x, y, frames):
+        self.x, self.labels, self.frames = x, y.numpy(), frames
+    def __len__(self):
+        return len(self.x)
+    def __getitem__(self, i):
+        return self.x[i], int(self.labels[i]), 1.0, int(self.frames[i]), i
+
+class FrameNet(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.frames, self.fc = FrameAttention(6, width=4, heads=2), torch.nn.Linear(6, 3)
+    def forward(self, x, frames=None):
+        return self.fc(self.frames(x, frames))
+
+ddp.init("cpu")
+torch.manual_seed(0)
+frames = np.repeat(np.arange(12), [1, 1, 2, 2, 3, 3, 4, 4, 5, 1, 2, 12])  # 40 rows; the frame of 12 is larger than a rank's batch
+x, y = torch.randn(40, 6), torch.randint(0, 3, (40,))
+model = FrameNet()
+wrapped = torch.nn.parallel.DistributedDataParallel(model)
+run = SimpleNamespace(ds=Rows(x, y, frames), batch=ddp.rank_batch(16, ddp.world_size()), device=torch.device("cpu"), train_loader=None)
+opt = torch.optim.AdamW(model.parameters(), lr=0.05)
+seen = []
+for xb, yb, _, fb, rows in _epoch_loader(run, SimpleNamespace(sampler="random"), y.numpy(), 7, torch.Generator().manual_seed(7)):
+    torch.nn.functional.cross_entropy(wrapped(xb, frames=fb), yb).backward()
+    optimizer_step(opt, model.parameters(), 1.0)
+    seen.append(rows.tolist())
+torch.save({"state": model.state_dict(), "rows": seen}, sys.argv[1] + f".{ddp.rank()}")
+ddp.close()
+'''
+
+
+@pytest.mark.slow
+def test_two_gloo_ranks_split_frames_not_rows(tmp_path):
+    """model.frame_context=attention under torchrun: each rank trains on whole frames of its own (a frame larger than the
+    rank's batch in chunks), as many batches each, and DDP keeps the frame attention's weights equal on both ranks."""
+    import numpy as np
+
+    script = tmp_path / "worker.py"
+    script.write_text(FRAME_WORKER)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(script),
+                        str(tmp_path / "out.pt")], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    got = [torch.load(tmp_path / f"out.pt.{k}", weights_only=True) for k in (0, 1)]
+    frames = np.repeat(np.arange(12), [1, 1, 2, 2, 3, 3, 4, 4, 5, 1, 2, 12])
+    assert len(got[0]["rows"]) == len(got[1]["rows"]) >= 2 and all(len(b) <= 8 for g in got for b in g["rows"])
+    owned = [{int(frames[i]) for b in g["rows"] for i in b} for g in got]
+    assert not (owned[0] & owned[1]) - {11}  # only the frame of 12 rows (chunks) may reach both ranks
+    rows = [i for g in got for b in g["rows"] for i in b]
+    assert len(rows) == len(set(rows))  # no row twice in the epoch
+    for k, v in got[0]["state"].items():
+        assert torch.equal(got[1]["state"][k], v), k
+    assert got[0]["state"]["frames.blocks.0.proj.weight"].abs().sum() > 0

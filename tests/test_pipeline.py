@@ -448,6 +448,43 @@ def test_mixing_and_samplers_train(tiny, tmp_path, extra):
     assert 0 <= result.val_distance <= 12 and np.isfinite(pd.read_csv(tmp_path / "fold_0" / "history.csv")["train_loss"]).all()
 
 
+@pytest.mark.parametrize("extra", [
+    ("head.name=linear",),
+    ("head.name=per_rank", "augment.mixup_alpha=0.4", "augment.mix_prob=1.0", "train.sampler=class_balanced", "train.num_workers=1"),
+])
+def test_frame_attention_trains_validates_and_predicts_whole_frames(tiny, tmp_path, extra, caplog):
+    """model.frame_context=attention: one epoch of whole-frame batches (mixing within frames, frames drawn by class weight,
+    loader workers), validation over whole frames, and the checkpoint (frame attention included) back through inference."""
+    import logging
+
+    import torch
+
+    from lib.data.context import frame_ids, model_inputs
+    from lib.engine.folds import FOLD_OUTPUTS
+    from lib.engine.inference import predict_folds_tta
+    from lib.engine.train import fit_fold
+    from lib.model.checkpoint import load_checkpoint
+    from lib.pipeline.records import Stage
+
+    cfg, split, tax = _fold_setup(tiny, tmp_path, "model.frame_context=attention", "train.batch_size=16", *extra)
+    st = Stage.create("f/fold_0", tmp_path / "fold_0", cfg, ["model"], ROOT / "01_train_folds.py", {}, FOLD_OUTPUTS)
+    with caplog.at_level(logging.INFO, logger="pipeline"):
+        result = fit_fold(cfg, split, tax, st, epochs=1)
+    assert result is not None
+    st.finish(result.to_record(), 0.0)
+    assert 0 <= result.val_distance <= 12 and "frame attention: " in caplog.text
+    assert ("draws whole frames, each with the mean of its rows' weights" in caplog.text) == ("train.sampler=class_balanced" in extra)
+    state = load_checkpoint(tmp_path / "fold_0" / "best.pt")["model"]
+    assert any(k.startswith("frame_attention.blocks.0.") for k in state)
+    assert state["frame_attention.blocks.0.proj.weight"].abs().sum() > 0  # it learned from zero
+    val = split.val.head(12)
+    got = predict_folds_tta([tmp_path / "fold_0"], model_inputs(val, cfg.model.context), cfg, tax, torch.device("cpu"),
+                            frames=frame_ids(val))["probs"]
+    assert got.shape == (1, 12, 79) and np.allclose(got.sum(-1), 1, atol=1e-4)
+    with pytest.raises(ValueError, match="give predict_folds_tta the inputs' frame ids"):
+        predict_folds_tta([tmp_path / "fold_0"], model_inputs(val, cfg.model.context), cfg, tax, torch.device("cpu"))
+
+
 def test_detailed_metrics_against_hand_counts():
     from lib.data.taxonomy import load_taxonomy_csv
     from lib.decide.metric import DEFAULT_TAXONOMY

@@ -41,6 +41,10 @@ def _train_checks(cfg: Config) -> list[tuple[bool, str]]:
          "model.context must start with 1 (the ROI itself) and name each view once, e.g. [1, 3, 5, full]"),
         (all(c in ("1", "full") or _is_number(c) for c in cfg.model.context),
          "model.context may only hold 1, context scales such as 3 or 5, and full"),
+        (cfg.model.frame_layers >= 1 and cfg.model.frame_heads >= 1, "model.frame_layers and model.frame_heads must be at least 1"),
+        (cfg.model.frame_width >= 1 and cfg.model.frame_width % cfg.model.frame_heads == 0,
+         "model.frame_width must be a positive multiple of model.frame_heads"),
+        (0.0 <= cfg.model.frame_dropout < 1.0, "model.frame_dropout must lie in [0, 1)"),
     ]
 
 

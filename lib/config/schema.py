@@ -133,6 +133,14 @@ class ModelCfg:
     # scale of prepare.context_scales, full = the whole frame. [1] reads the ROI alone.
     context: list[str] = field(default_factory=lambda: ["1"])
     fusion: Literal["concat", "attention"] = "concat"
+    # What the other ROIs of the same frame add (lib.model.frame_attention): none = each ROI alone; attention = a
+    # set-attention layer over the features of all ROIs of one frame, before the head (training and inference
+    # then batch whole frames: lib.data.samplers.FrameBatchSampler; mixup/cutmix mix within a frame).
+    frame_context: Literal["none", "attention"] = "none"
+    frame_layers: int = 1  # attention: transformer blocks over a frame's ROIs
+    frame_heads: int = 4  # attention heads of each block
+    frame_width: int = 256  # the blocks' inner width (a multiple of frame_heads; the backbone's features are projected down to it)
+    frame_dropout: float = 0.5  # training: each ROI sees each sibling with chance 1 - this (itself always), so no fixed context is memorised
 
 
 @dataclass

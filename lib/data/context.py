@@ -1,9 +1,11 @@
-"""Which crops of 00 a model reads per ROI (`model.context`): the rois.csv column of each view.
+"""Which crops of 00 a model reads per ROI (`model.context`): the rois.csv column of each view; and each ROI's frame
+(`model.frame_context: attention` reads the other ROIs of the same frame).
 """
 from __future__ import annotations
 
 from typing import Sequence
 
+import numpy as np
 import pandas as pd
 
 from lib.core.errors import StageError
@@ -31,3 +33,17 @@ def model_inputs(rows: pd.DataFrame, context: Sequence[str], roi_column: str = "
     if len(cols) == 1:
         return rows[cols[0]].tolist()
     return list(zip(*(rows[c].tolist() for c in cols)))
+
+
+def frame_ids(rows: pd.DataFrame) -> np.ndarray:
+    """One integer id per frame of `rows` (int64, one per row), keyed by (split, image_id): train and test image ids
+    may overlap in the real data, and 03's pseudo-labelled test rows train beside train rows."""
+    if "image_id" not in rows.columns:
+        raise StageError("These ROI rows have no image_id column, which model.frame_context=attention needs to group ROIs by "
+                         "frame; rerun 00_prepare_data.py (rois.csv holds it) or set model.frame_context=none.")
+    if rows["image_id"].isna().any():
+        raise StageError(f"{int(rows['image_id'].isna().sum())} ROI rows have no image_id, which model.frame_context=attention "
+                         f"needs to group ROIs by frame; rerun 00_prepare_data.py or set model.frame_context=none.")
+    split = rows["split"].astype(str).to_numpy() if "split" in rows.columns else np.full(len(rows), "train")
+    keys = pd.MultiIndex.from_arrays([split, rows["image_id"].astype(str).to_numpy()])
+    return np.asarray(pd.factorize(keys)[0], dtype=np.int64)

@@ -6,6 +6,10 @@ id) when the first item of a new epoch reaches it; `EpochSampler` tags every ind
 epoch's seed for that. A transform seeded once and forked into every worker would repeat one
 sequence of random draws in each group of `num_workers` batches. Batches go to the workers in a
 fixed round-robin order, so a run is reproducible for a given seed and worker count.
+
+With frame ids (`model.frame_context: attention`), an item is (image, label, weight, frame id,
+row index): the model groups a batch's rows by frame, and inference puts the rows of frame-packed
+batches (lib.data.samplers.FrameBatchSampler) back in input order by their row index.
 """
 from __future__ import annotations
 
@@ -18,6 +22,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset, Sampler, get_worker_info
 
 from lib.data.augment import build_transforms
+from lib.data.samplers import FrameBatchSampler
 
 
 def read_rgb(path: str) -> np.ndarray:
@@ -33,20 +38,32 @@ class CropDataset(Dataset):
     An item of `paths` may be a tuple of view paths (ROI first, then its context crops): the
     views then get the same random augmentation (albumentations additional targets, built by
     `build_transforms(..., n_views=V)`) and come back stacked as one (V, 3, H, W) tensor.
+    With `frames` (one frame id per row), items end with the row's frame id and its index.
     """
 
-    def __init__(self, paths: Sequence, labels: Sequence[int] | None = None, weights: Sequence[float] | None = None, transform=None):
+    def __init__(self, paths: Sequence, labels: Sequence[int] | None = None, weights: Sequence[float] | None = None, transform=None,
+                 frames: np.ndarray | None = None):
         self.paths = list(paths)
         self.labels = np.asarray(labels if labels is not None else [-1] * len(self.paths), dtype=np.int64)
         self.weights = np.asarray(weights if weights is not None else [1.0] * len(self.paths), dtype=np.float32)
+        self.frames = None if frames is None else np.asarray(frames, dtype=np.int64)
+        if self.frames is not None and len(self.frames) != len(self.paths):
+            raise ValueError(f"{len(self.frames)} frame ids for {len(self.paths)} crops; give one frame id per crop.")
         self.transform = transform
         self._epoch_seed: int | None = None  # the epoch a loader worker last reseeded itself for
 
     def __len__(self) -> int:
         return len(self.paths)
 
-    def __getitem__(self, key: int | tuple[int, int]) -> tuple[torch.Tensor | np.ndarray, int, float]:
+    def __getitem__(self, key: int | tuple[int, int]) -> tuple:
         """Item `key`, or (epoch seed, i) from an `EpochSampler`: a worker then reseeds itself once per epoch."""
+        i, img = self._image(key)
+        if self.frames is None:
+            return img, int(self.labels[i]), float(self.weights[i])
+        return img, int(self.labels[i]), float(self.weights[i]), int(self.frames[i]), i
+
+    def _image(self, key: int | tuple[int, int]) -> tuple[int, torch.Tensor | np.ndarray]:
+        """The row index of `key` and its image (or stacked views), augmented by the transform."""
         if isinstance(key, tuple):
             epoch_seed, i = key
             info = get_worker_info()
@@ -61,13 +78,13 @@ class CropDataset(Dataset):
             h, w = imgs[0].shape[:2]
             imgs = [im if im.shape[:2] == (h, w) else cv2.resize(im, (w, h), interpolation=cv2.INTER_AREA) for im in imgs]
             if self.transform is None:
-                return torch.stack([torch.from_numpy(im) for im in imgs]), int(self.labels[i]), float(self.weights[i])
+                return i, torch.stack([torch.from_numpy(im) for im in imgs])
             out = self.transform(image=imgs[0], **{f"image{v}": im for v, im in enumerate(imgs[1:], 1)})
-            return torch.stack([out["image"], *(out[f"image{v}"] for v in range(1, len(imgs)))]), int(self.labels[i]), float(self.weights[i])
+            return i, torch.stack([out["image"], *(out[f"image{v}"] for v in range(1, len(imgs)))])
         img = read_rgb(item)
         if self.transform is not None:
             img = self.transform(image=img)["image"]
-        return img, int(self.labels[i]), float(self.weights[i])
+        return i, img
 
 
 
@@ -107,21 +124,50 @@ class EpochSampler(Sampler[tuple[int, int]]):
         return len(self.indices) if isinstance(self.indices, Sized) else 0
 
 
-def make_train_loader(ds: Dataset, *, batch_size: int, drop_last: bool, num_workers: int, pin_memory: bool) -> DataLoader:
+class EpochBatches(Sampler[list[tuple[int, int]]]):
+    """`EpochSampler` for a batch sampler: the epoch's batches (lists of indices, e.g. whole frames), every index
+    tagged with the epoch's seed."""
+
+    def __init__(self) -> None:
+        self.seed = 0
+        self.batches: Sequence[Sequence[int]] = ()
+
+    def set_epoch(self, seed: int, batches: Sequence[Sequence[int]]) -> None:
+        self.seed, self.batches = seed, batches
+
+    def __iter__(self) -> Iterator[list[tuple[int, int]]]:
+        return ([(self.seed, int(i)) for i in b] for b in self.batches)
+
+    def __len__(self) -> int:
+        return len(self.batches)
+
+
+def make_train_loader(ds: Dataset, *, batch_size: int, drop_last: bool, num_workers: int, pin_memory: bool,
+                      frames: bool = False) -> DataLoader:
     """A fold's training loader over worker processes (num_workers > 0), kept for all its epochs: call
-    `loader.sampler.set_epoch(seed, order)` before each. Persistent workers skip the start-up every epoch."""
+    `loader.sampler.set_epoch(seed, order)` before each (with `frames`, `loader.batch_sampler.set_epoch(seed, batches)`).
+    Persistent workers skip the start-up every epoch."""
+    if frames:
+        return DataLoader(ds, batch_sampler=EpochBatches(), num_workers=num_workers, pin_memory=pin_memory, persistent_workers=True,
+                          prefetch_factor=PREFETCH_FACTOR)
     return DataLoader(ds, batch_size=batch_size, sampler=EpochSampler(), drop_last=drop_last, num_workers=num_workers,
                       pin_memory=pin_memory, persistent_workers=True, prefetch_factor=PREFETCH_FACTOR)
 
 
 def make_loader(paths: Sequence, *, img_size: int, mean, std, batch_size: int, num_workers: int, device: torch.device,
-                persistent: bool = False) -> DataLoader:
+                persistent: bool = False, frames: np.ndarray | None = None) -> DataLoader:
     """Eval loader over crop paths, or over tuples of view paths (lib.data.context.model_inputs).
 
     `persistent` keeps its workers between passes (validation runs every epoch); with workers,
-    each keeps PREFETCH_FACTOR batches ready.
+    each keeps PREFETCH_FACTOR batches ready. With `frames` (one frame id per path), batches hold
+    whole frames (FrameBatchSampler's inference batches: frames in order, one larger than the
+    batch in near-equal consecutive chunks) and items carry their frame id and row index.
     """
     n_views = len(paths[0]) if len(paths) and isinstance(paths[0], (tuple, list)) else 1
-    ds = CropDataset(paths, transform=build_transforms(img_size, train=False, mean=mean, std=std, n_views=n_views))
-    return DataLoader(ds, batch_size=batch_size, shuffle=False, num_workers=num_workers, pin_memory=device.type == "cuda",
-                      persistent_workers=persistent and num_workers > 0, prefetch_factor=PREFETCH_FACTOR if num_workers > 0 else None)
+    ds = CropDataset(paths, transform=build_transforms(img_size, train=False, mean=mean, std=std, n_views=n_views), frames=frames)
+    pin, keep, prefetch = device.type == "cuda", persistent and num_workers > 0, PREFETCH_FACTOR if num_workers > 0 else None
+    if frames is not None:
+        return DataLoader(ds, batch_sampler=FrameBatchSampler(frames, batch_size), num_workers=num_workers, pin_memory=pin,
+                          persistent_workers=keep, prefetch_factor=prefetch)
+    return DataLoader(ds, batch_size=batch_size, shuffle=False, num_workers=num_workers, pin_memory=pin, persistent_workers=keep,
+                      prefetch_factor=prefetch)

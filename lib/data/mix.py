@@ -9,6 +9,11 @@ both halves of the image by their own confidence.
 image is regularised while the label stays a leaf, which a taxonomic-distance metric prefers
 to a blend of two distant taxa.
 
+`frames` (with `model.frame_context: attention`, whose batches hold whole frames) draws each
+partner among the other ROIs of the same frame (and of the same label with `same_leaf`); an ROI
+alone in its frame is its own partner, so it stays unmixed. The frame attention then still sees
+the frame's own ROIs, each mixed only with a sibling.
+
 Soft targets and the losses of `lib.model.losses`: those take class indices. When mixing is on the
 trainer uses `soft_target_loss` (soft cross-entropy, with per-sample weights as in
 lib.model.losses) instead of the configured loss; the taxonomy-aware and long-tail losses
@@ -45,15 +50,20 @@ def _beta(alpha: float, generator: torch.Generator | None) -> float:
     return float(np.random.default_rng(seed).beta(alpha, alpha))
 
 
-def _partners(y: torch.Tensor, same_leaf: bool, generator: torch.Generator | None) -> torch.Tensor:
-    """A random permutation, or with `same_leaf` a random other sample of the same label (itself if alone)."""
+def _partners(y: torch.Tensor, same_leaf: bool, generator: torch.Generator | None, frames: torch.Tensor | None = None) -> torch.Tensor:
+    """A random permutation, or a random other sample of the same group (itself if alone): the same label with
+    `same_leaf`, the same frame with `frames`, both with both."""
     y = y.cpu()
     n = len(y)
-    if not same_leaf:
+    if not same_leaf and frames is None:
         return torch.randperm(n, generator=generator)
+    if frames is None:
+        key = y
+    else:
+        key = torch.unique(torch.stack([frames.cpu(), y if same_leaf else torch.zeros_like(y)], 1), dim=0, return_inverse=True)[1]
     partner = torch.arange(n)
-    for c in torch.unique(y):
-        idx = (y == c).nonzero().flatten()
+    for c in torch.unique(key):
+        idx = (key == c).nonzero().flatten()
         k = len(idx)
         if k > 1:
             shift = torch.randint(1, k, (k,), generator=generator)  # never 0: a partner other than itself
@@ -73,12 +83,14 @@ def _box(h: int, w: int, lam: float, generator: torch.Generator | None) -> tuple
 
 
 def mix_batch(x: torch.Tensor, y: torch.Tensor, w: torch.Tensor | None, *, n_classes: int, mixup_alpha: float, cutmix_alpha: float,
-              prob: float, same_leaf: bool = False, generator: torch.Generator | None = None, return_info: bool = False):
+              prob: float, same_leaf: bool = False, generator: torch.Generator | None = None, return_info: bool = False,
+              frames: torch.Tensor | None = None):
     """Mixup or cutmix a batch; returns (x_mixed, y_soft (B, C) float32, w_mixed) [+ MixInfo].
 
     With probability 1 - prob (or both alphas 0) the batch comes back as is, with one-hot
     targets. When both alphas are > 0, mixup or cutmix is chosen with equal chance. One lam
-    per batch; cutmix's lam is the unpasted area fraction after clipping the box.
+    per batch; cutmix's lam is the unpasted area fraction after clipping the box. With `frames`
+    (the rows' frame ids), partners come from the same frame.
     """
     onehot = F.one_hot(y.long(), n_classes).float()
     n = len(y)
@@ -89,7 +101,7 @@ def mix_batch(x: torch.Tensor, y: torch.Tensor, w: torch.Tensor | None, *, n_cla
         return (x, onehot, w, info) if return_info else (x, onehot, w)
     kind = methods[0] if len(methods) == 1 else methods[int(_rand(generator) < 0.5)]
     lam = _beta(mixup_alpha if kind == "mixup" else cutmix_alpha, generator)
-    partner = _partners(y, same_leaf, generator)
+    partner = _partners(y, same_leaf, generator, frames)
     p_dev = partner.to(x.device)
     box = None
     if kind == "mixup":

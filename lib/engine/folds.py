@@ -39,15 +39,20 @@ CHECK_THREADS = 8  # crops read and hashed at once before the first epoch (reads
 
 
 def fold_splits(rois: pd.DataFrame, folds: list[int], extra: pd.DataFrame | None = None) -> list[FoldSplit]:
-    """Per fold: train on the other folds (+ `extra` rows, e.g. pseudo-labels, never validated on)."""
+    """Per fold: train on the other folds (+ `extra` rows, e.g. pseudo-labels, never validated on).
+
+    Rows keep their frame (split, image_id; lib.data.context.frame_ids) for model.frame_context=attention;
+    `extra` rows carry theirs (pseudo-labelled test rows: their test frame).
+    """
     train = rois[(rois["split"] == "train") & (rois["ok"] == 1)].assign(weight=1.0)
     views = [c for c in train.columns if c.endswith("_path") and c != "testlike_path"]  # the ROI and every context crop
+    frame = [c for c in ("split", "image_id") if c in train]
     out = []
     for k in folds:
-        tr = train[train["fold"] != k][views + ["label", "weight"]]
+        tr = train[train["fold"] != k][views + ["label", "weight"] + frame]
         if extra is not None and len(extra):
-            tr = pd.concat([tr, extra[[c for c in views if c in extra] + ["label", "weight"]]], ignore_index=True)
-        cols = ["annotation_id", "label"] + views + (["testlike_path"] if "testlike_path" in train else [])
+            tr = pd.concat([tr, extra[[c for c in views + frame if c in extra] + ["label", "weight"]]], ignore_index=True)
+        cols = ["annotation_id", "label"] + views + (["testlike_path"] if "testlike_path" in train else []) + frame
         val = train[train["fold"] == k][cols].reset_index(drop=True)
         out.append(FoldSplit(fold=k, train=tr.reset_index(drop=True), val=val))
     return out

@@ -149,6 +149,9 @@ def predict(model: nn.Module, loader: Iterable, device: torch.device, *, views: 
     plain timm model without a head (its pre-logits features, as knn_baseline's backbone).
     `precision` is a train.precision value (auto, bf16, fp16, fp32), resolved by the one policy
     of lib.model.device, so prediction runs as training did on this device.
+
+    Batches of whole frames (a loader made with frame ids: items (x, label, weight, frame, row))
+    reach the model with their frame ids, and the arrays come back in row order.
     """
     parsed = [v if isinstance(v, View) else parse_views([v])[0] for v in views]
     if not parsed:
@@ -158,36 +161,43 @@ def predict(model: nn.Module, loader: Iterable, device: torch.device, *, views: 
     model.eval()
     head: Any = model.head_module if probs else None  # a lib.model.heads.Head
     parts: dict[str, list[torch.Tensor]] = {}
-    for x, _, _ in tqdm(loader, desc=desc, leave=False, unit="batch"):
-        x = x.to(device, non_blocking=True)
+    rows: list[torch.Tensor] = []
+    for batch in tqdm(loader, desc=desc, leave=False, unit="batch"):
+        x = batch[0].to(device, non_blocking=True)
+        frames = batch[3].to(device) if len(batch) > 3 else None
+        if len(batch) > 4:
+            rows.append(batch[4])
         per_view: dict[str, list[torch.Tensor]] = {}
         for view in parsed:
-            for k, v in _one_view(model, head, channels_last(view(x)), device, amp, features, scores).items():
+            for k, v in _one_view(model, head, channels_last(view(x)), device, amp, features, scores, frames).items():
                 per_view.setdefault(k, []).append(v)
         for k, v in _combine_views(per_view, mode, keep_views).items():
             parts.setdefault(k, []).append(v)
     wanted = {"probs": probs, "embeddings": features, "view_probs": probs and keep_views}
+    back = torch.argsort(torch.cat(rows)).numpy() if rows else None  # frame batches: back to the loader's row order
     result: dict[str, np.ndarray] = {}
     for k in (*KEYS, *(k for k in parts if k not in KEYS)):
         if k in parts:
-            result[k] = _cat(parts[k], 1 if k == "view_probs" else 0)
+            a = _cat(parts[k], 1 if k == "view_probs" else 0)
+            result[k] = a if back is None else (a[:, back] if k == "view_probs" else a[back])
         elif wanted.get(k):  # an empty loader
             result[k] = np.zeros((len(parsed), 0, 0) if k == "view_probs" else (0, 0), dtype=np.float32)
     return result
 
 
-def _features(model: Any, x: torch.Tensor) -> torch.Tensor:
-    """Pooled features: a `Net`'s (fused over context views), or a plain timm model's pre-logits."""
+def _features(model: Any, x: torch.Tensor, frames: torch.Tensor | None = None) -> torch.Tensor:
+    """Pooled features: a `Net`'s (fused over context views, then over its frame with frame attention), or a plain timm
+    model's pre-logits."""
     if hasattr(model, "features"):
-        return model.features(x)
+        return model.features(x) if frames is None else model.features(x, frames)
     return model.forward_head(model.forward_features(x), pre_logits=True)
 
 
 def _one_view(model: Any, head: Any, x: torch.Tensor, device: torch.device, precision: str, features: bool,
-              scores: Scores | None) -> dict[str, torch.Tensor]:
+              scores: Scores | None, frames: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
     """One forward pass of one view of a batch (autocast to `precision`): float32 probs, embeddings, head_probs (B, H, C), scores."""
     with autocast(device, precision):
-        f = _features(model, x)
+        f = _features(model, x, frames)
         out = head(f) if head is not None else None
         p = head.probs(out) if out is not None else None
     got = {"probs": p.float()} if p is not None else {}
@@ -222,19 +232,24 @@ DECODED_CAP_BYTES = 2 << 30  # fold models share one decoded copy of the inputs 
 
 
 def predict_folds_tta(fold_dirs: Sequence, inputs: Sequence, cfg, taxonomy, device: torch.device,
-                      features: bool = True) -> dict[str, np.ndarray]:
+                      features: bool = True, frames: np.ndarray | None = None) -> dict[str, np.ndarray]:
     """Every fold model on the same inputs with `cfg.tta`: arrays stacked over models.
 
     `probs` (M, N, C); `embeddings` (M, N, D) with `features`; `head_probs` (M, N, H, C) for
     multi heads. 02 and 04 share it so both see the same TTA. The crops are decoded and resized
     once for all fold models (they share the eval transform) when the batches fit in
-    `DECODED_CAP_BYTES`; otherwise each model streams them from its own loader.
+    `DECODED_CAP_BYTES`; otherwise each model streams them from its own loader. `frames` (one
+    frame id per input, lib.data.context.frame_ids) batch whole frames when `cfg.model.frame_context`
+    is attention, and are ignored otherwise.
     """
     from lib.data.dataset import make_loader
     from lib.model.checkpoint import load_fold_model
     from lib.model.net import mean_std
 
     views = parse_views(cfg.tta.views)
+    grouped = cfg.model.frame_context == "attention"
+    if grouped and frames is None:
+        raise ValueError("model.frame_context=attention predicts whole frames; give predict_folds_tta the inputs' frame ids.")
     log.info("predicting with %d fold model(s) on %s", len(fold_dirs), describe_device(device, cfg.train.precision))
     inputs = list(inputs)
     n_views = len(inputs[0]) if inputs and isinstance(inputs[0], (tuple, list)) else 1
@@ -248,7 +263,7 @@ def predict_folds_tta(fold_dirs: Sequence, inputs: Sequence, cfg, taxonomy, devi
             batches: Iterable[Any] = decoded[1]
         else:
             batches = make_loader(inputs, img_size=cfg.model.img_size, mean=mean, std=std, batch_size=cfg.train.eval_batch_size,
-                                  num_workers=cfg.train.num_workers, device=device)
+                                  num_workers=cfg.train.num_workers, device=device, frames=frames if grouped else None)
             if fits:
                 batches = list(batches)
                 decoded = ((tuple(mean), tuple(std)), batches)

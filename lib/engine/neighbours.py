@@ -18,6 +18,7 @@ from lib.config import Config
 from lib.core.errors import StageError
 from lib.core.io import atomic_path, cached_npz
 from lib.data.artifacts import Prepared
+from lib.data.context import frame_ids
 from lib.data.taxonomy import Taxonomy
 from lib.decide.knn import gpu_available, neighbour_distribution
 from lib.pipeline import graph
@@ -26,8 +27,11 @@ from lib.pipeline.records import Stage
 log = logging.getLogger("pipeline")
 
 
-def embeddings(cfg: Config, stage: Stage, paths: list[str], tax: Taxonomy) -> Iterator[tuple[int | None, np.ndarray]]:
-    """(None, one backbone's embeddings) or, per fold model, (k, fold k's embeddings); cached per file."""
+def embeddings(cfg: Config, stage: Stage, paths: list[str], tax: Taxonomy,
+               frames: np.ndarray | None = None) -> Iterator[tuple[int | None, np.ndarray]]:
+    """(None, one backbone's embeddings) or, per fold model, (k, fold k's embeddings); cached per file.
+
+    `frames` (one frame id per path) batch whole frames for fold models with model.frame_context=attention."""
     from lib.data.dataset import make_loader
     from lib.engine.inference import predict
     from lib.model.checkpoint import load_fold_model
@@ -36,9 +40,10 @@ def embeddings(cfg: Config, stage: Stage, paths: list[str], tax: Taxonomy) -> It
 
     k, inputs = cfg.knn, stage.fingerprint["inputs"]
 
-    def embed(model, img_size: int, desc: str) -> dict:
+    def embed(model, img_size: int, desc: str, frames: np.ndarray | None = None) -> dict:
         mean, std = mean_std(model)
-        loader = make_loader(paths, img_size=img_size, mean=mean, std=std, batch_size=k.batch_size, num_workers=cfg.train.num_workers, device=device)
+        loader = make_loader(paths, img_size=img_size, mean=mean, std=std, batch_size=k.batch_size, num_workers=cfg.train.num_workers,
+                             device=device, frames=frames)
         return {"embeddings": predict(model, loader, device, probs=False, precision=cfg.train.precision, desc=desc)["embeddings"]}
 
     device = pick_device(cfg.train.device)
@@ -55,7 +60,8 @@ def embeddings(cfg: Config, stage: Stage, paths: list[str], tax: Taxonomy) -> It
         key = f"{inputs['00_prepare']}|{inputs['01_train']}|{d.name}|{cfg.model.img_size}|{cfg.train.precision}"
 
         def compute(d: Path = d) -> dict:
-            return embed(load_fold_model(d, cfg, tax, device), cfg.model.img_size, f"embed {d.name}")
+            return embed(load_fold_model(d, cfg, tax, device), cfg.model.img_size, f"embed {d.name}",
+                         frames if cfg.model.frame_context == "attention" else None)
 
         arrays, hit = cached_npz(stage.dir / f"embeddings_{d.name}.npz", key, compute)
         log.info("%s: %s embeddings %s", stage.name, d.name, "from cache" if hit else "computed")
@@ -94,7 +100,8 @@ def knn_cv(cfg: Config, stage: Stage, prep: Prepared) -> KnnCV:
     oof = np.zeros((len(train_idx), tax.n_classes))
     test_p = np.zeros((len(test_idx), tax.n_classes))
     done, models = np.zeros(len(train_idx), dtype=bool), 0
-    for model_fold, emb in embeddings(cfg, stage, rois["crop_path"].tolist(), tax):
+    frames = frame_ids(rois) if cfg.model.frame_context == "attention" else None
+    for model_fold, emb in embeddings(cfg, stage, rois["crop_path"].tolist(), tax, frames):
         held_out = np.unique(train_fold) if model_fold is None else [model_fold]  # a fold model answers only its own fold
         for f in held_out:
             q = train_fold == f

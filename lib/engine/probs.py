@@ -53,12 +53,13 @@ def model_probs(cfg: Config, stage: Stage, member: Member, tax: Taxonomy) -> Mod
     def compute() -> dict:
         probs = _from_02(cfg, stage, ids) if ref.name == "phase1" else None
         if probs is None:
-            from lib.data.context import model_inputs
+            from lib.data.context import frame_ids, model_inputs
             from lib.engine.inference import predict_folds_tta
             from lib.model.device import pick_device
 
+            frames = frame_ids(member.test) if mcfg.model.frame_context == "attention" else None
             probs = predict_folds_tta(member.folds, model_inputs(member.test, mcfg.model.context), mcfg, tax,
-                                      pick_device(cfg.train.device), features=False)["probs"]
+                                      pick_device(cfg.train.device), features=False, frames=frames)["probs"]
         return {"annotation_id": ids, "probs": probs}
 
     arrays, hit = cached_npz(stage.dir / "probs" / f"{ref.file_stem}.npz", key, compute)

@@ -123,11 +123,12 @@ def predict_members(cfg: Config, members: Sequence[Member], tax: Taxonomy, devic
     `probs` so scaled and adjusted; `temperatures` per member; `frame_params` (M', b and eps per
     member) under stack; `embeddings` as the module docstring says.
     """
-    from lib.data.context import model_inputs
+    from lib.data.context import frame_ids, model_inputs
     from lib.decide.calibration import apply_temperature
     from lib.engine.inference import predict_folds_tta
 
-    parts = [predict_folds_tta(m.folds, model_inputs(m.test, m.cfg.model.context), m.cfg, tax, device) for m in members]
+    parts = [predict_folds_tta(m.folds, model_inputs(m.test, m.cfg.model.context), m.cfg, tax, device,
+                               frames=frame_ids(m.test) if m.cfg.model.frame_context == "attention" else None) for m in members]
     stack = cfg.pseudo.frame_context == "stack"
     if stack and frames is None:
         raise ValueError("pseudo.frame_context=stack needs the frames of 00's ROIs; pass frames.")

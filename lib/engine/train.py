@@ -27,10 +27,10 @@ from lib.core.errors import StageError
 from lib.core.faults import fault_point
 from lib.core.io import atomic_path
 from lib.data.augment import build_transforms
-from lib.data.context import model_inputs
-from lib.data.dataset import CropDataset, EpochSampler, make_loader, make_train_loader
+from lib.data.context import frame_ids, model_inputs
+from lib.data.dataset import CropDataset, EpochBatches, EpochSampler, make_loader, make_train_loader
 from lib.data.mix import mix_batch, soft_target_loss
-from lib.data.samplers import build_sampler
+from lib.data.samplers import FRAME_SAMPLER_NOTE, FrameBatchSampler, build_sampler
 from lib.data.taxonomy import RANKS, Taxonomy
 from lib.decide.metric import score_labels
 from lib.engine.inference import predict
@@ -52,8 +52,8 @@ class FoldSplit:
     """Training rows (with per-sample weights) and validation rows of one fold."""
 
     fold: int
-    train: pd.DataFrame  # crop_path (+ ctx<s>_path, full_path), label, weight
-    val: pd.DataFrame  # annotation_id, label, the crop paths (+ testlike_path: the same ROIs shrunk to test box sizes)
+    train: pd.DataFrame  # crop_path (+ ctx<s>_path, full_path), label, weight (+ split, image_id: the frame)
+    val: pd.DataFrame  # annotation_id, label, the crop paths (+ testlike_path: the same ROIs shrunk to test box sizes; split, image_id)
 
 
 def seed_everything(seed: int) -> None:
@@ -199,19 +199,24 @@ def build_kit(cfg: Config, split: FoldSplit, taxonomy: Taxonomy, epochs: int) ->
     criterion = build_loss(cfg.loss, counts, dist, taxonomy.lca_distance_matrix() if cfg.loss.ts_distance == "lca" else None).to(device)
     optimizer = torch.optim.AdamW(param_groups(model, t.lr, t.weight_decay, t.backbone_lr_mult))
     ema = Ema(model, t.ema_decay) if t.ema_decay > 0 else None
-    views = cfg.model.context
+    views, by_frame = cfg.model.context, cfg.model.frame_context == "attention"
     train_tf = build_transforms(cfg.model.img_size, train=True, mean=mean, std=std, aug=cfg.augment, n_views=len(views))
-    ds = CropDataset(model_inputs(split.train, views), split.train["label"], split.train["weight"], transform=train_tf)
+    ds = CropDataset(model_inputs(split.train, views), split.train["label"], split.train["weight"], transform=train_tf,
+                     frames=frame_ids(split.train) if by_frame else None)
     eval_loader = functools.partial(make_loader, img_size=cfg.model.img_size, mean=mean, std=std, batch_size=t.eval_batch_size,
-                                    num_workers=t.num_workers, device=device, persistent=True)
+                                    num_workers=t.num_workers, device=device, persistent=True,
+                                    frames=frame_ids(split.val) if by_frame else None)
     val_loader, testlike_loader = eval_loader(model_inputs(split.val, views)), None
     if "testlike_path" in split.val and (split.val["testlike_path"].fillna("") != "").all():
         # The test-like view shrinks the ROI only: 00 cuts no test-like context crops, so context views stay as they are.
         testlike_loader = eval_loader(model_inputs(split.val, views, roi_column="testlike_path"))
     per_rank, batch = len(ds) // world, ddp.rank_batch(t.batch_size, world)  # each process: its share of every epoch and batch
     batches = max(1, per_rank // batch if per_rank > batch else 1)
+    if ds.frames is not None:  # whole frames per batch: the schedule counts the first epoch's batches (later ones differ by a few)
+        batches = max(1, len(frame_batches(ds.frames, ds.labels, t.sampler, batch, torch.Generator().manual_seed(seed * 1000))))
+        describe_frames(ds.frames, t.sampler, batches)
     train_loader = make_train_loader(ds, batch_size=batch, drop_last=per_rank > batch, num_workers=t.num_workers,
-                                     pin_memory=device.type == "cuda") if t.num_workers > 0 else None
+                                     pin_memory=device.type == "cuda", frames=ds.frames is not None) if t.num_workers > 0 else None
     steps_per_epoch = max(1, math.ceil(batches / t.accumulate))
     return FoldKit(model=model, train_model=train_model, criterion=criterion, optimizer=optimizer, ema=ema, train_tf=train_tf, ds=ds,
                    val_loader=val_loader, testlike_loader=testlike_loader, device=device, precision=precision,
@@ -241,14 +246,15 @@ def train_one_epoch(kit: FoldKit, cfg: Config, split: FoldSplit, name: str, epoc
     pending: list[torch.Tensor] = []
     bar = tqdm(loader, desc=f"{name} epoch {epoch + 1}/{epochs}", leave=False, unit="batch", disable=not ddp.is_main())
     kit.optimizer.zero_grad(set_to_none=True)
-    for i, (x, y, w) in enumerate(bar):
-        x, y, w = x.to(kit.device, non_blocking=True), y.to(kit.device), w.to(kit.device)
+    for i, batch in enumerate(bar):
+        x, y, w = batch[0].to(kit.device, non_blocking=True), batch[1].to(kit.device), batch[2].to(kit.device)
+        frames = batch[3].to(kit.device) if len(batch) > 3 else None  # whole frames (model.frame_context=attention)
         y_soft = None
         if a.mixing:
             x, y_soft, w = mix_batch(x, y, w, n_classes=kit.n_classes, mixup_alpha=a.mixup_alpha, cutmix_alpha=a.cutmix_alpha,
-                                     prob=a.mix_prob, same_leaf=a.mix_same_leaf, generator=gen)
+                                     prob=a.mix_prob, same_leaf=a.mix_same_leaf, generator=gen, frames=frames)
         with autocast(kit.device, kit.precision):
-            out = kit.train_model(channels_last(x), full=True)
+            out = kit.train_model(channels_last(x), full=True, frames=frames)
         # Mixed (soft) targets train the leaf logits with soft cross-entropy; one-hot batches use the head's loss.
         soft = y_soft is not None and not a.mix_same_leaf
         loss = soft_target_loss(out.logits, y_soft.to(kit.device), w) if soft and y_soft is not None else \
@@ -271,9 +277,16 @@ def _epoch_loader(kit: FoldKit, t, labels: np.ndarray, epoch_seed: int, gen: tor
     """The epoch's batches: shuffled, or drawn by `train.sampler`; under torchrun each rank its own share.
 
     Without workers a fresh loader per epoch; with workers the fold's persistent loader, told
-    the epoch's order and seed (its workers reseed their augmentation from it).
+    the epoch's order and seed (its workers reseed their augmentation from it). A dataset with
+    frame ids gets batches of whole frames (`frame_batches`).
     """
     world, ds = ddp.world_size(), kit.ds
+    if getattr(ds, "frames", None) is not None:
+        frames = frame_batches(cast(np.ndarray, ds.frames), labels, t.sampler, kit.batch, gen)
+        if kit.train_loader is not None:
+            cast(EpochBatches, kit.train_loader.batch_sampler).set_epoch(epoch_seed, frames.batches)
+            return kit.train_loader
+        return DataLoader(ds, batch_sampler=frames, num_workers=0, pin_memory=kit.device.type == "cuda")
     sampler: Sampler | None
     if world > 1 and t.sampler == "random":
         sampler = DistributedSampler(ds, num_replicas=world, rank=ddp.rank(), shuffle=True, seed=epoch_seed, drop_last=True)
@@ -286,6 +299,26 @@ def _epoch_loader(kit: FoldKit, t, labels: np.ndarray, epoch_seed: int, gen: tor
         return kit.train_loader
     return DataLoader(ds, batch_size=kit.batch, shuffle=sampler is None, sampler=sampler, generator=gen,
                       drop_last=len(ds) // world > kit.batch, num_workers=0, pin_memory=kit.device.type == "cuda")
+
+
+def frame_batches(frames: np.ndarray, labels: np.ndarray, sampler: str, batch: int, gen: torch.Generator) -> FrameBatchSampler:
+    """The epoch's batches of whole frames drawn by `train.sampler`; under torchrun every rank packs the same batches
+    from the same seed and takes its own share of them (frames, not rows, are split across ranks)."""
+    got = FrameBatchSampler(frames, batch, name=sampler, labels=labels, generator=gen, rank=ddp.rank(), world=ddp.world_size())
+    if not len(got):
+        raise StageError(f"The training frames fill fewer batches than the {ddp.world_size()} torchrun processes; start fewer "
+                         f"processes or lower train.batch_size.")
+    return got
+
+
+def describe_frames(frames: np.ndarray, sampler: str, batches: int) -> None:
+    """One log line on what the frame attention will see (on rank 0), and where the sampler cannot compose with frames."""
+    if not ddp.is_main():
+        return
+    sizes = np.bincount(np.unique(frames, return_inverse=True)[1])
+    log.info("frame attention: %d training rows in %d frames (%.0f%% share their frame, the largest holds %d), %d batches per epoch%s",
+             len(frames), len(sizes), 100.0 * sizes[sizes > 1].sum() / max(1, len(frames)), sizes.max(initial=0), batches,
+             "" if sampler == "random" else f"; {FRAME_SAMPLER_NOTE.format(name=sampler)}")
 
 
 def _step(kit: FoldKit, t, step: int) -> None:

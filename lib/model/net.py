@@ -91,42 +91,52 @@ def build_model(backbone: str, n_classes: int, pretrained: str, pretrained_file:
 
 class Net(nn.Module):
     """A timm backbone (pooled features), the fusion of context views when the model reads several,
-    and a head from lib.model.heads.
+    the frame attention (lib.model.frame_attention) with `model.frame_context: attention`, and a
+    head from lib.model.heads.
 
     `forward(x)` returns leaf logits. Training calls `forward(x, full=True)` (through the DDP or
     compiled wrapper, which must see the forward) for the head's whole `HeadOutput` (auxiliary
     and per-head logits) and scores it with `head_module.loss`. Inference (lib.engine.inference)
     calls `features` and the head itself, so every TTA view shares one code path; `probs` is the
     same computation in one call.
+
+    `frames` (N,) are the batch rows' frame ids (rows of one frame together in the batch, as the
+    frame samplers and loaders of lib.data give them): with frame attention, each ROI's features
+    attend to those of the rows of its own frame; without frames each ROI is its own frame. A Net
+    without frame attention ignores them.
     """
 
-    def __init__(self, backbone: nn.Module, head: Head, fusion: nn.Module | None = None):
+    def __init__(self, backbone: nn.Module, head: Head, fusion: nn.Module | None = None, frame_attention: nn.Module | None = None):
         super().__init__()
         self.backbone = backbone
         self.head_module = head
         self.fusion = fusion  # lib.model.fusion.ContextFusion when the model reads several views
+        self.frame_attention = frame_attention  # lib.model.frame_attention.FrameAttention with model.frame_context=attention
         self.pretrained_cfg = getattr(backbone, "pretrained_cfg", {})
 
-    def features(self, x: torch.Tensor) -> torch.Tensor:
-        """Pooled features of a (N, 3, H, W) batch, or the fused features of (N, V, 3, H, W) views."""
+    def features(self, x: torch.Tensor, frames: torch.Tensor | None = None) -> torch.Tensor:
+        """Pooled features of a (N, 3, H, W) batch, or the fused features of (N, V, 3, H, W) views; then the frame attention."""
         if x.dim() == 4:
-            return self.backbone(x)
-        n, v = x.shape[:2]
-        f = self.backbone(channels_last(x.flatten(0, 1)))  # one pass through the shared backbone
-        if self.fusion is None:
-            raise ValueError(f"{v} views given to a model built for one (model.context has one view); rebuild it with the views.")
-        return self.fusion(f.view(n, v, -1))
+            f = self.backbone(x)
+        else:
+            n, v = x.shape[:2]
+            if self.fusion is None:
+                raise ValueError(f"{v} views given to a model built for one (model.context has one view); rebuild it with the views.")
+            f = self.fusion(self.backbone(channels_last(x.flatten(0, 1))).view(n, v, -1))  # one pass through the shared backbone
+        if self.frame_attention is None:
+            return f
+        return self.frame_attention(f, frames if frames is not None else torch.arange(len(f), device=f.device))
 
-    def forward_out(self, x: torch.Tensor):
-        return self.head_module(self.features(x))
+    def forward_out(self, x: torch.Tensor, frames: torch.Tensor | None = None):
+        return self.head_module(self.features(x, frames))
 
-    def forward(self, x: torch.Tensor, full: bool = False):
+    def forward(self, x: torch.Tensor, full: bool = False, frames: torch.Tensor | None = None):
         """Leaf logits, or the whole HeadOutput with `full` (training goes through here so DDP sees it)."""
-        out = self.forward_out(x)
+        out = self.forward_out(x, frames)
         return out if full else out.logits
 
-    def probs(self, x: torch.Tensor) -> torch.Tensor:
-        return self.head_module.probs(self.forward_out(x))
+    def probs(self, x: torch.Tensor, frames: torch.Tensor | None = None) -> torch.Tensor:
+        return self.head_module.probs(self.forward_out(x, frames))
 
 
 def build_net(cfg, taxonomy, pretrained: bool = True) -> Net:
@@ -134,6 +144,7 @@ def build_net(cfg, taxonomy, pretrained: bool = True) -> Net:
 
     `pretrained=False` builds the bare architecture (to load a fold's checkpoint into).
     """
+    from lib.model.frame_attention import FrameAttention
     from lib.model.fusion import ContextFusion
     from lib.model.heads import build_head
 
@@ -142,7 +153,8 @@ def build_net(cfg, taxonomy, pretrained: bool = True) -> Net:
     n_features = int(getattr(backbone, "num_features"))  # noqa: B009 (timm models have it; nn.Module's typing does not)
     fusion = ContextFusion(n_features, len(m.context), m.fusion) if len(m.context) > 1 else None
     dim = fusion.out_dim if fusion is not None else n_features
-    return Net(backbone, build_head(cfg.head, dim, taxonomy, logit_scale=cfg.loss.s), fusion)
+    frames = FrameAttention(dim, m.frame_width, m.frame_heads, m.frame_layers, m.frame_dropout) if m.frame_context == "attention" else None
+    return Net(backbone, build_head(cfg.head, dim, taxonomy, logit_scale=cfg.loss.s), fusion, frames)
 
 
 def mean_std(model: nn.Module) -> tuple[tuple[float, ...], tuple[float, ...]]:

@@ -26,9 +26,10 @@ def param_groups(model: nn.Module, lr: float, weight_decay: float, backbone_lr_m
     """
     head = head_module(model)
     head_ids = {id(p) for p in head.parameters()} if head is not None else set()
-    fusion = getattr(model, "fusion", None)  # context fusion is new too: it learns at the head's rate
-    if isinstance(fusion, nn.Module):
-        head_ids |= {id(p) for p in fusion.parameters()}
+    for name in ("fusion", "frame_attention"):  # context fusion and frame attention are new too: they learn at the head's rate
+        part = getattr(model, name, None)
+        if isinstance(part, nn.Module):
+            head_ids |= {id(p) for p in part.parameters()}
     groups: dict[tuple[bool, bool], list] = {}
     for p in model.parameters():
         if not p.requires_grad:
