@@ -272,7 +272,7 @@ def test_calibrated_options_fit_on_out_of_fold_rows_only(tmp_path):
 
     models = [model("phase1", 1.0), model("b/phase1", 0.7)]
     cfg = load_config(None, ["submit.calibrate=temperature", "submit.calibrate_objective=logloss", "submit.blend=fit",
-                             "submit.models=[phase1, b/phase1]"])
+                             "submit.models=[phase1, b/phase1]", "submit.frame_context=none"])  # rows without frames
     cache = tmp_path / "probs" / "blend_fit.npz"
     counts = np.ones(tax.n_classes)
     opts = blending.blend_options(cfg, models, tax, counts, cache)
@@ -331,7 +331,7 @@ def test_blend_only_rerun_fits_nothing_again(tmp_path, monkeypatch):
                                   rng.dirichlet(np.ones(tax.n_classes), 7), oof_fold=np.arange(120) % 3) for n in ("phase1", "b/phase1")]
     cache = tmp_path / "probs" / "blend_fit.npz"
     counts = np.ones(tax.n_classes)
-    first = blending.blend_options(load_config(None, ["submit.blend=fit"]), models, tax, counts, cache).table
+    first = blending.blend_options(load_config(None, ["submit.blend=fit", "submit.frame_context=none"]), models, tax, counts, cache).table
     assert (tmp_path / "probs" / "temperatures.json").is_file() and (tmp_path / "probs" / "blend_greedy_temperature_fold2.npz").is_file()
     calls: list[str] = []
     monkeypatch.setattr(calibration, "fit_temperature", lambda *a, **k: calls.append("T"))
@@ -344,6 +344,6 @@ def test_blend_only_rerun_fits_nothing_again(tmp_path, monkeypatch):
     monkeypatch.setattr(blending, "blend_weights", counted_blend_weights)
     monkeypatch.setattr(weights, "greedy_weights", lambda *a, **k: calls.append("greedy"))
     fresh = [blending.ModelProbs(m.name, m.cv, m.oof_ids, m.oof_labels, m.oof.copy(), m.test, oof_fold=m.oof_fold) for m in models]
-    again = blending.blend_options(load_config(None, ["submit.blend=greedy"]), fresh, tax, counts, cache).table
+    again = blending.blend_options(load_config(None, ["submit.blend=greedy", "submit.frame_context=none"]), fresh, tax, counts, cache).table
     assert set(calls) <= {"uniform", "cv"}  # the closed-form weights only
     pd.testing.assert_frame_equal(first, again)

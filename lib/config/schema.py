@@ -349,8 +349,10 @@ class SubmitCfg:
     backoff_tau: float = 0.5
     # stack: after blending and calibration, before decoding, each ROI's probabilities adjusted by what the other ROIs of
     # its frame say (lib.decide.frame_context: log q = log p + b log(eps + siblings' mean), b and eps fitted on out-of-fold
-    # rows); none: each ROI alone. options.csv scores both either way (nested out of fold) to choose by
-    frame_context: Literal["none", "stack"] = "none"
+    # rows); none: each ROI alone. options.csv scores both either way (nested out of fold) to choose by. Default stack:
+    # on the demo with real frame structure (3 seeds) it lowered the nested out-of-fold distance of all 36 options, by 0.10
+    # (min-risk) and 0.07 (argmax) on average; on a dataset of one ROI per frame it changes nothing (b = 0)
+    frame_context: Literal["none", "stack"] = "stack"
     # stack's b per bucket of sibling counts, from these lower edges: [1] one b (two parameters in all); [1, 2, 4] a b for
     # 1, 2-3 and 4+ siblings (nested out of fold it beat [1] on synthetic rows over the real frames, see README)
     frame_context_buckets: list[int] = field(default_factory=lambda: [1])
