@@ -132,16 +132,21 @@ ddp.close()
 '''
 
 
-@pytest.mark.slow
-def test_two_gloo_ranks_step_as_one_process_with_the_global_batch(tmp_path):
-    """train.batch_size 16 on 2 ranks: 8 rows each, one step, and the same weights as one process stepping on all 16 rows
-    at the same learning rate (DDP averages the two ranks' mean gradients into the global batch's mean)."""
+def run_two_ranks(tmp_path: Path, worker: str) -> None:
+    """`worker` (a script's source, given out.pt's path as its argument) on 2 gloo ranks under torchrun, one thread each."""
     script = tmp_path / "worker.py"
-    script.write_text(WORKER)
+    script.write_text(worker)
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
     r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(script),
                         str(tmp_path / "out.pt")], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-3000:]
+
+
+@pytest.mark.slow
+def test_two_gloo_ranks_step_as_one_process_with_the_global_batch(tmp_path):
+    """train.batch_size 16 on 2 ranks: 8 rows each, one step, and the same weights as one process stepping on all 16 rows
+    at the same learning rate (DDP averages the two ranks' mean gradients into the global batch's mean)."""
+    run_two_ranks(tmp_path, WORKER)
     got = torch.load(tmp_path / "out.pt", weights_only=True)
     assert got["rows"] == [8]
 
@@ -208,12 +213,7 @@ def test_two_gloo_ranks_split_frames_not_rows(tmp_path):
     rank's batch in chunks), as many batches each, and DDP keeps the frame attention's weights equal on both ranks."""
     import numpy as np
 
-    script = tmp_path / "worker.py"
-    script.write_text(FRAME_WORKER)
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
-    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(script),
-                        str(tmp_path / "out.pt")], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
-    assert r.returncode == 0, r.stderr[-3000:]
+    run_two_ranks(tmp_path, FRAME_WORKER)
     got = [torch.load(tmp_path / f"out.pt.{k}", weights_only=True) for k in (0, 1)]
     frames = np.repeat(np.arange(12), [1, 1, 2, 2, 3, 3, 4, 4, 5, 1, 2, 12])
     assert len(got[0]["rows"]) == len(got[1]["rows"]) >= 2 and all(len(b) <= 8 for g in got for b in g["rows"])
