@@ -164,6 +164,12 @@ def test_packing_is_next_fit_and_a_lone_last_row_joins_a_batch_with_room():
     assert pack_units(units, [0, 1, 2, 3], 3) == [[0, 1, 2], [3, 4, 8], [5, 6, 7]]  # the lone row 8 joins the first with room
     # Two chunks of one frame never share a batch, even where they would fit.
     assert pack_units([np.array([0, 1]), np.array([2, 3])], [9, 9], 8) == [[0, 1], [2, 3]]
+    # Weighted draws repeat a one-ROI frame back to back: no batch of one row is left anywhere (BatchNorm cannot train
+    # on it); without room it goes to the smallest batch that lacks its frame, one row over the size, and a repeat of a
+    # frame that every other batch holds goes to the smallest one.
+    draws = [np.array([0, 1]), np.array([2]), np.array([2]), np.array([3, 4])]
+    assert pack_units(draws, [0, 1, 1, 2], 3) == [[0, 1, 2], [2, 3, 4]]
+    assert pack_units([np.array([0, 1, 2]), np.array([3]), np.array([3])], [0, 1, 1], 3) == [[0, 1, 2, 3, 3]]
 
 
 def test_inference_batches_are_frames_in_order():

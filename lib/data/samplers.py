@@ -90,7 +90,9 @@ def frame_units(frames: np.ndarray, batch_size: int, generator: torch.Generator 
 
 def pack_units(units: Sequence[np.ndarray], unit_frames: Sequence[int], batch_size: int) -> list[list[int]]:
     """Next-fit packing in the given order: a batch closes when the next unit would overflow it or its frame is in it
-    already; a lone last row moves to the first earlier batch with room that holds none of its frame."""
+    already. A batch of one row (BatchNorm cannot train on it; weighted draws repeat one-ROI frames back to back) joins
+    the first other batch with room that holds none of its frame, else the smallest such batch (one row over the size),
+    else (every other batch holds its frame: a weighted draw repeating it) the smallest other batch."""
     batches: list[list[int]] = []
     held: list[set[int]] = []
     for rows, f in zip(units, unit_frames):
@@ -99,12 +101,16 @@ def pack_units(units: Sequence[np.ndarray], unit_frames: Sequence[int], batch_si
             held.append(set())
         batches[-1].extend(int(i) for i in rows)
         held[-1].add(f)
-    if len(batches) > 1 and len(batches[-1]) == 1:
-        f = next(iter(held[-1]))
-        for b, h in zip(batches[:-1], held[:-1]):
-            if len(b) < batch_size and f not in h:
-                b.extend(batches.pop())
-                break
+    for i in [k for k, b in enumerate(batches) if len(b) == 1][::-1]:  # from the end, so earlier indices stay valid
+        f = next(iter(held[i]))
+        others = [k for k in range(len(batches)) if k != i and f not in held[k]]
+        with_room = [k for k in others if len(batches[k]) < batch_size]
+        rest = others or [k for k in range(len(batches)) if k != i]  # every other batch holds its frame: a repeated draw
+        target = with_room[0] if with_room else min(rest, key=lambda k: len(batches[k]), default=None)
+        if target is not None:
+            batches[target].extend(batches[i])
+            held[target].add(f)
+            del batches[i], held[i]
     return batches
 
 
