@@ -111,6 +111,19 @@ def sha256_bytes(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
+def content_key(prefix: str, arrays: Sequence[Any]) -> str:
+    """A sha256 of `prefix` and the arrays' dtypes, shapes and bytes (an object array by its values' repr): what a fitted
+    quantity depends on, never paths or times."""
+    import numpy as np
+
+    h = hashlib.sha256(prefix.encode())
+    for a in arrays:
+        a = np.ascontiguousarray(a)
+        h.update(f"{a.dtype}{a.shape}".encode())
+        h.update(repr(a.tolist()).encode() if a.dtype == object else a.data)
+    return h.hexdigest()
+
+
 HASH_CACHE = ".hash_cache.json"
 HASH_CACHE_MAX = 200_000  # entries (about 200 bytes each): every frame of a large dataset, the code, the outputs
 

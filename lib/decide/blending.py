@@ -23,6 +23,7 @@ import pandas as pd
 
 from lib.config import Config
 from lib.core.errors import StageError
+from lib.core.io import content_key
 from lib.data.taxonomy import Taxonomy
 from lib.decide.decode import backoff_decode, decode, logit_adjust
 from lib.decide.frame_context import FrameParams, FrameRows, Siblings, adjust
@@ -65,18 +66,6 @@ def apply_decoding(cfg: Config, probs: np.ndarray, tax: Taxonomy, prior: np.ndar
 
 
 CALIBRATIONS = ("none", "temperature")
-
-
-def content_key(prefix: str, arrays: Sequence[np.ndarray]) -> str:
-    """A sha256 of `prefix` and the arrays' dtypes, shapes and bytes: what a fitted quantity depends on, never paths or times."""
-    import hashlib
-
-    h = hashlib.sha256(prefix.encode())
-    for a in arrays:
-        a = np.ascontiguousarray(a)
-        h.update(f"{a.dtype}{a.shape}".encode())
-        h.update(a.data)
-    return h.hexdigest()
 
 
 def digest_of(m: ModelProbs) -> str:

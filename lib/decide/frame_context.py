@@ -34,6 +34,7 @@ import numpy as np
 import pandas as pd
 
 from lib.core.errors import StageError
+from lib.core.io import content_key
 
 EPS = 1e-12  # probabilities are clipped here before their log
 B_MAX = 20.0
@@ -170,7 +171,8 @@ class FrameIndex:
         if oof_fold is not None:
             check_grouped(frame, oof_fold)
         test = self.test_frames(test_ids)
-        key = _content_key([frame, np.asarray(oof_fold if oof_fold is not None else fold)])  # what a fit reads: never the test rows
+        folds = np.asarray(oof_fold if oof_fold is not None else fold)
+        key = content_key("frames", [_int64(frame), _int64(folds)])  # what a fit reads: never the test rows
         return FrameRows(siblings(frame), siblings(test, self.placeholders), self.prior, key)
 
 
@@ -187,15 +189,9 @@ def frame_rows(index: FrameIndex, oof_ids: np.ndarray, oof_fold: np.ndarray | No
     return rows, NOTHING_TO_USE if rows.nothing_to_use else ""
 
 
-def _content_key(arrays: Sequence[np.ndarray]) -> str:
-    import hashlib
-
-    h = hashlib.sha256(b"frames")
-    for a in arrays:
-        a = np.ascontiguousarray(np.asarray(a).astype(np.int64) if np.asarray(a).dtype.kind in "iub" else np.asarray(a))
-        h.update(f"{a.dtype}{a.shape}".encode())
-        h.update(a.tobytes() if a.dtype != object else repr(a.tolist()).encode())
-    return h.hexdigest()
+def _int64(a: np.ndarray) -> np.ndarray:
+    """Integer ids as int64, so a key does not depend on the dtype pandas happened to read them with."""
+    return a.astype(np.int64) if a.dtype.kind in "iub" else a
 
 
 @dataclass(frozen=True, eq=False)
