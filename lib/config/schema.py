@@ -307,6 +307,11 @@ class PseudoCfg:
     # (lib.decide.frame_context: log q = log p + b log(eps + siblings' mean), b and eps fitted on its out-of-fold rows)
     # before the selection; none: each ROI alone
     frame_context: Literal["none", "stack"] = "none"
+    # label shift (lib.decide.prior) on the members' test probabilities before the selection: em re-estimates the test
+    # set's class prior (Saerens et al. 2002) and reweights; balanced scales the matrix to equal class totals (or to
+    # `test_totals`, one per concept in taxonomy order); none: as predicted
+    test_prior: Literal["none", "em", "balanced"] = "none"
+    test_totals: list[float] = field(default_factory=list)
 
 
 @dataclass
@@ -336,8 +341,24 @@ class SubmitCfg:
 
     decode: Literal["argmax", "min_risk"] = "argmax"
     models: list[str] = field(default_factory=lambda: ["phase1", "phase2"])
-    calibrate: Literal["none", "temperature"] = "temperature"  # on: it lowered the nested out-of-fold min-risk distance on the demo
-    calibrate_objective: Literal["logloss", "distance"] = "logloss"  # tied with distance there, and its temperatures are steadier
+    calibrate: Literal["none", "temperature", "vector", "dirichlet"] = "temperature"  # on: it lowered the nested out-of-fold min-risk distance on the demo
+    calibrate_objective: Literal["logloss", "distance"] = "logloss"  # temperature's; tied with distance there, and steadier
+    calibrate_l2: float = 0.01  # vector and dirichlet: L2 pull of the maps toward identity (dirichlet's off-diagonal and biases: ODIR)
+    # true: each model's out-of-fold rows predicted again by its fold models with its tta views (cached in probs/), so that
+    # calibrators fit on rows predicted the way the test rows are; false: the rows the training stage stored (one view)
+    oof_tta: bool = True
+    # how a model's fold models' test probabilities combine: mean (of probabilities), log (geometric mean, renormalised),
+    # matched (geometric mean sharpened by one temperature, fitted on the test rows without labels, so that its mean top
+    # probability equals the fold models' own: a mean of calibrated models is underconfident)
+    fold_average: Literal["mean", "log", "matched"] = "matched"
+    # label shift (lib.decide.prior) after calibration, blending and frame context, before decoding: em re-estimates the
+    # test prior (Saerens et al. 2002) and reweights; balanced scales to equal class totals or to `test_totals` (one per
+    # concept in taxonomy order); none: as predicted
+    test_prior: Literal["none", "em", "balanced"] = "none"
+    test_totals: list[float] = field(default_factory=list)
+    # rule: submit the option (blend, calibration, frame context, prior, decoding) of least nested out-of-fold distance
+    # (README: Which option 04 submits); settings: submit exactly the submit.* values above
+    pick: Literal["rule", "settings"] = "rule"
     blend: Literal["uniform", "cv", "fit", "greedy"] = "uniform"
     cv_temperature: float = 0.1
     fit_objective: Literal["distance", "logloss"] = "distance"
