@@ -193,7 +193,8 @@ def collect(s: Setting, v: Variant, out_root: str, seconds: float) -> list[dict[
         o = pd.read_csv(opts)
         model = "phase2" if v.group == "pseudo" else "phase1"
         for _, x in o.iterrows():
-            if x["model"] == model and x.get("frame_context", "none") == "none":  # each ROI alone (options.csv has both)
+            if (x["model"] == model and x.get("frame_context", "none") == "none" and x.get("test_prior", "none") == "none"
+                    and x["calibration"] == "temperature"):  # each ROI alone, temperature-calibrated, as predicted
                 row.update(oof_argmax=x["oof_argmax"], oof_min_risk=x["oof_min_risk"], test_argmax=x.get("test_argmax"),
                            test_min_risk=x.get("test_min_risk"))
         if v.group == "pseudo":
@@ -207,7 +208,10 @@ def collect(s: Setting, v: Variant, out_root: str, seconds: float) -> list[dict[
             row["pseudo_labels"] = p.get("pseudo_labels", _result(out, "03_retrain").get("pseudo_rows"))
             cfg = load_config("configs/demo.yaml", [*s.base, *s.datasets[v.dataset], f"output_root={out_root}", f"exp={v.exp}"])
             row["pseudo_precision"] = (pseudo_precision(cfg, folder) or {}).get("overall")
-            row["blends"] = {x["model"]: {"oof_min_risk": x["oof_min_risk"], "test_min_risk": x.get("test_min_risk")} for _, x in o.iterrows()}
+            plain = o[(o["calibration"] == "temperature") & (o.get("test_prior", "none") == "none")
+                      & (o.get("frame_context", "none") == "none")]
+            row["blends"] = {x["model"]: {"oof_min_risk": x["oof_min_risk"], "test_min_risk": x.get("test_min_risk")}
+                             for _, x in plain.iterrows()}
         else:
             row["blends"] = {}
     return [row]

@@ -27,7 +27,8 @@ from lib.core.io import content_key
 from lib.data.taxonomy import Taxonomy
 from lib.decide.decode import backoff_decode, decode, logit_adjust
 from lib.decide.frame_context import FrameParams, FrameRows, Siblings, adjust
-from lib.decide.metric import score_labels
+from lib.decide.calibration import Calibrator, fit_calibrator
+from lib.decide.prior import PriorShift, correct
 from lib.decide.weights import blend, blend_weights
 
 
@@ -45,6 +46,10 @@ class ModelProbs:
     temperature: float = 1.0  # the calibration temperature its oof and test were scaled by (1: none)
     oof_fold: np.ndarray | None = None  # the fold each out-of-fold row was held out of (for the nested out-of-fold scores)
     digest: str = ""  # a content key of its out-of-fold rows (labels, probabilities), filled by `digest_of`; derived models carry theirs
+    fold_test: np.ndarray | None = None  # (M, N, C): each fold model's test probabilities; `test` is their average
+    stored_oof: np.ndarray | None = None  # the training stage's one-view rows, where `oof` was predicted again with TTA views
+    calibrator: str = "none"  # what its oof and test were calibrated by (lib.decide.calibration.Calibrator.describe)
+    fold_temperature: float = 1.0  # the `matched` fold average's temperature on its test rows (1: none)
 
 
 def check_aligned(models: Sequence[ModelProbs]) -> None:
@@ -65,7 +70,8 @@ def apply_decoding(cfg: Config, probs: np.ndarray, tax: Taxonomy, prior: np.ndar
     return decode(probs, dist, method)
 
 
-CALIBRATIONS = ("none", "temperature")
+CALIBRATIONS = ("none", "temperature", "vector", "dirichlet")
+PRIORS = ("none", "em", "balanced")
 
 
 def digest_of(m: ModelProbs) -> str:
@@ -100,17 +106,47 @@ def temperature(probs: np.ndarray, labels: np.ndarray, objective: str, dist: np.
     return float(t)
 
 
+CALIBRATOR_CACHE_ENTRIES = 1024
+
+
+def fitted_calibrator(cfg: Config, m: ModelProbs, kind: str, dist: np.ndarray, cache: Path | None = None,
+                      weights: np.ndarray | None = None) -> Calibrator:
+    """`kind` fitted on the model's out-of-fold rows only (never test rows), remembered in `cache` (probs/calibrators.json,
+    content key -> parameters): a rerun that changes only the blend or the decoding, and every nested fold's refit, reads
+    it back instead of fitting again."""
+    from lib.core.io import cached_json
+
+    s = cfg.submit
+    settings = f"{kind}|{s.calibrate_objective if kind == 'temperature' else ''}|{s.calibrate_l2 if kind in ('vector', 'dirichlet') else ''}"
+    extra = [np.asarray(weights, dtype=np.float64) if weights is not None else np.zeros(0),
+             dist if kind == "temperature" and s.calibrate_objective == "distance" else np.zeros(0)]
+
+    def fit() -> list:
+        return fit_calibrator(kind, m.oof, m.oof_labels, objective=s.calibrate_objective, dist=dist, l2=s.calibrate_l2,
+                              weights=weights).to_list()
+
+    if cache is None or kind == "none":
+        return Calibrator.from_list(fit())
+    value, _ = cached_json(cache, content_key(f"cal|{settings}|{digest_of(m)}", extra), fit, CALIBRATOR_CACHE_ENTRIES)
+    return Calibrator.from_list(value)
+
+
 def calibrate_models(cfg: Config, models: Sequence[ModelProbs], dist: np.ndarray, calibration: str,
                      cache: Path | None = None) -> list[ModelProbs]:
-    """Each model scaled by a temperature fitted on its own out-of-fold rows to `submit.calibrate_objective` (`none`: as is)."""
-    from lib.decide.calibration import apply_temperature
+    """Each model's out-of-fold rows and each of its fold models' test rows mapped by `calibration` (fitted on its
+    out-of-fold rows), then its fold models averaged by `submit.fold_average` (lib.decide.averaging): the test rows of
+    a model are the average of fold models that each out-of-fold row never was."""
+    from lib.decide.averaging import average_folds
 
-    if calibration == "none":
-        return list(models)
     out = []
     for m in models:
-        t = temperature(m.oof, m.oof_labels, cfg.submit.calibrate_objective, dist, cache, key=digest_of(m))
-        out.append(derived(m, f"T={t!r}", oof=apply_temperature(m.oof, t), test=apply_temperature(m.test, t), temperature=t))
+        cal = fitted_calibrator(cfg, m, calibration, dist, cache)
+        if m.fold_test is not None:
+            test, t_fold = average_folds(np.stack([cal.apply(f) for f in m.fold_test]), cfg.submit.fold_average)
+        else:
+            test, t_fold = cal.apply(m.test), 1.0
+        out.append(derived(m, f"{cal.to_list()!r}|{cfg.submit.fold_average}", oof=cal.apply(m.oof), test=test, fold_test=None,
+                           temperature=cal.temperature, calibrator=cal.describe(), fold_temperature=t_fold))
     return out
 
 
@@ -176,14 +212,20 @@ def cache_file(cache: Path | None, method: str, calibration: str, fold: int | No
     return cache.with_name(name + cache.suffix)
 
 
+def calibrator_file(cache: Path | None) -> Path | None:
+    """The calibrators' cache beside the weights' (probs/calibrators.json)."""
+    return None if cache is None else cache.with_name("calibrators.json")
+
+
 def temperature_file(cache: Path | None) -> Path | None:
     """The temperatures' cache beside the weights' (probs/temperatures.json)."""
     return None if cache is None else cache.with_name("temperatures.json")
 
 
-def option_key(model: str, calibration: str, frame_context: str = "none") -> str:
-    """The key of an option's test labels: its model (or blend), its calibration and its frame context."""
-    return f"{model}|{calibration}" + ("" if frame_context == "none" else f"|{frame_context}")
+def option_key(model: str, calibration: str, frame_context: str = "none", test_prior: str = "none") -> str:
+    """The key of an option's test labels: its model (or blend), its calibration, its frame context and its prior correction."""
+    return (f"{model}|{calibration}" + ("" if frame_context == "none" else f"|{frame_context}")
+            + ("" if test_prior == "none" else f"|prior {test_prior}"))
 
 
 FRAME_CACHE_ENTRIES = 2048  # options x calibrations x (1 + folds) fits per set of models
@@ -212,137 +254,104 @@ def frame_params(cfg: Config, ms: Sequence[ModelProbs], weights: np.ndarray, t: 
 BLENDS = ("uniform", "cv", "fit", "greedy")
 
 
-def nested_labels(cfg: Config, models: Sequence[ModelProbs], options: Sequence[tuple[str, np.ndarray]], tax: Taxonomy,
-                  prior: np.ndarray, calibration: str, cache: Path | None = None, frames: FrameRows | None = None
-                  ) -> list[dict[str, np.ndarray]]:
-    """Per option, the out-of-fold labels of a nested fit: for each fold k, the temperatures, the blend's weights (`fit`,
-    `greedy`; `uniform`, `cv` and single models keep theirs), the blend temperature and, with `frames`, frame context's
-    parameters are fitted on the other folds' out-of-fold rows and decode fold k's (keys `argmax`, `min_risk`, and
-    `stack argmax`, `stack min_risk`). Folds grouped by frame keep fold k's siblings in fold k. The honest out-of-fold
-    score of anything fitted on out-of-fold rows; empty dicts when the fold of each row is unknown."""
-    dist = tax.distance_matrix()
-    folds = models[0].oof_fold
-    if folds is None or len(np.unique(folds)) < 2:
-        return [{} for _ in options]
-    keys = ("argmax", "min_risk") + (("stack argmax", "stack min_risk") if frames is not None else ())
-    out: list[dict[str, np.ndarray]] = [{k: np.empty(len(folds), dtype=np.int64) for k in keys} for _ in options]
-    temps = temperature_file(cache)
-    for k in np.unique(folds):
-        tr, te = folds != k, folds == k
-        part = [derived(m, f"fold {k} held out", oof_ids=m.oof_ids[tr], oof_labels=m.oof_labels[tr], oof=m.oof[tr], test=m.oof[te])
-                for m in models]
-        part = calibrate_models(cfg, part, dist, calibration, temps)
-        sib_tr, sib_te = (frames.oof.subset(tr), frames.oof.subset(te)) if frames is not None else (None, None)
-        for i, (name, w) in enumerate(options):
-            method = name.removeprefix("blend ")
-            if name.startswith("blend ") and method in FITTED:
-                w = weights_for(method, cfg, part, dist, cache_file(cache, method, calibration, int(k)))
-            fitted, held, t = blended(cfg, part, w, dist, calibration, temps)
-            for d in ("argmax", "min_risk"):
-                out[i][d][te] = apply_decoding(cfg, held, tax, prior, dist, d)
-            if frames is not None and sib_tr is not None and sib_te is not None:
-                params = frame_params(cfg, part, w, t, fitted, sib_tr, frames, cache)
-                held = adjust(held, sib_te, params)
-                for d in ("argmax", "min_risk"):
-                    out[i][f"stack {d}"][te] = apply_decoding(cfg, held, tax, prior, dist, d)
-    return out
+def test_totals(totals: Sequence[float], tax: Taxonomy, key: str = "submit.test_totals") -> np.ndarray | None:
+    """The user's class totals for `balanced` (None: equal totals), checked to hold one count per concept."""
+    if not len(totals):
+        return None
+    if len(totals) != tax.n_classes:
+        raise StageError(f"{key} holds {len(totals)} counts but the taxonomy has {tax.n_classes} concepts; give one count per "
+                         f"concept in taxonomy.json's order, or leave it empty for equal totals.")
+    return np.asarray(totals, dtype=np.float64)
 
 
-def compare(cfg: Config, models: Sequence[ModelProbs], tax: Taxonomy, prior: np.ndarray,
-            cache: Path | None = None, frames: FrameRows | None = None) -> tuple[pd.DataFrame, dict[str, dict[str, np.ndarray]]]:
-    """Every single model and every blend, without and with calibration (and, with `frames`, without and with frame
-    context), scored out of fold; with each option's decoded test labels.
+def shift(kind: str, probs: np.ndarray, train_prior: np.ndarray, totals: np.ndarray | None = None,
+          weights: np.ndarray | None = None) -> PriorShift:
+    """Label-shift correction of decoded probabilities (lib.decide.prior): none, em or balanced."""
+    return correct(kind, probs, train_prior, totals=totals, weights=weights)
 
-    Returns the options table (one row per option, calibration and frame context: weights, temperature, frame-context
-    parameters, OOF and nested OOF distance per decoding) and, per `option_key` and decoding, the test labels, which a
-    report may score where the truth is known (lib.report; nothing here reads it). The `fit` and `greedy` rows,
-    calibrated rows and frame-context rows are scored on the out-of-fold rows they were fitted on, so their OOF score is
-    optimistic; the nested columns are not. `cache`: see `weights_for`.
-    """
-    dist = tax.distance_matrix()
-    labels = models[0].oof_labels
-    rows: list[dict[str, Any]] = []
-    test_labels: dict[str, dict[str, np.ndarray]] = {}
-    temps = temperature_file(cache)
-    for calibration in CALIBRATIONS:
-        ms = calibrate_models(cfg, models, dist, calibration, temps)
-        options: list[tuple[str, np.ndarray]] = [(m.name, np.eye(len(ms))[i]) for i, m in enumerate(ms)]
-        if len(ms) > 1:
-            for method in BLENDS:
-                w = weights_for(method, cfg, ms, dist, cache_file(cache, method, calibration))
-                options.append((f"blend {method}", w))
-        nested = nested_labels(cfg, models, options, tax, prior, calibration, cache, frames)
-        for (name, w), nest in zip(options, nested):
-            oof, test, t = blended(cfg, ms, w, dist, calibration, temps)
-            shown = ms[int(np.flatnonzero(w)[0])].temperature if np.count_nonzero(w) == 1 else t
-            base = {"model": name, "calibration": calibration, "temperature": round(shown, 4), "weights": " ".join(f"{x:.2f}" for x in w)}
-            variants = [("none", oof, test, "")]
-            if frames is not None:
-                params = frame_params(cfg, ms, w, t, oof, frames.oof, frames, cache)
-                variants.append(("stack", adjust(oof, frames.oof, params), adjust(test, frames.test, params, frames.prior),
-                                 params.describe()))
-            for context, o, te, described in variants:
-                row: dict[str, Any] = {**base, "frame_context": context, "frame_params": described}
-                key, prefix = option_key(name, calibration, context), "" if context == "none" else f"{context} "
-                test_labels[key] = {}
-                for method in ("argmax", "min_risk"):
-                    row[f"oof_{method}"] = score_labels(labels, apply_decoding(cfg, o, tax, prior, dist, method), dist)
-                    test_labels[key][method] = apply_decoding(cfg, te, tax, prior, dist, method)
-                for method in ("argmax", "min_risk"):
-                    row[f"nested_{method}"] = score_labels(labels, nest[prefix + method], dist) if nest else float("nan")
-                rows.append(row)
-    return pd.DataFrame(rows), test_labels
+
+@dataclass(frozen=True)
+class Choice:
+    """One option 04 can submit: a model (its name) or `blend <method>`, a calibration, frame context, prior correction
+    and decoding."""
+
+    model: str
+    calibration: str
+    frame_context: str
+    test_prior: str
+    decode: str
+
+    @property
+    def key(self) -> str:
+        return option_key(self.model, self.calibration, self.frame_context, self.test_prior)
+
+    def describe(self) -> str:
+        return (f"{self.model}, {self.calibration} calibration, frame context {self.frame_context}, test prior "
+                f"{self.test_prior}, {self.decode} decoding")
+
+    @staticmethod
+    def from_settings(cfg: Config, models: Sequence[ModelProbs]) -> Choice:
+        """The option the submit.* settings name."""
+        s = cfg.submit
+        model = models[0].name if len(models) == 1 else f"blend {s.blend}"
+        return Choice(model, s.calibrate, s.frame_context, s.test_prior, s.decode)
+
+
+def option_weights(choice: Choice, cfg: Config, ms: Sequence[ModelProbs], dist: np.ndarray, cache: Path | None) -> np.ndarray:
+    """The weights of an option over the (calibrated) models: one-hot for a single model, the blend method's otherwise."""
+    if not choice.model.startswith("blend "):
+        names = [m.name for m in ms]
+        if choice.model not in names:
+            raise ValueError(f"The option names model {choice.model}, which is not among {names}.")
+        return np.eye(len(ms))[names.index(choice.model)]
+    if len(ms) == 1:
+        return np.ones(1)
+    method = choice.model.removeprefix("blend ")
+    return weights_for(method, cfg, ms, dist, cache_file(cache, method, choice.calibration))
 
 
 @dataclass(frozen=True)
 class Blended:
-    """The submission's blend: one weight per model (in `submit.models` order), the decoded test labels, the temperatures
-    and, under `submit.frame_context: stack`, frame context's parameters."""
+    """The submitted option: one weight per model (in `submit.models` order), the decoded test labels, the temperatures,
+    under frame context its parameters, and the prior correction's estimate and counts."""
 
     weights: np.ndarray
     labels: np.ndarray  # one concept label per test row of the models
-    temperatures: tuple[float, ...] = ()  # per model (all 1 without calibration)
+    temperatures: tuple[float, ...] = ()  # per model (all 1 without temperature calibration)
     blend_temperature: float = 1.0
     frame: FrameParams | None = None
+    choice: Choice | None = None
+    prior: PriorShift | None = None  # the test prior correction (None: none)
+    calibrators: tuple[str, ...] = ()  # per model, what calibrated it
+    fold_temperatures: tuple[float, ...] = ()  # per model, the matched fold average's temperature
+    probs: np.ndarray | None = None  # the test probabilities decoded (after every correction, before logit adjustment)
+    oof: np.ndarray | None = None  # the out-of-fold rows of the same option (calibrated, blended, frame context; no prior)
 
 
-def _need_frames(cfg: Config, frames: FrameRows | None) -> None:
-    if cfg.submit.frame_context != "none" and frames is None:
-        raise ValueError(f"submit.frame_context={cfg.submit.frame_context} needs the frames of the rows; pass frames.")
+def _need_frames(choice: Choice, frames: FrameRows | None) -> None:
+    if choice.frame_context != "none" and frames is None:
+        raise ValueError(f"frame_context={choice.frame_context} needs the frames of the rows; pass frames.")
 
 
 def blend_models(cfg: Config, models: Sequence[ModelProbs], tax: Taxonomy, train_counts: np.ndarray, cache: Path | None = None,
-                 frames: FrameRows | None = None) -> Blended:
-    """`submit.calibrate`, `submit.blend` weights (one model: weight 1), `submit.frame_context`, then logit adjustment
-    and `submit.decode` on the blended test probabilities."""
-    _need_frames(cfg, frames)
+                 frames: FrameRows | None = None, choice: Choice | None = None) -> Blended:
+    """One option on the test rows (`choice`, else the submit.* settings): calibration and fold averaging, the blend's
+    weights, frame context, the prior correction, then logit adjustment and decoding."""
+    choice = choice or Choice.from_settings(cfg, models)
+    _need_frames(choice, frames)
     dist = tax.distance_matrix()
-    calibration = cfg.submit.calibrate
-    ms = calibrate_models(cfg, models, dist, calibration, temperature_file(cache))
-    weights = weights_for(cfg.submit.blend, cfg, ms, dist, cache_file(cache, cfg.submit.blend, calibration)) if len(ms) > 1 else np.ones(1)
-    oof, test, t = blended(cfg, ms, weights, dist, calibration, temperature_file(cache))
+    ms = calibrate_models(cfg, models, dist, choice.calibration, calibrator_file(cache))
+    weights = option_weights(choice, cfg, ms, dist, cache)
+    oof, test, t = blended(cfg, ms, weights, dist, choice.calibration, temperature_file(cache))
     params = None
-    if cfg.submit.frame_context == "stack" and frames is not None:
+    if choice.frame_context == "stack" and frames is not None:
         params = frame_params(cfg, ms, weights, t, oof, frames.oof, frames, cache)
         test = adjust(test, frames.test, params, frames.prior)
     prior = train_counts / train_counts.sum()
-    return Blended(weights, apply_decoding(cfg, test, tax, prior, dist), tuple(m.temperature for m in ms), t, params)
-
-
-@dataclass(frozen=True)
-class Options:
-    """Every single model and blend option scored out of fold (see `compare`), and the submitted option's score."""
-
-    table: pd.DataFrame
-    test_labels: dict[str, dict[str, np.ndarray]]
-    oof_distance: float  # the submitted option (the single model, or `blend <submit.blend>`, under `submit.calibrate`) under `submit.decode`
-
-
-def blend_options(cfg: Config, models: Sequence[ModelProbs], tax: Taxonomy, train_counts: np.ndarray, cache: Path | None = None,
-                  frames: FrameRows | None = None) -> Options:
-    """The options table of report.md and options.csv, with the submitted option's out-of-fold distance."""
-    _need_frames(cfg, frames)
-    table, test_labels = compare(cfg, models, tax, train_counts / train_counts.sum(), cache, frames)
-    mine = table[(table["calibration"] == cfg.submit.calibrate) & (table["frame_context"] == cfg.submit.frame_context)]
-    chosen = mine.iloc[0] if len(models) == 1 else mine[mine["model"] == f"blend {cfg.submit.blend}"].iloc[0]
-    return Options(table, test_labels, float(chosen[f"oof_{cfg.submit.decode}"]))
+    moved = shift(choice.test_prior, test, prior, test_totals(cfg.submit.test_totals, tax)) if choice.test_prior != "none" else None
+    if moved is not None:
+        test = moved.probs
+    if params is not None and frames is not None:
+        oof = adjust(oof, frames.oof, params)
+    return Blended(weights, apply_decoding(cfg, test, tax, prior, dist, choice.decode), tuple(m.temperature for m in ms), t, params,
+                   choice, moved, tuple(m.calibrator for m in ms), tuple(m.fold_temperature for m in ms), test, oof)

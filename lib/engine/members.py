@@ -29,6 +29,7 @@ class Member:
     cfg: Config
     folds: list[Path]
     test: pd.DataFrame  # its usable test ROIs (its own crops), in the order of this experiment's
+    train: pd.DataFrame | None = None  # its usable train ROIs (its own crops): what its out-of-fold rows are predicted from again
 
 
 def check_same_folds(name: str, ours: Prepared, theirs: Prepared) -> None:
@@ -55,11 +56,16 @@ def check_same_folds(name: str, ours: Prepared, theirs: Prepared) -> None:
                          f"{len(ids_there - ids_here)} only there); rerun its 00_prepare_data.py on the same test data.")
 
 
+def usable(rows: pd.DataFrame) -> pd.DataFrame:
+    """The rows with a crop (`ok` == 1)."""
+    return rows[rows["ok"] == 1] if "ok" in rows.columns else rows
+
+
 def load_member(cfg: Config, name: str, prep: Prepared) -> Member:
     """A member by name, checked against this experiment's prepared data (`prep`)."""
     ref = ModelRef.parse(name)
     if ref.exp is None:
-        return Member(name, cfg, member_folds(cfg, ref), prep.test)
+        return Member(name, cfg, member_folds(cfg, ref), prep.test, usable(prep.train))
     mcfg = member_config(cfg, ref)
     theirs = Prepared.load(stage_dir(cfg, f"{ref.exp}/00_prepare"))
     check_same_folds(name, prep, theirs)
@@ -68,7 +74,7 @@ def load_member(cfg: Config, name: str, prep: Prepared) -> Member:
     missing = [d for d in folds if not d.is_dir()]
     if missing:
         raise StageError(f"Member {name} lacks {missing[0]}; train that round in experiment {ref.exp} first.")
-    return Member(name, mcfg, folds, order)
+    return Member(name, mcfg, folds, order, usable(theirs.train))
 
 
 def load_members(cfg: Config, names: Sequence[str], prep: Prepared) -> list[Member]:

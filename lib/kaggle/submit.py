@@ -131,15 +131,20 @@ def describe(cfg: Config, result: Mapping[str, Any], note: str = "") -> str:
     """The upload's message, e.g. `demo: phase1 + phase2, uniform blend (0.50/0.50), min_risk decoding; CV distance 1.7679
     (phase1 1.7627, phase2 1.6055)`: what the leaderboard entry was, without opening any file."""
     models = [str(m) for m in (result.get("models") or cfg.submit.models)]
-    blend, decode = result.get("blend", cfg.submit.blend), result.get("decode", cfg.submit.decode)
+    decode = result.get("decode", cfg.submit.decode)
+    option = str(result.get("option") or (f"blend {result['blend']}" if "blend" in result else f"blend {cfg.submit.blend}"))
     weights = result.get("weights") or []
-    text = f"{cfg.exp}: {' + '.join(models)}, {blend} blend"
+    text = f"{cfg.exp}: {' + '.join(models)}, " + (f"{option.removeprefix('blend ')} blend" if option.startswith("blend ") else option)
     if len(weights) > 1:
         text += f" ({'/'.join(f'{float(w):.2f}' for w in weights)})"
+    for key, what in (("calibrate", "calibration"), ("test_prior", "test prior")):
+        if result.get(key) not in (None, "none"):
+            text += f", {result[key]} {what}"
     text += f", {decode} decoding"
-    cv = result.get(f"oof_distance_{decode}")
-    if isinstance(cv, (int, float)):
-        text += f"; CV distance {cv:.4f}" + (" (weights fitted on these rows)" if blend == "fit" else "")
+    cv = result.get("oof_distance", result.get(f"oof_distance_{decode}"))
+    if isinstance(cv, (int, float)) and cv == cv:
+        text += f"; CV distance {cv:.4f}" + (" (nested out of fold)" if "oof_distance" in result else
+                                            " (weights fitted on these rows)" if option == "blend fit" else "")
     per_model = [(m, model_cv(cfg, m)) for m in models]
     known = [f"{m} {v:.4f}" for m, v in per_model if v is not None]
     if known:

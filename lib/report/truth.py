@@ -27,6 +27,11 @@ class Truth:
     concepts: pd.Series
 
     @property
+    def data(self) -> str:
+        """What the truth labels: `demo test` where lib.demo generated the data folder (its demo_record.json), else `test`."""
+        return "demo test" if (self.path.parent / "demo_record.json").is_file() else "test"
+
+    @property
     def note(self) -> str:
         return f"scored against {self.path}"
 
