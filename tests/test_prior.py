@@ -187,3 +187,65 @@ def test_bad_input_is_one_sentence():
     pr.check_totals([1.0] * C, C, "pseudo.test_totals")
     with pytest.raises(ConfigError, match=r"pseudo.test_totals lists 2 totals but the taxonomy has 6 concepts"):
         pr.check_totals([1.0, 2.0], C, "pseudo.test_totals")
+
+
+# ----------------------------------------------------------------------------- 02: pseudo-labels from corrected probabilities
+
+
+def test_pseudo_labels_read_the_probabilities_corrected_for_label_shift(monkeypatch, tmp_path):
+    """02's round: each member's test probabilities, corrected on its mean with the train rows' class counts as the train
+    prior, are what the selection reads; summary.md, test_probs.npz and the record keep the counts before and after."""
+    import pandas as pd
+
+    import lib.data.context as context
+    import lib.engine.inference as inference
+    import lib.engine.rounds as rounds
+    from lib.config import load_config
+    from lib.data.taxonomy import load_taxonomy_csv
+    from lib.decide.frame_context import FrameIndex
+    from lib.decide.metric import DEFAULT_TAXONOMY
+    from lib.engine.members import Member
+    from lib.pipeline.records import result_problem
+
+    tax = load_taxonomy_csv(DEFAULT_TAXONOMY)
+    n = tax.n_classes
+    labels = np.array([0] * 90 + [1] * 10 + list(range(2, n)))  # class 0 dominates the train rows
+    rng = np.random.default_rng(9)
+    base = np.full(n, 0.1 / (n - 2))
+    base[:2] = 0.5, 0.4  # every test row: class 0 first, class 1 close behind
+    test_probs = np.stack([rng.dirichlet(base * 2000, 6) for _ in range(2)])  # two fold models, six test ROIs
+    assert (test_probs.mean(0).argmax(1) == 0).all()
+    rois = pd.DataFrame({"split": ["train"] * len(labels) + ["test"] * 6, "annotation_id": [*range(len(labels)), *range(6)],
+                         "image_id": [*range(len(labels)), *range(100, 106)], "label": [*labels, *[-1] * 6],
+                         "fold": [*(np.arange(len(labels)) % 2), *[-1] * 6], "ok": 1})
+    index = FrameIndex.from_rois(rois, n)
+    test = rois[rois["split"] == "test"]
+    monkeypatch.setattr(context, "model_inputs", lambda *a: None)
+    monkeypatch.setattr(inference, "predict_folds_tta", lambda *a, **k: {"probs": test_probs, "embeddings": np.zeros((2, 6, 4))})
+    member = Member("phase1", load_config(None, []), [], test)
+
+    cfg = load_config(None, ["pseudo.test_prior=em", "pseudo.threshold=0.0"])
+    result = rounds.run_round(cfg, [member], test, tax, tmp_path, None, "test", index)
+    shift = pr.correct("em", test_probs.mean(0), np.bincount(labels, minlength=n))
+    z = np.load(tmp_path / "test_probs.npz")
+    np.testing.assert_allclose(z["mean"], shift.apply(test_probs).mean(0))
+    assert np.array_equal(z["probs"], test_probs)  # kept as predicted
+    np.testing.assert_allclose(z["test_prior"][0], shift.prior)
+    assert z["counts_before"][0][0] == 6 and z["counts_after"][0][1] == 6
+    chosen = pd.read_csv(tmp_path / "pseudo_labels.csv")
+    assert (chosen["label"] == 1).all() and len(chosen) == 6  # the train prior divided out: class 1 wins every row
+    assert result["test_prior"] == "em" and result["prior_shift"][0]["counts_after"][1] == 6 and result_problem(result) is None
+    assert "Label shift (pseudo.test_prior: em)" in (tmp_path / "summary.md").read_text()
+
+    plain = rounds.run_round(load_config(None, ["pseudo.threshold=0.0"]), [member], test, tax, tmp_path / "plain", None, "test", index)
+    assert (pd.read_csv(tmp_path / "plain" / "pseudo_labels.csv")["label"] == 0).all() and "prior_shift" not in plain
+
+    balanced = load_config(None, ["pseudo.test_prior=balanced"])
+    arrays = rounds.predict_members(balanced, [member], tax, None, index)
+    fix = pr.correct("balanced", test_probs.mean(0), index.prior)
+    np.testing.assert_allclose(arrays["calibrated"], fix.apply(test_probs))
+    np.testing.assert_allclose(arrays["votes"], fix.apply(test_probs))
+
+    monkeypatch.setattr(inference, "predict_folds_tta", lambda *a, **k: pytest.fail("predicted before checking the totals"))
+    with pytest.raises(ConfigError, match=f"pseudo.test_totals lists 3 totals but the taxonomy has {n} concepts"):
+        rounds.predict_members(load_config(None, ["pseudo.test_prior=balanced", "pseudo.test_totals=[1, 2, 3]"]), [member], tax, None, index)
