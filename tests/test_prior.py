@@ -89,8 +89,22 @@ def test_balanced_meets_equal_and_given_totals():
     np.testing.assert_allclose(shift.apply(p), shift.probs)  # the class weights are the whole correction
 
 
+def test_balanced_is_sinkhorn_knopp_s_fixed_point():
+    """Plain alternating row and column scaling, run long, lands where the Newton steps do (in far fewer steps)."""
+    rng = np.random.default_rng(10)
+    p = rng.dirichlet(np.full(C, 0.3), 200)
+    totals = np.array([1.0, 2.0, 3.0, 1.0, 2.0, 3.0])
+    q = p.copy()
+    for _ in range(20_000):
+        q = q * (totals / totals.sum() * 200 / q.sum(0))
+        q /= q.sum(1, keepdims=True)
+    shift = pr.correct("balanced", p, PI_TRAIN, totals=totals)
+    np.testing.assert_allclose(shift.probs, q, atol=1e-7)
+    assert shift.converged and shift.iterations < 30
+
+
 def test_balanced_is_the_em_correction_at_the_prior_of_its_totals():
-    """Sinkhorn's fixed point q ∝ p * c is the label-shift posterior whose mean is the target prior: EM at its own
+    """Balanced's q ∝ p * c is the label-shift posterior whose mean is the target prior: EM at its own
     estimate is such a point, so balancing to EM's estimated counts gives EM's probabilities back."""
     x, _ = draw(PI_TEST, 3000, 4)
     p = posterior(x, PI_TRAIN)
@@ -160,7 +174,7 @@ def test_impossible_totals_stop_unconverged():
     """Class 1 needs 1.5 of 3 rows but only one row gives it any mass: no scaling meets that, and the shift says so."""
     p = np.array([[1.0, 0.0], [1.0, 0.0], [0.5, 0.5]])
     shift = pr.correct("balanced", p, [0.5, 0.5], max_iter=200)
-    assert not shift.converged and shift.iterations == 200 and np.isfinite(shift.probs).all()
+    assert not shift.converged and shift.iterations <= 200 and np.isfinite(shift.probs).all()
     assert "not converged" in shift.describe(["a", "b"])
 
 

@@ -12,7 +12,7 @@ so one weight per class corrects every row. Two ways to set the weights without 
   so it belongs after calibration.
 - `balanced` takes the class totals from the user (equal by default: FathomNet 2025's test holds about 10 ROIs per
   class, while a model's predictions on it give some classes 20) and scales the matrix until its column sums meet
-  them (Sinkhorn-Knopp).
+  them (Sinkhorn-Knopp's fixed point, found by Newton's method on its dual).
 
 `correct` is the one entry point (none | em | balanced). Its `PriorShift` carries the class weights, so the same
 correction applies to each fold model of an ensemble (`PriorShift.apply`), and the argmax counts before and after.
@@ -126,43 +126,73 @@ def _totals(totals: np.ndarray | Sequence[float] | None, n_classes: int) -> np.n
     return t
 
 
-def _sinkhorn(p: np.ndarray, t: np.ndarray, v: np.ndarray, max_iter: int, tol: float, min_mass: float
-              ) -> tuple[np.ndarray, np.ndarray, int, bool, tuple[int, ...]]:
+def _dual(pr_: np.ndarray, v: np.ndarray, target: np.ndarray, u: np.ndarray) -> tuple[float, np.ndarray, np.ndarray]:
+    """f(u) = sum_i v_i log sum_k p_ik e^u_k - target . u (convex), the rows q ∝ p e^u and their weighted column sums."""
+    shift = u.max()
+    c = np.exp(u - shift)
+    rows = pr_ @ c
+    q = pr_ * c / np.where(rows > 0, rows, 1.0)[:, None]
+    return float(v @ (np.log(np.where(rows > 0, rows, 1.0)) + shift) - target @ u), q, v @ q
+
+
+def _balance(p: np.ndarray, t: np.ndarray, v: np.ndarray, max_iter: int, tol: float, min_mass: float
+             ) -> tuple[np.ndarray, np.ndarray, int, bool, tuple[int, ...]]:
     """(adjusted, column weights, iterations, converged, unmet classes): see `balanced`."""
     reach = v @ p > min_mass * v.sum()
     unmet = tuple(int(j) for j in np.flatnonzero(~reach))
-    target = np.where(reach, t, 0.0)
-    target *= v.sum() / target.sum()
-    c = reach.astype(np.float64)
-    for it in range(max_iter + 1):
-        q = reweight(p, c)
-        col = v @ q
-        if np.abs(col[reach] / target[reach] - 1).max() <= tol:
-            return q, c, it, True, unmet
-        if it < max_iter:
-            c = np.where(reach, c * target / np.maximum(col, 1e-300), 0.0)
-            c /= c.max()
-    return q, c, max_iter, False, unmet
+    pr_ = p[:, reach]
+    v = np.where(pr_.sum(1) > 0, v, 0.0)  # a row whose mass is all on unmet classes keeps its probabilities
+    target = t[reach] * v.sum() / t[reach].sum()
+    u = np.zeros(reach.sum())
+    f, q, col = _dual(pr_, v, target, u)
+    off = float(np.abs(col / target - 1).max())
+    it = 0
+    while off > tol and it < max_iter:
+        it += 1
+        # one Sinkhorn-Knopp sweep: every column scaled to its total, the rows renormalised (steady, but linear) ...
+        u = u + np.log(target / np.maximum(col, 1e-300))
+        f, q, col = _dual(pr_, v, target, u)
+        # ... then one Newton step on the dual (quadratic near the answer), kept where it lowers f
+        grad = col - target  # sums to 0: f does not change along u + const, which the rank-one term below pins
+        hess = np.diag(col) - (q * v[:, None]).T @ q + col.mean() * np.full((len(u), len(u)), 1.0 / len(u))
+        step = np.linalg.lstsq(hess, -grad, rcond=None)[0]
+        size = 1.0
+        while size > 1e-6:  # backtracking (Armijo, give or take f's rounding): far from the answer a full step overshoots
+            f_new, q_new, col_new = _dual(pr_, v, target, u + size * step)
+            if f_new <= f + 1e-4 * size * float(grad @ step) + 1e-12 * abs(f):
+                u, f, q, col = u + size * step, f_new, q_new, col_new
+                break
+            size /= 2
+        off = float(np.abs(col / target - 1).max())
+    c = np.zeros(len(reach))
+    c[reach] = np.exp(u - u.max())
+    return reweight(p, c), c, it, off <= tol, unmet
 
 
 def balanced(probs: np.ndarray, totals: np.ndarray | Sequence[float] | None = None, weights: np.ndarray | None = None,
-             max_iter: int = 1000, tol: float = 1e-9, min_mass: float = 1e-9) -> np.ndarray:
+             max_iter: int = 300, tol: float = 1e-9, min_mass: float = 1e-9) -> np.ndarray:
     """Probabilities scaled per class so that the (weighted) column sums meet `totals`, each row summing to 1.
 
     `totals` (one per class; None or empty: equal) are shares: they are rescaled to the (weighted) number of non-zero
-    rows. Sinkhorn-Knopp alternates row normalisation and column scaling; it converges to the unique
-    Q = diag(r) P diag(c) with rows summing to 1 and column sums equal to the totals whenever one exists (always when
-    P > 0): the matrix closest to P in KL divergence with those margins, i.e. the posteriors under the test prior
-    whose expected class counts are the totals. Convergence: every column within `tol` of its total, relatively.
+    rows. The answer is the unique Q = diag(r) P diag(c) with rows summing to 1 and column sums equal to the totals
+    whenever one exists (always when P > 0): the matrix closest to P in KL divergence with those margins, the fixed point
+    of Sinkhorn-Knopp's alternating row and column scaling, and the label-shift posteriors under the test prior whose
+    expected class counts are the totals. Sinkhorn-Knopp alone converges linearly and slowly when a class's mass sits in
+    few rows (1,000 sweeps left columns 1e-4 off on 790 rows of 79 classes), so each iteration is one of its sweeps and
+    then one Newton step with backtracking on the convex dual, f(u) = sum_i v_i log sum_j p_ij e^u_j - sum_j t_j u_j,
+    c = e^u (O(N C^2)): the sweep moves every class toward its total even where the Hessian is near singular, the step
+    ends the job quadratically (about 10 iterations for 790 rows of 79 classes). Converged: every column within `tol`
+    of its total, relatively.
     A class whose (weighted) mass is below `min_mass` of the rows everywhere cannot meet its total (that would turn
     noise into labels): its column is set to 0, the other classes meet theirs, and `correct` reports it as unmet.
-    When the zeros of P make the totals impossible, the iterations stop at `max_iter` unconverged (`correct` says so).
+    When the zeros of P make the totals impossible (or nearly: totals far from what near one-hot rows say), the
+    iterations stop unconverged at `max_iter` (`correct` says so).
     """
     p = normalise_rows(_matrix(probs))
     v = _row_weights(weights, p)
     if v.sum() <= 0:
         return p
-    return _sinkhorn(p, _totals(totals, p.shape[1]), v, max_iter, tol, min_mass)[0]
+    return _balance(p, _totals(totals, p.shape[1]), v, max_iter, tol, min_mass)[0]
 
 
 # ----------------------------------------------------------------------------- the entry point
@@ -206,8 +236,9 @@ class PriorShift:
 
 def correct(kind: str, probs: np.ndarray, train_prior: np.ndarray | Sequence[float],
             totals: np.ndarray | Sequence[float] | None = None, weights: np.ndarray | None = None,
-            max_iter: int = 1000) -> PriorShift:
-    """The prior correction `kind` (none | em | balanced) of `probs` (N, C); `totals` is balanced's (None: equal)."""
+            max_iter: int | None = None) -> PriorShift:
+    """The prior correction `kind` (none | em | balanced) of `probs` (N, C); `totals` is balanced's (None: equal);
+    `max_iter` caps em's iterations (default 1000) or balanced's (default 300)."""
     if kind not in KINDS:
         raise ValueError(f"test_prior {kind!r} is unknown; use one of {', '.join(KINDS)}.")
     p0 = _matrix(probs)
@@ -217,10 +248,10 @@ def correct(kind: str, probs: np.ndarray, train_prior: np.ndarray | Sequence[flo
     if kind == "none" or v.sum() <= 0:
         return PriorShift(kind, np.asarray(probs) if kind == "none" else p, base, base, np.ones(len(base)), before, before)
     if kind == "em":
-        pi, q, it, ok = _em(p, base, v, 1e-6, max_iter)
+        pi, q, it, ok = _em(p, base, v, 1e-6, max_iter or 1000)
         return PriorShift(kind, q, pi, base, pi / base, before, predicted_counts(q, weights), it, ok)
     t = _totals(totals, p.shape[1])
-    q, c, it, ok, unmet = _sinkhorn(p, t, v, max_iter, 1e-9, 1e-9)
+    q, c, it, ok, unmet = _balance(p, t, v, max_iter or 300, 1e-9, 1e-9)
     shares = np.where(c > 0, t, 0.0)
     return PriorShift(kind, q, shares / shares.sum(), base, c, before, predicted_counts(q, weights), it, ok, unmet)
 
