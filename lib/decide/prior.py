@@ -252,7 +252,8 @@ def correct(kind: str, probs: np.ndarray, train_prior: np.ndarray | Sequence[flo
         return PriorShift(kind, q, pi, base, pi / base, before, predicted_counts(q, weights), it, ok)
     t = _totals(totals, p.shape[1])
     q, c, it, ok, unmet = _balance(p, t, v, max_iter or 300, 1e-9, 1e-9)
-    shares = np.where(c > 0, t, 0.0)
+    shares = t.copy()
+    shares[list(unmet)] = 0.0
     return PriorShift(kind, q, shares / shares.sum(), base, c, before, predicted_counts(q, weights), it, ok, unmet)
 
 
