@@ -4,7 +4,8 @@ Reads:  output/<exp>/00_prepare/ (rois.csv, crops, taxonomy.json), 01_train/fold
         and for a member <exp2>/<model> of pseudo.members output/<exp2>/00_prepare/ and its training stage's folds
 Writes: output/<exp>/02_pseudo/ test_probs.npz, pseudo_labels.csv, umap.png, summary.md, record.json
 Selection: pseudo.methods (confidence, vote with GMU, cluster_core); see lib/decide/pseudo.py. pseudo.frame_context: stack
-adjusts the test probabilities by the other ROIs of each frame first (lib/decide/frame_context.py).
+adjusts the test probabilities by the other ROIs of each frame first (lib/decide/frame_context.py), pseudo.test_prior corrects
+them for label shift (lib/decide/prior.py).
 """
 from __future__ import annotations
 

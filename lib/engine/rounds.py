@@ -4,16 +4,20 @@ Shared by 02 (round 1, from `pseudo.members`: the phase-1 folds by default, and 
 experiment's models on the same folds) and 03 (rounds 2.., each from the previous round's folds and
 the other experiments' members). Every fold model of every member is one ensemble member for the
 vote and GMU; each member predicts its own crops with its own config. With `pseudo.calibrate`,
-each member's probabilities are first scaled by a temperature fitted to its out-of-fold rows.
+each member's probabilities are first scaled by a temperature fitted to its out-of-fold rows; with
+`pseudo.frame_context: stack` adjusted by the other ROIs of their frames; with `pseudo.test_prior` corrected for label
+shift (lib.decide.prior: found on the member's mean, applied to each of its models by the same class weights).
 Writes into `out_dir`:
   test_probs.npz     per-model probabilities (M, N, C) with TTA (uncalibrated), `member_of` (M,) and
                      `member_names`, their mean (calibrated; frame-adjusted under pseudo.frame_context: stack, with
-                     each member's `frame_params`), per-head probabilities of a single
+                     each member's `frame_params`; prior-corrected under pseudo.test_prior, with each member's
+                     `test_prior` and argmax `counts_before` / `counts_after` (M', C)), per-head probabilities of a single
                      multi-head member (M, N, H, C), embeddings (M, N, D; with several members one
                      row: each member's fold mean, L2-normalised, concatenated), GMU and U
   pseudo_labels.csv  annotation_id, label, concept_name, weight, source
   umap.png           the 2-D map of the test embeddings, core samples ringed (cluster_core)
-  summary.md         counts per source and class (precision against a known truth: `python -m lib.report`)
+  summary.md         counts per source and class (precision against a known truth: `python -m lib.report`); under
+                     pseudo.test_prior each member's assumed test prior and argmax counts per class before and after
 """
 from __future__ import annotations
 
@@ -29,6 +33,7 @@ from lib.core.io import atomic_path, atomic_write_text
 from lib.data.taxonomy import Taxonomy
 from lib.decide.frame_context import NOTHING_TO_USE, FrameIndex, FrameParams, FrameRows
 from lib.decide.oof import OutOfFold
+from lib.decide.prior import PriorShift, check_totals
 from lib.decide.pseudo import (
     combine_sources,
     format_summary,
@@ -113,6 +118,39 @@ def frame_adjusted(stacks: Sequence[np.ndarray], params: Sequence[FrameParams], 
     return [np.stack([adjust(x, rows.test, p, rows.prior) for x in stack]) for stack, p in zip(stacks, params)]
 
 
+def prior_shifted(cfg: Config, members: Sequence[Member], votes: list[np.ndarray], calibrated: list[np.ndarray],
+                  train_prior: np.ndarray, names: Sequence[str]) -> tuple[list[np.ndarray], list[np.ndarray], dict[str, np.ndarray]]:
+    """Each member's (models, N, C) votes and probabilities corrected for label shift (`pseudo.test_prior`), and what
+    `predict_members` reports of it. The correction is found on the member's mean; `PriorShift.apply` gives each of its
+    models (and vote members) the same class weights, so they stay comparable (under balanced their mean meets the
+    totals nearly, not exactly)."""
+    from lib.decide.prior import correct
+
+    shifts: list[PriorShift] = [correct(cfg.pseudo.test_prior, c.mean(0), train_prior, cfg.pseudo.test_totals or None)
+                                for c in calibrated]
+    for m, sh in zip(members, shifts):
+        (log.info if sh.converged else log.warning)("pseudo.test_prior: %s's %s", m.name, sh.describe(names))
+    report = {"test_prior": np.stack([sh.prior for sh in shifts]), "counts_before": np.stack([sh.counts_before for sh in shifts]),
+              "counts_after": np.stack([sh.counts_after for sh in shifts]), "prior_iterations": np.array([sh.iterations for sh in shifts])}
+    return [sh.apply(v) for sh, v in zip(shifts, votes)], [sh.apply(c) for sh, c in zip(shifts, calibrated)], report
+
+
+def prior_report(cfg: Config, arrays: dict[str, np.ndarray], train_prior: np.ndarray, names: Sequence[str]) -> tuple[str, list[dict]]:
+    """summary.md's section (per member and class: the train share, the assumed test share, the argmax counts of the
+    member's mean before and after) and the record's `prior_shift` (the same per member)."""
+    lines = ["", f"## Label shift (pseudo.test_prior: {cfg.pseudo.test_prior})", ""]
+    record: list[dict] = []
+    for i, member in enumerate(arrays["member_names"]):
+        prior, before, after = arrays["test_prior"][i], arrays["counts_before"][i], arrays["counts_after"][i]
+        lines += [f"### {member}", "", "| concept | train share | test share | argmax before | argmax after |", "|---|---:|---:|---:|---:|"]
+        lines += [f"| {names[j]} | {train_prior[j]:.4f} | {prior[j]:.4f} | {before[j]:g} | {after[j]:g} |" for j in range(len(names))]
+        lines.append("")
+        record.append({"member": str(member), "iterations": int(arrays["prior_iterations"][i]),
+                       "test_prior": [round(float(x), 6) for x in prior],
+                       "counts_before": [int(x) for x in before], "counts_after": [int(x) for x in after]})
+    return "\n".join(lines), record
+
+
 def predict_members(cfg: Config, members: Sequence[Member], tax: Taxonomy, device, frames: FrameIndex | None = None
                     ) -> dict[str, np.ndarray]:
     """Every fold model of every member on its own crops (its config's TTA): the arrays `select` reads.
@@ -120,13 +158,18 @@ def predict_members(cfg: Config, members: Sequence[Member], tax: Taxonomy, devic
     `probs` (M, N, C) uncalibrated, member after member, and `member_of` (M,); `votes`, every
     member's `ensemble_members`, scaled by its temperature under `pseudo.calibrate` and adjusted by
     frame context under `pseudo.frame_context: stack` (`frames`: 00's ROIs by frame); `calibrated`,
-    `probs` so scaled and adjusted; `temperatures` per member; `frame_params` (M', b and eps per
-    member) under stack; `embeddings` as the module docstring says.
+    `probs` so scaled and adjusted, and corrected for label shift under `pseudo.test_prior` (the train prior:
+    `frames.prior`, the usable train ROIs' class counts); `temperatures` per member; `frame_params` (M', b and eps per
+    member) under stack; `test_prior` (the assumed test prior), `counts_before`, `counts_after` (argmax counts of the
+    member's mean) (M', C) and `prior_iterations` (M',) under a prior correction; `embeddings` as the module docstring says.
     """
     from lib.data.context import frame_ids, model_inputs
     from lib.decide.calibration import apply_temperature
     from lib.engine.inference import predict_folds_tta
 
+    check_totals(cfg.pseudo.test_totals, tax.n_classes, "pseudo.test_totals")
+    if cfg.pseudo.test_prior != "none" and frames is None:
+        raise ValueError("pseudo.test_prior needs the train prior of 00's ROIs; pass frames.")
     parts = [predict_folds_tta(m.folds, model_inputs(m.test, m.cfg.model.context), m.cfg, tax, device,
                                frames=frame_ids(m.test) if m.cfg.model.frame_context == "attention" else None) for m in members]
     stack = cfg.pseudo.frame_context == "stack"
@@ -150,6 +193,9 @@ def predict_members(cfg: Config, members: Sequence[Member], tax: Taxonomy, devic
             log.info("pseudo.frame_context: %s's %s (fitted on its out-of-fold rows)", m.name, p.describe())
         votes, calibrated = frame_adjusted(votes, params, rows), frame_adjusted(calibrated, params, rows)
         extra["frame_params"] = np.array([[*p.b, p.eps] for p in params])
+    if cfg.pseudo.test_prior != "none" and frames is not None:
+        votes, calibrated, shifted = prior_shifted(cfg, members, votes, calibrated, frames.prior, tax.names)
+        extra.update(shifted)
     out: dict[str, np.ndarray] = {
         "probs": np.concatenate([a["probs"] for a in parts]),
         "member_of": np.repeat(np.arange(len(members)), [len(a["probs"]) for a in parts]),
@@ -171,7 +217,7 @@ def run_round(cfg: Config, members: Sequence[Member], test: pd.DataFrame, tax: T
               title: str, frames: FrameIndex | None = None) -> dict:
     """Predict `test` (usable test ROIs) with every fold model of every member, select pseudo-labels, write the artifacts.
 
-    `frames` (00's ROIs by frame) is what `pseudo.frame_context: stack` reads."""
+    `frames` (00's ROIs by frame) is what `pseudo.frame_context: stack` and `pseudo.test_prior` read."""
     from lib.report.plots import plot_umap
 
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -189,7 +235,8 @@ def run_round(cfg: Config, members: Sequence[Member], test: pd.DataFrame, tax: T
     if info and not info.get("skipped"):
         plot_umap(info["coords"], info["pred"], info["core"], tax.names, out_dir / "umap.png", title)
     summary = summarize(pseudo, len(test), None, tax.names)
-    atomic_write_text(out_dir / "summary.md", f"# Pseudo-labels: {title}\n\n" + format_summary(summary))
+    shifted, shift_record = prior_report(cfg, arrays, frames.prior, tax.names) if "test_prior" in arrays and frames else ("", [])
+    atomic_write_text(out_dir / "summary.md", f"# Pseudo-labels: {title}\n\n" + format_summary(summary) + shifted)
     log.info("%s: %d of %d test ROIs pseudo-labelled, by source %s", title, len(pseudo), len(test), summary["by_source"])
     result = {"test_rois": len(test), "models": len(arrays["probs"]), "pseudo_labels": len(pseudo), "methods": list(cfg.pseudo.methods),
               "mean_weight": summary["mean_weight"], "by_source": summary["by_source"]}
@@ -198,4 +245,6 @@ def run_round(cfg: Config, members: Sequence[Member], test: pd.DataFrame, tax: T
         result["temperatures"] = [round(float(t), 4) for t in arrays["temperatures"]]
     if "frame_params" in arrays:  # per member: b, eps
         result["frame_params"] = [[round(float(v), 6) for v in row] for row in arrays["frame_params"]]
+    if shift_record:  # per member: the assumed test prior, argmax counts of its mean before and after
+        result["test_prior"], result["prior_shift"] = cfg.pseudo.test_prior, shift_record
     return result

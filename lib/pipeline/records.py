@@ -87,7 +87,7 @@ RESULT_FIELDS: dict[str, _Kind] = {
     "per_round": OBJECTS,
     # 02 (and 03's per-round pseudo-labels): `models` counts the fold models there, names them in 04
     "pseudo_labels": INT, "methods": STRINGS, "mean_weight": _Kind("a number or null", lambda v: v is None or _is_number(v)),
-    "by_source": OBJECT, "members": STRINGS, "temperatures": NUMBERS,
+    "by_source": OBJECT, "members": STRINGS, "temperatures": NUMBERS, "test_prior": TEXT, "prior_shift": OBJECTS,
     "models": _Kind("an integer or a list of strings", lambda v: _is_int(v) or _is_strings(v)),
     # 04 and knn
     "rows": INT, "fallbacks": INT, "weights": NUMBERS, "blend": TEXT, "decode": TEXT, "calibrate": TEXT,
