@@ -68,9 +68,9 @@ def blend_only(cfg, tax, dirs: list[Path], test_ids: list[int], out: Path) -> di
         ModelProbs,
         apply_decoding,
         check_aligned,
-        compare,
         weights_for,
     )
+    from lib.decide.options import compare
     from lib.decide.decode import prior_answer
     from lib.decide.oof import load_oof
     from lib.decide.submission import assemble, write_submission
@@ -99,11 +99,12 @@ def blend_only(cfg, tax, dirs: list[Path], test_ids: list[int], out: Path) -> di
     with atomic_path(out / "fallbacks.csv") as tmp:
         pd.DataFrame({"annotation_id": fell_back}).to_csv(tmp, index=False)
     t["submission"] = time.perf_counter()
-    options, _ = compare(cfg, models, tax, prior, cache)
+    options = compare(cfg, models, tax, prior, cache).table
     with atomic_path(out / "options.csv") as tmp:
         options.to_csv(tmp, index=False)
     members = [{"member": m.name, "origin": "synthetic", "cv_distance": m.cv, "cv_top1": float("nan"), "cv_distance_testlike": float("nan"),
-                "temperature": 1.0, "ece_before": float("nan"), "ece_after": float("nan"), "weight": float(w)} for m, w in zip(models, weights)]
+                "calibrator": "none", "ece_before": float("nan"), "ece_after": float("nan"), "fold_temperature": 1.0, "weight": float(w)}
+               for m, w in zip(models, weights)]
     atomic_write_text(out / "report.md", submit_report(cfg, members, options, sub, fell_back))
     t["end"] = time.perf_counter()
     return {"load": t["load"] - t["start"], "weights": t["weights"] - t["load"], "submission": t["submission"] - t["weights"],

@@ -252,11 +252,12 @@ def test_a_file_that_is_no_npz_is_named_so_not_called_pickled(tmp_path, content)
 
 
 def test_calibrated_options_fit_on_out_of_fold_rows_only(tmp_path):
-    """Every option with and without calibration; temperatures come from out-of-fold rows (new test rows change none),
-    the submission's blend uses the same temperatures, and each calibration keeps its own fit cache."""
+    """Every option under every calibrator and prior correction; calibrators come from out-of-fold rows (new test rows
+    change none), the submission uses the same fits, and each calibration keeps its own fit cache."""
     from dataclasses import replace
 
     import lib.decide.blending as blending
+    from lib.decide.options import compare
 
     rng = np.random.default_rng(1)
     tax = load_taxonomy_csv(DEFAULT_TAXONOMY)
@@ -272,33 +273,45 @@ def test_calibrated_options_fit_on_out_of_fold_rows_only(tmp_path):
 
     models = [model("phase1", 1.0), model("b/phase1", 0.7)]
     cfg = load_config(None, ["submit.calibrate=temperature", "submit.calibrate_objective=logloss", "submit.blend=fit",
-                             "submit.models=[phase1, b/phase1]", "submit.frame_context=none"])  # rows without frames
+                             "submit.models=[phase1, b/phase1]", "submit.frame_context=none",  # rows without frames
+                             "submit.calibrations=[none, temperature, vector]"])  # dirichlet's own tests: test_calibration.py
     cache = tmp_path / "probs" / "blend_fit.npz"
     counts = np.ones(tax.n_classes)
-    opts = blending.blend_options(cfg, models, tax, counts, cache)
+    opts = compare(cfg, models, tax, counts / counts.sum(), cache)
     t = opts.table
-    assert len(t) == 12 and set(t["calibration"]) == {"none", "temperature"}
+    assert len(t) == 6 * 3 * 3 and set(t["calibration"]) == {"none", "temperature", "vector"}
+    assert set(t["test_prior"]) == {"none", "em", "balanced"}
     assert set(t["model"]) == {"phase1", "b/phase1", "blend uniform", "blend cv", "blend fit", "blend greedy"}
-    single = t[(t["calibration"] == "temperature") & t["model"].isin(["phase1", "b/phase1"])]["temperature"].to_numpy()
-    assert (single > 1.5).all() and (t[t["calibration"] == "none"]["temperature"] == 1.0).all()  # overconfident: T > 1
-    assert cache.is_file() and cache.with_name("blend_fit_temperature.npz").is_file()
-    chosen = blending.blend_models(cfg, models, tax, counts, cache)
-    np.testing.assert_allclose(chosen.temperatures, single, atol=1e-4)
+    single = t[(t["calibration"] == "temperature") & t["model"].isin(["phase1", "b/phase1"]) & (t["test_prior"] == "none")]
+    assert (single["temperature"] > 1.5).all() and (t[t["calibration"] == "none"]["temperature"] == 1.0).all()  # overconfident: T > 1
+    assert cache.is_file() and cache.with_name("blend_fit_temperature.npz").is_file() and cache.with_name("calibrators.json").is_file()
+    chosen = blending.blend_models(cfg, models, tax, counts, cache, choice=blending.Choice("blend fit", "temperature", "none", "none",
+                                                                                          "argmax"))
+    np.testing.assert_allclose(chosen.temperatures, single["temperature"], atol=1e-4)
+    np.testing.assert_array_equal(chosen.labels, opts.test_labels[blending.option_key("blend fit", "temperature")]["argmax"])
     other_test = [replace(m, test=rng.dirichlet(np.ones(tax.n_classes), 20)) for m in models]
-    np.testing.assert_array_equal(blending.blend_options(cfg, other_test, tax, counts, cache).table["temperature"], t["temperature"])
-    assert blending.blend_models(cfg, other_test, tax, counts, cache).temperatures == chosen.temperatures
+    again = compare(cfg, other_test, tax, counts / counts.sum(), cache).table
+    np.testing.assert_array_equal(again["temperature"], t["temperature"])
+    # Test rows enter no fit: the nested scores without a prior correction are unchanged. (The prior corrections' nested
+    # rows and the shifted columns read the test prior EM estimates from the test rows, without labels, by design.)
+    none = t["test_prior"] == "none"
+    np.testing.assert_array_equal(again.loc[none, "nested_min_risk"], t.loc[none, "nested_min_risk"])
     # Nested scores: what nothing fits equals its plain out-of-fold score; what is fitted is scored on rows it never saw.
-    plain = t[(t["calibration"] == "none") & t["model"].isin(["phase1", "b/phase1", "blend uniform", "blend cv"])]
-    np.testing.assert_array_equal(plain["nested_min_risk"], plain["oof_min_risk"])
-    np.testing.assert_array_equal(plain["nested_argmax"], plain["oof_argmax"])
+    plain = t[(t["calibration"] == "none") & t["model"].isin(["phase1", "b/phase1", "blend uniform", "blend cv"])
+              & (t["test_prior"] == "none")]
+    np.testing.assert_allclose(plain["nested_min_risk"], plain["oof_min_risk"], atol=1e-12)
+    np.testing.assert_allclose(plain["nested_argmax"], plain["oof_argmax"], atol=1e-12)
     fitted = t[t["calibration"] == "temperature"]
     assert (fitted["nested_min_risk"] != fitted["oof_min_risk"]).any() and t["nested_min_risk"].notna().all()
 
 
-def test_nested_labels_refit_on_the_other_folds_only():
-    """For fold k, a temperature fitted on the other folds: changing fold k's rows changes no temperature used for fold k,
-    so fold k's nested labels move only through its own probabilities."""
+def test_nested_scores_refit_on_the_other_folds_only():
+    """For fold k, a temperature fitted on the other folds: the nested score is the mean over folds of fold k's distances
+    decoded after that temperature, and with balanced train and test priors `shifted` equals `nested`."""
     import lib.decide.blending as blending
+    from lib.decide.calibration import apply_temperature, fit_temperature
+    from lib.decide.decode import decode
+    from lib.decide.options import nested_scores
 
     rng = np.random.default_rng(2)
     tax = load_taxonomy_csv(DEFAULT_TAXONOMY)
@@ -306,21 +319,73 @@ def test_nested_labels_refit_on_the_other_folds_only():
     p = rng.dirichlet(np.full(tax.n_classes, 0.2), 90)
     folds = np.arange(90) % 3
     m = blending.ModelProbs("phase1", 1.0, np.arange(90), labels, p, p[:5], oof_fold=folds)
-    cfg = load_config(None, ["submit.models=[phase1]", "submit.calibrate_objective=logloss"])
-    opts = [("phase1", np.ones(1))]
-    a = blending.nested_labels(cfg, [m], opts, tax, np.full(tax.n_classes, 1 / tax.n_classes), "temperature")[0]["min_risk"]
-    from lib.decide.calibration import apply_temperature, fit_temperature
-    from lib.decide.decode import decode
-
+    cfg = load_config(None, ["submit.models=[phase1]", "submit.calibrate_objective=logloss", "submit.calibrations=[none, temperature]"])
+    prior = np.full(tax.n_classes, 1 / tax.n_classes)
+    scores = nested_scores(cfg, [m], tax, prior, np.ones(90))
+    got = scores[f"{blending.option_key('phase1', 'temperature')} min_risk"]
+    dist = tax.distance_matrix()
+    want = np.empty(90)
     for k in range(3):
         t = fit_temperature(p[folds != k], labels[folds != k], "logloss")
-        np.testing.assert_array_equal(a[folds == k], decode(apply_temperature(p[folds == k], t), tax.distance_matrix(), "min_risk"))
+        want[folds == k] = dist[labels[folds == k], decode(apply_temperature(p[folds == k], t), dist, "min_risk")]
+    assert got.nested == pytest.approx(want.mean(), abs=1e-12)
+    assert got.shifted == pytest.approx(want.mean(), abs=1e-12)
+    np.testing.assert_allclose(got.per_fold, [want[folds == k].mean() for k in range(3)], atol=1e-12)
+
+
+def test_the_rule_picks_the_least_shifted_distance_reproducibly_and_warns_on_a_thin_margin(tmp_path):
+    """The pick is the option and decoding of least `shifted` distance, the same on a rerun, with its margin over the
+    runner-up; two options whose per-fold difference swings more than their margin are flagged as close."""
+    import lib.decide.blending as blending
+    from lib.decide.options import FoldScores, chosen, compare, pick_option
+
+    rng = np.random.default_rng(9)
+    tax = load_taxonomy_csv(DEFAULT_TAXONOMY)
+    labels = rng.integers(0, tax.n_classes, 150)
+    z = rng.standard_normal((150, tax.n_classes))
+    z[np.arange(150), labels] += 2.0
+    p = np.exp(3 * z) / np.exp(3 * z).sum(1, keepdims=True)
+    m = blending.ModelProbs("phase1", 1.0, np.arange(150), labels, p, p[:9], oof_fold=np.arange(150) % 3)
+    cfg = load_config(None, ["submit.models=[phase1]", "submit.frame_context=none", "submit.calibrations=[none, temperature]"])
+    prior = np.full(tax.n_classes, 1 / tax.n_classes)
+    a = compare(cfg, [m], tax, prior, tmp_path / "blend_fit.npz")
+    b = compare(cfg, [m], tax, prior, tmp_path / "blend_fit.npz")
+    assert a.pick is not None and b.pick is not None and a.pick == b.pick
+    best = min(min(r["shifted_argmax"], r["shifted_min_risk"]) for _, r in a.table.iterrows())
+    assert a.pick.score == pytest.approx(best) and a.pick.margin >= 0
+    assert chosen(cfg, [m], a) == a.pick.choice
+    settings = load_config(None, ["submit.models=[phase1]", "submit.frame_context=none", "submit.pick=settings", "submit.decode=argmax",
+                                  "submit.calibrations=[none, temperature]"])
+    assert chosen(settings, [m], a) == blending.Choice("phase1", "temperature", "none", "none", "argmax")
+    # The margin against the spread, on hand-made fold scores.
+    table = pd.DataFrame([{"model": "x", "calibration": "none", "frame_context": "none", "test_prior": "none",
+                           "shifted_argmax": 1.00, "shifted_min_risk": 1.02}])
+    steady = {"x|none argmax": FoldScores(np.zeros(3), np.array([1.0, 1.0, 1.0]), np.ones(3), np.ones(3)),
+              "x|none min_risk": FoldScores(np.zeros(3), np.array([1.02, 1.02, 1.02]), np.ones(3), np.ones(3))}
+    assert not pick_option(table, steady).close
+    swinging = {"x|none argmax": FoldScores(np.zeros(3), np.array([1.0, 1.0, 1.0]), np.ones(3), np.ones(3)),
+                "x|none min_risk": FoldScores(np.zeros(3), np.array([0.9, 1.1, 1.06]), np.ones(3), np.ones(3))}
+    picked = pick_option(table, swinging)
+    assert picked.choice.decode == "argmax" and picked.close and any(line.startswith("warning") for line in picked.lines())
+
+
+def test_shifted_scores_weight_rows_to_the_estimated_test_prior():
+    """row_weights make the out-of-fold rows a sample of the test's class mix: weighted class shares equal the target."""
+    from lib.decide.options import row_weights
+
+    labels = np.array([0] * 60 + [1] * 30 + [2] * 10)
+    train = np.bincount(labels) / len(labels)
+    target = np.array([0.2, 0.3, 0.5])
+    w = row_weights(labels, target, train)
+    assert w.mean() == pytest.approx(1.0)
+    np.testing.assert_allclose(np.bincount(labels, weights=w) / w.sum(), target)
 
 
 def test_blend_only_rerun_fits_nothing_again(tmp_path, monkeypatch):
-    """Temperatures, fit and greedy weights (the nested folds' too) are kept in probs/ by content: a rerun that changes
-    only submit.blend calls neither the temperature fit nor SLSQP nor the greedy selection, and gives the same table."""
+    """Calibrators, temperatures, fit and greedy weights (the nested folds' too) are kept in probs/ by content: a rerun that
+    changes only submit.blend calls no calibrator fit, SLSQP nor the greedy selection, and gives the same table."""
     import lib.decide.blending as blending
+    from lib.decide.options import compare
     import lib.decide.calibration as calibration
     import lib.decide.weights as weights
 
@@ -331,10 +396,11 @@ def test_blend_only_rerun_fits_nothing_again(tmp_path, monkeypatch):
                                   rng.dirichlet(np.ones(tax.n_classes), 7), oof_fold=np.arange(120) % 3) for n in ("phase1", "b/phase1")]
     cache = tmp_path / "probs" / "blend_fit.npz"
     counts = np.ones(tax.n_classes)
-    first = blending.blend_options(load_config(None, ["submit.blend=fit", "submit.frame_context=none"]), models, tax, counts, cache).table
-    assert (tmp_path / "probs" / "temperatures.json").is_file() and (tmp_path / "probs" / "blend_greedy_temperature_fold2.npz").is_file()
+    first = compare(load_config(None, ["submit.blend=fit", "submit.frame_context=none", "submit.calibrations=[none, temperature]"]), models, tax, counts / counts.sum(), cache).table
+    assert (tmp_path / "probs" / "calibrators.json").is_file() and (tmp_path / "probs" / "blend_greedy_temperature_fold2.npz").is_file()
     calls: list[str] = []
     monkeypatch.setattr(calibration, "fit_temperature", lambda *a, **k: calls.append("T"))
+    monkeypatch.setattr(blending, "fit_calibrator", lambda *a, **k: calls.append("calibrator"))
     real = blending.blend_weights
 
     def counted_blend_weights(*a, **k):
@@ -344,6 +410,6 @@ def test_blend_only_rerun_fits_nothing_again(tmp_path, monkeypatch):
     monkeypatch.setattr(blending, "blend_weights", counted_blend_weights)
     monkeypatch.setattr(weights, "greedy_weights", lambda *a, **k: calls.append("greedy"))
     fresh = [blending.ModelProbs(m.name, m.cv, m.oof_ids, m.oof_labels, m.oof.copy(), m.test, oof_fold=m.oof_fold) for m in models]
-    again = blending.blend_options(load_config(None, ["submit.blend=greedy", "submit.frame_context=none"]), fresh, tax, counts, cache).table
+    again = compare(load_config(None, ["submit.blend=greedy", "submit.frame_context=none", "submit.calibrations=[none, temperature]"]), fresh, tax, counts / counts.sum(), cache).table
     assert set(calls) <= {"uniform", "cv"}  # the closed-form weights only
     pd.testing.assert_frame_equal(first, again)

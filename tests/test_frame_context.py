@@ -154,12 +154,13 @@ def test_no_row_s_own_frame_enters_the_fit_that_adjusts_it():
     # 04's nested options do the same: fold 0's stack labels are its plain labels.
     import lib.decide.blending as blending
 
+    from lib.decide.options import nested_scores
+
     m = blending.ModelProbs("phase1", 1.0, np.arange(len(y)), y, p, p[:4], oof_fold=fold)
     rows = fc.FrameRows(sib, fc.siblings(np.arange(4)), np.full(C, 1 / C), "k")
-    nested = blending.nested_labels(load_config(None, ["submit.models=[phase1]"]), [m], [("phase1", np.ones(1))], TAX,
-                                    np.full(C, 1 / C), "none", None, rows)[0]
+    nested = nested_scores(load_config(None, ["submit.models=[phase1]", "submit.calibrations=[none, temperature]"]), [m], TAX, np.full(C, 1 / C), np.ones(len(y)), None, rows)
     for d in ("argmax", "min_risk"):
-        assert np.array_equal(nested[f"stack {d}"][held], nested[d][held])
+        assert nested[f"phase1|none|stack {d}"].per_fold[0] == nested[f"phase1|none {d}"].per_fold[0]
 
 
 def test_nested_scores_fit_on_the_other_folds_and_adjust_the_held_out_one():
@@ -169,19 +170,20 @@ def test_nested_scores_fit_on_the_other_folds_and_adjust_the_held_out_one():
     p, y, frame = framed(90, 3, rng)
     fold = frame % 3  # grouped by frame
     sib = fc.siblings(frame)
+    from lib.decide.options import nested_scores
+
     m = blending.ModelProbs("phase1", 1.0, np.arange(len(y)), y, p, p[:6], oof_fold=fold)
     rows = fc.FrameRows(sib, fc.siblings(np.zeros(6)), np.full(C, 1 / C), "k")
-    nested = blending.nested_labels(load_config(None, ["submit.models=[phase1]"]), [m], [("phase1", np.ones(1))], TAX,
-                                    np.full(C, 1 / C), "none", None, rows)[0]
+    nested = nested_scores(load_config(None, ["submit.models=[phase1]", "submit.calibrations=[none, temperature]"]), [m], TAX, np.full(C, 1 / C), np.ones(len(y)), None, rows)
     manual = fc.nested(p, y, sib, fold)
     for k in range(3):
         te = fold == k
         params = fc.fit(p[~te], y[~te], sib.subset(~te))
         np.testing.assert_array_equal(manual[te], fc.adjust(p[te], sib.subset(te), params))
-    np.testing.assert_array_equal(nested["stack min_risk"], decode(manual, D, "min_risk"))
-    np.testing.assert_array_equal(nested["stack argmax"], decode(manual, D, "argmax"))
+    for d in ("argmax", "min_risk"):
+        assert nested[f"phase1|none|stack {d}"].nested == pytest.approx(D[y, decode(manual, D, d)].mean(), abs=1e-12)
     # Honest and useful here: the nested stack distance is below the plain one.
-    assert D[y, nested["stack min_risk"]].mean() < D[y, nested["min_risk"]].mean() - 0.2
+    assert nested["phase1|none|stack min_risk"].nested < nested["phase1|none min_risk"].nested - 0.2
 
 
 # ----------------------------------------------------------------------------- 04: options, caches, reruns
@@ -200,16 +202,19 @@ def two_models(rng: np.random.Generator, n_frames: int = 60, size: int = 3, n_te
 
 def test_options_hold_rows_without_and_with_frame_context_and_test_rows_never_fit(tmp_path):
     import lib.decide.blending as blending
+    from lib.decide.options import compare
 
     rng = np.random.default_rng(5)
     models, frame = two_models(rng)
     rows = fc.FrameRows(fc.siblings(frame), fc.siblings(np.repeat(np.arange(6), 2)), np.full(C, 1 / C), "frames")
-    cfg = load_config(None, ["submit.models=[phase1, b/phase1]", "submit.frame_context=stack", "submit.blend=fit"])
+    cfg = load_config(None, ["submit.models=[phase1, b/phase1]", "submit.frame_context=stack", "submit.blend=fit",
+                             "submit.calibrations=[none, temperature]"])
     cache = tmp_path / "probs" / "blend_fit.npz"
     counts = np.ones(C)
-    opts = blending.blend_options(cfg, models, TAX, counts, cache, rows)
+    opts = compare(cfg, models, TAX, counts / counts.sum(), cache, rows)
     t = opts.table
-    assert len(t) == 24 and t["frame_context"].tolist()[:2] == ["none", "stack"]
+    assert len(t) == 72 and t["frame_context"].tolist()[:4] == ["none", "none", "none", "stack"]
+    t = t[t["test_prior"] == "none"]
     stack = t[t["frame_context"] == "stack"]
     assert stack["frame_params"].str.startswith("b ").all() and (t[t["frame_context"] == "none"]["frame_params"] == "").all()
     assert (stack["nested_min_risk"].to_numpy() < t[t["frame_context"] == "none"]["nested_min_risk"].to_numpy()).all()
@@ -223,19 +228,21 @@ def test_options_hold_rows_without_and_with_frame_context_and_test_rows_never_fi
     from dataclasses import replace
 
     other = [replace(m, test=rng.dirichlet(np.ones(C), 12)) for m in models]
-    pd.testing.assert_series_equal(blending.blend_options(cfg, other, TAX, counts, None, rows).table["frame_params"], t["frame_params"])
+    pd.testing.assert_series_equal(compare(cfg, other, TAX, counts / counts.sum(), None, rows).table["frame_params"],
+                                   opts.table["frame_params"])
 
 
 def test_a_rerun_that_changes_only_the_decoding_fits_nothing_again(tmp_path, monkeypatch):
     import lib.decide.blending as blending
+    from lib.decide.options import compare
 
     rng = np.random.default_rng(6)
     models, frame = two_models(rng, n_frames=30)
     rows = fc.FrameRows(fc.siblings(frame), fc.siblings(np.arange(12)), np.full(C, 1 / C), "frames")
     cache = tmp_path / "probs" / "blend_fit.npz"
     counts = np.ones(C)
-    base = ["submit.models=[phase1, b/phase1]", "submit.frame_context=stack"]
-    first = blending.blend_options(load_config(None, [*base, "submit.decode=argmax"]), models, TAX, counts, cache, rows)
+    base = ["submit.models=[phase1, b/phase1]", "submit.frame_context=stack", "submit.calibrations=[none, temperature]"]
+    first = compare(load_config(None, [*base, "submit.decode=argmax"]), models, TAX, counts / counts.sum(), cache, rows)
     calls = []
     real = fc.fit
 
@@ -244,7 +251,7 @@ def test_a_rerun_that_changes_only_the_decoding_fits_nothing_again(tmp_path, mon
         return real(*a, **k)
 
     monkeypatch.setattr(fc, "fit", counted_fit)
-    again = blending.blend_options(load_config(None, [*base, "submit.decode=min_risk"]), models, TAX, counts, cache, rows)
+    again = compare(load_config(None, [*base, "submit.decode=min_risk"]), models, TAX, counts / counts.sum(), cache, rows)
     chosen = blending.blend_models(load_config(None, [*base, "submit.decode=min_risk"]), models, TAX, counts, cache, rows)
     assert chosen.frame is not None
     # Only the greedy blend fits again, under each calibration: its selection reads submit.decode, so its weights moved
@@ -253,13 +260,13 @@ def test_a_rerun_that_changes_only_the_decoding_fits_nothing_again(tmp_path, mon
     assert len(calls) <= 8 and (first.table.loc[~greedy, "weights"] == again.table.loc[~greedy, "weights"]).all()
     pd.testing.assert_frame_equal(first.table[~greedy], again.table[~greedy])
     calls.clear()
-    blending.blend_options(load_config(None, [*base, "submit.decode=min_risk", "submit.blend=uniform", "submit.logit_tau=0.5"]),
-                           models, TAX, counts, cache, rows)
+    compare(load_config(None, [*base, "submit.decode=min_risk", "submit.blend=uniform", "submit.logit_tau=0.5"]),
+            models, TAX, counts / counts.sum(), cache, rows)
     blending.blend_models(load_config(None, [*base, "submit.decode=argmax", "submit.blend=fit"]), models, TAX, counts, cache, rows)
     assert calls == []
     # Other frames (another content key) fit again: up to 6 options x 2 calibrations x (1 + 3 nested folds), fewer
     # where two options blend alike (cv and uniform weights of two models with the same CV are one key).
-    blending.blend_options(load_config(None, base), models, TAX, counts, cache, fc.FrameRows(rows.oof, rows.test, rows.prior, "other"))
+    compare(load_config(None, base), models, TAX, counts / counts.sum(), cache, fc.FrameRows(rows.oof, rows.test, rows.prior, "other"))
     assert 24 <= len(calls) <= 48
 
 
@@ -276,12 +283,16 @@ def test_one_roi_per_frame_gives_identical_results_with_frame_context_on_or_off(
     assert rows is not None and rows.nothing_to_use and note == fc.NOTHING_TO_USE
     counts = np.ones(C)
     for method in ("argmax", "min_risk"):
-        on = load_config(None, ["submit.models=[phase1, b/phase1]", "submit.frame_context=stack", f"submit.decode={method}"])
-        off = load_config(None, ["submit.models=[phase1, b/phase1]", f"submit.decode={method}"])
+        on = load_config(None, ["submit.models=[phase1, b/phase1]", "submit.frame_context=stack", f"submit.decode={method}",
+                                "submit.calibrations=[none, temperature]"])
+        off = load_config(None, ["submit.models=[phase1, b/phase1]", f"submit.decode={method}", "submit.frame_context=none",
+                                 "submit.calibrations=[none, temperature]"])
         a = blending.blend_models(on, models, TAX, counts, tmp_path / "blend_fit.npz", rows)
         b = blending.blend_models(off, models, TAX, counts, tmp_path / "blend_fit.npz", rows)
         assert a.frame is not None and a.frame.identity and np.array_equal(a.labels, b.labels)
-    t = blending.blend_options(on, models, TAX, counts, None, rows).table
+    from lib.decide.options import compare
+
+    t = compare(on, models, TAX, counts / counts.sum(), None, rows).table
     cols = ["oof_argmax", "oof_min_risk", "nested_argmax", "nested_min_risk"]
     np.testing.assert_array_equal(t[t["frame_context"] == "stack"][cols].to_numpy(), t[t["frame_context"] == "none"][cols].to_numpy())
     p = models[0].oof

@@ -131,12 +131,13 @@ def test_rounds_reuse_earlier_rounds(tiny, tmp_path, caplog):
     assert load_script("03_retrain.py").main(["--config", "configs/demo.yaml", *overrides, "pseudo.rounds=2"]) == 0
     assert "03_retrain: up to date" in caplog.text
     # Every round can enter the blend as its own model.
-    args = ["--config", "configs/demo.yaml", *overrides, "pseudo.rounds=2", "submit.models=[phase1, round1, round2]", "submit.blend=cv"]
+    args = ["--config", "configs/demo.yaml", *overrides, "pseudo.rounds=2", "submit.models=[phase1, round1, round2]", "submit.blend=cv",
+            "submit.pick=settings"]
     assert load_script("04_infer_submit.py").main(args) == 0
     options = pd.read_csv(out / "04_submit" / "options.csv")
-    alone = options[options["frame_context"] == "none"]  # each option without frame context, then with it
+    alone = options[(options["frame_context"] == "none") & (options["test_prior"] == "none")]  # each ROI alone, as predicted
     assert alone["model"].tolist()[:3] == ["phase1", "round1", "round2"] and "blend cv" in options["model"].tolist()
-    assert json.loads((out / "04_submit" / "record.json").read_text())["result"]["blend"] == "cv"
+    assert json.loads((out / "04_submit" / "record.json").read_text())["result"]["option"] == "blend cv"  # the settings' option
 
 
 def test_pseudo_rows_only_join_training_folds():
@@ -231,7 +232,7 @@ def test_frame_context_in_04_and_02(tiny, tmp_path, monkeypatch):
     import lib.decide.frame_context as fc
 
     overrides, out = _copy_run(tiny, tmp_path)
-    args = ["--config", "configs/demo.yaml", *overrides, "submit.frame_context=stack"]
+    args = ["--config", "configs/demo.yaml", *overrides, "submit.frame_context=stack", "submit.pick=settings"]
     assert load_script("04_infer_submit.py").main(args) == 0
     options = pd.read_csv(out / "04_submit" / "options.csv")
     assert set(options["frame_context"]) == {"none", "stack"} and options["test_min_risk"].notna().all()
@@ -248,7 +249,7 @@ def test_frame_context_in_04_and_02(tiny, tmp_path, monkeypatch):
 
     monkeypatch.setattr(fc, "fit", counted_fit)
     assert load_script("04_infer_submit.py").main([*args, "submit.decode=min_risk"]) == 0
-    assert len(calls) <= 2 * (1 + 2)  # the greedy blend under each calibration, whole and per nested fold
+    assert len(calls) <= 4 * (1 + 2)  # the greedy blend under each calibration, whole and per nested fold
     assert load_script("02_pseudo_label.py").main(["--config", "configs/demo.yaml", *overrides, "pseudo.frame_context=stack"]) == 0
     pseudo = json.loads((out / "02_pseudo" / "record.json").read_text())["result"]
     assert len(pseudo["frame_params"]) == 1 and len(pseudo["frame_params"][0]) == 2

@@ -109,6 +109,8 @@ def _knn_submit_checks(cfg: Config) -> list[tuple[bool, str]]:
         (cfg.knn.vote == "best" or cfg.knn.vote in cfg.knn.votes, f"knn.vote '{cfg.knn.vote}' must be best or one of knn.votes"),
         (cfg.submit.cv_temperature > 0, "submit.cv_temperature must be positive"),
         (cfg.submit.calibrate_l2 >= 0, "submit.calibrate_l2 must be 0 or more"),
+        (cfg.submit.calibrate in cfg.submit.calibrations and len(set(cfg.submit.calibrations)) == len(cfg.submit.calibrations),
+         f"submit.calibrations must name each calibration once and include submit.calibrate ({cfg.submit.calibrate})"),
         (all(t > 0 for t in cfg.submit.test_totals) and all(t > 0 for t in cfg.pseudo.test_totals),
          "submit.test_totals and pseudo.test_totals must be positive counts, one per concept (or empty: equal totals)"),
         (cfg.submit.logit_tau >= 0, "submit.logit_tau must be 0 (off) or more"),

@@ -2,6 +2,9 @@
 
 Every stage reads one `Config`. Sections are dataclasses so a typo or a wrong type is caught
 before any work (lib.config.load), with one sentence that names the key and the nearest valid one.
+
+Over 450 lines: every key of every section with the comment that says what it does and why its default, in one place
+a user reads; splitting the sections across files would scatter that reference.
 """
 from __future__ import annotations
 
@@ -341,8 +344,12 @@ class SubmitCfg:
 
     decode: Literal["argmax", "min_risk"] = "argmax"
     models: list[str] = field(default_factory=lambda: ["phase1", "phase2"])
-    calibrate: Literal["none", "temperature", "vector", "dirichlet"] = "temperature"  # on: it lowered the nested out-of-fold min-risk distance on the demo
+    # temperature: it lowered the nested out-of-fold min-risk distance on the demo; vector, dirichlet: lib.decide.calibration
+    calibrate: Literal["none", "temperature", "vector", "dirichlet"] = "temperature"
     calibrate_objective: Literal["logloss", "distance"] = "logloss"  # temperature's; tied with distance there, and steadier
+    # the calibrations the options table (and so the rule) compares; dirichlet fits C x C parameters per model and nested fold
+    calibrations: list[Literal["none", "temperature", "vector", "dirichlet"]] = field(
+        default_factory=lambda: ["none", "temperature", "vector", "dirichlet"])
     calibrate_l2: float = 0.01  # vector and dirichlet: L2 pull of the maps toward identity (dirichlet's off-diagonal and biases: ODIR)
     # true: each model's out-of-fold rows predicted again by its fold models with its tta views (cached in probs/), so that
     # calibrators fit on rows predicted the way the test rows are; false: the rows the training stage stored (one view)

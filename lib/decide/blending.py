@@ -28,7 +28,7 @@ from lib.data.taxonomy import Taxonomy
 from lib.decide.decode import backoff_decode, decode, logit_adjust
 from lib.decide.frame_context import FrameParams, FrameRows, Siblings, adjust
 from lib.decide.calibration import Calibrator, fit_calibrator
-from lib.decide.prior import PriorShift, correct
+from lib.decide.prior import PriorShift, check_totals, correct
 from lib.decide.weights import blend, blend_weights
 
 
@@ -125,7 +125,9 @@ def fitted_calibrator(cfg: Config, m: ModelProbs, kind: str, dist: np.ndarray, c
         return fit_calibrator(kind, m.oof, m.oof_labels, objective=s.calibrate_objective, dist=dist, l2=s.calibrate_l2,
                               weights=weights).to_list()
 
-    if cache is None or kind == "none":
+    if kind == "none":
+        return Calibrator("none")
+    if cache is None:
         return Calibrator.from_list(fit())
     value, _ = cached_json(cache, content_key(f"cal|{settings}|{digest_of(m)}", extra), fit, CALIBRATOR_CACHE_ENTRIES)
     return Calibrator.from_list(value)
@@ -145,8 +147,10 @@ def calibrate_models(cfg: Config, models: Sequence[ModelProbs], dist: np.ndarray
             test, t_fold = average_folds(np.stack([cal.apply(f) for f in m.fold_test]), cfg.submit.fold_average)
         else:
             test, t_fold = cal.apply(m.test), 1.0
+        t = cal.params[0] if cal.kind == "temperature" else 1.0
         out.append(derived(m, f"{cal.to_list()!r}|{cfg.submit.fold_average}", oof=cal.apply(m.oof), test=test, fold_test=None,
-                           temperature=cal.temperature, calibrator=cal.describe(), fold_temperature=t_fold))
+                           temperature=t, calibrator=cal.kind + (f" T={t:.3f}" if cal.kind == "temperature" else ""),
+                           fold_temperature=t_fold))
     return out
 
 
@@ -258,9 +262,7 @@ def test_totals(totals: Sequence[float], tax: Taxonomy, key: str = "submit.test_
     """The user's class totals for `balanced` (None: equal totals), checked to hold one count per concept."""
     if not len(totals):
         return None
-    if len(totals) != tax.n_classes:
-        raise StageError(f"{key} holds {len(totals)} counts but the taxonomy has {tax.n_classes} concepts; give one count per "
-                         f"concept in taxonomy.json's order, or leave it empty for equal totals.")
+    check_totals(totals, tax.n_classes, key)
     return np.asarray(totals, dtype=np.float64)
 
 

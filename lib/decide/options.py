@@ -29,7 +29,7 @@ import pandas as pd
 
 from lib.config import Config
 from lib.data.taxonomy import Taxonomy
-from lib.decide.blending import (BLENDS, CALIBRATIONS, FITTED, PRIORS, Choice, ModelProbs, apply_decoding, blended,
+from lib.decide.blending import (BLENDS, FITTED, PRIORS, Choice, ModelProbs, apply_decoding, blended,
                                  cache_file, calibrate_models, calibrator_file, derived, frame_params, option_key, shift,
                                  temperature_file, test_totals, weights_for)
 from lib.decide.frame_context import FrameRows, adjust
@@ -177,7 +177,7 @@ def nested_scores(cfg: Config, models: Sequence[ModelProbs], tax: Taxonomy, trai
                         test=m.oof[te], fold_test=None, stored_oof=None) for m in models]
         sib_tr, sib_te = (frames.oof.subset(tr), frames.oof.subset(te)) if frames is not None else (None, None)
         truth = dist[labels[te]]
-        for calibration in CALIBRATIONS:
+        for calibration in cfg.submit.calibrations:
             ms = calibrate_models(cfg, part, dist, calibration, calibrator_file(cache))
             for name, w in option_list(cfg, ms, calibration, dist, cache, int(k)):
                 fitted, held, t = blended(cfg, ms, w, dist, calibration, temperature_file(cache))
@@ -205,7 +205,7 @@ def compare(cfg: Config, models: Sequence[ModelProbs], tax: Taxonomy, train_prio
     totals = test_totals(cfg.submit.test_totals, tax)
     rows: list[dict[str, Any]] = []
     test_labels: dict[str, dict[str, np.ndarray]] = {}
-    for calibration in CALIBRATIONS:
+    for calibration in cfg.submit.calibrations:
         ms = calibrate_models(cfg, models, dist, calibration, calibrator_file(cache))
         for name, w in option_list(cfg, ms, calibration, dist, cache):
             oof, test, t = blended(cfg, ms, w, dist, calibration, temperature_file(cache))

@@ -14,7 +14,7 @@ import numpy as np
 import pandas as pd
 
 from lib.config import Config
-from lib.decide.blending import CALIBRATIONS, Blended, ModelProbs, blend, calibrate_models, calibrator_file
+from lib.decide.blending import Blended, ModelProbs, blend, calibrate_models, calibrator_file
 from lib.decide.calibration import expected_calibration_error, nll
 from lib.decide.decode import prior_answer
 
@@ -26,7 +26,7 @@ def calibration_table(cfg: Config, models: Sequence[ModelProbs], chosen: Blended
     calibrator fitted on those very rows (in-sample; the options' nested columns are the honest comparison), and the
     mean top probability of its test rows after the fold average (no label)."""
     rows = []
-    for kind in CALIBRATIONS:
+    for kind in cfg.submit.calibrations:
         ms = calibrate_models(cfg, models, dist, kind, calibrator_file(cache))
         named = [(m.name, m, raw) for m, raw in zip(ms, models)]
         for name, m, raw in named:

@@ -96,3 +96,4 @@ def plot_matrix(matrix: np.ndarray, names: Sequence[str], path: Path, title: str
     with atomic_path(path) as tmp:
         fig.savefig(tmp, dpi=100, format="png")
     plt.close(fig)
+
