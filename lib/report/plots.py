@@ -126,7 +126,7 @@ def plot_reliability(panels: Mapping[str, Sequence[tuple[str, np.ndarray, np.nda
             ax.text(0.5, 0.5, "no rows", ha="center", va="center", transform=ax.transAxes)
         else:
             ax.legend(fontsize=7, loc="upper left", frameon=False)
-        ax.set(title=name, xlabel="mean top probability", ylabel="accuracy", xlim=(0, 1), ylim=(0, 1), aspect="equal")
+        ax.set(title=name, xlabel="mean top probability", ylabel="accuracy", xlim=(-0.02, 1.02), ylim=(-0.02, 1.02), aspect="equal")
     if title:
         fig.suptitle(title)
     fig.tight_layout()
