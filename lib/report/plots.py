@@ -1,7 +1,7 @@
 """matplotlib figures (Agg backend, written atomically)."""
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -97,3 +97,39 @@ def plot_matrix(matrix: np.ndarray, names: Sequence[str], path: Path, title: str
         fig.savefig(tmp, dpi=100, format="png")
     plt.close(fig)
 
+
+def plot_reliability(panels: Mapping[str, Sequence[tuple[str, np.ndarray, np.ndarray]]], path: Path, title: str = "",
+                     n_bins: int = 15) -> None:
+    """Reliability diagrams: one panel per title (e.g. "out of fold", "test-like views"), one curve per (label, probs, labels).
+
+    Accuracy against mean top probability in the bins of `expected_calibration_error`, whose value
+    each legend entry gives: below the diagonal is over-confident, above it under-confident. Marker
+    area grows with the bin's share of rows, so a sparse bin's swing reads as the noise it is.
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from lib.decide.calibration import expected_calibration_error, reliability
+
+    n = max(len(panels), 1)
+    fig, axes = plt.subplots(1, n, figsize=(4.2 * n, 4.2), squeeze=False)
+    for ax, (name, series) in zip(axes[0], panels.items()):
+        ax.plot([0, 1], [0, 1], ls="--", color="grey", lw=1)
+        for label, probs, labels in series:
+            conf, acc, count = reliability(probs, labels, n_bins)
+            seen = count > 0
+            line, = ax.plot(conf[seen], acc[seen], lw=1.2, label=f"{label} (ECE {expected_calibration_error(probs, labels, n_bins):.3f})")
+            ax.scatter(conf[seen], acc[seen], s=8 + 120 * count[seen] / count.sum(), color=line.get_color(), zorder=3)
+        if not series:
+            ax.text(0.5, 0.5, "no rows", ha="center", va="center", transform=ax.transAxes)
+        else:
+            ax.legend(fontsize=7, loc="upper left", frameon=False)
+        ax.set(title=name, xlabel="mean top probability", ylabel="accuracy", xlim=(-0.02, 1.02), ylim=(-0.02, 1.02), aspect="equal")
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=80)
+    plt.close(fig)
