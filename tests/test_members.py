@@ -103,7 +103,9 @@ def two(tmp_path_factory):
 
 
 def submit(base, *extra):
-    return load_script("04_infer_submit.py").main(["--config", "configs/demo.yaml", *base, "exp=a", *extra])
+    """04 of experiment a under the submit.* settings, comparing two calibrations (the cheap ones)."""
+    return load_script("04_infer_submit.py").main(["--config", "configs/demo.yaml", *base, "exp=a", "submit.pick=settings",
+                                                   "submit.calibrations=[none, temperature]", *extra])
 
 
 MODELS = "submit.models=[phase1, phase2, b/phase1, b/phase2]"
@@ -125,7 +127,7 @@ def test_two_experiments_blend_and_rerun_when_a_member_retrains(two, caplog, cap
     rec = json.loads((folder / "record.json").read_text())
     assert "b/03_retrain" in rec["fingerprint"]["inputs"] and len(rec["result"]["temperatures"]) == 4
     assert rec["result"]["temperatures"] == [round(t, 4) for t in options.loc[
-        (options["calibration"] == "temperature") & (options["frame_context"] == "none")
+        (options["calibration"] == "temperature") & (options["frame_context"] == "none") & (options["test_prior"] == "none")
         & options["model"].isin(["phase1", "phase2", "b/phase1", "b/phase2"]), "temperature"]]
     # Only the blend changes: the members' probabilities come from the cache.
     caplog.set_level(logging.INFO)
