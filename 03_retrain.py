@@ -25,16 +25,24 @@ NAME = "03_retrain"
 
 def run(args: argparse.Namespace, cfg: Config) -> int:
     """The stage body: decide, run the self-training rounds not up to date, record the last round's CV."""
-    stage = graph.begin(cfg, NAME, args.force, args.dry_run, folds_only=bool(args.fold))
+    from lib.engine import fold_parallel
+
+    started, only, force = time.time(), args.fold, args.force
+    spread = fold_parallel.plan(cfg, NAME, args.fold, args.force, args.dry_run)  # several GPUs: one process each
+    if spread is not None and spread.mode == "torchrun":
+        return fold_parallel.relaunch_torchrun(spread, NAME, args)
+    if spread is not None:  # the children trained round 1's folds; the later rounds and the record are a plain run's
+        stage, only, force = fold_parallel.train_spread(cfg, NAME, spread, args), None, False
+    else:
+        stage = graph.begin(cfg, NAME, args.force, args.dry_run, folds_only=bool(args.fold))
     if stage is None:
         return 0
-    started = time.time()
     from lib.data.artifacts import load_prepared
     from lib.engine.selftrain import run_rounds
     from lib.model.dist import close
 
     try:
-        rounds = run_rounds(cfg, stage, load_prepared(cfg), only=args.fold, force=args.force, dry_run=args.dry_run)
+        rounds = run_rounds(cfg, stage, load_prepared(cfg), only=only, force=force, dry_run=args.dry_run)
     finally:
         close()  # under torchrun: leave the process group
     if rounds is None:  # a dry run, or some fold not done yet

@@ -2,6 +2,9 @@
 
 Every stage reads one `Config`. Sections are dataclasses so a typo or a wrong type is caught
 before any work (lib.config.load), with one sentence that names the key and the nearest valid one.
+
+Over 450 lines: one dataclass per config section, each key with its comment; splitting the sections over
+files would only scatter the one place a user reads to learn the keys.
 """
 from __future__ import annotations
 
@@ -194,6 +197,9 @@ class TrainCfg:
     min_delta: float = 0.0  # an improvement must lower the val distance by more than this
     sampler: Literal["random", "class_balanced", "sqrt"] = "random"  # lib.data.samplers: class_balanced / sqrt oversample the tail
     compile: bool = False  # torch.compile the training step (CUDA: worth it on long runs; the first steps compile)
+    # Several visible GPUs (lib.engine.fold_parallel): folds = one process per GPU, each its own folds; torchrun = every fold
+    # spans the GPUs (DDP); none = one process. Changes no result, so it never decides a rerun (graph.SPECS leaves it out).
+    multi_gpu: Literal["folds", "torchrun", "none"] = "folds"
 
 
 @dataclass
