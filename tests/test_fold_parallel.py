@@ -1,10 +1,14 @@
 """Fold-parallel training (lib.engine.fold_parallel): two GPUs simulated on the CPU (a faked device count, a fake child
 launcher recording what it would start), the split of the folds, the bad-input sentences, a failed child."""
 import argparse
+import json
+import os
 import re
+import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -13,6 +17,8 @@ from lib.core.errors import StageError
 from lib.engine import fold_parallel as fp
 from lib.pipeline import graph
 from lib.pipeline.records import Stage
+
+from conftest import load_script  # tests/conftest.py
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -207,3 +213,37 @@ def test_the_choice_never_decides_a_rerun(tmp_path):
     assert "train.multi_gpu" not in fp_of() and "train.epochs" in fp_of()
     assert fp_of("train.multi_gpu=none") == fp_of("train.multi_gpu=torchrun") == fp_of()
     assert "!train.multi_gpu" in graph.SPECS["03_retrain"].sections
+
+
+@pytest.mark.slow
+def test_fold_parallel_with_two_cpu_processes(tmp_path):
+    """train.multi_gpu=folds with PIPELINE_FOLD_PROCESSES=2 on the CPU (as with two GPUs): one child per fold; a child
+    killed mid-fold fails the run naming its fold and log while the other's fold is kept, and no stage record is
+    written until a rerun trains the missing fold; the folds are those one process trains."""
+    from lib.demo.__main__ import main as demo_main
+
+    tiny = [f"data.root={tmp_path / 'data'}", f"output_root={tmp_path / 'out'}", "demo.per_class=3", "demo.test_per_class=1",
+            "demo.frame_width=160", "demo.frame_height=120", "prepare.n_folds=2", "prepare.crop_size=32", "prepare.workers=1",
+            "model.img_size=32", "train.epochs=1", "train.batch_size=64"]
+    assert demo_main(["--config", "configs/demo.yaml", *tiny]) == 0
+    for exp in ("one", "par"):
+        assert load_script("00_prepare_data.py").main(["--config", "configs/demo.yaml", *tiny, f"exp={exp}"]) == 0
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "NO_ALBUMENTATIONS_UPDATE": "1"}
+    cmd = [sys.executable, "01_train_folds.py", "--config", "configs/demo.yaml", *tiny]
+    r = subprocess.run([*cmd, "exp=one"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0 and "[gpu" not in r.stdout, r.stderr[-3000:]  # no GPUs, no override: one process as ever
+    env.update(PIPELINE_FOLD_PROCESSES="2", PIPELINE_KILL_AT="train_batch 01_train/fold_1 epoch 1")
+    r = subprocess.run([*cmd, "exp=par"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    d = tmp_path / "out" / "par" / "01_train"
+    assert r.returncode == 2, r.stderr[-3000:]
+    assert r.stderr.startswith("error: 01_train: fold 1 on the CPU stopped (exit -9: ") and f"log {d / 'parallel' / 'gpu1.log'})" in r.stderr
+    assert "[gpu 0] 01_train/fold_0: val distance" in r.stdout  # the other child finished its fold
+    assert (d / "fold_0" / "record.json").is_file() and not (d / "record.json").exists()
+    del env["PIPELINE_KILL_AT"]
+    r = subprocess.run([*cmd, "exp=par"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "01_train/fold_0: up to date" in r.stdout and "[gpu" not in r.stdout  # one fold left: trained in this process
+    assert json.loads((d / "record.json").read_text())["result"]["folds"] == 2
+    for k in range(2):  # a fold trained in a child is the fold one process trains
+        a, b = (np.load(tmp_path / "out" / e / "01_train" / f"fold_{k}" / "oof.npz") for e in ("par", "one"))
+        assert np.allclose(a["probs"], b["probs"], atol=1e-5)

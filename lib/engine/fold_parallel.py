@@ -18,7 +18,7 @@ GPU), `none` keeps one process. On the CPU or one GPU nothing changes.
 `PIPELINE_FOLD_PROCESSES=N` (environment) asks for N processes whatever the device count: on a
 machine without GPUs they all train on the CPU (the tests and the notebook test use it).
 Each child's output is relayed to the console with a `[gpu i]` prefix and kept whole in
-`<stage>/fold_parallel/gpu<i>.log`; a child that fails is named by its folds and that log.
+`<stage>/parallel/gpu<i>.log`; a child that fails is named by its folds and that log.
 """
 from __future__ import annotations
 
@@ -41,7 +41,7 @@ from lib.pipeline.records import Stage
 
 log = logging.getLogger("pipeline")
 ENV_PROCESSES = "PIPELINE_FOLD_PROCESSES"
-LOG_DIR = "fold_parallel"
+LOG_DIR = "parallel"  # not fold_*: tools glob the fold folders
 
 
 @dataclass(frozen=True)
@@ -246,7 +246,8 @@ def run_children(spread: Spread, name: str, args: argparse.Namespace, log_dir: P
     script = _script(name)
     children = []
     for i, (folds, device) in enumerate(zip(spread.groups, spread.devices)):
-        log.info("%s: folds %s on %s (log %s)", name, ",".join(map(str, folds)), _where(device), log_dir / f"gpu{i}.log")
+        log.info("%s: fold%s %s on %s (log %s)", name, "s" if len(folds) > 1 else "", ",".join(map(str, folds)), _where(device),
+                 log_dir / f"gpu{i}.log")
         cmd = [sys.executable, str(ROOT / script), *fold_argv(args, folds, spread.overrides)]
         children.append((folds, device, log_dir / f"gpu{i}.log",
                          launch(cmd, child_env(device, spread.processes), log_dir / f"gpu{i}.log", f"[gpu {i}]")))
