@@ -153,14 +153,19 @@ def test_03_with_several_rounds_spreads_round_1(gpus, all_todo):
 
 
 class FakeChild:
-    def __init__(self, rc: int, log: Path, text: str) -> None:
-        self.rc, self.waited = rc, False
+    def __init__(self, rc: int | None, log: Path, text: str) -> None:
+        self.rc, self.waited, self.stopped = rc, False, False
         log.parent.mkdir(parents=True, exist_ok=True)
         log.write_text(text)
 
     def wait(self) -> int:
+        if self.rc is None:
+            raise KeyboardInterrupt
         self.waited = True
         return self.rc
+
+    def stop(self) -> None:
+        self.stopped = True
 
 
 def test_children_get_their_gpu_and_folds_and_a_failure_names_its_folds_and_log(tmp_path):
@@ -185,6 +190,19 @@ def test_children_get_their_gpu_and_folds_and_a_failure_names_its_folds_and_log(
     assert str(e.value) == (f"01_train: folds 3,4 on GPU 1 stopped (exit 2: fold 3 ran out of GPU memory; lower train.batch_size; "
                             f"log {tmp_path / 'gpu1.log'}); the folds that finished are kept, so rerunning 01_train_folds.py "
                             "redoes only the others.")
+
+
+def test_an_interrupted_parent_stops_every_child(tmp_path):
+    args = argparse.Namespace(config="c.yaml", overrides=[], force=False, fold=None)
+    children: list[FakeChild] = []
+
+    def launch(cmd, env, log, prefix):
+        children.append(FakeChild(None if not children else 0, log, ""))  # the first wait is interrupted
+        return children[-1]
+
+    with pytest.raises(KeyboardInterrupt):
+        fp.run_children(fp.Spread("folds", ((0,), (1,)), (None, None), 2), "03_retrain", args, tmp_path, launch)
+    assert [c.stopped for c in children] == [True, True]
 
 
 def test_a_crash_without_a_sentence_reports_its_last_line(tmp_path):

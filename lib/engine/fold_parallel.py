@@ -145,6 +145,9 @@ def plan(cfg: Config, name: str, folds: Sequence[int] | None, force: bool, dry_r
     n = requested or len(gpus)
     if mode == "torchrun":
         return Spread("torchrun", processes=n) if n >= 2 and requested is None else None
+    if n > len(todo) >= 2:
+        log.info("%s: %d GPUs for %d folds to train: %d idle (train.multi_gpu=torchrun spans each fold over all of them)",
+                 name, n, len(todo), n - len(todo))
     n = min(n, len(todo))
     if n < 2:
         return None  # one GPU, or one fold left: this process trains it
@@ -181,6 +184,8 @@ def child_env(device: str | None, processes: int) -> dict[str, str]:
 class Child(Protocol):
     def wait(self) -> int: ...
 
+    def stop(self) -> None: ...
+
 
 Launcher = Callable[[list[str], dict[str, str], Path, str], Child]
 
@@ -210,15 +215,19 @@ class _Relayed:
         try:
             rc = self.proc.wait()
         finally:
-            if self.proc.poll() is None:  # interrupted: the child stops as a Ctrl-C would stop it
-                self.proc.send_signal(signal.SIGINT)
-                try:
-                    self.proc.wait(timeout=60)
-                except subprocess.TimeoutExpired:
-                    self.proc.kill()
-            self.thread.join(timeout=5)
-            self.log.close()
+            self.stop()
         return rc
+
+    def stop(self) -> None:
+        """Stop the child as a Ctrl-C would (its fold resumes from last.pt next time), then close its log."""
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGINT)
+            try:
+                self.proc.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+        self.thread.join(timeout=5)
+        self.log.close()
 
 
 def _relayed(cmd: list[str], env: dict[str, str], log_path: Path, prefix: str) -> Child:
@@ -251,9 +260,14 @@ def run_children(spread: Spread, name: str, args: argparse.Namespace, log_dir: P
         cmd = [sys.executable, str(ROOT / script), *fold_argv(args, folds, spread.overrides)]
         children.append((folds, device, log_dir / f"gpu{i}.log",
                          launch(cmd, child_env(device, spread.processes), log_dir / f"gpu{i}.log", f"[gpu {i}]")))
-    failed = []
-    for folds, device, log_path, child in children:
-        rc = child.wait()
+    failed, codes = [], []
+    try:
+        codes = [child.wait() for *_, child in children]
+    finally:
+        if len(codes) < len(children):  # interrupted (the notebook's stop button signals the parent only): stop them all
+            for *_, child in children:
+                child.stop()
+    for (folds, device, log_path, _), rc in zip(children, codes):
         if rc != 0:
             failed.append(f"fold{'s' if len(folds) > 1 else ''} {','.join(map(str, folds))} on {_where(device)} stopped "
                           f"(exit {rc}: {last_error(log_path)}; log {log_path})")
