@@ -265,3 +265,12 @@ def test_fold_parallel_with_two_cpu_processes(tmp_path):
     for k in range(2):  # a fold trained in a child is the fold one process trains
         a, b = (np.load(tmp_path / "out" / e / "01_train" / f"fold_{k}" / "oof.npz") for e in ("par", "one"))
         assert np.allclose(a["probs"], b["probs"], atol=1e-5)
+
+
+def test_torchrun_mode_relaunches_the_same_run(monkeypatch):
+    calls = []
+    monkeypatch.setattr(fp.subprocess, "call", lambda cmd: calls.append(cmd) or 0)
+    args = argparse.Namespace(config="configs/fathomnet2025.yaml", overrides=["train.multi_gpu=torchrun"], force=False, fold=[2])
+    assert fp.relaunch_torchrun(fp.Spread("torchrun", processes=2), "03_retrain", args) == 0
+    assert calls == [[sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(ROOT / "03_retrain.py"),
+                      "--config", "configs/fathomnet2025.yaml", "train.multi_gpu=torchrun", "--fold", "2"]]
