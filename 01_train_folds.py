@@ -12,7 +12,7 @@ import sys
 import time
 
 from lib.config import Config
-from lib.pipeline import graph
+from lib.pipeline import fold_parallel, graph
 from lib.pipeline.cli import run_cli, stage_parser
 
 log = logging.getLogger("pipeline")
@@ -22,8 +22,6 @@ NAME = "01_train"
 
 def run(args: argparse.Namespace, cfg: Config) -> int:
     """The stage body: decide, train the folds not up to date, record the CV once every fold is done."""
-    from lib.engine import fold_parallel
-
     started, only, force = time.time(), args.fold, args.force
     spread = fold_parallel.plan(cfg, NAME, args.fold, args.force, args.dry_run)  # several GPUs: one process each
     if spread is not None and spread.mode == "torchrun":

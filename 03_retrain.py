@@ -12,27 +12,39 @@ import logging
 import math
 import sys
 import time
+from typing import Callable
 
 from lib.config import Config
 from lib.modelref import ModelRef
-from lib.pipeline import graph
+from lib.pipeline import fold_parallel, graph
 from lib.pipeline.cli import run_cli, stage_parser
+from lib.pipeline.records import Stage
 
 log = logging.getLogger("pipeline")
 
 NAME = "03_retrain"
 
 
+def pseudo_label_round(cfg: Config, force: bool) -> Callable[[Stage, int], None]:
+    """Round r's pseudo-labels from round r-1's folds, for the fold-parallel parent between the rounds it spreads."""
+    def make(stage: Stage, r: int) -> None:
+        from lib.data.artifacts import load_prepared
+        from lib.engine.selftrain import round_pseudo_labels
+
+        prep = load_prepared(cfg)
+        round_pseudo_labels(cfg, stage, r, prep.n_folds, prep, force, False)
+
+    return make
+
+
 def run(args: argparse.Namespace, cfg: Config) -> int:
     """The stage body: decide, run the self-training rounds not up to date, record the last round's CV."""
-    from lib.engine import fold_parallel
-
     started, only, force = time.time(), args.fold, args.force
     spread = fold_parallel.plan(cfg, NAME, args.fold, args.force, args.dry_run)  # several GPUs: one process each
     if spread is not None and spread.mode == "torchrun":
         return fold_parallel.relaunch_torchrun(spread, NAME, args)
-    if spread is not None:  # the children trained round 1's folds; the later rounds and the record are a plain run's
-        stage, only, force = fold_parallel.train_spread(cfg, NAME, spread, args), None, False
+    if spread is not None:  # the children trained the folds (round by round); the CV and the record are a plain run's
+        stage, only, force = fold_parallel.train_spread(cfg, NAME, spread, args, pseudo_label=pseudo_label_round(cfg, args.force)), None, False
     else:
         stage = graph.begin(cfg, NAME, args.force, args.dry_run, folds_only=bool(args.fold))
     if stage is None:

@@ -37,6 +37,7 @@ from lib.config import Config, ConfigError
 from lib.core.errors import StageError
 from lib.core.paths import ROOT
 from lib.pipeline import graph
+from lib.pipeline.cli import save_resolved_config
 from lib.pipeline.records import Stage
 
 log = logging.getLogger("pipeline")
@@ -53,7 +54,7 @@ class Spread:
     groups: tuple[tuple[int, ...], ...] = ()
     devices: tuple[str | None, ...] = ()
     processes: int = 0
-    overrides: tuple[str, ...] = ()  # added to each child's (03 with several rounds: round 1 only, see `plan`)
+    overrides: tuple[str, ...] = ()  # added to each child's (03 with several rounds: the round it trains, see `_rounds`)
 
 
 def split_folds(folds: Sequence[int], n: int) -> list[list[int]]:
@@ -96,16 +97,23 @@ def _script(name: str) -> str:
     return graph.SPECS[name].script
 
 
-def _todo(cfg: Config, name: str, force: bool) -> list[int] | None:
-    """The folds a plain run would train (every wanted fold under --force); None when the stage is up to date."""
-    from lib.engine.folds import fold_stage
+def fold_record(st: Stage, k: int) -> Stage:
+    """Fold k's record as lib.engine.folds.fold_stage makes it (tests/test_fold_parallel.py holds them equal); here so
+    that this launcher stays infrastructure: never part of a stage's code digest, so changing it reruns nothing."""
+    return st.child(f"{st.name}/fold_{k}", st.dir / f"fold_{k}", {"fold": k}, outputs=("best.pt", "oof.npz"))
 
+
+def _todo(cfg: Config, name: str, force: bool) -> list[int] | None:
+    """The folds a plain run would train (every wanted fold under --force, and for 03 with several rounds, where each
+    round decides its own folds in `_rounds`); None when the stage is up to date."""
     st = graph.stage(cfg, name)
     if not force and not st.reasons():
         return None
     wanted = list(cfg.train.folds) or list(range(cfg.prepare.n_folds))
+    if force or (name == "03_retrain" and cfg.pseudo.rounds > 1):
+        return wanted
     first = graph.round_stage(st, 1) if name == "03_retrain" else st
-    return wanted if force else [k for k in wanted if fold_stage(first, k).reasons()]
+    return [k for k in wanted if fold_record(first, k).reasons()]
 
 
 def plan(cfg: Config, name: str, folds: Sequence[int] | None, force: bool, dry_run: bool) -> Spread | None:
@@ -153,10 +161,7 @@ def plan(cfg: Config, name: str, folds: Sequence[int] | None, force: bool, dry_r
         return None  # one GPU, or one fold left: this process trains it
     groups = tuple(tuple(g) for g in split_folds(todo, n))
     devices = tuple(gpus[i % len(gpus)] if gpus else None for i in range(n))
-    # 03's round r > 1 needs every fold of round r-1 first and one process to pseudo-label it: the children train
-    # round 1 (its fold records ignore pseudo.rounds), the parent the later rounds, as a plain run does.
-    extra = ("pseudo.rounds=1",) if name == "03_retrain" and cfg.pseudo.rounds > 1 else ()
-    return Spread("folds", groups, devices, n, extra)
+    return Spread("folds", groups, devices, n)
 
 
 def fold_argv(args: argparse.Namespace, folds: Sequence[int] = (), extra: Sequence[str] = ()) -> list[str]:
@@ -276,16 +281,60 @@ def run_children(spread: Spread, name: str, args: argparse.Namespace, log_dir: P
                          "the others.")
 
 
-def train_spread(cfg: Config, name: str, spread: Spread, args: argparse.Namespace, launch: Launcher = _relayed) -> Stage | None:
+def train_spread(cfg: Config, name: str, spread: Spread, args: argparse.Namespace, launch: Launcher = _relayed,
+                 pseudo_label: Callable[[Stage, int], None] | None = None) -> Stage | None:
     """The parent of a fold-parallel run: claim the stage as `--fold` runs do (a shared lock, upstream read-locked), train
-    the folds in the children, and return the stage for the plain body to finish (every fold then current)."""
+    the folds in the children (03 with several rounds: round by round, `pseudo_label(stage, r)` making round r's
+    pseudo-labels in between), and return the stage for the plain body to finish (every fold then current)."""
     st = graph.begin(cfg, name, args.force, False, folds_only=True)
     if st is None:
         return None
     log.info("%s: %d folds over %d processes, one per %s (train.multi_gpu=folds)", name, sum(map(len, spread.groups)),
              spread.processes, "GPU" if spread.devices[0] is not None else "share of the CPU")
-    run_children(spread, name, args, st.dir / LOG_DIR, launch)
+    try:
+        if name == "03_retrain" and cfg.pseudo.rounds > 1:
+            if pseudo_label is None:
+                raise ValueError("03 with several rounds needs pseudo_label to make each round's pseudo-labels")
+            _rounds(cfg, st, spread, args, launch, pseudo_label)
+        else:
+            run_children(spread, name, args, st.dir / LOG_DIR, launch)
+    finally:
+        save_resolved_config(cfg, st.dir)  # the children saved theirs (03's with their pseudo.rounds): the stage's is this one
     return st
+
+
+def _rounds(cfg: Config, st: Stage, spread: Spread, args: argparse.Namespace, launch: Launcher,
+            pseudo_label: Callable[[Stage, int], None]) -> None:
+    """03's rounds 1..R, each spread in turn: for r > 1 this process makes round r's pseudo-labels from round r-1's folds
+    (one process must, and every child needs them), then children with `pseudo.rounds=r` train round r's folds not yet
+    current (the rounds before it are current for them). The children are never forced (they would redo the earlier
+    rounds): under --force round r's fold records and last.pt go here, so its folds start afresh."""
+    plain = argparse.Namespace(**{**vars(args), "force": False})
+    wanted = list(cfg.train.folds) or list(range(cfg.prepare.n_folds))
+    for r in range(1, cfg.pseudo.rounds + 1):
+        if r > 1:
+            pseudo_label(st, r)
+            _free_gpu_memory()  # the children train on this GPU too
+        rs = graph.round_stage(st, r)
+        todo = [k for k in wanted if args.force or fold_record(rs, k).reasons()]
+        if args.force:
+            for k in todo:
+                fs = fold_record(rs, k)
+                fs.invalidate()
+                (fs.dir / "last.pt").unlink(missing_ok=True)
+        n = min(spread.processes, len(todo))
+        if n < 2:
+            continue  # one fold: the plain body trains it
+        groups = tuple(tuple(g) for g in split_folds(todo, n))
+        run_children(Spread("folds", groups, spread.devices[:n], n, (f"pseudo.rounds={r}",)), st.name, plain,
+                     st.dir / LOG_DIR / f"round_{r}", launch)
+
+
+def _free_gpu_memory() -> None:
+    import torch
+
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
 
 
 def relaunch_torchrun(spread: Spread, name: str, args: argparse.Namespace) -> int:
