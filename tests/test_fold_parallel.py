@@ -143,7 +143,10 @@ def test_processes_on_the_cpu_share_the_cores(gpus, all_todo, monkeypatch):
     env = fp.child_env(None, 2)
     assert fp.ENV_PROCESSES not in env and "CUDA_VISIBLE_DEVICES" not in env  # a child never spreads again
     assert env["OMP_NUM_THREADS"] == str(max(1, (__import__("os").cpu_count() or 1) // 2))
+    assert env[fp.HOST_PROCESSES] == "2"
     assert fp.child_env("1", 2)["CUDA_VISIBLE_DEVICES"] == "1"
+    monkeypatch.setenv("OMP_NUM_THREADS", "3")
+    assert fp.child_env("1", 2)["OMP_NUM_THREADS"] == "3"  # the user's choice stands
 
 
 def test_the_launcher_knows_a_fold_record_as_the_fold_loop_makes_it(tmp_path):

@@ -8,6 +8,9 @@ GPUs: 0,1,2 and 3,4). The children are ordinary `--fold` runs: they share the st
 fold locks itself and writes its own record, so folds finish in any order and a fold done stays
 done. Once every child has exited the parent runs the stage body as a plain run would: every
 fold is current, so it only reads the out-of-fold files and writes the stage record with the CV.
+03 with several self-training rounds is spread round by round: the parent makes round r's
+pseudo-labels (a callback from the script: this module is infrastructure, in no code digest, and
+imports no engine code), then children with `pseudo.rounds=r` train round r's folds.
 
 Why not torchrun by default: fold-parallel needs no gradient sync, no rank waits on another's
 validation, and each GPU runs the recipe's full batch, so 5 folds on 2 GPUs take about
@@ -42,6 +45,7 @@ from lib.pipeline.records import Stage
 
 log = logging.getLogger("pipeline")
 ENV_PROCESSES = "PIPELINE_FOLD_PROCESSES"
+HOST_PROCESSES = "PIPELINE_HOST_PROCESSES"  # set in each child: the processes sharing this host's cores and memory
 LOG_DIR = "parallel"  # not fold_*: tools glob the fold folders
 
 
@@ -176,13 +180,14 @@ def fold_argv(args: argparse.Namespace, folds: Sequence[int] = (), extra: Sequen
 
 
 def child_env(device: str | None, processes: int) -> dict[str, str]:
-    """A child's environment: its one GPU, no further spreading, and on the CPU a share of the cores each."""
+    """A child's environment: its one GPU, no further spreading, a share of the cores for its threads (unless
+    OMP_NUM_THREADS is set), and `PIPELINE_HOST_PROCESSES` = how many train side by side on this host, so that
+    whatever sizes loader workers and memory from the host can divide it."""
     env = {k: v for k, v in os.environ.items() if k != ENV_PROCESSES}
-    env.update(PYTHONUNBUFFERED="1", NO_ALBUMENTATIONS_UPDATE="1")
+    env.update(PYTHONUNBUFFERED="1", NO_ALBUMENTATIONS_UPDATE="1", **{HOST_PROCESSES: str(processes)})
     if device is not None:
         env["CUDA_VISIBLE_DEVICES"] = device
-    elif "OMP_NUM_THREADS" not in env:
-        env["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // processes))
+    env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // processes)))
     return env
 
 
