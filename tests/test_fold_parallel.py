@@ -243,15 +243,16 @@ def test_the_choice_never_decides_a_rerun(tmp_path):
 
 
 @pytest.mark.slow
-def test_fold_parallel_with_two_cpu_processes(tmp_path):
-    """train.multi_gpu=folds with PIPELINE_FOLD_PROCESSES=2 on the CPU (as with two GPUs): one child per fold; a child
-    killed mid-fold fails the run naming its fold and log while the other's fold is kept, and no stage record is
-    written until a rerun trains the missing fold; the folds are those one process trains."""
+def test_fold_parallel_with_two_cpu_processes(tmp_path, gpus, monkeypatch, capsys):
+    """Two GPUs faked in this process (the parent), real children on the CPU with CUDA_VISIBLE_DEVICES=0 and =1: one child
+    per fold; a child killed mid-fold fails the run naming its fold and log while the other's fold is kept, and no stage
+    record is written until a rerun (PIPELINE_FOLD_PROCESSES=2, no fake) trains the missing fold; the folds are those one
+    process trains."""
     from lib.demo.__main__ import main as demo_main
 
     tiny = [f"data.root={tmp_path / 'data'}", f"output_root={tmp_path / 'out'}", "demo.per_class=3", "demo.test_per_class=1",
             "demo.frame_width=160", "demo.frame_height=120", "prepare.n_folds=2", "prepare.crop_size=32", "prepare.workers=1",
-            "model.img_size=32", "train.epochs=1", "train.batch_size=64"]
+            "model.img_size=32", "train.epochs=1", "train.batch_size=64", "train.device=cpu"]
     assert demo_main(["--config", "configs/demo.yaml", *tiny]) == 0
     for exp in ("one", "par"):
         assert load_script("00_prepare_data.py").main(["--config", "configs/demo.yaml", *tiny, f"exp={exp}"]) == 0
@@ -259,14 +260,19 @@ def test_fold_parallel_with_two_cpu_processes(tmp_path):
     cmd = [sys.executable, "01_train_folds.py", "--config", "configs/demo.yaml", *tiny]
     r = subprocess.run([*cmd, "exp=one"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0 and "[gpu" not in r.stdout, r.stderr[-3000:]  # no GPUs, no override: one process as ever
-    env.update(PIPELINE_FOLD_PROCESSES="2", PIPELINE_KILL_AT="train_batch 01_train/fold_1 epoch 1")
-    r = subprocess.run([*cmd, "exp=par"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+
+    gpus(2)
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    monkeypatch.setenv("PIPELINE_KILL_AT", "train_batch 01_train/fold_1 epoch 1")
+    capsys.readouterr()
+    assert load_script("01_train_folds.py").main(["--config", "configs/demo.yaml", *tiny, "exp=par"]) == 2
+    out, err = capsys.readouterr()
     d = tmp_path / "out" / "par" / "01_train"
-    assert r.returncode == 2, r.stderr[-3000:]
-    assert r.stderr.startswith("error: 01_train: fold 1 on the CPU stopped (exit -9: ") and f"log {d / 'parallel' / 'gpu1.log'})" in r.stderr
-    assert "[gpu 0] 01_train/fold_0: val distance" in r.stdout  # the other child finished its fold
+    assert err.startswith("error: 01_train: fold 1 on GPU 1 stopped (exit -9: ") and f"log {d / 'parallel' / 'gpu1.log'})" in err
+    assert "[gpu 0] 01_train/fold_0: val distance" in out  # the other child finished its fold
     assert (d / "fold_0" / "record.json").is_file() and not (d / "record.json").exists()
-    del env["PIPELINE_KILL_AT"]
+
+    env["PIPELINE_FOLD_PROCESSES"] = "2"
     r = subprocess.run([*cmd, "exp=par"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-3000:]
     assert "01_train/fold_0: up to date" in r.stdout and "[gpu" not in r.stdout  # one fold left: trained in this process
