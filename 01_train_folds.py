@@ -12,7 +12,7 @@ import sys
 import time
 
 from lib.config import Config
-from lib.pipeline import graph
+from lib.pipeline import fold_parallel, graph
 from lib.pipeline.cli import run_cli, stage_parser
 
 log = logging.getLogger("pipeline")
@@ -22,17 +22,23 @@ NAME = "01_train"
 
 def run(args: argparse.Namespace, cfg: Config) -> int:
     """The stage body: decide, train the folds not up to date, record the CV once every fold is done."""
-    stage = graph.begin(cfg, NAME, args.force, args.dry_run, folds_only=bool(args.fold))
+    started, only, force = time.time(), args.fold, args.force
+    spread = fold_parallel.plan(cfg, NAME, args.fold, args.force, args.dry_run)  # several GPUs: one process each
+    if spread is not None and spread.mode == "torchrun":
+        return fold_parallel.relaunch_torchrun(spread, NAME, args)
+    if spread is not None:  # the children trained the folds; what is left is a plain run's end: the CV and the record
+        stage, only, force = fold_parallel.train_spread(cfg, NAME, spread, args), None, False
+    else:
+        stage = graph.begin(cfg, NAME, args.force, args.dry_run, folds_only=bool(args.fold))
     if stage is None:
         return 0
-    started = time.time()
     from lib.data.artifacts import load_prepared
     from lib.engine.folds import run_folds
     from lib.model.dist import close
 
     prep = load_prepared(cfg)
     try:
-        cv = run_folds(cfg, stage, rois=prep.rois, taxonomy=prep.taxonomy, epochs=cfg.train.epochs, only=args.fold, force=args.force,
+        cv = run_folds(cfg, stage, rois=prep.rois, taxonomy=prep.taxonomy, epochs=cfg.train.epochs, only=only, force=force,
                        dry_run=args.dry_run)
     finally:
         close()  # under torchrun: leave the process group

@@ -12,29 +12,49 @@ import logging
 import math
 import sys
 import time
+from typing import Callable
 
 from lib.config import Config
 from lib.modelref import ModelRef
-from lib.pipeline import graph
+from lib.pipeline import fold_parallel, graph
 from lib.pipeline.cli import run_cli, stage_parser
+from lib.pipeline.records import Stage
 
 log = logging.getLogger("pipeline")
 
 NAME = "03_retrain"
 
 
+def pseudo_label_round(cfg: Config, force: bool) -> Callable[[Stage, int], None]:
+    """Round r's pseudo-labels from round r-1's folds, for the fold-parallel parent between the rounds it spreads."""
+    def make(stage: Stage, r: int) -> None:
+        from lib.data.artifacts import load_prepared
+        from lib.engine.selftrain import round_pseudo_labels
+
+        prep = load_prepared(cfg)
+        round_pseudo_labels(cfg, stage, r, prep.n_folds, prep, force, False)
+
+    return make
+
+
 def run(args: argparse.Namespace, cfg: Config) -> int:
     """The stage body: decide, run the self-training rounds not up to date, record the last round's CV."""
-    stage = graph.begin(cfg, NAME, args.force, args.dry_run, folds_only=bool(args.fold))
+    started, only, force = time.time(), args.fold, args.force
+    spread = fold_parallel.plan(cfg, NAME, args.fold, args.force, args.dry_run)  # several GPUs: one process each
+    if spread is not None and spread.mode == "torchrun":
+        return fold_parallel.relaunch_torchrun(spread, NAME, args)
+    if spread is not None:  # the children trained the folds (round by round); the CV and the record are a plain run's
+        stage, only, force = fold_parallel.train_spread(cfg, NAME, spread, args, pseudo_label=pseudo_label_round(cfg, args.force)), None, False
+    else:
+        stage = graph.begin(cfg, NAME, args.force, args.dry_run, folds_only=bool(args.fold))
     if stage is None:
         return 0
-    started = time.time()
     from lib.data.artifacts import load_prepared
     from lib.engine.selftrain import run_rounds
     from lib.model.dist import close
 
     try:
-        rounds = run_rounds(cfg, stage, load_prepared(cfg), only=args.fold, force=args.force, dry_run=args.dry_run)
+        rounds = run_rounds(cfg, stage, load_prepared(cfg), only=only, force=force, dry_run=args.dry_run)
     finally:
         close()  # under torchrun: leave the process group
     if rounds is None:  # a dry run, or some fold not done yet

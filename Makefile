@@ -24,7 +24,8 @@ demo: venv
 	@$(PY) -m lib.demo --config $(CONFIG) $(ARGS)
 	@$(MAKE) --no-print-directory stages CONFIG=$(CONFIG) ARGS="$(ARGS)"
 
-# The stages alone, on any config (e.g. make stages CONFIG=configs/fathomnet2025.yaml).
+# The stages alone, on any config (e.g. make stages CONFIG=configs/fathomnet2025.yaml). With several GPUs visible, 01 and 03
+# spread their folds over them, one process per GPU (train.multi_gpu; README "Several GPUs").
 stages: venv
 	@$(PY) 00_prepare_data.py --config $(CONFIG) $(ARGS)
 	@$(PY) 01_train_folds.py  --config $(CONFIG) $(ARGS)

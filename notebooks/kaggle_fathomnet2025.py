@@ -87,6 +87,8 @@ doctor_ok = run.doctor()  # python -m lib.doctor: reports what it finds, never s
 # ## The stages
 # One cell per stage: rerun one after changing `OVERRIDES` (and the setup cells) and the records decide
 # what is redone: changing `train.epochs` reruns 01 and what reads it, changing `submit.decode` only 04.
+# With two GPUs (Accelerator: GPU T4 x2), 01 and 03 train the folds on both, one process per GPU with its own
+# folds (their lines prefixed `[gpu 0]`, `[gpu 1]`); `OVERRIDES = ["train.multi_gpu=none"]` keeps one.
 
 # %%
 run.stage("00_prepare_data.py", *(["--download"] if DOWNLOAD else []))

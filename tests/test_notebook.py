@@ -145,6 +145,7 @@ def execute(tmp_path, params):
 @pytest.mark.slow
 def test_the_notebook_runs_every_stage_headless_on_the_tiny_demo(tmp_path, monkeypatch):
     calls = fake_kaggle(tmp_path, monkeypatch)
+    monkeypatch.setenv("PIPELINE_FOLD_PROCESSES", "2")  # 01 and 03 fold-parallel, as on Kaggle's two T4s, on the CPU
     params = {"REPO_DIR": str(ROOT), "CONFIG": "configs/demo.yaml", "DATA_ROOT": str(tmp_path / "data"), "OUTPUT_ROOT": str(tmp_path / "out"),
               "OVERRIDES": ["exp=tiny", *TINY], "INSTALL": False, "MAKE_DEMO": True,
               "SUBMISSION_OUT": str(tmp_path / "working" / "submission.csv"), "UPLOAD": True}
@@ -156,6 +157,8 @@ def test_the_notebook_runs_every_stage_headless_on_the_tiny_demo(tmp_path, monke
     for said in ("01_train", "03_retrain", "knn", "phase 1 CV distance", "precision           auto picks", "uploaded; logged in"):
         assert said in text, said
     assert "\r" in text  # the stages' progress bars came through
+    for stage in ("01_train", "03_retrain"):  # each fold in its own process, the record written by the parent
+        assert f"{stage}: 2 folds over 2 processes" in text and f"[gpu 1] {stage}/fold_1: val distance" in text
     images = [o for o in outputs if "image/png" in o.get("data", {})]
     assert len(images) == 2 + 2 + 1  # 01's and 03's two folds' curves, the UMAP
     assert any("# Submission report: tiny" in o.get("data", {}).get("text/markdown", "") for o in outputs)

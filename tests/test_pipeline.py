@@ -514,7 +514,7 @@ def test_two_process_ddp_with_gloo(tiny, tmp_path):
     import sys
 
     overrides, out, _ = tiny
-    ddp_over = [o for o in overrides if not o.startswith("exp=")] + ["exp=ddp", "prepare.n_folds=2"]
+    ddp_over = [o for o in overrides if not o.startswith("exp=")] + ["exp=ddp", "prepare.n_folds=2", "train.multi_gpu=torchrun"]
     assert load_script("00_prepare_data.py").main(["--config", "configs/demo.yaml", *ddp_over]) == 0
     env = {**os.environ, "OMP_NUM_THREADS": "1", "NO_ALBUMENTATIONS_UPDATE": "1"}
     r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",

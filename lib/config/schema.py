@@ -197,6 +197,9 @@ class TrainCfg:
     min_delta: float = 0.0  # an improvement must lower the val distance by more than this
     sampler: Literal["random", "class_balanced", "sqrt"] = "random"  # lib.data.samplers: class_balanced / sqrt oversample the tail
     compile: bool = False  # torch.compile the training step (CUDA: worth it on long runs; the first steps compile)
+    # Several visible GPUs (lib.engine.fold_parallel): folds = one process per GPU, each its own folds; torchrun = every fold
+    # spans the GPUs (DDP); none = one process. Changes no result, so it never decides a rerun (graph.SPECS leaves it out).
+    multi_gpu: Literal["folds", "torchrun", "none"] = "folds"
 
 
 @dataclass
