@@ -178,7 +178,7 @@ class TrainCfg:
     lr: float = 1e-3
     weight_decay: float = 1e-4
     warmup_epochs: float = 0.0
-    num_workers: int = 0
+    num_workers: int | Literal["auto"] = 0  # loader workers per loader; auto: the cores per process (lib.data.budget)
     folds: list[int] = field(default_factory=list)  # empty = all folds
     device: Literal["auto", "cpu", "cuda"] = "auto"
     precision: Literal["auto", "bf16", "fp16", "fp32"] = "auto"  # auto: bf16 on GPUs with native bf16, else fp16 + GradScaler; fp32 on CPU
@@ -193,6 +193,15 @@ class TrainCfg:
     patience: int = 0  # early stopping after this many epochs without improvement; 0 = off
     min_delta: float = 0.0  # an improvement must lower the val distance by more than this
     sampler: Literal["random", "class_balanced", "sqrt"] = "random"  # lib.data.samplers: class_balanced / sqrt oversample the tail
+    # Validation every val_every epochs (the last epoch always validates); the test-like view every testlike_every
+    # epochs among those, the last, and whenever an epoch becomes the best (its oof.npz keeps the view). Early stopping
+    # and the best checkpoint count validated epochs only.
+    val_every: int = 1
+    testlike_every: int = 1
+    # The loaders' batches in flight may hold at most these shares of RAM and of /dev/shm, over all processes of the
+    # machine (lib.data.budget); they decide how a run loads, never what it computes, so no record holds them.
+    host_memory_share: float = 0.5
+    shm_share: float = 0.5
     compile: bool = False  # torch.compile the training step (CUDA: worth it on long runs; the first steps compile)
 
 

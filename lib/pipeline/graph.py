@@ -52,18 +52,21 @@ class Spec:
 # Where the data lives never decides a rerun, what it holds does: 00's inputs digest the JSON files and
 # the taxonomy table by content and the frame folders by names, sizes and content hashes.
 DATA_PATH_KEYS = ("!data.root", "!data.train_json", "!data.test_json", "!data.train_images", "!data.test_images", "!data.taxonomy_csv")
+# How much of the host the loaders may hold (lib.data.budget) decides how a run loads, not what it computes.
+HOST_KEYS = ("!train.host_memory_share", "!train.shm_share")
 
 SPECS: dict[str, Spec] = {
     s.name: s
     for s in (
         Spec("00_prepare", "00_prepare_data.py", ("seed", "data", *DATA_PATH_KEYS, "prepare"), (),
              ("rois.csv", "taxonomy.json", "crops_manifest.json")),
-        Spec("01_train", "01_train_folds.py", ("seed", "model", "head", "train", "augment", "loss"), ("00_prepare",), folds=True),
+        Spec("01_train", "01_train_folds.py", ("seed", "model", "head", "train", *HOST_KEYS, "augment", "loss"), ("00_prepare",),
+             folds=True),
         Spec("02_pseudo", "02_pseudo_label.py", ("seed", "model", "head", "pseudo", "!pseudo.rounds", "!pseudo.weight_power", "tta",
                                                  "train.precision"),
              ("00_prepare", "01_train"),
              ("test_probs.npz", "pseudo_labels.csv")),
-        Spec("03_retrain", "03_retrain.py", ("seed", "model", "head", "train", "augment", "loss", "retrain", "pseudo", "tta"),
+        Spec("03_retrain", "03_retrain.py", ("seed", "model", "head", "train", *HOST_KEYS, "augment", "loss", "retrain", "pseudo", "tta"),
              ("00_prepare", "02_pseudo"),
              folds=True),
         Spec("04_submit", "04_infer_submit.py", ("seed", "model", "head", "submit", "tta", "train.precision"), ("00_prepare",),
