@@ -30,7 +30,7 @@ def _train_checks(cfg: Config) -> list[tuple[bool, str]]:
          "train.host_memory_share and train.shm_share must lie in (0, 1]"),
         (cfg.train.val_every >= 1 and cfg.train.testlike_every >= 1,
          "train.val_every and train.testlike_every must be at least 1 (1 validates every epoch)"),
-        (cfg.train.val_every <= cfg.train.epochs and cfg.train.val_every <= (cfg.retrain.epochs or cfg.train.epochs),
+        (cfg.train.epochs < 1 or cfg.train.val_every <= min(cfg.train.epochs, cfg.retrain.epochs or cfg.train.epochs),
          f"train.val_every {cfg.train.val_every} is more than the {min(cfg.train.epochs, cfg.retrain.epochs or cfg.train.epochs)} "
          f"epochs of a fold (train.epochs, retrain.epochs), so only the last epoch would validate; set train.val_every to at most "
          f"{min(cfg.train.epochs, cfg.retrain.epochs or cfg.train.epochs)}"),

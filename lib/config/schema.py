@@ -193,15 +193,10 @@ class TrainCfg:
     patience: int = 0  # early stopping after this many epochs without improvement; 0 = off
     min_delta: float = 0.0  # an improvement must lower the val distance by more than this
     sampler: Literal["random", "class_balanced", "sqrt"] = "random"  # lib.data.samplers: class_balanced / sqrt oversample the tail
-    # Validation every val_every epochs (the last epoch always validates); the test-like view every testlike_every
-    # epochs among those, the last, and whenever an epoch becomes the best (its oof.npz keeps the view). Early stopping
-    # and the best checkpoint count validated epochs only.
-    val_every: int = 1
-    testlike_every: int = 1
-    # The loaders' batches in flight may hold at most these shares of RAM and of /dev/shm, over all processes of the
-    # machine (lib.data.budget); they decide how a run loads, never what it computes, so no record holds them.
-    host_memory_share: float = 0.5
-    shm_share: float = 0.5
+    val_every: int = 1  # validate every N-th epoch and the last; best and early stop count validated epochs only
+    testlike_every: int = 1  # the test-like view on validated epochs that are multiples of it, the last, and each new best
+    host_memory_share: float = 0.5  # the loaders' batches in flight within this share of RAM (lib.data.budget; in no record)
+    shm_share: float = 0.5  # ... and this share of /dev/shm
     compile: bool = False  # torch.compile the training step (CUDA: worth it on long runs; the first steps compile)
 
 

@@ -93,6 +93,9 @@ class LoaderPlan:
     def line(self) -> str:
         """The budget in one line (the doctor prints it)."""
         h = self.host
+        if not any(b.workers for b in self.loaders):
+            return (f"{h.cores} cores / {h.processes} process{'es' if h.processes > 1 else ''}; train.num_workers 0: batches load "
+                    f"in the main process, none in flight")
         parts = ", ".join(f"{b.name} {b.workers}w x{b.prefetch} of {b.batch}" for b in self.loaders)
         return (f"{h.cores} cores / {h.processes} process{'es' if h.processes > 1 else ''} = {h.cores_per_process} per process; "
                 f"{parts}; {self.bytes_in_flight / GiB:.2f} GiB in flight per process of {self.limit_bytes / GiB:.2f} GiB allowed "
