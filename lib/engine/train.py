@@ -1,4 +1,5 @@
-"""Fit one fold: set up, resume or start, then per epoch train, validate in the competition metric, checkpoint.
+"""Fit one fold: set up, resume or start, then per epoch train, validate in the competition metric (every
+`train.val_every` epochs and the last), checkpoint.
 
 `fit_fold` reads top to bottom as one loop over epochs. What it trains with is a `FoldKit`
 (model, loss, optimiser, EMA, loaders, schedule), built whole by `build_kit` from the fold's
@@ -96,7 +97,8 @@ def fit_fold(cfg: Config, split: FoldSplit, taxonomy: Taxonomy, stage: Stage, ep
     """Train one fold to `epochs`, resuming from `last.pt` when it belongs to this same run (unless `fresh`).
 
     Every epoch reseeds all randomness from (seed, fold, epoch), so a run resumed from `last.pt`
-    ends with the same weights as one never interrupted. `stop_after` ends the run after that
+    ends with the same weights as one never interrupted. Only validated epochs (`train.val_every`)
+    can become the best, and `train.patience` counts them alone. `stop_after` ends the run after that
     epoch as a kill would (tests use it; the result is then None, as on every rank but 0). A fold whose last.pt does not fit the model, or whose
     `best.pt` or `oof.npz` is missing, unreadable or from another epoch than the best one (files
     lost after a kill), trains again from scratch, with a warning naming the file; lost again
