@@ -47,6 +47,7 @@ def test_the_kaggle_host_lowers_prefetch_then_the_eval_batch():
     assert plan.bytes_in_flight <= plan.limit_bytes
     assert {b.workers for b in plan.loaders} == {2}
     assert plan.get("val").prefetch < 4 and plan.get("train").prefetch == 4  # the big eval batches give way first
+    assert round(plan.bytes_in_flight / GiB, 2) == 3.45  # README's table (Loader workers)
     tight = plan_loaders(cfg, cores=4, ram_bytes=29 * GiB, shm_bytes=2 * GiB, processes=2)
     assert tight.get("val").batch < 256 and tight.bytes_in_flight <= tight.limit_bytes
     assert tight.get("train").batch == 64  # the training batch is never changed: it changes results
