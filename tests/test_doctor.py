@@ -10,7 +10,7 @@ import pytest
 from lib.doctor.__main__ import auto_precision, main
 from lib.model import device as device_module
 
-LABELS = ["python", "torch", "gpus", "precision", "faiss", "cpu cores", "workers", "disk", "data.root", "data.train_json",
+LABELS = ["python", "torch", "gpus", "precision", "faiss", "cpu cores", "workers", "loaders", "disk", "data.root", "data.train_json",
           "data.test_json", "data.train_images", "data.test_images", "data.taxonomy_csv", "model.pretrained", "knn.pretrained"]
 
 

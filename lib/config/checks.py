@@ -24,7 +24,16 @@ def _train_checks(cfg: Config) -> list[tuple[bool, str]]:
         (cfg.train.weight_decay >= 0, "train.weight_decay must be 0 or more"),
         (cfg.train.warmup_epochs >= 0, "train.warmup_epochs must be 0 or more"),
         (cfg.train.eval_batch_size >= 1, "train.eval_batch_size must be at least 1"),
-        (cfg.train.num_workers >= 0, "train.num_workers must be 0 (load in the main process) or more"),
+        (cfg.train.num_workers == "auto" or cfg.train.num_workers >= 0,
+         "train.num_workers must be auto (the cores per process), 0 (load in the main process) or more"),
+        (0 < cfg.train.host_memory_share <= 1 and 0 < cfg.train.shm_share <= 1,
+         "train.host_memory_share and train.shm_share must lie in (0, 1]"),
+        (cfg.train.val_every >= 1 and cfg.train.testlike_every >= 1,
+         "train.val_every and train.testlike_every must be at least 1 (1 validates every epoch)"),
+        (cfg.train.epochs < 1 or cfg.train.val_every <= min(cfg.train.epochs, cfg.retrain.epochs or cfg.train.epochs),
+         f"train.val_every {cfg.train.val_every} is more than the {min(cfg.train.epochs, cfg.retrain.epochs or cfg.train.epochs)} "
+         f"epochs of a fold (train.epochs, retrain.epochs), so only the last epoch would validate; set train.val_every to at most "
+         f"{min(cfg.train.epochs, cfg.retrain.epochs or cfg.train.epochs)}"),
         (0.0 <= cfg.model.drop_path_rate < 1.0, "model.drop_path_rate must lie in [0, 1)"),
         (cfg.train.epochs >= 1, "train.epochs must be at least 1"),
         (cfg.train.batch_size >= 1, "train.batch_size must be at least 1"),

@@ -181,7 +181,7 @@ class TrainCfg:
     lr: float = 1e-3
     weight_decay: float = 1e-4
     warmup_epochs: float = 0.0
-    num_workers: int = 0
+    num_workers: int | Literal["auto"] = 0  # loader workers per loader; auto: the cores per process (lib.data.budget)
     folds: list[int] = field(default_factory=list)  # empty = all folds
     device: Literal["auto", "cpu", "cuda"] = "auto"
     precision: Literal["auto", "bf16", "fp16", "fp32"] = "auto"  # auto: bf16 on GPUs with native bf16, else fp16 + GradScaler; fp32 on CPU
@@ -196,6 +196,10 @@ class TrainCfg:
     patience: int = 0  # early stopping after this many epochs without improvement; 0 = off
     min_delta: float = 0.0  # an improvement must lower the val distance by more than this
     sampler: Literal["random", "class_balanced", "sqrt"] = "random"  # lib.data.samplers: class_balanced / sqrt oversample the tail
+    val_every: int = 1  # validate every N-th epoch and the last; best and early stop count validated epochs only
+    testlike_every: int = 1  # the test-like view on validated epochs that are multiples of it, the last, and each new best
+    host_memory_share: float = 0.5  # the loaders' batches in flight within this share of RAM (lib.data.budget; in no record)
+    shm_share: float = 0.5  # ... and this share of /dev/shm
     compile: bool = False  # torch.compile the training step (CUDA: worth it on long runs; the first steps compile)
     # Several visible GPUs (lib.engine.fold_parallel): folds = one process per GPU, each its own folds; torchrun = every fold
     # spans the GPUs (DDP); none = one process. Changes no result, so it never decides a rerun (graph.SPECS leaves it out).

@@ -22,6 +22,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset, Sampler, get_worker_info
 
 from lib.data.augment import build_transforms
+from lib.data.budget import PREFETCH_FACTOR
 from lib.data.samplers import FrameBatchSampler
 
 
@@ -88,8 +89,6 @@ class CropDataset(Dataset):
 
 
 
-PREFETCH_FACTOR = 4  # batches each loader worker keeps ready (torch's default is 2): a GPU step outruns one batch's decode
-
 
 def worker_seed(epoch_seed: int, worker_id: int) -> int:
     """A well-mixed 32-bit seed of (epoch seed, worker id): distinct for every worker of every epoch."""
@@ -143,31 +142,33 @@ class EpochBatches(Sampler[list[tuple[int, int]]]):
 
 
 def make_train_loader(ds: Dataset, *, batch_size: int, drop_last: bool, num_workers: int, pin_memory: bool,
-                      frames: bool = False) -> DataLoader:
+                      frames: bool = False, prefetch: int = PREFETCH_FACTOR) -> DataLoader:
     """A fold's training loader over worker processes (num_workers > 0), kept for all its epochs: call
     `loader.sampler.set_epoch(seed, order)` before each (with `frames`, `loader.batch_sampler.set_epoch(seed, batches)`).
-    Persistent workers skip the start-up every epoch."""
+    Persistent workers skip the start-up every epoch; each keeps `prefetch` batches ready (lib.data.budget bounds it)."""
     if frames:
         return DataLoader(ds, batch_sampler=EpochBatches(), num_workers=num_workers, pin_memory=pin_memory, persistent_workers=True,
-                          prefetch_factor=PREFETCH_FACTOR)
+                          prefetch_factor=prefetch)
     return DataLoader(ds, batch_size=batch_size, sampler=EpochSampler(), drop_last=drop_last, num_workers=num_workers,
-                      pin_memory=pin_memory, persistent_workers=True, prefetch_factor=PREFETCH_FACTOR)
+                      pin_memory=pin_memory, persistent_workers=True, prefetch_factor=prefetch)
 
 
 def make_loader(paths: Sequence, *, img_size: int, mean, std, batch_size: int, num_workers: int, device: torch.device,
-                persistent: bool = False, frames: np.ndarray | None = None) -> DataLoader:
+                persistent: bool = False, frames: np.ndarray | None = None, prefetch: int = PREFETCH_FACTOR) -> DataLoader:
     """Eval loader over crop paths, or over tuples of view paths (lib.data.context.model_inputs).
 
     `persistent` keeps its workers between passes (validation runs every epoch); with workers,
-    each keeps PREFETCH_FACTOR batches ready. With `frames` (one frame id per path), batches hold
-    whole frames (FrameBatchSampler's inference batches: frames in order, one larger than the
-    batch in near-equal consecutive chunks) and items carry their frame id and row index.
+    each keeps `prefetch` batches ready (lib.data.budget bounds it with the batch size). With `frames`
+    (one frame id per path), batches hold whole frames (FrameBatchSampler's inference batches: frames
+    in order, one larger than the batch in near-equal consecutive chunks) and items carry their frame
+    id and row index.
     """
     n_views = len(paths[0]) if len(paths) and isinstance(paths[0], (tuple, list)) else 1
     ds = CropDataset(paths, transform=build_transforms(img_size, train=False, mean=mean, std=std, n_views=n_views), frames=frames)
-    pin, keep, prefetch = device.type == "cuda", persistent and num_workers > 0, PREFETCH_FACTOR if num_workers > 0 else None
+    pin, keep = device.type == "cuda", persistent and num_workers > 0
+    prefetch_or_none = max(1, prefetch) if num_workers > 0 else None
     if frames is not None:
         return DataLoader(ds, batch_sampler=FrameBatchSampler(frames, batch_size), num_workers=num_workers, pin_memory=pin,
-                          persistent_workers=keep, prefetch_factor=prefetch)
+                          persistent_workers=keep, prefetch_factor=prefetch_or_none)
     return DataLoader(ds, batch_size=batch_size, shuffle=False, num_workers=num_workers, pin_memory=pin, persistent_workers=keep,
-                      prefetch_factor=prefetch)
+                      prefetch_factor=prefetch_or_none)

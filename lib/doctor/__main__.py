@@ -91,7 +91,7 @@ def check_cpus(r: Report, cfg: Config) -> None:
     cores = os.cpu_count() or 1
     usable = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else cores
     r.add("cpu cores", f"{cores}" + (f" ({usable} usable by this process)" if usable != cores else ""))
-    asked = max(cfg.train.num_workers, cfg.prepare.workers)
+    asked = max(cfg.train.num_workers if isinstance(cfg.train.num_workers, int) else 0, cfg.prepare.workers)  # auto: the loaders line
     note = f"; more than the {usable} usable cores" if asked > usable else ""
     r.add("workers", f"train.num_workers {cfg.train.num_workers} (loader), prepare.workers {cfg.prepare.workers} (crops){note}")
 
@@ -157,6 +157,7 @@ def doctor(cfg: Config) -> Report:
     r.add("precision", f"auto picks {name} ({reason})")
     check_faiss(r)
     check_cpus(r, cfg)
+    r.add(*__import__("lib.data.budget", fromlist=["doctor_line"]).doctor_line(cfg))  # the loaders' host budget (lib.data.budget)
     check_disk(r, cfg)
     check_data(r, cfg)
     check_weights(r, cfg)

@@ -242,6 +242,7 @@ def predict_folds_tta(fold_dirs: Sequence, inputs: Sequence, cfg, taxonomy, devi
     frame id per input, lib.data.context.frame_ids) batch whole frames when `cfg.model.frame_context`
     is attention, and are ignored otherwise.
     """
+    from lib.data.budget import plan_here
     from lib.data.dataset import make_loader
     from lib.model.checkpoint import load_fold_model
     from lib.model.net import mean_std
@@ -255,6 +256,7 @@ def predict_folds_tta(fold_dirs: Sequence, inputs: Sequence, cfg, taxonomy, devi
     n_views = len(inputs[0]) if inputs and isinstance(inputs[0], (tuple, list)) else 1
     fits = len(fold_dirs) > 1 and len(inputs) * n_views * 3 * cfg.model.img_size ** 2 * 4 <= DECODED_CAP_BYTES
     decoded: tuple[tuple, list] | None = None  # ((mean, std), the loader's batches) once decoded
+    loader = plan_here(cfg, on_cpu=device.type != "cuda", testlike=False).get("predict")
     out: dict[str, list[np.ndarray]] = {}
     for d in fold_dirs:
         model = load_fold_model(d, cfg, taxonomy, device)
@@ -262,8 +264,8 @@ def predict_folds_tta(fold_dirs: Sequence, inputs: Sequence, cfg, taxonomy, devi
         if decoded is not None and decoded[0] == (tuple(mean), tuple(std)):
             batches: Iterable[Any] = decoded[1]
         else:
-            batches = make_loader(inputs, img_size=cfg.model.img_size, mean=mean, std=std, batch_size=cfg.train.eval_batch_size,
-                                  num_workers=cfg.train.num_workers, device=device, frames=frames if grouped else None)
+            batches = make_loader(inputs, img_size=cfg.model.img_size, mean=mean, std=std, batch_size=loader.batch,
+                                  num_workers=loader.workers, prefetch=loader.prefetch, device=device, frames=frames if grouped else None)
             if fits:
                 batches = list(batches)
                 decoded = ((tuple(mean), tuple(std)), batches)

@@ -32,6 +32,7 @@ def embeddings(cfg: Config, stage: Stage, paths: list[str], tax: Taxonomy,
     """(None, one backbone's embeddings) or, per fold model, (k, fold k's embeddings); cached per file.
 
     `frames` (one frame id per path) batch whole frames for fold models with model.frame_context=attention."""
+    from lib.data.budget import plan_here
     from lib.data.dataset import make_loader
     from lib.engine.inference import predict
     from lib.model.checkpoint import load_fold_model
@@ -42,8 +43,9 @@ def embeddings(cfg: Config, stage: Stage, paths: list[str], tax: Taxonomy,
 
     def embed(model, img_size: int, desc: str, frames: np.ndarray | None = None) -> dict:
         mean, std = mean_std(model)
-        loader = make_loader(paths, img_size=img_size, mean=mean, std=std, batch_size=k.batch_size, num_workers=cfg.train.num_workers,
-                             device=device, frames=frames)
+        plan = plan_here(cfg, on_cpu=device.type != "cuda", testlike=False).get("predict")  # its workers and prefetch
+        loader = make_loader(paths, img_size=img_size, mean=mean, std=std, batch_size=k.batch_size, num_workers=plan.workers,
+                             prefetch=plan.prefetch, device=device, frames=frames)
         return {"embeddings": predict(model, loader, device, probs=False, precision=cfg.train.precision, desc=desc)["embeddings"]}
 
     device = pick_device(cfg.train.device)

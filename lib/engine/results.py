@@ -15,19 +15,26 @@ class FoldResult:
 
     `scores` holds every `val_*` figure of the best epoch: distance and top-1, accuracy per rank,
     top-1 on head / middle / tail classes and, where 00 cut them, the test-like view's.
+    `validated_epochs` are the epochs the best was chosen among (`train.val_every`);
+    `loader_workers` the training loader's workers (they seed its augmentation; `auto` resolves per host).
     """
 
     best_epoch: int
     scores: dict[str, float]
     n_train: int
     n_val: int
+    validated_epochs: tuple[int, ...] = ()
+    loader_workers: int | None = None
 
     @property
     def val_distance(self) -> float:
         return self.scores["val_distance"]
 
     def to_record(self) -> dict[str, Any]:
-        return {"best_epoch": self.best_epoch, **self.scores, "n_train": self.n_train, "n_val": self.n_val}
+        extra: dict[str, Any] = {"validated_epochs": list(self.validated_epochs)} if self.validated_epochs else {}
+        if self.loader_workers is not None:
+            extra["loader_workers"] = self.loader_workers
+        return {"best_epoch": self.best_epoch, **self.scores, "n_train": self.n_train, "n_val": self.n_val, **extra}
 
 
 @dataclass(frozen=True)

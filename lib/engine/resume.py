@@ -51,6 +51,18 @@ class Progress:
     history: list = field(default_factory=list)
 
 
+def validates(epoch: int, epochs: int, every: int) -> bool:
+    """Whether 0-based `epoch` of `epochs` validates with `train.val_every` (or `testlike_every`) `every`: each
+    every-th epoch, and always the last, so a fold never ends on weights it has not scored."""
+    return (epoch + 1) % every == 0 or epoch + 1 == epochs
+
+
+def stale_validations(progress: Progress) -> int:
+    """Validated epochs since the best one: what `train.patience` counts (an epoch that did not validate cannot be
+    worse than the best, so it does not count)."""
+    return sum(1 for row in progress.history if "val_distance" in row and int(row["epoch"]) > int(progress.best["epoch"]))
+
+
 def resume_or_start(kit: Trainable, stage: Stage, epochs: int, fresh: bool) -> Progress | None:
     """Epoch 0, or where `last.pt` stopped when it belongs to this run (same fingerprint); None to start over.
 

@@ -1,4 +1,5 @@
-"""Fit one fold: set up, resume or start, then per epoch train, validate in the competition metric, checkpoint.
+"""Fit one fold: set up, resume or start, then per epoch train, validate in the competition metric (every
+`train.val_every` epochs and the last), checkpoint.
 
 `fit_fold` reads top to bottom as one loop over epochs. What it trains with is a `FoldKit`
 (model, loss, optimiser, EMA, loaders, schedule), built whole by `build_kit` from the fold's
@@ -27,6 +28,7 @@ from lib.core.errors import StageError
 from lib.core.faults import fault_point
 from lib.core.io import atomic_path
 from lib.data.augment import build_transforms
+from lib.data.budget import LoaderPlan, plan_here
 from lib.data.context import frame_ids, model_inputs
 from lib.data.dataset import CropDataset, EpochBatches, EpochSampler, make_loader, make_train_loader
 from lib.data.mix import mix_batch, soft_target_loss
@@ -35,7 +37,7 @@ from lib.data.taxonomy import RANKS, Taxonomy
 from lib.decide.metric import score_labels
 from lib.engine.inference import predict
 from lib.engine.results import FoldResult
-from lib.engine.resume import Progress, best_files_problem, resume_or_start, save_best, save_last
+from lib.engine.resume import Progress, best_files_problem, resume_or_start, save_best, save_last, stale_validations, validates
 from lib.model import dist as ddp
 from lib.model.device import autocast, channels_last, describe_device, grad_scaler, pick_device, precision_policy, prepare_device
 from lib.model.losses import WeightedLoss, build_loss
@@ -95,7 +97,8 @@ def fit_fold(cfg: Config, split: FoldSplit, taxonomy: Taxonomy, stage: Stage, ep
     """Train one fold to `epochs`, resuming from `last.pt` when it belongs to this same run (unless `fresh`).
 
     Every epoch reseeds all randomness from (seed, fold, epoch), so a run resumed from `last.pt`
-    ends with the same weights as one never interrupted. `stop_after` ends the run after that
+    ends with the same weights as one never interrupted. Only validated epochs (`train.val_every`)
+    can become the best, and `train.patience` counts them alone. `stop_after` ends the run after that
     epoch as a kill would (tests use it; the result is then None, as on every rank but 0). A fold whose last.pt does not fit the model, or whose
     `best.pt` or `oof.npz` is missing, unreadable or from another epoch than the best one (files
     lost after a kill), trains again from scratch, with a warning naming the file; lost again
@@ -112,23 +115,13 @@ def fit_fold(cfg: Config, split: FoldSplit, taxonomy: Taxonomy, stage: Stage, ep
         return fit_fold(cfg, split, taxonomy, stage, epochs, stop_after, fresh=True)
     for epoch in range(progress.epoch, epochs):
         # Decisions are broadcast flags so that under torchrun every rank stops, or goes on, together.
-        if ddp.broadcast_flag(bool(t.patience and progress.best["epoch"] > 0 and epoch + 1 - progress.best["epoch"] > t.patience)):
-            log.info("%s: early stop after epoch %d (no gain for %d epochs)", stage.name, epoch, t.patience)
+        if ddp.broadcast_flag(bool(t.patience and progress.best["epoch"] > 0 and stale_validations(progress) >= t.patience)):
+            log.info("%s: early stop after epoch %d (no gain in %d validated epochs)", stage.name, epoch, t.patience)
             break
         t0 = time.time()
         losses = train_one_epoch(kit, cfg, split, stage.name, epoch, epochs)
         if main:  # rank 0 validates and writes
-            metrics, arrays = validate(kit, split, taxonomy)
-            row = {"epoch": epoch + 1, "train_loss": float(np.mean(losses)) if losses else float("nan"), **metrics,
-                   "lr": max(g["lr"] for g in kit.optimizer.param_groups), "seconds": round(time.time() - t0, 2)}
-            progress.history.append(row)
-            if metrics["val_distance"] < progress.best["val_distance"] - t.min_delta:
-                progress.best = {**metrics, "epoch": epoch + 1}
-                save_best(kit, stage.dir, split.val, epoch, metrics["val_distance"], arrays)
-            save_last(kit, stage, progress, epoch)
-            tl = f", test-like view {metrics['val_distance_testlike']:.3f}" if "val_distance_testlike" in metrics else ""
-            log.info("%s epoch %d/%d: loss %.3f, val distance %.3f, top1 %.3f%s (%.1fs)", stage.name, epoch + 1, epochs,
-                     row["train_loss"], metrics["val_distance"], metrics["val_top1"], tl, row["seconds"])
+            end_epoch(kit, cfg, split, taxonomy, stage, progress, epoch, epochs, losses, t0)
         if ddp.broadcast_flag(stop_after is not None and epoch + 1 >= stop_after):
             return None
     lost = best_files_problem(stage.dir, int(progress.best["epoch"])) if main else None
@@ -139,6 +132,35 @@ def fit_fold(cfg: Config, split: FoldSplit, taxonomy: Taxonomy, stage: Stage, ep
             log.warning("%s; training %s again from scratch", lost, stage.name)
         return fit_fold(cfg, split, taxonomy, stage, epochs, stop_after, fresh=True)
     return finish(kit, stage, progress, n_val=len(split.val)) if main else None
+
+
+def end_epoch(kit: FoldKit, cfg: Config, split: FoldSplit, taxonomy: Taxonomy, stage: Stage, progress: Progress, epoch: int,
+              epochs: int, losses: list[float], t0: float) -> None:
+    """Rank 0 after training epoch `epoch` (0-based): validate when `train.val_every` says so, keep a new best, write last.pt.
+
+    An epoch that does not validate gets a history row without scores and cannot become the
+    best; last.pt is written every epoch, so a kill in any epoch resumes after it.
+    """
+    t = cfg.train
+    row: dict[str, Any] = {"epoch": epoch + 1, "train_loss": float(np.mean(losses)) if losses else float("nan")}
+    metrics: dict[str, float] = {}
+    if validates(epoch, epochs, t.val_every):
+        metrics, arrays = validate(kit, split, taxonomy, testlike=validates(epoch, epochs, t.testlike_every))
+        if metrics["val_distance"] < progress.best["val_distance"] - t.min_delta:
+            if kit.testlike_loader is not None and "probs_testlike" not in arrays:  # the best epoch's oof.npz keeps the view
+                add_testlike(kit, split, metrics, arrays)
+            progress.best = {**metrics, "epoch": epoch + 1}
+            save_best(kit, stage.dir, split.val, epoch, metrics["val_distance"], arrays)
+    row.update({**metrics, "lr": max(g["lr"] for g in kit.optimizer.param_groups), "seconds": round(time.time() - t0, 2)})
+    progress.history.append(row)
+    save_last(kit, stage, progress, epoch)
+    if not metrics:
+        log.info("%s epoch %d/%d: loss %.3f, not validated (train.val_every %d) (%.1fs)", stage.name, epoch + 1, epochs,
+                 row["train_loss"], t.val_every, row["seconds"])
+        return
+    tl = f", test-like view {metrics['val_distance_testlike']:.3f}" if "val_distance_testlike" in metrics else ""
+    log.info("%s epoch %d/%d: loss %.3f, val distance %.3f, top1 %.3f%s (%.1fs)", stage.name, epoch + 1, epochs,
+             row["train_loss"], metrics["val_distance"], metrics["val_top1"], tl, row["seconds"])
 
 
 # ----------------------------------------------------------------------------- set up
@@ -170,6 +192,7 @@ class FoldKit:
     total: int  # schedule: optimiser steps in all, warmup steps, steps per warm restart
     warmup: int
     restart: int
+    loaders: LoaderPlan  # workers, prefetch and batch of each loader on this host (lib.data.budget)
 
     @property
     def judged(self) -> nn.Module:
@@ -203,11 +226,16 @@ def build_kit(cfg: Config, split: FoldSplit, taxonomy: Taxonomy, epochs: int) ->
     train_tf = build_transforms(cfg.model.img_size, train=True, mean=mean, std=std, aug=cfg.augment, n_views=len(views))
     ds = CropDataset(model_inputs(split.train, views), split.train["label"], split.train["weight"], transform=train_tf,
                      frames=frame_ids(split.train) if by_frame else None)
-    eval_loader = functools.partial(make_loader, img_size=cfg.model.img_size, mean=mean, std=std, batch_size=t.eval_batch_size,
-                                    num_workers=t.num_workers, device=device, persistent=True,
+    has_testlike = "testlike_path" in split.val and bool((split.val["testlike_path"].fillna("") != "").all())
+    plan = plan_here(cfg, on_cpu=device.type != "cuda", world=world, testlike=has_testlike)
+    if ddp.is_main():
+        log.info("loaders: %s", plan.line())
+    val = plan.get("val")
+    eval_loader = functools.partial(make_loader, img_size=cfg.model.img_size, mean=mean, std=std, batch_size=val.batch,
+                                    num_workers=val.workers, device=device, persistent=True, prefetch=val.prefetch,
                                     frames=frame_ids(split.val) if by_frame else None)
     val_loader, testlike_loader = eval_loader(model_inputs(split.val, views)), None
-    if "testlike_path" in split.val and (split.val["testlike_path"].fillna("") != "").all():
+    if has_testlike:
         # The test-like view shrinks the ROI only: 00 cuts no test-like context crops, so context views stay as they are.
         testlike_loader = eval_loader(model_inputs(split.val, views, roi_column="testlike_path"))
     per_rank, batch = len(ds) // world, ddp.rank_batch(t.batch_size, world)  # each process: its share of every epoch and batch
@@ -215,14 +243,16 @@ def build_kit(cfg: Config, split: FoldSplit, taxonomy: Taxonomy, epochs: int) ->
     if ds.frames is not None:  # whole frames per batch: the schedule counts the first epoch's batches (later ones differ by a few)
         batches = max(1, len(frame_batches(ds.frames, ds.labels, t.sampler, batch, torch.Generator().manual_seed(seed * 1000))))
         describe_frames(ds.frames, t.sampler, batches)
-    train_loader = make_train_loader(ds, batch_size=batch, drop_last=per_rank > batch, num_workers=t.num_workers,
-                                     pin_memory=device.type == "cuda", frames=ds.frames is not None) if t.num_workers > 0 else None
+    tr = plan.get("train")
+    train_loader = make_train_loader(ds, batch_size=batch, drop_last=per_rank > batch, num_workers=tr.workers, prefetch=tr.prefetch,
+                                     pin_memory=device.type == "cuda", frames=ds.frames is not None) if tr.workers > 0 else None
     steps_per_epoch = max(1, math.ceil(batches / t.accumulate))
     return FoldKit(model=model, train_model=train_model, criterion=criterion, optimizer=optimizer, ema=ema, train_tf=train_tf, ds=ds,
                    val_loader=val_loader, testlike_loader=testlike_loader, device=device, precision=precision,
                    scaler=grad_scaler(device, precision), train_loader=train_loader, batch=batch, seed=seed, n_classes=taxonomy.n_classes,
                    counts=counts, dist=dist, steps_per_epoch=steps_per_epoch, total=steps_per_epoch * epochs,
-                   warmup=int(t.warmup_epochs * steps_per_epoch), restart=max(1, int(round(t.restart_epochs * steps_per_epoch))))
+                   warmup=int(t.warmup_epochs * steps_per_epoch), restart=max(1, int(round(t.restart_epochs * steps_per_epoch))),
+                   loaders=plan)
 
 
 # ----------------------------------------------------------------------------- train one epoch
@@ -335,17 +365,23 @@ def _step(kit: FoldKit, t, step: int) -> None:
 # ----------------------------------------------------------------------------- validate
 
 
-def validate(kit: FoldKit, split: FoldSplit, taxonomy: Taxonomy) -> tuple[dict[str, float], dict[str, np.ndarray]]:
-    """The judged model on the fold's validation rows (and their test-like view): metrics, and oof.npz's arrays."""
+def validate(kit: FoldKit, split: FoldSplit, taxonomy: Taxonomy, testlike: bool = True) -> tuple[dict[str, float], dict[str, np.ndarray]]:
+    """The judged model on the fold's validation rows (and, with `testlike`, their test-like view): metrics, and oof.npz's arrays."""
     labels = split.val["label"].to_numpy()
     got = predict(kit.judged, kit.val_loader, kit.device, precision=kit.precision, desc="validate")
     metrics = {**evaluate(got["probs"], labels, kit.dist), **detailed_metrics(got["probs"], labels, taxonomy, kit.counts)}
     arrays = {"probs": got["probs"], "embeddings": got["embeddings"].astype(np.float16)}
-    if kit.testlike_loader is not None:
-        arrays["probs_testlike"] = predict(kit.judged, kit.testlike_loader, kit.device, features=False, precision=kit.precision,
-                                           desc="validate test-like")["probs"]
-        metrics.update({f"{k}_testlike": v for k, v in evaluate(arrays["probs_testlike"], labels, kit.dist).items()})
+    if testlike and kit.testlike_loader is not None:
+        add_testlike(kit, split, metrics, arrays)
     return metrics, arrays
+
+
+def add_testlike(kit: FoldKit, split: FoldSplit, metrics: dict[str, float], arrays: dict[str, np.ndarray]) -> None:
+    """The test-like view of the validation rows, added to `metrics` and `arrays` (the fold must have that loader)."""
+    loader = cast(DataLoader, kit.testlike_loader)
+    arrays["probs_testlike"] = predict(kit.judged, loader, kit.device, features=False, precision=kit.precision,
+                                       desc="validate test-like")["probs"]
+    metrics.update({f"{k}_testlike": v for k, v in evaluate(arrays["probs_testlike"], split.val["label"].to_numpy(), kit.dist).items()})
 
 
 # ----------------------------------------------------------------------------- end of a fold
@@ -359,4 +395,6 @@ def finish(kit: FoldKit, stage: Stage, progress: Progress, n_val: int) -> FoldRe
 
     plot_history(pd.DataFrame(progress.history), stage.dir / "curves.png", title=stage.name)
     best = progress.best
-    return FoldResult(best["epoch"], {k: v for k, v in best.items() if k.startswith("val_")}, len(kit.ds), n_val)
+    return FoldResult(best["epoch"], {k: v for k, v in best.items() if k.startswith("val_")}, len(kit.ds), n_val,
+                      validated_epochs=tuple(int(r["epoch"]) for r in progress.history if "val_distance" in r),
+                      loader_workers=kit.loaders.get("train").workers)

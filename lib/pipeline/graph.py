@@ -55,20 +55,23 @@ DATA_PATH_KEYS = ("!data.root", "!data.train_json", "!data.test_json", "!data.tr
 # How a run spreads over the GPUs changes no result (each fold trains alone either way, torchrun's global batch aside):
 # a fold trained fold-parallel is the fold a plain run would train.
 RUN_ONLY_KEYS = ("!train.multi_gpu",)
+# How much of the host the loaders may hold (lib.data.budget) decides how a run loads, not what it computes.
+HOST_KEYS = ("!train.host_memory_share", "!train.shm_share")
 
 SPECS: dict[str, Spec] = {
     s.name: s
     for s in (
         Spec("00_prepare", "00_prepare_data.py", ("seed", "data", *DATA_PATH_KEYS, "prepare"), (),
              ("rois.csv", "taxonomy.json", "crops_manifest.json")),
-        Spec("01_train", "01_train_folds.py", ("seed", "model", "head", "train", *RUN_ONLY_KEYS, "augment", "loss"), ("00_prepare",),
+        Spec("01_train", "01_train_folds.py", ("seed", "model", "head", "train", *RUN_ONLY_KEYS, *HOST_KEYS, "augment", "loss"),
+             ("00_prepare",),
              folds=True),
         Spec("02_pseudo", "02_pseudo_label.py", ("seed", "model", "head", "pseudo", "!pseudo.rounds", "!pseudo.weight_power", "tta",
                                                  "train.precision"),
              ("00_prepare", "01_train"),
              ("test_probs.npz", "pseudo_labels.csv")),
-        Spec("03_retrain", "03_retrain.py", ("seed", "model", "head", "train", *RUN_ONLY_KEYS, "augment", "loss", "retrain", "pseudo",
-                                                 "tta"),
+        Spec("03_retrain", "03_retrain.py", ("seed", "model", "head", "train", *RUN_ONLY_KEYS, *HOST_KEYS, "augment", "loss", "retrain",
+                                                 "pseudo", "tta"),
              ("00_prepare", "02_pseudo"),
              folds=True),
         Spec("04_submit", "04_infer_submit.py", ("seed", "model", "head", "submit", "tta", "train.precision"), ("00_prepare",),

@@ -70,6 +70,7 @@ INT = _Kind("an integer", _is_int)
 NUMBER = _Kind("a number", _is_number)
 TEXT = _Kind("a string", lambda v: isinstance(v, str))
 OBJECT = _Kind("an object", lambda v: isinstance(v, dict))
+INTS = _Kind("a list of integers", lambda v: isinstance(v, list) and all(_is_int(x) for x in v))
 NUMBERS = _Kind("a list of numbers", lambda v: isinstance(v, list) and all(_is_number(x) for x in v))
 STRINGS = _Kind("a list of strings", _is_strings)
 OBJECTS = _Kind("a list of objects", lambda v: isinstance(v, list) and all(isinstance(x, dict) for x in v))
@@ -84,7 +85,7 @@ RESULT_FIELDS: dict[str, _Kind] = {
     # a fold; 01 and 03 (their CV summaries), 03's rounds
     "best_epoch": INT, "n_train": INT, "n_val": INT, "folds": INT, "oof_rows": INT, "fold_distance_mean": NUMBER,
     "fold_distance_std": NUMBER, "pseudo_rows": INT, "rounds": INT, "fold_root": TEXT,
-    "per_round": OBJECTS,
+    "per_round": OBJECTS, "validated_epochs": INTS, "loader_workers": INT,
     # 02 (and 03's per-round pseudo-labels): `models` counts the fold models there, names them in 04
     "pseudo_labels": INT, "methods": STRINGS, "mean_weight": _Kind("a number or null", lambda v: v is None or _is_number(v)),
     "by_source": OBJECT, "members": STRINGS, "temperatures": NUMBERS, "test_prior": TEXT, "prior_shift": OBJECTS,

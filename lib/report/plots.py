@@ -20,9 +20,11 @@ def plot_history(history: pd.DataFrame, path: Path, title: str) -> None:
     fig, ax = plt.subplots(1, 3, figsize=(11, 3))
     if len(history):
         ax[0].plot(history["epoch"], history["train_loss"], marker="o")
-        ax[1].plot(history["epoch"], history["val_distance"], marker="o", color="tab:red", label="random split")
+        val = history.dropna(subset=["val_distance"])  # epochs that validated (train.val_every)
+        ax[1].plot(val["epoch"], val["val_distance"], marker="o", color="tab:red", label="random split")
         if "val_distance_testlike" in history:
-            ax[1].plot(history["epoch"], history["val_distance_testlike"], marker="s", color="tab:purple", label="test-like view")
+            tl = history.dropna(subset=["val_distance_testlike"])  # validated epochs that scored the view (train.testlike_every)
+            ax[1].plot(tl["epoch"], tl["val_distance_testlike"], marker="s", color="tab:purple", label="test-like view")
             ax[1].legend()
         ax[2].plot(history["epoch"], history["lr"], marker="o", color="tab:green")
     ax[0].set(title="train loss", xlabel="epoch")
