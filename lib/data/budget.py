@@ -13,7 +13,7 @@ in the middle of a fold. So the plan is computed before anything trains:
 - a loader holds batch bytes x prefetch x workers, and the persistent loaders of a fold are
   counted together (an upper bound: the worker processes live all fold long);
 - `train.num_workers: auto` is the cores per process (cores this process may use, divided by
-  the processes sharing the machine: `LOCAL_WORLD_SIZE` under torchrun, `PIPELINE_PROCESSES`
+  the processes sharing the machine: `LOCAL_WORLD_SIZE` under torchrun, `PIPELINE_HOST_PROCESSES`
   when folds run side by side, one per GPU), less one on the CPU, where the process computes;
 - over the share, prefetch drops (4 -> 1) and then the evaluation batch halves (not under frame
   attention, where it decides how large frames are chunked); what still does not fit is one
@@ -34,7 +34,7 @@ from pathlib import Path
 from lib.config import Config, ConfigError
 
 PREFETCH_FACTOR = 4  # batches each loader worker keeps ready (torch's default is 2): a GPU step outruns one batch's decode
-PROCESSES_ENV = "PIPELINE_PROCESSES"  # set by a launcher that runs one process per GPU on one machine
+PROCESSES_ENV = "PIPELINE_HOST_PROCESSES"  # set by lib.pipeline.fold_parallel in each child (one process per GPU)
 GiB = 2**30
 
 
@@ -209,7 +209,7 @@ def shm_bytes(ram: int) -> int:
 
 
 def sharing_processes() -> int:
-    """Processes of this run on this machine: torchrun's LOCAL_WORLD_SIZE, or PIPELINE_PROCESSES from a fold-parallel launcher."""
+    """Processes of this run on this machine: torchrun's LOCAL_WORLD_SIZE, or PIPELINE_HOST_PROCESSES from the fold-parallel launcher."""
     got = 1
     for name in ("LOCAL_WORLD_SIZE", PROCESSES_ENV):
         try:
@@ -234,7 +234,7 @@ def plan_here(cfg: Config, *, on_cpu: bool, world: int = 1, testlike: bool = Tru
 def doctor_line(cfg: Config) -> tuple[str, str, bool]:
     """(label, text, problem) for the doctor: the budget of a training stage of `cfg` on this machine.
 
-    The processes are those of this run (torchrun, PIPELINE_PROCESSES) or, when several GPUs are
+    The processes are those of this run (torchrun, PIPELINE_HOST_PROCESSES) or, when several GPUs are
     visible and the config trains on them, one per GPU (folds run side by side); a plan that
     lowered the config's prefetch or evaluation batch says so, one that cannot fit is the problem.
     """
