@@ -41,6 +41,7 @@ MAKE_DEMO = False  # True: first generate the synthetic demo data into DATA_ROOT
 RUN_KNN = True  # also the kNN baseline (its own CV and submission)
 SUBMISSION_OUT = "/kaggle/working/submission.csv"  # where Kaggle's "Submit" picks the file up
 UPLOAD = False  # True: upload with the kaggle CLI (python -m lib.kaggle.submit); needs internet and an API token
+TIME_STAGES = False  # True: the doctor also measures the config's steps here (about 10 s) and prints each stage's expected time
 
 # %% [markdown]
 # ## Setup
@@ -81,7 +82,7 @@ if RESUME_FROM:
     nb.resume(Path(RESUME_FROM), OUT, cfg.exp)
 if MAKE_DEMO:
     run.module("lib.demo")
-doctor_ok = run.doctor()  # python -m lib.doctor: reports what it finds, never stops the notebook
+run.doctor(*(["--time"] if TIME_STAGES else []))  # python -m lib.doctor: stops here on a fatal problem (e.g. no GPU for train.device cuda)
 
 # %% [markdown]
 # ## The stages

@@ -71,7 +71,7 @@ def test_a_failing_command_stops_with_one_sentence(tmp_path):
         nb.Run(tmp_path, "c.yaml", ()).stage("fails.py")
 
 
-def test_doctor_is_optional_and_never_fatal(tmp_path, capsys):
+def test_doctor_is_optional_but_its_fatal_problems_stop_the_notebook(tmp_path, capsys):
     run = nb.Run(tmp_path, "c.yaml", ())
     assert run.doctor() is False
     assert "no lib.doctor" in capsys.readouterr().out
@@ -79,9 +79,11 @@ def test_doctor_is_optional_and_never_fatal(tmp_path, capsys):
     (tmp_path / "lib" / "__init__.py").write_text("")
     (tmp_path / "lib" / "doctor" / "__init__.py").write_text("")
     (tmp_path / "lib" / "doctor" / "__main__.py").write_text("import sys; print('gpu: none', sys.argv[1:]); sys.exit(1)\n")
-    assert run.doctor() is False
-    out = capsys.readouterr().out
-    assert f"gpu: none ['--config', '{tmp_path / 'c.yaml'}']" in out and "lib.doctor reported problems (exit 1" in out
+    with pytest.raises(nb.NotebookError, match=r"^lib.doctor found a fatal problem \(exit 1, each one named above\); fix it"):
+        run.doctor("--time")
+    assert f"gpu: none ['--config', '{tmp_path / 'c.yaml'}', '--time']" in capsys.readouterr().out
+    (tmp_path / "lib" / "doctor" / "__main__.py").write_text("print('all well')\n")
+    assert run.doctor() is True
 
 
 def test_resume_copies_an_earlier_session_without_overwriting_this_one(tmp_path):

@@ -1,4 +1,4 @@
-"""The steps of notebooks/kaggle_fathomnet2025.ipynb: install, resume, doctor, stages, the submission copy.
+"""The steps of notebooks/kaggle_fathomnet2025.ipynb: install, resume, doctor (stops on a fatal problem), stages, the submission copy.
 
 Standard library only: the notebook imports this from the attached repository before anything is
 installed. Every command runs with the repository as its working directory (the config's relative
@@ -147,21 +147,22 @@ class Run:
         """Run `python -m <name>` (lib.demo, lib.report, lib.kaggle.submit) on this experiment."""
         self._check(f"python -m {name}", relay([sys.executable, "-m", name, *self.args, *flags], cwd=self.repo))
 
-    def doctor(self) -> bool:
-        """`python -m lib.doctor` where this checkout has it; a problem it finds is reported, never fatal (the stages check again)."""
+    def doctor(self, *flags: str) -> bool:
+        """`python -m lib.doctor` where this checkout has it; a fatal problem it finds (a missing path, train.device cuda
+        without a usable GPU) stops the notebook here, before an hour goes into a run that cannot finish."""
         lib = self.repo / "lib"
         if not ((lib / "doctor.py").is_file() or (lib / "doctor" / "__main__.py").is_file()):
             print("note: this checkout has no lib.doctor (a newer one checks the environment first); going on.")
             return False
         try:
-            rc = relay([sys.executable, "-m", "lib.doctor", *self.args], cwd=self.repo)
+            rc = relay([sys.executable, "-m", "lib.doctor", *self.args, *flags], cwd=self.repo)
         except OSError as e:
             print(f"note: could not start lib.doctor ({e}); going on.")
             return False
         if rc:
-            print(f"note: lib.doctor reported problems (exit {rc}, above); going on: each stage stops with one sentence "
-                  "if something it needs is missing.")
-        return rc == 0
+            raise NotebookError(f"lib.doctor found a fatal problem (exit {rc}, each one named above); fix it in the parameters "
+                                "cell or the notebook's settings (accelerator, inputs), then run the cells again.")
+        return True
 
     def _check(self, what: str, rc: int) -> None:
         if rc != 0:
