@@ -35,6 +35,7 @@ OVERRIDES: list[str] = []  # dotted config overrides, e.g. ["train.epochs=3", "m
 OFFLINE = False  # True: install from WHEELS_DIR only (a notebook without internet)
 WHEELS_DIR = "/kaggle/input/fathomnet-wheels"  # the wheels dataset (see "Offline" at the end)
 INSTALL = True  # False when the environment already has requirements.txt
+KEEP_IMAGE = True  # install requirements-kaggle.txt with Kaggle's own torch, torchvision, numpy and OpenCV pinned (False: requirements.txt)
 DOWNLOAD = False  # True (internet on): 00 downloads missing frames from each image's coco_url
 RESUME_FROM = ""  # an earlier session's output_root, attached as a dataset ("" = start from OUTPUT_ROOT as it is)
 MAKE_DEMO = False  # True: first generate the synthetic demo data into DATA_ROOT (with CONFIG = "configs/demo.yaml")
@@ -65,7 +66,7 @@ print("repository:", REPO, "| config:", run.config_path, "| data:", DATA, "| out
 
 # %%
 if INSTALL:
-    nb.install(REPO, offline=OFFLINE, wheels_dir=WHEELS_DIR)
+    nb.install(REPO, offline=OFFLINE, wheels_dir=WHEELS_DIR, keep_image=KEEP_IMAGE)
 
 # %%
 from lib.config import load_config
@@ -164,10 +165,10 @@ else:
 #
 # ## Offline
 # With the internet off, `OFFLINE = True` installs from `WHEELS_DIR` with
-# `pip install --no-index --find-links WHEELS_DIR -r requirements.txt` (the test and lint tools left out;
-# what Kaggle already has, such as torch, is kept). Build the wheels on a machine with internet and
-# Kaggle's Python version: `pip download -r requirements.txt -d wheels`, and upload the folder as a
-# dataset. Offline, the backbone's weights come from a file too:
+# `pip install --no-index --find-links WHEELS_DIR -r requirements-kaggle.txt -c <the image's versions>`: Kaggle's own
+# torch, torchvision, numpy and OpenCV are pinned to what the image has, so neither route can replace them. Build the
+# wheels on a machine with internet and Kaggle's Python version: `pip download -r requirements-kaggle.txt -d wheels`,
+# and upload the folder as a dataset. Offline, the backbone's weights come from a file too:
 # `OVERRIDES = ["model.pretrained=file", "model.pretrained_file=/kaggle/input/<weights>/<file>.pth"]`.
 # Full-resolution frames are large: a dataset that already holds them beats `DOWNLOAD = True` into the
 # 20 GB of `/kaggle/working`.

@@ -163,7 +163,8 @@ class Tracker:
     """The process's tracker: started on first use, off for good after its first failure (one warning)."""
 
     def __init__(self, cfg: Config):
-        self.cfg, self.backend = cfg, None
+        self.cfg = cfg
+        self.backend: Backend | None = None
         self.off = cfg.track.backend == "none" or os.environ.get("RANK", "0") != "0"
 
     def _start(self, stage: str) -> Backend | None:
@@ -173,8 +174,9 @@ class Tracker:
         folder = project_path(t.dir) if t.dir else self.cfg.out_dir / "track"
         try:
             folder.mkdir(parents=True, exist_ok=True)
-            self.backend = BACKENDS[name](t.project or self.cfg.exp, self.cfg.exp, f"{self.cfg.exp}/{stage}", folder)
-            self.backend.config(flatten(to_dict(self.cfg), ""))
+            backend = BACKENDS[name](t.project or self.cfg.exp, self.cfg.exp, f"{self.cfg.exp}/{stage}", folder)
+            backend.config(flatten(to_dict(self.cfg), ""))
+            self.backend = backend
         except ImportError:
             self._fail(f"track.backend is {name} but its package is not installed; pip install {PACKAGES[name]} "
                        "(or set track.backend=none): tracking is off, the stage goes on.")
