@@ -144,7 +144,8 @@ def tiny(tmp_path: Path, **train: object):
     """A config small enough to time on the CPU in well under a second per step."""
     from lib.config import load_config
 
-    over = [f"output_root={tmp_path / 'out'}", "model.backbone=tf_efficientnet_lite0", "model.img_size=32", "prepare.crop_size=40",
+    over = [f"output_root={tmp_path / 'out'}", "train.device=cpu", "model.backbone=tf_efficientnet_lite0", "model.img_size=32",
+            "prepare.crop_size=40",
             *(f"train.{k}={v}" for k, v in train.items())]
     return load_config("configs/demo.yaml", over)
 
@@ -182,16 +183,28 @@ def test_data_counts_come_from_rois_csv_else_the_competition(tmp_path):
     assert (got.train, got.test, got.source) == (3, 1, str(rois))
 
 
-def test_time_measures_the_real_step_on_the_cpu(tmp_path, capsys):
-    from lib.doctor.timing import measure
+def test_time_measures_the_real_step_on_the_cpu(tmp_path, capsys, monkeypatch):
+    from lib.doctor import timing
 
     cfg = tiny(tmp_path, batch_size=16, eval_batch_size=16)
-    s = measure(cfg, load_taxonomy_csv("configs/taxonomy/fathomnet2025.csv"), seconds=0.05)
+    s = timing.measure(cfg, load_taxonomy_csv("configs/taxonomy/fathomnet2025.csv"), seconds=0.05)
     assert s.device == "cpu" and s.precision == "fp32" and s.workers == cfg.train.num_workers
     assert s.train_step > 0 and s.eval_batch > 0 and s.load_item > 0 and s.load_eval_item > 0
     assert "training step measured at 8 rows (on the CPU) and scaled linearly to 16" in s.notes
-    rc, out = doctor_out(tmp_path, capsys, "model.img_size=32", "prepare.crop_size=40", "--time", "--seconds", "0.05",
+    monkeypatch.setattr(timing, "measure", lambda cfg, taxonomy, seconds: replace(s, notes=["measured above"]))  # once is enough
+    rc, out = doctor_out(tmp_path, capsys, "train.device=cpu", "model.img_size=32", "prepare.crop_size=40", "--time", "--seconds", "0.05",
                          "--train-rois", "300")
     assert rc == 0, out
     assert "time 01_train" in out and "300 train and 788 test ROIs (--train-rois)" in out
     assert re.search(r"time phases +phase 1 \(01\+02\) .*% of a 12 h Kaggle session \(fits in\)", out)
+
+
+def test_a_missing_tracker_is_named_but_not_fatal(tmp_path, capsys, monkeypatch):
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "wandb" else real(name, *a))
+    rc, out = doctor_out(tmp_path, capsys, "track.backend=wandb")
+    assert rc == 0 and f"{'track':<19} wandb (wandb): not installed, so the stages run untracked; pip install wandb" in out
+    rc, out = doctor_out(tmp_path, capsys)
+    assert "track" not in [line[:19].strip() for line in out.splitlines()]

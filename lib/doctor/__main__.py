@@ -178,6 +178,19 @@ def check_weights(r: Report, cfg: Config) -> None:
         r.add("knn.source", "phase1: 01's fold models embed, nothing to download")
 
 
+def check_track(r: Report, cfg: Config) -> None:
+    """track.backend's client, when one is asked for: missing, the stages run untracked (never a problem)."""
+    import importlib.util
+
+    name = cfg.track.backend
+    if name == "none":
+        return
+    module = "torch.utils.tensorboard" if name == "tensorboard" else name
+    package = "tensorboard" if name == "tensorboard" else name
+    found = importlib.util.find_spec(package) is not None
+    r.add("track", f"{name} ({module})" + ("" if found else f": not installed, so the stages run untracked; pip install {package}"))
+
+
 def doctor(cfg: Config) -> Report:
     """Every check, in the order printed."""
     r = Report()
@@ -189,6 +202,7 @@ def doctor(cfg: Config) -> Report:
     check_disk(r, cfg)
     check_data(r, cfg)
     check_weights(r, cfg)
+    check_track(r, cfg)
     return r
 
 
