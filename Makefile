@@ -46,6 +46,8 @@ submit: venv
 	@$(PY) -m lib.kaggle.submit --config $(CONFIG) $(ARGS)
 
 # What this machine and CONFIG give the pipeline (python, torch, CUDA, GPUs, precision, faiss, cores, disk, data paths), in seconds.
+# Exit 1 on a fatal problem (a missing path; train.device cuda without a GPU this torch can run on); ARGS=--time also
+# measures the config's training and eval steps here and prints each stage's expected wall time against 12 h.
 doctor: venv
 	@$(PY) -m lib.doctor --config $(CONFIG) $(ARGS)
 

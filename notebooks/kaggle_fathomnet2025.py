@@ -35,12 +35,14 @@ OVERRIDES: list[str] = []  # dotted config overrides, e.g. ["train.epochs=3", "m
 OFFLINE = False  # True: install from WHEELS_DIR only (a notebook without internet)
 WHEELS_DIR = "/kaggle/input/fathomnet-wheels"  # the wheels dataset (see "Offline" at the end)
 INSTALL = True  # False when the environment already has requirements.txt
+KEEP_IMAGE = True  # install requirements-kaggle.txt with Kaggle's own torch, torchvision, numpy and OpenCV pinned (False: requirements.txt)
 DOWNLOAD = False  # True (internet on): 00 downloads missing frames from each image's coco_url
 RESUME_FROM = ""  # an earlier session's output_root, attached as a dataset ("" = start from OUTPUT_ROOT as it is)
 MAKE_DEMO = False  # True: first generate the synthetic demo data into DATA_ROOT (with CONFIG = "configs/demo.yaml")
 RUN_KNN = True  # also the kNN baseline (its own CV and submission)
 SUBMISSION_OUT = "/kaggle/working/submission.csv"  # where Kaggle's "Submit" picks the file up
 UPLOAD = False  # True: upload with the kaggle CLI (python -m lib.kaggle.submit); needs internet and an API token
+TIME_STAGES = False  # True: the doctor also measures the config's steps here (about 10 s) and prints each stage's expected time
 
 # %% [markdown]
 # ## Setup
@@ -64,7 +66,7 @@ print("repository:", REPO, "| config:", run.config_path, "| data:", DATA, "| out
 
 # %%
 if INSTALL:
-    nb.install(REPO, offline=OFFLINE, wheels_dir=WHEELS_DIR)
+    nb.install(REPO, offline=OFFLINE, wheels_dir=WHEELS_DIR, keep_image=KEEP_IMAGE)
 
 # %%
 from lib.config import load_config
@@ -81,7 +83,7 @@ if RESUME_FROM:
     nb.resume(Path(RESUME_FROM), OUT, cfg.exp)
 if MAKE_DEMO:
     run.module("lib.demo")
-doctor_ok = run.doctor()  # python -m lib.doctor: reports what it finds, never stops the notebook
+run.doctor(*(["--time"] if TIME_STAGES else []))  # python -m lib.doctor: stops here on a fatal problem (e.g. no GPU for train.device cuda)
 
 # %% [markdown]
 # ## The stages
@@ -165,10 +167,10 @@ else:
 #
 # ## Offline
 # With the internet off, `OFFLINE = True` installs from `WHEELS_DIR` with
-# `pip install --no-index --find-links WHEELS_DIR -r requirements.txt` (the test and lint tools left out;
-# what Kaggle already has, such as torch, is kept). Build the wheels on a machine with internet and
-# Kaggle's Python version: `pip download -r requirements.txt -d wheels`, and upload the folder as a
-# dataset. Offline, the backbone's weights come from a file too:
+# `pip install --no-index --find-links WHEELS_DIR -r requirements-kaggle.txt -c <the image's versions>`: Kaggle's own
+# torch, torchvision, numpy and OpenCV are pinned to what the image has, so neither route can replace them. Build the
+# wheels on a machine with internet and Kaggle's Python version: `pip download -r requirements-kaggle.txt -d wheels`,
+# and upload the folder as a dataset. Offline, the backbone's weights come from a file too:
 # `OVERRIDES = ["model.pretrained=file", "model.pretrained_file=/kaggle/input/<weights>/<file>.pth"]`.
 # Full-resolution frames are large: a dataset that already holds them beats `DOWNLOAD = True` into the
 # 20 GB of `/kaggle/working`.

@@ -71,7 +71,7 @@ def test_a_failing_command_stops_with_one_sentence(tmp_path):
         nb.Run(tmp_path, "c.yaml", ()).stage("fails.py")
 
 
-def test_doctor_is_optional_and_never_fatal(tmp_path, capsys):
+def test_doctor_is_optional_but_its_fatal_problems_stop_the_notebook(tmp_path, capsys):
     run = nb.Run(tmp_path, "c.yaml", ())
     assert run.doctor() is False
     assert "no lib.doctor" in capsys.readouterr().out
@@ -79,9 +79,11 @@ def test_doctor_is_optional_and_never_fatal(tmp_path, capsys):
     (tmp_path / "lib" / "__init__.py").write_text("")
     (tmp_path / "lib" / "doctor" / "__init__.py").write_text("")
     (tmp_path / "lib" / "doctor" / "__main__.py").write_text("import sys; print('gpu: none', sys.argv[1:]); sys.exit(1)\n")
-    assert run.doctor() is False
-    out = capsys.readouterr().out
-    assert f"gpu: none ['--config', '{tmp_path / 'c.yaml'}']" in out and "lib.doctor reported problems (exit 1" in out
+    with pytest.raises(nb.NotebookError, match=r"^lib.doctor found a fatal problem \(exit 1, each one named above\); fix it"):
+        run.doctor("--time")
+    assert f"gpu: none ['--config', '{tmp_path / 'c.yaml'}', '--time']" in capsys.readouterr().out
+    (tmp_path / "lib" / "doctor" / "__main__.py").write_text("print('all well')\n")
+    assert run.doctor() is True
 
 
 def test_resume_copies_an_earlier_session_without_overwriting_this_one(tmp_path):
@@ -166,3 +168,59 @@ def test_the_notebook_runs_every_stage_headless_on_the_tiny_demo(tmp_path, monke
     assert argv[:4] == ["competitions", "submit", "-c", "fathomnet-2025"] and argv[7].startswith("tiny: phase1 + phase2")
     assert len((exp / "submissions.csv").read_text().splitlines()) == 2
     assert not any(cwd.iterdir())  # every path the notebook hands on is absolute: nothing lands in its own directory
+
+
+def test_kaggle_requirements_are_requirements_txt_without_the_images_own_packages():
+    kaggle = nb.runtime_requirements((ROOT / nb.KAGGLE_REQUIREMENTS).read_text())
+    names = [nb.requirement_name(r) for r in kaggle]
+    assert not set(names) & {"torch", "torchvision", "torchaudio", "numpy", "opencv-python", "opencv-python-headless",
+                             "opencv-contrib-python"}
+    assert not any(n.startswith(("torch", "numpy", "opencv")) for n in names)
+    full = nb.runtime_requirements((ROOT / "requirements.txt").read_text())
+    assert kaggle == [r for r in full if nb.requirement_name(r) not in nb.IMAGE_KEEPS]  # the same lines, in sync
+
+
+def test_versions_are_checked_against_specifiers_without_packaging():
+    for version, spec, ok in (("2.3.0+cu121", ">=2.1", True), ("1.26.4", ">=1.24", True), ("1.23.5", ">=1.24", False),
+                              ("2.0.8", ">=2.0,<2.1", True), ("2.1.0", ">=2.0,<2.1", False), ("0.1.0", "==0.1.0", True),
+                              ("1.0.31", ">=1.0,<2", True), ("2.0rc1", "<2", False), ("1.4.2", "~=1.4", True), ("2.0", "~=1.4", False)):
+        assert nb.satisfies(version, spec) is ok, (version, spec)
+    reqs = "torch>=2.1\nnumpy>=1.24\ntimm>=1.0,<2\n"
+    assert nb.image_problems(reqs, {"torch": "2.5.1", "numpy": "2.0.2"}) == []
+    assert nb.image_problems(reqs, {"torch": "2.0.1", "numpy": "2.0.2"}) == [
+        "The image's torch 2.0.1 does not meet requirements.txt's >=2.1; pick a newer Kaggle environment (Settings > Environment > "
+        "Always use latest) rather than upgrading it in the notebook."]
+    assert nb.image_constraints({"numpy": "1.26.4", "torch": "2.5.1+cu121", "timm": "1.0"}) == ["torch==2.5.1+cu121", "numpy==1.26.4"]
+
+
+def test_install_pins_the_images_torch_numpy_and_opencv_with_a_constraints_file(tmp_path, monkeypatch, capsys):
+    seen: dict = {}
+
+    def fake_relay(cmd, cwd):
+        seen["cmd"], seen["cwd"] = list(cmd), cwd
+        seen["reqs"] = Path(cmd[cmd.index("-r") + 1]).read_text().split()
+        seen["pins"] = Path(cmd[cmd.index("-c") + 1]).read_text().split() if "-c" in cmd else None
+        return 0
+
+    image = {"torch": "2.5.1+cu121", "torchvision": "0.20.1+cu121", "numpy": "1.26.4", "opencv-python": "4.10.0.84"}
+    monkeypatch.setattr(nb, "relay", fake_relay)
+    monkeypatch.setattr(nb, "installed_versions", lambda names: {n: v for n, v in image.items() if n in names})
+    nb.install(ROOT, offline=False, wheels_dir="/unused")
+    cmd = seen["cmd"]
+    assert cmd[:7] == [sys.executable, "-m", "pip", "install", "-q", "-r", cmd[6]] and cmd[7] == "-c" and len(cmd) == 9
+    assert seen["pins"] == ["torch==2.5.1+cu121", "torchvision==0.20.1+cu121", "numpy==1.26.4", "opencv-python==4.10.0.84"]
+    assert seen["reqs"] == nb.runtime_requirements((ROOT / nb.KAGGLE_REQUIREMENTS).read_text()) and seen["cwd"] == ROOT
+    assert "the image's torch==2.5.1+cu121, torchvision==0.20.1+cu121, numpy==1.26.4, opencv-python==4.10.0.84 kept" in capsys.readouterr().out
+    (tmp_path / "wheels").mkdir()
+    nb.install(ROOT, offline=True, wheels_dir=str(tmp_path / "wheels"))
+    assert seen["cmd"][7:] == ["-c", seen["cmd"][8], "--no-index", "--find-links", str(tmp_path / "wheels")]
+    nb.install(ROOT, offline=False, wheels_dir="/unused", keep_image=False)  # the plain route: requirements.txt, nothing pinned
+    assert seen["pins"] is None and "torch>=2.1" in seen["reqs"]
+    image["numpy"] = "1.21.0"
+    with pytest.raises(nb.NotebookError, match=r"^The image's numpy 1.21.0 does not meet requirements.txt's >=1.24; pick a newer"):
+        nb.install(ROOT, offline=False, wheels_dir="/unused")
+    image["numpy"] = "1.26.4"
+    monkeypatch.setattr(nb, "relay", lambda cmd, cwd: 1)
+    with pytest.raises(nb.NotebookError, match=r"pip could not install requirements-kaggle.txt \(exit 1, its message is above\) \(it may "
+                                               r"not change the image's torch==2.5.1\+cu121, .*turn the notebook's internet on"):
+        nb.install(ROOT, offline=False, wheels_dir="/unused")

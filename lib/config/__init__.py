@@ -26,6 +26,7 @@ from lib.config.schema import (
     PseudoCfg,
     RetrainCfg,
     SubmitCfg,
+    TrackCfg,
     TrainCfg,
     TtaCfg,
     project_path,
@@ -33,6 +34,6 @@ from lib.config.schema import (
 
 __all__ = [
     "NORMALIZABLE_HEADS", "PSEUDO_METHODS", "AugmentCfg", "Config", "ConfigError", "DataCfg", "DemoCfg", "EnsembleCfg", "HeadCfg",
-    "HeadName", "KnnCfg", "LossCfg", "LossName", "ModelCfg", "PrepareCfg", "PseudoCfg", "RetrainCfg", "SubmitCfg", "TrainCfg",
-    "TtaCfg", "dump_yaml", "flatten", "load_config", "parse_override", "project_path", "to_dict", "validate",
+    "HeadName", "KnnCfg", "LossCfg", "LossName", "ModelCfg", "PrepareCfg", "PseudoCfg", "RetrainCfg", "SubmitCfg", "TrackCfg",
+    "TrainCfg", "TtaCfg", "dump_yaml", "flatten", "load_config", "parse_override", "project_path", "to_dict", "validate",
 ]

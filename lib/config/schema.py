@@ -439,6 +439,17 @@ class EnsembleCfg:
 
 
 @dataclass
+class TrackCfg:
+    """Experiment tracking (lib.pipeline.track) through the tool's own client, an optional install: wandb (offline unless
+    WANDB_MODE says otherwise), mlflow (a local file store), tensorboard (event files). In no stage's fingerprint:
+    it decides no rerun, and a tracker that fails is one warning, never a failed stage."""
+
+    backend: Literal["none", "wandb", "mlflow", "tensorboard"] = "none"
+    project: str = ""  # wandb project / MLflow experiment; "" = the config's exp
+    dir: str = ""  # where runs are written (wandb's dir, the MLflow store, the event files); "" = output_root/<exp>/track
+
+
+@dataclass
 class Config:
     """The whole experiment. `output_root/exp` holds every stage's folder."""
 
@@ -459,6 +470,7 @@ class Config:
     tta: TtaCfg = field(default_factory=TtaCfg)
     knn: KnnCfg = field(default_factory=KnnCfg)
     ensemble: EnsembleCfg = field(default_factory=EnsembleCfg)
+    track: TrackCfg = field(default_factory=TrackCfg)
 
     @property
     def out_root(self) -> Path:

@@ -43,15 +43,45 @@ def check_python_torch(r: Report) -> Any:
     return torch
 
 
-def check_gpus(r: Report, torch: Any) -> None:
-    """Each visible GPU with its capability and memory, or why there is none."""
+def check_gpus(r: Report, torch: Any, cfg: Config) -> None:
+    """Each visible GPU with its capability and memory, or why there is none; fatal where train.device is cuda
+    and no usable GPU is there (no GPU, or a torch without kernels for its architecture), since every training
+    stage would stop at once."""
+    from lib.model.device import cuda_problem
+
+    problem, wants_cuda = cuda_problem(), cfg.train.device == "cuda"
     if not torch.cuda.is_available():
         why = "this torch has no CUDA" if not torch.version.cuda else "no CUDA GPU is visible (driver, CUDA_VISIBLE_DEVICES)"
-        r.add("gpus", f"none: {why}; the stages run on the CPU")
+        if wants_cuda:
+            r.add("gpus", f"none: {why}; train.device is cuda, so the training stages would stop: switch the GPU on, "
+                          "or set train.device=auto to run on the CPU", problem=True)
+        else:
+            r.add("gpus", f"none: {why}; the stages run on the CPU (train.device={cfg.train.device})")
         return
     for i in range(torch.cuda.device_count()):
         p = torch.cuda.get_device_properties(i)
         r.add(f"gpu {i}", f"{p.name}, capability {p.major}.{p.minor}, {p.total_memory / GiB:.1f} GiB")
+    if problem:  # a GPU is there, but this torch has no kernels for it
+        then = "the training stages would stop" if wants_cuda else "train.device=auto falls back to the CPU"
+        r.add("gpu arch", f"{problem}; {then}", problem=wants_cuda)
+    else:
+        arches = torch.cuda.get_arch_list()
+        r.add("gpu arch", f"torch's kernels ({', '.join(arches) or 'unlisted'}) run on this GPU")
+
+
+def check_precision(r: Report, torch: Any, cfg: Config) -> None:
+    """What `auto` picks here against what train.precision asks for (an explicit choice auto would not make is said)."""
+    name, reason = auto_precision(torch)
+    asked = cfg.train.precision
+    if asked == "auto":
+        r.add("precision", f"train.precision auto picks {name} ({reason})")
+        return
+    from lib.model.device import precision_policy
+
+    on_gpu = torch.cuda.is_available() and cfg.train.device != "cpu"
+    got, why = precision_policy(torch.device("cuda:0" if on_gpu else "cpu"), asked)
+    note = "" if got == name else f"; auto would pick {name} ({reason})"
+    r.add("precision", f"train.precision {asked} runs as {got} ({why}){note}")
 
 
 def auto_precision(torch: Any) -> tuple[str, str]:
@@ -148,37 +178,73 @@ def check_weights(r: Report, cfg: Config) -> None:
         r.add("knn.source", "phase1: 01's fold models embed, nothing to download")
 
 
+def check_track(r: Report, cfg: Config) -> None:
+    """track.backend's client, when one is asked for: missing, the stages run untracked (never a problem)."""
+    import importlib.util
+
+    name = cfg.track.backend
+    if name == "none":
+        return
+    module = "torch.utils.tensorboard" if name == "tensorboard" else name
+    package = "tensorboard" if name == "tensorboard" else name
+    found = importlib.util.find_spec(package) is not None
+    r.add("track", f"{name} ({module})" + ("" if found else f": not installed, so the stages run untracked; pip install {package}"))
+
+
 def doctor(cfg: Config) -> Report:
     """Every check, in the order printed."""
     r = Report()
     torch = check_python_torch(r)
-    check_gpus(r, torch)
-    name, reason = auto_precision(torch)
-    r.add("precision", f"auto picks {name} ({reason})")
+    check_gpus(r, torch, cfg)
+    check_precision(r, torch, cfg)
     check_faiss(r)
     check_cpus(r, cfg)
     r.add(*__import__("lib.data.budget", fromlist=["doctor_line"]).doctor_line(cfg))  # the loaders' host budget (lib.data.budget)
     check_disk(r, cfg)
     check_data(r, cfg)
     check_weights(r, cfg)
+    check_track(r, cfg)
     return r
 
 
+def check_time(r: Report, cfg: Config, seconds: float, train_rois: int | None) -> None:
+    """`--time`: the config's steps measured here and each stage's expected wall time (lib.doctor.timing)."""
+    from lib.data.taxonomy import load_taxonomy_csv
+    from lib.doctor import timing
+
+    path = project_path(cfg.data.taxonomy_csv)
+    if not path.is_file():
+        r.add("time", f"not measured: the taxonomy table {path} is missing (the head's size comes from it); set data.taxonomy_csv",
+              problem=True)
+        return
+    steps = timing.measure(cfg, load_taxonomy_csv(path), seconds)
+    for label, text in timing.time_lines(cfg, steps, timing.data_counts(cfg, train_rois)):
+        r.add(label, text)
+
+
 def main(argv: list[str] | None = None) -> int:
-    """Print the report; exit 1 when a path the config names is missing or output_root is not writable, 2 on a bad config."""
+    """Print the report; exit 1 on a fatal problem (a missing path, an unwritable output_root, train.device cuda without
+    a usable GPU), 2 on a bad config, 0 otherwise."""
     ap = argparse.ArgumentParser(prog="python -m lib.doctor", description=__doc__.splitlines()[0])
     ap.add_argument("--config", default="configs/demo.yaml", help="YAML config (default: configs/demo.yaml)")
+    ap.add_argument("--time", action="store_true", help="also measure the config's training and eval steps here and print "
+                                                        "each stage's expected wall time")
+    ap.add_argument("--seconds", type=float, default=3.0, help="--time: seconds each step is measured for (default 3)")
+    ap.add_argument("--train-rois", type=int, default=None, help="--time: train ROIs to plan for (default: 00's rois.csv, "
+                                                                 "else the real competition's 23,699)")
     ap.add_argument("overrides", nargs="*", help="dotted overrides, e.g. data.root=/kaggle/input/fathomnet-2025")
     args = ap.parse_intermixed_args(argv)
     try:
         cfg = load_config(args.config, args.overrides)
         report = doctor(cfg)
+        if args.time:
+            check_time(report, cfg, args.seconds, args.train_rois)
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     print(report.text())
     if report.problems:
-        print(f"{report.problems} problem(s) above (MISSING, NOT WRITABLE); fix the config or the machine before running the stages.")
+        print(f"{report.problems} problem(s) above; fix the config or the machine before running the stages (the notebook stops here).")
     return 1 if report.problems else 0
 
 

@@ -31,6 +31,7 @@ from lib.core.io import atomic_write_text, sha256_bytes
 from lib.data.coco import read_coco
 from lib.decide.submission import validate_submission
 from lib.modelref import ModelRef
+from lib.pipeline import track
 from lib.pipeline.cli import run_cli
 from lib.pipeline.graph import member_result
 from lib.pipeline.records import RECORD, read_record
@@ -185,6 +186,7 @@ def run(args: argparse.Namespace, cfg: Config) -> int:
         raise UploadError(f"kaggle competitions submit failed (exit {rc}, its message is above), so nothing was logged; "
                           "check that you joined the competition and accepted its rules, then rerun.")
     print(f"uploaded; logged in {log_upload(cfg, path, digest, args.competition, message)}")
+    track.submission(message, args.competition)  # track.backend: the uploaded submission's message
     return 0
 
 

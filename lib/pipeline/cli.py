@@ -13,6 +13,7 @@ from lib.config import Config, dump_yaml, load_config
 from lib.core.errors import UserError
 from lib.core.io import atomic_write_text, use_hash_cache
 from lib.core.locks import release_locks
+from lib.pipeline import track
 from lib.pipeline.records import Stage
 
 log = logging.getLogger("pipeline")
@@ -86,6 +87,7 @@ def run_cli(run: Callable[[argparse.Namespace, Config], int], parser: argparse.A
     try:
         cfg = load_config(args.config, args.overrides)
         use_hash_cache(cfg.out_root)  # beside the outputs: the project may be read-only
+        track.configure(cfg)  # track.backend's run opens with the first record written (lib.pipeline.track)
         return run(args, cfg)
     except UserError as e:  # ConfigError, StageError, TaxonomyError, MetricError ...
         print(f"error: {e}", file=sys.stderr)
@@ -95,6 +97,7 @@ def run_cli(run: Callable[[argparse.Namespace, Config], int], parser: argparse.A
         print(f"error: {e.strerror or e}{where}; check that path (disk space, permissions), then rerun.", file=sys.stderr)
         return 2
     finally:
+        track.close()
         release_locks()
 
 

@@ -17,6 +17,7 @@ from lib.config import Config, flatten
 from lib.core.errors import StageError
 from lib.core.fingerprint import code_digests
 from lib.core.io import atomic_write_json, file_digest, sha256_bytes, write_error
+from lib.pipeline import track
 
 log = logging.getLogger("pipeline")
 
@@ -297,6 +298,7 @@ class Stage:
                 "seconds": round(time.time() - started, 2),
             },
         )
+        track.stage_finished(self.name, self.dir, result)  # a listener only: it never fails the stage (lib.pipeline.track)
 
     def invalidate(self) -> None:
         try:
