@@ -1,4 +1,4 @@
-"""Stage 04: every model's test probabilities (cached per model, with TTA) -> calibrate, average folds -> blend -> frame context -> test prior -> decode -> submission.csv.
+"""Stage 04: each model's test probabilities (cached, with TTA) -> calibrate -> blend -> frame context -> prior -> decode -> submission.csv.
 
 Reads:  output/<exp>/00_prepare/, 01_train/ and 03_retrain/ folds (best.pt, oof.npz), 02_pseudo/test_probs.npz, data.test_json;
         for a member <exp2>/<model> of submit.models output/<exp2>/00_prepare/ and its training stage's folds

@@ -70,9 +70,9 @@ def blend_only(cfg, tax, dirs: list[Path], test_ids: list[int], out: Path) -> di
         check_aligned,
         weights_for,
     )
-    from lib.decide.options import compare
     from lib.decide.decode import prior_answer
     from lib.decide.oof import load_oof
+    from lib.decide.options import compare
     from lib.decide.submission import assemble, write_submission
     from lib.decide.weights import blend
     from lib.report.summary import submit_report

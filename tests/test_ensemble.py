@@ -362,11 +362,12 @@ def test_the_rule_picks_the_least_shifted_distance_reproducibly_and_warns_on_a_t
                            "shifted_argmax": 1.00, "shifted_min_risk": 1.02}])
     steady = {"x|none argmax": FoldScores(np.zeros(3), np.array([1.0, 1.0, 1.0]), np.ones(3), np.ones(3)),
               "x|none min_risk": FoldScores(np.zeros(3), np.array([1.02, 1.02, 1.02]), np.ones(3), np.ones(3))}
-    assert not pick_option(table, steady).close
+    calm = pick_option(table, steady)
+    assert calm is not None and not calm.close
     swinging = {"x|none argmax": FoldScores(np.zeros(3), np.array([1.0, 1.0, 1.0]), np.ones(3), np.ones(3)),
                 "x|none min_risk": FoldScores(np.zeros(3), np.array([0.9, 1.1, 1.06]), np.ones(3), np.ones(3))}
     picked = pick_option(table, swinging)
-    assert picked.choice.decode == "argmax" and picked.close and any(line.startswith("warning") for line in picked.lines())
+    assert picked is not None and picked.choice.decode == "argmax" and picked.close and any(line.startswith("warning") for line in picked.lines())
 
 
 def test_shifted_scores_weight_rows_to_the_estimated_test_prior():
@@ -385,9 +386,9 @@ def test_blend_only_rerun_fits_nothing_again(tmp_path, monkeypatch):
     """Calibrators, temperatures, fit and greedy weights (the nested folds' too) are kept in probs/ by content: a rerun that
     changes only submit.blend calls no calibrator fit, SLSQP nor the greedy selection, and gives the same table."""
     import lib.decide.blending as blending
-    from lib.decide.options import compare
     import lib.decide.calibration as calibration
     import lib.decide.weights as weights
+    from lib.decide.options import compare
 
     rng = np.random.default_rng(3)
     tax = load_taxonomy_csv(DEFAULT_TAXONOMY)
@@ -396,7 +397,8 @@ def test_blend_only_rerun_fits_nothing_again(tmp_path, monkeypatch):
                                   rng.dirichlet(np.ones(tax.n_classes), 7), oof_fold=np.arange(120) % 3) for n in ("phase1", "b/phase1")]
     cache = tmp_path / "probs" / "blend_fit.npz"
     counts = np.ones(tax.n_classes)
-    first = compare(load_config(None, ["submit.blend=fit", "submit.frame_context=none", "submit.calibrations=[none, temperature]"]), models, tax, counts / counts.sum(), cache).table
+    two = ["submit.frame_context=none", "submit.calibrations=[none, temperature]"]
+    first = compare(load_config(None, ["submit.blend=fit", *two]), models, tax, counts / counts.sum(), cache).table
     assert (tmp_path / "probs" / "calibrators.json").is_file() and (tmp_path / "probs" / "blend_greedy_temperature_fold2.npz").is_file()
     calls: list[str] = []
     monkeypatch.setattr(calibration, "fit_temperature", lambda *a, **k: calls.append("T"))
@@ -410,6 +412,6 @@ def test_blend_only_rerun_fits_nothing_again(tmp_path, monkeypatch):
     monkeypatch.setattr(blending, "blend_weights", counted_blend_weights)
     monkeypatch.setattr(weights, "greedy_weights", lambda *a, **k: calls.append("greedy"))
     fresh = [blending.ModelProbs(m.name, m.cv, m.oof_ids, m.oof_labels, m.oof.copy(), m.test, oof_fold=m.oof_fold) for m in models]
-    again = compare(load_config(None, ["submit.blend=greedy", "submit.frame_context=none", "submit.calibrations=[none, temperature]"]), fresh, tax, counts / counts.sum(), cache).table
+    again = compare(load_config(None, ["submit.blend=greedy", *two]), fresh, tax, counts / counts.sum(), cache).table
     assert set(calls) <= {"uniform", "cv"}  # the closed-form weights only
     pd.testing.assert_frame_equal(first, again)

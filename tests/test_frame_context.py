@@ -153,12 +153,12 @@ def test_no_row_s_own_frame_enters_the_fit_that_adjusts_it():
     assert not np.array_equal(decode(leaky[held], D, "min_risk"), decode(p[held], D, "min_risk"))  # where it would matter
     # 04's nested options do the same: fold 0's stack labels are its plain labels.
     import lib.decide.blending as blending
-
     from lib.decide.options import nested_scores
 
     m = blending.ModelProbs("phase1", 1.0, np.arange(len(y)), y, p, p[:4], oof_fold=fold)
     rows = fc.FrameRows(sib, fc.siblings(np.arange(4)), np.full(C, 1 / C), "k")
-    nested = nested_scores(load_config(None, ["submit.models=[phase1]", "submit.calibrations=[none, temperature]"]), [m], TAX, np.full(C, 1 / C), np.ones(len(y)), None, rows)
+    cfg = load_config(None, ["submit.models=[phase1]", "submit.calibrations=[none, temperature]"])
+    nested = nested_scores(cfg, [m], TAX, np.full(C, 1 / C), np.ones(len(y)), None, rows)
     for d in ("argmax", "min_risk"):
         assert nested[f"phase1|none|stack {d}"].per_fold[0] == nested[f"phase1|none {d}"].per_fold[0]
 
@@ -174,7 +174,8 @@ def test_nested_scores_fit_on_the_other_folds_and_adjust_the_held_out_one():
 
     m = blending.ModelProbs("phase1", 1.0, np.arange(len(y)), y, p, p[:6], oof_fold=fold)
     rows = fc.FrameRows(sib, fc.siblings(np.zeros(6)), np.full(C, 1 / C), "k")
-    nested = nested_scores(load_config(None, ["submit.models=[phase1]", "submit.calibrations=[none, temperature]"]), [m], TAX, np.full(C, 1 / C), np.ones(len(y)), None, rows)
+    cfg = load_config(None, ["submit.models=[phase1]", "submit.calibrations=[none, temperature]"])
+    nested = nested_scores(cfg, [m], TAX, np.full(C, 1 / C), np.ones(len(y)), None, rows)
     manual = fc.nested(p, y, sib, fold)
     for k in range(3):
         te = fold == k

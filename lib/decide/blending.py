@@ -16,18 +16,17 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Sequence
 
 import numpy as np
-import pandas as pd
 
 from lib.config import Config
 from lib.core.errors import StageError
 from lib.core.io import content_key
 from lib.data.taxonomy import Taxonomy
+from lib.decide.calibration import Calibrator, fit_calibrator
 from lib.decide.decode import backoff_decode, decode, logit_adjust
 from lib.decide.frame_context import FrameParams, FrameRows, Siblings, adjust
-from lib.decide.calibration import Calibrator, fit_calibrator
 from lib.decide.prior import PriorShift, check_totals, correct
 from lib.decide.weights import blend, blend_weights
 

@@ -29,9 +29,25 @@ import pandas as pd
 
 from lib.config import Config
 from lib.data.taxonomy import Taxonomy
-from lib.decide.blending import (BLENDS, FITTED, PRIORS, Choice, ModelProbs, apply_decoding, blended,
-                                 cache_file, calibrate_models, calibrator_file, derived, frame_params, option_key, shift,
-                                 temperature_file, test_totals, weights_for)
+from lib.decide.blending import (
+    BLENDS,
+    FITTED,
+    PRIORS,
+    Choice,
+    ModelProbs,
+    apply_decoding,
+    blended,
+    cache_file,
+    calibrate_models,
+    calibrator_file,
+    derived,
+    frame_params,
+    option_key,
+    shift,
+    temperature_file,
+    test_totals,
+    weights_for,
+)
 from lib.decide.frame_context import FrameRows, adjust
 
 DECODES = ("argmax", "min_risk")

@@ -223,7 +223,13 @@ def measure(cfg: Config, taxonomy: Any, seconds: float = 3.0) -> StepTimes:
     """Every step time of the config on this machine (about 2 x `seconds` of GPU or CPU work, plus building the model)."""
     train_s, eval_s, device, precision, notes = measure_steps(cfg, taxonomy, seconds)
     load, load_eval = measure_loading(cfg, min(seconds, 1.0))
-    return StepTimes(device, precision, train_s, eval_s, load, load_eval, cfg.train.num_workers, notes)
+    workers = cfg.train.num_workers
+    if workers == "auto":
+        from lib.data.budget import auto_workers, host
+
+        h = host()
+        workers = auto_workers(max(1, h.cores // max(1, h.processes)), on_cpu=device == "cpu")
+    return StepTimes(device, precision, train_s, eval_s, load, load_eval, int(workers), notes)
 
 
 def _fold(cfg: Config, s: StepTimes, train_rows: int, val_rows: int, epochs: int) -> float:

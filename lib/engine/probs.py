@@ -49,7 +49,8 @@ def tta_oof(cfg: Config, stage: Stage, member: Member, tax: Taxonomy, stored: Ou
     ref, mcfg = ModelRef.parse(member.name), member.cfg
     if not cfg.submit.oof_tta or list(mcfg.tta.views) == ["identity"]:
         return stored
-    if member.train is None:
+    train = member.train
+    if train is None:
         raise StageError(f"Member {member.name} came without its train rows, which submit.oof_tta needs; load it with load_members.")
     key = content_key(f"oof|{stage.fingerprint['inputs'][ref.key]}|{ref.name}|{mcfg.tta.views}|{mcfg.tta.mode}|{mcfg.train.precision}",
                       [stored.ids, stored.folds])
@@ -59,7 +60,7 @@ def tta_oof(cfg: Config, stage: Stage, member: Member, tax: Taxonomy, stored: Ou
         from lib.engine.inference import predict_folds_tta
         from lib.model.device import pick_device
 
-        rows = member.train.set_index("annotation_id")
+        rows = train.set_index("annotation_id")
         missing = np.setdiff1d(stored.ids, rows.index.to_numpy())
         if len(missing):
             raise StageError(f"Member {member.name}'s out-of-fold rows name {len(missing)} train ROIs its 00_prepare has no crop "

@@ -93,8 +93,9 @@ RESULT_FIELDS: dict[str, _Kind] = {
     "models": _Kind("an integer or a list of strings", lambda v: _is_int(v) or _is_strings(v)),
     # 04 and knn
     "rows": INT, "fallbacks": INT, "weights": NUMBERS, "blend": TEXT, "decode": TEXT, "calibrate": TEXT,
-    "blend_temperature": NUMBER, "submission": TEXT, "pick": TEXT, "option": TEXT, "frame_context": TEXT, "test_prior": TEXT,
-    "fold_average": TEXT, "fold_temperatures": NUMBERS, "oof_distance": NUMBER, "margin": NUMBER, "spread": NUMBER, "votes": NAMED_OBJECTS, "vote": TEXT, "k": INT, "source": TEXT, "index": TEXT,
+    "blend_temperature": NUMBER, "submission": TEXT, "pick": TEXT, "option": TEXT, "frame_context": TEXT,
+    "fold_average": TEXT, "fold_temperatures": NUMBERS, "oof_distance": NUMBER, "margin": NUMBER, "spread": NUMBER,
+    "votes": NAMED_OBJECTS, "vote": TEXT, "k": INT, "source": TEXT, "index": TEXT,
 }
 # Score families named per view, rank or decoding: val_distance, val_acc_genus, cv_top1_testlike, oof_distance_min_risk.
 RESULT_PREFIXES: tuple[tuple[str, _Kind], ...] = (("val_", NUMBER), ("cv_", NUMBER), ("oof_distance_", NUMBER))

@@ -119,8 +119,7 @@ def write_submit_report(cfg: Config, folder: Path, models: Sequence, chosen, opt
     context's note (nothing to use, or left out); `train_counts`: usable train ROIs per class (the constant answer).
     """
     from lib.core.io import atomic_path, atomic_write_text
-    from lib.report.calibration import (calibration_lines, calibration_table, constant_answer, prior_lines,
-                                        reliability_panels)
+    from lib.report.calibration import calibration_lines, calibration_table, constant_answer, prior_lines, reliability_panels
     from lib.report.plots import plot_matrix, plot_reliability
 
     dist = taxonomy.distance_matrix()
