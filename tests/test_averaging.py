@@ -80,3 +80,74 @@ def test_match_temperature_meets_its_target_and_clamps():
     assert match_temperature(g, 1.5) == pytest.approx(0.02)  # beyond reach: the bracket's end
     with pytest.raises(ValueError, match="choose one of"):
         average_folds(members, "median")
+
+
+def test_out_of_fold_rows_are_predicted_again_by_their_own_fold_model_with_the_tta_views(tmp_path, monkeypatch):
+    """submit.oof_tta: each fold's held-out rows go to that fold's model, with the member's tta views; the result is
+    cached in probs/<model>.oof.npz; with tta.views [identity] (or oof_tta false) the stored rows come back as they are."""
+    import pandas as pd
+
+    import lib.engine.inference as inference
+    from lib.config import load_config
+    from lib.decide.oof import OutOfFold
+    from lib.engine.members import Member
+    from lib.engine.probs import tta_oof
+
+    calls = []
+
+    def fake_predict(folds, inputs, cfg, tax, device, features=False, frames=None):
+        calls.append((folds[0].name, list(inputs), list(cfg.tta.views)))
+        k = int(folds[0].name.split("_")[1])
+        return {"probs": np.full((1, len(inputs), 3), float(k))}
+
+    monkeypatch.setattr(inference, "predict_folds_tta", fake_predict)
+    ids = np.array([10, 11, 12, 13, 14])
+    folds = np.array([1, 0, 1, 0, 1])
+    stored = OutOfFold(ids, np.zeros(5, dtype=np.int64), np.full((5, 3), 1 / 3), folds)
+    train = pd.DataFrame({"annotation_id": ids[::-1], "crop_path": [f"c{i}.png" for i in ids[::-1]], "ok": 1})
+    cfg = load_config(None, ["tta.views=[identity, hflip]"])
+    member = Member("phase1", cfg, [tmp_path / "fold_0", tmp_path / "fold_1"], train.iloc[:0], train)
+
+    class FakeStage:
+        dir = tmp_path / "04_submit"
+        name = "04_submit"
+        fingerprint = {"inputs": {"01_train": "abc"}}
+
+    got = tta_oof(cfg, FakeStage(), member, None, stored)  # type: ignore[arg-type]
+    assert [c[0] for c in calls] == ["fold_0", "fold_1"]
+    assert calls[0][1] == ["c11.png", "c13.png"] and calls[1][1] == ["c10.png", "c12.png", "c14.png"]
+    assert all(c[2] == ["identity", "hflip"] for c in calls)
+    np.testing.assert_array_equal(got.probs[:, 0], folds.astype(float))  # each row from the model that held it out
+    assert np.array_equal(got.ids, ids) and (tmp_path / "04_submit" / "probs" / "phase1.oof.npz").is_file()
+    tta_oof(cfg, FakeStage(), member, None, stored)  # type: ignore[arg-type]
+    assert len(calls) == 2  # cached
+    plain = load_config(None, [])
+    assert tta_oof(plain, FakeStage(), Member("phase1", plain, member.folds, train.iloc[:0], train), None, stored) is stored  # type: ignore[arg-type]
+    off = load_config(None, ["tta.views=[identity, hflip]", "submit.oof_tta=false"])
+    assert tta_oof(off, FakeStage(), member, None, stored) is stored  # type: ignore[arg-type]
+
+
+def test_calibrate_models_calibrates_each_fold_model_then_averages():
+    """04: the calibrator fitted on the out-of-fold rows maps every fold model's test rows, then submit.fold_average
+    combines them; `mean` without calibration is the plain mean of the fold models."""
+    from lib.config import load_config
+    from lib.data.taxonomy import load_taxonomy_csv
+    from lib.decide.blending import ModelProbs, calibrate_models
+    from lib.decide.metric import DEFAULT_TAXONOMY
+
+    tax = load_taxonomy_csv(DEFAULT_TAXONOMY)
+    rng = np.random.default_rng(4)
+    members = rng.dirichlet(np.full(tax.n_classes, 0.3), size=(3, 10))
+    labels = rng.integers(0, tax.n_classes, 60)
+    oof = rng.dirichlet(np.full(tax.n_classes, 0.3), 60)
+    m = ModelProbs("phase1", 1.0, np.arange(60), labels, oof, members.mean(0), oof_fold=np.arange(60) % 3, fold_test=members)
+    dist = tax.distance_matrix()
+    plain = calibrate_models(load_config(None, ["submit.fold_average=mean"]), [m], dist, "none")[0]
+    np.testing.assert_allclose(plain.test, members.mean(0))
+    cal = calibrate_models(load_config(None, ["submit.fold_average=matched"]), [m], dist, "temperature")[0]
+    from lib.decide.calibration import apply_temperature
+
+    want, t = average_folds(np.stack([apply_temperature(f, cal.temperature) for f in members]), "matched")
+    np.testing.assert_allclose(cal.test, want)
+    assert cal.fold_temperature == pytest.approx(t) and cal.fold_test is None
+    np.testing.assert_allclose(cal.oof, apply_temperature(oof, cal.temperature))
