@@ -415,3 +415,30 @@ def test_blend_only_rerun_fits_nothing_again(tmp_path, monkeypatch):
     again = compare(load_config(None, ["submit.blend=greedy", *two]), fresh, tax, counts / counts.sum(), cache).table
     assert set(calls) <= {"uniform", "cv"}  # the closed-form weights only
     pd.testing.assert_frame_equal(first, again)
+
+
+def test_the_rules_class_mix_is_the_train_prior_given_totals_or_a_shrunk_estimate():
+    """submit.pick_prior: train returns the train prior (weights 1), totals the user's (or equal) totals, estimated EM's
+    estimate on the test rows pulled toward the train prior by n_test / C pseudo-rows per class."""
+    import lib.decide.blending as blending
+    from lib.decide.options import evaluation_prior
+    from lib.decide.prior import em_prior
+
+    tax = Taxonomy(names=("a", "b", "c"), lineages=(("K", "P", "C", "O", "F", "G", "a"), ("K", "P", "C", "O", "F", "G", "b"),
+                                                  ("K", "P", "C", "O", "F", "G", "c")))
+    rng = np.random.default_rng(3)
+    train_prior = np.array([0.6, 0.3, 0.1])
+    test = rng.dirichlet([0.3, 0.3, 3.0], 30)  # mostly class c
+    labels = rng.integers(0, 3, 60)
+    m = blending.ModelProbs("phase1", 1.0, np.arange(60), labels, rng.dirichlet(np.ones(3), 60), test, oof_fold=np.arange(60) % 3)
+    models = [m]
+    np.testing.assert_allclose(evaluation_prior(load_config(None, []), models, tax, train_prior), train_prior)
+    np.testing.assert_allclose(evaluation_prior(load_config(None, ["submit.pick_prior=totals"]), models, tax, train_prior), [1 / 3] * 3)
+    given = evaluation_prior(load_config(None, ["submit.pick_prior=totals", "submit.test_totals=[1, 1, 2]"]), models, tax, train_prior)
+    np.testing.assert_allclose(given, [0.25, 0.25, 0.5])
+    cfg = load_config(None, ["submit.pick_prior=estimated", "submit.calibrations=[none, temperature]"])
+    est = evaluation_prior(cfg, models, tax, train_prior)
+    t = blending.calibrate_models(cfg, models, tax.distance_matrix(), "temperature")[0].test
+    raw = em_prior(t, train_prior)[0]
+    np.testing.assert_allclose(est, (raw * 30 + 30 * train_prior) / 60)  # 10 rows per class: 10 pseudo-rows per class
+    assert est[2] > train_prior[2] and est.sum() == pytest.approx(1.0)

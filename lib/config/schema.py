@@ -373,6 +373,11 @@ class SubmitCfg:
     # rule: submit the option (blend, calibration, frame context, prior, decoding) of least nested out-of-fold distance
     # (README: Which option 04 submits); settings: submit exactly the submit.* values above
     pick: Literal["rule", "settings"] = "rule"
+    # the class mix the rule's `shifted` score weights out-of-fold rows to (pi_test[y] / pi_train[y]): train (no weights:
+    # the nested score), totals (submit.test_totals, or equal totals when empty: FathomNet 2025's test holds about ten
+    # ROIs per class), estimated (EM's label-free estimate on the test rows, shrunk toward the train prior by as many
+    # pseudo-rows per class as the test set has rows per class: on 237 demo rows raw EM put 39 of 79 classes at 0)
+    pick_prior: Literal["train", "totals", "estimated"] = "train"
     blend: Literal["uniform", "cv", "fit", "greedy"] = "uniform"
     cv_temperature: float = 0.1
     fit_objective: Literal["distance", "logloss"] = "distance"

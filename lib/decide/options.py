@@ -7,11 +7,11 @@ quantity comes from the other folds' rows and decodes fold k's) and nested under
 (`shifted_*`).
 
 Why `shifted`: out-of-fold rows carry the train prior, the test rows may not (FathomNet 2025's test holds about ten ROIs
-per class, its train set follows the long tail). The test prior is estimated without labels (EM, Saerens et al. 2002,
-on the test rows of the uniform blend under temperature calibration, smoothed by one pseudo-row per class), and each
-out-of-fold row is weighted by pi_test[y] / pi_train[y]: the held-out rows then stand for a set with the test's class
-mix, the prior corrections see those weights as they would see such a set, and the mean distance is weighted alike.
-Without a shift the weights are 1 and `shifted` equals `nested`.
+per class, its train set follows the long tail). With `submit.pick_prior` totals (or estimated: EM's label-free estimate
+on the test rows, shrunk toward the train prior) each out-of-fold row is weighted by pi_test[y] / pi_train[y]: the
+held-out rows then stand for a set with the test's class mix, the prior corrections see those weights as they would see
+such a set, and the mean distance is weighted alike. Under `train` (the default) the weights are 1 and `shifted` equals
+`nested`.
 
 The rule (`submit.pick: rule`): the option and decoding of least `shifted` distance; exact ties go to the simpler
 option (the order of the table: no calibration first, single models before blends, no frame context, no prior
@@ -51,7 +51,6 @@ from lib.decide.blending import (
 from lib.decide.frame_context import FrameRows, adjust
 
 DECODES = ("argmax", "min_risk")
-PRIOR_PSEUDO_ROWS = 1.0  # per class, added to the EM estimate of the test prior before it weights rows
 
 
 @dataclass
@@ -130,14 +129,24 @@ class Options:
 
 def evaluation_prior(cfg: Config, models: Sequence[ModelProbs], tax: Taxonomy, train_prior: np.ndarray,
                      cache: Path | None = None) -> np.ndarray:
-    """The test set's class prior, estimated without labels by EM on the uniform blend's test rows under temperature
-    calibration, smoothed by PRIOR_PSEUDO_ROWS per class (so that no class's rows weigh 0)."""
+    """The class mix the `shifted` scores weight rows to (`submit.pick_prior`): the train prior (`train`: no weights),
+    the user's totals or equal totals (`totals`), or EM's label-free estimate on the test rows of the uniform blend under
+    temperature calibration, shrunk toward the train prior by n_test / C pseudo-rows per class (`estimated`): raw EM on
+    a few rows per class zeroes many classes, which would make the weights noise."""
+    s = cfg.submit
+    if s.pick_prior == "train":
+        return np.asarray(train_prior, dtype=np.float64)
+    if s.pick_prior == "totals":
+        totals = test_totals(s.test_totals, tax)
+        t = np.ones(tax.n_classes) if totals is None else totals
+        return t / t.sum()
     dist = tax.distance_matrix()
     ms = calibrate_models(cfg, models, dist, "temperature", calibrator_file(cache))
     _, test, _ = blended(cfg, ms, np.full(len(ms), 1 / len(ms)), dist, "temperature", temperature_file(cache))
     est = shift("em", test, train_prior).prior
-    n = len(test)
-    return (est * n + PRIOR_PSEUDO_ROWS) / (n + PRIOR_PSEUDO_ROWS * len(est))
+    n, c = len(test), len(est)
+    pseudo = max(n / c, 1.0) * c  # pseudo-rows in all, spread as the train prior
+    return (est * n + pseudo * np.asarray(train_prior, dtype=np.float64)) / (n + pseudo)
 
 
 def row_weights(labels: np.ndarray, eval_prior: np.ndarray, train_prior: np.ndarray) -> np.ndarray:
