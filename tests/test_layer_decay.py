@@ -1,6 +1,7 @@
 """Big backbones on small GPUs (issue 28 items 3-4): layer-wise lr decay by timm's own layer grouping, gradient
 checkpointing, gradient accumulation to an effective batch. Tiny timm models at random init, no download."""
 import math
+from pathlib import Path
 from types import SimpleNamespace
 from typing import Any, cast
 
@@ -239,3 +240,45 @@ def test_ddp_skips_the_all_reduce_on_micro_batches_that_do_not_step(tmp_path):
             pass
     finally:
         ddp.close()
+
+
+# ----------------------------------------------------------------------------- end to end
+
+
+@pytest.mark.slow  # the demo's data, 00 and two epochs: about 12 s on one core
+def test_a_tiny_fold_trains_with_all_three(tmp_path, monkeypatch):
+    """The demo's lite0 (random init, 32 px, 48 rows) through fit_fold with layer_decay 0.7, grad_checkpointing and
+    accumulate 2: batches of 8 make 6 micro-batches and 3 optimiser steps an epoch; the optimiser has timm's layers."""
+    import lib.engine.train as train_mod
+    from lib.config import load_config
+    from lib.data.artifacts import load_rois
+    from lib.data.taxonomy import load_taxonomy_json
+    from lib.demo.__main__ import main as demo_main
+    from lib.engine.folds import fold_splits
+    from lib.pipeline.records import Stage
+
+    from conftest import load_script  # tests/conftest.py
+
+    overrides = [f"data.root={tmp_path / 'data'}", f"output_root={tmp_path / 'out'}", "exp=tiny", "demo.per_class=3",
+                 "demo.test_per_class=1", "demo.frame_width=160", "demo.frame_height=120", "prepare.n_folds=2", "prepare.crop_size=32",
+                 "prepare.workers=1", "model.img_size=32", "model.pretrained=none", "train.batch_size=8"]
+    assert demo_main(["--config", "configs/demo.yaml", *overrides]) == 0
+    assert load_script("00_prepare_data.py").main(["--config", "configs/demo.yaml", *overrides]) == 0
+    prep = tmp_path / "out" / "tiny" / "00_prepare"
+    cfg = load_config("configs/demo.yaml", [*overrides, "train.layer_decay=0.7", "train.grad_checkpointing=true", "train.accumulate=2"])
+    split = fold_splits(load_rois(prep), [0])[0]
+    split = split.__class__(split.fold, split.train.iloc[:48], split.val.iloc[:16])
+    kits, positions = [], []
+    real_kit, real_step = train_mod.build_kit, train_mod._step
+    monkeypatch.setattr(train_mod, "build_kit", lambda *a: kits.append(real_kit(*a)) or kits[-1])
+    monkeypatch.setattr(train_mod, "_step", lambda kit, t, pos: positions.append(pos) or real_step(kit, t, pos))
+    root = Path(__file__).resolve().parent.parent
+    stage = Stage.create("ld/fold_0", tmp_path / "ld", cfg, ["train"], root / "01_train_folds.py", {})
+    result = train_mod.fit_fold(cfg, split, load_taxonomy_json(prep / "taxonomy.json"), stage, epochs=2)
+    assert result is not None and math.isfinite(result.val_distance)
+    kit = kits[0]
+    assert kit.model.backbone.grad_checkpointing and kit.steps_per_epoch == 3 and positions == [0, 1, 2, 3, 4, 5]
+    names = {g["name"] for g in kit.optimizer.param_groups}
+    assert {"backbone_layer0", "backbone_layer16", "head"} <= names  # stem, conv_head (lite0's 17 groups), the head
+    stem = next(g for g in kit.optimizer.param_groups if g["name"] == "backbone_layer0")
+    assert stem["base_lr"] == pytest.approx(cfg.train.lr * cfg.train.backbone_lr_mult * 0.7 ** 16)
