@@ -270,8 +270,17 @@ def test_a_tiny_fold_trains_with_all_three(tmp_path, monkeypatch):
     split = split.__class__(split.fold, split.train.iloc[:48], split.val.iloc[:16])
     kits, positions = [], []
     real_kit, real_step = train_mod.build_kit, train_mod._step
-    monkeypatch.setattr(train_mod, "build_kit", lambda *a: kits.append(real_kit(*a)) or kits[-1])
-    monkeypatch.setattr(train_mod, "_step", lambda kit, t, pos: positions.append(pos) or real_step(kit, t, pos))
+
+    def build_kit(*a):
+        kits.append(real_kit(*a))
+        return kits[-1]
+
+    def step(kit, t, pos):
+        positions.append(pos)
+        real_step(kit, t, pos)
+
+    monkeypatch.setattr(train_mod, "build_kit", build_kit)
+    monkeypatch.setattr(train_mod, "_step", step)
     root = Path(__file__).resolve().parent.parent
     stage = Stage.create("ld/fold_0", tmp_path / "ld", cfg, ["train"], root / "01_train_folds.py", {})
     result = train_mod.fit_fold(cfg, split, load_taxonomy_json(prep / "taxonomy.json"), stage, epochs=2)
