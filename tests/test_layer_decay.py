@@ -291,3 +291,31 @@ def test_a_tiny_fold_trains_with_all_three(tmp_path, monkeypatch):
     assert {"backbone_layer0", "backbone_layer16", "head"} <= names  # stem, conv_head (lite0's 17 groups), the head
     stem = next(g for g in kit.optimizer.param_groups if g["name"] == "backbone_layer0")
     assert stem["base_lr"] == pytest.approx(cfg.train.lr * cfg.train.backbone_lr_mult * 0.7 ** 16)
+
+
+@pytest.mark.parametrize("backbone, keys, problem, text", [
+    ("vit_tiny_patch16_224", {"layer_decay": 0.7, "grad_checkpointing": True}, False,
+     "vit_tiny_patch16_224: layer_decay 0.7 over 13 layers (the stem at 0.014 of the top block's rate), gradient checkpointing"),
+    ("csatv2", {"layer_decay": 0.7}, True, "The backbone 'csatv2' has no layer groups"),
+    ("inception_v3", {"grad_checkpointing": True}, True, "The backbone 'inception_v3' does not support gradient checkpointing"),
+])
+def test_the_doctor_says_so_before_training(backbone, keys, problem, text):
+    """On an empty meta-device copy of the backbone: no weights, no memory."""
+    from lib.doctor.__main__ import Report, check_big_backbone
+
+    cfg = Config()
+    cfg.model.backbone = backbone
+    for k, v in keys.items():
+        setattr(cfg.train, k, v)
+    r = Report()
+    check_big_backbone(r, cfg)
+    assert len(r.lines) == 1 and r.lines[0][0] == "backbone options" and r.lines[0][1].startswith(text)
+    assert r.problems == int(problem)
+
+
+def test_the_doctor_is_silent_when_both_are_off():
+    from lib.doctor.__main__ import Report, check_big_backbone
+
+    r = Report()
+    check_big_backbone(r, Config())
+    assert not r.lines and not r.problems
