@@ -173,10 +173,12 @@ def fit_epoch(rows: int, batch: int, accumulate: int, epoch: int = 0, lr: float 
     for g in opt.param_groups:
         g["base_lr"] = lr
     steps_per_epoch = max(1, math.ceil(max(1, rows // batch) / accumulate))
+    world = ddp.world_size()  # under torchrun (the two-rank test's worker): each rank its share, DDP-wrapped
+    train_model = torch.nn.parallel.DistributedDataParallel(model) if world > 1 else model
     kit = SimpleNamespace(seed=1, criterion=SimpleNamespace(set_epoch=lambda e: None), train_tf=SimpleNamespace(set_random_seed=lambda s: None),
-                          ds=TensorDataset(x, y, torch.ones(rows)), train_loader=None, batch=batch, device=torch.device("cpu"),
-                          model=model, train_model=model, optimizer=opt, scaler=None, precision="fp32", ema=None, n_classes=3,
-                          steps_per_epoch=steps_per_epoch, total=10 * steps_per_epoch, warmup=0, restart=1)
+                          ds=TensorDataset(x, y, torch.ones(rows)), train_loader=None, batch=ddp.rank_batch(batch, world),
+                          device=torch.device("cpu"), model=model, train_model=train_model, optimizer=opt, scaler=None,
+                          precision="fp32", ema=None, n_classes=3, steps_per_epoch=steps_per_epoch, total=10 * steps_per_epoch, warmup=0, restart=1)
     t = SimpleNamespace(accumulate=accumulate, sampler="random", schedule="cosine", min_lr_ratio=0.01, clip_grad=0.0)
     cfg = SimpleNamespace(train=t, augment=SimpleNamespace(mixing=False))
     positions = []
@@ -223,6 +225,36 @@ def test_accumulation_groups():
     assert [accumulation(i, 7, 3) for i in range(7)] == [(3, False), (3, False), (3, True), (3, False), (3, False), (3, True),
                                                          (1, True)]
     assert all(accumulation(i, 4, 1) == (1, True) for i in range(4))
+
+
+ACCUMULATE_WORKER = '''
+import sys
+import torch
+sys.path.insert(0, "tests")
+from lib.model import dist as ddp
+from test_layer_decay import fit_epoch
+
+ddp.init("cpu")
+model, positions, losses = fit_epoch(rows=32, batch=16, accumulate=2)
+if ddp.is_main():
+    torch.save({"state": model.state_dict(), "positions": positions, "micro": len(losses)}, sys.argv[1])
+ddp.close()
+'''
+
+
+@pytest.mark.slow  # torchrun with two gloo ranks: about 15 s
+def test_two_ranks_accumulating_step_as_one_process(tmp_path):
+    """Global batch 16 on 2 ranks with accumulate 2: each rank 2 micro-batches of 8, the first in no_sync, one step; the
+    weights equal one process's single step over the 32 rows (2 micro-batches of 16), so the local gradient kept under
+    no_sync reaches the all-reduce."""
+    from test_dist import run_two_ranks  # tests/test_dist.py
+
+    run_two_ranks(tmp_path, ACCUMULATE_WORKER)
+    got = torch.load(tmp_path / "out.pt", weights_only=True)
+    one, positions, losses = fit_epoch(rows=32, batch=16, accumulate=2)
+    assert got["positions"] == positions == [0] and got["micro"] == len(losses) == 2
+    for k, v in one.state_dict().items():
+        assert torch.allclose(got["state"][k], v, rtol=0, atol=1e-12), k
 
 
 def test_ddp_skips_the_all_reduce_on_micro_batches_that_do_not_step(tmp_path):
