@@ -117,13 +117,15 @@ def ours_train(cfg, tax, device, precision: str, warmup: int, steps: int) -> flo
 
     from lib.model.device import autocast, channels_last, grad_scaler
     from lib.model.losses import build_loss
-    from lib.model.net import build_net
-    from lib.model.optim import Ema, optimizer_step, param_groups
+    from lib.model.net import build_net, set_grad_checkpointing
+    from lib.model.optim import Ema, build_optimizer, optimizer_step
 
     t, m = cfg.train, cfg.model
     model = build_net(cfg, tax).to(device).to(memory_format=torch.channels_last).train()
+    if t.grad_checkpointing:
+        set_grad_checkpointing(model, cfg.model.backbone)
     criterion = build_loss(cfg.loss, np.ones(tax.n_classes), tax.distance_matrix(), tax.lca_distance_matrix()).to(device)
-    optimizer = torch.optim.AdamW(param_groups(model, t.lr, t.weight_decay, t.backbone_lr_mult))
+    optimizer = build_optimizer(model, t, cfg.model.backbone)
     ema = Ema(model, t.ema_decay) if t.ema_decay > 0 else None
     scaler = grad_scaler(device, precision)
     views = len(m.context)

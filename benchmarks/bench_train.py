@@ -66,14 +66,16 @@ def parts(cfg, tax, labels, device, compile_: bool = False):
     import torch
 
     from lib.model.losses import build_loss
-    from lib.model.net import build_net
-    from lib.model.optim import param_groups
+    from lib.model.net import build_net, set_grad_checkpointing
+    from lib.model.optim import build_optimizer
 
     t = cfg.train
     model = build_net(cfg, tax).to(device).to(memory_format=torch.channels_last)
+    if t.grad_checkpointing:
+        set_grad_checkpointing(model, cfg.model.backbone)
     counts = np.bincount(np.asarray(labels), minlength=tax.n_classes)
     criterion = build_loss(cfg.loss, counts, tax.distance_matrix(), tax.lca_distance_matrix()).to(device)
-    optimizer = torch.optim.AdamW(param_groups(model, t.lr, t.weight_decay, t.backbone_lr_mult))
+    optimizer = build_optimizer(model, t, cfg.model.backbone)
     return model, (torch.compile(model) if compile_ else model), optimizer, criterion
 
 

@@ -190,7 +190,13 @@ class TrainCfg:
     schedule: Literal["cosine", "cosine_restarts"] = "cosine"
     restart_epochs: float = 5.0  # cosine_restarts: period (T_0) in epochs
     min_lr_ratio: float = 0.01  # the schedule's floor (eta_min) as a fraction of lr
-    accumulate: int = 1  # gradient accumulation steps
+    # Micro-batches of batch_size per optimiser step (effective batch batch_size x accumulate); the schedule, EMA and
+    # GradScaler count optimiser steps; an epoch's last, partial group still steps.
+    accumulate: int = 1
+    # Layer-wise lr decay (BEiT; the FAU entry's 0.7 over DINOv2-Base): backbone layer l of L learns at
+    # lr x backbone_lr_mult x layer_decay ** (L - l) by timm's group_matcher; 1.0 = off.
+    layer_decay: float = 1.0
+    grad_checkpointing: bool = False  # timm's set_grad_checkpointing on the backbone: less activation memory, ~30% more compute
     clip_grad: float = 0.0  # max gradient norm; 0 = off
     ema_decay: float = 0.0  # EMA of the weights, evaluated and saved instead; 0 = off
     patience: int = 0  # early stopping after this many epochs without improvement; 0 = off

@@ -178,6 +178,39 @@ def check_weights(r: Report, cfg: Config) -> None:
         r.add("knn.source", "phase1: 01's fold models embed, nothing to download")
 
 
+def check_big_backbone(r: Report, cfg: Config) -> None:
+    """train.layer_decay and train.grad_checkpointing need the backbone's layer groups and checkpointing: checked on an
+    empty (meta-device) copy of it, so a backbone without them is said before training, at no memory cost."""
+    t = cfg.train
+    if t.layer_decay >= 1.0 and not t.grad_checkpointing:
+        return
+    import timm
+    import torch
+
+    from lib.core.errors import StageError
+    from lib.model.net import set_grad_checkpointing
+    from lib.model.optim import layer_scales
+
+    name, wanted = cfg.model.backbone, []
+    try:
+        with torch.device("meta"):
+            backbone = timm.create_model(name, pretrained=False, num_classes=0)
+        if t.layer_decay < 1.0:
+            scales = layer_scales(backbone, t.layer_decay, name)
+            wanted.append(f"layer_decay {t.layer_decay:g} over {1 + max(layer for layer, _ in scales.values())} layers "
+                          f"(the stem at {min(s for _, s in scales.values()):.2g} of the top block's rate)")
+        if t.grad_checkpointing:
+            set_grad_checkpointing(backbone, name)
+            wanted.append("gradient checkpointing")
+    except StageError as e:
+        r.add("backbone options", str(e), problem=True)
+        return
+    except Exception as e:  # an unknown name: the training stages say so with close names
+        r.add("backbone options", f"{name} not checked ({type(e).__name__}: {e})", problem=True)
+        return
+    r.add("backbone options", f"{name}: " + ", ".join(wanted))
+
+
 def check_track(r: Report, cfg: Config) -> None:
     """track.backend's client, when one is asked for: missing, the stages run untracked (never a problem)."""
     import importlib.util
@@ -203,6 +236,7 @@ def doctor(cfg: Config) -> Report:
     check_disk(r, cfg)
     check_data(r, cfg)
     check_weights(r, cfg)
+    check_big_backbone(r, cfg)
     check_track(r, cfg)
     return r
 

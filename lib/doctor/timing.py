@@ -119,17 +119,19 @@ def measure_steps(cfg: Config, taxonomy: Any, seconds: float = 3.0) -> tuple[flo
 
     from lib.model.device import autocast, channels_last, grad_scaler, precision_policy
     from lib.model.losses import build_loss
-    from lib.model.net import build_net
-    from lib.model.optim import Ema, optimizer_step, param_groups
+    from lib.model.net import build_net, set_grad_checkpointing
+    from lib.model.optim import Ema, build_optimizer, optimizer_step
 
     t, device, notes = cfg.train, _device(cfg), list[str]()
     precision = precision_policy(device, t.precision)[0]
     model = build_net(replace(cfg, model=replace(cfg.model, pretrained="none")), taxonomy, pretrained=False).to(device)
     model = model.to(memory_format=torch.channels_last)
+    if t.grad_checkpointing:  # the step timed (and its memory) as training runs it
+        set_grad_checkpointing(model, cfg.model.backbone)
     dist = taxonomy.distance_matrix()
     counts = np.full(taxonomy.n_classes, 100)
     criterion = build_loss(cfg.loss, counts, dist, taxonomy.lca_distance_matrix()).to(device)
-    optimizer = torch.optim.AdamW(param_groups(model, t.lr, t.weight_decay, t.backbone_lr_mult))
+    optimizer = build_optimizer(model, t, cfg.model.backbone)
     ema, scaler = (Ema(model, t.ema_decay) if t.ema_decay > 0 else None), grad_scaler(device, precision)
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
 

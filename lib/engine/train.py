@@ -8,6 +8,7 @@ and the loop over folds with their records in lib.engine.folds.
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
 import math
@@ -41,8 +42,8 @@ from lib.engine.resume import Progress, best_files_problem, resume_or_start, sav
 from lib.model import dist as ddp
 from lib.model.device import autocast, channels_last, describe_device, grad_scaler, pick_device, precision_policy, prepare_device
 from lib.model.losses import WeightedLoss, build_loss
-from lib.model.net import Net, build_net, mean_std
-from lib.model.optim import Ema, lr_factor, optimizer_step, param_groups
+from lib.model.net import Net, build_net, mean_std, set_grad_checkpointing
+from lib.model.optim import Ema, build_optimizer, lr_factor, optimizer_step
 from lib.pipeline.records import Stage
 
 log = logging.getLogger("pipeline")
@@ -210,6 +211,8 @@ def build_kit(cfg: Config, split: FoldSplit, taxonomy: Taxonomy, epochs: int) ->
     dist = taxonomy.distance_matrix()
     model = build_net(cfg, taxonomy).to(device)
     model = model.to(memory_format=torch.channels_last)  # faster on CUDA and on CPU alike
+    if t.grad_checkpointing:
+        set_grad_checkpointing(model, cfg.model.backbone)
     train_model: Any = model
     world = ddp.world_size()
     if world > 1:  # gradients averaged across torchrun processes; rank 0 validates and writes
@@ -220,7 +223,7 @@ def build_kit(cfg: Config, split: FoldSplit, taxonomy: Taxonomy, epochs: int) ->
     mean, std = mean_std(model)
     counts = np.bincount(split.train["label"].to_numpy(), minlength=taxonomy.n_classes)
     criterion = build_loss(cfg.loss, counts, dist, taxonomy.lca_distance_matrix() if cfg.loss.ts_distance == "lca" else None).to(device)
-    optimizer = torch.optim.AdamW(param_groups(model, t.lr, t.weight_decay, t.backbone_lr_mult))
+    optimizer = build_optimizer(model, t, cfg.model.backbone)
     ema = Ema(model, t.ema_decay) if t.ema_decay > 0 else None
     views, by_frame = cfg.model.context, cfg.model.frame_context == "attention"
     train_tf = build_transforms(cfg.model.img_size, train=True, mean=mean, std=std, aug=cfg.augment, n_views=len(views))
@@ -276,6 +279,7 @@ def train_one_epoch(kit: FoldKit, cfg: Config, split: FoldSplit, name: str, epoc
     pending: list[torch.Tensor] = []
     bar = tqdm(loader, desc=f"{name} epoch {epoch + 1}/{epochs}", leave=False, unit="batch", disable=not ddp.is_main())
     kit.optimizer.zero_grad(set_to_none=True)
+    n = len(loader)
     for i, batch in enumerate(bar):
         x, y, w = batch[0].to(kit.device, non_blocking=True), batch[1].to(kit.device), batch[2].to(kit.device)
         frames = batch[3].to(kit.device) if len(batch) > 3 else None  # whole frames (model.frame_context=attention)
@@ -283,17 +287,19 @@ def train_one_epoch(kit: FoldKit, cfg: Config, split: FoldSplit, name: str, epoc
         if a.mixing:
             x, y_soft, w = mix_batch(x, y, w, n_classes=kit.n_classes, mixup_alpha=a.mixup_alpha, cutmix_alpha=a.cutmix_alpha,
                                      prob=a.mix_prob, same_leaf=a.mix_same_leaf, generator=gen, frames=frames)
-        with autocast(kit.device, kit.precision):
-            out = kit.train_model(channels_last(x), full=True, frames=frames)
-        # Mixed (soft) targets train the leaf logits with soft cross-entropy; one-hot batches use the head's loss.
-        soft = y_soft is not None and not a.mix_same_leaf
-        loss = soft_target_loss(out.logits, y_soft.to(kit.device), w) if soft and y_soft is not None else \
-            kit.model.head_module.loss(out, y, w, kit.criterion)
-        scaled = loss / t.accumulate
-        (kit.scaler.scale(scaled) if kit.scaler is not None else scaled).backward()
+        group, steps = accumulation(i, n, t.accumulate)
+        with _sync_unless(kit.train_model, steps):  # DDP: gradients are all-reduced on the stepping micro-batch only
+            with autocast(kit.device, kit.precision):
+                out = kit.train_model(channels_last(x), full=True, frames=frames)
+            # Mixed (soft) targets train the leaf logits with soft cross-entropy; one-hot batches use the head's loss.
+            soft = y_soft is not None and not a.mix_same_leaf
+            loss = soft_target_loss(out.logits, y_soft.to(kit.device), w) if soft and y_soft is not None else \
+                kit.model.head_module.loss(out, y, w, kit.criterion)
+            scaled = loss / group  # the group's gradient is the mean of its micro-batches'
+            (kit.scaler.scale(scaled) if kit.scaler is not None else scaled).backward()
         pending.append(loss.detach())
-        last = i + 1 == len(loader)
-        if (i + 1) % t.accumulate == 0 or last:
+        last = i + 1 == n
+        if steps:
             _step(kit, t, epoch * kit.steps_per_epoch + i // t.accumulate)
         if len(pending) == LOSS_EVERY or last:
             losses += torch.stack(pending).float().tolist()
@@ -301,6 +307,23 @@ def train_one_epoch(kit: FoldKit, cfg: Config, split: FoldSplit, name: str, epoc
             bar.set_postfix(loss=f"{np.mean(losses[-20:]):.3f}")
         fault_point(f"train_batch {name} epoch {epoch + 1}")
     return losses
+
+
+def accumulation(i: int, n: int, accumulate: int) -> tuple[int, bool]:
+    """(micro-batches in the group of batch `i` of `n`, whether batch `i` ends it, so the optimiser steps): groups of
+    `accumulate` batches, the epoch's last one cut short, so an epoch makes ceil(n / accumulate) steps."""
+    start = i - i % accumulate
+    size = min(accumulate, n - start)
+    return size, i + 1 == start + size
+
+
+def _sync_unless(train_model: Any, steps: bool) -> contextlib.AbstractContextManager:
+    """DDP's `no_sync` on a micro-batch that does not step (its gradients stay local until the group's last one);
+    a plain (or compiled plain) model, or a stepping micro-batch, syncs as usual."""
+    ddp_model = getattr(train_model, "_orig_mod", train_model)  # torch.compile wraps the DDP module
+    if steps or not isinstance(ddp_model, torch.nn.parallel.DistributedDataParallel):
+        return contextlib.nullcontext()
+    return ddp_model.no_sync()
 
 
 def _epoch_loader(kit: FoldKit, t, labels: np.ndarray, epoch_seed: int, gen: torch.Generator) -> DataLoader:

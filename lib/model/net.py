@@ -157,6 +157,21 @@ def build_net(cfg, taxonomy, pretrained: bool = True) -> Net:
     return Net(backbone, build_head(cfg.head, dim, taxonomy, logit_scale=cfg.loss.s), fusion, frames)
 
 
+def set_grad_checkpointing(model: nn.Module, backbone_name: str = "") -> None:
+    """timm's gradient checkpointing on the backbone (`train.grad_checkpointing`): its blocks' activations are recomputed in
+    the backward pass instead of kept, trading about a third more compute for activation memory of a block or so."""
+    backbone = getattr(model, "backbone", model)
+    setter = getattr(backbone, "set_grad_checkpointing", None)
+    label = f"'{backbone_name}'" if backbone_name else type(backbone).__name__
+    try:
+        if not callable(setter):
+            raise NotImplementedError
+        setter(True)
+    except (AssertionError, NotImplementedError):  # timm asserts `not enable` in models that lack it
+        raise StageError(f"The backbone {label} does not support gradient checkpointing; set train.grad_checkpointing: false "
+                         f"or pick a backbone that does (ViT, ConvNeXt, EfficientNet, EVA).") from None
+
+
 def mean_std(model: nn.Module) -> tuple[tuple[float, ...], tuple[float, ...]]:
     cfg = getattr(model, "pretrained_cfg", None) or {}
     return tuple(cfg.get("mean", (0.485, 0.456, 0.406))), tuple(cfg.get("std", (0.229, 0.224, 0.225)))

@@ -3,10 +3,13 @@ from __future__ import annotations
 
 import copy
 import math
-from typing import Iterable
+from typing import Any, Iterable
 
 import torch
+from timm.models import group_parameters
 from torch import nn
+
+from lib.core.errors import StageError
 
 
 def head_module(model: nn.Module) -> nn.Module | None:
@@ -18,11 +21,14 @@ def head_module(model: nn.Module) -> nn.Module | None:
     return get() if callable(get) else None
 
 
-def param_groups(model: nn.Module, lr: float, weight_decay: float, backbone_lr_mult: float) -> list[dict]:
-    """AdamW groups: the pretrained backbone at a fraction of the head's rate; no decay on biases and norms.
+def param_groups(model: nn.Module, lr: float, weight_decay: float, backbone_lr_mult: float, layer_decay: float = 1.0,
+                 backbone_name: str = "") -> list[dict]:
+    """AdamW groups: the pretrained backbone at a fraction of the head's rate; no decay on biases and norms;
+    with `layer_decay` < 1 each backbone layer at a further decay ** (its depth below the top) (`layer_scales`).
 
     A freshly initialised head needs a larger step than pretrained features, which a large step
     would wreck; decaying biases and normalisation scales only hurts (they set offsets, not capacity).
+    Layer decay carries that further inside the backbone: early layers hold the most general features.
     """
     head = head_module(model)
     head_ids = {id(p) for p in head.parameters()} if head is not None else set()
@@ -30,18 +36,48 @@ def param_groups(model: nn.Module, lr: float, weight_decay: float, backbone_lr_m
         part = getattr(model, name, None)
         if isinstance(part, nn.Module):
             head_ids |= {id(p) for p in part.parameters()}
-    groups: dict[tuple[bool, bool], list] = {}
+    layered = layer_decay < 1.0
+    backbone = getattr(model, "backbone", model)
+    scales = layer_scales(backbone, layer_decay, backbone_name) if layered else {}
+    top = max(scales.values(), default=(0, 1.0))  # a backbone-side module outside `backbone` learns as its top layer
+    groups: dict[tuple[bool, bool, int], list] = {}
     for p in model.parameters():
         if not p.requires_grad:
             continue
-        key = (id(p) in head_ids, p.ndim <= 1)
+        is_head = id(p) in head_ids
+        key = (is_head, p.ndim <= 1, -1 if is_head or not layered else scales.get(id(p), top)[0])
         groups.setdefault(key, []).append(p)
     out = []
-    for (is_head, no_decay), params in sorted(groups.items()):
-        base = lr if is_head else lr * backbone_lr_mult
+    for (is_head, no_decay, layer), params in sorted(groups.items()):
+        base = lr if is_head else lr * backbone_lr_mult * (scales.get(id(params[0]), top)[1] if layer >= 0 else 1.0)
         out.append({"params": params, "lr": base, "base_lr": base, "weight_decay": 0.0 if no_decay else weight_decay,
-                    "name": f"{'head' if is_head else 'backbone'}{'_no_decay' if no_decay else ''}"})
+                    "name": f"{'head' if is_head else 'backbone'}{f'_layer{layer}' if layer >= 0 else ''}{'_no_decay' if no_decay else ''}"})
     return out
+
+
+def layer_scales(backbone: nn.Module, decay: float, name: str = "") -> dict[int, tuple[int, float]]:
+    """id(parameter) -> (layer, decay ** (top layer - layer)) by timm's own layer grouping (the backbone's `group_matcher`,
+    as timm.optim.param_groups_layer_decay reads it): the stem deepest, the last block (and final norm) at 1.
+
+    timm falls back to cutting the parameter list into chunks of 12 for a model without a group_matcher;
+    such chunks are not layers, so a backbone without one is refused instead.
+    """
+    matcher = getattr(backbone, "group_matcher", None)
+    label = f"'{name}'" if name else type(backbone).__name__
+    if not callable(matcher):
+        raise StageError(f"The backbone {label} has no layer groups (timm's group_matcher), so train.layer_decay cannot apply; "
+                         f"set train.layer_decay: 1.0 or pick a backbone that has them (ViT, ConvNeXt, EfficientNet, EVA).")
+    layer_of = group_parameters(backbone, matcher(coarse=False), reverse=True)
+    top = max(layer_of.values(), default=0)
+    if top == 0:
+        raise StageError(f"The backbone {label} puts all its parameters in one layer group, so train.layer_decay has no effect; "
+                         f"set train.layer_decay: 1.0.")
+    return {id(p): (layer_of.get(n, top), decay ** (top - layer_of.get(n, top))) for n, p in backbone.named_parameters()}
+
+
+def build_optimizer(model: nn.Module, train: Any, backbone_name: str = "") -> torch.optim.AdamW:
+    """The trainer's AdamW over `param_groups` with `train` (a TrainCfg): lr, weight decay, backbone_lr_mult, layer_decay."""
+    return torch.optim.AdamW(param_groups(model, train.lr, train.weight_decay, train.backbone_lr_mult, train.layer_decay, backbone_name))
 
 
 def lr_factor(step: int, total: int, warmup: int, schedule: str, restart_steps: int, min_ratio: float) -> float:
