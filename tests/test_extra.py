@@ -1,0 +1,196 @@
+"""Extra rows from the FathomNet Database (lib.data.extra, lib.data.phash) against a stand-in client: no network.
+
+No test here (nor the session that wrote them) reached the real database: the client is a fake
+that answers like `fathomnet.api` would, and frames are tiny generated images.
+"""
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from lib.core.errors import StageError
+from lib.data.coco import read_coco
+from lib.data.extra import FathomNetClient, concept_map, fetch, load_or_fetch, screen
+from lib.data.phash import NEAR, dhash, dhash_file, distances, hamming
+
+CATS = [(1, "Actiniaria"), (2, "Funiculina"), (3, "Sebastes")]
+
+
+def picture(seed: int, size: tuple[int, int] = (96, 64)) -> Image.Image:
+    """A smooth random picture: a 12 x 8 noise field upsampled, so its coarse structure (what dHash sees) is its own."""
+    rng = np.random.default_rng(seed)
+    small = Image.fromarray(rng.integers(0, 256, (8, 12, 3), dtype=np.uint8))
+    return small.resize(size, Image.Resampling.BICUBIC)
+
+
+def box(uuid: str, concept: str, x: int = 4, y: int = 4, w: int = 20, h: int = 16) -> dict:
+    return {"uuid": uuid, "concept": concept, "x": x, "y": y, "width": w, "height": h}
+
+
+class FakeClient:
+    """Answers like the live adapter: descendants by name, frames (dicts of AImageDTO fields) by concept."""
+
+    def __init__(self, frames: dict[str, list[dict]], tree: dict[str, list[str]], fail: bool = False) -> None:
+        self.frames, self.tree, self.fail, self.calls = frames, tree, fail, 0
+
+    def descendants(self, concept: str) -> list[str]:
+        self.calls += 1
+        if self.fail:
+            raise ConnectionError("Name or service not known")
+        if concept not in self.tree:
+            raise LookupError(concept)
+        return self.tree[concept]
+
+    def images(self, concept: str) -> list[dict]:
+        self.calls += 1
+        names = {concept, *self.tree.get(concept, [])}
+        return [f for f in self.frames.values() if any(b["concept"] in names for b in f["boundingBoxes"])]
+
+
+def frame(uuid: str, *boxes: dict, w: int = 96, h: int = 64) -> dict:
+    return {"uuid": uuid, "url": f"http://127.0.0.1:1/{uuid}.png", "width": w, "height": h,
+            "contributorsEmail": "someone@example.org", "boundingBoxes": list(boxes)}
+
+
+def world() -> FakeClient:
+    frames = {
+        "u1": frame("u1", box("b1", "Actiniaria"), box("b2", "Funiculina quadrangularis"), box("b3", "Octopus")),
+        "u2": frame("u2", box("b4", "Actiniaria"), box("b5", "Actiniaria")),
+        "u3": frame("u3", box("b6", "Funiculina")),
+    }
+    return FakeClient(frames, {"Actiniaria": ["Actiniidae"], "Funiculina": ["Funiculina quadrangularis"]})
+
+
+# ----------------------------------------------------------------------------- phash
+
+
+def test_dhash_same_for_resized_and_jpeg_copy_far_for_another_picture(tmp_path: Path) -> None:
+    a = picture(1)
+    a.save(tmp_path / "a.png")
+    a.resize((72, 48), Image.Resampling.BILINEAR).save(tmp_path / "near.jpg", quality=60)
+    picture(2).save(tmp_path / "b.png")
+    ha, hn, hb = (dhash_file(tmp_path / n) for n in ("a.png", "near.jpg", "b.png"))
+    assert hamming(ha, hn) <= NEAR < hamming(ha, hb)
+    assert dhash(a) == ha
+    assert distances(ha, np.array([ha, hn, hb], dtype=np.uint64)).tolist() == [0, hamming(ha, hn), hamming(ha, hb)]
+
+
+def test_dhash_bits_follow_the_definition() -> None:
+    # 9 x 8 grey, brightness rising to the right: every pixel is darker than its right neighbour -> all 64 bits set
+    ramp = Image.fromarray(np.tile(np.arange(9, dtype=np.uint8) * 20, (8, 1)))
+    assert dhash(ramp) == 2**64 - 1
+    assert dhash(ramp.transpose(Image.Transpose.FLIP_LEFT_RIGHT)) == 0
+
+
+# ----------------------------------------------------------------------------- fetch
+
+
+def test_descendants_map_to_their_concept_and_other_concepts_are_left_out() -> None:
+    got = fetch(CATS, world(), per_concept=10, total=100)
+    anns = {a["uuid"]: a["category_id"] for a in got.coco["annotations"]}
+    assert anns == {"b1": 1, "b2": 2, "b4": 1, "b5": 1, "b6": 2}  # the species counts as its genus; Octopus is none of ours
+    assert got.outside == 1 and got.unknown == ["Sebastes"]
+    assert {im["uuid"] for im in got.coco["images"]} == {"u1", "u2", "u3"}
+    assert all(im["contributor"] and im["license"] for im in got.coco["images"])
+
+
+def test_more_specific_concept_wins_over_its_ancestor() -> None:
+    client = FakeClient({}, {"Actiniaria": ["Actiniidae", "Urticina"], "Urticina": []})
+    mapping, unknown = concept_map(["Actiniaria", "Urticina"], client)
+    assert mapping == {"Actiniaria": "Actiniaria", "Actiniidae": "Actiniaria", "Urticina": "Urticina"} and unknown == []
+
+
+def test_caps_per_concept_and_total() -> None:
+    assert sum(a["category_id"] == 1 for a in fetch(CATS, world(), per_concept=2, total=100).coco["annotations"]) == 2
+    assert len(fetch(CATS, world(), per_concept=10, total=3).coco["annotations"]) == 3
+
+
+def test_second_run_reads_the_cache_without_a_client(tmp_path: Path) -> None:
+    cache = tmp_path / "extra" / "extra_fathomnet.json"
+    client = world()
+    load_or_fetch(cache, CATS, 10, 100, client=lambda: client)
+    first = cache.read_bytes()
+
+    def no_client():
+        raise AssertionError("offline rerun must not build a client")
+
+    assert load_or_fetch(cache, CATS, 10, 100, client=no_client) == cache
+    assert cache.read_bytes() == first
+    assert len(read_coco(cache).annotations) == 5  # the cache is a COCO file the competition reader takes
+
+
+def test_other_caps_fetch_again(tmp_path: Path) -> None:
+    cache = tmp_path / "extra_fathomnet.json"
+    load_or_fetch(cache, CATS, 10, 100, client=world)
+    load_or_fetch(cache, CATS, 1, 100, client=world)
+    assert json.loads(cache.read_text())["info"]["per_concept"] == 1
+
+
+# ----------------------------------------------------------------------------- bad input
+
+
+def test_network_failure_without_cache_is_one_sentence(tmp_path: Path) -> None:
+    with pytest.raises(StageError, match=r"could not reach the FathomNet Database for the 3 concepts .*once online.*reuse"):
+        load_or_fetch(tmp_path / "x.json", CATS, 10, 100, client=lambda: FakeClient({}, {}, fail=True))
+    assert not (tmp_path / "x.json").exists()
+
+
+def test_missing_package_is_one_sentence(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    monkeypatch.setitem(sys.modules, "fathomnet", None)  # import fails as if not installed
+    with pytest.raises(StageError, match="fathomnet package is missing; pip install fathomnet"):
+        load_or_fetch(tmp_path / "x.json", CATS, 10, 100, client=FathomNetClient)
+
+
+def test_dataset_the_database_does_not_know_has_nothing_to_fetch() -> None:
+    with pytest.raises(StageError, match="knows none of the dataset's 3 concepts.*nothing to fetch"):
+        fetch(CATS, FakeClient({}, {}), 10, 100)
+
+
+def test_broken_cache_is_one_sentence(tmp_path: Path) -> None:
+    (tmp_path / "x.json").write_text("{")
+    with pytest.raises(StageError, match="not valid JSON.*delete it"):
+        load_or_fetch(tmp_path / "x.json", CATS, 10, 100, client=world)
+
+
+# ----------------------------------------------------------------------------- screening against competition frames
+
+
+def write_coco(path: Path, images: list[dict], anns: list[dict]) -> Path:
+    path.write_text(json.dumps({"images": images, "annotations": anns, "categories": [{"id": i, "name": n} for i, n in CATS]}))
+    return path
+
+
+def test_screen_drops_test_frames_by_uuid_url_and_pixels(tmp_path: Path) -> None:
+    comp, extra_dir = tmp_path / "comp", tmp_path / "extra"
+    comp.mkdir()
+    extra_dir.mkdir()
+    picture(10).save(comp / "1.png")  # test frame 1
+    picture(11).save(comp / "2.png")  # train frame 2
+    test = read_coco(write_coco(tmp_path / "test.json", [{"id": 1, "file_name": "1.png", "coco_url": "http://db/t1.png",
+                                                          "uuid": "tu1"}], []))
+    train = read_coco(write_coco(tmp_path / "train.json", [{"id": 2, "file_name": "2.png", "coco_url": "http://db/t2.png"}], []))
+    picture(10).save(extra_dir / "1.png")  # same pixels as test frame 1, another name
+    picture(10).resize((80, 54)).save(extra_dir / "2.png", format="JPEG", quality=55)  # near copy of test frame 1
+    picture(11).save(extra_dir / "3.png")  # a train frame again
+    picture(12).save(extra_dir / "4.png")  # new
+    picture(13).save(extra_dir / "5.png")  # new pixels but the test frame's UUID
+    picture(14).save(extra_dir / "6.png")  # new pixels but the test frame's URL
+    ims = [{"id": i, "file_name": f"{i}.png", "coco_url": f"http://db/e{i}.png", "uuid": f"e{i}"} for i in range(1, 7)]
+    ims[4]["uuid"], ims[5]["coco_url"] = "TU1", "http://db/t1.png"
+    anns = [{"id": 10 + i, "image_id": i, "category_id": 1, "bbox": [1, 1, 5, 5]} for i in range(1, 7)]
+    extra = read_coco(write_coco(tmp_path / "extra.json", ims, anns))
+    rejects = screen(extra, extra_dir, [("train", train, comp), ("test", test, comp)], tmp_path / "hashes.json")
+    why = {r["image_id"]: r["reason"] for r in rejects}
+    assert set(why) == {1, 2, 3, 5, 6}
+    assert why[1].startswith("looks like competition test frame 1 (dHash 0 of")
+    assert why[2].startswith("looks like competition test frame 1")
+    assert why[3].startswith("looks like competition train frame 2")
+    assert why[5] == "same UUID as competition test frame 1" and why[6] == "same URL as competition test frame 1"
+    assert all(r["split"] == "extra" and r["annotation_id"] == 10 + r["image_id"] for r in rejects)
+    cached = json.loads((tmp_path / "hashes.json").read_text())
+    assert sorted(Path(p).name for p in cached) == ["1.png", "2.png"]  # competition frames hashed once, cached
