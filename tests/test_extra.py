@@ -35,7 +35,7 @@ def box(uuid: str, concept: str, x: int = 4, y: int = 4, w: int = 20, h: int = 1
 class FakeClient:
     """Answers like the live adapter: descendants by name, frames (dicts of AImageDTO fields) by concept."""
 
-    def __init__(self, frames: dict[str, list[dict]], tree: dict[str, list[str]], fail: bool = False) -> None:
+    def __init__(self, frames: dict[str, dict], tree: dict[str, list[str]], fail: bool = False) -> None:
         self.frames, self.tree, self.fail, self.calls = frames, tree, fail, 0
 
     def descendants(self, concept: str) -> list[str]:
@@ -194,3 +194,149 @@ def test_screen_drops_test_frames_by_uuid_url_and_pixels(tmp_path: Path) -> None
     assert all(r["split"] == "extra" and r["annotation_id"] == 10 + r["image_id"] for r in rejects)
     cached = json.loads((tmp_path / "hashes.json").read_text())
     assert sorted(Path(p).name for p in cached) == ["1.png", "2.png"]  # competition frames hashed once, cached
+
+
+# ----------------------------------------------------------------------------- 00 end to end, frames from a loopback server
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="module")
+def demo_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from lib.config import load_config
+    from lib.demo import dataset as demo_data
+
+    out = tmp_path_factory.mktemp("demo")
+    cfg = load_config(None, ["demo.per_class=2", "demo.test_per_class=1", "demo.frame_width=160", "demo.frame_height=120",
+                             "demo.max_objects=2"])
+    demo_data.generate(out, cfg.demo, ROOT / "configs/taxonomy/fathomnet2025.csv", seed=3)
+    return out
+
+
+def serve():
+    """Serves `files` (path -> bytes) on 127.0.0.1; anything else is a 404 (the failing download)."""
+    import threading
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    files: dict[str, bytes] = {}
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            body = files.get(self.path)
+            self.send_response(200 if body is not None else 404)
+            self.send_header("Content-Length", str(len(body or b"")))
+            self.end_headers()
+            self.wfile.write(body or b"")
+
+        def log_message(self, *args) -> None:
+            pass
+
+    httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    t = threading.Thread(target=httpd.serve_forever, daemon=True)
+    t.start()
+    yield f"http://127.0.0.1:{httpd.server_address[1]}", files
+    httpd.shutdown()
+    httpd.server_close()
+
+
+def encoded(im: Image.Image, fmt: str = "PNG", **kw) -> bytes:
+    import io
+
+    buf = io.BytesIO()
+    im.save(buf, format=fmt, **kw)
+    return buf.getvalue()
+
+
+def database(demo_root: Path, base: str, files: dict[str, bytes]) -> FakeClient:
+    """Two concepts of the demo (one through a descendant), a test frame copied, a near copy, a 404, a box outside."""
+    cats = json.loads((demo_root / "dataset_train.json").read_text())["categories"]
+    a, b = cats[0]["name"], cats[1]["name"]
+    test1 = Image.open(demo_root / "test" / "images" / "1.png").convert("RGB")
+    test2 = Image.open(demo_root / "test" / "images" / "2.png").convert("RGB")
+    files.update({"/new1.png": encoded(picture(20, (160, 120))), "/new2.png": encoded(picture(21, (160, 120))),
+                  "/dup.png": encoded(test1), "/near.jpg": encoded(test2.resize((140, 105)), "JPEG", quality=70)})
+
+    def fr(name: str, *boxes: dict) -> dict:
+        url = f"{base}/{name}"
+        return {**frame(name.split(".")[0], *boxes, w=160, h=120), "url": url}
+
+    frames = {"new1": fr("new1.png", box("n1a", a), box("n1b", f"{a} species"), box("n1c", "Not ours")),
+              "new2": fr("new2.png", box("n2a", b), box("n2b", b, x=500, y=400)),
+              "dup": fr("dup.png", box("d1", a)), "near": fr("near.jpg", box("n1", b)), "gone": fr("gone.png", box("g1", a))}
+    return FakeClient(frames, {a: [f"{a} species"], b: []})
+
+
+def run00(demo_root: Path, out: Path, extra_dir: Path, *more: str) -> int:
+    from conftest import load_script  # tests/conftest.py
+
+    return load_script("00_prepare_data.py").main([
+        "--config", "configs/demo.yaml", f"data.root={demo_root}", f"output_root={out}", "exp=t", "prepare.n_folds=2",
+        "prepare.crop_size=32", "prepare.workers=1", "prepare.download_retries=0", "prepare.download_workers=2",
+        f"data.extra_dir={extra_dir}", "prepare.max_reject_fraction=0.5", *more])
+
+
+@pytest.fixture(scope="module")
+def prepared(demo_root: Path, tmp_path_factory: pytest.TempPathFactory):
+    """One 00 run with --extra fathomnet: the database a stand-in, its frames on a loopback server; then the server stops."""
+    import lib.data.extra as extra_mod
+
+    mp = pytest.MonkeyPatch()
+    tmp = tmp_path_factory.mktemp("extra00")
+    srv = serve()
+    base, files = next(srv)
+    client = database(demo_root, base, files)
+    mp.setattr(extra_mod, "FathomNetClient", lambda: client)
+    out, extra_dir = tmp / "out", tmp / "fathomnet"
+    rc = run00(demo_root, out, extra_dir, "--extra", "fathomnet")
+    next(srv, None)
+    mp.undo()
+    return rc, out / "t" / "00_prepare", out, extra_dir
+
+
+def test_00_keeps_new_frames_and_drops_test_frames_with_reasons(demo_root: Path, prepared) -> None:
+    import pandas as pd
+
+    rc, prep, *_ = prepared
+    assert rc == 0
+    extra = pd.read_csv(prep / "extra_rois.csv")
+    cats = json.loads((demo_root / "dataset_train.json").read_text())["categories"]
+    # new1's two boxes (the species as its genus), new2's box inside its frame; nothing else
+    assert sorted(extra["concept_name"]) == sorted([cats[0]["name"], cats[0]["name"], cats[1]["name"]])
+    assert set(extra["source"]) == {"fathomnet_db"} and set(extra["split"]) == {"extra"} and set(extra["fold"]) == {-1}
+    rejects = pd.read_csv(prep / "rejects.csv")
+    why = rejects.loc[rejects["split"] == "extra", "reason"].tolist()
+    assert sum(r.startswith("looks like competition test frame 1 ") for r in why) == 1  # the copy, by pixels
+    assert sum(r.startswith("looks like competition test frame 2 ") for r in why) == 1  # the resized JPEG
+    assert sum("not found" in r for r in why) == 1  # the 404
+    assert len(why) == 4  # and the box outside new2
+    summary = json.loads((prep / "summary.json").read_text())["extra"]
+    assert summary["rows"] == 3 and summary["test_frame_boxes"] == 2
+    record = json.loads((prep / "record.json").read_text())
+    assert record["fingerprint"]["inputs"]["extra_json"] != "missing" and record["result"]["extra_rois"] == 3
+
+
+def test_extra_rows_train_in_every_fold_and_validate_in_none(prepared) -> None:
+    from lib.data.artifacts import load_extra, load_rois
+    from lib.engine.folds import fold_splits
+
+    _, prep, *_ = prepared
+    rois, rows = load_rois(prep), load_extra(prep, 0.5)
+    assert len(rows) == 3
+    for with_extra, without in zip(fold_splits(rois, [0, 1], rows), fold_splits(rois, [0, 1])):
+        assert len(with_extra.train) == len(without.train) + 3 and with_extra.val.equals(without.val)
+        assert (with_extra.train["weight"] == 0.5).sum() == 3 and (with_extra.train["split"] == "extra").sum() == 3
+        assert "extra" not in set(with_extra.val["split"])
+
+
+def test_offline_rerun_reads_the_saved_data(demo_root: Path, prepared, monkeypatch: pytest.MonkeyPatch) -> None:
+    import lib.data.extra as extra_mod
+
+    _, prep, out, extra_dir = prepared
+
+    def offline():
+        raise AssertionError("an offline rerun must not reach for the database")
+
+    monkeypatch.setattr(extra_mod, "FathomNetClient", offline)
+    first = (prep / "extra_rois.csv").read_bytes()
+    assert run00(demo_root, out, extra_dir, "--extra", "fathomnet", "--force") == 0
+    assert (prep / "extra_rois.csv").read_bytes() == first

@@ -142,11 +142,11 @@ def fetch(categories: Sequence[tuple[int, str]], client: ExtraClient, per_concep
 
 
 def load_or_fetch(cache_json: Path, categories: Sequence[tuple[int, str]], per_concept: int, total: int,
-                  client: Callable[[], ExtraClient] = FathomNetClient) -> Path:
+                  client: Callable[[], ExtraClient] | None = None) -> Path:
     """The saved COCO JSON of the extra data when it was fetched for these concepts and caps, else fetch and save it.
 
-    The cache is read first and the client built only when needed: offline (or on Kaggle with the
-    folder attached) nothing reaches for the network or the package.
+    The cache is read first and the client (default: `FathomNetClient`, the live path) built only when
+    needed: offline, or on Kaggle with the folder attached, nothing reaches for the network or the package.
     """
     want = {"concepts": [n for _, n in categories], "per_concept": per_concept, "total": total}
     if cache_json.is_file():
@@ -158,7 +158,7 @@ def load_or_fetch(cache_json: Path, categories: Sequence[tuple[int, str]], per_c
             log.info("extra data: reusing %s (no network)", cache_json)
             return cache_json
         log.info("extra data: %s was fetched for other concepts or caps; fetching again", cache_json)
-    c = client()
+    c = (client or FathomNetClient)()
     try:
         got = fetch(categories, c, per_concept, total)
     except (StageError, LookupError):
