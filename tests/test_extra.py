@@ -340,3 +340,16 @@ def test_offline_rerun_reads_the_saved_data(demo_root: Path, prepared, monkeypat
     first = (prep / "extra_rois.csv").read_bytes()
     assert run00(demo_root, out, extra_dir, "--extra", "fathomnet", "--force") == 0
     assert (prep / "extra_rois.csv").read_bytes() == first
+
+
+def test_00_without_extra_writes_an_empty_extra_table(demo_root: Path, tmp_path: Path) -> None:
+    import pandas as pd
+
+    from lib.data.artifacts import load_extra
+
+    assert run00(demo_root, tmp_path / "out", tmp_path / "none") == 0
+    prep = tmp_path / "out" / "t" / "00_prepare"
+    assert len(pd.read_csv(prep / "extra_rois.csv")) == 0 and len(load_extra(prep, 1.0)) == 0
+    record = json.loads((prep / "record.json").read_text())
+    assert "extra_json" not in record["fingerprint"]["inputs"] and record["result"]["extra_rois"] == 0
+    assert not (tmp_path / "none").exists()  # nothing fetched, nothing written

@@ -24,6 +24,7 @@ from typing import Any, Callable, Protocol, Sequence
 
 import numpy as np
 
+from lib.config import EXTRA_JSON
 from lib.core.errors import StageError
 from lib.core.io import atomic_write_json, atomic_write_text
 from lib.data.coco import CocoSet, frame_path
@@ -32,7 +33,7 @@ from lib.data.phash import NEAR, dhash_file, distances
 log = logging.getLogger("pipeline")
 
 SOURCE = "fathomnet_db"
-CACHE_JSON = "extra_fathomnet.json"
+CACHE_JSON = EXTRA_JSON
 HASHES_JSON = "frame_hashes.json"  # dHash per competition frame, keyed by path, size and mtime: hashed once
 
 

@@ -294,16 +294,16 @@ def _extra_rows(cfg: Config, comp: tuple[CocoSet, CocoSet], tax: Taxonomy, spec:
     Frames that are competition frames (by UUID, URL or perceptual hash) are dropped first, every
     box of them listed in the rejects; the rest are checked and cut like the competition's train rows.
     """
-    from lib.data.extra import CACHE_JSON, HASHES_JSON, SOURCE, screen
+    from lib.data.extra import HASHES_JSON, SOURCE, screen
 
     paths = cfg.data.paths()
-    js, images_dir = paths["extra_dir"] / CACHE_JSON, paths["extra_dir"] / "images"
+    js, images_dir = paths["extra_json"], paths["extra_images"]
     if not js.is_file():
         raise StageError(f"data.extra is set but '{js}' does not exist; run 00_prepare_data.py --extra fathomnet once online, "
                          "or set data.extra_dir to the folder an earlier run saved.")
     coco = read_coco(js)
     competition = [("train", comp[0], paths["train_images"]), ("test", comp[1], paths["test_images"])]
-    dropped = screen(coco, images_dir, competition, cfg.out_dir.parent / HASHES_JSON)
+    dropped = screen(coco, images_dir, competition, cfg.out_root / HASHES_JSON)
     gone = {r["image_id"] for r in dropped}
     coco.annotations = coco.annotations[~coco.annotations["image_id"].isin(gone)].reset_index(drop=True)
     rows, rejects, by_frame = _check_rows("extra", coco, tax, images_dir)
@@ -385,13 +385,13 @@ def fetch_extra(cfg: Config) -> None:
     """The extra data (data.extra) before 00's fingerprint: its list (fetched once, then read from data.extra_dir) and
     its missing frames, downloaded like the competition's; a frame that fails is rejected with its boxes later."""
     from lib.data.download import DownloadJob, download, remove_partial
-    from lib.data.extra import CACHE_JSON, load_or_fetch
+    from lib.data.extra import load_or_fetch
 
     paths, d, p = cfg.data.paths(), cfg.data, cfg.prepare
     cats = read_coco(paths["train_json"]).categories
-    js = load_or_fetch(paths["extra_dir"] / CACHE_JSON, list(zip(cats["id"].astype(int), cats["name"])), d.extra_per_concept,
+    js = load_or_fetch(paths["extra_json"], list(zip(cats["id"].astype(int), cats["name"])), d.extra_per_concept,
                        d.extra_total)
-    folder = paths["extra_dir"] / "images"
+    folder = paths["extra_images"]
     missing = missing_frames(read_coco(js), folder)
     remove_partial(folder)
     if missing:

@@ -199,11 +199,8 @@ def _prepare_inputs(cfg: Config) -> dict[str, str]:
     for key in ("train_images", "test_images"):
         out[key] = dir_digest(p[key])
     if cfg.data.extra:  # the extra data by content, like the competition's (lib.data.extra)
-        from lib.data.extra import CACHE_JSON
-
-        js = p["extra_dir"] / CACHE_JSON
-        out["extra_json"] = file_digest(js) if js.is_file() else "missing"
-        out["extra_images"] = dir_digest(p["extra_dir"] / "images")
+        out["extra_json"] = file_digest(p["extra_json"]) if p["extra_json"].is_file() else "missing"
+        out["extra_images"] = dir_digest(p["extra_images"])
     return out
 
 
