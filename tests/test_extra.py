@@ -353,3 +353,54 @@ def test_00_without_extra_writes_an_empty_extra_table(demo_root: Path, tmp_path:
     record = json.loads((prep / "record.json").read_text())
     assert "extra_json" not in record["fingerprint"]["inputs"] and record["result"]["extra_rois"] == 0
     assert not (tmp_path / "none").exists()  # nothing fetched, nothing written
+
+
+def test_00_without_the_client_or_a_saved_list_stops_with_one_sentence(demo_root: Path, tmp_path: Path,
+                                                                        monkeypatch: pytest.MonkeyPatch,
+                                                                        capsys: pytest.CaptureFixture[str]) -> None:
+    monkeypatch.setitem(sys.modules, "fathomnet", None)  # not installed
+    assert run00(demo_root, tmp_path / "out", tmp_path / "fathomnet", "--extra", "fathomnet") == 2
+    line = capsys.readouterr().err.strip().splitlines()[-1]
+    assert line.startswith("error: data.extra names fathomnet but the fathomnet package is missing; pip install fathomnet")
+    assert not (tmp_path / "out" / "t" / "00_prepare" / "record.json").exists()
+
+
+def test_live_adapter_calls_the_packages_api(monkeypatch: pytest.MonkeyPatch) -> None:
+    """FathomNetClient over a stand-in `fathomnet.api` (the package is not installed here): the calls it makes and
+    how it reads their answers (a 404 is an unknown concept; descendants' frames merged by UUID)."""
+    import types
+
+    class Http404(Exception):
+        response = types.SimpleNamespace(status_code=404)
+
+    class Dto:
+        def __init__(self, d: dict) -> None:
+            self.d = d
+
+        def to_dict(self) -> dict:
+            return self.d
+
+    calls: list[str] = []
+
+    def get_descendants_names(name: str) -> list[str]:
+        calls.append(f"worms {name}")
+        if name == "Nope":
+            raise Http404()
+        return ["Urticina", "Urticina crassicornis"]
+
+    def find_by_concept(name: str) -> list[Dto]:
+        calls.append(f"images {name}")
+        return [Dto({"uuid": "u1", "boundingBoxes": []}), Dto({"uuid": f"u-{name}", "boundingBoxes": []})]
+
+    api = types.ModuleType("fathomnet.api")
+    api.worms = types.SimpleNamespace(get_descendants_names=get_descendants_names)  # type: ignore[attr-defined]
+    api.images = types.SimpleNamespace(find_by_concept=find_by_concept)  # type: ignore[attr-defined]
+    monkeypatch.setitem(sys.modules, "fathomnet", types.ModuleType("fathomnet"))
+    monkeypatch.setitem(sys.modules, "fathomnet.api", api)
+    c = FathomNetClient()
+    with pytest.raises(LookupError):
+        c.descendants("Nope")
+    assert c.descendants("Actiniaria") == ["Urticina", "Urticina crassicornis"]
+    got = c.images("Actiniaria")
+    assert sorted(d["uuid"] for d in got) == ["u-Actiniaria", "u-Urticina", "u-Urticina crassicornis", "u1"]
+    assert calls[-3:] == ["images Actiniaria", "images Urticina", "images Urticina crassicornis"]

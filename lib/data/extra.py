@@ -49,7 +49,11 @@ class ExtraClient(Protocol):
 
 
 class FathomNetClient:
-    """The live path over the official client (`pip install fathomnet`); never run against the real service in tests."""
+    """The live path over the official client (`pip install fathomnet`); never run against the real service in tests.
+
+    `images(concept)` asks for the concept and each descendant one by one (`find_by_concept` matches a
+    concept name exactly), so a genus brings its species' frames too; frames are merged by UUID.
+    """
 
     def __init__(self) -> None:
         try:
@@ -58,17 +62,25 @@ class FathomNetClient:
             raise StageError("data.extra names fathomnet but the fathomnet package is missing; pip install fathomnet "
                              "(online once), or attach a folder an earlier run saved as data.extra_dir.") from None
         self._images, self._worms = images, worms
+        self._tree: dict[str, list[str]] = {}
 
     def descendants(self, concept: str) -> list[str]:
         try:
-            return list(self._worms.get_descendants_names(concept))
+            names = [str(n) for n in self._worms.get_descendants_names(concept)]
         except Exception as e:  # requests' HTTPError 404: a name WoRMS does not know
             if getattr(getattr(e, "response", None), "status_code", None) == 404:
                 raise LookupError(concept) from e
             raise
+        self._tree[concept] = names
+        return names
 
     def images(self, concept: str) -> list[dict[str, Any]]:
-        return [im.to_dict() for im in self._images.find_by_concept(concept)]
+        found: dict[str, dict[str, Any]] = {}
+        for name in dict.fromkeys([concept, *self._tree.get(concept, [])]):
+            for im in self._images.find_by_concept(name):
+                d = im.to_dict()
+                found.setdefault(str(d.get("uuid") or d.get("url")), d)
+        return list(found.values())
 
 
 @dataclass
