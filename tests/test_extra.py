@@ -404,3 +404,15 @@ def test_live_adapter_calls_the_packages_api(monkeypatch: pytest.MonkeyPatch) ->
     got = c.images("Actiniaria")
     assert sorted(d["uuid"] for d in got) == ["u-Actiniaria", "u-Urticina", "u-Urticina crassicornis", "u1"]
     assert calls[-3:] == ["images Actiniaria", "images Urticina", "images Urticina crassicornis"]
+
+
+def test_held_out_concepts_leave_the_extra_rows_too() -> None:
+    import pandas as pd
+
+    from lib.data.prepare import _hold_out
+
+    rows = pd.DataFrame({"split": ["extra", "extra", "test"], "annotation_id": [1, 2, 3], "image_id": [1, 1, 2],
+                         "concept_name": ["A", "B", "A"]})
+    kept, held = _hold_out(rows, ["A"])
+    assert kept["annotation_id"].tolist() == [2, 3] and held["annotation_id"].tolist() == [1]
+    assert held["reason"].tolist() == ["held out of train (prepare.holdout)"] and held["split"].tolist() == ["extra"]

@@ -250,34 +250,21 @@ def prepare(cfg: Config, out_dir: Path) -> Preparation:
         all_rejects += cut
         written.update(files)
     cols = BASE_COLUMNS + [c for c in rois.columns if c.endswith("_path") and c != "crop_path"]
-    rois = rois.reindex(columns=cols)
-    for c in cols:
-        if c.endswith("_path"):
-            rois[c] = rois[c].fillna("")
+    rois, extra = _as_table(rois, cols, out_dir), _as_table(extra[extra["ok"] == 1], [*cols, "source"], out_dir)
     n_train = int((rois["split"] == "train").sum())
     rois = rois[(rois["split"] == "test") | (rois["ok"] == 1)].reset_index(drop=True)
-    extra = extra[extra["ok"] == 1].reindex(columns=cols + ["source"]).reset_index(drop=True)
-    for c in cols:
-        if c.endswith("_path"):
-            extra[c] = [v if isinstance(v, str) else "" for v in extra[c]]
     rejects = pd.DataFrame(all_rejects, columns=["split", "annotation_id", "image_id", "reason"])
     _check_reject_fraction(rejects, n_train, cfg.prepare.max_reject_fraction)
     if cfg.prepare.holdout:  # a novelty experiment: these concepts stay in the test set only
         unknown = sorted(set(cfg.prepare.holdout) - set(tax.names))
         if unknown:
             raise StageError(f"prepare.holdout names {unknown}, which are not concepts of the taxonomy; fix the names.")
-        held = (rois["split"] == "train") & rois["concept_name"].isin(cfg.prepare.holdout)
-        rejects = pd.concat([rejects, rois.loc[held, ["split", "annotation_id", "image_id"]].assign(reason="held out of train (prepare.holdout)")],
-                            ignore_index=True)
-        rois = rois[~held].reset_index(drop=True)
+        (rois, held), (extra, held_extra) = (_hold_out(t, cfg.prepare.holdout) for t in (rois, extra))
+        rejects = pd.concat([rejects, held, held_extra], ignore_index=True)
     is_train = (rois["split"] == "train").to_numpy()
     rois.loc[is_train, "fold"] = assign_folds(
         rois.loc[is_train, "label"].to_numpy(), rois.loc[is_train, "image_id"].to_numpy(), cfg.prepare.n_folds, cfg.seed
     )
-    for frame in (rois, extra):
-        for c in cols:
-            if c.endswith("_path"):
-                frame[c] = [str(Path(p).relative_to(out_dir)) if p else "" for p in frame[c]]
     summary = summarize(rois, rejects, train, test, tax)
     summary["test_categories_not_in_train"] = unknown_test
     if cfg.data.extra:
@@ -285,6 +272,22 @@ def prepare(cfg: Config, out_dir: Path) -> Preparation:
     crops = manifest.build({str(p.relative_to(out_dir)): f for p, f in written.items()},
                            (p for frame in (rois, extra) for c in cols if c.endswith("_path") for p in frame[c]))
     return Preparation(rois=rois, rejects=rejects, taxonomy=tax, summary=summary, crops=crops, extra=extra)
+
+
+def _as_table(rows: pd.DataFrame, cols: list[str], out_dir: Path) -> pd.DataFrame:
+    """`rows` in the table's columns, crop paths relative to the stage folder ('' where a row has none)."""
+    table = rows.reindex(columns=cols).reset_index(drop=True)
+    for c in cols:
+        if c.endswith("_path"):
+            table[c] = [str(Path(p).relative_to(out_dir)) if isinstance(p, str) and p else "" for p in table[c]]
+    return table
+
+
+def _hold_out(rows: pd.DataFrame, holdout: list[str]) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """`rows` without the labelled rows of the held-out concepts, and those rows as rejects (test rows stay)."""
+    held = (rows["split"] != "test") & rows["concept_name"].isin(holdout)
+    out = rows.loc[held, ["split", "annotation_id", "image_id"]].assign(reason="held out of train (prepare.holdout)")
+    return rows[~held].reset_index(drop=True), out
 
 
 def _extra_rows(cfg: Config, comp: tuple[CocoSet, CocoSet], tax: Taxonomy, spec: CropSpec,
