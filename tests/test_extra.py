@@ -248,13 +248,15 @@ def encoded(im: Image.Image, fmt: str = "PNG", **kw) -> bytes:
 
 
 def database(demo_root: Path, base: str, files: dict[str, bytes]) -> FakeClient:
-    """Two concepts of the demo (one through a descendant), a test frame copied, a near copy, a 404, a box outside."""
+    """Two concepts of the demo (one through a descendant), a test frame copied, a near copy, a 404, a box outside,
+    a frame above the pixel limit."""
     cats = json.loads((demo_root / "dataset_train.json").read_text())["categories"]
     a, b = cats[0]["name"], cats[1]["name"]
     test1 = Image.open(demo_root / "test" / "images" / "1.png").convert("RGB")
     test2 = Image.open(demo_root / "test" / "images" / "2.png").convert("RGB")
     files.update({"/new1.png": encoded(picture(20, (160, 120))), "/new2.png": encoded(picture(21, (160, 120))),
-                  "/dup.png": encoded(test1), "/near.jpg": encoded(test2.resize((140, 105)), "JPEG", quality=70)})
+                  "/dup.png": encoded(test1), "/big.png": encoded(picture(22, (400, 300))),
+                  "/near.jpg": encoded(test2.resize((140, 105)), "JPEG", quality=70)})
 
     def fr(name: str, *boxes: dict) -> dict:
         url = f"{base}/{name}"
@@ -262,7 +264,8 @@ def database(demo_root: Path, base: str, files: dict[str, bytes]) -> FakeClient:
 
     frames = {"new1": fr("new1.png", box("n1a", a), box("n1b", f"{a} species"), box("n1c", "Not ours")),
               "new2": fr("new2.png", box("n2a", b), box("n2b", b, x=500, y=400)),
-              "dup": fr("dup.png", box("d1", a)), "near": fr("near.jpg", box("n1", b)), "gone": fr("gone.png", box("g1", a))}
+              "dup": fr("dup.png", box("d1", a)), "near": fr("near.jpg", box("n1", b)), "gone": fr("gone.png", box("g1", a)),
+              "big": fr("big.png", box("b1", a))}
     return FakeClient(frames, {a: [f"{a} species"], b: []})
 
 
@@ -272,7 +275,7 @@ def run00(demo_root: Path, out: Path, extra_dir: Path, *more: str) -> int:
     return load_script("00_prepare_data.py").main([
         "--config", "configs/demo.yaml", f"data.root={demo_root}", f"output_root={out}", "exp=t", "prepare.n_folds=2",
         "prepare.crop_size=32", "prepare.workers=1", "prepare.download_retries=0", "prepare.download_workers=2",
-        f"data.extra_dir={extra_dir}", "prepare.max_reject_fraction=0.5", *more])
+        f"data.extra_dir={extra_dir}", "prepare.max_reject_fraction=0.5", "prepare.max_frame_pixels=100000", *more])
 
 
 @pytest.fixture(scope="module")
@@ -307,8 +310,8 @@ def test_00_keeps_new_frames_and_drops_test_frames_with_reasons(demo_root: Path,
     why = rejects.loc[rejects["split"] == "extra", "reason"].tolist()
     assert sum(r.startswith("looks like competition test frame 1 ") for r in why) == 1  # the copy, by pixels
     assert sum(r.startswith("looks like competition test frame 2 ") for r in why) == 1  # the resized JPEG
-    assert sum("not found" in r for r in why) == 1  # the 404
-    assert len(why) == 4  # and the box outside new2
+    assert sum("not found" in r for r in why) == 2  # the 404 and the frame above prepare.max_frame_pixels
+    assert len(why) == 5  # and the box outside new2
     summary = json.loads((prep / "summary.json").read_text())["extra"]
     assert summary["rows"] == 3 and summary["test_frame_boxes"] == 2
     record = json.loads((prep / "record.json").read_text())
