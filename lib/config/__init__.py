@@ -9,6 +9,7 @@ from lib.config.checks import NORMALIZABLE_HEADS, validate
 from lib.config.load import load_config, parse_override
 from lib.config.output import dump_yaml, flatten, to_dict
 from lib.config.schema import (
+    EXTRA_JSON,
     PSEUDO_METHODS,
     AugmentCfg,
     Config,
@@ -33,7 +34,7 @@ from lib.config.schema import (
 )
 
 __all__ = [
-    "NORMALIZABLE_HEADS", "PSEUDO_METHODS", "AugmentCfg", "Config", "ConfigError", "DataCfg", "DemoCfg", "EnsembleCfg", "HeadCfg",
+    "EXTRA_JSON", "NORMALIZABLE_HEADS", "PSEUDO_METHODS", "AugmentCfg", "Config", "ConfigError", "DataCfg", "DemoCfg", "EnsembleCfg", "HeadCfg",
     "HeadName", "KnnCfg", "LossCfg", "LossName", "ModelCfg", "PrepareCfg", "PseudoCfg", "RetrainCfg", "SubmitCfg", "TrackCfg",
     "TrainCfg", "TtaCfg", "dump_yaml", "flatten", "load_config", "parse_override", "project_path", "to_dict", "validate",
 ]

@@ -14,6 +14,10 @@ def _run_checks(cfg: Config) -> list[tuple[bool, str]]:
         (bool(cfg.output_root.strip()), "output_root must name a folder"),
         (all(getattr(cfg.data, k).strip() for k in ("root", "train_json", "test_json", "train_images", "test_images", "taxonomy_csv")),
          "data.root, data.train_json, data.test_json, data.train_images, data.test_images and data.taxonomy_csv must not be empty"),
+        (set(cfg.data.extra) <= {"fathomnet"}, f"data.extra {cfg.data.extra} names an unknown source; the one known is fathomnet"),
+        (cfg.data.extra_per_concept >= 1 and cfg.data.extra_total >= 1, "data.extra_per_concept and data.extra_total must be at least 1"),
+        (cfg.data.extra_weight > 0, "data.extra_weight must be positive (leave data.extra empty for no extra rows)"),
+        (not cfg.data.extra or bool(cfg.data.extra_dir.strip()), "data.extra_dir must name a folder when data.extra is set"),
     ]
 
 

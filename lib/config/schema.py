@@ -50,6 +50,13 @@ class DataCfg:
     test_images: str = "test/images"
     taxonomy_csv: str = "configs/taxonomy/fathomnet2025.csv"
     taxonomy_source: Literal["csv", "worms"] = "csv"  # worms: look lineages up online, cached into taxonomy_csv
+    # Extra training rows (lib.data.extra): [fathomnet] fetches the FathomNet Database's boxes of the concepts once
+    # (online) into extra_dir (relative to root: the COCO JSON and images/), reused offline; they only ever train.
+    extra: list[str] = field(default_factory=list)
+    extra_dir: str = "extra/fathomnet"
+    extra_per_concept: int = 300  # boxes per concept at most (the competition has about 300 per concept)
+    extra_total: int = 24000  # boxes in all at most (79 x 300 = 23,700: not binding for the competition by default)
+    extra_weight: float = 1.0  # scales the loss of an extra row (read by 01 and 03)
 
     def root_dir(self) -> Path:
         return project_path(self.root)
@@ -63,9 +70,13 @@ class DataCfg:
             "train_images": root / self.train_images,
             "test_images": root / self.test_images,
             "taxonomy_csv": project_path(self.taxonomy_csv),
+            "extra_dir": root / self.extra_dir,
+            "extra_json": root / self.extra_dir / EXTRA_JSON,  # the fetched list, a COCO file (lib.data.extra)
+            "extra_images": root / self.extra_dir / "images",
         }
 
 
+EXTRA_JSON = "extra_fathomnet.json"  # data.extra=[fathomnet]: the FathomNet Database's boxes as saved in data.extra_dir
 RANDOM_MAX_OBJECTS = 4  # demo.frames=random with demo.max_objects unset: 1..4 boxes a frame, as ever
 
 

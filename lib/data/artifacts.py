@@ -18,13 +18,25 @@ if TYPE_CHECKING:
     from lib.config import Config
 
 
-def load_rois(prepare_dir: Path) -> pd.DataFrame:
-    """rois.csv with every crop path made absolute (relative to the stage folder on disk)."""
-    rois = pd.read_csv(prepare_dir / "rois.csv", keep_default_na=False)
+def load_rois(prepare_dir: Path, name: str = "rois.csv") -> pd.DataFrame:
+    """rois.csv (or another table of 00's) with every crop path made absolute (relative to the stage folder on disk)."""
+    rois = pd.read_csv(prepare_dir / name, keep_default_na=False)
     for c in rois.columns:
         if c.endswith("_path"):
             rois[c] = [str(prepare_dir / p) if p else "" for p in rois[c]]
     return rois
+
+
+def load_extra(prepare_dir: Path, weight: float) -> pd.DataFrame:
+    """00's extra training rows (data.extra; none when it wrote no extra_rois.csv), crop paths absolute, each with `weight`.
+
+    They join every fold's training rows and no validation fold (lib.engine.folds.fold_splits), so
+    the CV with extra data is computed on the same competition rows as without.
+    """
+    path = Path(prepare_dir) / "extra_rois.csv"
+    if not path.is_file():
+        return pd.DataFrame(columns=["label", "weight"])
+    return load_rois(Path(prepare_dir), path.name).assign(weight=float(weight))
 
 
 @dataclass(frozen=True, eq=False)

@@ -21,7 +21,8 @@ log = logging.getLogger("pipeline")
 
 @dataclass
 class CocoSet:
-    """images: id, width, height, file_name, coco_url; annotations: id, image_id, category_id, x, y, w, h; categories: id, name."""
+    """images: id, width, height, file_name, coco_url, uuid ('' when absent);
+    annotations: id, image_id, category_id, x, y, w, h; categories: id, name."""
 
     images: pd.DataFrame
     annotations: pd.DataFrame
@@ -71,10 +72,11 @@ def read_coco(path: str | Path) -> CocoSet:
                 "height": im.get("height"),
                 "file_name": str(im.get("file_name") or ""),
                 "coco_url": str(im.get("coco_url") or ""),
+                "uuid": str(im.get("uuid") or ""),
             }
             for im in good_images
         ],
-        columns=["id", "width", "height", "file_name", "coco_url"],
+        columns=["id", "width", "height", "file_name", "coco_url", "uuid"],
     )
     rows = []
     for a in anns:

@@ -34,6 +34,7 @@ from lib.data.taxonomy import Taxonomy, TaxonomyError, load_taxonomy_csv
 log = logging.getLogger("pipeline")
 
 
+EXTRA_ROIS = "extra_rois.csv"  # extra training rows (data.extra): train only, never in a validation fold
 BASE_COLUMNS = ["split", "annotation_id", "image_id", "label", "concept_name", "fold", "x", "y", "w", "h", "crop_path", "ok"]
 
 
@@ -46,9 +47,15 @@ class Preparation:
     taxonomy: Taxonomy
     summary: dict
     crops: dict[str, CropFile] = field(default_factory=dict)  # every crop rois.csv names -> size, sha256 (crops_manifest.json)
+    extra: pd.DataFrame = field(default_factory=lambda: pd.DataFrame(columns=[*BASE_COLUMNS, "source"]))  # train-only rows
 
     def write(self, folder: Path) -> None:
-        """rois.csv, rejects.csv, taxonomy.json, summary.json and crops_manifest.json into the stage folder, each atomically."""
+        """rois.csv, extra_rois.csv, rejects.csv, taxonomy.json, summary.json and crops_manifest.json, each atomically."""
+        self._write(folder)
+        with atomic_path(folder / EXTRA_ROIS) as tmp:
+            self.extra.to_csv(tmp, index=False)
+
+    def _write(self, folder: Path) -> None:
         atomic_write_json(folder / manifest.MANIFEST, manifest.to_json(self.crops))
         with atomic_path(folder / "rois.csv") as tmp:
             self.rois.to_csv(tmp, index=False)
@@ -67,6 +74,7 @@ class Preparation:
             "test_rois_without_crop": int(test.get("size", 0) - test.get("sum", 0)),
             "rejects": len(self.rejects),
             "classes": self.taxonomy.n_classes,
+            "extra_rois": len(self.extra),
             "crops": manifest.summary(self.crops),  # the record vouches for every crop file (lib.data.manifest)
         }
 
@@ -141,7 +149,7 @@ def _check_rows(split: str, coco: CocoSet, tax: Taxonomy, images_dir: Path) -> t
             reason = f"image_id {a.image_id} is not in the images list"
         elif not (np.isfinite([a.x, a.y, a.w, a.h]).all() and a.w > 0 and a.h > 0):
             reason = "bbox is not four finite numbers with positive width and height"
-        elif split == "train":
+        elif split != "test":  # train and extra rows carry a label
             name = cat_name.get(a.category_id)
             if name is None or name not in tax:
                 reason = f"category_id {a.category_id} is not a known category"
@@ -236,11 +244,13 @@ def prepare(cfg: Config, out_dir: Path) -> Preparation:
         frames.append(pd.DataFrame(rows))
         all_rejects += [{"split": split, **r} for r in coco.bad_ids] + rejects
     rois = pd.concat(frames, ignore_index=True)
+    extra = pd.DataFrame(columns=BASE_COLUMNS)
+    if cfg.data.extra:
+        extra, cut, files = _extra_rows(cfg, (train, test), tax, spec, out_dir)
+        all_rejects += cut
+        written.update(files)
     cols = BASE_COLUMNS + [c for c in rois.columns if c.endswith("_path") and c != "crop_path"]
-    rois = rois.reindex(columns=cols)
-    for c in cols:
-        if c.endswith("_path"):
-            rois[c] = rois[c].fillna("")
+    rois, extra = _as_table(rois, cols, out_dir), _as_table(extra[extra["ok"] == 1], [*cols, "source"], out_dir)
     n_train = int((rois["split"] == "train").sum())
     rois = rois[(rois["split"] == "test") | (rois["ok"] == 1)].reset_index(drop=True)
     rejects = pd.DataFrame(all_rejects, columns=["split", "annotation_id", "image_id", "reason"])
@@ -249,22 +259,69 @@ def prepare(cfg: Config, out_dir: Path) -> Preparation:
         unknown = sorted(set(cfg.prepare.holdout) - set(tax.names))
         if unknown:
             raise StageError(f"prepare.holdout names {unknown}, which are not concepts of the taxonomy; fix the names.")
-        held = (rois["split"] == "train") & rois["concept_name"].isin(cfg.prepare.holdout)
-        rejects = pd.concat([rejects, rois.loc[held, ["split", "annotation_id", "image_id"]].assign(reason="held out of train (prepare.holdout)")],
-                            ignore_index=True)
-        rois = rois[~held].reset_index(drop=True)
+        (rois, held), (extra, held_extra) = (_hold_out(t, cfg.prepare.holdout) for t in (rois, extra))
+        rejects = pd.concat([rejects, held, held_extra], ignore_index=True)
     is_train = (rois["split"] == "train").to_numpy()
     rois.loc[is_train, "fold"] = assign_folds(
         rois.loc[is_train, "label"].to_numpy(), rois.loc[is_train, "image_id"].to_numpy(), cfg.prepare.n_folds, cfg.seed
     )
-    for c in cols:
-        if c.endswith("_path"):
-            rois[c] = [str(Path(p).relative_to(out_dir)) if p else "" for p in rois[c]]
     summary = summarize(rois, rejects, train, test, tax)
     summary["test_categories_not_in_train"] = unknown_test
+    if cfg.data.extra:
+        summary["extra"] = extra_summary(extra, rejects)
     crops = manifest.build({str(p.relative_to(out_dir)): f for p, f in written.items()},
-                           (p for c in cols if c.endswith("_path") for p in rois[c]))
-    return Preparation(rois=rois, rejects=rejects, taxonomy=tax, summary=summary, crops=crops)
+                           (p for frame in (rois, extra) for c in cols if c.endswith("_path") for p in frame[c]))
+    return Preparation(rois=rois, rejects=rejects, taxonomy=tax, summary=summary, crops=crops, extra=extra)
+
+
+def _as_table(rows: pd.DataFrame, cols: list[str], out_dir: Path) -> pd.DataFrame:
+    """`rows` in the table's columns, crop paths relative to the stage folder ('' where a row has none)."""
+    table = rows.reindex(columns=cols).reset_index(drop=True)
+    for c in cols:
+        if c.endswith("_path"):
+            table[c] = [str(Path(p).relative_to(out_dir)) if isinstance(p, str) and p else "" for p in table[c]]
+    return table
+
+
+def _hold_out(rows: pd.DataFrame, holdout: list[str]) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """`rows` without the labelled rows of the held-out concepts, and those rows as rejects (test rows stay)."""
+    held = (rows["split"] != "test") & rows["concept_name"].isin(holdout)
+    out = rows.loc[held, ["split", "annotation_id", "image_id"]].assign(reason="held out of train (prepare.holdout)")
+    return rows[~held].reset_index(drop=True), out
+
+
+def _extra_rows(cfg: Config, comp: tuple[CocoSet, CocoSet], tax: Taxonomy, spec: CropSpec,
+                out_dir: Path) -> tuple[pd.DataFrame, list[dict], dict[Path, CropFile]]:
+    """The extra data's rows (fold -1: they only ever train), its rejects and its crops.
+
+    Frames that are competition frames (by UUID, URL or perceptual hash) are dropped first, every
+    box of them listed in the rejects; the rest are checked and cut like the competition's train rows.
+    """
+    from lib.data.extra import HASHES_JSON, SOURCE, screen
+
+    paths = cfg.data.paths()
+    js, images_dir = paths["extra_json"], paths["extra_images"]
+    if not js.is_file():
+        raise StageError(f"data.extra is set but '{js}' does not exist; run 00_prepare_data.py --extra fathomnet once online, "
+                         "or set data.extra_dir to the folder an earlier run saved.")
+    coco = read_coco(js)
+    competition = [("train", comp[0], paths["train_images"]), ("test", comp[1], paths["test_images"])]
+    dropped = screen(coco, images_dir, competition, cfg.out_root / HASHES_JSON)
+    gone = {r["image_id"] for r in dropped}
+    coco.annotations = coco.annotations[~coco.annotations["image_id"].isin(gone)].reset_index(drop=True)
+    rows, rejects, by_frame = _check_rows("extra", coco, tax, images_dir)
+    cut, files = _crop_split("extra", rows, by_frame, spec, out_dir / "crops", {}, cfg.prepare.workers)
+    rejects = [{"split": "extra", **r} for r in coco.bad_ids] + dropped + [{**r, "split": "extra"} for r in rejects + cut]
+    frame = pd.DataFrame(rows, columns=BASE_COLUMNS).assign(source=SOURCE)
+    return frame, rejects, files
+
+
+def extra_summary(extra: pd.DataFrame, rejects: pd.DataFrame) -> dict:
+    """The extra rows at a glance: usable rows, per class, and the frames dropped as competition test or train frames."""
+    why = rejects.loc[rejects["split"] == "extra", "reason"].astype(str)
+    return {"rows": len(extra), "per_class": {str(k): int(v) for k, v in extra["concept_name"].value_counts().items()},
+            "rejected": int(len(why)), "test_frame_boxes": int(why.str.contains("competition test frame").sum()),
+            "train_frame_boxes": int(why.str.contains("competition train frame").sum())}
 
 
 def compare_categories(train: CocoSet, test: CocoSet, test_json: Path) -> list[str]:
@@ -325,6 +382,28 @@ def fetch_frames(cfg: Config, download: bool) -> None:
     paths = cfg.data.paths()
     for split in ("train", "test"):
         check_frames(cfg, read_coco(paths[f"{split}_json"]), paths[f"{split}_images"], split, download)
+
+
+def fetch_extra(cfg: Config) -> None:
+    """The extra data (data.extra) before 00's fingerprint: its list (fetched once, then read from data.extra_dir) and
+    its missing frames, downloaded like the competition's; a frame that fails is rejected with its boxes later."""
+    from lib.data.download import DownloadJob, download, remove_partial
+    from lib.data.extra import load_or_fetch
+
+    paths, d, p = cfg.data.paths(), cfg.data, cfg.prepare
+    cats = read_coco(paths["train_json"]).categories
+    js = load_or_fetch(paths["extra_json"], list(zip(cats["id"].astype(int), cats["name"])), d.extra_per_concept,
+                       d.extra_total)
+    folder = paths["extra_images"]
+    missing = missing_frames(read_coco(js), folder)
+    remove_partial(folder)
+    if missing:
+        log.info("downloading %d missing extra data frames into %s", len(missing), folder)
+        report = download([DownloadJob(url, folder / f"{i}.png") for i, url in missing], workers=p.download_workers,
+                          retries=p.download_retries, timeout=p.download_timeout, max_pixels=p.max_frame_pixels)
+        if report.failed:
+            log.warning("%d extra data frames could not be downloaded (e.g. %s: %s); their boxes are rejected, rerun online "
+                        "to fetch them", len(report.failed), *report.failed[0])
 
 
 def check_frames(cfg: Config, coco: CocoSet, folder: Path, split: str, download: bool = False) -> None:

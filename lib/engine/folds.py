@@ -23,6 +23,7 @@ from lib.core.errors import StageError
 from lib.core.io import load_npz
 from lib.core.locks import locked
 from lib.data import manifest
+from lib.data.artifacts import load_extra
 from lib.data.context import view_column
 from lib.data.taxonomy import Taxonomy
 from lib.engine.results import CVSummary
@@ -39,7 +40,7 @@ CHECK_THREADS = 8  # crops read and hashed at once before the first epoch (reads
 
 
 def fold_splits(rois: pd.DataFrame, folds: list[int], extra: pd.DataFrame | None = None) -> list[FoldSplit]:
-    """Per fold: train on the other folds (+ `extra` rows, e.g. pseudo-labels, never validated on).
+    """Per fold: train on the other folds (+ `extra` rows: pseudo-labels, the extra data; never validated on).
 
     Rows keep their frame (split, image_id; lib.data.context.frame_ids) for model.frame_context=attention;
     `extra` rows carry theirs (pseudo-labelled test rows: their test frame).
@@ -58,6 +59,15 @@ def fold_splits(rois: pd.DataFrame, folds: list[int], extra: pd.DataFrame | None
     return out
 
 
+def with_extra_data(cfg: Config, extra: pd.DataFrame | None) -> pd.DataFrame | None:
+    """`extra` (03's pseudo-labels) plus 00's extra data rows (data.extra, weighted by data.extra_weight): train only."""
+    db = load_extra(stage_dir(cfg, "00_prepare"), cfg.data.extra_weight)
+    if not len(db):
+        return extra
+    log.info("adding %d extra data rows (data.extra) to every fold's training rows, weight %g", len(db), cfg.data.extra_weight)
+    return db if extra is None or not len(extra) else pd.concat([extra, db], ignore_index=True)
+
+
 def fold_stage(stage: Stage, k: int) -> Stage:
     """The record of fold `k` of a training stage: its own folder, the stage's fingerprint plus the fold."""
     return stage.child(f"{stage.name}/fold_{k}", stage.dir / f"fold_{k}", {"fold": k}, outputs=FOLD_OUTPUTS)
@@ -70,6 +80,7 @@ def run_folds(cfg: Config, stage: Stage, *, rois: pd.DataFrame, taxonomy: Taxono
     ddp.init(pick_device(cfg.train.device).type)
     n_folds = int(rois.loc[rois["split"] == "train", "fold"].max()) + 1
     wanted = only or cfg.train.folds or list(range(n_folds))
+    extra = with_extra_data(cfg, extra)
     todo = [split for split in fold_splits(rois, wanted, extra) if check(fold_stage(stage, split.fold), force, dry_run)]
     if todo:
         check_crops(cfg, stage, fold_crops(todo, cfg.model.context))

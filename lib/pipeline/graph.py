@@ -50,8 +50,10 @@ class Spec:
 
 
 # Where the data lives never decides a rerun, what it holds does: 00's inputs digest the JSON files and
-# the taxonomy table by content and the frame folders by names, sizes and content hashes.
-DATA_PATH_KEYS = ("!data.root", "!data.train_json", "!data.test_json", "!data.train_images", "!data.test_images", "!data.taxonomy_csv")
+# the taxonomy table by content and the frame folders by names, sizes and content hashes (the extra data's too, lib.data.extra).
+# data.extra_weight is read by the training stages only.
+DATA_PATH_KEYS = ("!data.root", "!data.train_json", "!data.test_json", "!data.train_images", "!data.test_images", "!data.taxonomy_csv",
+                  "!data.extra_dir", "!data.extra_weight")
 # How a run spreads over the GPUs changes no result (each fold trains alone either way, torchrun's global batch aside):
 # a fold trained fold-parallel is the fold a plain run would train.
 RUN_ONLY_KEYS = ("!train.multi_gpu",)
@@ -62,16 +64,16 @@ SPECS: dict[str, Spec] = {
     s.name: s
     for s in (
         Spec("00_prepare", "00_prepare_data.py", ("seed", "data", *DATA_PATH_KEYS, "prepare"), (),
-             ("rois.csv", "taxonomy.json", "crops_manifest.json")),
-        Spec("01_train", "01_train_folds.py", ("seed", "model", "head", "train", *RUN_ONLY_KEYS, *HOST_KEYS, "augment", "loss"),
+             ("rois.csv", "extra_rois.csv", "taxonomy.json", "crops_manifest.json")),
+        Spec("01_train", "01_train_folds.py", ("seed", "model", "head", "train", "data.extra_weight", *RUN_ONLY_KEYS, *HOST_KEYS, "augment", "loss"),
              ("00_prepare",),
              folds=True),
         Spec("02_pseudo", "02_pseudo_label.py", ("seed", "model", "head", "pseudo", "!pseudo.rounds", "!pseudo.weight_power", "tta",
                                                  "train.precision"),
              ("00_prepare", "01_train"),
              ("test_probs.npz", "pseudo_labels.csv")),
-        Spec("03_retrain", "03_retrain.py", ("seed", "model", "head", "train", *RUN_ONLY_KEYS, *HOST_KEYS, "augment", "loss", "retrain",
-                                                 "pseudo", "tta"),
+        Spec("03_retrain", "03_retrain.py", ("seed", "model", "head", "train", "data.extra_weight", *RUN_ONLY_KEYS, *HOST_KEYS, "augment",
+                                             "loss", "retrain", "pseudo", "tta"),
              ("00_prepare", "02_pseudo"),
              folds=True),
         Spec("04_submit", "04_infer_submit.py", ("seed", "model", "head", "submit", "tta", "train.precision"), ("00_prepare",),
@@ -196,6 +198,9 @@ def _prepare_inputs(cfg: Config) -> dict[str, str]:
         out[key] = file_digest(p[key]) if p[key].is_file() else "missing"
     for key in ("train_images", "test_images"):
         out[key] = dir_digest(p[key])
+    if cfg.data.extra:  # the extra data by content, like the competition's (lib.data.extra)
+        out["extra_json"] = file_digest(p["extra_json"]) if p["extra_json"].is_file() else "missing"
+        out["extra_images"] = dir_digest(p["extra_images"])
     return out
 
 

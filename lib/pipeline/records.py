@@ -83,6 +83,7 @@ NAMED_OBJECTS = _Kind("an object of objects", lambda v: isinstance(v, dict) and 
 RESULT_FIELDS: dict[str, _Kind] = {
     # 00
     "train_rois": INT, "test_rois": INT, "test_rois_without_crop": INT, "rejects": INT, "classes": INT, "crops": OBJECT,
+    "extra_rois": INT,
     # a fold; 01 and 03 (their CV summaries), 03's rounds
     "best_epoch": INT, "n_train": INT, "n_val": INT, "folds": INT, "oof_rows": INT, "fold_distance_mean": NUMBER,
     "fold_distance_std": NUMBER, "pseudo_rows": INT, "rounds": INT, "fold_root": TEXT,
