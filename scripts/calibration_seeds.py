@@ -61,7 +61,7 @@ def main(argv: list[str] | None = None) -> int:
             rows.append(opts)
             got = opts[(opts["model"] == result["option"]) & (opts["calibration"] == result["calibrate"])
                        & (opts["frame_context"] == result["frame_context"]) & (opts["test_prior"] == result["test_prior"])]
-            best = opts[[c for c in opts if c.startswith("test_")]].min().min()
+            best = float(opts[["test_argmax", "test_min_risk"]].astype(float).min().min())
             picks.append({"seed": seed, "variant": name, "pick": f"{result['option']} / {result['calibrate']} / {result['frame_context']}"
                           f" / {result['test_prior']} / {result['decode']}", "nested": result["oof_distance"],
                           "margin": result.get("margin"), "spread": result.get("spread"),

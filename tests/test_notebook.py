@@ -156,7 +156,7 @@ def test_the_notebook_runs_every_stage_headless_on_the_tiny_demo(tmp_path, monke
     assert (tmp_path / "working" / "submission.csv").read_bytes() == (exp / "04_submit" / "submission.csv").read_bytes()
     outputs = [o for c in notebook.cells if c.cell_type == "code" for o in c.outputs]
     text = "".join(o.get("text", "") for o in outputs if o.output_type == "stream")
-    for said in ("01_train", "03_retrain", "knn", "phase 1 CV distance", "precision           auto picks", "uploaded; logged in"):
+    for said in ("01_train", "03_retrain", "knn", "phase 1 CV distance", "precision           train.precision auto picks", "uploaded; logged in"):
         assert said in text, said
     assert "\r" in text  # the stages' progress bars came through
     for stage in ("01_train", "03_retrain"):  # each fold in its own process, the record written by the parent

@@ -218,7 +218,7 @@ def test_dry_run_names_the_changed_key_and_only_downstream(tiny, caplog):
 def test_blend_only_change_reuses_cached_probs(tiny, caplog):
     overrides, out, _ = tiny
     caplog.set_level(logging.INFO)
-    assert load_script("04_infer_submit.py").main(["--config", "configs/demo.yaml", *overrides, "submit.decode=argmax"]) == 0
+    assert load_script("04_infer_submit.py").main(["--config", "configs/demo.yaml", *overrides, "submit.decode=min_risk"]) == 0  # not the default
     assert "phase1 test probabilities from cache" in caplog.text
     assert "phase2 test probabilities from cache" in caplog.text
 
