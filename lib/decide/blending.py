@@ -265,12 +265,6 @@ def test_totals(totals: Sequence[float], tax: Taxonomy, key: str = "submit.test_
     return np.asarray(totals, dtype=np.float64)
 
 
-def shift(kind: str, probs: np.ndarray, train_prior: np.ndarray, totals: np.ndarray | None = None,
-          weights: np.ndarray | None = None) -> PriorShift:
-    """Label-shift correction of decoded probabilities (lib.decide.prior): none, em or balanced."""
-    return correct(kind, probs, train_prior, totals=totals, weights=weights)
-
-
 @dataclass(frozen=True)
 class Choice:
     """One option 04 can submit: a model (its name) or `blend <method>`, a calibration, frame context, prior correction
@@ -349,7 +343,7 @@ def blend_models(cfg: Config, models: Sequence[ModelProbs], tax: Taxonomy, train
         params = frame_params(cfg, ms, weights, t, oof, frames.oof, frames, cache)
         test = adjust(test, frames.test, params, frames.prior)
     prior = train_counts / train_counts.sum()
-    moved = shift(choice.test_prior, test, prior, test_totals(cfg.submit.test_totals, tax)) if choice.test_prior != "none" else None
+    moved = correct(choice.test_prior, test, prior, test_totals(cfg.submit.test_totals, tax)) if choice.test_prior != "none" else None
     if moved is not None:
         test = moved.probs
     if params is not None and frames is not None:

@@ -31,7 +31,6 @@ from lib.config import Config
 from lib.data.taxonomy import Taxonomy
 from lib.decide.blending import (
     BLENDS,
-    FITTED,
     PRIORS,
     Choice,
     ModelProbs,
@@ -43,12 +42,12 @@ from lib.decide.blending import (
     derived,
     frame_params,
     option_key,
-    shift,
     temperature_file,
     test_totals,
     weights_for,
 )
 from lib.decide.frame_context import FrameRows, adjust
+from lib.decide.prior import correct
 
 DECODES = ("argmax", "min_risk")
 
@@ -143,7 +142,7 @@ def evaluation_prior(cfg: Config, models: Sequence[ModelProbs], tax: Taxonomy, t
     dist = tax.distance_matrix()
     ms = calibrate_models(cfg, models, dist, "temperature", calibrator_file(cache))
     _, test, _ = blended(cfg, ms, np.full(len(ms), 1 / len(ms)), dist, "temperature", temperature_file(cache))
-    est = shift("em", test, train_prior).prior
+    est = correct("em", test, train_prior).prior
     n, c = len(test), len(est)
     pseudo = max(n / c, 1.0) * c  # pseudo-rows in all, spread as the train prior
     return (est * n + pseudo * np.asarray(train_prior, dtype=np.float64)) / (n + pseudo)
@@ -156,15 +155,15 @@ def row_weights(labels: np.ndarray, eval_prior: np.ndarray, train_prior: np.ndar
     return w / max(float(w.mean()), 1e-12)
 
 
-def _variants(cfg: Config, probs: np.ndarray, sib_fit: Any, fitted: np.ndarray, ms: Sequence[ModelProbs], w: np.ndarray,
-              t: float, frames: FrameRows | None, sib_apply: Any, cache: Path | None, prior: np.ndarray | None = None
-              ) -> list[tuple[str, np.ndarray, str]]:
-    """(frame context, probabilities, described parameters): as they are, and with frame context when frames are given."""
-    out = [("none", probs, "")]
+def _variants(cfg: Config, fitted: np.ndarray, sib_fit: Any, ms: Sequence[ModelProbs], w: np.ndarray, t: float,
+              frames: FrameRows | None, cache: Path | None, rows: Sequence[tuple[np.ndarray, Any, np.ndarray | None]]
+              ) -> list[tuple[str, list[np.ndarray], str]]:
+    """(frame context, each of `rows` (probabilities, their siblings, the placeholders' prior) under it, described
+    parameters): as they are, and, when frames are given, with frame context fitted once on `fitted` and applied to each."""
+    out = [("none", [p for p, _, _ in rows], "")]
     if frames is not None:
         params = frame_params(cfg, ms, w, t, fitted, sib_fit, frames, cache)
-        out.append(("stack", adjust(probs, sib_apply, params, prior) if prior is not None else adjust(probs, sib_apply, params),
-                    params.describe()))
+        out.append(("stack", [adjust(p, sib, params, prior) for p, sib, prior in rows], params.describe()))
     return out
 
 
@@ -174,11 +173,7 @@ def option_list(cfg: Config, ms: Sequence[ModelProbs], calibration: str, dist: n
     out: list[tuple[str, np.ndarray]] = [(m.name, np.eye(len(ms))[i]) for i, m in enumerate(ms)]
     if len(ms) > 1:
         for method in BLENDS:
-            if fold is not None and method not in FITTED:
-                w = weights_for(method, cfg, ms, dist, None)
-            else:
-                w = weights_for(method, cfg, ms, dist, cache_file(cache, method, calibration, fold))
-            out.append((f"blend {method}", w))
+            out.append((f"blend {method}", weights_for(method, cfg, ms, dist, cache_file(cache, method, calibration, fold))))
     return out
 
 
@@ -206,9 +201,9 @@ def nested_scores(cfg: Config, models: Sequence[ModelProbs], tax: Taxonomy, trai
             ms = calibrate_models(cfg, part, dist, calibration, calibrator_file(cache))
             for name, w in option_list(cfg, ms, calibration, dist, cache, int(k)):
                 fitted, held, t = blended(cfg, ms, w, dist, calibration, temperature_file(cache))
-                for context, probs, _ in _variants(cfg, held, sib_tr, fitted, ms, w, t, frames, sib_te, cache):
+                for context, (probs,), _ in _variants(cfg, fitted, sib_tr, ms, w, t, frames, cache, [(held, sib_te, None)]):
                     for prior in PRIORS:
-                        p = probs if prior == "none" else shift(prior, probs, train_prior, totals, weights[te]).probs
+                        p = probs if prior == "none" else correct(prior, probs, train_prior, totals, weights[te]).probs
                         for method in DECODES:
                             d = truth[np.arange(te.sum()), apply_decoding(cfg, p, tax, train_prior, dist, method)]
                             key = f"{option_key(name, calibration, context, prior)} {method}"
@@ -237,13 +232,13 @@ def compare(cfg: Config, models: Sequence[ModelProbs], tax: Taxonomy, train_prio
             shown = ms[int(np.flatnonzero(w)[0])].temperature if np.count_nonzero(w) == 1 else t
             base = {"model": name, "calibration": calibration, "temperature": round(shown, 4),
                     "weights": " ".join(f"{x:.2f}" for x in w)}
-            oofs = _variants(cfg, oof, frames.oof if frames else None, oof, ms, w, t, frames, frames.oof if frames else None, cache)
-            tests = _variants(cfg, test, frames.oof if frames else None, oof, ms, w, t, frames, frames.test if frames else None, cache,
-                              frames.prior if frames else None)
-            for (context, o, described), (_, te, _) in zip(oofs, tests):
+            variants = _variants(cfg, oof, frames.oof if frames else None, ms, w, t, frames, cache,
+                                 [(oof, frames.oof if frames else None, None),
+                                  (test, frames.test if frames else None, frames.prior if frames else None)])
+            for context, (o, te), described in variants:
                 for prior in PRIORS:
-                    o2 = o if prior == "none" else shift(prior, o, train_prior, totals).probs
-                    te2 = te if prior == "none" else shift(prior, te, train_prior, totals).probs
+                    o2 = o if prior == "none" else correct(prior, o, train_prior, totals).probs
+                    te2 = te if prior == "none" else correct(prior, te, train_prior, totals).probs
                     key = option_key(name, calibration, context, prior)
                     row: dict[str, Any] = {**base, "frame_context": context, "frame_params": described, "test_prior": prior}
                     test_labels[key] = {}
