@@ -160,6 +160,9 @@ class TinyNet(nn.Module):
     def forward(self, x, full=False, frames=None):
         return SimpleNamespace(logits=self.fc(x))
 
+    def loss(self, out, target, weight, base, soft=None):  # Net.loss without soft targets or a fusion's aux
+        return self.head_module.loss(out, target, weight, base)
+
 
 def fit_epoch(rows: int, batch: int, accumulate: int, epoch: int = 0, lr: float = 0.5):
     """One epoch of lib.engine.train.train_one_epoch on a fake kit (SGD, so the update is lr x the mean gradient):

@@ -30,11 +30,12 @@ from lib.config.schema import (
     TrackCfg,
     TrainCfg,
     TtaCfg,
+    ViewBackboneCfg,
     project_path,
 )
 
 __all__ = [
     "EXTRA_JSON", "NORMALIZABLE_HEADS", "PSEUDO_METHODS", "AugmentCfg", "Config", "ConfigError", "DataCfg", "DemoCfg", "EnsembleCfg", "HeadCfg",
-    "HeadName", "KnnCfg", "LossCfg", "LossName", "ModelCfg", "PrepareCfg", "PseudoCfg", "RetrainCfg", "SubmitCfg", "TrackCfg",
+    "HeadName", "KnnCfg", "LossCfg", "LossName", "ModelCfg", "PrepareCfg", "PseudoCfg", "RetrainCfg", "SubmitCfg", "TrackCfg", "ViewBackboneCfg",
     "TrainCfg", "TtaCfg", "dump_yaml", "flatten", "load_config", "parse_override", "project_path", "to_dict", "validate",
 ]

@@ -1,7 +1,9 @@
 """Value checks that types cannot express, across fields and sections; each failure is one sentence naming the fix."""
 from __future__ import annotations
 
-from lib.config.schema import PSEUDO_METHODS, AugmentCfg, Config, ConfigError, PseudoCfg, project_path
+from typing import Any
+
+from lib.config.schema import PSEUDO_METHODS, AugmentCfg, Config, ConfigError, ModelCfg, PseudoCfg, project_path
 from lib.modelref import ModelRef
 from lib.views import check_view_names
 
@@ -59,7 +61,34 @@ def _train_checks(cfg: Config) -> list[tuple[bool, str]]:
         (cfg.model.frame_width >= 1 and cfg.model.frame_width % cfg.model.frame_heads == 0,
          "model.frame_width must be a positive multiple of model.frame_heads"),
         (0.0 <= cfg.model.frame_dropout < 1.0, "model.frame_dropout must lie in [0, 1)"),
+        *_fusion_checks(cfg.model),
     ]
+
+
+def _fusion_checks(m: ModelCfg) -> list[tuple[bool, str]]:
+    """The context fusion and the views' own backbones (model.fusion, model.view_backbones)."""
+    named = [v for vb in m.view_backbones for v in vb.views]
+    out = [
+        (m.fusion_blocks >= 1 and m.fusion_heads >= 1, "model.fusion_blocks and model.fusion_heads must be at least 1"),
+        (0.0 <= m.fusion_dropout < 1.0, "model.fusion_dropout must lie in [0, 1)"),
+        (m.gate_aux_weight >= 0, "model.gate_aux_weight must be 0 or more"),
+        (m.fusion not in ("cross_attention", "entropy_gate") or len(m.context) > 1,
+         f"model.fusion {m.fusion} joins context views but model.context reads only the ROI; add views (e.g. [1, 3, full]) "
+         f"or set model.fusion: concat"),
+        ("1" not in named, "model.view_backbones may not name view 1: the ROI is read by model.backbone; name only context views"),
+        (len(set(named)) == len(named), "model.view_backbones names a view twice; give each view one backbone"),
+    ]
+    for i, vb in enumerate(m.view_backbones):
+        out += [
+            (len(vb.views) >= 1, f"model.view_backbones[{i}] reads no view; list its views (e.g. views: [full]) or remove it"),
+            (all(v in m.context for v in vb.views),
+             f"model.view_backbones[{i}] names views {[v for v in vb.views if v not in m.context]} that model.context does not "
+             f"read, so no input reaches that backbone; add them to model.context or remove them from its views"),
+            (vb.img_size >= 16, f"model.view_backbones[{i}].img_size must be at least 16"),
+            (0.0 <= vb.drop_path_rate < 1.0, f"model.view_backbones[{i}].drop_path_rate must lie in [0, 1)"),
+            (vb.lr_mult is None or vb.lr_mult >= 0, f"model.view_backbones[{i}].lr_mult must be null or 0 or more"),
+        ]
+    return out
 
 
 def _prepare_checks(cfg: Config) -> list[tuple[bool, str]]:
@@ -172,11 +201,13 @@ def validate(cfg: Config) -> None:
         check_view_names(cfg.tta.views)
     except ValueError as e:
         raise ConfigError(f"tta.views: {e}") from e
-    for key, value in (("model.pretrained_file", cfg.model.pretrained_file), ("knn.pretrained_file", cfg.knn.pretrained_file)):
-        section = key.split(".")[0]
-        if getattr(cfg, section).pretrained == "file" and not (value and project_path(value).is_file()):
-            raise ConfigError(f"{key} '{value}' is not a file; set it to a local weights file (absolute, or relative to "
-                              f"the project root) or change {section}.pretrained.")
+    files: list[tuple[str, Any]] = [("model", cfg.model), ("knn", cfg.knn)]
+    files += [(f"model.view_backbones[{i}]", vb) for i, vb in enumerate(cfg.model.view_backbones)]
+    for section, part in files:
+        value = part.pretrained_file
+        if part.pretrained == "file" and not (value and project_path(value).is_file()):
+            raise ConfigError(f"{section}.pretrained_file '{value}' is not a file; set it to a local weights file (absolute, or "
+                              f"relative to the project root) or change {section}.pretrained.")
 
 
 def _model_ok(name: str, rounds: int) -> bool:

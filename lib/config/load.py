@@ -37,6 +37,8 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
         f"Config key '{key}' must be {_type_name(tp)}, got {value!r} ({type(value).__name__}); "
         f"fix it in the YAML file or the command line."
     )
+    if isinstance(tp, type) and dataclasses.is_dataclass(tp):  # an item of a list of sections (model.view_backbones)
+        return _build(tp, value, f"{key}.")
     if origin is Literal:
         if value not in typing.get_args(tp):
             choices = [str(a) for a in typing.get_args(tp)]

@@ -135,6 +135,20 @@ class PrepareCfg:
 
 
 @dataclass
+class ViewBackboneCfg:
+    """A second network for some context views (`model.view_backbones`), as the 2nd place read the full frame with its own
+    EfficientNetV2-S at 384 px beside the ROI's EfficientNetV2-M at 224 (lib.model.streams)."""
+
+    views: list[str] = field(default_factory=list)  # the views of model.context it reads (never 1: the ROI is model.backbone's)
+    backbone: str = "tf_efficientnet_lite0"
+    pretrained: Literal["none", "hub", "file", "pypi_lite0"] = "none"
+    pretrained_file: str = ""
+    img_size: int = 64  # its views are resized to this on the device (the loader reads every view at the largest size)
+    drop_path_rate: float = 0.0
+    lr_mult: float | None = None  # its learning rate over the head's; null = train.backbone_lr_mult
+
+
+@dataclass
 class ModelCfg:
     """Backbone and head. `pretrained`: none | hub | file | pypi_lite0 (offline tf_efficientnet_lite0)."""
 
@@ -146,7 +160,21 @@ class ModelCfg:
     # Views read per ROI through the shared backbone: 1 = the ROI crop, a number = that context
     # scale of prepare.context_scales, full = the whole frame. [1] reads the ROI alone.
     context: list[str] = field(default_factory=lambda: ["1"])
-    fusion: Literal["concat", "attention"] = "concat"
+    # How the views' features join (lib.model.fusion): concat; attention (the ROI's pooled feature attends to the views'
+    # pooled features); cross_attention (1st place's MCEAM: the ROI token queries each context view's patch tokens, a CNN's
+    # final feature map flattened to tokens); entropy_gate (2nd place: each view's own prediction weighted by its confidence).
+    fusion: Literal["concat", "attention", "cross_attention", "entropy_gate"] = "concat"
+    fusion_blocks: int = 1  # cross_attention: attention blocks per context view (MATANet used 4)
+    fusion_heads: int = 8  # cross_attention: heads (the feature size must split into them; fewer are used if it does not)
+    fusion_dropout: float = 0.0  # cross_attention: dropout in the attention and its MLP (MATANet used 0.3)
+    gate_aux_weight: float = 0.5  # entropy_gate: weight of each view's own cross-entropy beside the head's loss
+    # Context views read by networks of their own (ViewBackboneCfg); views not named here go through `backbone`.
+    view_backbones: list[ViewBackboneCfg] = field(default_factory=list)
+
+    @property
+    def input_size(self) -> int:
+        """The side the loader reads every view at: the largest any backbone reads (lib.model.streams shrinks the others')."""
+        return max([self.img_size, *(vb.img_size for vb in self.view_backbones)])
     # What the other ROIs of the same frame add (lib.model.frame_attention): none = each ROI alone; attention = a
     # set-attention layer over the features of all ROIs of one frame, before the head (training and inference
     # then batch whole frames: lib.data.samplers.FrameBatchSampler; mixup/cutmix mix within a frame).

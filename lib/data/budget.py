@@ -130,7 +130,7 @@ def plan_loaders(cfg: Config, cores: int, ram_bytes: int, shm_bytes: int, proces
             raise ConfigError(f"train.num_workers {workers} asks for more loader workers than the {per} cores this process may use "
                               f"({cores} cores shared by {host.processes} process{'es' if host.processes > 1 else ''}); "
                               f"set train.num_workers: auto or at most {per}.")
-    views, size = len(cfg.model.context), cfg.model.img_size
+    views, size = len(cfg.model.context), cfg.model.input_size
     prefetch = PREFETCH_FACTOR if workers else 0
     train_batch = max(1, t.batch_size // max(1, world))
 

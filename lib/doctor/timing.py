@@ -106,7 +106,7 @@ def _batch(cfg: Config, rows: int, device: Any) -> tuple[Any, Any, Any, Any]:
     """Random inputs shaped as the config's loader gives them: (x, labels, weights, frame ids or None)."""
     import torch
 
-    views, size = len(cfg.model.context), cfg.model.img_size
+    views, size = len(cfg.model.context), cfg.model.input_size
     shape = (rows, views, 3, size, size) if views > 1 else (rows, 3, size, size)
     x = torch.randn(shape, device=device)
     frames = torch.arange(rows, device=device) // 3 if cfg.model.frame_context == "attention" else None  # ~3 ROIs a frame
@@ -206,7 +206,7 @@ def measure_loading(cfg: Config, seconds: float = 1.0) -> tuple[float, float]:
         mean, std = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
         out = []
         for train in (True, False):
-            tf = build_transforms(cfg.model.img_size, train=train, mean=mean, std=std, aug=cfg.augment, n_views=views)
+            tf = build_transforms(cfg.model.input_size, train=train, mean=mean, std=std, aug=cfg.augment, n_views=views)
             ds = CropDataset(paths, transform=tf)
             out.append(_timed(_reader(ds), seconds, lambda: None, max_reps=400))
     return out[0], out[1]

@@ -254,7 +254,7 @@ def predict_folds_tta(fold_dirs: Sequence, inputs: Sequence, cfg, taxonomy, devi
     log.info("predicting with %d fold model(s) on %s", len(fold_dirs), describe_device(device, cfg.train.precision))
     inputs = list(inputs)
     n_views = len(inputs[0]) if inputs and isinstance(inputs[0], (tuple, list)) else 1
-    fits = len(fold_dirs) > 1 and len(inputs) * n_views * 3 * cfg.model.img_size ** 2 * 4 <= DECODED_CAP_BYTES
+    fits = len(fold_dirs) > 1 and len(inputs) * n_views * 3 * cfg.model.input_size ** 2 * 4 <= DECODED_CAP_BYTES
     decoded: tuple[tuple, list] | None = None  # ((mean, std), the loader's batches) once decoded
     loader = plan_here(cfg, on_cpu=device.type != "cuda", testlike=False).get("predict")
     out: dict[str, list[np.ndarray]] = {}
@@ -264,7 +264,7 @@ def predict_folds_tta(fold_dirs: Sequence, inputs: Sequence, cfg, taxonomy, devi
         if decoded is not None and decoded[0] == (tuple(mean), tuple(std)):
             batches: Iterable[Any] = decoded[1]
         else:
-            batches = make_loader(inputs, img_size=cfg.model.img_size, mean=mean, std=std, batch_size=loader.batch,
+            batches = make_loader(inputs, img_size=cfg.model.input_size, mean=mean, std=std, batch_size=loader.batch,
                                   num_workers=loader.workers, prefetch=loader.prefetch, device=device, frames=frames if grouped else None)
             if fits:
                 batches = list(batches)

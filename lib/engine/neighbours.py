@@ -52,17 +52,17 @@ def embeddings(cfg: Config, stage: Stage, paths: list[str], tax: Taxonomy,
     log.info("%s: embedding on %s", stage.name, describe_device(device, cfg.train.precision))
     if k.source == "backbone":
         key = f"{inputs['00_prepare']}|{k.backbone}|{k.pretrained}|{k.pretrained_file}|{k.img_size}|{cfg.train.precision}"
-        compute = lambda: embed(build_model(k.backbone, 0, k.pretrained, k.pretrained_file, section="knn").to(device),
+        compute = lambda: embed(build_model(k.backbone, 0, k.pretrained, k.pretrained_file, section="knn", img_size=k.img_size).to(device),
                                 k.img_size, "embed")
         arrays, hit = cached_npz(stage.dir / "embeddings.npz", key, compute)
         log.info("%s: %s embeddings %s", stage.name, k.backbone, "from cache" if hit else "computed")
         yield None, arrays["embeddings"]
         return
     for fold, d in enumerate(graph.fold_dirs(cfg, "01_train")):
-        key = f"{inputs['00_prepare']}|{inputs['01_train']}|{d.name}|{cfg.model.img_size}|{cfg.train.precision}"
+        key = f"{inputs['00_prepare']}|{inputs['01_train']}|{d.name}|{cfg.model.input_size}|{cfg.train.precision}"
 
         def compute(d: Path = d) -> dict:
-            return embed(load_fold_model(d, cfg, tax, device), cfg.model.img_size, f"embed {d.name}",
+            return embed(load_fold_model(d, cfg, tax, device), cfg.model.input_size, f"embed {d.name}",
                          frames if cfg.model.frame_context == "attention" else None)
 
         arrays, hit = cached_npz(stage.dir / f"embeddings_{d.name}.npz", key, compute)

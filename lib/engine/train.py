@@ -15,7 +15,7 @@ import math
 import random
 import time
 from dataclasses import dataclass
-from typing import Any, cast
+from typing import Any, Sequence, cast
 
 import numpy as np
 import pandas as pd
@@ -32,7 +32,7 @@ from lib.data.augment import build_transforms
 from lib.data.budget import LoaderPlan, plan_here
 from lib.data.context import frame_ids, model_inputs
 from lib.data.dataset import CropDataset, EpochBatches, EpochSampler, make_loader, make_train_loader
-from lib.data.mix import mix_batch, soft_target_loss
+from lib.data.mix import mix_batch
 from lib.data.samplers import FRAME_SAMPLER_NOTE, FrameBatchSampler, build_sampler
 from lib.data.taxonomy import RANKS, Taxonomy
 from lib.decide.metric import score_labels
@@ -132,7 +132,7 @@ def fit_fold(cfg: Config, split: FoldSplit, taxonomy: Taxonomy, stage: Stage, ep
         if main:
             log.warning("%s; training %s again from scratch", lost, stage.name)
         return fit_fold(cfg, split, taxonomy, stage, epochs, stop_after, fresh=True)
-    return finish(kit, stage, progress, n_val=len(split.val)) if main else None
+    return finish(kit, stage, progress, n_val=len(split.val), views=cfg.model.context) if main else None
 
 
 def end_epoch(kit: FoldKit, cfg: Config, split: FoldSplit, taxonomy: Taxonomy, stage: Stage, progress: Progress, epoch: int,
@@ -226,7 +226,7 @@ def build_kit(cfg: Config, split: FoldSplit, taxonomy: Taxonomy, epochs: int) ->
     optimizer = build_optimizer(model, t, cfg.model.backbone)
     ema = Ema(model, t.ema_decay) if t.ema_decay > 0 else None
     views, by_frame = cfg.model.context, cfg.model.frame_context == "attention"
-    train_tf = build_transforms(cfg.model.img_size, train=True, mean=mean, std=std, aug=cfg.augment, n_views=len(views))
+    train_tf = build_transforms(cfg.model.input_size, train=True, mean=mean, std=std, aug=cfg.augment, n_views=len(views))
     ds = CropDataset(model_inputs(split.train, views), split.train["label"], split.train["weight"], transform=train_tf,
                      frames=frame_ids(split.train) if by_frame else None)
     has_testlike = "testlike_path" in split.val and bool((split.val["testlike_path"].fillna("") != "").all())
@@ -234,7 +234,7 @@ def build_kit(cfg: Config, split: FoldSplit, taxonomy: Taxonomy, epochs: int) ->
     if ddp.is_main():
         log.info("loaders: %s", plan.line())
     val = plan.get("val")
-    eval_loader = functools.partial(make_loader, img_size=cfg.model.img_size, mean=mean, std=std, batch_size=val.batch,
+    eval_loader = functools.partial(make_loader, img_size=cfg.model.input_size, mean=mean, std=std, batch_size=val.batch,
                                     num_workers=val.workers, device=device, persistent=True, prefetch=val.prefetch,
                                     frames=frame_ids(split.val) if by_frame else None)
     val_loader, testlike_loader = eval_loader(model_inputs(split.val, views)), None
@@ -292,9 +292,8 @@ def train_one_epoch(kit: FoldKit, cfg: Config, split: FoldSplit, name: str, epoc
             with autocast(kit.device, kit.precision):
                 out = kit.train_model(channels_last(x), full=True, frames=frames)
             # Mixed (soft) targets train the leaf logits with soft cross-entropy; one-hot batches use the head's loss.
-            soft = y_soft is not None and not a.mix_same_leaf
-            loss = soft_target_loss(out.logits, y_soft.to(kit.device), w) if soft and y_soft is not None else \
-                kit.model.head_module.loss(out, y, w, kit.criterion)
+            soft = y_soft.to(kit.device) if y_soft is not None and not a.mix_same_leaf else None
+            loss = kit.model.loss(out, y, w, kit.criterion, soft)
             scaled = loss / group  # the group's gradient is the mean of its micro-batches'
             (kit.scaler.scale(scaled) if kit.scaler is not None else scaled).backward()
         pending.append(loss.detach())
@@ -410,13 +409,18 @@ def add_testlike(kit: FoldKit, split: FoldSplit, metrics: dict[str, float], arra
 # ----------------------------------------------------------------------------- end of a fold
 
 
-def finish(kit: FoldKit, stage: Stage, progress: Progress, n_val: int) -> FoldResult:
-    """history.csv and curves.png of a finished fold; the result its record.json keeps."""
+def finish(kit: FoldKit, stage: Stage, progress: Progress, n_val: int, views: Sequence[str] = ("1",)) -> FoldResult:
+    """history.csv and curves.png of a finished fold (and attention.npz/png under cross_attention); the result its record.json keeps."""
     with atomic_path(stage.dir / "history.csv") as tmp:
         pd.DataFrame(progress.history).to_csv(tmp, index=False)
     from lib.report.plots import plot_history
 
     plot_history(pd.DataFrame(progress.history), stage.dir / "curves.png", title=stage.name)
+    if getattr(kit.model.fusion, "needs_tokens", False):  # cross_attention: where the ROIs of one validation batch looked
+        from lib.report.attention import write_attention
+
+        batch = next(iter(kit.val_loader))
+        write_attention(kit.judged, batch[0][:8].to(kit.device), views, stage.dir)
     best = progress.best
     return FoldResult(best["epoch"], {k: v for k, v in best.items() if k.startswith("val_")}, len(kit.ds), n_val,
                       validated_epochs=tuple(int(r["epoch"]) for r in progress.history if "val_distance" in r),

@@ -29,29 +29,39 @@ def param_groups(model: nn.Module, lr: float, weight_decay: float, backbone_lr_m
     A freshly initialised head needs a larger step than pretrained features, which a large step
     would wreck; decaying biases and normalisation scales only hurts (they set offsets, not capacity).
     Layer decay carries that further inside the backbone: early layers hold the most general features.
+    A Net's view backbones (model.view_backbones) are backbones too: each at its own `lr_mult`
+    (Net.view_lr_mults; None = `backbone_lr_mult`), layer-decayed by its own layer groups.
     """
     head = head_module(model)
     head_ids = {id(p) for p in head.parameters()} if head is not None else set()
-    for name in ("fusion", "frame_attention"):  # context fusion and frame attention are new too: they learn at the head's rate
+    for name in ("fusion", "frame_attention", "view_proj"):  # fusion, frame attention, projections are new: the head's rate
         part = getattr(model, name, None)
         if isinstance(part, nn.Module):
             head_ids |= {id(p) for p in part.parameters()}
-    layered = layer_decay < 1.0
-    backbone = getattr(model, "backbone", model)
-    scales = layer_scales(backbone, layer_decay, backbone_name) if layered else {}
-    top = max(scales.values(), default=(0, 1.0))  # a backbone-side module outside `backbone` learns as its top layer
-    groups: dict[tuple[bool, bool, int], list] = {}
+    backbones = [(getattr(model, "backbone", model), backbone_lr_mult, backbone_name)]
+    names = getattr(model, "view_backbone_names", [])
+    for i, (vb, mult) in enumerate(zip(getattr(model, "view_backbones", []), getattr(model, "view_lr_mults", []))):
+        backbones.append((vb, backbone_lr_mult if mult is None else mult, names[i] if i < len(names) else ""))
+    rate: dict[int, tuple[int, int, float]] = {}  # id(p) -> (stream, layer or -1, lr multiplier)
+    for stream, (module, mult, name) in enumerate(backbones):
+        scales = layer_scales(module, layer_decay, name) if layer_decay < 1.0 else {}
+        top = max(scales.values(), default=(-1, 1.0))  # a parameter outside the groups learns as the top layer
+        for p in module.parameters():
+            layer, scale = scales.get(id(p), top)
+            rate.setdefault(id(p), (stream, layer, mult * scale))
+    groups: dict[tuple[bool, int, int, bool], list] = {}
     for p in model.parameters():
         if not p.requires_grad:
             continue
         is_head = id(p) in head_ids
-        key = (is_head, p.ndim <= 1, -1 if is_head or not layered else scales.get(id(p), top)[0])
-        groups.setdefault(key, []).append(p)
+        stream, layer, _ = (-1, -1, 1.0) if is_head else rate.get(id(p), (0, -1, backbone_lr_mult))
+        groups.setdefault((is_head, stream, layer, p.ndim <= 1), []).append(p)
     out = []
-    for (is_head, no_decay, layer), params in sorted(groups.items()):
-        base = lr if is_head else lr * backbone_lr_mult * (scales.get(id(params[0]), top)[1] if layer >= 0 else 1.0)
+    for (is_head, stream, layer, no_decay), params in sorted(groups.items()):
+        base = lr if is_head else lr * rate.get(id(params[0]), (0, -1, backbone_lr_mult))[2]
+        part = "head" if is_head else ("backbone" if stream == 0 else f"view_backbone{stream - 1}")
         out.append({"params": params, "lr": base, "base_lr": base, "weight_decay": 0.0 if no_decay else weight_decay,
-                    "name": f"{'head' if is_head else 'backbone'}{f'_layer{layer}' if layer >= 0 else ''}{'_no_decay' if no_decay else ''}"})
+                    "name": f"{part}{f'_layer{layer}' if layer >= 0 else ''}{'_no_decay' if no_decay else ''}"})
     return out
 
 

@@ -283,11 +283,14 @@ def preflight(cfg: Config, name: str, frames: bool = True) -> None:
     if section:
         import timm
 
-        backbone = getattr(cfg, section).backbone
-        if not timm.is_model(backbone):
-            near = difflib.get_close_matches(backbone, timm.list_models(), n=1, cutoff=0.6)
-            hint = f" (did you mean '{near[0]}'?)" if near else ""
-            raise ConfigError(f"{section}.backbone '{backbone}' is not a timm model{hint}; pick a name from timm.list_models().")
+        named = [(f"{section}.backbone", getattr(cfg, section).backbone)]
+        if section == "model":
+            named += [(f"model.view_backbones[{i}].backbone", vb.backbone) for i, vb in enumerate(cfg.model.view_backbones)]
+        for key, backbone in named:
+            if not timm.is_model(backbone):
+                near = difflib.get_close_matches(backbone, timm.list_models(), n=1, cutoff=0.6)
+                hint = f" (did you mean '{near[0]}'?)" if near else ""
+                raise ConfigError(f"{key} '{backbone}' is not a timm model{hint}; pick a name from timm.list_models().")
 
 
 def lock(cfg: Config, name: str, shared: bool = False) -> None:
