@@ -247,6 +247,9 @@ def _augment_checks(a: AugmentCfg) -> list[tuple[bool, str]]:
          "augment.r_shift, g_shift and b_shift must each be [low, high] with -255 <= low <= high <= 255"),
         (len(a.downscale_range) == 2 and 0 < a.downscale_range[0] <= a.downscale_range[1] <= 1,
          "augment.downscale_range must be [low, high] with 0 < low <= high <= 1"),
+        (len(a.frame_resample_range) == 2 and 0 < a.frame_resample_range[0] <= a.frame_resample_range[1] <= 1,
+         f"augment.frame_resample_range must be [low, high] with 0 < low <= high <= 1 (the frame's scale factors), "
+         f"got {a.frame_resample_range}"),
         (a.mixup_alpha >= 0 and a.cutmix_alpha >= 0, "augment.mixup_alpha and augment.cutmix_alpha must be 0 (off) or more"),
     ]
 

@@ -287,6 +287,9 @@ class AugmentCfg:
     rain: float = 0.0  # streaks, a stand-in for marine snow
     downscale: float = 0.4
     downscale_range: list[float] = field(default_factory=lambda: [0.3, 0.9])
+    # the 1st place's (MATANet) whole-frame resampling: per sample, the frame down by f ~ U(range) and back, every view alike
+    frame_resample: float = 0.0  # probability per sample (lib.data.resample); 0 = off
+    frame_resample_range: list[float] = field(default_factory=lambda: [0.01, 1.0])
     mixup_alpha: float = 0.0  # 0 = off
     cutmix_alpha: float = 0.0  # 0 = off
     mix_prob: float = 0.5  # chance a batch is mixed when either alpha > 0
@@ -295,7 +298,7 @@ class AugmentCfg:
     def probabilities(self) -> dict[str, float]:
         """Every probability-valued setting by name (validated to lie in [0, 1])."""
         names = ("hflip", "vflip", "affine", "brightness_contrast", "clahe", "hue_saturation", "rgb_shift", "blur",
-                 "grid_distortion", "elastic", "coarse_dropout", "fog", "rain", "downscale", "mix_prob")
+                 "grid_distortion", "elastic", "coarse_dropout", "fog", "rain", "downscale", "frame_resample", "mix_prob")
         return {n: getattr(self, n) for n in names}
 
     @property

@@ -67,11 +67,13 @@ class FrameJob:
 
 @dataclass
 class FrameCrops:
-    """What one frame's job gave: an error or '' per box, and each crop file written with its size and digest
-    (carried back from the worker, so 00's manifest never reads a crop again)."""
+    """What one frame's job gave: an error or '' per box, each crop file written with its size and digest
+    (carried back from the worker, so 00's manifest never reads a crop again), and the decoded frame's
+    (width, height) (None when it could not be decoded): rois.csv's frame_w, frame_h."""
 
     errors: list[str]
     files: dict[Path, CropFile] = field(default_factory=dict)
+    frame_size: tuple[int, int] | None = None
 
 
 def roi_window(bbox: Box, width: int, height: int, pad: float, square: bool) -> tuple[int, int, int, int] | None:
@@ -212,7 +214,7 @@ def crop_one_frame(frame: np.ndarray, jobs: Sequence[BoxJob], spec: CropSpec) ->
                 continue
             written[dst] = write_png(dst, img)  # a failed write stops the stage (one sentence): the disk's fault, not the box's
         errors.append("")
-    return FrameCrops(errors, written)
+    return FrameCrops(errors, written, (int(frame.shape[1]), int(frame.shape[0])))
 
 
 def decode_frame(path: Path, max_pixels: int | None) -> np.ndarray | str:

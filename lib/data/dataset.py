@@ -23,6 +23,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler, get_worker_info
 
 from lib.data.augment import build_transforms
 from lib.data.budget import PREFETCH_FACTOR
+from lib.data.resample import FrameResample
 from lib.data.samplers import FrameBatchSampler
 
 
@@ -39,18 +40,23 @@ class CropDataset(Dataset):
     An item of `paths` may be a tuple of view paths (ROI first, then its context crops): the
     views then get the same random augmentation (albumentations additional targets, built by
     `build_transforms(..., n_views=V)`) and come back stacked as one (V, 3, H, W) tensor.
-    With `frames` (one frame id per row), items end with the row's frame id and its index.
+    With `frames` (one frame id per row), items end with the row's frame id and its index. With `resample`
+    (training only: `augment.frame_resample`, lib.data.resample), a row's views are first resampled by one
+    whole-frame factor, before the transform.
     """
 
     def __init__(self, paths: Sequence, labels: Sequence[int] | None = None, weights: Sequence[float] | None = None, transform=None,
-                 frames: np.ndarray | None = None):
+                 frames: np.ndarray | None = None, resample: FrameResample | None = None):
         self.paths = list(paths)
         self.labels = np.asarray(labels if labels is not None else [-1] * len(self.paths), dtype=np.int64)
         self.weights = np.asarray(weights if weights is not None else [1.0] * len(self.paths), dtype=np.float32)
         self.frames = None if frames is None else np.asarray(frames, dtype=np.int64)
         if self.frames is not None and len(self.frames) != len(self.paths):
             raise ValueError(f"{len(self.frames)} frame ids for {len(self.paths)} crops; give one frame id per crop.")
+        if resample is not None and len(resample.extents) != len(self.paths):
+            raise ValueError(f"{len(resample.extents)} rows of frame extents for {len(self.paths)} crops; give one per crop.")
         self.transform = transform
+        self.resample = resample
         self._epoch_seed: int | None = None  # the epoch a loader worker last reseeded itself for
 
     def __len__(self) -> int:
@@ -78,11 +84,15 @@ class CropDataset(Dataset):
             imgs = [read_rgb(p) for p in item]
             h, w = imgs[0].shape[:2]
             imgs = [im if im.shape[:2] == (h, w) else cv2.resize(im, (w, h), interpolation=cv2.INTER_AREA) for im in imgs]
+            if self.resample is not None:
+                imgs = self.resample(imgs, i)
             if self.transform is None:
                 return i, torch.stack([torch.from_numpy(im) for im in imgs])
             out = self.transform(image=imgs[0], **{f"image{v}": im for v, im in enumerate(imgs[1:], 1)})
             return i, torch.stack([out["image"], *(out[f"image{v}"] for v in range(1, len(imgs)))])
         img = read_rgb(item)
+        if self.resample is not None:
+            img = self.resample([img], i)[0]
         if self.transform is not None:
             img = self.transform(image=img)["image"]
         return i, img

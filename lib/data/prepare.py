@@ -35,7 +35,9 @@ log = logging.getLogger("pipeline")
 
 
 EXTRA_ROIS = "extra_rois.csv"  # extra training rows (data.extra): train only, never in a validation fold
-BASE_COLUMNS = ["split", "annotation_id", "image_id", "label", "concept_name", "fold", "x", "y", "w", "h", "crop_path", "ok"]
+# frame_w, frame_h: the decoded frame's size (empty where it could not be decoded); lib.data.resample reads them
+BASE_COLUMNS = ["split", "annotation_id", "image_id", "label", "concept_name", "fold", "x", "y", "w", "h", "frame_w", "frame_h",
+                "crop_path", "ok"]
 
 
 @dataclass
@@ -194,6 +196,8 @@ def _crop_split(split: str, rows: list[dict], by_frame: dict[Path, list[int]], s
     rejects = []
     for idx, res in zip(by_frame.values(), results):
         for i, err in zip(idx, res.errors):
+            if res.frame_size is not None:
+                rows[i]["frame_w"], rows[i]["frame_h"] = res.frame_size
             if err:
                 rows[i]["ok"] = 0
                 rejects.append({"split": split, "annotation_id": rows[i]["annotation_id"], "image_id": rows[i]["image_id"], "reason": err})

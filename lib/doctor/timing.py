@@ -193,6 +193,7 @@ def measure_loading(cfg: Config, seconds: float = 1.0) -> tuple[float, float]:
 
     from lib.data.augment import build_transforms
     from lib.data.dataset import CropDataset
+    from lib.data.resample import FrameResample
 
     views, side = len(cfg.model.context), cfg.prepare.crop_size
     rng = np.random.default_rng(0)
@@ -207,7 +208,11 @@ def measure_loading(cfg: Config, seconds: float = 1.0) -> tuple[float, float]:
         out = []
         for train in (True, False):
             tf = build_transforms(cfg.model.input_size, train=train, mean=mean, std=std, aug=cfg.augment, n_views=views)
-            ds = CropDataset(paths, transform=tf)
+            resample = None  # augment.frame_resample, native sizes unknown here (the crop's own factor: the same work)
+            if train and cfg.augment.frame_resample > 0:
+                lo, hi = cfg.augment.frame_resample_range
+                resample = FrameResample(cfg.augment.frame_resample, lo, hi, np.full((len(paths), views, 2), np.nan))
+            ds = CropDataset(paths, transform=tf, resample=resample)
             out.append(_timed(_reader(ds), seconds, lambda: None, max_reps=400))
     return out[0], out[1]
 

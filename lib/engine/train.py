@@ -33,6 +33,7 @@ from lib.data.budget import LoaderPlan, plan_here
 from lib.data.context import frame_ids, model_inputs
 from lib.data.dataset import CropDataset, EpochBatches, EpochSampler, make_loader, make_train_loader
 from lib.data.mix import mix_batch
+from lib.data.resample import frame_resample
 from lib.data.samplers import FRAME_SAMPLER_NOTE, FrameBatchSampler, build_sampler
 from lib.data.taxonomy import RANKS, Taxonomy
 from lib.decide.metric import score_labels
@@ -228,7 +229,8 @@ def build_kit(cfg: Config, split: FoldSplit, taxonomy: Taxonomy, epochs: int) ->
     views, by_frame = cfg.model.context, cfg.model.frame_context == "attention"
     train_tf = build_transforms(cfg.model.input_size, train=True, mean=mean, std=std, aug=cfg.augment, n_views=len(views))
     ds = CropDataset(model_inputs(split.train, views), split.train["label"], split.train["weight"], transform=train_tf,
-                     frames=frame_ids(split.train) if by_frame else None)
+                     frames=frame_ids(split.train) if by_frame else None,
+                     resample=frame_resample(split.train, views, cfg.augment, cfg.prepare))  # training only: eval never resamples
     has_testlike = "testlike_path" in split.val and bool((split.val["testlike_path"].fillna("") != "").all())
     plan = plan_here(cfg, on_cpu=device.type != "cuda", world=world, testlike=has_testlike)
     if ddp.is_main():
