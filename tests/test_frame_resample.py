@@ -199,3 +199,26 @@ def test_config_keys_and_defaults():
 def test_config_errors(override, msg):
     with pytest.raises(ConfigError, match=msg):
         load_config(None, [override])
+
+
+# ----------------------------------------------------------------------------- the training rows carry their geometry
+
+
+def test_training_rows_carry_box_and_frame_size(tmp_path):
+    """fold_splits and 03's pseudo-labelled rows keep the columns the native extents come from; validation needs none."""
+    from lib.engine.folds import fold_splits
+    from lib.engine.selftrain import pseudo_rows
+
+    geo = {"x": [10.0, 20, 30, 40], "y": [5.0, 6, 7, 8], "w": [50.0, 40, 30, 20], "h": [30.0, 30, 30, 30],
+           "frame_w": [1920.0] * 4, "frame_h": [1080.0] * 4}
+    rois = pd.DataFrame({"split": ["train", "train", "train", "test"], "ok": 1, "annotation_id": [0, 1, 2, 3],
+                         "image_id": [1, 1, 2, 3], "label": [0, 1, 0, -1], "fold": [0, 1, 1, -1],
+                         "crop_path": ["c0", "c1", "c2", "c3"], **geo})
+    (tmp_path / "p.csv").write_text("annotation_id,label,weight,source\n3,1,0.5,confidence\n")
+    extra = pseudo_rows(load_config(None, []), tmp_path / "p.csv", rois)
+    assert extra[["x", "w", "frame_w"]].values.tolist() == [[40.0, 20.0, 1920.0]]
+    split = fold_splits(rois, [0], extra)[0]
+    got = native_extents(split.train, ["1", "full"], 0.1, True)
+    np.testing.assert_allclose(got[:, 1], [[1920, 1920]] * 3)  # rows 1, 2 and the pseudo-labelled test row
+    np.testing.assert_allclose(got[:, 0, 0], [48, 36, 36])  # longer sides 40, 30, 30 padded by 20%
+    assert "frame_w" not in split.val

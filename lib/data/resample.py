@@ -34,6 +34,7 @@ from lib.data.crops import roi_window
 log = logging.getLogger("pipeline")
 
 Extent = tuple[float, float]  # frame pixels (width, height) a stored crop spans
+GEOMETRY = ("x", "y", "w", "h", "frame_w", "frame_h")  # the rois.csv columns it reads: training rows carry them along
 
 
 def native_extent(view: str, box: tuple[float, float, float, float] | None, frame: tuple[float, float] | None,

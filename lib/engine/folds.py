@@ -25,6 +25,7 @@ from lib.core.locks import locked
 from lib.data import manifest
 from lib.data.artifacts import load_extra
 from lib.data.context import view_column
+from lib.data.resample import GEOMETRY
 from lib.data.taxonomy import Taxonomy
 from lib.engine.results import CVSummary
 from lib.engine.train import FoldSplit, evaluate, fit_fold
@@ -48,11 +49,12 @@ def fold_splits(rois: pd.DataFrame, folds: list[int], extra: pd.DataFrame | None
     train = rois[(rois["split"] == "train") & (rois["ok"] == 1)].assign(weight=1.0)
     views = [c for c in train.columns if c.endswith("_path") and c != "testlike_path"]  # the ROI and every context crop
     frame = [c for c in ("split", "image_id") if c in train]
+    geometry = [c for c in GEOMETRY if c in train]  # box and frame size: augment.frame_resample's native pixels
     out = []
     for k in folds:
-        tr = train[train["fold"] != k][views + ["label", "weight"] + frame]
+        tr = train[train["fold"] != k][views + ["label", "weight"] + frame + geometry]
         if extra is not None and len(extra):
-            tr = pd.concat([tr, extra[[c for c in views + frame if c in extra] + ["label", "weight"]]], ignore_index=True)
+            tr = pd.concat([tr, extra[[c for c in views + frame + geometry if c in extra] + ["label", "weight"]]], ignore_index=True)
         cols = ["annotation_id", "label"] + views + (["testlike_path"] if "testlike_path" in train else []) + frame
         val = train[train["fold"] == k][cols].reset_index(drop=True)
         out.append(FoldSplit(fold=k, train=tr.reset_index(drop=True), val=val))

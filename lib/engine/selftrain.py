@@ -20,6 +20,7 @@ import pandas as pd
 
 from lib.config import Config
 from lib.data.artifacts import Prepared
+from lib.data.resample import GEOMETRY
 from lib.decide.frame_context import FrameIndex
 from lib.engine.folds import cv_summary, run_folds
 from lib.engine.members import Member, load_members
@@ -35,11 +36,11 @@ log = logging.getLogger("pipeline")
 
 
 def pseudo_rows(cfg: Config, pseudo_csv: Path, rois: pd.DataFrame) -> pd.DataFrame:
-    """A round's extra training rows: its pseudo-labels with their test ROIs' crop paths and frames (split, image_id), weights
-    raised to pseudo.weight_power."""
+    """A round's extra training rows: its pseudo-labels with their test ROIs' crop paths, frames (split, image_id), boxes and
+    frame sizes, weights raised to pseudo.weight_power."""
     test = rois[rois["split"] == "test"]
     paths = test[["annotation_id"] + [c for c in rois.columns if c.endswith("_path") and c != "testlike_path"]
-                 + [c for c in ("split", "image_id") if c in rois]]
+                 + [c for c in ("split", "image_id", *GEOMETRY) if c in rois]]
     extra = pd.read_csv(pseudo_csv).merge(paths, on="annotation_id", how="inner")
     extra["weight"] = extra["weight"] ** cfg.pseudo.weight_power
     return extra
