@@ -84,6 +84,7 @@ def report(rows: list[dict], extra: list[dict], nov: list[dict], s: ab.Setting, 
                  ("oof_min_risk", "OOF min-risk"), ("test_argmax", "test argmax"), ("test_min_risk", "test min-risk")]
     sections = [("loss", "Losses (phase 1, linear head, ROI only)"), ("head", "Heads (loss ce)"),
                 ("context", "ROI only against ROI + context (loss ce)"),
+                ("model", "Model ingredients of the top solutions (issue 28; loss ce, ROI only as the base)"),
                 ("pseudo", "Pseudo-labelling (phase 2 retrained from the ce base of the first seed)"),
                 ("knn", "kNN baseline (CV per vote; the test score of the vote chosen by CV)")]
     base0 = first_seed_base(rows, s)
@@ -92,7 +93,7 @@ def report(rows: list[dict], extra: list[dict], nov: list[dict], s: ab.Setting, 
         if part.empty:
             continue
         base = df[(df["group"] == "loss") & (df["variant"] == "ce")]
-        if g in ("head", "context"):
+        if g in ("head", "context", "model"):
             part = pd.concat([base, part])
         elif g == "pseudo":  # phase 2 starts from the first seed's phase 1: compare with that run, not the mean over seeds
             part = pd.concat([base0.assign(variant=f"off (phase 1, loss ce, seed {s.seeds[0]})"), part])
@@ -205,7 +206,9 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--config", default="configs/demo.yaml")
     ap.add_argument("--quick", action="store_true", help="the small grid (about 10 minutes on 2 cores)")
-    ap.add_argument("--only", default="", help="run only these groups (comma-separated: loss,head,context,pseudo,knn,long_tail)")
+    ap.add_argument("--only", default="", help="run only these groups or rows (comma-separated: loss,head,context,model,pseudo,knn,"
+                    "long_tail, or group/name such as loss/ce)")
+    ap.add_argument("--seeds", default="", help="the seeds instead of the setting's (comma-separated, e.g. 42,43,44)")
     ap.add_argument("--report-only", action="store_true", help="rewrite the report from the saved measures (ablation[_quick].json)")
     ap.add_argument("--variants", default="", help="run only these rows (comma-separated group/name, e.g. head/coherent); their "
                     "measures go to report/ablation_variants.json, the saved grid and its report stay as they are")
@@ -231,7 +234,10 @@ def main(argv: list[str] | None = None) -> int:
     rows: list[dict] = []
     extra: list[dict] = []
     nov: list[dict] = []
-    variants = [v for v in ab.grid(s) if not args.only or v.group in args.only.split(",")]
+    if args.seeds:
+        s.seeds = [int(x) for x in args.seeds.split(",")]
+    only = set(args.only.split(",")) if args.only else set()
+    variants = [v for v in ab.grid(s) if not only or v.group in only or f"{v.group}/{v.name}" in only]
     for i, v in enumerate(variants, 1):
         print(f"[ablate {i}/{len(variants)}] {v.group}: {v.name} (seed {v.seed})", flush=True)
         seconds = ab.run_variant(s, v, args.config, out_root)

@@ -92,6 +92,7 @@ def grid(s: Setting) -> list[Variant]:
     for head in ([] if s.quick else ["per_rank", "hierarchical_softmax", "coherent"]):
         out.append(Variant("head", head, [f"head.name={head}", *phase1_only], p1))
     out.append(Variant("context", "roi+3x", ["model.context=[1, 3]", "model.fusion=attention", *phase1_only], p1))
+    out += model_ingredients(s, p1, phase1_only)
     # Pseudo-labelling on the base (ce, first seed): 02 -> 03 -> 04 in its folder, 01 reused.
     base_folder = Variant("loss", "ce", [], seed=s.seeds[0]).exp
     post = ("02_pseudo_label.py", "03_retrain.py", "04_infer_submit.py")
@@ -116,6 +117,22 @@ def grid(s: Setting) -> list[Variant]:
 
 
 # ----------------------------------------------------------------------------- running
+
+
+def model_ingredients(s: Setting, p1: tuple[str, ...], phase1_only: list[str]) -> list[Variant]:
+    """Issue 28's rows, every seed, loss ce as the base: layer decay; three views through one backbone pooled (attention) or
+    read token by token (cross_attention); the ROI and the frame through two backbones, the frame's at twice the size, gated."""
+    ce = ["loss.name=ce", *phase1_only]
+    views = ["model.context=[1, 3, full]"]
+    two = ["model.context=[1, full]"]
+    side = 2 * (48 if s.quick else 64)
+    stream = f"model.view_backbones=[{{views: [full], backbone: tf_efficientnet_lite0, pretrained: pypi_lite0, img_size: {side}}}]"
+    rows = [("layer_decay 0.7", ["train.layer_decay=0.7"]),
+            ("roi+3x+full attention", [*views, "model.fusion=attention"]),
+            ("roi+3x+full cross_attention", [*views, "model.fusion=cross_attention", "model.fusion_blocks=2"]),
+            ("roi+full attention", [*two, "model.fusion=attention"]),
+            ("roi+full two-stream entropy_gate", [*two, "model.fusion=entropy_gate", stream])]
+    return [Variant("model", name, [*extra, *ce], p1, seed) for name, extra in rows for seed in s.seeds]
 
 
 def _load(script: str) -> ModuleType:
