@@ -272,3 +272,12 @@ def test_a_tiny_fold_trains_with_each_option(tiny_prep, tmp_path, extra, check):
         assert np.allclose(maps["view2"].reshape(8, -1).sum(1), 1.0, atol=1e-5) and (stage.dir / "attention.png").is_file()
     else:
         assert not (stage.dir / "attention.npz").exists()
+
+
+def test_the_stage_names_a_view_backbone_timm_does_not_know():
+    from lib.pipeline.graph import preflight
+
+    c = cfg("model.context=[1, full]", "model.view_backbones=[{views: [full], backbone: tf_efficientnetv2_z}]")
+    with pytest.raises(ConfigError, match=r"model.view_backbones\[0\].backbone 'tf_efficientnetv2_z' is not a timm model "
+                                          r"\(did you mean 'tf_efficientnetv2_\w'\?\)"):
+        preflight(c, "01_train")

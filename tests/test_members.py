@@ -218,7 +218,7 @@ def test_make_ensemble_plans_the_stages_each_member_needs():
     assert ensemble.plan(cfg) == [("configs/demo_member.yaml", full[:2])]
     assert ensemble.own_stages(cfg) == [*full, "04_infer_submit.py"]
     big = load_config("configs/fathomnet2025_ensemble.yaml")
-    assert [stages for _, stages in ensemble.plan(big)] == [full, full[:2], full[:2]]
+    assert [stages for _, stages in ensemble.plan(big)] == [full, full[:2], full[:2], full[:2], full[:2]]
     with pytest.raises(ConfigError, match="which no model of submit.models"):
         ensemble.plan(load_config("configs/demo_ensemble.yaml", ["submit.models=[demo/phase1]"]))
 
