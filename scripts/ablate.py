@@ -191,6 +191,12 @@ def findings(df: pd.DataFrame, extra: list[dict], nov: list[dict], base0: pd.Dat
     c, r = get("context", "roi+3x", "cv_distance"), get("loss", "ce", "cv_distance")
     if c is not None and r is not None:
         out.append(f"- ROI + 3x context against ROI only (ce): CV {c:.3f} against {r:.3f}.")
+    model = df[(df["group"] == "model") & df["cv_distance"].notna()]
+    if not model.empty and r is not None:
+        sd = get("loss", "ce", "cv_distance_std")
+        out.append("- Model ingredients against ROI only (ce, CV " + f"{r:.3f}" + (f" ± {sd:.3f}" if sd is not None else "") + "): "
+                   + ", ".join(f"`{m['variant']}` {m['cv_distance']:.3f}" + (f" ± {m['cv_distance_std']:.3f}" if not pd.isna(m.get("cv_distance_std"))
+                                                                              else "") for _, m in model.iterrows()) + ".")
     heads = df[(df["group"] == "head") & df["cv_distance"].notna()]
     if not heads.empty and r is not None:
         out.append("- Heads against the linear head (ce, CV " + f"{r:.3f}): "

@@ -258,6 +258,8 @@ def single_fold_vs_ensemble(out: Path, truth_of: Callable[[np.ndarray], np.ndarr
 def summarize(rows: Sequence[dict[str, Any]], keys: Sequence[str]) -> pd.DataFrame:
     """Mean and spread (std over seeds) per (group, variant), with the seed count."""
     df = pd.DataFrame(rows)
+    if df.empty:  # no row of that kind in this run (e.g. --only without the base)
+        return pd.DataFrame(columns=["group", "variant", "seeds"])
     out = []
     for (g, v), part in df.groupby(["group", "variant"], sort=False):
         r: dict[str, Any] = {"group": g, "variant": v, "seeds": int(part["seed"].nunique()) if "seed" in part else 1}
