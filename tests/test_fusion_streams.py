@@ -281,3 +281,38 @@ def test_the_stage_names_a_view_backbone_timm_does_not_know():
     with pytest.raises(ConfigError, match=r"model.view_backbones\[0\].backbone 'tf_efficientnetv2_z' is not a timm model "
                                           r"\(did you mean 'tf_efficientnetv2_\w'\?\)"):
         preflight(c, "01_train")
+
+
+def test_entropy_gate_needs_its_views_to_learn():
+    with pytest.raises(ConfigError, match="needs model.gate_aux_weight above 0"):
+        cfg("model.context=[1, full]", "model.fusion=entropy_gate", "model.gate_aux_weight=0")
+
+
+def test_a_weights_file_saved_at_another_size_keeps_its_position_embeddings(tmp_path):
+    """A ViT file saved at 32 px loaded into the same ViT built for 64 px: timm's filter resamples pos_embed to the grid."""
+    import timm
+
+    from lib.model.net import build_model
+
+    small = timm.create_model("vit_tiny_patch16_224", num_classes=0, img_size=32)
+    torch.save(small.state_dict(), tmp_path / "w.pth")
+    big = build_model("vit_tiny_patch16_224", 0, "file", str(tmp_path / "w.pth"), img_size=64)
+    assert big.pos_embed.shape[1] == 1 + 16 and small.pos_embed.shape[1] == 1 + 4
+    assert torch.equal(big.pos_embed[:, 0], small.pos_embed[:, 0])  # the class token's position kept
+    fresh = timm.create_model("vit_tiny_patch16_224", num_classes=0, img_size=64)
+    assert not torch.allclose(big.pos_embed, fresh.pos_embed)  # loaded (resampled), not left at its random init
+    assert torch.equal(big.blocks[0].attn.qkv.weight, small.blocks[0].attn.qkv.weight)
+
+
+def test_the_doctor_checks_a_view_backbones_options_too():
+    from lib.config import Config, ViewBackboneCfg
+    from lib.doctor.__main__ import Report, check_big_backbone
+
+    c = Config()
+    c.model.backbone, c.model.context = "vit_tiny_patch16_224", ["1", "full"]
+    c.model.view_backbones = [ViewBackboneCfg(views=["full"], backbone="inception_v3")]
+    c.train.grad_checkpointing = True
+    r = Report()
+    check_big_backbone(r, c)
+    assert [line[1].split(":")[0] for line in r.lines][0] == "vit_tiny_patch16_224"
+    assert "The backbone 'inception_v3' does not support gradient checkpointing" in r.lines[1][1] and r.problems == 1

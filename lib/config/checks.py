@@ -72,6 +72,9 @@ def _fusion_checks(m: ModelCfg) -> list[tuple[bool, str]]:
         (m.fusion_blocks >= 1 and m.fusion_heads >= 1, "model.fusion_blocks and model.fusion_heads must be at least 1"),
         (0.0 <= m.fusion_dropout < 1.0, "model.fusion_dropout must lie in [0, 1)"),
         (m.gate_aux_weight >= 0, "model.gate_aux_weight must be 0 or more"),
+        (m.fusion != "entropy_gate" or m.gate_aux_weight > 0,
+         "model.fusion entropy_gate needs model.gate_aux_weight above 0: each view's classifier learns only from its own "
+         "cross-entropy, and the gate reads their confidences; set it to 0.5"),
         (m.fusion not in ("cross_attention", "entropy_gate") or len(m.context) > 1,
          f"model.fusion {m.fusion} joins context views but model.context reads only the ROI; add views (e.g. [1, 3, full]) "
          f"or set model.fusion: concat"),

@@ -191,24 +191,25 @@ def check_big_backbone(r: Report, cfg: Config) -> None:
     from lib.model.net import set_grad_checkpointing
     from lib.model.optim import layer_scales
 
-    name, wanted = cfg.model.backbone, []
-    try:
-        with torch.device("meta"):
-            backbone = timm.create_model(name, pretrained=False, num_classes=0)
-        if t.layer_decay < 1.0:
-            scales = layer_scales(backbone, t.layer_decay, name)
-            wanted.append(f"layer_decay {t.layer_decay:g} over {1 + max(layer for layer, _ in scales.values())} layers "
-                          f"(the stem at {min(s for _, s in scales.values()):.2g} of the top block's rate)")
-        if t.grad_checkpointing:
-            set_grad_checkpointing(backbone, name)
-            wanted.append("gradient checkpointing")
-    except StageError as e:
-        r.add("backbone options", str(e), problem=True)
-        return
-    except Exception as e:  # an unknown name: the training stages say so with close names
-        r.add("backbone options", f"{name} not checked ({type(e).__name__}: {e})", problem=True)
-        return
-    r.add("backbone options", f"{name}: " + ", ".join(wanted))
+    for name in [cfg.model.backbone, *(vb.backbone for vb in cfg.model.view_backbones)]:  # model.view_backbones too
+        wanted = []
+        try:
+            with torch.device("meta"):
+                backbone = timm.create_model(name, pretrained=False, num_classes=0)
+            if t.layer_decay < 1.0:
+                scales = layer_scales(backbone, t.layer_decay, name)
+                wanted.append(f"layer_decay {t.layer_decay:g} over {1 + max(layer for layer, _ in scales.values())} layers "
+                              f"(the stem at {min(s for _, s in scales.values()):.2g} of the top block's rate)")
+            if t.grad_checkpointing:
+                set_grad_checkpointing(backbone, name)
+                wanted.append("gradient checkpointing")
+        except StageError as e:
+            r.add("backbone options", str(e), problem=True)
+            continue
+        except Exception as e:  # an unknown name: the training stages say so with close names
+            r.add("backbone options", f"{name} not checked ({type(e).__name__}: {e})", problem=True)
+            continue
+        r.add("backbone options", f"{name}: " + ", ".join(wanted))
 
 
 def check_track(r: Report, cfg: Config) -> None:

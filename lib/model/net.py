@@ -47,6 +47,21 @@ def load_state_file(path: str | Path, config_key: str = "model.pretrained_file")
     return obj
 
 
+def timm_filtered(model: nn.Module, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """`state` through the checkpoint filter of the model's timm module, as timm's own pretrained loading does: it
+    resamples a ViT's position embeddings to the grid the model was built for (model.img_size), among other conversions.
+    A file saved at another size would otherwise lose its position embeddings to the shape check."""
+    import importlib
+
+    fn = getattr(importlib.import_module(type(model).__module__), "checkpoint_filter_fn", None)
+    if not callable(fn):
+        return state
+    try:
+        return fn(dict(state), model)
+    except Exception:  # a filter that expects the original checkpoint's own layout: use the file as it is
+        return state
+
+
 def _load_backbone_weights(model: nn.Module, state: dict[str, torch.Tensor], by_order: bool) -> None:
     """Copy weights into `model`, skipping the classifier; by name, or by order when names differ."""
     target = model.state_dict()
@@ -59,6 +74,7 @@ def _load_backbone_weights(model: nn.Module, state: dict[str, torch.Tensor], by_
             raise StageError("The offline lite0 weights do not match this backbone; use model.backbone=tf_efficientnet_lite0.")
         new = {k: v for k, (_, v) in zip(dst, src)}
     else:
+        state = timm_filtered(model, state)
         new = {k: v for k, v in state.items() if k in target and k not in head and v.shape == target[k].shape}
         if len(new) < 0.5 * len([k for k in target if k not in head]):
             raise StageError("The weights file matches less than half of the backbone's tensors; check model.backbone.")
