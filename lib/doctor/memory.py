@@ -98,8 +98,11 @@ class MemoryEstimate:
 
     def largest_micro_batch(self, memory_bytes: float) -> int:
         """The most ROIs per micro-batch whose estimated peak fits `memory_bytes` (0: not even one)."""
+        if self.act_per_roi <= 0:
+            return 10**6
         room = (memory_bytes - CUDA_CONTEXT) / (1 + FRAGMENTATION) - self.static_bytes - self.half_weight_bytes
-        return max(0, int(room // self.act_per_roi)) if self.act_per_roi > 0 else 10**6
+        most = max(0, int(room // self.act_per_roi))
+        return most + 1 if self.peak_bytes(most + 1) <= memory_bytes else most  # the division's rounding
 
     def step_seconds(self, gpu: Gpu, rows: int, train: bool = True, utilisation: float = UTILISATION) -> float:
         """Seconds for `rows` ROIs on `gpu` (a training step, or an eval forward) at its dense peak x `utilisation`."""
