@@ -114,6 +114,10 @@ def test_the_doctor_flags_a_config_over_the_gpus_memory_with_the_fix(monkeypatch
            "train.grad_checkpointing: true" in text
     assert "time on T4" in text  # a tabled GPU: its FLOPs-based time too
 
+    r = Report()
+    check_memory(r, torch, cfg_of("model.backbone=test_vit", "train.batch_size=64", "train.device=cpu"))
+    assert r.problems == 0 and "memory on T4" in r.text()  # training on the CPU: the GPU's memory is no limit
+
     _gpu_here(monkeypatch, int(est.peak_bytes(64)) + 1)
     r = Report()
     check_memory(r, torch, cfg)

@@ -217,7 +217,7 @@ def check_memory(r: Report, torch: Any, cfg: Config) -> None:
     from lib.core.errors import StageError
     from lib.doctor import memory
 
-    here = torch.cuda.is_available() and torch.cuda.device_count() > 0
+    here = torch.cuda.is_available() and torch.cuda.device_count() > 0 and cfg.train.device != "cpu"  # cpu: nothing to fit
     processes = torch.cuda.device_count() if here and cfg.train.multi_gpu == "torchrun" else 1
     try:
         est = memory.estimate(cfg, processes=processes)
