@@ -71,3 +71,21 @@ def test_bench_gpu_comparison_runs_on_the_cpu():
     assert "fp32" in rows[0]["what"] and "per_rank" in rows[0]["what"] and "['1', '3']" in rows[0]["what"]
     for r in rows:
         B.check_row(r)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["matanet", "twostream"])
+def test_bench_gpu_covers_the_new_recipes_on_the_cpu(name):
+    """Issue 28's recipes at tiny shapes: views, view backbone, fusion, checkpointing and accumulation run, with the memory
+    estimate beside the train row."""
+    import bench_gpu
+    import torch
+
+    rows = bench_gpu.compare(torch.device("cpu"), quick=True, overrides=bench_gpu.SMOKE[name], timing=(1, 1),
+                             path=bench_gpu.RECIPES[name])
+    assert len(rows) == 2 and all(r["ratio"] > 0 for r in rows)
+    assert bench_gpu.RECIPES[name].split("/")[-1] in rows[0]["what"] and "estimate (lib.doctor.memory)" in rows[0]["note"]
+    assert ("cross_attention" in rows[0]["what"] and "checkpointing" in rows[0]["what"]) if name == "matanet" else \
+        ("entropy_gate" in rows[0]["what"] and "on ['full']" in rows[0]["what"])
+    for r in rows:
+        B.check_row(r)

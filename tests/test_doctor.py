@@ -15,7 +15,8 @@ from lib.doctor.__main__ import auto_precision, main
 from lib.model import device as device_module
 
 LABELS = ["python", "torch", "gpus", "precision", "faiss", "cpu cores", "workers", "loaders", "disk", "data.root", "data.train_json",
-          "data.test_json", "data.train_images", "data.test_images", "data.taxonomy_csv", "model.pretrained", "knn.pretrained"]
+          "data.test_json", "data.train_images", "data.test_images", "data.taxonomy_csv", "model.pretrained", "knn.pretrained",
+          "memory", "memory on T4", "time on T4", "memory on A100", "time on A100"]  # no GPU here: the estimate, for information
 
 
 def dataset(root: Path) -> Path:

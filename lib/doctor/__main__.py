@@ -212,6 +212,37 @@ def check_big_backbone(r: Report, cfg: Config) -> None:
         r.add("backbone options", f"{name}: " + ", ".join(wanted))
 
 
+def check_memory(r: Report, torch: Any, cfg: Config) -> None:
+    """The training's estimated GPU memory (lib.doctor.memory: the Net on the meta device, no weights): against the GPU
+    here a problem when it does not fit, with the fix; without a GPU against a T4 and an A100, for information."""
+    from lib.core.errors import StageError
+    from lib.doctor import memory
+
+    here = torch.cuda.is_available() and torch.cuda.device_count() > 0 and cfg.train.device != "cpu"  # cpu: nothing to fit
+    processes = torch.cuda.device_count() if here and cfg.train.multi_gpu == "torchrun" else 1
+    try:
+        est = memory.estimate(cfg, processes=processes)
+    except StageError:  # a backbone timm does not know: the backbone lines and the stages say so
+        return
+    except Exception as e:  # an op without a meta kernel: say so, it blocks nothing
+        r.add("memory", f"not estimated ({type(e).__name__}: {e})")
+        return
+    r.add("memory", memory.summary(cfg, est))
+    if not here:
+        for label, text in memory.gpu_lines(cfg, est):
+            r.add(label, text)
+        return
+    props = torch.cuda.get_device_properties(0)
+    total = float(props.total_memory)
+    fits = est.peak_bytes() <= total
+    r.add("memory vs gpu 0", f"{props.name} {total / GiB:.1f} GiB: " + memory.fit_text(est, total)
+          + ("" if fits else f"; the training would run out of GPU memory: {memory.fix_text(cfg, est, total)}"), problem=not fits)
+    known = memory.gpu_of(props.name)
+    if known is not None:
+        key = next(k for k, g in memory.GPUS.items() if g is known)
+        r.add(*memory.gpu_lines(cfg, est, (key,), {f"{total / GiB:.1f} GiB": total})[1])
+
+
 def check_track(r: Report, cfg: Config) -> None:
     """track.backend's client, when one is asked for: missing, the stages run untracked (never a problem)."""
     import importlib.util
@@ -238,6 +269,7 @@ def doctor(cfg: Config) -> Report:
     check_data(r, cfg)
     check_weights(r, cfg)
     check_big_backbone(r, cfg)
+    check_memory(r, torch, cfg)
     check_track(r, cfg)
     return r
 
@@ -259,7 +291,7 @@ def check_time(r: Report, cfg: Config, seconds: float, train_rois: int | None) -
 
 def main(argv: list[str] | None = None) -> int:
     """Print the report; exit 1 on a fatal problem (a missing path, an unwritable output_root, train.device cuda without
-    a usable GPU), 2 on a bad config, 0 otherwise."""
+    a usable GPU, an estimated peak over the GPU's memory), 2 on a bad config, 0 otherwise."""
     ap = argparse.ArgumentParser(prog="python -m lib.doctor", description=__doc__.splitlines()[0])
     ap.add_argument("--config", default="configs/demo.yaml", help="YAML config (default: configs/demo.yaml)")
     ap.add_argument("--time", action="store_true", help="also measure the config's training and eval steps here and print "

@@ -54,10 +54,13 @@ class StreamInput(nn.Module):
                  mean: Sequence[float], std: Sequence[float]):
         super().__init__()
         self.views, self.size = list(spec.views), spec.size
-        lm, ls, m, s = (torch.tensor(list(t), dtype=torch.float32).view(1, 3, 1, 1) for t in (loader_mean, loader_std, mean, std))
+        # compared on the CPU, so a Net built on the meta device (lib.doctor.memory: no weights) builds too
+        lm, ls, m, s = (torch.tensor(list(t), dtype=torch.float32, device="cpu").view(1, 3, 1, 1)
+                        for t in (loader_mean, loader_std, mean, std))
         self.same_norm = bool(torch.equal(lm, m) and torch.equal(ls, s))
-        self.register_buffer("scale", ls / s, persistent=False)
-        self.register_buffer("shift", (lm - m) / s, persistent=False)
+        here = torch.get_default_device()
+        self.register_buffer("scale", (ls / s).to(here), persistent=False)
+        self.register_buffer("shift", ((lm - m) / s).to(here), persistent=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         picked = x if len(self.views) == x.shape[1] else x[:, self.views]
