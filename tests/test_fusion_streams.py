@@ -316,3 +316,13 @@ def test_the_doctor_checks_a_view_backbones_options_too():
     check_big_backbone(r, c)
     assert [line[1].split(":")[0] for line in r.lines][0] == "vit_tiny_patch16_224"
     assert "The backbone 'inception_v3' does not support gradient checkpointing" in r.lines[1][1] and r.problems == 1
+
+
+def test_a_narrow_cross_attention_is_still_the_roi_model_when_fresh():
+    m = net("model.context=[1, 3, full]", "model.fusion=cross_attention", "model.fusion_width=32", "model.fusion_heads=4")
+    x = torch.randn(2, 3, 3, 64, 64)
+    with torch.no_grad():
+        assert torch.allclose(m.features(x), m.backbone(x[:, 0]), atol=1e-6)
+    block = m.fusion.cross.stacks[0][0]
+    assert block.attn.embed_dim == 32 and block.attn.num_heads == 4 and m.fusion.cross.down.out_features == 32
+    assert m.fusion.cross.out[0].in_features == 32 and m.fusion.cross.out[0].out_features == m.backbone.num_features

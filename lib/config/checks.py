@@ -71,6 +71,7 @@ def _fusion_checks(m: ModelCfg) -> list[tuple[bool, str]]:
     out = [
         (m.fusion_blocks >= 1 and m.fusion_heads >= 1, "model.fusion_blocks and model.fusion_heads must be at least 1"),
         (0.0 <= m.fusion_dropout < 1.0, "model.fusion_dropout must lie in [0, 1)"),
+        (m.fusion_width >= 0, "model.fusion_width must be 0 (the backbone's feature size) or a positive width"),
         (m.gate_aux_weight >= 0, "model.gate_aux_weight must be 0 or more"),
         (m.fusion != "entropy_gate" or m.gate_aux_weight > 0,
          "model.fusion entropy_gate needs model.gate_aux_weight above 0: each view's classifier learns only from its own "

@@ -167,6 +167,7 @@ class ModelCfg:
     fusion_blocks: int = 1  # cross_attention: attention blocks per context view (MATANet used 4)
     fusion_heads: int = 8  # cross_attention: heads (the feature size must split into them; fewer are used if it does not)
     fusion_dropout: float = 0.0  # cross_attention: dropout in the attention and its MLP (MATANet used 0.3)
+    fusion_width: int = 0  # cross_attention: the blocks' width; 0 = the backbone's feature size (MATANet's); smaller projects down
     gate_aux_weight: float = 0.5  # entropy_gate: weight of each view's own cross-entropy beside the head's loss
     # Context views read by networks of their own (ViewBackboneCfg); views not named here go through `backbone`.
     view_backbones: list[ViewBackboneCfg] = field(default_factory=list)

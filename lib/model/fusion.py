@@ -10,7 +10,7 @@ its tokens. `ContextFusion` joins them:
 - `cross_attention`: the 1st place's Multi-Context Environmental Attention Module (MATANet,
   dhlee-project/fathomnet-cvpr2025-ssl src/model.py): per context view, a stack of blocks in which
   the ROI token queries that view's patch tokens (post-norm: q = LN(q + MHA(q, kv)), q = LN(q + MLP(q)),
-  the keys and values the view's tokens in every block). MATANet concatenates the ROI token with the
+  the keys and values the view's tokens in every block), at the features' size or at `model.fusion_width`. MATANet concatenates the ROI token with the
   views' outputs and projects the concatenation; here each view's output goes through its own
   projection, zero-initialised, and is added to the ROI token: the same linear span, and a fresh
   fusion returns the ROI's features exactly (the model starts as the ROI-only model, as frame attention does);
@@ -57,13 +57,17 @@ class ContextBlock(nn.Module):
 class CrossAttention(nn.Module):
     """(N, V, D) pooled views and the context views' tokens -> (N, D): the ROI plus what it read in each view's tokens."""
 
-    def __init__(self, dim: int, n_views: int, blocks: int, heads: int, dropout: float):
+    def __init__(self, dim: int, n_views: int, blocks: int, heads: int, dropout: float, width: int = 0):
         super().__init__()
-        self.view_embed = nn.Parameter(torch.zeros(n_views - 1, dim))  # tells the context views' tokens apart
+        width = width or dim
+        # width < dim: the ROI token and the tokens are projected down once (shared), the blocks run there: a block costs
+        # ~6 width^2 weights, 10 M at lite0's 1280 features, so on small data the fusion need not outweigh the backbone
+        self.down = nn.Identity() if width == dim else nn.Linear(dim, width)
+        self.view_embed = nn.Parameter(torch.zeros(n_views - 1, width))  # tells the context views' tokens apart
         nn.init.normal_(self.view_embed, std=0.02)
-        self.stacks = nn.ModuleList(nn.ModuleList(ContextBlock(dim, _n_heads(dim, heads), dropout) for _ in range(blocks))
+        self.stacks = nn.ModuleList(nn.ModuleList(ContextBlock(width, _n_heads(width, heads), dropout) for _ in range(blocks))
                                     for _ in range(n_views - 1))
-        projections = [nn.Linear(dim, dim) for _ in range(n_views - 1)]
+        projections = [nn.Linear(width, dim) for _ in range(n_views - 1)]
         for proj in projections:  # zero: a fresh fusion is the ROI-only model
             nn.init.zeros_(proj.weight)
             nn.init.zeros_(proj.bias)
@@ -77,15 +81,15 @@ class CrossAttention(nn.Module):
         if len(tokens) != len(self.stacks):
             raise ValueError(f"{len(tokens)} token sets for {len(self.stacks)} context views; give one per view (None to leave one out).")
         roi = f[:, 0]
-        fused = roi
+        fused, query = roi, self.down(roi)
         self.last_weights = []
         stacks: list[Any] = list(self.stacks)  # ModuleLists of ContextBlocks
         for v, (kv, stack, proj) in enumerate(zip(tokens, stacks, self.out)):
             if kv is None:
                 self.last_weights.append(None)
                 continue
-            kv = kv + self.view_embed[v].to(kv.dtype)
-            q, weights = roi[:, None], None
+            kv = self.down(kv) + self.view_embed[v].to(kv.dtype)
+            q, weights = query[:, None], None
             for block in stack:
                 q, weights = block(q, kv, self.keep_weights)
             self.last_weights.append(weights)
@@ -124,7 +128,8 @@ def gate_weights(logits: torch.Tensor, tau: torch.Tensor | float, bias: torch.Te
 class ContextFusion(nn.Module):
     """(N, V, F) view features (and the context views' tokens for cross_attention) -> (N, out_dim)."""
 
-    def __init__(self, dim: int, n_views: int, mode: str, n_classes: int = 0, blocks: int = 1, heads: int = 8, dropout: float = 0.0):
+    def __init__(self, dim: int, n_views: int, mode: str, n_classes: int = 0, blocks: int = 1, heads: int = 8, dropout: float = 0.0,
+                 width: int = 0):
         super().__init__()
         self.mode, self.n_views = mode, n_views
         self.needs_tokens = mode == "cross_attention"
@@ -135,7 +140,7 @@ class ContextFusion(nn.Module):
             self.attn = nn.MultiheadAttention(dim, _n_heads(dim), batch_first=True)
             self.norm = nn.LayerNorm(dim)
         elif mode == "cross_attention":
-            self.cross = CrossAttention(dim, n_views, blocks, heads, dropout)
+            self.cross = CrossAttention(dim, n_views, blocks, heads, dropout, width)
         elif mode == "entropy_gate":
             self.gate = EntropyGate(dim, n_views, n_classes)
         elif mode != "concat":

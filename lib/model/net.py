@@ -256,7 +256,8 @@ def build_net(cfg, taxonomy, pretrained: bool = True) -> Net:
             dim = int(getattr(net, "num_features"))  # noqa: B009
             proj.append(nn.Identity() if dim == n_features else nn.Linear(dim, n_features))  # a view backbone's size -> the fusion's
     n_classes = taxonomy.n_classes
-    fusion = (ContextFusion(n_features, len(m.context), m.fusion, n_classes, m.fusion_blocks, m.fusion_heads, m.fusion_dropout)
+    fusion = (ContextFusion(n_features, len(m.context), m.fusion, n_classes, m.fusion_blocks, m.fusion_heads, m.fusion_dropout,
+                            m.fusion_width)
               if len(m.context) > 1 else None)
     dim = fusion.out_dim if fusion is not None else n_features
     frames = FrameAttention(dim, m.frame_width, m.frame_heads, m.frame_layers, m.frame_dropout) if m.frame_context == "attention" else None
