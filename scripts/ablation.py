@@ -128,6 +128,7 @@ def model_ingredients(s: Setting, p1: tuple[str, ...], phase1_only: list[str]) -
     side = 2 * (48 if s.quick else 64)
     stream = f"model.view_backbones=[{{views: [full], backbone: tf_efficientnet_lite0, pretrained: pypi_lite0, img_size: {side}}}]"
     rows = [("layer_decay 0.7", ["train.layer_decay=0.7"]),
+            ("frame_resample 1.0", ["augment.frame_resample=1.0"]),
             ("roi+3x+full attention", [*views, "model.fusion=attention"]),
             ("roi+3x+full cross_attention", [*views, "model.fusion=cross_attention", "model.fusion_blocks=2"]),
             ("roi+3x+full cross_attention w256", [*views, "model.fusion=cross_attention", "model.fusion_blocks=2", "model.fusion_width=256"]),

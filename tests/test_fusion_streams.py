@@ -118,8 +118,11 @@ def test_entropy_gate_fuses_views_by_their_weights_and_adds_their_loss():
     assert views.shape == (3, 2, 4)
     with torch.no_grad():
         f = m.backbone(x.flatten(0, 1)).view(3, 2, -1)
+        assert torch.allclose(views, m.head_module(f.flatten(0, 1)).logits.view(3, 2, 4), atol=1e-5)  # the head on each view alone
         w = gate_weights(views, m.fusion.gate.log_tau.exp(), m.fusion.gate.bias)
         assert torch.allclose(m.features(x), (w[..., None] * f).sum(1), atol=1e-5)
+        # a linear head: the gated features' logits are the gate's weighted mean of the views' own logits
+        assert torch.allclose(out.logits, (w[..., None] * views).sum(1), atol=1e-4)
     ce = torch.nn.CrossEntropyLoss()
     loss = m.loss(out, y, None, lambda logits, t, w: ce(logits, t))
     expected = ce(out.logits, y) + 0.5 * (F.cross_entropy(views[:, 0], y) + F.cross_entropy(views[:, 1], y)) / 2
@@ -150,7 +153,8 @@ def test_a_view_backbone_reads_its_view_at_its_size_and_learns_at_its_rate():
             "model.view_backbones=[{views: [full], backbone: test_vit, img_size: 64, lr_mult: 0.3}]")
     x = torch.randn(2, 2, 3, 64, 64)
     assert m(x).shape == (2, 4)
-    assert len(m.view_backbones) == 1 and isinstance(m.view_proj[1], torch.nn.Linear)  # test_vit's 64 -> test_efficientnet's
+    assert len(m.view_backbones) == 1 and isinstance(m.view_proj[1], torch.nn.Linear)
+    assert m(x, full=True).aux["view_logits"].shape == (2, 2, 4)  # test_vit's 64 -> test_efficientnet's
     with torch.no_grad():
         pooled, _ = m._views(x)
         roi = m.backbone(F.interpolate(x[:, 0], size=(48, 48), mode="bilinear", antialias=True))

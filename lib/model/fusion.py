@@ -14,11 +14,13 @@ its tokens. `ContextFusion` joins them:
   views' outputs and projects the concatenation; here each view's output goes through its own
   projection, zero-initialised, and is added to the ROI token: the same linear span, and a fresh
   fusion returns the ROI's features exactly (the model starts as the ROI-only model, as frame attention does);
-- `entropy_gate`: the 2nd place's uncertainty gate: each view's features get their own leaf classifier,
-  whose prediction's entropy (a detached confidence, so a view cannot win the gate by inflating it)
-  weights the view, w = softmax(-H / tau + b) over views with a learned temperature and bias; the
-  fused feature is sum_v w_v f_v, and each view's classifier learns from its own cross-entropy
-  (`model.gate_aux_weight`, through `view_logits` in the head output's aux).
+- `entropy_gate`: the 2nd place's uncertainty gate: the model's own head reads each view's features
+  alone, and the entropy of that prediction (detached: a view cannot win the gate by inflating its
+  confidence) weights the view, w = softmax(-H / tau + b) over views with a learned temperature and
+  bias; the head then reads sum_v w_v f_v. For a linear head that is exactly the w-weighted mean of
+  the views' own logits (the gate over the streams' predictions); every view's prediction also learns
+  from its own cross-entropy (`model.gate_aux_weight`, through `view_logits` in the head output's aux),
+  which keeps the views' features in the one space the head reads.
 """
 from __future__ import annotations
 
@@ -101,19 +103,17 @@ class CrossAttention(nn.Module):
 
 
 class EntropyGate(nn.Module):
-    """(N, V, D) views -> (N, D): each view weighted by the confidence of its own leaf prediction; its logits for the aux loss."""
+    """(N, V, D) views and the head -> (N, D): each view weighted by the confidence of the head's prediction on it alone."""
 
-    def __init__(self, dim: int, n_views: int, n_classes: int):
+    def __init__(self, n_views: int):
         super().__init__()
-        if n_classes < 2:
-            raise StageError("model.fusion entropy_gate needs the number of classes to give each view its own classifier.")
-        self.classifiers = nn.ModuleList(nn.Linear(dim, n_classes) for _ in range(n_views))
         self.log_tau = nn.Parameter(torch.zeros(()))  # gate temperature, learned (starts at 1)
         self.bias = nn.Parameter(torch.zeros(n_views))  # a prior preference per view, learned
 
-    def forward(self, f: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Fused (N, D), the views' logits (N, V, C) and the gate's weights (N, V)."""
-        logits = torch.stack([c(f[:, v]) for v, c in enumerate(self.classifiers)], 1).float()
+    def forward(self, f: torch.Tensor, head: nn.Module) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Fused (N, D), the views' own leaf logits (N, V, C) and the gate's weights (N, V)."""
+        n, v = f.shape[:2]
+        logits = head(f.flatten(0, 1)).logits.float().view(n, v, -1)
         weights = gate_weights(logits.detach(), self.log_tau.exp(), self.bias)
         return (weights.to(f.dtype)[..., None] * f).sum(1), logits, weights
 
@@ -128,8 +128,7 @@ def gate_weights(logits: torch.Tensor, tau: torch.Tensor | float, bias: torch.Te
 class ContextFusion(nn.Module):
     """(N, V, F) view features (and the context views' tokens for cross_attention) -> (N, out_dim)."""
 
-    def __init__(self, dim: int, n_views: int, mode: str, n_classes: int = 0, blocks: int = 1, heads: int = 8, dropout: float = 0.0,
-                 width: int = 0):
+    def __init__(self, dim: int, n_views: int, mode: str, blocks: int = 1, heads: int = 8, dropout: float = 0.0, width: int = 0):
         super().__init__()
         self.mode, self.n_views = mode, n_views
         self.needs_tokens = mode == "cross_attention"
@@ -142,13 +141,14 @@ class ContextFusion(nn.Module):
         elif mode == "cross_attention":
             self.cross = CrossAttention(dim, n_views, blocks, heads, dropout, width)
         elif mode == "entropy_gate":
-            self.gate = EntropyGate(dim, n_views, n_classes)
+            self.gate = EntropyGate(n_views)
         elif mode != "concat":
             raise StageError(f"Unknown model.fusion '{mode}'; choose one of {', '.join(FUSIONS)}.")
 
-    def fuse(self, f: torch.Tensor, tokens: list[torch.Tensor | None] | None = None,
-             present: torch.Tensor | None = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        """The fused features and what training adds to the head's aux (entropy_gate: `view_logits` (N, V, C))."""
+    def fuse(self, f: torch.Tensor, tokens: list[torch.Tensor | None] | None = None, present: torch.Tensor | None = None,
+             head: nn.Module | None = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """The fused features and what training adds to the head's aux (entropy_gate: `view_logits` (N, V, C), the head's
+        prediction on each view alone; the gate needs the `head`)."""
         if self.mode == "concat":
             return f.flatten(1), {}
         if self.mode == "cross_attention":
@@ -156,11 +156,14 @@ class ContextFusion(nn.Module):
                 raise ValueError("cross_attention needs the context views' tokens; give tokens (lib.model.streams.encode).")
             return self.cross(f, tokens, present), {}
         if self.mode == "entropy_gate":
-            fused, logits, _ = self.gate(f)
+            if head is None:
+                raise ValueError("entropy_gate weighs the views by the head's prediction on each; give the head.")
+            fused, logits, _ = self.gate(f, head)
             return fused, {"view_logits": logits}
         kv = f + self.view_embed.to(f.dtype)
         out, _ = self.attn(kv[:, :1], kv, kv, need_weights=False)
         return self.norm(f[:, 0] + out[:, 0]), {}  # residual on the ROI: with no useful context it stays the ROI
 
-    def forward(self, f: torch.Tensor, tokens: list[torch.Tensor | None] | None = None, present: torch.Tensor | None = None) -> torch.Tensor:
-        return self.fuse(f, tokens, present)[0]
+    def forward(self, f: torch.Tensor, tokens: list[torch.Tensor | None] | None = None, present: torch.Tensor | None = None,
+                head: nn.Module | None = None) -> torch.Tensor:
+        return self.fuse(f, tokens, present, head)[0]

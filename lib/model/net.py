@@ -192,7 +192,7 @@ class Net(nn.Module):
                 raise ValueError(f"{x.shape[1]} views given to a model built for one (model.context has one view); rebuild it with the views.")
             views, tokens = self._views(x)
             fusion: Any = self.fusion  # lib.model.fusion.ContextFusion
-            f, aux = fusion.fuse(views, tokens)
+            f, aux = fusion.fuse(views, tokens, head=self.head_module)
         if self.frame_attention is not None:
             f = self.frame_attention(f, frames if frames is not None else torch.arange(len(f), device=f.device))
         return f, aux
@@ -255,9 +255,7 @@ def build_net(cfg, taxonomy, pretrained: bool = True) -> Net:
             inputs.append(StreamInput(spec, loader_mean, loader_std, mean, std))
             dim = int(getattr(net, "num_features"))  # noqa: B009
             proj.append(nn.Identity() if dim == n_features else nn.Linear(dim, n_features))  # a view backbone's size -> the fusion's
-    n_classes = taxonomy.n_classes
-    fusion = (ContextFusion(n_features, len(m.context), m.fusion, n_classes, m.fusion_blocks, m.fusion_heads, m.fusion_dropout,
-                            m.fusion_width)
+    fusion = (ContextFusion(n_features, len(m.context), m.fusion, m.fusion_blocks, m.fusion_heads, m.fusion_dropout, m.fusion_width)
               if len(m.context) > 1 else None)
     dim = fusion.out_dim if fusion is not None else n_features
     frames = FrameAttention(dim, m.frame_width, m.frame_heads, m.frame_layers, m.frame_dropout) if m.frame_context == "attention" else None
