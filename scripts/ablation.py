@@ -133,6 +133,7 @@ def model_ingredients(s: Setting, p1: tuple[str, ...], phase1_only: list[str]) -
             ("roi+3x+full cross_attention", [*views, "model.fusion=cross_attention", "model.fusion_blocks=2"]),
             ("roi+3x+full cross_attention w256", [*views, "model.fusion=cross_attention", "model.fusion_blocks=2", "model.fusion_width=256"]),
             ("roi+full attention", [*two, "model.fusion=attention"]),
+            ("roi+full entropy_gate", [*two, "model.fusion=entropy_gate"]),
             ("roi+full two-stream entropy_gate", [*two, "model.fusion=entropy_gate", stream])]
     return [Variant("model", name, [*extra, *ce], p1, seed) for name, extra in rows for seed in s.seeds]
 
