@@ -191,12 +191,12 @@ def _fused_attention() -> Iterator[None]:
 
 
 def loader_batch(cfg: Config, rows: int) -> Any:
-    """Meta tensors shaped as the loader gives them: (rows, V, 3, S, S), or (rows, 3, S, S) for one view."""
+    """Meta tensors shaped as the loader gives them (lib.doctor.timing.batch_shape)."""
     import torch
 
-    views, size = len(cfg.model.context), cfg.model.input_size
-    shape = (rows, views, 3, size, size) if views > 1 else (rows, 3, size, size)
-    return torch.empty(shape, device="meta")
+    from lib.doctor.timing import batch_shape
+
+    return torch.empty(batch_shape(cfg, rows), device="meta")
 
 
 def saved_bytes_per_roi(net: Any, x: Any, half: bool, checkpointing: bool) -> float:

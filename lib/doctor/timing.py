@@ -102,13 +102,17 @@ def _device(cfg: Config) -> Any:
     return torch.device("cpu")
 
 
+def batch_shape(cfg: Config, rows: int) -> tuple[int, ...]:
+    """The shape of a batch as the config's loader gives it: (rows, V, 3, S, S), or (rows, 3, S, S) for one view."""
+    views, size = len(cfg.model.context), cfg.model.input_size
+    return (rows, views, 3, size, size) if views > 1 else (rows, 3, size, size)
+
+
 def _batch(cfg: Config, rows: int, device: Any) -> tuple[Any, Any, Any, Any]:
     """Random inputs shaped as the config's loader gives them: (x, labels, weights, frame ids or None)."""
     import torch
 
-    views, size = len(cfg.model.context), cfg.model.input_size
-    shape = (rows, views, 3, size, size) if views > 1 else (rows, 3, size, size)
-    x = torch.randn(shape, device=device)
+    x = torch.randn(batch_shape(cfg, rows), device=device)
     frames = torch.arange(rows, device=device) // 3 if cfg.model.frame_context == "attention" else None  # ~3 ROIs a frame
     return x, torch.zeros(rows, dtype=torch.long, device=device), torch.ones(rows, device=device), frames
 

@@ -7,6 +7,7 @@ the tests start from real pretrained features without any network.
 from __future__ import annotations
 
 import difflib
+import functools
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Sequence
 
@@ -81,9 +82,11 @@ def _load_backbone_weights(model: nn.Module, state: dict[str, torch.Tensor], by_
     model.load_state_dict(new, strict=False)
 
 
+@functools.lru_cache(maxsize=None)
 def sized(backbone: str, img_size: int | None) -> dict[str, Any]:
     """{"img_size": img_size} for a timm model built for one input size (a ViT: its position embeddings, resampled from
-    the pretrained ones by timm), {} for one that reads any size (a CNN) or when no size is given."""
+    the pretrained ones by timm), {} for one that reads any size (a CNN) or when no size is given. Asked once per name
+    and size in a process (every fold and every fold model loaded builds the backbone); callers copy the answer."""
     if img_size is None:
         return {}
     try:
